@@ -1,0 +1,76 @@
+"""cellkit: a notebook-first kit for single-cell foundation models.
+
+One PyTorch transformer core (:mod:`cellkit.core`) runs scGPT, Geneformer and PerturbGene-style
+models; loaders, tokenizers, training, analysis and widgets are built around it.
+
+``import cellkit`` is light: submodules (and torch) load on first use of a name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._errors import (
+    CellkitError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MissingDependencyError,
+    UnknownGeneError,
+    VocabError,
+)
+from ._version import __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core import CellEncoder, EncoderConfig, EncoderOutput
+    from .data import Coverage, GeneVocab
+    from .model import CellModel, CellModelConfig, CellModelOutput, load_model
+
+# public name -> module that defines it (imported lazily)
+_LAZY = {
+    "EncoderConfig": "cellkit.core",
+    "CellEncoder": "cellkit.core",
+    "EncoderOutput": "cellkit.core",
+    "GeneVocab": "cellkit.data",
+    "Coverage": "cellkit.data",
+    "CellModel": "cellkit.model",
+    "CellModelConfig": "cellkit.model",
+    "CellModelOutput": "cellkit.model",
+    "load_model": "cellkit.model",
+}
+_SUBMODULES = {"core", "heads", "data", "checkpoints", "model"}
+
+__all__ = [
+    "CellEncoder",
+    "CellModel",
+    "CellModelConfig",
+    "CellModelOutput",
+    "CellkitError",
+    "CheckpointError",
+    "ConfigError",
+    "Coverage",
+    "DataError",
+    "EncoderConfig",
+    "EncoderOutput",
+    "GeneVocab",
+    "MissingDependencyError",
+    "UnknownGeneError",
+    "VocabError",
+    "__version__",
+    "load_model",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"cellkit.{name}")
+    raise AttributeError(f"module 'cellkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(__all__) | _SUBMODULES)

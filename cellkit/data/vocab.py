@@ -1,0 +1,264 @@
+"""Gene vocabulary: token ↔ id, special tokens, explicit handling of unknown genes.
+
+Stored as a flat JSON object ``{token: id}`` (the layout scGPT's ``vocab.json`` uses), read
+sorted by id with a contiguity check. Unlike scGPT, an unknown gene never silently becomes
+``<pad>``: lookups raise, drop or return ``-1`` as the caller chooses, and :meth:`GeneVocab.coverage`
+reports what matched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from cellkit._errors import UnknownGeneError, VocabError
+from cellkit._utils import atomic_write_text
+
+__all__ = ["SPECIAL_ROLES", "Coverage", "GeneVocab"]
+
+#: Roles a special token can play; models name their own tokens for each role.
+SPECIAL_ROLES = ("pad", "cls", "eos", "mask", "unk", "sep")
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How many of a dataset's genes the vocabulary knows.
+
+    Attributes
+    ----------
+    n_genes
+        Genes asked about.
+    n_matched
+        Genes found in the vocabulary.
+    matched_examples, unmatched_examples
+        Up to ten examples of each.
+    """
+
+    n_genes: int
+    n_matched: int
+    matched_examples: tuple[str, ...] = field(default_factory=tuple)
+    unmatched_examples: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def n_unmatched(self) -> int:
+        return self.n_genes - self.n_matched
+
+    @property
+    def fraction(self) -> float:
+        return self.n_matched / self.n_genes if self.n_genes else 0.0
+
+    def __str__(self) -> str:
+        text = f"{self.n_matched:,} of {self.n_genes:,} genes in the vocabulary ({self.fraction:.1%})"
+        if self.unmatched_examples:
+            text += f"; not found, e.g. {', '.join(self.unmatched_examples[:5])}"
+        return text
+
+
+class GeneVocab:
+    """An immutable gene/token vocabulary.
+
+    Parameters
+    ----------
+    tokens
+        Tokens in id order (token ``i`` has id ``i``). Must be unique.
+    specials
+        Role → token for the special tokens this model uses, e.g.
+        ``{"pad": "<pad>", "cls": "<cls>"}``. Every named token must be in ``tokens``.
+
+    Examples
+    --------
+    >>> v = GeneVocab(["CD3E", "MS4A1", "<pad>", "<cls>"], specials={"pad": "<pad>", "cls": "<cls>"})
+    >>> v["MS4A1"], v.pad_id, len(v)
+    (1, 2, 4)
+    """
+
+    def __init__(self, tokens: Sequence[str], *, specials: Mapping[str, str] | None = None) -> None:
+        self._itos = [str(t) for t in tokens]
+        self._stoi = {t: i for i, t in enumerate(self._itos)}
+        if len(self._stoi) != len(self._itos):
+            seen: set[str] = set()
+            dups = [t for t in self._itos if t in seen or seen.add(t)]
+            raise VocabError(
+                f"Duplicate tokens in vocabulary: {sorted(set(dups))[:10]}. Each gene must appear once."
+            )
+        self._specials: dict[str, str] = {}
+        for role, token in (specials or {}).items():
+            if role not in SPECIAL_ROLES:
+                raise VocabError(f"Unknown special-token role {role!r}; known roles are {SPECIAL_ROLES}.")
+            if token not in self._stoi:
+                raise VocabError(f"Special token {token!r} (role {role!r}) is not in the vocabulary.")
+            self._specials[role] = token
+        self._array: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ construction / I/O
+    @classmethod
+    def from_dict(cls, mapping: Mapping[str, int], *, specials: Mapping[str, str] | None = None) -> GeneVocab:
+        """Build from ``{token: id}``; ids must be exactly ``0 … n-1`` (any key order)."""
+        if not mapping:
+            raise VocabError("The vocabulary is empty.")
+        items = []
+        for token, idx in mapping.items():
+            if isinstance(idx, bool) or not isinstance(idx, (int, np.integer)):
+                raise VocabError(f"Token {token!r} has a non-integer id {idx!r}.")
+            items.append((int(idx), str(token)))
+        items.sort()
+        ids = [i for i, _ in items]
+        if len(set(ids)) != len(ids):
+            raise VocabError(f"Duplicate ids in vocabulary: {_dup_ids(ids)}. Every token needs its own id.")
+        if ids[0] != 0 or ids[-1] != len(ids) - 1:
+            missing = sorted(set(range(ids[-1] + 1)) - set(ids))[:10]
+            raise VocabError(
+                f"Vocabulary ids are not contiguous from 0: {len(ids)} tokens with ids {ids[0]}…{ids[-1]}"
+                + (f", missing e.g. {missing}" if missing else "")
+                + ". Ids must be exactly 0 … n-1."
+            )
+        return cls([t for _, t in items], specials=specials)
+
+    @classmethod
+    def from_json(
+        cls, path: str | os.PathLike[str], *, specials: Mapping[str, str] | None = None
+    ) -> GeneVocab:
+        """Read a ``{token: id}`` JSON file (e.g. scGPT's ``vocab.json``)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise VocabError(f"Vocabulary file {path} does not exist.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise VocabError(
+                f"Vocabulary file {path} is not valid JSON ({exc}); expected an object {{token: id}}."
+            ) from None
+        if not isinstance(data, dict):
+            raise VocabError(
+                f"Vocabulary file {path} holds a {type(data).__name__}; expected an object {{token: id}}."
+            )
+        try:
+            return cls.from_dict(data, specials=specials)
+        except VocabError as exc:
+            raise VocabError(f"{path}: {exc}") from None
+
+    def to_dict(self) -> dict[str, int]:
+        """``{token: id}`` in id order."""
+        return dict(self._stoi)
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        """Write ``{token: id}`` (indent 2) atomically."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+
+    # ------------------------------------------------------------------ lookups
+    def __len__(self) -> int:
+        return len(self._itos)
+
+    def __contains__(self, token: object) -> bool:
+        return token in self._stoi
+
+    def __iter__(self):
+        return iter(self._itos)
+
+    def __getitem__(self, token: str) -> int:
+        try:
+            return self._stoi[token]
+        except KeyError:
+            raise UnknownGeneError(f"{token!r} is not in the vocabulary ({len(self):,} tokens).") from None
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, GeneVocab) and self._itos == other._itos and self._specials == other._specials
+        )
+
+    def __hash__(self) -> int:
+        return hash((tuple(self._itos), tuple(sorted(self._specials.items()))))
+
+    def __repr__(self) -> str:
+        sp = ", ".join(f"{r}={t}" for r, t in self._specials.items())
+        return f"GeneVocab({len(self):,} tokens; specials: {sp or 'none'})"
+
+    @property
+    def tokens(self) -> list[str]:
+        """Tokens in id order (a copy)."""
+        return list(self._itos)
+
+    def token(self, idx: int) -> str:
+        """Token with id ``idx``."""
+        if not 0 <= idx < len(self._itos):
+            raise UnknownGeneError(f"Token id {idx} is outside the vocabulary (0 … {len(self) - 1}).")
+        return self._itos[idx]
+
+    @property
+    def specials(self) -> dict[str, str]:
+        """Role → token of the special tokens."""
+        return dict(self._specials)
+
+    def special_id(self, role: str) -> int:
+        """Id of the special token for ``role``; a clear error when the model has none."""
+        if role not in self._specials:
+            raise VocabError(f"This vocabulary has no {role!r} token (specials: {self._specials or 'none'}).")
+        return self._stoi[self._specials[role]]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_id("pad")
+
+    @property
+    def cls_id(self) -> int:
+        return self.special_id("cls")
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of every special token."""
+        return sorted(self._stoi[t] for t in self._specials.values())
+
+    def is_special(self, token: str) -> bool:
+        return token in self._specials.values()
+
+    def lookup(self, genes: Iterable[str], *, unknown: Literal["error", "missing"] = "error") -> np.ndarray:
+        """Ids of ``genes`` as an int64 array.
+
+        Parameters
+        ----------
+        genes
+            Gene names (any iterable of str).
+        unknown
+            ``"error"`` raises :class:`~cellkit.UnknownGeneError` listing examples;
+            ``"missing"`` returns ``-1`` for unknown genes (never a real token id).
+        """
+        genes = [str(g) for g in genes]
+        ids = np.fromiter((self._stoi.get(g, -1) for g in genes), dtype=np.int64, count=len(genes))
+        if unknown == "error" and (ids < 0).any():
+            bad = [g for g, i in zip(genes, ids) if i < 0]
+            raise UnknownGeneError(
+                f"{len(bad):,} of {len(genes):,} genes are not in the vocabulary, e.g. {bad[:5]}. "
+                "Map gene names to the model's vocabulary (symbols vs Ensembl ids?) or pass unknown='missing'."
+            )
+        return ids
+
+    def coverage(self, genes: Iterable[str]) -> Coverage:
+        """Report how many of ``genes`` are in the vocabulary (specials do not count)."""
+        genes = [str(g) for g in genes]
+        hit = [g for g in genes if g in self._stoi and not self.is_special(g)]
+        hit_set = set(hit)
+        miss = [g for g in genes if g not in hit_set]
+        return Coverage(len(genes), len(hit), tuple(hit[:10]), tuple(miss[:10]))
+
+    def with_specials(self, specials: Mapping[str, str], *, append_missing: bool = False) -> GeneVocab:
+        """Copy with other special roles; ``append_missing`` adds absent special tokens at the end."""
+        tokens = list(self._itos)
+        if append_missing:
+            tokens += [t for t in dict.fromkeys(specials.values()) if t not in self._stoi]
+        return GeneVocab(tokens, specials=specials)
+
+
+def _dup_ids(ids: list[int]) -> list[int]:
+    seen: set[int] = set()
+    dups: list[int] = []
+    for i in ids:
+        if i in seen and len(dups) < 10:
+            dups.append(i)
+        seen.add(i)
+    return dups

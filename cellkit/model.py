@@ -1,0 +1,407 @@
+"""``CellModel`` = architecture config + gene vocabulary + core encoder + task heads.
+
+One class serves every family cellkit loads (scGPT, Geneformer, PerturbGene-style, its own
+models); the differences live in :class:`~cellkit.core.EncoderConfig` and in which heads exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import CheckpointError, ConfigError
+from ._utils import get_logger
+from .checkpoints import is_native, load_state_strict, read_native, write_native
+from .core import CellEncoder, EncoderConfig
+from .data.vocab import GeneVocab
+from .heads import (
+    POOLING_MODES,
+    AdversarialDiscriminator,
+    ClassifierHead,
+    DomainSpecificBatchNorm,
+    ExpressionDecoder,
+    MLMHead,
+    MVCDecoder,
+    pool_cells,
+)
+
+__all__ = ["HEAD_KINDS", "CellModel", "CellModelConfig", "CellModelOutput", "load_model"]
+
+log = get_logger(__name__)
+
+#: Head name -> (allowed options with defaults). Options are architecture, saved in config.json.
+HEAD_KINDS: dict[str, dict[str, Any]] = {
+    "expression": {"explicit_zero_prob": False, "use_batch_labels": False},
+    "mvc": {"detach": False, "explicit_zero_prob": False, "use_batch_labels": False},
+    "classifier": {"n_classes": None, "n_layers": 3, "labels": None},
+    "adversarial": {"n_batches": None, "n_layers": 3, "lambd": 1.0},
+    "dsbn": {"n_domains": None, "eps": 6.1e-5, "momentum": 0.1, "affine": False},
+    "mlm": {"activation": "gelu", "tied": True, "eps": None},
+}
+FAMILIES = ("cellkit", "scgpt", "geneformer", "perturbgene")
+
+
+@dataclass
+class CellModelConfig:
+    """Everything needed to rebuild a :class:`CellModel` (architecture only; JSON round-trip).
+
+    Parameters
+    ----------
+    encoder
+        The core's architecture.
+    heads
+        Head name (see ``HEAD_KINDS``) → its options.
+    pooling
+        Cell-embedding pooling: ``"cls"``, ``"mean"`` (non-pad tokens) or ``"weighted"``.
+    family
+        Which model family's conventions the model follows (tokenizers read this).
+    specials
+        Special-token role → token (e.g. ``{"pad": "<pad>", "cls": "<cls>"}``).
+    input
+        Input conventions the tokenizer must follow (e.g. ``pad_value``, ``cls_value``,
+        ``mask_value``, ``n_bins``, ``max_len``).
+    metadata
+        Free-form provenance (source checkpoint, training data, ...).
+    """
+
+    encoder: EncoderConfig
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pooling: str = "cls"
+    family: str = "cellkit"
+    specials: dict[str, str] = field(default_factory=dict)
+    input: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):
+            self.encoder = EncoderConfig.from_dict(self.encoder)
+        if self.pooling not in POOLING_MODES:
+            raise ConfigError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}.")
+        self.heads = {name: _check_head(name, opts) for name, opts in self.heads.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["encoder"] = self.encoder.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CellModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown CellModelConfig keys {unknown}; known: {sorted(known)}.")
+        return cls(**data)
+
+
+def _check_head(name: str, opts: dict[str, Any] | None) -> dict[str, Any]:
+    if name not in HEAD_KINDS:
+        raise ConfigError(f"Unknown head {name!r}; available heads: {sorted(HEAD_KINDS)}.")
+    opts = dict(opts or {})
+    unknown = sorted(set(opts) - set(HEAD_KINDS[name]))
+    if unknown:
+        raise ConfigError(
+            f"Unknown options {unknown} for head {name!r}; allowed: {sorted(HEAD_KINDS[name])}."
+        )
+    full = {**HEAD_KINDS[name], **opts}
+    for key in ("n_classes", "n_batches", "n_domains"):
+        if key in full and (not isinstance(full[key], int) or full[key] < 1):
+            raise ConfigError(f"Head {name!r} needs a positive integer {key}, got {full[key]!r}.")
+    if name == "classifier" and full["labels"] is not None and len(full["labels"]) != full["n_classes"]:
+        raise ConfigError(
+            f"classifier has {full['n_classes']} classes but {len(full['labels'])} label names."
+        )
+    return full
+
+
+@dataclass
+class CellModelOutput:
+    """Outputs of :meth:`CellModel.forward` (fields are ``None`` when not computed).
+
+    Attributes
+    ----------
+    last_hidden_state
+        ``(B, L, d)``.
+    cell_embedding
+        ``(B, d)`` pooled per the model's ``pooling`` (unnormalised for ``cls``/``mean``).
+    gene_embeddings
+        ``(B, L, d)`` gene-token embeddings before values.
+    hidden_states, attentions
+        As in :class:`~cellkit.core.EncoderOutput`.
+    expression, expression_zero_probs
+        ``(B, L)`` expression-decoder prediction and non-zero probability.
+    mvc, mvc_zero_probs
+        ``(B, L)`` MVC prediction from the cell embedding and its non-zero probability.
+    class_logits
+        ``(B, n_classes)``.
+    batch_logits
+        ``(B, n_batches)`` adversarial discriminator output.
+    token_logits
+        ``(B, L, V)`` masked-LM logits.
+    """
+
+    last_hidden_state: Tensor
+    cell_embedding: Tensor
+    gene_embeddings: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    expression: Tensor | None = None
+    expression_zero_probs: Tensor | None = None
+    mvc: Tensor | None = None
+    mvc_zero_probs: Tensor | None = None
+    class_logits: Tensor | None = None
+    batch_logits: Tensor | None = None
+    token_logits: Tensor | None = None
+    padding_mask: Tensor | None = None
+
+
+class CellModel(nn.Module):
+    """A single-cell transformer: core encoder plus task heads, with its gene vocabulary.
+
+    Parameters
+    ----------
+    config
+        Architecture (:class:`CellModelConfig`).
+    vocab
+        Gene vocabulary; its size must equal ``config.encoder.vocab_size``.
+
+    Examples
+    --------
+    >>> from cellkit import CellModel, CellModelConfig, EncoderConfig, GeneVocab
+    >>> vocab = GeneVocab([f"G{i}" for i in range(20)] + ["<pad>", "<cls>"], specials={"pad": "<pad>", "cls": "<cls>"})
+    >>> cfg = CellModelConfig(EncoderConfig(vocab_size=22, d_model=16, n_heads=2, n_layers=1, d_ff=32, pad_token_id=20),
+    ...                       heads={"expression": {}}, specials=vocab.specials)
+    >>> model = CellModel(cfg, vocab)
+    """
+
+    def __init__(self, config: CellModelConfig, vocab: GeneVocab) -> None:
+        super().__init__()
+        if len(vocab) != config.encoder.vocab_size:
+            raise ConfigError(
+                f"The vocabulary has {len(vocab):,} tokens but the encoder's vocab_size is "
+                f"{config.encoder.vocab_size:,}; they must match."
+            )
+        self.config = config
+        self.vocab = vocab
+        self.encoder = CellEncoder(config.encoder)
+        self.heads = nn.ModuleDict()
+        for name, opts in config.heads.items():
+            self.heads[name] = self._build_head(name, opts)
+
+    # ------------------------------------------------------------------ heads
+    def _build_head(self, name: str, o: dict[str, Any]) -> nn.Module:
+        c = self.config.encoder
+        needs_batch = o.get("use_batch_labels", False)
+        if needs_batch and not c.n_batch_labels:
+            raise ConfigError(f"Head {name!r} uses batch labels but the encoder has n_batch_labels=0.")
+        if name == "expression":
+            return ExpressionDecoder(
+                c.d_model, explicit_zero_prob=o["explicit_zero_prob"], use_batch_labels=needs_batch
+            )
+        if name == "mvc":
+            return MVCDecoder(
+                c.d_model,
+                detach=o["detach"],
+                explicit_zero_prob=o["explicit_zero_prob"],
+                use_batch_labels=needs_batch,
+            )
+        if name == "classifier":
+            return ClassifierHead(c.d_model, o["n_classes"], n_layers=o["n_layers"], eps=c.layer_norm_eps)
+        if name == "adversarial":
+            return AdversarialDiscriminator(
+                c.d_model, o["n_batches"], n_layers=o["n_layers"], lambd=o["lambd"], eps=c.layer_norm_eps
+            )
+        if name == "dsbn":
+            return DomainSpecificBatchNorm(
+                c.d_model, o["n_domains"], eps=o["eps"], momentum=o["momentum"], affine=o["affine"]
+            )
+        if name == "mlm":
+            eps = o["eps"] if o["eps"] is not None else c.layer_norm_eps
+            tie = self.encoder.embeddings.gene if o["tied"] else None
+            return MLMHead(c.d_model, c.vocab_size, activation=o["activation"], eps=eps, tie_to=tie)
+        raise ConfigError(f"Unknown head {name!r}.")  # pragma: no cover - guarded by _check_head
+
+    def add_head(self, name: str, **options: Any) -> nn.Module:
+        """Create a fresh head (e.g. a classifier for fine-tuning) and record it in the config."""
+        if name in self.heads:
+            raise ConfigError(
+                f"The model already has a {name!r} head; remove it first with remove_head({name!r})."
+            )
+        opts = _check_head(name, options)
+        head = self._build_head(name, opts)
+        ref = next(self.encoder.parameters())
+        head.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        self.heads[name] = head
+        self.config.heads[name] = opts
+        return head
+
+    def remove_head(self, name: str) -> None:
+        """Drop a head from the model and its config."""
+        if name not in self.heads:
+            raise ConfigError(f"The model has no {name!r} head (heads: {sorted(self.heads)}).")
+        del self.heads[name]
+        del self.config.heads[name]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        gene_ids: Tensor,
+        values: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        *,
+        batch_labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        heads: Iterable[str] | None = None,
+        attn_backend: str = "sdpa",
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> CellModelOutput:
+        """Encode cells and run the requested heads.
+
+        Parameters
+        ----------
+        gene_ids
+            ``(B, L)`` int64 token ids.
+        values
+            ``(B, L)`` float values (models with a value encoder).
+        padding_mask
+            ``(B, L)`` bool, True at padding.
+        batch_labels
+            ``(B,)`` int64 batch/domain labels (DSBN, batch-label decoders).
+        position_ids, token_type_ids
+            ``(B, L)`` int64 (models with position / token-type embeddings).
+        heads
+            Which heads to run (default: all except ``dsbn``, which always applies; ``()`` = none).
+        attn_backend
+            See :meth:`cellkit.core.CellEncoder.forward`.
+        output_hidden_states, output_attentions
+            Also return per-layer states / attention probabilities.
+
+        Returns
+        -------
+        :class:`CellModelOutput`
+        """
+        run = set(self.heads) if heads is None else set(heads)
+        unknown = run - set(self.heads)
+        if unknown:
+            raise ConfigError(f"The model has no head(s) {sorted(unknown)}; it has {sorted(self.heads)}.")
+        x, g = self.encoder.embed(gene_ids, values, position_ids=position_ids, token_type_ids=token_type_ids)
+        if "dsbn" in self.heads:
+            if batch_labels is None:
+                raise ConfigError("This model applies domain-specific batch norm; pass batch_labels.")
+            x = self.heads["dsbn"](x, batch_labels)
+        last, hidden, attns = self.encoder.encode(
+            x,
+            padding_mask,
+            attn_backend=attn_backend,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        cell = pool_cells(last, mode=self.config.pooling, padding_mask=padding_mask, values=values)
+        out = CellModelOutput(last, cell, g, hidden, attns, padding_mask=padding_mask)
+        batch_emb = None
+        if self.encoder.batch_embedding is not None and batch_labels is not None:
+            batch_emb = self.encoder.batch_embedding(batch_labels)
+        if "expression" in run:
+            r = self.heads["expression"](last, batch_emb)
+            out.expression, out.expression_zero_probs = r["pred"], r.get("zero_probs")
+        if "mvc" in run:
+            r = self.heads["mvc"](cell, g, batch_emb)
+            out.mvc, out.mvc_zero_probs = r["pred"], r.get("zero_probs")
+        if "classifier" in run:
+            out.class_logits = self.heads["classifier"](cell)
+        if "adversarial" in run:
+            out.batch_logits = self.heads["adversarial"](cell)
+        if "mlm" in run:
+            out.token_logits = self.heads["mlm"](last)
+        return out
+
+    # ------------------------------------------------------------------ info
+    def num_parameters(self, *, trainable_only: bool = False) -> int:
+        """Number of (unique) parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def tied_keys(self) -> list[str]:
+        """State-dict keys that alias another tensor (not stored twice on disk)."""
+        return ["heads.mlm.decoder.weight"] if "mlm" in self.heads and self.heads["mlm"].tied else []
+
+    def __repr__(self) -> str:
+        c = self.config.encoder
+        return (
+            f"CellModel(family={self.config.family!r}, {c.n_layers} layers × d={c.d_model}, {c.n_heads} heads, "
+            f"vocab {len(self.vocab):,}, heads={sorted(self.heads)}, {self.num_parameters():,} parameters)"
+        )
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike[str], *, format: str = "cellkit") -> Path:
+        """Save the model.
+
+        Parameters
+        ----------
+        path
+            Directory to write (created if needed; existing files are replaced atomically).
+        format
+            ``"cellkit"``: ``config.json`` + ``model.safetensors`` + ``vocab.json``.
+
+        Returns
+        -------
+        The directory written.
+        """
+        if format != "cellkit":
+            raise ConfigError(f"Unknown save format {format!r}; supported: 'cellkit'.")
+        tied = set(self.tied_keys())
+        state = {k: v for k, v in self.state_dict().items() if k not in tied}
+        cfg = self.config.to_dict()
+        cfg["specials"] = self.vocab.specials
+        return write_native(path, cfg, state, self.vocab)
+
+    @classmethod
+    def from_parts(
+        cls, config: CellModelConfig, vocab: GeneVocab, state: dict[str, Tensor], *, source: str
+    ) -> CellModel:
+        """Build a model and load ``state`` strictly (every tensor present, no extras, shapes checked)."""
+        model = cls(config, vocab)
+        load_state_strict(model, state, source=source, allow_missing=model.tied_keys())
+        return model.eval()
+
+
+def load_model(path: str | os.PathLike[str], *, device: str | torch.device | None = None) -> CellModel:
+    """Load a model directory, detecting its format.
+
+    Parameters
+    ----------
+    path
+        A cellkit model directory (``config.json`` + ``model.safetensors`` + ``vocab.json``).
+    device
+        Where to put the model (default: CPU).
+
+    Returns
+    -------
+    The model, in eval mode.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass the directory of a saved model.")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; pass the model *directory* that contains it.")
+    if is_native(path):
+        cfg_dict, state, vocab = read_native(path)
+        config = CellModelConfig.from_dict(cfg_dict)
+        model = CellModel.from_parts(config, vocab, state, source=str(path))
+    else:
+        present = sorted(p.name for p in path.iterdir())[:12]
+        raise CheckpointError(
+            f"{path} is not a model directory cellkit recognises (it holds {present}). Expected a cellkit "
+            "directory (config.json with format 'cellkit', model.safetensors, vocab.json)."
+        )
+    log.info("Loaded %r from %s", model, path)
+    return model.to(device) if device is not None else model
