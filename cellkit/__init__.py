@@ -25,7 +25,7 @@ from ._version import __version__
 if TYPE_CHECKING:  # pragma: no cover
     from .core import CellEncoder, EncoderConfig, EncoderOutput
     from .data import Coverage, GeneVocab
-    from .model import CellModel, CellModelConfig, CellModelOutput, load_model
+    from .model import CellModel, CellModelConfig, CellModelOutput, inspect_checkpoint, load_model
 
 # public name -> module that defines it (imported lazily)
 _LAZY = {
@@ -38,6 +38,7 @@ _LAZY = {
     "CellModelConfig": "cellkit.model",
     "CellModelOutput": "cellkit.model",
     "load_model": "cellkit.model",
+    "inspect_checkpoint": "cellkit.model",
 }
 _SUBMODULES = {"core", "heads", "data", "checkpoints", "model"}
 
@@ -58,6 +59,7 @@ __all__ = [
     "UnknownGeneError",
     "VocabError",
     "__version__",
+    "inspect_checkpoint",
     "load_model",
 ]
 

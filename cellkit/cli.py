@@ -71,6 +71,15 @@ def _info(args: argparse.Namespace) -> int:
 
     model = load_model(args.path)
     print(repr(model))
+    report = model.load_report
+    if report is not None:
+        print(report.summary())
+    c = model.config.encoder
+    print(
+        f"architecture: d_model {c.d_model}, heads {c.n_heads}, layers {c.n_layers}, d_ff {c.d_ff}, "
+        f"{c.activation}, {c.norm_scheme}-norm, values: {c.value_encoder}, pooling: {model.config.pooling}"
+    )
+    print(f"vocabulary: {len(model.vocab):,} tokens; specials {model.vocab.specials}")
     return 0
 
 
@@ -87,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--layers", type=int, default=2)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
-    info = sub.add_parser("info", help="describe a saved model directory")
+    info = sub.add_parser("info", help="describe a model directory (cellkit, scGPT or Geneformer)")
     info.add_argument("path")
     info.set_defaults(func=_info)
     args = parser.parse_args(argv)

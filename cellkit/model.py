@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from ._errors import CheckpointError, ConfigError
 from ._utils import get_logger
-from .checkpoints import is_native, load_state_strict, read_native, write_native
+from .checkpoints import (
+    LoadReport,
+    detect_format,
+    foreign_reader,
+    load_state_strict,
+    read_native,
+    write_native,
+)
 from .core import CellEncoder, EncoderConfig
 from .data.vocab import GeneVocab
 from .heads import (
@@ -32,7 +39,14 @@ from .heads import (
     pool_cells,
 )
 
-__all__ = ["HEAD_KINDS", "CellModel", "CellModelConfig", "CellModelOutput", "load_model"]
+__all__ = [
+    "HEAD_KINDS",
+    "CellModel",
+    "CellModelConfig",
+    "CellModelOutput",
+    "inspect_checkpoint",
+    "load_model",
+]
 
 log = get_logger(__name__)
 
@@ -191,6 +205,10 @@ class CellModel(nn.Module):
             )
         self.config = config
         self.vocab = vocab
+        #: named tables the tokenizer needs (e.g. Geneformer gene medians); saved in resources.json
+        self.resources: dict[str, Any] = {}
+        #: what the last load did (set by :func:`load_model`)
+        self.load_report: LoadReport | None = None
         self.encoder = CellEncoder(config.encoder)
         self.heads = nn.ModuleDict()
         for name, opts in config.heads.items():
@@ -306,7 +324,13 @@ class CellModel(nn.Module):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
-        cell = pool_cells(last, mode=self.config.pooling, padding_mask=padding_mask, values=values)
+        cell = pool_cells(
+            last,
+            mode=self.config.pooling,
+            padding_mask=padding_mask,
+            values=values,
+            exclude_mask=self._boundary_tokens(gene_ids) if self.config.pooling == "mean" else None,
+        )
         out = CellModelOutput(last, cell, g, hidden, attns, padding_mask=padding_mask)
         batch_emb = None
         if self.encoder.batch_embedding is not None and batch_labels is not None:
@@ -324,6 +348,31 @@ class CellModel(nn.Module):
         if "mlm" in run:
             out.token_logits = self.heads["mlm"](last)
         return out
+
+    def token_embeddings(self, ids: Tensor | None = None) -> Tensor:
+        """Context-free gene-token embeddings (after ``gene_norm``), scGPT's ``GeneEmbedding`` input.
+
+        Parameters
+        ----------
+        ids
+            ``(N,)`` token ids (default: the whole vocabulary).
+
+        Returns
+        -------
+        ``(N, d)`` embeddings.
+        """
+        emb = self.encoder.embeddings
+        if ids is None:
+            ids = torch.arange(len(self.vocab), device=emb.gene.weight.device)
+        g = emb.gene(ids)
+        return emb.gene_norm(g) if emb.gene_norm is not None else g
+
+    def _boundary_tokens(self, gene_ids: Tensor) -> Tensor | None:
+        """``(B, L)`` True at ``<cls>``/``<eos>`` tokens, which mean pooling leaves out."""
+        ids = [self.vocab.special_id(r) for r in ("cls", "eos") if r in self.vocab.specials]
+        if not ids:
+            return None
+        return torch.isin(gene_ids, torch.tensor(ids, device=gene_ids.device))
 
     # ------------------------------------------------------------------ info
     def num_parameters(self, *, trainable_only: bool = False) -> int:
@@ -350,58 +399,133 @@ class CellModel(nn.Module):
         path
             Directory to write (created if needed; existing files are replaced atomically).
         format
-            ``"cellkit"``: ``config.json`` + ``model.safetensors`` + ``vocab.json``.
+            ``"cellkit"``: ``config.json`` + ``model.safetensors`` + ``vocab.json`` (+ ``resources.json``);
+            ``"scgpt"``: ``args.json`` + ``best_model.pt`` + ``vocab.json`` that scGPT's own loaders
+            accept (scGPT-family architectures only).
 
         Returns
         -------
         The directory written.
         """
-        if format != "cellkit":
-            raise ConfigError(f"Unknown save format {format!r}; supported: 'cellkit'.")
         tied = set(self.tied_keys())
         state = {k: v for k, v in self.state_dict().items() if k not in tied}
         cfg = self.config.to_dict()
         cfg["specials"] = self.vocab.specials
-        return write_native(path, cfg, state, self.vocab)
+        if format == "cellkit":
+            return write_native(path, cfg, state, self.vocab, self.resources)
+        if format == "scgpt":
+            return foreign_reader("scgpt").write(path, cfg, state, self.vocab)
+        raise ConfigError(f"Unknown save format {format!r}; supported: 'cellkit', 'scgpt'.")
 
     @classmethod
     def from_parts(
         cls, config: CellModelConfig, vocab: GeneVocab, state: dict[str, Tensor], *, source: str
     ) -> CellModel:
-        """Build a model and load ``state`` strictly (every tensor present, no extras, shapes checked)."""
-        model = cls(config, vocab)
-        load_state_strict(model, state, source=source, allow_missing=model.tied_keys())
+        """Build a model and load ``state`` strictly (every tensor present, no extras, shapes checked).
+
+        The model is built on the meta device and takes the loaded tensors as its parameters, so
+        loading needs one copy of the weights in memory and no random initialisation.
+        """
+        with torch.device("meta"):
+            model = cls(config, vocab)
+        load_state_strict(model, state, source=source, allow_missing=model.tied_keys(), assign=True)
+        model._retie()
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if leftover:  # pragma: no cover - load_state_strict already names missing tensors
+            raise CheckpointError(f"{source}: tensors were not loaded: {leftover[:10]}")
         return model.eval()
 
+    def _retie(self) -> None:
+        """Point tied weights at their source again (after parameters were replaced)."""
+        if "mlm" in self.heads and self.heads["mlm"].tied:
+            self.heads["mlm"].decoder.weight = self.encoder.embeddings.gene.weight
 
-def load_model(path: str | os.PathLike[str], *, device: str | torch.device | None = None) -> CellModel:
-    """Load a model directory, detecting its format.
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    format: str = "auto",
+    heads: dict[str, dict[str, Any]] | None = None,
+    device: str | torch.device | None = None,
+    **options: Any,
+) -> CellModel:
+    """Load a model directory: cellkit's own format, scGPT or Geneformer (detected).
 
     Parameters
     ----------
     path
-        A cellkit model directory (``config.json`` + ``model.safetensors`` + ``vocab.json``).
+        The model directory.
+    format
+        ``"auto"`` (detect), ``"cellkit"``, ``"scgpt"`` or ``"geneformer"``.
+    heads
+        Heads to create fresh when the file has none, e.g. ``{"classifier": {"n_classes": 8}}``
+        for fine-tuning. A head that *is* in the file is loaded from it; asking for different
+        options for it is an error. Created heads are listed in ``model.load_report.created``.
     device
         Where to put the model (default: CPU).
+    **options
+        Format-specific options (e.g. Geneformer's ``token_dictionary=``); see
+        :mod:`cellkit.checkpoints.scgpt` and :mod:`cellkit.checkpoints.geneformer`.
 
     Returns
     -------
-    The model, in eval mode.
+    The model in eval mode, with ``model.load_report`` (:class:`~cellkit.checkpoints.LoadReport`)
+    saying what was mapped, ignored and created.
     """
+    fmt = detect_format(path) if format == "auto" else format
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist; pass the directory of a saved model.")
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is a file; pass the model *directory* that contains it.")
-    if is_native(path):
-        cfg_dict, state, vocab = read_native(path)
+    if fmt == "cellkit":
+        if options:
+            raise ConfigError(f"Unknown options for a cellkit directory: {sorted(options)}.")
+        cfg_dict, state, vocab, resources = read_native(path)
         config = CellModelConfig.from_dict(cfg_dict)
-        model = CellModel.from_parts(config, vocab, state, source=str(path))
+        report = LoadReport("cellkit", str(path), mapped={k: k for k in state})
     else:
-        present = sorted(p.name for p in path.iterdir())[:12]
-        raise CheckpointError(
-            f"{path} is not a model directory cellkit recognises (it holds {present}). Expected a cellkit "
-            "directory (config.json with format 'cellkit', model.safetensors, vocab.json)."
-        )
-    log.info("Loaded %r from %s", model, path)
+        ckpt = foreign_reader(fmt).read(path, **options)
+        config, state, vocab, report = CellModelConfig(**ckpt.config), ckpt.state, ckpt.vocab, ckpt.report
+        resources = ckpt.resources
+    model = CellModel.from_parts(config, vocab, state, source=str(path))
+    model.resources = resources
+    for name, opts in (heads or {}).items():
+        if name in model.heads:
+            wanted = _check_head(name, opts)
+            if wanted != model.config.heads[name]:
+                raise ConfigError(
+                    f"{path} already has a {name!r} head with options {model.config.heads[name]}, not {opts}. "
+                    f"Load without heads=..., then model.remove_head({name!r}) and model.add_head({name!r}, ...)."
+                )
+            continue
+        model.add_head(name, **opts)
+        report.created[name] = "absent from the checkpoint; initialised fresh as requested"
+    model.load_report = report
+    for line in report.summary().splitlines():
+        log.info(line)
+    model.eval()
     return model.to(device) if device is not None else model
+
+
+def inspect_checkpoint(path: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+    """Describe a checkpoint directory without keeping the model.
+
+    Returns
+    -------
+    ``{"format", "architecture", "vocab_size", "n_parameters", "heads", "mapped", "ignored",
+    "created", "notes"}`` — ``mapped`` is the number of tensors copied, ``ignored`` maps file keys
+    to the reason they were not used.
+    """
+    model = load_model(path, **options)
+    r = model.load_report
+    return {
+        "format": r.format,
+        "source": r.source,
+        "family": model.config.family,
+        "architecture": model.config.encoder.to_dict() | r.architecture,
+        "vocab_size": len(model.vocab),
+        "specials": model.vocab.specials,
+        "n_parameters": model.num_parameters(),
+        "heads": sorted(model.heads),
+        "mapped": len(r.mapped),
+        "ignored": dict(r.ignored),
+        "created": dict(r.created),
+        "notes": list(r.notes),
+    }

@@ -24,6 +24,7 @@ def load_state_strict(
     *,
     source: str,
     allow_missing: Iterable[str] = (),
+    assign: bool = False,
 ) -> None:
     """Copy ``state`` into ``module``; raise :class:`CheckpointError` on any mismatch.
 
@@ -37,6 +38,9 @@ def load_state_strict(
         File or directory named in error messages.
     allow_missing
         Keys the caller knows are absent on purpose (tied aliases, freshly created heads).
+    assign
+        Make the given tensors the module's parameters (no copy; for modules built on the meta
+        device).
     """
     expected = module.state_dict()
     allow = set(allow_missing)
@@ -62,4 +66,4 @@ def load_state_strict(
             f"{source}: the weights do not match the model architecture ({'; '.join(problems)}). "
             "The file is corrupt, incomplete, or its config does not describe these weights."
         )
-    module.load_state_dict(dict(state), strict=False, assign=False)
+    module.load_state_dict(dict(state), strict=False, assign=assign)

@@ -1,6 +1,7 @@
 """cellkit's own format: ``config.json`` + ``model.safetensors`` + ``vocab.json``.
 
-``config.json`` holds ``{"format": "cellkit", "format_version": 1, "cellkit_version": ...,
+An optional ``resources.json`` holds named tables a tokenizer needs (e.g. Geneformer's gene
+medians). ``config.json`` holds ``{"format": "cellkit", "format_version": 1, "cellkit_version": ...,
 "model": <CellModelConfig dict>}``. Tensors are safetensors (no pickle); tied aliases are not
 stored twice. Every file is written atomically (temporary file + rename) and ``config.json`` is
 written last, so an interrupted save never leaves something that loads as a valid model.
@@ -24,7 +25,7 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "is_native", "read_native", "write_n
 
 FORMAT_NAME = "cellkit"
 FORMAT_VERSION = 1
-CONFIG, WEIGHTS, VOCAB = "config.json", "model.safetensors", "vocab.json"
+CONFIG, WEIGHTS, VOCAB, RESOURCES = "config.json", "model.safetensors", "vocab.json", "resources.json"
 
 
 def is_native(path: str | os.PathLike[str]) -> bool:
@@ -43,8 +44,9 @@ def write_native(
     model_config: dict[str, Any],
     state: dict[str, torch.Tensor],
     vocab: GeneVocab,
+    resources: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the three files into directory ``path`` (created if needed)."""
+    """Write the files into directory ``path`` (created if needed)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -57,6 +59,10 @@ def write_native(
     with atomic_path(path / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
     vocab.to_json(path / VOCAB)
+    if resources:
+        atomic_write_text(path / RESOURCES, json.dumps(resources, sort_keys=True))
+    elif (path / RESOURCES).exists():
+        (path / RESOURCES).unlink()
     doc = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -67,8 +73,10 @@ def write_native(
     return path
 
 
-def read_native(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor], GeneVocab]:
-    """Read a cellkit directory: ``(model config dict, tensors, vocab)``."""
+def read_native(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], GeneVocab, dict[str, Any]]:
+    """Read a cellkit directory: ``(model config dict, tensors, vocab, resources)``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -97,4 +105,10 @@ def read_native(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str,
         ) from None
     specials = doc["model"].get("specials") or {}
     vocab = GeneVocab.from_json(path / VOCAB, specials=specials)
-    return doc["model"], tensors, vocab
+    resources: dict[str, Any] = {}
+    if (path / RESOURCES).is_file():
+        try:
+            resources = json.loads((path / RESOURCES).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path / RESOURCES} is not valid JSON ({exc}).") from None
+    return doc["model"], tensors, vocab, resources

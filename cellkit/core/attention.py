@@ -16,6 +16,9 @@ Backends (a call argument, not part of the architecture):
 ``"flash"`` / ``"varlen"``
     Run on packed, unpadded tokens (see :mod:`cellkit.core.varlen`); used by the encoder, which
     packs once for all layers.
+``"native"``
+    The encoder runs torch's own ``nn.TransformerEncoderLayer`` inference fast path (nested
+    tensors, fused kernels) over these same parameters (inference only).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from .varlen import varlen_attention
 
 __all__ = ["ATTN_BACKENDS", "MultiheadSelfAttention"]
 
-ATTN_BACKENDS = ("sdpa", "explicit", "flash", "varlen")
+ATTN_BACKENDS = ("sdpa", "explicit", "flash", "varlen", "native")
 
 
 class MultiheadSelfAttention(nn.Module):

@@ -6,6 +6,8 @@ Shapes: ``B`` cells, ``L`` tokens per cell (padded), ``d`` hidden size, ``H`` he
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -148,7 +150,14 @@ class CellEncoder(nn.Module):
                 )
         if attn_backend in ("flash", "varlen") and not output_attentions:
             return self._encode_packed(x, padding_mask, attn_backend, output_hidden_states, n_run)
-        if attn_backend in ("flash", "varlen"):
+        if attn_backend == "native" and not output_attentions:
+            if self.training and torch.is_grad_enabled():
+                raise ConfigError(
+                    "attn_backend='native' is an inference path; call model.eval() and use torch.no_grad()."
+                )
+            if self._native_applies(x):
+                return self._encode_native(x, padding_mask, output_hidden_states, n_run)
+        if attn_backend in ("flash", "varlen", "native"):
             attn_backend = "sdpa"  # probabilities need the padded explicit path
         hidden: list[Tensor] = [x] if output_hidden_states else []
         attns: list[Tensor] = []
@@ -167,6 +176,77 @@ class CellEncoder(nn.Module):
             (tuple(hidden) if output_hidden_states else None),
             (tuple(attns) if output_attentions else None),
         )
+
+    def _native_layers(self) -> list[nn.TransformerEncoderLayer]:
+        """torch ``nn.TransformerEncoderLayer`` views that *share* this encoder's parameters."""
+        cached = self.__dict__.get("_native_cache")
+        if cached is not None:
+            return cached
+        c = self.config
+        views = []
+        for layer in self.layers:
+            t = nn.TransformerEncoderLayer(
+                c.d_model,
+                c.n_heads,
+                c.d_ff,
+                dropout=0.0,
+                activation=c.activation,
+                layer_norm_eps=c.layer_norm_eps,
+                batch_first=True,
+                norm_first=c.norm_scheme == "pre",
+                device=layer.linear1.weight.device,
+                dtype=layer.linear1.weight.dtype,
+            )
+            t.self_attn.in_proj_weight = layer.self_attn.qkv.weight
+            t.self_attn.in_proj_bias = layer.self_attn.qkv.bias
+            for mine, theirs in (
+                (layer.self_attn.out_proj, t.self_attn.out_proj),
+                (layer.linear1, t.linear1),
+                (layer.linear2, t.linear2),
+                (layer.norm1, t.norm1),
+                (layer.norm2, t.norm2),
+            ):
+                theirs.weight, theirs.bias = mine.weight, mine.bias
+            views.append(t.eval())
+        self.__dict__["_native_cache"] = views  # plain attribute: not a submodule, not in state_dict
+        return views
+
+    def _apply(self, fn, recurse=True):  # device/dtype moves: rebuild the native views lazily
+        self.__dict__.pop("_native_cache", None)
+        return super()._apply(fn, recurse)
+
+    def _native_applies(self, x: Tensor) -> bool:
+        """Whether torch's fused encoder-layer fast path accepts this call (else fall back to SDPA)."""
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.layers.parameters())
+        return (
+            not self.training
+            and not grad
+            and self.config.n_heads % 2 == 0
+            and not torch.is_autocast_enabled(x.device.type)
+            and x.device.type in ("cpu", "cuda")
+        )
+
+    def _encode_native(
+        self, x: Tensor, padding_mask: Tensor | None, output_hidden_states: bool, n_run: int
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None, None]:
+        # torch's own inference fast path (nested tensors + fused encoder-layer kernel), i.e. what
+        # nn.TransformerEncoder runs in eval mode: bit-identical to models built on it (scGPT on CPU).
+        b, length, _ = x.shape
+        lengths = [length] * b if padding_mask is None else (~padding_mask).sum(1).tolist()
+        with warnings.catch_warnings():  # torch flags its strided nested-tensor API as a prototype
+            warnings.simplefilter("ignore", UserWarning)
+            h = torch.nested.nested_tensor([x[i, :n] for i, n in enumerate(lengths)])
+        hidden: list[Tensor] = [x] if output_hidden_states else []
+        for layer in self._native_layers()[:n_run]:
+            h = layer(h)
+            if output_hidden_states:
+                hidden.append(h.to_padded_tensor(0.0, x.shape))
+        out = h.to_padded_tensor(0.0, x.shape)
+        if self.final_norm is not None and n_run == len(self.layers):
+            out = self.final_norm(out)
+            if output_hidden_states:
+                hidden[-1] = out
+        return out, (tuple(hidden) if output_hidden_states else None), None
 
     def _encode_packed(
         self, x: Tensor, padding_mask: Tensor | None, backend: str, output_hidden_states: bool, n_run: int
@@ -215,8 +295,11 @@ class CellEncoder(nn.Module):
         position_ids, token_type_ids
             ``(B, L)`` int64, for models with position / token-type embeddings.
         attn_backend
-            ``"sdpa"`` (default), ``"explicit"``, ``"flash"`` (flash-attn on CUDA) or ``"varlen"``
-            (packed path with the best available kernel; a slow per-cell loop on CPU).
+            ``"sdpa"`` (default), ``"explicit"``, ``"flash"`` (flash-attn on CUDA), ``"varlen"``
+            (packed path with the best available kernel; a slow per-cell loop on CPU) or
+            ``"native"`` (inference only: torch's ``nn.TransformerEncoderLayer`` fast path on nested
+            tensors — the kernels scGPT runs on, hence bit-identical to it; falls back to ``"sdpa"``
+            where torch's fast path does not apply: odd head count, autograd on, autocast).
         output_hidden_states
             Also return every layer's output.
         output_attentions

@@ -20,8 +20,7 @@ def pool_cells(
     mode: PoolingMode = "cls",
     padding_mask: Tensor | None = None,
     values: Tensor | None = None,
-    exclude_first: bool = False,
-    exclude_last: Tensor | None = None,
+    exclude_mask: Tensor | None = None,
 ) -> Tensor:
     """Pool token states into cell embeddings.
 
@@ -37,10 +36,9 @@ def pool_cells(
         ``(B, L)`` bool, True at padding (excluded from ``mean``/``weighted``).
     values
         ``(B, L)`` weights for ``"weighted"``.
-    exclude_first
-        Leave position 0 (``<cls>``) out of the mean (Geneformer's ``cell`` mode).
-    exclude_last
-        ``(B,)`` bool: leave each cell's last real token (``<eos>``) out of the mean where True.
+    exclude_mask
+        ``(B, L)`` bool, True at tokens to leave out of the mean as well (e.g. ``<cls>``/``<eos>``,
+        as Geneformer's ``cell`` mode does).
 
     Returns
     -------
@@ -53,12 +51,8 @@ def pool_cells(
     if padding_mask is not None:
         keep &= ~padding_mask.to(hidden.device, torch.bool)
     if mode == "mean":
-        if exclude_first:
-            keep[:, 0] = False
-        if exclude_last is not None:
-            last = keep.long().cumsum(1).argmax(1)  # index of the last kept token
-            rows = torch.arange(b, device=hidden.device)[exclude_last.to(hidden.device)]
-            keep[rows, last[exclude_last.to(hidden.device)]] = False
+        if exclude_mask is not None:
+            keep &= ~exclude_mask.to(hidden.device, torch.bool)
         w = keep.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
         count = w.sum(dim=1).clamp_min(1.0)
         return (hidden * w).sum(dim=1) / count

@@ -22,6 +22,16 @@ VARIANTS = {
         "layer_norm_eps": 1e-12,
         "activation": "gelu",
     },
+    # PerturbGene's GeneBert: bin tokens + gene identity as token type, no positions
+    "perturbgene": {
+        "gene_norm": False,
+        "value_encoder": "none",
+        "type_vocab_size": 60,
+        "embedding_norm": True,
+        "embedding_dropout": True,
+        "layer_norm_eps": 1e-12,
+        "activation": "gelu",
+    },
     "category": {"value_encoder": "category", "n_value_bins": 53, "value_pad_id": 52},
     "scaling": {"value_encoder": "scaling"},
 }
@@ -32,7 +42,7 @@ def _variant(base: EncoderConfig, name: str) -> EncoderConfig:
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("backend", ["sdpa", "explicit", "varlen"])
+@pytest.mark.parametrize("backend", ["sdpa", "explicit", "varlen", "native"])
 def test_padding_does_not_change_real_tokens(tiny_config, variant, backend):
     cfg = _variant(tiny_config, variant)
     enc = CellEncoder(cfg).eval()
@@ -133,3 +143,22 @@ def test_layers_argument_stops_early(tiny_config):
     assert torch.equal(first, full.hidden_states[1])
     with pytest.raises(ConfigError, match="out of range"):
         enc.encode(x, layers=5)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_native_backend_matches_sdpa(tiny_config, variant):
+    cfg = _variant(tiny_config, variant)
+    enc = CellEncoder(cfg).eval()
+    batch = random_batch(cfg, [7, 3, 5])
+    with torch.no_grad():
+        a = enc(**batch, output_hidden_states=True)
+        b = enc(**batch, attn_backend="native", output_hidden_states=True)
+    keep = ~batch["padding_mask"]
+    for ha, hb in zip(a.hidden_states, b.hidden_states):
+        assert (ha - hb)[keep].abs().max() <= 1e-6
+
+
+def test_native_backend_is_inference_only(tiny_config):
+    enc = CellEncoder(tiny_config).train()
+    with pytest.raises(ConfigError, match="inference path"):
+        enc(**random_batch(tiny_config, [3]), attn_backend="native")

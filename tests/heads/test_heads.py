@@ -107,13 +107,9 @@ def test_pooling_modes():
     mask = torch.tensor([[False, False, False, True], [False, False, False, False]])
     torch.testing.assert_close(pool_cells(h, mode="cls"), h[:, 0])
     torch.testing.assert_close(pool_cells(h, mode="mean", padding_mask=mask)[0], h[0, :3].mean(0))
-    torch.testing.assert_close(
-        pool_cells(h, mode="mean", padding_mask=mask, exclude_first=True)[0], h[0, 1:3].mean(0)
-    )
-    # Geneformer V2: exclude <cls> and each cell's last real token (<eos>)
-    got = pool_cells(
-        h, mode="mean", padding_mask=mask, exclude_first=True, exclude_last=torch.tensor([True, True])
-    )
+    # Geneformer V2: exclude <cls> (first) and <eos> (each cell's last real token)
+    special = torch.tensor([[True, False, True, False], [True, False, False, True]])
+    got = pool_cells(h, mode="mean", padding_mask=mask, exclude_mask=special)
     torch.testing.assert_close(got[0], h[0, 1:2].mean(0))
     torch.testing.assert_close(got[1], h[1, 1:3].mean(0))
     vals = torch.tensor([[1.0, 2.0, 3.0, -2.0], [1.0, 1.0, 1.0, 1.0]])
