@@ -1,0 +1,480 @@
+"""scGPT model directories: ``args.json`` + ``best_model.pt`` + ``vocab.json``.
+
+Reading maps every tensor of scGPT's ``TransformerModel`` state dict onto cellkit's core and
+heads, or ignores it with a stated reason, or fails naming it — unlike scGPT's own
+``load_pretrained(strict=False)``, which silently drops whatever does not match. All three
+attention namings are accepted (they differ by name only; the ``[q; k; v]`` row layout is the same):
+
+=====================================  ======================================
+``self_attn.Wqkv.*``                   flash-attn 1.x ``FlashMHA`` (released checkpoints)
+``self_attn.in_proj_weight/_bias``     torch ``nn.MultiheadAttention``
+``self_attn._impl.Wqkv.*``             scGPT HEAD's ``flash_attn_compat`` wrapper
+=====================================  ======================================
+
+Numerics follow scGPT 0.2.4's CPU (non-flash) path, the reference the parity tests compare with:
+post-norm, ReLU, LayerNorm eps 1e-5, no positional encoding, the continuous value encoder clamped
+at 512 from above only; ``pre_norm`` is ignored there, so it is ignored here (and noted).
+``<cls>`` carries ``pad_value`` (-2) by default, as in pretraining and ``embed_data``.
+
+Writing (``model.save(path, format="scgpt")``) produces a directory scGPT's own loaders accept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cellkit._errors import CheckpointError, VocabError
+from cellkit._utils import atomic_path, atomic_write_text, get_logger
+from cellkit.core import EncoderConfig
+from cellkit.data.vocab import GeneVocab
+
+from .report import ForeignCheckpoint, LoadReport
+
+__all__ = ["detect", "read", "write"]
+
+log = get_logger(__name__)
+
+ARGS, WEIGHTS, VOCAB = "args.json", "best_model.pt", "vocab.json"
+SCGPT_SPECIALS = ("<pad>", "<cls>", "<eoc>")
+
+#: top-level scGPT module prefix -> cellkit prefix (attention and numbered blocks handled separately)
+_PREFIXES = {
+    "encoder.embedding.": "encoder.embeddings.gene.",
+    "encoder.enc_norm.": "encoder.embeddings.gene_norm.",
+    "batch_encoder.embedding.": "encoder.batch_embedding.embedding.",
+    "batch_encoder.enc_norm.": "encoder.batch_embedding.norm.",
+    "decoder.fc.": "heads.expression.fc.",
+    "decoder.zero_logit.": "heads.expression.zero_logit.",
+    "mvc_decoder.": "heads.mvc.",
+    "cls_decoder._decoder.": "heads.classifier.layers.",
+    "cls_decoder.out_layer.": "heads.classifier.out.",
+    "grad_reverse_discriminator._decoder.": "heads.adversarial.layers.",
+    "grad_reverse_discriminator.out_layer.": "heads.adversarial.out.",
+    "dsbn.bns.": "heads.dsbn.bns.",
+}
+_VALUE_PREFIXES = {
+    "continuous": {
+        "value_encoder.linear1.": "encoder.embeddings.values.linear1.",
+        "value_encoder.linear2.": "encoder.embeddings.values.linear2.",
+        "value_encoder.norm.": "encoder.embeddings.values.norm.",
+    },
+    "category": {
+        "value_encoder.embedding.": "encoder.embeddings.values.embedding.",
+        "value_encoder.enc_norm.": "encoder.embeddings.values.norm.",
+    },
+    "scaling": {},
+}
+_IGNORED = {
+    "flag_encoder.weight": "generative-pretraining flag embedding; scGPT's TransformerModel never uses it "
+    "(its own load_pretrained drops it too)",
+}
+_LAYER = re.compile(r"^transformer_encoder\.layers\.(\d+)\.(.+)$")
+_LAYER_PARTS = {
+    "self_attn.Wqkv.weight": "self_attn.qkv.weight",
+    "self_attn.Wqkv.bias": "self_attn.qkv.bias",
+    "self_attn.out_proj.weight": "self_attn.out_proj.weight",
+    "self_attn.out_proj.bias": "self_attn.out_proj.bias",
+    **{f"{m}.{p}": f"{m}.{p}" for m in ("linear1", "linear2", "norm1", "norm2") for p in ("weight", "bias")},
+}
+
+
+def detect(path: str | os.PathLike[str]) -> bool:
+    """True for a directory holding ``args.json`` and ``best_model.pt``."""
+    path = Path(path)
+    return (path / ARGS).is_file() and (path / WEIGHTS).is_file()
+
+
+def _canonical_attention(key: str) -> str:
+    """Rename the three attention namings to the ``Wqkv`` one."""
+    key = key.replace("self_attn._impl.Wqkv.", "self_attn.Wqkv.").replace(
+        "self_attn._impl.out_proj.", "self_attn.out_proj."
+    )
+    return key.replace("self_attn.in_proj_weight", "self_attn.Wqkv.weight").replace(
+        "self_attn.in_proj_bias", "self_attn.Wqkv.bias"
+    )
+
+
+def _to_cellkit_key(key: str, value_style: str) -> str | None:
+    m = _LAYER.match(key)
+    if m:
+        part = _LAYER_PARTS.get(m.group(2))
+        return None if part is None else f"encoder.layers.{m.group(1)}.{part}"
+    for src, dst in {**_PREFIXES, **_VALUE_PREFIXES[value_style]}.items():
+        if key.startswith(src):
+            return dst + key[len(src) :]
+    return None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} was refused by torch.load(weights_only=True): it contains objects other than tensors "
+            f"({str(exc).splitlines()[0][:200]}). cellkit never unpickles arbitrary code; a genuine scGPT "
+            "best_model.pt is a plain state_dict."
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); the file is truncated or corrupt."
+        ) from None
+    if isinstance(obj, dict) and "model_state_dict" in obj and isinstance(obj["model_state_dict"], dict):
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(f"{path} does not hold a state_dict (a mapping of names to tensors).")
+    return dict(obj)
+
+
+def _read_args(path: Path) -> dict[str, Any]:
+    try:
+        args = json.loads((path / ARGS).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path / ARGS} is not valid JSON ({exc}).") from None
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{path / ARGS} must hold a JSON object of training arguments.")
+    return args
+
+
+def _choice(args: dict[str, Any], key: str, default: Any, allowed: tuple, path: Path, why: str = "") -> Any:
+    value = args.get(key, default)
+    if value not in allowed:
+        raise CheckpointError(
+            f"{path / ARGS}: {key}={value!r} is not supported{why}; cellkit reproduces scGPT with "
+            f"{key} in {list(allowed)}. Fix the value if the file was edited by hand."
+        )
+    return value
+
+
+def _int_arg(args: dict[str, Any], key: str, path: Path) -> int:
+    if key not in args:
+        raise CheckpointError(
+            f"{path / ARGS} has no {key!r}; an scGPT args.json needs embsize, nheads, d_hid and nlayers."
+        )
+    value = args[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{path / ARGS}: {key}={value!r} must be a positive integer.")
+    return value
+
+
+def _count_linears(state: dict[str, torch.Tensor], prefix: str) -> int:
+    return sum(1 for k, v in state.items() if k.startswith(prefix) and k.endswith(".weight") and v.ndim == 2)
+
+
+def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> ForeignCheckpoint:
+    """Read an scGPT model directory.
+
+    Parameters
+    ----------
+    path
+        Directory with ``args.json``, ``best_model.pt`` and ``vocab.json``.
+    cls_value
+        Value the tokenizer puts at ``<cls>`` (default ``pad_value``, the pretraining and
+        ``embed_data`` convention; scGPT's tutorials use 0).
+
+    Returns
+    -------
+    :class:`~cellkit.checkpoints.ForeignCheckpoint`
+    """
+    path = Path(path)
+    for name in (ARGS, WEIGHTS, VOCAB):
+        if not (path / name).is_file():
+            raise CheckpointError(
+                f"{path} is missing {name}; an scGPT model directory holds {ARGS}, {WEIGHTS} and {VOCAB} "
+                "(as downloaded, e.g. the scGPT_human folder)."
+            )
+    args = _read_args(path)
+    report = LoadReport("scgpt", str(path))
+    d_model, n_heads = _int_arg(args, "embsize", path), _int_arg(args, "nheads", path)
+    d_ff, n_layers = _int_arg(args, "d_hid", path), _int_arg(args, "nlayers", path)
+    if d_model % n_heads:
+        raise CheckpointError(f"{path / ARGS}: embsize {d_model} is not divisible by nheads {n_heads}.")
+    value_style = _choice(args, "input_emb_style", "continuous", ("continuous", "category", "scaling"), path)
+    cell_emb_style = _choice(args, "cell_emb_style", "cls", ("cls", "avg-pool", "w-pool"), path)
+    mvc_style = _choice(
+        args,
+        "mvc_decoder_style",
+        "inner product",
+        ("inner product", "inner product, detach"),
+        path,
+        " (scGPT's 'concat query'/'sum query' MVC styles crash in its own forward)",
+    )
+    _choice(
+        args,
+        "fast_transformer_backend",
+        "flash",
+        ("flash",),
+        path,
+        " (the linear-attention backend computes different attention)",
+    )
+    if args.get("pre_norm"):
+        report.notes.append(
+            "pre_norm=true ignored: scGPT 0.2.4's non-flash (CPU) path ignores it, and released models are post-norm"
+        )
+    if args.get("USE_GENERATIVE_TRAINING"):
+        report.notes.append(
+            "USE_GENERATIVE_TRAINING only affected pretraining; the encoder is loaded as TransformerModel"
+        )
+    pad_value = args.get("pad_value", -2)
+    mask_value = args.get("mask_value", -1)
+    n_bins = args.get("n_bins", 51)
+    pad_token = args.get("pad_token", "<pad>")
+
+    # vocabulary: loaders append missing specials, as scGPT's do
+    try:
+        raw = json.loads((path / VOCAB).read_text(encoding="utf-8"))
+        vocab = GeneVocab.from_dict(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path / VOCAB} is not valid JSON ({exc}).") from None
+    except VocabError as exc:
+        raise CheckpointError(f"{path / VOCAB}: {exc}") from None
+    missing_specials = [t for t in dict.fromkeys((pad_token, *SCGPT_SPECIALS)) if t not in vocab]
+    vocab = vocab.with_specials({"pad": pad_token, "cls": "<cls>", "eos": "<eoc>"}, append_missing=True)
+    if missing_specials:
+        report.notes.append(
+            f"appended special tokens {missing_specials} to the vocabulary, as scGPT's loaders do"
+        )
+
+    raw_state = _load_tensors(path / WEIGHTS)
+    state: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    renamed_attention = False
+    for key, tensor in raw_state.items():
+        if key in _IGNORED:
+            report.ignored[key] = _IGNORED[key]
+            continue
+        canon = _canonical_attention(key)
+        renamed_attention |= canon != key
+        if canon.startswith("bn."):
+            raise CheckpointError(
+                f"{path / WEIGHTS} has a plain batch norm ({key}) from scGPT < 0.1.5, which cellkit does not "
+                "support; re-save the model with a current scGPT or drop the bn.* tensors if it was never trained."
+            )
+        target = _to_cellkit_key(canon, value_style)
+        if target is None:
+            unknown.append(key)
+            continue
+        state[target] = tensor
+        report.mapped[key] = target
+    if unknown:
+        raise CheckpointError(
+            f"{path / WEIGHTS} has tensors cellkit cannot place: {sorted(unknown)[:12]}. They belong to an scGPT "
+            "variant cellkit does not reproduce (e.g. SimDecoder, generative layers); nothing was loaded."
+        )
+
+    emb = state.get("encoder.embeddings.gene.weight")
+    if emb is None:
+        raise CheckpointError(
+            f"{path / WEIGHTS} has no encoder.embedding.weight; this is not a TransformerModel state_dict."
+        )
+    if emb.shape != (len(vocab), d_model):
+        raise CheckpointError(
+            f"{path}: the gene embedding has {emb.shape[0]:,} rows × {emb.shape[1]} but {VOCAB} (+ specials) has "
+            f"{len(vocab):,} tokens and args.json says embsize {d_model}; the vocabulary does not belong to these weights."
+        )
+
+    # heads and options are read off the tensors that exist
+    heads: dict[str, dict[str, Any]] = {}
+    n_batch = (
+        state["encoder.batch_embedding.embedding.weight"].shape[0]
+        if "encoder.batch_embedding.embedding.weight" in state
+        else 0
+    )
+    if "heads.expression.fc.0.weight" in state:
+        heads["expression"] = {
+            "explicit_zero_prob": "heads.expression.zero_logit.0.weight" in state,
+            "use_batch_labels": state["heads.expression.fc.0.weight"].shape[1] == 2 * d_model,
+        }
+    if "heads.mvc.W.weight" in state:
+        heads["mvc"] = {
+            "detach": mvc_style.endswith("detach"),
+            "explicit_zero_prob": "heads.mvc.W_zero_logit.weight" in state,
+            "use_batch_labels": state["heads.mvc.W.weight"].shape[0] == 2 * d_model,
+        }
+    if "heads.classifier.out.weight" in state:
+        heads["classifier"] = {
+            "n_classes": int(state["heads.classifier.out.weight"].shape[0]),
+            "n_layers": _count_linears(state, "heads.classifier.layers.") + 1,
+        }
+    if "heads.adversarial.out.weight" in state:
+        heads["adversarial"] = {
+            "n_batches": int(state["heads.adversarial.out.weight"].shape[0]),
+            "n_layers": _count_linears(state, "heads.adversarial.layers.") + 1,
+        }
+    dsbn = {int(k.split(".")[3]) for k in state if k.startswith("heads.dsbn.bns.")}
+    if dsbn:
+        heads["dsbn"] = {"n_domains": max(dsbn) + 1, "affine": "heads.dsbn.bns.0.weight" in state}
+
+    n_value_bins, value_pad_id = 0, None
+    if value_style == "category":
+        n_value_bins = int(state["encoder.embeddings.values.embedding.weight"].shape[0])
+        value_pad_id = int(pad_value)
+        if not 0 <= value_pad_id < n_value_bins:
+            raise CheckpointError(
+                f"{path / ARGS}: pad_value {pad_value} is not a valid category id (0 … {n_value_bins - 1})."
+            )
+    dropout = float(args.get("dropout", 0.2))
+    encoder = EncoderConfig(
+        vocab_size=len(vocab),
+        d_model=d_model,
+        n_heads=n_heads,
+        n_layers=n_layers,
+        d_ff=d_ff,
+        activation="relu",
+        norm_scheme="post",
+        layer_norm_eps=1e-5,
+        dropout=dropout,
+        attention_dropout=dropout,
+        pad_token_id=vocab[pad_token],
+        gene_norm=True,
+        value_encoder=value_style,
+        value_max=512.0,
+        n_value_bins=n_value_bins,
+        value_pad_id=value_pad_id,
+        n_batch_labels=int(n_batch),
+    )
+    pooling = {"cls": "cls", "avg-pool": "mean", "w-pool": "weighted"}[cell_emb_style]
+    if cell_emb_style != "cls":
+        report.notes.append(
+            f"cell_emb_style={cell_emb_style!r} maps to cellkit pooling {pooling!r}, which excludes padding "
+            "(scGPT's own pooling includes padded positions, so its result depends on the padding)"
+        )
+    if renamed_attention:
+        report.notes.append("attention tensors renamed to the Wqkv layout (values unchanged)")
+    config = {
+        "encoder": encoder,
+        "heads": heads,
+        "pooling": pooling,
+        "family": "scgpt",
+        "specials": vocab.specials,
+        "input": {
+            "n_bins": n_bins,
+            "pad_value": pad_value,
+            "mask_value": mask_value,
+            "cls_value": pad_value if cls_value is None else cls_value,
+            "input_style": args.get("input_style", "binned"),
+            "max_len": args.get("max_seq_len"),
+            "n_layers_cls": args.get("n_layers_cls", 3),
+        },
+        "metadata": {"source": str(path), "scgpt_args": args},
+    }
+    report.architecture = {
+        "embsize": d_model,
+        "nheads": n_heads,
+        "d_hid": d_ff,
+        "nlayers": n_layers,
+        "input_emb_style": value_style,
+        "ntoken": len(vocab),
+    }
+    return ForeignCheckpoint(config, state, vocab, report)
+
+
+# ---------------------------------------------------------------------------------------- export
+def _check_exportable(enc: dict[str, Any], heads: dict[str, Any]) -> None:
+    wrong = []
+    want = {
+        "activation": "relu",
+        "norm_scheme": "post",
+        "gene_norm": True,
+        "embedding_norm": False,
+        "max_position_embeddings": 0,
+        "type_vocab_size": 0,
+        "final_norm": False,
+        "layer_norm_eps": 1e-5,
+    }
+    for key, value in want.items():
+        if enc[key] != value:
+            wrong.append(f"{key}={enc[key]!r} (scGPT needs {value!r})")
+    if enc["value_encoder"] == "none":
+        wrong.append("value_encoder='none' (scGPT needs values)")
+    if "mlm" in heads:
+        wrong.append("an MLM token head (scGPT has none)")
+    if wrong:
+        raise CheckpointError("This model cannot be written in scGPT's format: " + "; ".join(wrong) + ".")
+
+
+def write(
+    path: str | os.PathLike[str], config: dict[str, Any], state: dict[str, torch.Tensor], vocab: GeneVocab
+) -> Path:
+    """Write ``args.json`` + ``best_model.pt`` (Wqkv naming) + ``vocab.json`` for scGPT's loaders.
+
+    Parameters
+    ----------
+    config
+        ``CellModelConfig.to_dict()`` of the model.
+    state
+        The model's state dict (cellkit keys).
+    """
+    enc, heads, inp = config["encoder"], config["heads"], config.get("input", {})
+    _check_exportable(enc, heads)
+    inverse: dict[str, str] = {}
+    value_prefixes = _VALUE_PREFIXES[enc["value_encoder"]]
+    for src, dst in {**_PREFIXES, **value_prefixes}.items():
+        inverse[dst] = src
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, tensor in state.items():
+        m = re.match(r"^encoder\.layers\.(\d+)\.(.+)$", key)
+        if m:
+            part = {v: k for k, v in _LAYER_PARTS.items()}[m.group(2)]
+            out[f"transformer_encoder.layers.{m.group(1)}.{part}"] = tensor.detach().cpu().clone()
+            continue
+        for dst, src in inverse.items():
+            if key.startswith(dst):
+                out[src + key[len(dst) :]] = tensor.detach().cpu().clone()
+                break
+        else:
+            raise CheckpointError(
+                f"Tensor {key} has no place in scGPT's layout; this model cannot be exported."
+            )
+    meta_args = dict(config.get("metadata", {}).get("scgpt_args") or {})
+    pooling = {"cls": "cls", "mean": "avg-pool", "weighted": "w-pool"}[config["pooling"]]
+    args = meta_args | {
+        "embsize": enc["d_model"],
+        "nheads": enc["n_heads"],
+        "d_hid": enc["d_ff"],
+        "nlayers": enc["n_layers"],
+        "dropout": enc["dropout"],
+        "pad_token": vocab.token(enc["pad_token_id"]),
+        "pad_value": inp.get("pad_value", -2),
+        "mask_value": inp.get("mask_value", -1),
+        "n_bins": inp.get("n_bins", 51),
+        "input_emb_style": enc["value_encoder"],
+        "cell_emb_style": pooling,
+        "MVC": "mvc" in heads,
+        "fast_transformer": True,
+        "pre_norm": False,
+        "n_layers_cls": heads.get("classifier", {}).get("n_layers", inp.get("n_layers_cls", 3)),
+    }
+    if "mvc" in heads:
+        args["mvc_decoder_style"] = "inner product, detach" if heads["mvc"]["detach"] else "inner product"
+    if "classifier" in heads:
+        args["n_cls"] = heads["classifier"]["n_classes"]
+    if "adversarial" in heads or "dsbn" in heads or enc.get("n_batch_labels"):
+        args["num_batch_labels"] = enc.get("n_batch_labels") or heads.get("dsbn", {}).get("n_domains")
+    args["DSBN"] = "dsbn" in heads
+    args["DAB"] = "adversarial" in heads
+    args["explicit_zero_prob"] = bool(heads.get("expression", {}).get("explicit_zero_prob"))
+    args["INPUT_BATCH_LABELS"] = bool(heads.get("expression", {}).get("use_batch_labels"))
+    if enc["value_encoder"] == "category":
+        args["n_input_bins"] = enc["n_value_bins"]
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a directory.")
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / WEIGHTS) as tmp:
+        torch.save(out, tmp)
+    vocab.to_json(path / VOCAB)
+    atomic_write_text(path / ARGS, json.dumps(args, indent=2))
+    log.info("Wrote scGPT directory %s (%d tensors)", path, len(out))
+    return path
