@@ -25,6 +25,8 @@ from ._version import __version__
 if TYPE_CHECKING:  # pragma: no cover
     from .core import CellEncoder, EncoderConfig, EncoderOutput
     from .data import Coverage, GeneVocab
+    from .data.tokenize import tokenize
+    from .data.tokenized import TokenizedCells, open_shards
     from .model import CellModel, CellModelConfig, CellModelOutput, inspect_checkpoint, load_model
 
 # public name -> module that defines it (imported lazily)
@@ -39,6 +41,9 @@ _LAZY = {
     "CellModelOutput": "cellkit.model",
     "load_model": "cellkit.model",
     "inspect_checkpoint": "cellkit.model",
+    "tokenize": "cellkit.data.tokenize",
+    "TokenizedCells": "cellkit.data.tokenized",
+    "open_shards": "cellkit.data.tokenized",
 }
 _SUBMODULES = {"core", "heads", "data", "checkpoints", "model"}
 
@@ -56,11 +61,14 @@ __all__ = [
     "EncoderOutput",
     "GeneVocab",
     "MissingDependencyError",
+    "TokenizedCells",
     "UnknownGeneError",
     "VocabError",
     "__version__",
     "inspect_checkpoint",
     "load_model",
+    "open_shards",
+    "tokenize",
 ]
 
 

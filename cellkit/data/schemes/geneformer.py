@@ -1,0 +1,274 @@
+"""Geneformer rank-value encoding, bit-identical to its ``TranscriptomeTokenizer`` (commit ff551ee).
+
+Per cell: ``value = count / n_counts × 10,000 / gene_median`` over the vocabulary's genes, the
+nonzero genes sorted by descending value with NumPy's default (quick)sort as Geneformer does, then
+truncated to ``model_input_size`` (V1, 2048) or to ``model_input_size − 2`` between ``<cls>`` and
+``<eos>`` (V2, 4096). The arithmetic follows Geneformer's scipy path exactly: ``X × (1/n_counts)``
+in the matrix dtype, ``× 10,000``, then ``× (1/median)`` in float64.
+
+Gene handling as Geneformer's ``sum_ensembl_ids``: ids are upper-cased and mapped through the
+Ensembl mapping dictionary; when the mapping makes several columns one gene, their counts are
+summed and the summed genes move to the end of the column order (which decides the order of tied
+values). ``mode="deterministic"`` (default) additionally matches versioned ids (``ENSG….7``);
+``mode="compat"`` reproduces Geneformer's silent drops too.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..._errors import DataError
+from ..genes import GeneMatch
+from ..tokenized import TokenizedCells
+from ..vocab import Coverage, GeneVocab
+
+__all__ = ["OPTIONS", "match_genes", "run"]
+
+OPTIONS: dict[str, Any] = {
+    "mode": "deterministic",  # or "compat": also drop versioned ids, exactly as Geneformer
+    "model_input_size": None,  # model's, else 4096 (V2) / 2048 (V1)
+    "special_token": None,  # model's / vocabulary's (<cls> and <eos> present) convention
+    "target_sum": 10_000,
+    "collapse_gene_ids": True,
+    "n_counts_column": "n_counts",  # computed from the matrix when absent (and said so)
+    "filter_pass_column": "filter_pass",  # cells with a value other than 1 are skipped, if present
+    "keep_uncropped_length": False,
+}
+
+
+def _mapping(vocab: GeneVocab, resources: Mapping[str, Any]) -> dict[str, str]:
+    """Geneformer's gene mapping dict restricted to ids that are tokens (identity without one)."""
+    tokens = set(vocab.tokens)
+    mapping = resources.get("ensembl_mapping")
+    if not mapping:
+        return {t: t for t in vocab.tokens}
+    return {k: v for k, v in mapping.items() if v in tokens}
+
+
+def match_genes(
+    names: pd.Index, vocab: GeneVocab, resources: Mapping[str, Any], options: Mapping[str, Any]
+) -> GeneMatch:
+    """Map ids like ``sum_ensembl_ids`` does; ``token_ids`` are per input column (-1 = dropped)."""
+    mapping = _mapping(vocab, resources)
+    medians = resources.get("gene_median")
+    ids = np.asarray(names.astype(str))
+    upper = np.char.upper(ids.astype(str))
+    mapped = np.array([mapping.get(g) for g in upper], dtype=object)
+    n_version = 0
+    if options.get("mode", "deterministic") != "compat":
+        for j in np.flatnonzero(pd.isna(mapped)):
+            base = upper[j].split(".")[0]
+            if base != upper[j] and base.startswith("ENS") and base in mapping:
+                mapped[j] = mapping[base]
+                n_version += 1
+            elif ids[j] in mapping:  # vocabularies keyed by non-upper-case ids (e.g. mouse symbols)
+                mapped[j] = mapping[ids[j]]
+    stoi = vocab.to_dict()
+    special = set(vocab.specials.values())
+    tok = np.array(
+        [stoi[m] if isinstance(m, str) and m in stoi and m not in special else -1 for m in mapped],
+        dtype=np.int64,
+    )
+    if medians is not None:
+        no_median = [j for j in np.flatnonzero(tok >= 0) if mapped[j] not in medians]
+        tok[no_median] = -1
+    hit = tok >= 0
+    cov = Coverage(len(ids), int(hit.sum()), tuple(ids[hit][:10].tolist()), tuple(ids[~hit][:10].tolist()))
+    match = GeneMatch(ids, tok, cov, "sum", n_version_stripped=n_version)
+    match.mapped = mapped  # type: ignore[attr-defined]
+    return match
+
+
+def _column_plan(match: GeneMatch, collapse: bool, compat: bool) -> tuple[sp.csr_matrix, np.ndarray]:
+    """A (n_vars × n_out) 0/1 matrix summing/selecting input columns, and the output token ids.
+
+    Reproduces Geneformer's column order: without collisions the mapped columns keep their
+    order; when the mapping merges ids (or a gene id repeats), merged genes are summed and
+    appended at the end in order of first appearance.
+    """
+    mapped = match.mapped  # type: ignore[attr-defined]
+    tok = match.token_ids
+    present = [m for m in mapped if isinstance(m, str)]
+    raw_in_map = [n for n, m in zip(match.names, mapped) if isinstance(m, str)]
+    if not collapse:
+        used = tok[tok >= 0]
+        if len(used) != len(np.unique(used)):
+            raise DataError(
+                "Gene ids map to the same token but collapse_gene_ids=False; set it to True to sum them."
+            )
+        cols = np.flatnonzero(tok >= 0)
+        out = tok[cols]
+    else:
+        # Geneformer decides "collapse" by comparing distinct input ids with distinct mapped ids
+        collides = len(set(raw_in_map)) != len(set(present)) if compat else len(present) != len(set(present))
+        if not collides:
+            cols = np.flatnonzero(tok >= 0)
+            out = tok[cols]
+        else:
+            names = np.array([m if isinstance(m, str) else "nan" for m in mapped], dtype=object)
+            counts = Counter(names)
+            dup = [g for g, c in counts.items() if c > 1]
+            dup_set = set(dup)
+            single = [j for j in range(len(names)) if names[j] not in dup_set and tok[j] >= 0]
+            rows, cols_out, out = [], [], []
+            for j in single:
+                rows.append(j)
+                cols_out.append(len(out))
+                out.append(tok[j])
+            for g in dup:
+                members = [j for j in range(len(names)) if names[j] == g and tok[j] >= 0]
+                if not members:
+                    continue
+                for j in members:
+                    rows.append(j)
+                    cols_out.append(len(out))
+                out.append(tok[members[0]])
+            plan = sp.csr_matrix(
+                (
+                    np.ones(len(rows), dtype=np.float32),
+                    (np.array(rows, dtype=np.int64), np.array(cols_out, dtype=np.int64)),
+                ),
+                shape=(len(names), len(out)),
+            )
+            return plan, np.asarray(out, dtype=np.int64)
+    plan = sp.csr_matrix(
+        (np.ones(len(cols), dtype=np.float32), (cols, np.arange(len(cols)))), shape=(len(tok), len(cols))
+    )
+    return plan, np.asarray(out, dtype=np.int64)
+
+
+def run(ctx: Any) -> Iterator[TokenizedCells]:
+    """Tokenize every source of ``ctx`` (see :func:`cellkit.tokenize`)."""
+    from ..tokenize import check_values, model_input_value
+
+    o = ctx.options
+    if o["mode"] not in ("deterministic", "compat"):
+        raise DataError(f"mode must be 'deterministic' or 'compat', got {o['mode']!r}.")
+    compat = o["mode"] == "compat"
+    vocab: GeneVocab = ctx.vocab
+    has_special = "cls" in vocab.specials and "eos" in vocab.specials
+    special = (
+        o["special_token"]
+        if o["special_token"] is not None
+        else bool(model_input_value(ctx.model_input, "special_token", has_special))
+    )
+    if special and not has_special:
+        raise DataError(
+            "special_token=True needs <cls> and <eos> in the vocabulary (Geneformer V2 dictionaries have them)."
+        )
+    size = o["model_input_size"] or model_input_value(
+        ctx.model_input, "model_input_size", 4096 if special else 2048
+    )
+    budget = int(size) - (2 if special else 0)
+    if budget < 1:
+        raise DataError(f"model_input_size={size} leaves no room for genes.")
+    medians = ctx.resources.get("gene_median")
+    if medians is None:
+        raise DataError(
+            "The geneformer scheme needs the gene median dictionary: load the model with its "
+            "gene_median_dictionary*.pkl (cellkit.load_model(path, gene_median_dictionary=...))."
+        )
+    specials = ctx.specials()
+    target_sum = o["target_sum"]
+    ctx.options.update({"model_input_size": int(size), "special_token": bool(special)})
+    for src, match in ctx.sources:
+        plan, out_tokens = _column_plan(match, bool(o["collapse_gene_ids"]), compat)
+        median = np.array([medians[vocab.token(int(t))] for t in out_tokens], dtype=np.float64)
+        recip_median = np.divide(1, median)
+        rows = src.rows
+        fp = o["filter_pass_column"]
+        if fp and fp in src.obs.columns:
+            keep = src.obs[fp].to_numpy()[rows] == 1
+            if not keep.all():
+                ctx.notes.append(
+                    f"{int((~keep).sum()):,} cells with {fp} != 1 were skipped (Geneformer's rule)"
+                )
+            rows = rows[keep]
+            src = type(src)(src.matrix, src.var, src.obs, rows, src.name)
+        n_col = o["n_counts_column"]
+        stored = n_col in src.obs.columns
+        if not stored:
+            ctx.notes.append(
+                f"obs[{n_col!r}] absent: total counts computed from the matrix (all genes) per cell"
+            )
+        empty: list[str] = []
+        with ctx.pbar(len(rows), f"tokenizing ({src.name})") as bar:
+            for idx, block in src.chunks(ctx.chunk_size):
+                check_values(block.data, where=src.name, counts=True)
+                if stored:
+                    n_counts = src.obs[n_col].to_numpy()[idx][:, None]
+                else:
+                    n_counts = np.asarray(block.sum(1))
+                nonpositive = (np.asarray(n_counts).ravel() <= 0) & (np.diff(block.indptr) > 0)
+                if nonpositive.any():
+                    bad = np.asarray(src.obs.index[idx])[nonpositive][:3].tolist()
+                    raise DataError(
+                        f"Cells with counts but obs[{n_col!r}] <= 0 cannot be normalised, e.g. {bad}; fix the "
+                        f"{n_col!r} column or drop it to let cellkit compute totals."
+                    )
+                x = (
+                    (block @ plan).tocsr()
+                    if plan.shape[1]
+                    else sp.csr_matrix((len(idx), 0), dtype=block.dtype)
+                )
+                x = x.astype(block.dtype, copy=False)
+                x.sort_indices()
+                # Geneformer: X / n_counts * target_sum / median, as scipy evaluates it
+                r_of = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+                with np.errstate(divide="ignore"):  # empty cells (n_counts 0) have no entries to scale
+                    recip_counts = np.divide(1, n_counts).ravel()
+                data = np.multiply(x.data, recip_counts[r_of])
+                data = data * target_sum
+                data = np.multiply(data, recip_median[x.indices])
+                ids_out, lengths, full = [], [], []
+                for r in range(x.shape[0]):
+                    a, b = x.indptr[r], x.indptr[r + 1]
+                    vals = data[a:b]
+                    toks = out_tokens[x.indices[a:b]]
+                    if not compat:
+                        nz = vals != 0
+                        vals, toks = vals[nz], toks[nz]
+                    ranked = toks[np.argsort(-vals)][:budget]
+                    full.append(b - a)
+                    if special:
+                        ranked = np.concatenate([[specials["cls"]], ranked, [specials["eos"]]])
+                    ids_out.append(ranked)
+                    lengths.append(len(ranked))
+                lengths_arr = np.asarray(lengths, dtype=np.int64)
+                # compat keeps gene-less cells as Geneformer does (V1: empty; V2: <cls> <eos>)
+                keep_rows = np.asarray(full) > 0 if not compat else np.ones(len(idx), dtype=bool)
+                if not compat:
+                    keep_rows &= lengths_arr > (2 if special else 0)
+                names = np.asarray(src.obs.index[idx]).astype(str)
+                empty += names[~keep_rows].tolist()
+                sel = np.flatnonzero(keep_rows)
+                part = TokenizedCells(
+                    np.concatenate([ids_out[i] for i in sel]).astype(np.int32)
+                    if len(sel)
+                    else np.zeros(0, np.int32),
+                    np.concatenate([[0], np.cumsum(lengths_arr[sel])]),
+                    obs_names=names[sel],
+                    obs=None
+                    if ctx.obs_frame(src, idx) is None
+                    else ctx.obs_frame(src, idx).iloc[sel].reset_index(drop=True),
+                    scheme="geneformer",
+                    options=dict(ctx.options),
+                    specials=specials,
+                    pad_value=0.0,
+                )
+                if o["keep_uncropped_length"]:
+                    obs = part.obs if part.obs is not None else pd.DataFrame(index=np.arange(len(sel)))
+                    obs["length_uncropped"] = np.asarray(full)[sel]
+                    part.obs = obs
+                bar.update(len(idx))
+                yield part
+        if empty:
+            ctx.notes.append(
+                f"{len(empty):,} cells had no expressed gene in the vocabulary and were left out, e.g. {empty[:3]}"
+            )

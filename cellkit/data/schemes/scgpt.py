@@ -1,0 +1,434 @@
+"""scGPT value binning, vectorised over CSR row blocks.
+
+scGPT bins each cell separately: the nonzero values ``x`` (in column order) get
+``edges = np.quantile(x, np.linspace(0, 1, n_bins - 1))`` (numpy's default linear method),
+``left = digitize(x, edges)``, ``right = digitize(x, edges, right=True)`` and
+``bin = ceil(u * (right - left) + left)`` with ``u ~ U[0, 1)`` — values equal to one or more
+edges (ties) are spread at random over the bins they touch. Zeros stay 0; nonzero values get
+``1 … n_bins - 1``.
+
+:func:`bin_csr` computes exactly that for a whole block of rows at once (edges with numpy's own
+interpolation arithmetic, so they are bit-identical to ``np.quantile``) and takes ``u`` from the
+caller: in ``compat`` mode one numpy ``RandomState`` stream in row order (scGPT 0.2.4's
+``np.random.rand`` per nonzero row), in ``deterministic`` mode a hash of (seed, cell, gene) so a
+cell's bins do not depend on which other cells are tokenized with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..._errors import DataError
+from ..tokenized import TokenizedCells
+
+__all__ = ["OPTIONS", "bin_csr", "quantile_edges", "run", "sample_positions_compat"]
+
+
+def quantile_edges(sorted_values: np.ndarray, indptr: np.ndarray, n_edges: int) -> np.ndarray:
+    """Per-row ``np.quantile(row, np.linspace(0, 1, n_edges))`` for rows stored back to back.
+
+    Parameters
+    ----------
+    sorted_values
+        ``(T,)`` values, ascending within each row.
+    indptr
+        ``(n_rows + 1,)`` row boundaries; every row must be non-empty.
+    n_edges
+        Number of quantiles.
+
+    Returns
+    -------
+    ``(n_rows, n_edges)`` float64 edges, bit-identical to ``np.quantile`` (linear method) on
+    each row.
+    """
+    n = np.diff(indptr).astype(np.int64)  # (R,)
+    q = np.linspace(0, 1, n_edges)  # (Q,)
+    virtual = (n - 1)[:, None] * q[None, :]  # (R, Q) float64, as numpy's (n - 1) * quantiles
+    prev = np.floor(virtual)
+    above = virtual >= (n - 1)[:, None]
+    prev_i = np.where(above, (n - 1)[:, None], prev).astype(np.int64)
+    next_i = np.where(above, (n - 1)[:, None], prev + 1).astype(np.int64)
+    # numpy sets both neighbours to -1 (the maximum) above the bound, so gamma = virtual + 1 there
+    gamma = np.where(above, virtual + 1.0, virtual - prev)
+    base = indptr[:-1, None]
+    a = sorted_values[base + prev_i]
+    b = sorted_values[base + next_i]
+    diff = b - a  # in the values' dtype, as numpy's _lerp
+    out = np.add(a, diff * gamma)
+    hi = gamma >= 0.5
+    out[hi] = (b - diff * (1 - gamma))[hi]
+    return out
+
+
+def bin_csr(
+    data: np.ndarray, indptr: np.ndarray, n_bins: int, u: np.ndarray, *, return_edges: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Bin the stored (nonzero) values of CSR rows as scGPT does.
+
+    Parameters
+    ----------
+    data
+        ``(T,)`` nonzero values of the rows, back to back, each row in column order.
+    indptr
+        ``(n_rows + 1,)`` row boundaries (empty rows allowed: they produce nothing).
+    n_bins
+        scGPT's ``n_bins`` (bins ``1 … n_bins - 1`` for nonzero values; ``n_bins - 1`` edges).
+    u
+        ``(T,)`` uniforms in ``[0, 1)`` for tie spreading, aligned with ``data``.
+
+    Returns
+    -------
+    ``(T,)`` int64 bins, and with ``return_edges`` the ``(n_rows, n_bins)`` edges ``[0, edges…]``
+    (scGPT's ``obsm["bin_edges"]``; zeros for empty rows).
+    """
+    data = np.asarray(data)
+    lengths = np.diff(indptr)
+    rows_nz = np.flatnonzero(lengths > 0)
+    bins = np.zeros(len(data), dtype=np.int64)
+    edges_out = np.zeros((len(lengths), n_bins)) if return_edges else None
+    if len(rows_nz):
+        sub_indptr = np.concatenate([[0], np.cumsum(lengths[rows_nz])])
+        row_label = np.repeat(np.arange(len(lengths), dtype=np.uint64), lengths)
+        if data.dtype == np.float32 and (data >= 0).all():
+            # non-negative float32 bit patterns sort like the values: one uint64 key sort
+            keys = np.sort((row_label << np.uint64(32)) | data.view(np.uint32).astype(np.uint64))
+            sorted_values = (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32)
+        else:
+            sorted_values = data[np.lexsort((data, row_label))]
+        edges = quantile_edges(sorted_values, sub_indptr, n_bins - 1)  # (R, Q)
+        if edges_out is not None:
+            edges_out[rows_nz, 1:] = edges
+        x = data.astype(np.float64)
+        left = np.empty(len(data), dtype=np.int64)
+        right = np.empty(len(data), dtype=np.int64)
+        for r, (a, b) in enumerate(itertools.pairwise(sub_indptr)):
+            left[a:b] = np.searchsorted(edges[r], x[a:b], side="right")  # np.digitize(x, edges)
+            right[a:b] = np.searchsorted(edges[r], x[a:b], side="left")  # np.digitize(x, edges, right=True)
+        bins = np.ceil(u * (right - left) + left).astype(np.int64)
+    return (bins, edges_out) if return_edges else bins
+
+
+def sample_positions_compat(
+    rng: np.random.RandomState, length: int, max_len: int, *, cls_appended: bool
+) -> np.ndarray:
+    """scGPT 0.2.4 ``pad_batch`` sampling of a too-long row (same RNG calls, same output order)."""
+    if cls_appended:
+        idx = rng.choice(length - 1, max_len - 1, replace=False) + 1
+        return np.insert(idx, 0, 0)
+    return rng.choice(length, max_len, replace=False)
+
+
+# ================================================================================== the scheme
+#: options of the ``scgpt`` scheme (defaults; ``None`` = take the model's convention)
+OPTIONS: dict[str, Any] = {
+    "mode": "deterministic",  # or "compat": scGPT 0.2.4's RNG stream, bit for bit
+    "seed": 0,
+    "n_bins": None,  # model's n_bins, else 51; 0/False = continuous values, no binning
+    "include_zero": False,  # also emit zero-expression genes (value 0)
+    "append_cls": True,
+    "cls_value": None,  # compat: 0 (tokenize_and_pad_batch); else the model's convention (-2)
+    "pad_value": None,  # model's pad_value, else -2
+    "max_len": None,  # longer cells are sampled (CLS kept); None = no limit
+    "normalize_total": 1e4,  # scGPT Preprocessor: float target sum; int = median (scGPT quirk, compat)
+    "log1p": False,
+    "n_hvg": None,  # highly variable genes via scanpy (in-memory data)
+    "hvg_flavor": "seurat_v3",
+    "genes": None,  # restrict to a boolean var column / mask (e.g. "highly_variable")
+    "filter_gene_by_counts": False,  # int min counts (True = 1), sc.pp.filter_genes
+    "filter_cell_by_counts": False,  # int min counts, sc.pp.filter_cells
+}
+
+
+def _normalize(block: sp.csr_matrix, target_sum: float | None, log1p: bool) -> sp.csr_matrix:
+    """scanpy's ``normalize_total`` / ``log1p`` on a block of cells, as scGPT's Preprocessor calls them."""
+    import anndata as ad
+    import scanpy as sc
+
+    x = block
+    with warnings.catch_warnings():  # "Some cells have zero counts": all-zero cells are handled below
+        warnings.simplefilter("ignore", UserWarning)
+        if target_sum is not None:
+            x = sc.pp.normalize_total(ad.AnnData(x), target_sum=target_sum, inplace=False)["X"]
+        if log1p:
+            a = ad.AnnData(x)
+            sc.pp.log1p(a)
+            x = a.X
+    return sp.csr_matrix(x)
+
+
+def _gene_mask(src: Any, genes: Any) -> np.ndarray:
+    var = src.var
+    if isinstance(genes, str):
+        if genes not in var.columns:
+            raise DataError(
+                f"genes={genes!r} is not a var column of {src.name}; available: {list(var.columns)}."
+            )
+        mask = var[genes].to_numpy()
+    else:
+        mask = np.asarray(genes)
+    if mask.dtype != bool or mask.shape != (len(var),):
+        raise DataError(f"genes= must be a boolean var column or mask of length {len(var)}.")
+    return mask
+
+
+def _int_or_false(value: Any, name: str) -> int:
+    if value is False or value is None:
+        return 0
+    if value is True:
+        return 1
+    if isinstance(value, (int, np.integer)) and value >= 0:
+        return int(value)
+    raise DataError(f"{name} must be False, True or a non-negative integer, got {value!r}.")
+
+
+def run(ctx: Any) -> Iterator[TokenizedCells]:
+    """Tokenize every source of ``ctx`` (see :func:`cellkit.tokenize`)."""
+    from ..tokenize import check_values, model_input_value
+
+    o = ctx.options
+    mode = o["mode"]
+    if mode not in ("deterministic", "compat"):
+        raise DataError(f"mode must be 'deterministic' or 'compat', got {mode!r}.")
+    compat = mode == "compat"
+    n_bins = o["n_bins"] if o["n_bins"] is not None else model_input_value(ctx.model_input, "n_bins", 51)
+    if n_bins is not False and n_bins and (not isinstance(n_bins, (int, np.integer)) or n_bins < 3):
+        raise DataError(f"n_bins must be an integer >= 3 (or 0 for continuous values), got {n_bins!r}.")
+    pad_value = float(
+        o["pad_value"]
+        if o["pad_value"] is not None
+        else model_input_value(ctx.model_input, "pad_value", -2.0)
+    )
+    if o["cls_value"] is not None:
+        cls_value = float(o["cls_value"])
+    else:
+        cls_value = 0.0 if compat else float(model_input_value(ctx.model_input, "cls_value", pad_value))
+    max_len = o["max_len"]
+    if max_len is not None and (not isinstance(max_len, (int, np.integer)) or max_len < 2):
+        raise DataError(f"max_len must be an integer >= 2 or None, got {max_len!r}.")
+    append_cls = bool(o["append_cls"])
+    if append_cls and "cls" not in ctx.vocab.specials:
+        raise DataError("append_cls=True but the vocabulary has no <cls> token; pass append_cls=False.")
+    min_gene_counts = _int_or_false(o["filter_gene_by_counts"], "filter_gene_by_counts")
+    min_cell_counts = _int_or_false(o["filter_cell_by_counts"], "filter_cell_by_counts")
+    target = o["normalize_total"]
+    if isinstance(target, bool):
+        raise DataError("normalize_total takes a number (target sum) or None, not a bool.")
+    if o["n_hvg"] and not ctx.in_memory:
+        raise DataError(
+            "n_hvg needs the cells in memory (scanpy's highly_variable_genes); for backed or partitioned data "
+            "select the genes first and pass genes='highly_variable' (a boolean var column)."
+        )
+    if (min_gene_counts or o["n_hvg"]) and len(ctx.sources) > 1:
+        raise DataError(
+            "filter_gene_by_counts and n_hvg work on one matrix; tokenize partitions with genes= instead."
+        )
+    specials = ctx.specials()
+    cls_id = specials.get("cls", -1)
+    ctx.options.update({"n_bins": n_bins, "pad_value": pad_value, "cls_value": cls_value})
+    rng = np.random.RandomState(int(o["seed"])) if compat else None
+    all_parts: list[TokenizedCells] = []
+
+    for src, match in ctx.sources:
+        cols = match.columns
+        if o["genes"] is not None:
+            cols = cols[_gene_mask(src, o["genes"])[cols]]
+        rows = src.rows
+        if min_gene_counts or min_cell_counts or (target is not None and compat and isinstance(target, int)):
+            gene_sums = np.zeros(len(cols))
+            for _, block in src.chunks(ctx.chunk_size):
+                check_values(block.data, where=src.name)
+                gene_sums += np.asarray(block[:, cols].sum(0)).ravel()
+            if min_gene_counts:
+                keep = gene_sums >= min_gene_counts
+                ctx.notes.append(
+                    f"filter_gene_by_counts={min_gene_counts}: kept {int(keep.sum()):,} of {len(cols):,} genes"
+                )
+                cols = cols[keep]
+            totals = np.concatenate(
+                [np.asarray(b[:, cols].sum(1)).ravel() for _, b in src.chunks(ctx.chunk_size)]
+            )
+            if min_cell_counts:
+                keep = totals >= min_cell_counts
+                ctx.notes.append(
+                    f"filter_cell_by_counts={min_cell_counts}: kept {int(keep.sum()):,} of {len(rows):,} cells"
+                )
+                rows, totals = rows[keep], totals[keep]
+                src = type(src)(src.matrix, src.var, src.obs, rows, src.name)
+            if target is not None and compat and isinstance(target, int):
+                # scGPT passes an int normalize_total to scanpy as target_sum=None: the median total
+                target = float(np.median(totals[totals > 0]))
+                ctx.notes.append(
+                    f"normalize_total was an int: normalised to the median total ({target:g}), as scGPT does"
+                )
+        if target is not None:
+            target = float(target)
+        tokens = match.token_ids[cols]
+        hvg_pos = None
+        if o["n_hvg"]:
+            hvg_pos = _hvg_positions(src, cols, int(o["n_hvg"]), o["hvg_flavor"])
+            ctx.notes.append(f"n_hvg={o['n_hvg']} ({o['hvg_flavor']}): {len(hvg_pos):,} genes kept")
+        gene_tokens = tokens if hvg_pos is None else tokens[hvg_pos]
+        keys = None
+        if not compat:
+            from .._hashing import cell_key
+
+            keys = cell_key(np.asarray(src.obs.index[src.rows]).astype(str))
+        done = 0
+        with ctx.pbar(len(src.rows), f"tokenizing ({src.name})") as bar:
+            for idx, block in src.chunks(ctx.chunk_size):
+                check_values(block.data, where=src.name)
+                x = block[:, cols]
+                if target is not None or o["log1p"]:
+                    x = _normalize(x, target, bool(o["log1p"]))
+                if hvg_pos is not None:
+                    x = x[:, hvg_pos]
+                x = sp.csr_matrix(x)
+                x.eliminate_zeros()
+                x.sort_indices()
+                local = np.arange(done, done + len(idx))
+                part = _tokens_for_block(
+                    x,
+                    gene_tokens,
+                    n_bins=n_bins,
+                    include_zero=bool(o["include_zero"]),
+                    append_cls=append_cls,
+                    cls_id=cls_id,
+                    cls_value=cls_value,
+                    rng=rng,
+                    keys=None if keys is None else keys[local],
+                    seed=int(o["seed"]),
+                    max_len=None if compat else max_len,
+                )
+                part.obs_names = np.asarray(src.obs.index[idx]).astype(str)
+                part.obs = ctx.obs_frame(src, idx)
+                part.scheme, part.options, part.specials, part.pad_value = (
+                    "scgpt",
+                    dict(ctx.options),
+                    specials,
+                    pad_value,
+                )
+                done += len(idx)
+                bar.update(len(idx))
+                if compat:
+                    all_parts.append(part)
+                else:
+                    yield part
+    if compat and all_parts:
+        cells = TokenizedCells.concat(all_parts)
+        if max_len is not None:
+            cells = _sample_compat(cells, max_len, rng, cls_appended=append_cls)
+        cells.rng = rng
+        yield cells
+
+
+def _hvg_positions(src: Any, cols: np.ndarray, n_top: int, flavor: str) -> np.ndarray:
+    import anndata as ad
+    import scanpy as sc
+
+    blocks = [b[:, cols] for _, b in src.chunks(4096)]
+    a = ad.AnnData(sp.vstack(blocks).tocsr())
+    try:
+        table = sc.pp.highly_variable_genes(a, n_top_genes=n_top, flavor=flavor, subset=False, inplace=False)
+    except ImportError as exc:
+        from ..._errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            f"hvg_flavor={flavor!r} needs scikit-misc: `pip install scikit-misc` ({exc})."
+        ) from None
+    return np.flatnonzero(table["highly_variable"].to_numpy())
+
+
+def _tokens_for_block(
+    x: sp.csr_matrix,
+    gene_tokens: np.ndarray,
+    *,
+    n_bins: int,
+    include_zero: bool,
+    append_cls: bool,
+    cls_id: int,
+    cls_value: float,
+    rng: np.random.RandomState | None,
+    keys: np.ndarray | None,
+    seed: int,
+    max_len: int | None,
+) -> TokenizedCells:
+    n_rows, n_genes = x.shape
+    rows_of = np.repeat(np.arange(n_rows), np.diff(x.indptr))
+    if n_bins:
+        if rng is not None:
+            u = rng.rand(x.nnz)  # one draw per nonzero value, rows in order: scGPT's np.random.rand per row
+        else:
+            from .._hashing import uniform_hash
+
+            u = uniform_hash(seed, keys[rows_of].astype(np.uint64), gene_tokens[x.indices].astype(np.uint64))
+        vals = bin_csr(x.data, x.indptr, int(n_bins), u).astype(np.float32)
+    else:
+        vals = x.data.astype(np.float32)
+    if include_zero:
+        dense = np.zeros((n_rows, n_genes), dtype=np.float32)
+        dense[rows_of, x.indices] = vals
+        ids = np.tile(gene_tokens.astype(np.int32), n_rows)
+        values = dense.ravel()
+        lengths = np.full(n_rows, n_genes, dtype=np.int64)
+    else:
+        ids = gene_tokens[x.indices].astype(np.int32)
+        values = vals
+        lengths = np.diff(x.indptr).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    if append_cls:
+        ids = np.insert(ids, offsets[:-1], cls_id).astype(np.int32)
+        values = np.insert(values, offsets[:-1], cls_value).astype(np.float32)
+        lengths = lengths + 1
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+    cells = TokenizedCells(ids, offsets, values=values)
+    if max_len is not None and (lengths > max_len).any():
+        cells = _sample_deterministic(cells, max_len, keys, seed, cls_appended=append_cls)
+    return cells
+
+
+def _sample_deterministic(
+    cells: TokenizedCells, max_len: int, keys: np.ndarray, seed: int, *, cls_appended: bool
+) -> TokenizedCells:
+    """Keep ``<cls>`` + the ``max_len - 1`` genes with the smallest hash (column order kept)."""
+    from .._hashing import uniform_hash
+
+    keep = np.ones(cells.n_tokens, dtype=bool)
+    first = 1 if cls_appended else 0
+    for i in np.flatnonzero(cells.lengths > max_len):
+        a, b = int(cells.offsets[i]) + first, int(cells.offsets[i + 1])
+        h = uniform_hash(seed + 1, np.uint64(keys[i]), cells.gene_ids[a:b].astype(np.uint64))
+        drop = np.argpartition(h, max_len - first - 1)[max_len - first :]
+        keep[a + drop] = False
+    lengths = np.add.reduceat(keep, cells.offsets[:-1]) if len(cells) else np.zeros(0, np.int64)
+    lengths[cells.lengths == 0] = 0
+    return TokenizedCells(
+        cells.gene_ids[keep], np.concatenate([[0], np.cumsum(lengths)]), values=cells.values[keep]
+    )
+
+
+def _sample_compat(
+    cells: TokenizedCells, max_len: int, rng: np.random.RandomState, *, cls_appended: bool
+) -> TokenizedCells:
+    """scGPT's ``pad_batch`` over all cells: width = min(longest, max_len); longer rows sampled in order."""
+    width = min(int(cells.lengths.max()), max_len)
+    gather = []
+    lengths = []
+    for i, n in enumerate(cells.lengths):
+        start = int(cells.offsets[i])
+        if n > width:
+            pos = sample_positions_compat(rng, int(n), width, cls_appended=cls_appended)
+        else:
+            pos = np.arange(n)
+        gather.append(start + pos)
+        lengths.append(len(pos))
+    g = np.concatenate(gather).astype(np.int64) if gather else np.zeros(0, np.int64)
+    out = TokenizedCells.concat([cells])  # copy of metadata
+    out.gene_ids, out.values = cells.gene_ids[g], cells.values[g]
+    out.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return out

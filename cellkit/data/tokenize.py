@@ -1,0 +1,341 @@
+"""``cellkit.tokenize``: AnnData (in memory, backed, partitions, scBank) → model inputs.
+
+One entry point for every model family. The scheme comes from the model (``scgpt``,
+``geneformer``, ``perturbgene``; ``teddy`` on request) and each scheme documents its options.
+The expression matrix is read in CSR row blocks and never densified; the caller's AnnData is
+never modified. With ``output=`` the tokens stream into memory-mappable shards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from .._errors import DataError
+from .._utils import get_logger
+from .genes import GeneMatch, require_overlap, resolve_genes
+from .sources import MatrixSource, anndata_source, h5ad_sources, scbank_sources
+from .tokenized import ShardedTokens, ShardWriter, TokenizedCells
+from .vocab import Coverage, GeneVocab
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+__all__ = ["SCHEMES", "TokenizeContext", "tokenize"]
+
+log = get_logger(__name__)
+
+SCHEMES = ("scgpt", "geneformer", "teddy", "perturbgene")
+
+
+@dataclass
+class TokenizeContext:
+    """Everything a scheme needs (built by :func:`tokenize`; schemes never see AnnData)."""
+
+    sources: list[tuple[MatrixSource, GeneMatch]]
+    vocab: GeneVocab
+    options: dict[str, Any]
+    model_input: dict[str, Any]
+    resources: dict[str, Any]
+    obs_columns: list[str]
+    chunk_size: int
+    progress: bool
+    in_memory: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_cells(self) -> int:
+        return sum(s.n_cells for s, _ in self.sources)
+
+    def specials(self) -> dict[str, int]:
+        return {role: self.vocab[token] for role, token in self.vocab.specials.items()}
+
+    def obs_frame(self, src: MatrixSource, rows: np.ndarray) -> pd.DataFrame | None:
+        if not self.obs_columns:
+            return None
+        frame = src.obs.iloc[rows][self.obs_columns].copy()
+        frame.index = np.arange(len(frame))
+        return frame
+
+    def pbar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="cell", disable=not self.progress, leave=False)
+
+
+def _model_parts(model: Any) -> tuple[GeneVocab, str | None, dict[str, Any], dict[str, Any]]:
+    """(vocab, family, input conventions, resources) of a CellModel or a bare GeneVocab."""
+    if isinstance(model, GeneVocab):
+        return model, None, {}, {}
+    vocab = getattr(model, "vocab", None)
+    config = getattr(model, "config", None)
+    if not isinstance(vocab, GeneVocab) or config is None:
+        raise DataError(f"Expected a cellkit model or a GeneVocab, got {type(model).__name__}.")
+    return vocab, config.family, dict(config.input), dict(getattr(model, "resources", {}) or {})
+
+
+def _open_sources(
+    data: Any, *, cells: Any, layer: str | None, use_raw: bool
+) -> tuple[list[MatrixSource], list[str] | None, bool]:
+    """Sources for the supported inputs; returns (sources, scBank gene names or None, in_memory)."""
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        return [anndata_source(data, layer=layer, use_raw=use_raw, cells=cells)], None, not data.isbacked
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if path.is_dir() and (path / "gene_vocab.json").exists():
+            if cells is not None or layer is not None:
+                raise DataError("cells= and layer= are not supported for scBank directories.")
+            genes, gen = scbank_sources(path)
+            return list(gen), genes, True
+        if path.suffix == ".h5ad":
+            data = [path]
+        else:
+            raise DataError(f"{path} is neither an .h5ad file nor an scBank directory.")
+    if isinstance(data, Sequence) and not isinstance(data, str):
+        if cells is not None:
+            raise DataError(
+                "cells= selects rows of one AnnData; for partitions, select when writing the files."
+            )
+        return h5ad_sources(list(data), layer=layer), None, False
+    raise DataError(
+        f"Cannot tokenize a {type(data).__name__}; pass an AnnData, an .h5ad path, a list of them or an scBank directory."
+    )
+
+
+def _gene_names(src: MatrixSource, gene_column: str | None) -> pd.Index:
+    if gene_column is None:
+        return src.var.index
+    if gene_column not in src.var.columns:
+        raise DataError(
+            f"gene_column {gene_column!r} is not a column of var in {src.name}; available: {list(src.var.columns)} "
+            "(or leave gene_column=None to use var_names)."
+        )
+    return pd.Index(src.var[gene_column].astype(str))
+
+
+def tokenize(
+    adata: AnnData | str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    model: Any,
+    *,
+    scheme: Literal["scgpt", "geneformer", "teddy", "perturbgene"] | None = None,
+    cells: Any = None,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_column: str | None = None,
+    obs_columns: Sequence[str] = (),
+    output: str | os.PathLike[str] | None = None,
+    max_shard_samples: int = 100_000,
+    shard_format: Literal["npy", "parquet"] = "npy",
+    overwrite: bool = False,
+    resources: Mapping[str, Any] | None = None,
+    chunk_size: int = 1024,
+    progress: bool = True,
+    **options: Any,
+) -> TokenizedCells | ShardedTokens:
+    """Tokenize cells into the inputs a model family expects.
+
+    Parameters
+    ----------
+    adata
+        An AnnData (in memory or ``backed="r"``), the path of an ``.h5ad`` file (opened backed),
+        a list of ``.h5ad`` partitions, or an scGPT scBank directory.
+    model
+        A loaded :class:`cellkit.CellModel` (its family picks the scheme and its input conventions
+        — ``n_bins``, ``pad_value``, ``<cls>`` value, input size — become the defaults) or a
+        :class:`cellkit.GeneVocab` (then pass ``scheme=``).
+    scheme
+        ``"scgpt"`` (value binning), ``"geneformer"`` (rank encoding), ``"teddy"`` or
+        ``"perturbgene"``. Default: the model's family.
+    cells
+        Which cells: ``None`` (all), a boolean mask, positions, obs names, or an ``obs.query``
+        string. Output keeps the input order.
+    layer, use_raw
+        Expression matrix to read (default ``.X``). Counts are expected for ``geneformer``.
+    gene_column
+        ``var`` column with the gene identifiers (default ``var_names``; ``geneformer`` uses
+        ``var["ensembl_id"]`` when present).
+    obs_columns
+        ``obs`` columns carried into the result (labels, batches).
+    output
+        Directory for shards (then a :class:`~cellkit.data.ShardedTokens` is returned and memory
+        stays bounded); default: in memory.
+    max_shard_samples, shard_format, overwrite
+        Shard size, ``"npy"`` (memory-mappable) or ``"parquet"`` (Hugging Face ``datasets``), and
+        whether an existing shard directory may be replaced.
+    chunk_size
+        Cells per processing block.
+    progress
+        Show a ``tqdm`` progress bar.
+    **options
+        Scheme options; see :mod:`cellkit.data.schemes`. Unknown options are an error.
+
+    Returns
+    -------
+    :class:`~cellkit.data.TokenizedCells` (in memory) or :class:`~cellkit.data.ShardedTokens`.
+
+    Examples
+    --------
+    >>> tokens = cellkit.tokenize(adata, model, cells="bulk_labels == 'CD14+ Monocyte'", obs_columns=["bulk_labels"])
+    >>> print(tokens.summary())
+    """
+    from .schemes import get_scheme
+
+    vocab, family, model_input, model_resources = _model_parts(model)
+    resources = dict(model_resources if resources is None else resources)
+    scheme = scheme or family
+    if scheme is None:
+        raise DataError(f"Pass scheme=... ({', '.join(SCHEMES)}) when tokenizing with a bare vocabulary.")
+    if scheme == "cellkit":
+        raise DataError(
+            "This model has no tokenizer family of its own; pass scheme='scgpt' or another scheme."
+        )
+    impl = get_scheme(scheme)
+    unknown = sorted(set(options) - set(impl.OPTIONS))
+    if unknown:
+        raise DataError(
+            f"Unknown option(s) {unknown} for the {scheme!r} scheme; allowed: {sorted(impl.OPTIONS)}."
+        )
+    if chunk_size < 1:
+        raise DataError(f"chunk_size must be >= 1, got {chunk_size}.")
+
+    sources, _, in_memory = _open_sources(adata, cells=cells, layer=layer, use_raw=use_raw)
+    try:
+        return _tokenize_sources(
+            sources,
+            impl,
+            scheme,
+            vocab,
+            options,
+            model_input,
+            resources,
+            list(obs_columns),
+            gene_column,
+            chunk_size,
+            progress,
+            in_memory,
+            output,
+            max_shard_samples,
+            shard_format,
+            overwrite,
+        )
+    finally:
+        for src in sources:
+            src.close()
+
+
+def _tokenize_sources(
+    sources,
+    impl,
+    scheme,
+    vocab,
+    options,
+    model_input,
+    resources,
+    obs_columns,
+    gene_column,
+    chunk_size,
+    progress,
+    in_memory,
+    output,
+    max_shard_samples,
+    shard_format,
+    overwrite,
+) -> TokenizedCells | ShardedTokens:
+    ctx_sources: list[tuple[MatrixSource, GeneMatch]] = []
+    for src in sources:
+        missing = [c for c in obs_columns if c not in src.obs.columns]
+        if missing:
+            raise DataError(
+                f"obs column(s) {missing} not found in {src.name}; available: {list(src.obs.columns)}."
+            )
+        column = gene_column
+        if column is None and scheme == "geneformer" and "ensembl_id" in src.var.columns:
+            column = "ensembl_id"
+        names = _gene_names(src, column)
+        match = (
+            impl.match_genes(names, vocab, resources, options)
+            if hasattr(impl, "match_genes")
+            else resolve_genes(names, vocab)
+        )
+        require_overlap(match, vocab, what=src.name)
+        ctx_sources.append((src, match))
+    ctx = TokenizeContext(
+        ctx_sources,
+        vocab,
+        {**impl.OPTIONS, **options},
+        model_input,
+        resources,
+        obs_columns,
+        chunk_size,
+        progress,
+        in_memory,
+    )
+    chunks: Iterator[TokenizedCells] = impl.run(ctx)
+    coverage = _merge_coverage([m for _, m in ctx_sources])
+    gene_notes = [
+        m.summary() for _, m in ctx_sources if m.n_version_stripped or m.n_case_folded or m.n_duplicated
+    ]
+
+    if output is None:
+        parts = list(chunks)
+        result = TokenizedCells.concat(parts) if len(parts) != 1 else parts[0]
+        result.coverage = coverage
+        result.notes = list(dict.fromkeys([*gene_notes, *ctx.notes, *result.notes]))
+        log.info(result.summary())
+        return result
+    writer = ShardWriter(
+        output, max_shard_samples=max_shard_samples, format=shard_format, overwrite=overwrite
+    )
+    first = True
+    for part in chunks:
+        if first:
+            part.coverage = coverage
+            part.notes = list(dict.fromkeys([*gene_notes, *ctx.notes, *part.notes]))
+            first = False
+        writer.add(part)
+    if writer._template is not None:  # notes gathered while streaming (e.g. dropped cells)
+        writer._template.notes = list(dict.fromkeys([*writer._template.notes, *ctx.notes]))
+    return writer.close()
+
+
+def _merge_coverage(matches: list[GeneMatch]) -> Coverage:
+    if len(matches) == 1:
+        return matches[0].coverage
+    n = sum(m.coverage.n_genes for m in matches)
+    hit = sum(m.coverage.n_matched for m in matches)
+    matched = tuple(g for m in matches for g in m.coverage.matched_examples)[:10]
+    unmatched = tuple(g for m in matches for g in m.coverage.unmatched_examples)[:10]
+    return Coverage(n, hit, matched, unmatched)
+
+
+def check_values(data: np.ndarray, *, where: str, counts: bool = False) -> None:
+    """Clear errors for NaN, negative and (when counts are required) non-integer values."""
+    if not len(data):
+        return
+    if not np.isfinite(data).all():
+        raise DataError(f"{where} contains NaN or infinite values; clean or impute them before tokenizing.")
+    if data.min() < 0:
+        raise DataError(
+            f"{where} contains negative values (min {data.min():g}); tokenizers need non-negative expression. "
+            "Scaled data (e.g. after sc.pp.scale) cannot be tokenized: pass the counts (layer=... or use_raw=True)."
+        )
+    if counts and not np.array_equal(data, np.round(data)):
+        bad = data[data != np.round(data)][:3]
+        raise DataError(
+            f"{where} holds non-integer values (e.g. {bad.tolist()}) but this scheme needs raw counts; pass the "
+            "counts layer (layer='counts', or use_raw=True if .raw holds counts)."
+        )
+
+
+def model_input_value(model_input: Mapping[str, Any], key: str, default: Any) -> Any:
+    """A model's input convention, or ``default`` when the model does not state it."""
+    value = model_input.get(key)
+    return default if value is None else value

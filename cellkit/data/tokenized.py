@@ -1,0 +1,593 @@
+"""Tokenized cells: a ragged in-memory container and an on-disk, memory-mappable shard format.
+
+Both hold, per cell, a variable-length sequence of token ids with optional per-token values and
+token types. Cells are stored back to back (``gene_ids[offsets[i]:offsets[i + 1]]``), never padded;
+padding happens per batch in the collator.
+
+Shard directory layout (``format="npy"``, the default; every array memory-mappable)::
+
+    manifest.json                 format, scheme, options, specials, vocabulary size, coverage,
+                                  obs columns (+ categories), and the list of shards
+    shard-00000/gene_ids.npy      (T,) int32
+    shard-00000/values.npy        (T,) float32            (schemes with values)
+    shard-00000/token_type_ids.npy (T,) int32             (schemes with token types)
+    shard-00000/offsets.npy       (n + 1,) int64
+    shard-00000/cell_index.npy    (n,) int64   row of each cell in the source, in input order
+    shard-00000/obs_names.npy     (n,) unicode
+    shard-00000/obs-<column>.npy  (n,) int32 category codes (categories in the manifest)
+
+``format="parquet"`` writes ``shard-00000.parquet`` files instead, with list columns
+``input_ids`` / ``values`` / ``token_type_ids``, ``length`` and the obs columns, which Hugging
+Face ``datasets`` opens directly (``datasets.load_dataset("parquet", data_files=f"{path}/*.parquet")``).
+``manifest.json`` is written last and atomically: a directory without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from cellkit._errors import DataError
+from cellkit._utils import atomic_path, atomic_write_text
+
+from .vocab import Coverage
+
+__all__ = ["ShardWriter", "ShardedTokens", "TokenizedCells", "open_shards"]
+
+MANIFEST = "manifest.json"
+FORMAT = "cellkit-tokens"
+FIELDS = ("gene_ids", "values", "token_type_ids")
+
+
+@dataclass
+class TokenizedCells:
+    """Cells as ragged token sequences (what :func:`cellkit.tokenize` returns).
+
+    Attributes
+    ----------
+    gene_ids
+        ``(T,)`` int32 token ids of all cells, back to back.
+    offsets
+        ``(n_cells + 1,)`` int64; cell ``i`` is ``[offsets[i], offsets[i + 1])``.
+    values
+        ``(T,)`` float32 per-token values (binned expression, ranks, ...) or ``None``.
+    token_type_ids
+        ``(T,)`` int32 token types (PerturbGene's gene identity) or ``None``.
+    obs_names
+        ``(n_cells,)`` cell names, in input order.
+    obs
+        Per-cell metadata carried along (labels, batches), indexed like ``obs_names``.
+    scheme
+        ``"scgpt"``, ``"geneformer"``, ``"teddy"`` or ``"perturbgene"``.
+    options
+        The resolved scheme options (JSON-able), for provenance and the studio.
+    specials
+        Role → token id of the special tokens (``pad``, ``cls``, ``eos``, ``mask`` …).
+    pad_value
+        Value used at padded positions.
+    coverage
+        Gene-vocabulary coverage of the input.
+    notes
+        Decisions worth telling the user (computed ``n_counts``, dropped cells, …).
+    """
+
+    gene_ids: np.ndarray
+    offsets: np.ndarray
+    values: np.ndarray | None = None
+    token_type_ids: np.ndarray | None = None
+    obs_names: np.ndarray | None = None
+    obs: pd.DataFrame | None = None
+    scheme: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    specials: dict[str, int] = field(default_factory=dict)
+    pad_value: float = 0.0
+    coverage: Coverage | None = None
+    notes: list[str] = field(default_factory=list)
+    #: compat mode only: the numpy RandomState after tokenization, so masking continues the stream
+    rng: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        n = len(self.offsets) - 1
+        if n < 0 or self.offsets[0] != 0 or self.offsets[-1] != len(self.gene_ids):
+            raise DataError("offsets must start at 0 and end at the number of tokens.")
+        for name in ("values", "token_type_ids"):
+            arr = getattr(self, name)
+            if arr is not None and len(arr) != len(self.gene_ids):
+                raise DataError(f"{name} has {len(arr)} entries but there are {len(self.gene_ids)} tokens.")
+        if self.obs_names is None:
+            self.obs_names = np.arange(n).astype(str)
+        if len(self.obs_names) != n:
+            raise DataError(f"{len(self.obs_names)} obs_names for {n} cells.")
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.gene_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """``(n_cells,)`` tokens per cell."""
+        return np.diff(self.offsets)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Per-token arrays present (``gene_ids`` always)."""
+        return tuple(f for f in FIELDS if getattr(self, f) is not None)
+
+    def cell(self, i: int) -> dict[str, np.ndarray]:
+        """Token arrays of cell ``i`` (views, not copies)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"cell {i} out of range for {len(self)} cells")
+        i %= len(self)
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return {f: getattr(self, f)[a:b] for f in self.fields}
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(len(self)):
+            yield self.cell(i)
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> TokenizedCells:
+        """A new container with the cells at ``index`` (in that order)."""
+        index = np.asarray(index, dtype=np.int64)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        lengths = self.lengths[index]
+        starts = self.offsets[index]
+        gather = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(
+            lengths.sum()
+        )
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        arrays = {f: getattr(self, f)[gather] for f in self.fields}
+        obs = None if self.obs is None else self.obs.iloc[index]
+        return replace(
+            self,
+            gene_ids=arrays["gene_ids"],
+            values=arrays.get("values"),
+            token_type_ids=arrays.get("token_type_ids"),
+            offsets=offsets,
+            obs_names=self.obs_names[index],
+            obs=obs,
+            notes=list(self.notes),
+            rng=None,
+        )
+
+    def pad(
+        self, index: Sequence[int] | None = None, *, max_len: int | None = None, pad_to: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Right-pad cells into ``(B, L)`` arrays (what the model's forward takes).
+
+        Parameters
+        ----------
+        index
+            Cells to include (default: all).
+        max_len
+            Width cap; cells longer than this are truncated from the end (sampling, when wanted,
+            happened at tokenization).
+        pad_to
+            Exact width (default: the longest included cell, capped by ``max_len``).
+
+        Returns
+        -------
+        ``gene_ids`` (int64), ``values`` (float32), ``token_type_ids`` (int64) when present,
+        and ``padding_mask`` (bool, True at padding).
+        """
+        idx = np.arange(len(self)) if index is None else np.asarray(index, dtype=np.int64)
+        lengths = self.lengths[idx]
+        width = int(lengths.max()) if len(idx) else 0
+        if max_len is not None:
+            width = min(width, max_len)
+        if pad_to is not None:
+            width = pad_to
+        if "pad" not in self.specials:
+            raise DataError("These tokens have no pad token id; padding is impossible.")
+        out = {"gene_ids": np.full((len(idx), width), self.specials["pad"], dtype=np.int64)}
+        if self.values is not None:
+            out["values"] = np.full((len(idx), width), self.pad_value, dtype=np.float32)
+        if self.token_type_ids is not None:
+            out["token_type_ids"] = np.zeros((len(idx), width), dtype=np.int64)
+        for row, i in enumerate(idx):
+            cell = self.cell(int(i))
+            n = min(len(cell["gene_ids"]), width)
+            for f, arr in cell.items():
+                out[f][row, :n] = arr[:n]
+        out["padding_mask"] = np.arange(width)[None, :] >= np.minimum(lengths, width)[:, None]
+        return out
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> str:
+        lengths = self.lengths
+        text = (
+            f"{len(self):,} cells tokenized with the {self.scheme!r} scheme: {self.n_tokens:,} tokens, "
+            f"length {int(lengths.min()) if len(lengths) else 0}–{int(lengths.max()) if len(lengths) else 0} "
+            f"(median {float(np.median(lengths)) if len(lengths) else 0:.0f})"
+        )
+        if self.coverage is not None:
+            text += f"\ngenes: {self.coverage}"
+        for note in self.notes:
+            text += f"\nnote: {note}"
+        return text
+
+    def __repr__(self) -> str:
+        return f"TokenizedCells({len(self):,} cells, {self.n_tokens:,} tokens, scheme={self.scheme!r}, fields={self.fields})"
+
+    # ------------------------------------------------------------------ persistence
+    def to_shards(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_shard_samples: int = 100_000,
+        format: Literal["npy", "parquet"] = "npy",
+    ) -> ShardedTokens:
+        """Write the cells as shards of at most ``max_shard_samples`` cells; see the module docstring."""
+        writer = ShardWriter(path, max_shard_samples=max_shard_samples, format=format, overwrite=True)
+        writer.add(self)
+        return writer.close()
+
+    @staticmethod
+    def concat(parts: Sequence[TokenizedCells]) -> TokenizedCells:
+        """Concatenate containers of the same scheme (cells in order)."""
+        if not parts:
+            raise DataError("Nothing to concatenate.")
+        first = parts[0]
+        offsets = [np.zeros(1, dtype=np.int64)]
+        total = 0
+        for p in parts:
+            offsets.append(p.offsets[1:] + total)
+            total += p.n_tokens
+        arrays = {f: np.concatenate([getattr(p, f) for p in parts]) for f in first.fields}
+        obs = None if first.obs is None else pd.concat([p.obs for p in parts])
+        return replace(
+            first,
+            gene_ids=arrays["gene_ids"],
+            values=arrays.get("values"),
+            token_type_ids=arrays.get("token_type_ids"),
+            offsets=np.concatenate(offsets),
+            obs_names=np.concatenate([p.obs_names for p in parts]),
+            obs=obs,
+            notes=list(dict.fromkeys(n for p in parts for n in p.notes)),
+            rng=parts[-1].rng,
+        )
+
+
+# ====================================================================================== shards
+class ShardWriter:
+    """Write tokenized cells to a shard directory chunk by chunk (bounded memory).
+
+    Parameters
+    ----------
+    path
+        Output directory (created; must be empty unless ``overwrite``).
+    max_shard_samples
+        Cells per shard.
+    format
+        ``"npy"`` (memory-mappable arrays) or ``"parquet"`` (Hugging Face ``datasets`` compatible).
+    overwrite
+        Replace an existing shard directory.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_shard_samples: int = 100_000,
+        format: Literal["npy", "parquet"] = "npy",
+        overwrite: bool = False,
+    ) -> None:
+        if max_shard_samples < 1:
+            raise DataError(f"max_shard_samples must be >= 1, got {max_shard_samples}.")
+        if format not in ("npy", "parquet"):
+            raise DataError(f"Unknown shard format {format!r}; use 'npy' or 'parquet'.")
+        self.path = Path(path)
+        if self.path.exists() and any(self.path.iterdir()):
+            if not overwrite:
+                raise DataError(f"{self.path} is not empty; pass overwrite=True or choose a new directory.")
+            if not (self.path / MANIFEST).exists() and not any(
+                p.name.startswith("shard-") for p in self.path.iterdir()
+            ):
+                raise DataError(
+                    f"{self.path} holds files that are not cellkit shards; refusing to overwrite it."
+                )
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.max_shard_samples = max_shard_samples
+        self.format = format
+        self._pending: list[TokenizedCells] = []
+        self._pending_n = 0
+        self._shards: list[dict[str, Any]] = []
+        self._template: TokenizedCells | None = None
+        self._categories: dict[str, list[str]] = {}
+        self._n_cells = 0
+        self._closed = False
+
+    def add(self, cells: TokenizedCells) -> None:
+        """Queue cells; full shards are written as soon as they fill."""
+        if self._closed:
+            raise DataError("This ShardWriter is closed.")
+        if len(cells) == 0:
+            return
+        if self._template is None:
+            self._template = replace(cells, rng=None)
+        start = 0
+        while start < len(cells):
+            take = min(self.max_shard_samples - self._pending_n, len(cells) - start)
+            part = (
+                cells if (start == 0 and take == len(cells)) else cells.subset(np.arange(start, start + take))
+            )
+            self._pending.append(part)
+            self._pending_n += take
+            start += take
+            if self._pending_n == self.max_shard_samples:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        block = TokenizedCells.concat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        name = f"shard-{len(self._shards):05d}"
+        cell_index = np.arange(self._n_cells, self._n_cells + len(block), dtype=np.int64)
+        if block.obs is not None and "_cell_index" in block.obs:
+            cell_index = block.obs["_cell_index"].to_numpy(np.int64)
+        obs_cols = {}
+        if block.obs is not None:
+            for col in block.obs.columns:
+                if col == "_cell_index":
+                    continue
+                cats = self._categories.setdefault(col, [])
+                values = block.obs[col].astype(str).to_numpy()
+                known = {c: i for i, c in enumerate(cats)}
+                for v in pd.unique(values):
+                    if v not in known:
+                        known[v] = len(cats)
+                        cats.append(v)
+                obs_cols[col] = np.array([known[v] for v in values], dtype=np.int32)
+        if self.format == "npy":
+            d = self.path / name
+            d.mkdir(exist_ok=True)
+            arrays = {f: getattr(block, f) for f in block.fields}
+            arrays["gene_ids"] = arrays["gene_ids"].astype(np.int32, copy=False)
+            if "values" in arrays:
+                arrays["values"] = arrays["values"].astype(np.float32, copy=False)
+            if "token_type_ids" in arrays:
+                arrays["token_type_ids"] = arrays["token_type_ids"].astype(np.int32, copy=False)
+            arrays["offsets"] = block.offsets
+            arrays["cell_index"] = cell_index
+            arrays["obs_names"] = np.asarray(block.obs_names).astype(str)
+            for col, codes in obs_cols.items():
+                arrays[f"obs-{col}"] = codes
+            for key, arr in arrays.items():
+                with atomic_path(d / f"{key}.npy") as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, arr)
+        else:
+            self._write_parquet(block, name, cell_index)
+        self._shards.append({"name": name, "n_cells": len(block), "n_tokens": int(block.n_tokens)})
+        self._n_cells += len(block)
+        self._pending, self._pending_n = [], 0
+
+    def _write_parquet(self, block: TokenizedCells, name: str, cell_index: np.ndarray) -> None:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as exc:  # pragma: no cover - pyarrow is in the test extra
+            from cellkit._errors import MissingDependencyError
+
+            raise MissingDependencyError('format="parquet" needs pyarrow: `pip install pyarrow`.') from exc
+        offsets = pa.array(block.offsets.astype(np.int32) if block.n_tokens < 2**31 else block.offsets)
+        table = {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(block.gene_ids.astype(np.int32))),
+            "length": pa.array(block.lengths.astype(np.int32)),
+            "cell_index": pa.array(cell_index),
+            "obs_name": pa.array(np.asarray(block.obs_names).astype(str)),
+        }
+        if block.values is not None:
+            table["values"] = pa.ListArray.from_arrays(offsets, pa.array(block.values.astype(np.float32)))
+        if block.token_type_ids is not None:
+            table["token_type_ids"] = pa.ListArray.from_arrays(
+                offsets, pa.array(block.token_type_ids.astype(np.int32))
+            )
+        if block.obs is not None:
+            for col in block.obs.columns:
+                if col != "_cell_index":
+                    table[col] = pa.array(block.obs[col].astype(str).to_numpy())
+        with atomic_path(self.path / f"{name}.parquet") as tmp:
+            pq.write_table(pa.table(table), tmp)
+
+    def close(self) -> ShardedTokens:
+        """Write the last shard and the manifest; return the reader."""
+        if not self._closed:
+            self._flush()
+            t = self._template or TokenizedCells(np.zeros(0, np.int32), np.zeros(1, np.int64))
+            manifest = {
+                "format": FORMAT,
+                "version": 1,
+                "storage": self.format,
+                "scheme": t.scheme,
+                "options": t.options,
+                "specials": t.specials,
+                "pad_value": t.pad_value,
+                "fields": list(t.fields),
+                "n_cells": self._n_cells,
+                "n_tokens": int(sum(s["n_tokens"] for s in self._shards)),
+                "obs_columns": self._categories,
+                "coverage": None if t.coverage is None else vars(t.coverage) | {},
+                "notes": t.notes,
+                "shards": self._shards,
+            }
+            atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=1, default=_jsonable))
+            self._closed = True
+        return ShardedTokens(self.path)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+class ShardedTokens:
+    """Read a shard directory lazily (arrays are memory-mapped; nothing is loaded up front).
+
+    Offers the same per-cell access as :class:`TokenizedCells` (``len``, ``cell(i)``,
+    ``lengths``) plus per-shard access for streaming datasets.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self.manifest = json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(
+                f"{self.path} has no {MANIFEST}: it is not a cellkit shard directory, or writing it did not finish."
+            ) from None
+        if self.manifest.get("format") != FORMAT:
+            raise DataError(f"{self.path / MANIFEST} is not a cellkit token manifest.")
+        self.storage = self.manifest.get("storage", "npy")
+        counts = [s["n_cells"] for s in self.manifest["shards"]]
+        self.shard_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._cache: dict[int, TokenizedCells] = {}
+
+    # ------------------------------------------------------------------ per shard
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    def __len__(self) -> int:
+        return int(self.manifest["n_cells"])
+
+    @property
+    def scheme(self) -> str:
+        return self.manifest["scheme"]
+
+    @property
+    def specials(self) -> dict[str, int]:
+        return dict(self.manifest["specials"])
+
+    @property
+    def pad_value(self) -> float:
+        return float(self.manifest["pad_value"])
+
+    def shard(self, k: int, *, cache: bool = True) -> TokenizedCells:
+        """Shard ``k`` as a :class:`TokenizedCells` backed by memory-mapped arrays.
+
+        ``cache=False`` leaves it out of the reader's small cache of recently used shards (for
+        callers that bound what stays open themselves, e.g. streaming datasets).
+        """
+        if k in self._cache:
+            return self._cache[k] if cache else self._cache.pop(k)
+        info = self.manifest["shards"][k]
+        if self.storage == "parquet":
+            cells = self._read_parquet(info["name"])
+        else:
+            d = self.path / info["name"]
+
+            def load(name: str, mmap: bool = True) -> np.ndarray | None:
+                f = d / f"{name}.npy"
+                return np.load(f, mmap_mode="r" if mmap else None) if f.exists() else None
+
+            obs = None
+            if self.manifest["obs_columns"]:
+                obs = pd.DataFrame(
+                    {
+                        col: pd.Categorical.from_codes(load(f"obs-{col}", mmap=False), categories=cats)
+                        for col, cats in self.manifest["obs_columns"].items()
+                    }
+                )
+            cells = TokenizedCells(
+                gene_ids=load("gene_ids"),
+                offsets=load("offsets", mmap=False),
+                values=load("values"),
+                token_type_ids=load("token_type_ids"),
+                obs_names=load("obs_names", mmap=False),
+                obs=obs,
+                scheme=self.manifest["scheme"],
+                options=self.manifest["options"],
+                specials=self.specials,
+                pad_value=self.pad_value,
+            )
+            cells.cell_index = load("cell_index", mmap=False)  # type: ignore[attr-defined]
+        if cache:
+            if len(self._cache) > 4:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[k] = cells
+        return cells
+
+    def _read_parquet(self, name: str) -> TokenizedCells:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.path / f"{name}.parquet")
+        ids = table.column("input_ids").combine_chunks()
+        offsets = ids.offsets.to_numpy().astype(np.int64)
+        vals = (
+            table.column("values").combine_chunks().values.to_numpy()
+            if "values" in table.column_names
+            else None
+        )
+        types = (
+            table.column("token_type_ids").combine_chunks().values.to_numpy()
+            if "token_type_ids" in table.column_names
+            else None
+        )
+        obs_cols = list(self.manifest["obs_columns"])
+        obs = table.select(obs_cols).to_pandas() if obs_cols else None
+        cells = TokenizedCells(
+            gene_ids=ids.values.to_numpy(),
+            offsets=offsets,
+            values=vals,
+            token_type_ids=types,
+            obs_names=table.column("obs_name").to_numpy().astype(str),
+            obs=obs,
+            scheme=self.manifest["scheme"],
+            options=self.manifest["options"],
+            specials=self.specials,
+            pad_value=self.pad_value,
+        )
+        cells.cell_index = table.column("cell_index").to_numpy()  # type: ignore[attr-defined]
+        return cells
+
+    # ------------------------------------------------------------------ per cell
+    @property
+    def lengths(self) -> np.ndarray:
+        return (
+            np.concatenate([self.shard(k).lengths for k in range(self.n_shards)])
+            if self.n_shards
+            else np.zeros(0, np.int64)
+        )
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard, row within shard) of global cell ``i``."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"cell {i} out of range for {len(self)} cells")
+        k = int(np.searchsorted(self.shard_offsets, i, side="right") - 1)
+        return k, int(i - self.shard_offsets[k])
+
+    def cell(self, i: int) -> dict[str, np.ndarray]:
+        k, j = self.locate(i)
+        return self.shard(k).cell(j)
+
+    def to_memory(self) -> TokenizedCells:
+        """Load every shard into one in-memory :class:`TokenizedCells`."""
+        parts = [self.shard(k) for k in range(self.n_shards)]
+        cells = TokenizedCells.concat([replace(p, gene_ids=np.asarray(p.gene_ids)) for p in parts])
+        cells.notes = list(self.manifest.get("notes", []))
+        return cells
+
+    def __repr__(self) -> str:
+        return f"ShardedTokens({self.path}, {len(self):,} cells in {self.n_shards} shards, scheme={self.scheme!r})"
+
+
+def open_shards(path: str | os.PathLike[str]) -> ShardedTokens:
+    """Open a shard directory written by :meth:`TokenizedCells.to_shards` or :func:`cellkit.tokenize`."""
+    return ShardedTokens(path)
