@@ -437,7 +437,7 @@ def test_backed_file_to_shards_and_back(tmp_path):
 
 
 def test_parquet_shards_open_in_hf_datasets(tmp_path):
-    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is part of the test extra")
+    import datasets  # part of the test extra
     a, _path = _write_backed(tmp_path, n_cells=50)
     vocab = scgpt_vocab(a.var_names)
     cellkit.tokenize(
