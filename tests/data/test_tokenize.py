@@ -435,6 +435,19 @@ def test_backed_file_to_shards_and_back(tmp_path):
     np.testing.assert_array_equal(reopened.cell(123)["gene_ids"], in_memory.cell(123)["gene_ids"])
     backed.file.close()
 
+    # the shards of the backed file, read by 2 ranks × 2 DataLoader workers: every cell exactly once
+    from torch.utils.data import DataLoader
+
+    from cellkit.data.dataset import ShardStreamDataset
+
+    seen = []
+    for rank in range(2):
+        ds = ShardStreamDataset(tmp_path / "shards", rank=rank, world_size=2, shuffle=True, seed=3)
+        for item in DataLoader(ds, batch_size=None, num_workers=2):
+            seen.append(int(item["index"]))
+            np.testing.assert_array_equal(np.asarray(item["gene_ids"]), in_memory.cell(int(item["index"]))["gene_ids"])
+    assert sorted(seen) == list(range(300))
+
 
 def test_parquet_shards_open_in_hf_datasets(tmp_path):
     import datasets  # part of the test extra
