@@ -257,6 +257,13 @@ def _tokenize_sources(
                 f"obs column(s) {missing} not found in {src.name}; available: {list(src.obs.columns)}."
             )
         column = gene_column
+        scheme_column = options.get(getattr(impl, "GENE_COLUMN_OPTION", ""), None)
+        if scheme_column is not None:
+            if column is not None and column != scheme_column:
+                raise DataError(
+                    f"gene_column={column!r} and {impl.GENE_COLUMN_OPTION}={scheme_column!r} disagree; pass one."
+                )
+            column = scheme_column
         if column is None and scheme == "geneformer" and "ensembl_id" in src.var.columns:
             column = "ensembl_id"
         names = _gene_names(src, column)
