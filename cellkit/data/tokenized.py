@@ -305,6 +305,9 @@ class ShardWriter:
         self.format = format
         self._pending: list[TokenizedCells] = []
         self._pending_n = 0
+        self._lengths: list[np.ndarray] = []
+        self._names: list[np.ndarray] = []
+        self._obs: list[pd.DataFrame] = []
         self._shards: list[dict[str, Any]] = []
         self._template: TokenizedCells | None = None
         self._categories: dict[str, list[str]] = {}
@@ -312,68 +315,102 @@ class ShardWriter:
         self._closed = False
 
     def add(self, cells: TokenizedCells) -> None:
-        """Queue cells; full shards are written as soon as they fill."""
+        """Add cells; full shards are finished as soon as they fill.
+
+        With ``format="npy"`` token arrays go straight to disk as they arrive, so memory stays at
+        one block of cells whatever the shard size; parquet shards are assembled in memory.
+        """
         if self._closed:
             raise DataError("This ShardWriter is closed.")
         if len(cells) == 0:
             return
         if self._template is None:
-            self._template = replace(cells, rng=None)
+            self._template = replace(cells, rng=None, gene_ids=cells.gene_ids[:0], offsets=np.zeros(1, np.int64),
+                                     values=None if cells.values is None else cells.values[:0],
+                                     token_type_ids=None if cells.token_type_ids is None else cells.token_type_ids[:0],
+                                     obs_names=np.zeros(0, dtype=str), obs=None)
         start = 0
         while start < len(cells):
             take = min(self.max_shard_samples - self._pending_n, len(cells) - start)
-            part = (
-                cells if (start == 0 and take == len(cells)) else cells.subset(np.arange(start, start + take))
-            )
-            self._pending.append(part)
+            part = cells if (start == 0 and take == len(cells)) else cells.subset(np.arange(start, start + take))
+            if self.format == "npy":
+                self._append_npy(part)
+            else:
+                self._pending.append(part)
             self._pending_n += take
             start += take
             if self._pending_n == self.max_shard_samples:
                 self._flush()
 
+    def _shard_dir(self) -> Path:
+        d = self.path / f"shard-{len(self._shards):05d}"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def _append_npy(self, part: TokenizedCells) -> None:
+        d = self._shard_dir()
+        dtypes = {"gene_ids": np.int32, "values": np.float32, "token_type_ids": np.int32}
+        for f in part.fields:
+            with open(d / f"{f}.raw", "ab") as fh:
+                np.ascontiguousarray(getattr(part, f), dtype=dtypes[f]).tofile(fh)
+        self._lengths.append(part.lengths)
+        self._names.append(np.asarray(part.obs_names).astype(str))
+        if part.obs is not None:
+            self._obs.append(part.obs)
+
+    def _obs_codes(self, obs: pd.DataFrame | None) -> dict[str, np.ndarray]:
+        codes = {}
+        if obs is None:
+            return codes
+        for col in obs.columns:
+            cats = self._categories.setdefault(col, [])
+            values = obs[col].astype(str).to_numpy()
+            known = {c: i for i, c in enumerate(cats)}
+            for v in pd.unique(values):
+                if v not in known:
+                    known[v] = len(cats)
+                    cats.append(v)
+            codes[col] = np.array([known[v] for v in values], dtype=np.int32)
+        return codes
+
     def _flush(self) -> None:
-        if not self._pending:
+        if not self._pending_n:
             return
-        block = TokenizedCells.concat(self._pending) if len(self._pending) > 1 else self._pending[0]
         name = f"shard-{len(self._shards):05d}"
-        cell_index = np.arange(self._n_cells, self._n_cells + len(block), dtype=np.int64)
-        if block.obs is not None and "_cell_index" in block.obs:
-            cell_index = block.obs["_cell_index"].to_numpy(np.int64)
-        obs_cols = {}
-        if block.obs is not None:
-            for col in block.obs.columns:
-                if col == "_cell_index":
-                    continue
-                cats = self._categories.setdefault(col, [])
-                values = block.obs[col].astype(str).to_numpy()
-                known = {c: i for i, c in enumerate(cats)}
-                for v in pd.unique(values):
-                    if v not in known:
-                        known[v] = len(cats)
-                        cats.append(v)
-                obs_cols[col] = np.array([known[v] for v in values], dtype=np.int32)
+        n = self._pending_n
+        cell_index = np.arange(self._n_cells, self._n_cells + n, dtype=np.int64)
         if self.format == "npy":
-            d = self.path / name
-            d.mkdir(exist_ok=True)
-            arrays = {f: getattr(block, f) for f in block.fields}
-            arrays["gene_ids"] = arrays["gene_ids"].astype(np.int32, copy=False)
-            if "values" in arrays:
-                arrays["values"] = arrays["values"].astype(np.float32, copy=False)
-            if "token_type_ids" in arrays:
-                arrays["token_type_ids"] = arrays["token_type_ids"].astype(np.int32, copy=False)
-            arrays["offsets"] = block.offsets
-            arrays["cell_index"] = cell_index
-            arrays["obs_names"] = np.asarray(block.obs_names).astype(str)
-            for col, codes in obs_cols.items():
-                arrays[f"obs-{col}"] = codes
-            for key, arr in arrays.items():
+            d = self._shard_dir()
+            lengths = np.concatenate(self._lengths)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            for raw in sorted(d.glob("*.raw")):
+                data = np.memmap(raw, dtype=np.float32 if raw.stem == "values" else np.int32, mode="r")
+                with atomic_path(d / f"{raw.stem}.npy") as tmp:
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=data.dtype, shape=data.shape)
+                    step = 1 << 24
+                    for i in range(0, len(data), step):
+                        out[i : i + step] = data[i : i + step]
+                    out.flush()
+                    del out
+                del data
+                raw.unlink()
+            small = {"offsets": offsets, "cell_index": cell_index, "obs_names": np.concatenate(self._names)}
+            obs = pd.concat(self._obs, ignore_index=True) if self._obs else None
+            for col, codes in self._obs_codes(obs).items():
+                small[f"obs-{col}"] = codes
+            for key, arr in small.items():
                 with atomic_path(d / f"{key}.npy") as tmp, open(tmp, "wb") as fh:
                     np.save(fh, arr)
+            n_tokens = int(offsets[-1])
         else:
+            block = TokenizedCells.concat(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._obs_codes(block.obs)
             self._write_parquet(block, name, cell_index)
-        self._shards.append({"name": name, "n_cells": len(block), "n_tokens": int(block.n_tokens)})
-        self._n_cells += len(block)
+            n_tokens = int(block.n_tokens)
+        self._shards.append({"name": name, "n_cells": n, "n_tokens": n_tokens})
+        self._n_cells += n
         self._pending, self._pending_n = [], 0
+        self._lengths, self._names, self._obs = [], [], []
 
     def _write_parquet(self, block: TokenizedCells, name: str, cell_index: np.ndarray) -> None:
         try:
@@ -407,7 +444,7 @@ class ShardWriter:
         """Write the last shard and the manifest; return the reader."""
         if not self._closed:
             self._flush()
-            t = self._template or TokenizedCells(np.zeros(0, np.int32), np.zeros(1, np.int64))
+            t = self._template if self._template is not None else TokenizedCells(np.zeros(0, np.int32), np.zeros(1, np.int64))
             manifest = {
                 "format": FORMAT,
                 "version": 1,

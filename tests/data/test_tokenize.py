@@ -221,7 +221,9 @@ def test_geneformer_bit_identical(geneformer_inputs, case, token_file, special):
         np.testing.assert_array_equal(tokens.gene_ids.astype(np.int64), exp["input_ids"])
     else:
         # numpy picks its argsort kernel by CPU; only the order inside runs of equal values may differ
-        _assert_equal_up_to_ties(tokens.gene_ids.astype(np.int64), exp["input_ids"], exp["tie_with_prev"], exp["offsets"])
+        _assert_equal_up_to_ties(
+            tokens.gene_ids.astype(np.int64), exp["input_ids"], exp["tie_with_prev"], exp["offsets"]
+        )
     np.testing.assert_array_equal(tokens.obs["cell_type"].astype(str), exp["cell_type"].astype(str))
     assert_unchanged(adata, snap)
 
@@ -445,12 +447,15 @@ def test_backed_file_to_shards_and_back(tmp_path):
         ds = ShardStreamDataset(tmp_path / "shards", rank=rank, world_size=2, shuffle=True, seed=3)
         for item in DataLoader(ds, batch_size=None, num_workers=2):
             seen.append(int(item["index"]))
-            np.testing.assert_array_equal(np.asarray(item["gene_ids"]), in_memory.cell(int(item["index"]))["gene_ids"])
+            np.testing.assert_array_equal(
+                np.asarray(item["gene_ids"]), in_memory.cell(int(item["index"]))["gene_ids"]
+            )
     assert sorted(seen) == list(range(300))
 
 
 def test_parquet_shards_open_in_hf_datasets(tmp_path):
     import datasets  # part of the test extra
+
     a, _path = _write_backed(tmp_path, n_cells=50)
     vocab = scgpt_vocab(a.var_names)
     cellkit.tokenize(
@@ -600,3 +605,38 @@ def test_model_conventions_are_defaults(tmp_path):
     assert all(
         c["values"][0] == -2.0 for c in t
     )  # <cls> carries pad_value: pretraining / embed_data convention
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    n=st.integers(1, 30),
+    g=st.integers(1, 60),
+    n_bins=st.sampled_from([3, 11, 51]),
+    kind=st.sampled_from(["ties", "float", "huge"]),
+)
+def test_compiled_binning_kernel_equals_numpy_reference(seed, n, g, n_bins, kind):
+    """The row-parallel kernel computes exactly the numpy reference (np.quantile edges, digitize)."""
+    from cellkit.data._hashing import uniform_hash
+    from cellkit.data.schemes.scgpt import bin_block, bin_csr
+
+    rng = np.random.default_rng(seed)
+    m = sp.random(n, g, density=rng.uniform(0.05, 1), format="csr", dtype=np.float32, random_state=seed)
+    if kind == "ties":
+        m.data = rng.integers(1, 4, m.nnz).astype(np.float32)
+    elif kind == "huge":
+        m.data = (rng.random(m.nnz) * 1e7).astype(np.float32)
+    m.sort_indices()
+    tokens = np.arange(g) + 7
+    keys = np.arange(n, dtype=np.uint64) * 977
+    u = uniform_hash(
+        seed, keys[np.repeat(np.arange(n), np.diff(m.indptr))], tokens[m.indices].astype(np.uint64)
+    )
+    np.testing.assert_array_equal(
+        bin_csr(m.data, m.indptr, n_bins, u), bin_block(m, tokens, n_bins, rng=None, keys=keys, seed=seed)
+    )
+    a, b = np.random.RandomState(seed % 997), np.random.RandomState(seed % 997)
+    np.testing.assert_array_equal(
+        bin_csr(m.data, m.indptr, n_bins, a.rand(m.nnz)),
+        bin_block(m, tokens, n_bins, rng=b, keys=None, seed=0),
+    )

@@ -114,6 +114,37 @@ def bin_csr(
     return (bins, edges_out) if return_edges else bins
 
 
+def bin_block(
+    x: sp.csr_matrix,
+    gene_tokens: np.ndarray,
+    n_bins: int,
+    *,
+    rng: np.random.RandomState | None,
+    keys: np.ndarray | None,
+    seed: int,
+) -> np.ndarray:
+    """:func:`bin_csr` for a CSR block with the compiled kernel (row-parallel).
+
+    Tie-spreading uniforms come from ``rng.rand`` in row order (``compat``) or from
+    ``uniform_hash(seed, cell key, gene token)`` (``deterministic``).
+    """
+    from .._hashing import hash64
+    from ._kernels import bin_rows
+
+    data = np.ascontiguousarray(x.data)
+    indptr = np.ascontiguousarray(x.indptr, dtype=np.int64)
+    q = np.linspace(0, 1, n_bins - 1)
+    out = np.empty(len(data), dtype=np.int64)
+    token_keys = np.ascontiguousarray(gene_tokens[x.indices], dtype=np.uint64)
+    if rng is not None:
+        u = rng.rand(x.nnz)  # one draw per nonzero value, rows in order: scGPT's np.random.rand per row
+        bin_rows(data, indptr, q, u, False, np.uint64(0), np.zeros(len(indptr) - 1, np.uint64), token_keys, out)
+    else:
+        row_keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        bin_rows(data, indptr, q, np.zeros(0), True, np.uint64(hash64(seed)), row_keys, token_keys, out)
+    return out
+
+
 def sample_positions_compat(
     rng: np.random.RandomState, length: int, max_len: int, *, cls_appended: bool
 ) -> np.ndarray:
@@ -361,13 +392,7 @@ def _tokens_for_block(
     n_rows, n_genes = x.shape
     rows_of = np.repeat(np.arange(n_rows), np.diff(x.indptr))
     if n_bins:
-        if rng is not None:
-            u = rng.rand(x.nnz)  # one draw per nonzero value, rows in order: scGPT's np.random.rand per row
-        else:
-            from .._hashing import uniform_hash
-
-            u = uniform_hash(seed, keys[rows_of].astype(np.uint64), gene_tokens[x.indices].astype(np.uint64))
-        vals = bin_csr(x.data, x.indptr, int(n_bins), u).astype(np.float32)
+        vals = bin_block(x, gene_tokens, int(n_bins), rng=rng, keys=keys, seed=seed).astype(np.float32)
     else:
         vals = x.data.astype(np.float32)
     if include_zero:
@@ -396,15 +421,15 @@ def _sample_deterministic(
     cells: TokenizedCells, max_len: int, keys: np.ndarray, seed: int, *, cls_appended: bool
 ) -> TokenizedCells:
     """Keep ``<cls>`` + the ``max_len - 1`` genes with the smallest hash (column order kept)."""
-    from .._hashing import uniform_hash
+    from .._hashing import hash64
+    from ._kernels import sample_keep
 
     keep = np.ones(cells.n_tokens, dtype=bool)
     first = 1 if cls_appended else 0
-    for i in np.flatnonzero(cells.lengths > max_len):
-        a, b = int(cells.offsets[i]) + first, int(cells.offsets[i + 1])
-        h = uniform_hash(seed + 1, np.uint64(keys[i]), cells.gene_ids[a:b].astype(np.uint64))
-        drop = np.argpartition(h, max_len - first - 1)[max_len - first :]
-        keep[a + drop] = False
+    sample_keep(
+        np.ascontiguousarray(cells.offsets, dtype=np.int64), cells.gene_ids.astype(np.uint64),
+        np.ascontiguousarray(keys, dtype=np.uint64), np.uint64(hash64(seed + 1)), int(max_len), first, keep,
+    )
     lengths = np.add.reduceat(keep, cells.offsets[:-1]) if len(cells) else np.zeros(0, np.int64)
     lengths[cells.lengths == 0] = 0
     return TokenizedCells(
