@@ -138,10 +138,30 @@ def bin_block(
     token_keys = np.ascontiguousarray(gene_tokens[x.indices], dtype=np.uint64)
     if rng is not None:
         u = rng.rand(x.nnz)  # one draw per nonzero value, rows in order: scGPT's np.random.rand per row
-        bin_rows(data, indptr, q, u, False, np.uint64(0), np.zeros(len(indptr) - 1, np.uint64), token_keys, out)
+        bin_rows(
+            data,
+            indptr,
+            q,
+            u,
+            use_hash=False,
+            seed_mixed=np.uint64(0),
+            row_keys=np.zeros(len(indptr) - 1, np.uint64),
+            token_keys=token_keys,
+            out=out,
+        )
     else:
         row_keys = np.ascontiguousarray(keys, dtype=np.uint64)
-        bin_rows(data, indptr, q, np.zeros(0), True, np.uint64(hash64(seed)), row_keys, token_keys, out)
+        bin_rows(
+            data,
+            indptr,
+            q,
+            np.zeros(0),
+            use_hash=True,
+            seed_mixed=np.uint64(hash64(seed)),
+            row_keys=row_keys,
+            token_keys=token_keys,
+            out=out,
+        )
     return out
 
 
@@ -427,8 +447,13 @@ def _sample_deterministic(
     keep = np.ones(cells.n_tokens, dtype=bool)
     first = 1 if cls_appended else 0
     sample_keep(
-        np.ascontiguousarray(cells.offsets, dtype=np.int64), cells.gene_ids.astype(np.uint64),
-        np.ascontiguousarray(keys, dtype=np.uint64), np.uint64(hash64(seed + 1)), int(max_len), first, keep,
+        np.ascontiguousarray(cells.offsets, dtype=np.int64),
+        cells.gene_ids.astype(np.uint64),
+        np.ascontiguousarray(keys, dtype=np.uint64),
+        np.uint64(hash64(seed + 1)),
+        int(max_len),
+        first,
+        keep,
     )
     lengths = np.add.reduceat(keep, cells.offsets[:-1]) if len(cells) else np.zeros(0, np.int64)
     lengths[cells.lengths == 0] = 0
