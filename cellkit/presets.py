@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .core import EncoderConfig
+from .checkpoints.scgpt import encoder_config
 from .data.vocab import GeneVocab
 from .model import CellModelConfig
 
@@ -29,19 +29,14 @@ def scgpt_config(
     an expression decoder and (``mvc=True``) the inner-product MVC decoder.
     """
     category = value_encoder == "category"
-    enc = EncoderConfig(
-        vocab_size=len(vocab),
+    enc = encoder_config(
+        len(vocab),
         d_model=d_model,
         n_heads=n_heads,
         n_layers=n_layers,
         d_ff=d_ff,
-        activation="relu",
-        norm_scheme="post",
-        layer_norm_eps=1e-5,
         dropout=dropout,
-        attention_dropout=dropout,
         pad_token_id=vocab.pad_id,
-        gene_norm=True,
         value_encoder=value_encoder,
         n_value_bins=n_bins + 2 if category else 0,
         value_pad_id=int(pad_value) if category else None,

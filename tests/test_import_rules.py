@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "heads": {"core", "_utils"},
     "checkpoints": {"core", "heads", "data", "_utils"},
     "model": {"core", "heads", "data", "checkpoints", "_utils"},
-    "presets": {"core", "data", "model", "_utils"},
+    "presets": {"core", "data", "model", "checkpoints", "_utils"},
     "train": {"core", "_utils"},
     "viz": {"_utils"},
     "cli": {"core", "heads", "data", "checkpoints", "model", "presets", "train", "_utils"},

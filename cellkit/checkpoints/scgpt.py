@@ -39,7 +39,7 @@ from cellkit.data.vocab import GeneVocab
 
 from .report import ForeignCheckpoint, LoadReport
 
-__all__ = ["detect", "read", "write"]
+__all__ = ["detect", "encoder_config", "read", "write"]
 
 log = get_logger(__name__)
 
@@ -169,6 +169,46 @@ def _int_arg(args: dict[str, Any], key: str, path: Path) -> int:
 
 def _count_linears(state: dict[str, torch.Tensor], prefix: str) -> int:
     return sum(1 for k, v in state.items() if k.startswith(prefix) and k.endswith(".weight") and v.ndim == 2)
+
+
+def encoder_config(
+    vocab_size: int,
+    *,
+    d_model: int,
+    n_heads: int,
+    n_layers: int,
+    d_ff: int,
+    dropout: float,
+    pad_token_id: int,
+    value_encoder: str = "continuous",
+    n_value_bins: int = 0,
+    value_pad_id: int | None = None,
+    n_batch_labels: int = 0,
+) -> EncoderConfig:
+    """The core configuration of scGPT's ``TransformerModel`` (its CPU, non-flash numerics).
+
+    Post-norm, ReLU, LayerNorm eps 1e-5 everywhere, LayerNorm on the gene embedding, no positions,
+    the continuous value encoder clamped at 512 from above.
+    """
+    return EncoderConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_heads=n_heads,
+        n_layers=n_layers,
+        d_ff=d_ff,
+        activation="relu",
+        norm_scheme="post",
+        layer_norm_eps=1e-5,
+        dropout=dropout,
+        attention_dropout=dropout,
+        pad_token_id=pad_token_id,
+        gene_norm=True,
+        value_encoder=value_encoder,
+        value_max=512.0,
+        n_value_bins=n_value_bins,
+        value_pad_id=value_pad_id,
+        n_batch_labels=n_batch_labels,
+    )
 
 
 def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> ForeignCheckpoint:
@@ -324,21 +364,15 @@ def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> For
                 f"{path / ARGS}: pad_value {pad_value} is not a valid category id (0 … {n_value_bins - 1})."
             )
     dropout = float(args.get("dropout", 0.2))
-    encoder = EncoderConfig(
-        vocab_size=len(vocab),
+    encoder = encoder_config(
+        len(vocab),
         d_model=d_model,
         n_heads=n_heads,
         n_layers=n_layers,
         d_ff=d_ff,
-        activation="relu",
-        norm_scheme="post",
-        layer_norm_eps=1e-5,
         dropout=dropout,
-        attention_dropout=dropout,
         pad_token_id=vocab[pad_token],
-        gene_norm=True,
         value_encoder=value_style,
-        value_max=512.0,
         n_value_bins=n_value_bins,
         value_pad_id=value_pad_id,
         n_batch_labels=int(n_batch),

@@ -8,6 +8,7 @@ never modified. With ``output=`` the tokens stream into memory-mappable shards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -207,110 +208,72 @@ def tokenize(
         raise DataError(f"chunk_size must be >= 1, got {chunk_size}.")
 
     sources, _, in_memory = _open_sources(adata, cells=cells, layer=layer, use_raw=use_raw)
-    try:
-        return _tokenize_sources(
-            sources,
-            impl,
-            scheme,
+    obs_columns = list(obs_columns)
+    with contextlib.ExitStack() as stack:
+        for src in sources:
+            stack.callback(src.close)
+        ctx_sources: list[tuple[MatrixSource, GeneMatch]] = []
+        for src in sources:
+            missing = [c for c in obs_columns if c not in src.obs.columns]
+            if missing:
+                raise DataError(
+                    f"obs column(s) {missing} not found in {src.name}; available: {list(src.obs.columns)}."
+                )
+            column = gene_column
+            scheme_column = options.get(getattr(impl, "GENE_COLUMN_OPTION", ""))
+            if scheme_column is not None:
+                if column is not None and column != scheme_column:
+                    raise DataError(
+                        f"gene_column={column!r} and {impl.GENE_COLUMN_OPTION}={scheme_column!r} disagree; pass one."
+                    )
+                column = scheme_column
+            if column is None and scheme == "geneformer" and "ensembl_id" in src.var.columns:
+                column = "ensembl_id"
+            names = _gene_names(src, column)
+            match = (
+                impl.match_genes(names, vocab, resources, options)
+                if hasattr(impl, "match_genes")
+                else resolve_genes(names, vocab)
+            )
+            require_overlap(match, vocab, what=src.name)
+            ctx_sources.append((src, match))
+        ctx = TokenizeContext(
+            ctx_sources,
             vocab,
-            options,
+            {**impl.OPTIONS, **options},
             model_input,
             resources,
-            list(obs_columns),
-            gene_column,
+            obs_columns,
             chunk_size,
             progress,
             in_memory,
-            output,
-            max_shard_samples,
-            shard_format,
-            overwrite,
         )
-    finally:
-        for src in sources:
-            src.close()
+        chunks: Iterator[TokenizedCells] = impl.run(ctx)
+        coverage = _merge_coverage([m for _, m in ctx_sources])
+        gene_notes = [
+            m.summary() for _, m in ctx_sources if m.n_version_stripped or m.n_case_folded or m.n_duplicated
+        ]
 
-
-def _tokenize_sources(
-    sources,
-    impl,
-    scheme,
-    vocab,
-    options,
-    model_input,
-    resources,
-    obs_columns,
-    gene_column,
-    chunk_size,
-    progress,
-    in_memory,
-    output,
-    max_shard_samples,
-    shard_format,
-    overwrite,
-) -> TokenizedCells | ShardedTokens:
-    ctx_sources: list[tuple[MatrixSource, GeneMatch]] = []
-    for src in sources:
-        missing = [c for c in obs_columns if c not in src.obs.columns]
-        if missing:
-            raise DataError(
-                f"obs column(s) {missing} not found in {src.name}; available: {list(src.obs.columns)}."
-            )
-        column = gene_column
-        scheme_column = options.get(getattr(impl, "GENE_COLUMN_OPTION", ""), None)
-        if scheme_column is not None:
-            if column is not None and column != scheme_column:
-                raise DataError(
-                    f"gene_column={column!r} and {impl.GENE_COLUMN_OPTION}={scheme_column!r} disagree; pass one."
-                )
-            column = scheme_column
-        if column is None and scheme == "geneformer" and "ensembl_id" in src.var.columns:
-            column = "ensembl_id"
-        names = _gene_names(src, column)
-        match = (
-            impl.match_genes(names, vocab, resources, options)
-            if hasattr(impl, "match_genes")
-            else resolve_genes(names, vocab)
+        if output is None:
+            parts = list(chunks)
+            result = TokenizedCells.concat(parts) if len(parts) != 1 else parts[0]
+            result.coverage = coverage
+            result.notes = list(dict.fromkeys([*gene_notes, *ctx.notes, *result.notes]))
+            log.info(result.summary())
+            return result
+        writer = ShardWriter(
+            output, max_shard_samples=max_shard_samples, format=shard_format, overwrite=overwrite
         )
-        require_overlap(match, vocab, what=src.name)
-        ctx_sources.append((src, match))
-    ctx = TokenizeContext(
-        ctx_sources,
-        vocab,
-        {**impl.OPTIONS, **options},
-        model_input,
-        resources,
-        obs_columns,
-        chunk_size,
-        progress,
-        in_memory,
-    )
-    chunks: Iterator[TokenizedCells] = impl.run(ctx)
-    coverage = _merge_coverage([m for _, m in ctx_sources])
-    gene_notes = [
-        m.summary() for _, m in ctx_sources if m.n_version_stripped or m.n_case_folded or m.n_duplicated
-    ]
-
-    if output is None:
-        parts = list(chunks)
-        result = TokenizedCells.concat(parts) if len(parts) != 1 else parts[0]
-        result.coverage = coverage
-        result.notes = list(dict.fromkeys([*gene_notes, *ctx.notes, *result.notes]))
-        log.info(result.summary())
-        return result
-    writer = ShardWriter(
-        output, max_shard_samples=max_shard_samples, format=shard_format, overwrite=overwrite
-    )
-    first = True
-    for part in chunks:
-        if first:
-            part.coverage = coverage
-            part.notes = list(dict.fromkeys([*gene_notes, *ctx.notes, *part.notes]))
-            first = False
-        writer.add(part)
-    if writer._template is not None:  # notes gathered while streaming (e.g. dropped cells)
-        writer._template.notes = list(dict.fromkeys([*writer._template.notes, *ctx.notes]))
-    return writer.close()
+        first = True
+        for part in chunks:
+            if first:
+                part.coverage = coverage
+                part.notes = list(dict.fromkeys([*gene_notes, *ctx.notes, *part.notes]))
+                first = False
+            writer.add(part)
+        if writer._template is not None:  # notes gathered while streaming (e.g. dropped cells)
+            writer._template.notes = list(dict.fromkeys([*writer._template.notes, *ctx.notes]))
+        return writer.close()
 
 
 def _merge_coverage(matches: list[GeneMatch]) -> Coverage:

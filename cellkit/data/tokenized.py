@@ -325,14 +325,22 @@ class ShardWriter:
         if len(cells) == 0:
             return
         if self._template is None:
-            self._template = replace(cells, rng=None, gene_ids=cells.gene_ids[:0], offsets=np.zeros(1, np.int64),
-                                     values=None if cells.values is None else cells.values[:0],
-                                     token_type_ids=None if cells.token_type_ids is None else cells.token_type_ids[:0],
-                                     obs_names=np.zeros(0, dtype=str), obs=None)
+            self._template = replace(
+                cells,
+                rng=None,
+                gene_ids=cells.gene_ids[:0],
+                offsets=np.zeros(1, np.int64),
+                values=None if cells.values is None else cells.values[:0],
+                token_type_ids=None if cells.token_type_ids is None else cells.token_type_ids[:0],
+                obs_names=np.zeros(0, dtype=str),
+                obs=None,
+            )
         start = 0
         while start < len(cells):
             take = min(self.max_shard_samples - self._pending_n, len(cells) - start)
-            part = cells if (start == 0 and take == len(cells)) else cells.subset(np.arange(start, start + take))
+            part = (
+                cells if (start == 0 and take == len(cells)) else cells.subset(np.arange(start, start + take))
+            )
             if self.format == "npy":
                 self._append_npy(part)
             else:
@@ -444,7 +452,11 @@ class ShardWriter:
         """Write the last shard and the manifest; return the reader."""
         if not self._closed:
             self._flush()
-            t = self._template if self._template is not None else TokenizedCells(np.zeros(0, np.int32), np.zeros(1, np.int64))
+            t = (
+                self._template
+                if self._template is not None
+                else TokenizedCells(np.zeros(0, np.int32), np.zeros(1, np.int64))
+            )
             manifest = {
                 "format": FORMAT,
                 "version": 1,
