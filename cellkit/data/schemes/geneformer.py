@@ -179,6 +179,10 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
     ctx.options.update({"model_input_size": int(size), "special_token": bool(special)})
     for src, match in ctx.sources:
         plan, out_tokens = _column_plan(match, bool(o["collapse_gene_ids"]), compat)
+        # without merged genes the plan is an ordered column selection: slice instead of a matmul
+        plan_rows, plan_cols = plan.nonzero()
+        ordered = plan.nnz == plan.shape[1] and np.array_equal(plan_cols, np.arange(plan.shape[1]))
+        selection = plan_rows if ordered and (np.diff(plan_rows) > 0).all() else None
         median = np.array([medians[vocab.token(int(t))] for t in out_tokens], dtype=np.float64)
         recip_median = np.divide(1, median)
         rows = src.rows
@@ -212,13 +216,18 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                         f"Cells with counts but obs[{n_col!r}] <= 0 cannot be normalised, e.g. {bad}; fix the "
                         f"{n_col!r} column or drop it to let cellkit compute totals."
                     )
-                x = (
-                    (block @ plan).tocsr()
-                    if plan.shape[1]
-                    else sp.csr_matrix((len(idx), 0), dtype=block.dtype)
-                )
-                x = x.astype(block.dtype, copy=False)
-                x.sort_indices()
+                if selection is None:  # merged genes: sum columns with the plan
+                    x = (
+                        (block @ plan).tocsr()
+                        if plan.shape[1]
+                        else sp.csr_matrix((len(idx), 0), dtype=block.dtype)
+                    )
+                    x = x.astype(block.dtype, copy=False)
+                    x.sort_indices()
+                elif len(selection) == block.shape[1]:
+                    x = block  # every column is a gene, in order
+                else:
+                    x = block[:, selection]  # an ordered column selection keeps CSR order
                 # Geneformer: X / n_counts * target_sum / median, as scipy evaluates it
                 r_of = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
                 with np.errstate(divide="ignore"):  # empty cells (n_counts 0) have no entries to scale
