@@ -10,11 +10,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["bin_rows", "sample_keep"]
+__all__ = ["bin_rows", "sample_compact"]
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2 = np.uint64(0x94D049BB133111EB)
+#: integer-valued rows whose maximum is at most this use a counting sort
+_COUNTING_LIMIT = 65536.0
 
 
 @numba.njit(cache=True, inline="always")
@@ -45,29 +47,64 @@ def bin_rows(
         n = b - a
         if n == 0:
             continue
-        s = np.sort(data[a:b])
+        # small non-negative integers (raw counts): a counting sort instead of a comparison sort
+        top = 0.0
+        integral = True
+        for t in range(a, b):
+            v = data[t]
+            if v > top:
+                top = v
+            if v != np.floor(v) or v < 0:
+                integral = False
+        counting = integral and top <= _COUNTING_LIMIT
+        if counting:
+            m = np.int64(top)
+            cum = np.zeros(m + 1, dtype=np.int64)
+            for t in range(a, b):
+                cum[np.int64(data[t])] += 1
+            for v in range(1, m + 1):
+                cum[v] += cum[v - 1]  # cum[v] = number of values <= v
+            s = np.empty(0, dtype=data.dtype)
+        else:
+            s = np.sort(data[a:b])
         edges = np.empty(n_edges, dtype=np.float64)
         for j in range(n_edges):
             virtual = (n - 1) * q[j]
             if virtual >= n - 1:
-                lo = s[n - 1]
-                hi = s[n - 1]
+                pi = n - 1
+                ni = n - 1
                 gamma = virtual + 1.0
             else:
                 prev = np.floor(virtual)
                 pi = np.int64(prev)
-                lo = s[pi]
-                hi = s[pi + 1]
+                ni = pi + 1
                 gamma = virtual - prev
+            if counting:  # the value at sorted position p is the smallest v with cum[v] > p
+                lo = data.dtype.type(np.searchsorted(cum, pi, side="right"))
+                hi = data.dtype.type(np.searchsorted(cum, ni, side="right"))
+            else:
+                lo = s[pi]
+                hi = s[ni]
             diff = hi - lo
             if gamma >= 0.5:
                 edges[j] = hi - diff * (1.0 - gamma)
             else:
                 edges[j] = lo + diff * gamma
+        if counting:  # left/right once per distinct value
+            left_of = np.empty(m + 1, dtype=np.int64)
+            right_of = np.empty(m + 1, dtype=np.int64)
+            for v in range(m + 1):
+                if (cum[v] - (cum[v - 1] if v > 0 else 0)) > 0:
+                    left_of[v] = np.searchsorted(edges, np.float64(v), side="right")
+                    right_of[v] = np.searchsorted(edges, np.float64(v), side="left")
         for t in range(a, b):
             x = np.float64(data[t])
-            left = np.searchsorted(edges, x, side="right")
-            right = np.searchsorted(edges, x, side="left")
+            if counting:
+                left = left_of[np.int64(data[t])]
+                right = right_of[np.int64(data[t])]
+            else:
+                left = np.searchsorted(edges, x, side="right")
+                right = np.searchsorted(edges, x, side="left")
             if use_hash:
                 ut = _uniform(seed_mixed, row_keys[r], token_keys[t])
             else:
@@ -76,33 +113,43 @@ def bin_rows(
 
 
 @numba.njit(parallel=True, cache=True)
-def sample_keep(
-    offsets, token_keys, row_keys, seed_mixed, max_len, first, keep
-):  # pragma: no cover - compiled
-    """Mark, per too-long row, the first ``first`` tokens and the ``max_len - first`` smallest hashes."""
+def sample_compact(
+    offsets, ids, vals, row_keys, seed_mixed, max_len, first, new_offsets, out_ids, out_vals
+):  # pragma: no cover
+    """Keep, per row longer than ``max_len``, the first ``first`` tokens and the ``max_len - first``
+    tokens with the smallest ``uniform_hash(seed, cell key, token id)`` (equal hashes in column
+    order), writing the kept tokens of every row, in their order, to ``out_ids``/``out_vals``."""
     n_rows = offsets.shape[0] - 1
     for r in numba.prange(n_rows):
         a = offsets[r]
         b = offsets[r + 1]
+        o = new_offsets[r]
         if b - a <= max_len:
+            for t in range(a, b):
+                out_ids[o + t - a] = ids[t]
+                out_vals[o + t - a] = vals[t]
             continue
         m = b - a - first
         h = np.empty(m, dtype=np.float64)
         for t in range(m):
-            h[t] = _uniform(seed_mixed, row_keys[r], token_keys[a + first + t])
+            h[t] = _uniform(seed_mixed, row_keys[r], np.uint64(ids[a + first + t]))
         k = max_len - first
-        # the k smallest hashes; equal hashes (a gene listed twice) are taken in column order
         threshold = np.partition(h, k - 1)[k - 1]
         below = 0
         for t in range(m):
             if h[t] < threshold:
                 below += 1
         room = k - below
+        for t in range(first):
+            out_ids[o + t] = ids[a + t]
+            out_vals[o + t] = vals[a + t]
+        w = o + first
         for t in range(m):
-            if h[t] < threshold:
-                keep[a + first + t] = True
-            elif h[t] == threshold and room > 0:
-                keep[a + first + t] = True
+            take = h[t] < threshold
+            if not take and h[t] == threshold and room > 0:
+                take = True
                 room -= 1
-            else:
-                keep[a + first + t] = False
+            if take:
+                out_ids[w] = ids[a + first + t]
+                out_vals[w] = vals[a + first + t]
+                w += 1

@@ -235,21 +235,28 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                 data = np.multiply(x.data, recip_counts[r_of])
                 data = data * target_sum
                 data = np.multiply(data, recip_median[x.indices])
-                ids_out, lengths, full = [], [], []
-                for r in range(x.shape[0]):
-                    a, b = x.indptr[r], x.indptr[r + 1]
-                    vals = data[a:b]
-                    toks = out_tokens[x.indices[a:b]]
-                    if not compat:
-                        nz = vals != 0
-                        vals, toks = vals[nz], toks[nz]
-                    ranked = toks[np.argsort(-vals)][:budget]
-                    full.append(b - a)
+                if not compat and (data == 0).any():  # explicit zeros are not expression
+                    x = sp.csr_matrix((data, x.indices, x.indptr), shape=x.shape)
+                    x.eliminate_zeros()
+                    data = x.data
+                neg = -data  # per row equal to Geneformer's -gene_vector: same argsort, same tie order
+                toks_all = out_tokens[x.indices]
+                indptr = x.indptr
+                full = np.diff(indptr)
+                kept = np.minimum(full, budget)
+                extra = 2 if special else 0
+                lengths_arr = (kept + extra).astype(np.int64)
+                out_offsets = np.concatenate([[0], np.cumsum(lengths_arr)])
+                flat = np.empty(int(out_offsets[-1]), dtype=np.int32)
+                for r in range(len(full)):
+                    a, b, o_ = indptr[r], indptr[r + 1], out_offsets[r]
+                    k = kept[r]
                     if special:
-                        ranked = np.concatenate([[specials["cls"]], ranked, [specials["eos"]]])
-                    ids_out.append(ranked)
-                    lengths.append(len(ranked))
-                lengths_arr = np.asarray(lengths, dtype=np.int64)
+                        flat[o_] = specials["cls"]
+                        flat[o_ + 1 + k] = specials["eos"]
+                        o_ += 1
+                    if b > a:
+                        flat[o_ : o_ + k] = toks_all[a:b][np.argsort(neg[a:b])[:k]]
                 # compat keeps gene-less cells as Geneformer does (V1: empty; V2: <cls> <eos>)
                 keep_rows = np.asarray(full) > 0 if not compat else np.ones(len(idx), dtype=bool)
                 if not compat:
@@ -257,11 +264,17 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                 names = np.asarray(src.obs.index[idx]).astype(str)
                 empty += names[~keep_rows].tolist()
                 sel = np.flatnonzero(keep_rows)
+                whole = len(sel) == len(full)
                 part = TokenizedCells(
-                    np.concatenate([ids_out[i] for i in sel]).astype(np.int32)
-                    if len(sel)
-                    else np.zeros(0, np.int32),
-                    np.concatenate([[0], np.cumsum(lengths_arr[sel])]),
+                    flat
+                    if whole
+                    else flat[
+                        np.concatenate(
+                            [np.arange(out_offsets[i], out_offsets[i + 1]) for i in sel]
+                            or [np.zeros(0, np.int64)]
+                        )
+                    ],
+                    out_offsets if whole else np.concatenate([[0], np.cumsum(lengths_arr[sel])]),
                     obs_names=names[sel],
                     obs=None
                     if ctx.obs_frame(src, idx) is None

@@ -331,11 +331,16 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
 
             keys = cell_key(np.asarray(src.obs.index[src.rows]).astype(str))
         done = 0
+        identity_cols = len(cols) == src.var.shape[0] and bool((cols == np.arange(len(cols))).all())
+        # Binning depends only on the order of a cell's values, which normalize_total and log1p
+        # (monotone within a cell) keep: deterministic mode bins the counts directly. compat mode
+        # runs them, because they can round two values into a tie and scGPT's RNG then differs.
+        rank_only = bool(n_bins) and not compat
         with ctx.pbar(len(src.rows), f"tokenizing ({src.name})") as bar:
             for idx, block in src.chunks(ctx.chunk_size):
                 check_values(block.data, where=src.name)
-                x = block[:, cols]
-                if target is not None or o["log1p"]:
+                x = block if identity_cols else block[:, cols]
+                if (target is not None or o["log1p"]) and not rank_only:
                     x = _normalize(x, target, bool(o["log1p"]))
                 if hvg_pos is not None:
                     x = x[:, hvg_pos]
@@ -442,24 +447,26 @@ def _sample_deterministic(
 ) -> TokenizedCells:
     """Keep ``<cls>`` + the ``max_len - 1`` genes with the smallest hash (column order kept)."""
     from .._hashing import hash64
-    from ._kernels import sample_keep
+    from ._kernels import sample_compact
 
-    keep = np.ones(cells.n_tokens, dtype=bool)
     first = 1 if cls_appended else 0
-    sample_keep(
+    lengths = np.minimum(cells.lengths, max_len)
+    new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    out_ids = np.empty(int(new_offsets[-1]), dtype=np.int32)
+    out_vals = np.empty(int(new_offsets[-1]), dtype=np.float32)
+    sample_compact(
         np.ascontiguousarray(cells.offsets, dtype=np.int64),
-        cells.gene_ids.astype(np.uint64),
+        np.ascontiguousarray(cells.gene_ids, dtype=np.int32),
+        np.ascontiguousarray(cells.values, dtype=np.float32),
         np.ascontiguousarray(keys, dtype=np.uint64),
         np.uint64(hash64(seed + 1)),
         int(max_len),
         first,
-        keep,
+        new_offsets,
+        out_ids,
+        out_vals,
     )
-    lengths = np.add.reduceat(keep, cells.offsets[:-1]) if len(cells) else np.zeros(0, np.int64)
-    lengths[cells.lengths == 0] = 0
-    return TokenizedCells(
-        cells.gene_ids[keep], np.concatenate([[0], np.cumsum(lengths)]), values=cells.values[keep]
-    )
+    return TokenizedCells(out_ids, new_offsets, values=out_vals)
 
 
 def _sample_compat(
