@@ -640,3 +640,13 @@ def test_compiled_binning_kernel_equals_numpy_reference(seed, n, g, n_bins, kind
         bin_csr(m.data, m.indptr, n_bins, a.rand(m.nnz)),
         bin_block(m, tokens, n_bins, rng=b, keys=None, seed=0),
     )
+
+
+def test_tokenize_from_two_threads_at_once(pbmc):
+    """The studio tokenizes in a background thread; compiled kernels must tolerate concurrent calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    vocab = scgpt_vocab(pbmc.var_names)
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda _: cellkit.tokenize(pbmc, vocab, scheme="scgpt", max_len=64, progress=False), range(2))
+    np.testing.assert_array_equal(a.values, b.values)

@@ -7,10 +7,16 @@ them against the numpy versions and against scGPT's own output. numba comes with
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 
-__all__ = ["bin_rows", "sample_compact"]
+__all__ = ["KERNEL_LOCK", "bin_rows", "sample_compact"]
+
+#: numba's default ("workqueue") threading layer must not be entered from two threads at once
+#: (e.g. the studio tokenizing in a background thread while a notebook cell does too)
+KERNEL_LOCK = threading.Lock()
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)

@@ -129,7 +129,7 @@ def bin_block(
     ``uniform_hash(seed, cell key, gene token)`` (``deterministic``).
     """
     from .._hashing import hash64
-    from ._kernels import bin_rows
+    from ._kernels import KERNEL_LOCK, bin_rows
 
     data = np.ascontiguousarray(x.data)
     indptr = np.ascontiguousarray(x.indptr, dtype=np.int64)
@@ -138,30 +138,32 @@ def bin_block(
     token_keys = np.ascontiguousarray(gene_tokens[x.indices], dtype=np.uint64)
     if rng is not None:
         u = rng.rand(x.nnz)  # one draw per nonzero value, rows in order: scGPT's np.random.rand per row
-        bin_rows(
-            data,
-            indptr,
-            q,
-            u,
-            use_hash=False,
-            seed_mixed=np.uint64(0),
-            row_keys=np.zeros(len(indptr) - 1, np.uint64),
-            token_keys=token_keys,
-            out=out,
-        )
+        with KERNEL_LOCK:
+            bin_rows(
+                data,
+                indptr,
+                q,
+                u,
+                use_hash=False,
+                seed_mixed=np.uint64(0),
+                row_keys=np.zeros(len(indptr) - 1, np.uint64),
+                token_keys=token_keys,
+                out=out,
+            )
     else:
         row_keys = np.ascontiguousarray(keys, dtype=np.uint64)
-        bin_rows(
-            data,
-            indptr,
-            q,
-            np.zeros(0),
-            use_hash=True,
-            seed_mixed=np.uint64(hash64(seed)),
-            row_keys=row_keys,
-            token_keys=token_keys,
-            out=out,
-        )
+        with KERNEL_LOCK:
+            bin_rows(
+                data,
+                indptr,
+                q,
+                np.zeros(0),
+                use_hash=True,
+                seed_mixed=np.uint64(hash64(seed)),
+                row_keys=row_keys,
+                token_keys=token_keys,
+                out=out,
+            )
     return out
 
 
@@ -447,25 +449,26 @@ def _sample_deterministic(
 ) -> TokenizedCells:
     """Keep ``<cls>`` + the ``max_len - 1`` genes with the smallest hash (column order kept)."""
     from .._hashing import hash64
-    from ._kernels import sample_compact
+    from ._kernels import KERNEL_LOCK, sample_compact
 
     first = 1 if cls_appended else 0
     lengths = np.minimum(cells.lengths, max_len)
     new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     out_ids = np.empty(int(new_offsets[-1]), dtype=np.int32)
     out_vals = np.empty(int(new_offsets[-1]), dtype=np.float32)
-    sample_compact(
-        np.ascontiguousarray(cells.offsets, dtype=np.int64),
-        np.ascontiguousarray(cells.gene_ids, dtype=np.int32),
-        np.ascontiguousarray(cells.values, dtype=np.float32),
-        np.ascontiguousarray(keys, dtype=np.uint64),
-        np.uint64(hash64(seed + 1)),
-        int(max_len),
-        first,
-        new_offsets,
-        out_ids,
-        out_vals,
-    )
+    with KERNEL_LOCK:
+        sample_compact(
+            np.ascontiguousarray(cells.offsets, dtype=np.int64),
+            np.ascontiguousarray(cells.gene_ids, dtype=np.int32),
+            np.ascontiguousarray(cells.values, dtype=np.float32),
+            np.ascontiguousarray(keys, dtype=np.uint64),
+            np.uint64(hash64(seed + 1)),
+            int(max_len),
+            first,
+            new_offsets,
+            out_ids,
+            out_vals,
+        )
     return TokenizedCells(out_ids, new_offsets, values=out_vals)
 
 
