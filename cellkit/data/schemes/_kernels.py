@@ -33,13 +33,6 @@ def _mix(x):
     return z ^ (z >> np.uint64(31))
 
 
-@numba.njit(cache=True, inline="always")
-def _uniform(seed_mixed, key1, key2):
-    # == cellkit.data._hashing.uniform_hash(seed, key1, key2)
-    h = _mix(_mix(seed_mixed ^ key1) ^ key2)
-    return np.float64(h >> np.uint64(11)) * (2.0**-53)
-
-
 @numba.njit(parallel=True, cache=True)
 def bin_rows(
     data, indptr, q, u, use_hash, seed_mixed, row_keys, token_keys, out
@@ -53,6 +46,7 @@ def bin_rows(
         n = b - a
         if n == 0:
             continue
+        inner = _mix(seed_mixed ^ row_keys[r])  # the per-cell part of uniform_hash(seed, cell, gene)
         # small non-negative integers (raw counts): a counting sort instead of a comparison sort
         top = 0.0
         integral = True
@@ -112,7 +106,7 @@ def bin_rows(
                 left = np.searchsorted(edges, x, side="right")
                 right = np.searchsorted(edges, x, side="left")
             if use_hash:
-                ut = _uniform(seed_mixed, row_keys[r], token_keys[t])
+                ut = np.float64(_mix(inner ^ token_keys[t]) >> np.uint64(11)) * (2.0**-53)
             else:
                 ut = u[t]
             out[t] = np.int64(np.ceil(ut * (right - left) + left))
@@ -136,9 +130,12 @@ def sample_compact(
                 out_vals[o + t - a] = vals[t]
             continue
         m = b - a - first
-        h = np.empty(m, dtype=np.float64)
+        # uniform_hash(seed, cell key, token) is monotone in this 64-bit hash (the uniform is its top
+        # 53 bits): compare hashes directly, with the per-cell part of the mix computed once
+        inner = _mix(seed_mixed ^ row_keys[r])
+        h = np.empty(m, dtype=np.uint64)
         for t in range(m):
-            h[t] = _uniform(seed_mixed, row_keys[r], np.uint64(ids[a + first + t]))
+            h[t] = _mix(inner ^ np.uint64(ids[a + first + t])) >> np.uint64(11)
         k = max_len - first
         threshold = np.partition(h, k - 1)[k - 1]
         below = 0
