@@ -143,6 +143,33 @@ def _column_plan(match: GeneMatch, collapse: bool, compat: bool) -> tuple[sp.csr
     return plan, np.asarray(out, dtype=np.int64)
 
 
+def _rank_span(indptr, out_offsets, kept, neg, toks, flat, shift, lo, hi) -> None:
+    for r in range(lo, hi):
+        a, b = indptr[r], indptr[r + 1]
+        if b > a:
+            o = out_offsets[r] + shift
+            # numpy's own argsort on the same values as Geneformer: identical order of ties
+            flat[o : o + kept[r]] = toks[a:b][np.argsort(neg[a:b])[: kept[r]]]
+
+
+def _rank_rows(indptr, out_offsets, kept, neg, toks, flat, shift) -> None:
+    """Rank every row into ``flat``; two threads share the rows (numpy's sort releases the GIL)."""
+    n = len(kept)
+    if n < 256:
+        _rank_span(indptr, out_offsets, kept, neg, toks, flat, shift, 0, n)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    half = n // 2
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [
+            pool.submit(_rank_span, indptr, out_offsets, kept, neg, toks, flat, shift, lo, hi)
+            for lo, hi in ((0, half), (half, n))
+        ]
+        for job in jobs:
+            job.result()
+
+
 def run(ctx: Any) -> Iterator[TokenizedCells]:
     """Tokenize every source of ``ctx`` (see :func:`cellkit.tokenize`)."""
     from ..tokenize import check_values, model_input_value
@@ -248,15 +275,11 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                 lengths_arr = (kept + extra).astype(np.int64)
                 out_offsets = np.concatenate([[0], np.cumsum(lengths_arr)])
                 flat = np.empty(int(out_offsets[-1]), dtype=np.int32)
-                for r in range(len(full)):
-                    a, b, o_ = indptr[r], indptr[r + 1], out_offsets[r]
-                    k = kept[r]
-                    if special:
-                        flat[o_] = specials["cls"]
-                        flat[o_ + 1 + k] = specials["eos"]
-                        o_ += 1
-                    if b > a:
-                        flat[o_ : o_ + k] = toks_all[a:b][np.argsort(neg[a:b])[:k]]
+                if special:
+                    flat[out_offsets[:-1]] = specials["cls"]
+                    flat[out_offsets[1:] - 1] = specials["eos"]
+                shift = 1 if special else 0
+                _rank_rows(indptr, out_offsets, kept, neg, toks_all, flat, shift)
                 # compat keeps gene-less cells as Geneformer does (V1: empty; V2: <cls> <eos>)
                 keep_rows = np.asarray(full) > 0 if not compat else np.ones(len(idx), dtype=bool)
                 if not compat:
