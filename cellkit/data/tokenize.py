@@ -83,19 +83,19 @@ def _model_parts(model: Any) -> tuple[GeneVocab, str | None, dict[str, Any], dic
 
 def _open_sources(
     data: Any, *, cells: Any, layer: str | None, use_raw: bool
-) -> tuple[list[MatrixSource], list[str] | None, bool]:
-    """Sources for the supported inputs; returns (sources, scBank gene names or None, in_memory)."""
+) -> tuple[list[MatrixSource], bool]:
+    """Sources for the supported inputs, and whether all their cells are in memory."""
     from anndata import AnnData
 
     if isinstance(data, AnnData):
-        return [anndata_source(data, layer=layer, use_raw=use_raw, cells=cells)], None, not data.isbacked
+        return [anndata_source(data, layer=layer, use_raw=use_raw, cells=cells)], not data.isbacked
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if path.is_dir() and (path / "gene_vocab.json").exists():
             if cells is not None or layer is not None:
                 raise DataError("cells= and layer= are not supported for scBank directories.")
-            genes, gen = scbank_sources(path)
-            return list(gen), genes, True
+            _, tables = scbank_sources(path)
+            return list(tables), True
         if path.suffix == ".h5ad":
             data = [path]
         else:
@@ -105,7 +105,7 @@ def _open_sources(
             raise DataError(
                 "cells= selects rows of one AnnData; for partitions, select when writing the files."
             )
-        return h5ad_sources(list(data), layer=layer), None, False
+        return h5ad_sources(list(data), layer=layer), False
     raise DataError(
         f"Cannot tokenize a {type(data).__name__}; pass an AnnData, an .h5ad path, a list of them or an scBank directory."
     )
@@ -207,7 +207,7 @@ def tokenize(
     if chunk_size < 1:
         raise DataError(f"chunk_size must be >= 1, got {chunk_size}.")
 
-    sources, _, in_memory = _open_sources(adata, cells=cells, layer=layer, use_raw=use_raw)
+    sources, in_memory = _open_sources(adata, cells=cells, layer=layer, use_raw=use_raw)
     obs_columns = list(obs_columns)
     with contextlib.ExitStack() as stack:
         for src in sources:
