@@ -648,5 +648,21 @@ def test_tokenize_from_two_threads_at_once(pbmc):
 
     vocab = scgpt_vocab(pbmc.var_names)
     with ThreadPoolExecutor(2) as pool:
-        a, b = pool.map(lambda _: cellkit.tokenize(pbmc, vocab, scheme="scgpt", max_len=64, progress=False), range(2))
+        a, b = pool.map(
+            lambda _: cellkit.tokenize(pbmc, vocab, scheme="scgpt", max_len=64, progress=False), range(2)
+        )
     np.testing.assert_array_equal(a.values, b.values)
+
+
+def test_gene_subset_and_cell_filter_are_reported(pbmc):
+    vocab = scgpt_vocab(pbmc.var_names)
+    mask = np.zeros(pbmc.n_vars, dtype=bool)
+    mask[:100] = True
+    t = cellkit.tokenize(pbmc, vocab, scheme="scgpt", genes=mask, filter_cell_by_counts=50, progress=False)
+    used = {vocab.token(int(i)) for i in t.gene_ids} - {"<cls>"}
+    assert used <= set(pbmc.var_names[:100])
+    assert any("filter_cell_by_counts=50" in n for n in t.notes)
+    with pytest.raises(DataError, match="genes= must be a boolean"):
+        cellkit.tokenize(pbmc, vocab, scheme="scgpt", genes=np.ones(3, dtype=bool), progress=False)
+    with pytest.raises(DataError, match="not a var column"):
+        cellkit.tokenize(pbmc, vocab, scheme="scgpt", genes="highly_variable_x", progress=False)
