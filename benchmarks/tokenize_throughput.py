@@ -26,7 +26,9 @@ with ``time.perf_counter``. Peak RSS is the child's own peak resident memory at 
 from ``/proc/self/status``, i.e. ``getrusage(RUSAGE_SELF).ru_maxrss`` without the parent's peak that
 Linux folds into ``ru_maxrss`` at exec), so it includes the interpreter, the libraries and the
 in-memory AnnData; "base RSS" is the same reading just before the timed call (after the read and
-the warm-up). "end-to-end" = read + call. Inputs are built in a child too, so this process stays
+the warm-up). "end-to-end" = read + call. "CPU" is the child's CPU time during the call (all
+threads): cellkit's numba kernels use every core while the references run on one, and on a shared
+machine CPU time is the steadier number. Inputs are built in a child too, so this process stays
 small.
 
 Speed-up: cellkit ``scgpt`` rows ÷ scGPT (Preprocessor + tokenize_and_pad_batch), cellkit
@@ -42,8 +44,15 @@ How to run (from the repository root, with cellkit's environment)::
 Options: ``--only cellkit-scgpt,gf-ref`` (row keys, see ``--list``), ``--repeats`` (fresh runs per
 cellkit row, median reported), ``--timeout`` (seconds per child; a reference that runs longer is
 recorded as such), ``--scgpt-python``, ``--geneformer-python``, ``--geneformer-src`` (missing
-interpreters are skipped with a note), ``--profile`` (cProfile of the cellkit ``scgpt`` deterministic
-and ``geneformer`` runs, top 15 by tottime, appended to the output).
+interpreters are skipped with a note), ``--threads N`` (NUMBA/OMP/BLAS threads in every child),
+``--profile`` (cProfile of the cellkit ``scgpt`` deterministic and ``geneformer`` runs, or the rows
+named by ``--profile-rows``, top 15 by tottime, appended to the output; ``.pstats`` files are kept
+in ``--workdir``). cProfile sees only the calling thread: time spent in worker threads shows as
+``acquire`` of a lock, and a numba kernel is one opaque entry. ``--out`` also writes the markdown
+there and the raw numbers next to it (``.json``).
+
+The output records the repository's commit and a hash of the cellkit sources each row imported
+(to measure a fixed snapshot while the tree changes, put a copy first on ``PYTHONPATH``).
 
 This file imports only the standard library and numpy at module level, so the reference
 interpreters can run it as a child (``--child``).
@@ -314,14 +323,17 @@ def child_cellkit(spec: dict) -> dict:
 
         profiler = cProfile.Profile()
         profiler.enable()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     tokens = call(adata)
     seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     if profiler is not None:
         profiler.disable()
         _dump_profile(profiler, spec["profile"])
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "read_seconds": t_read,
         "cellkit_src": _source_fingerprint(Path(cellkit.__file__).parent),
         "cells": len(tokens),
@@ -406,11 +418,14 @@ def child_scgpt_ref(spec: dict) -> dict:
 
     call(adata[: min(N_WARMUP, adata.n_obs)].copy())  # warm-up
     base = _rss_gb()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     out, t_pp = call(adata)
     seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "read_seconds": t_read,
         "preprocessor_seconds": t_pp,
         "tokenize_seconds": seconds - t_pp,
@@ -463,11 +478,14 @@ def child_gf_ref(spec: dict) -> dict:
 
     call(paths["warmup"])  # warm-up
     base = _rss_gb()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     ds, t_tok, rss_tok = call(paths["h5ad"])
     seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "read_seconds": None,  # inside tokenize_anndata
         "tokenize_anndata_seconds": t_tok,
         "create_dataset_seconds": seconds - t_tok,
@@ -548,16 +566,16 @@ def render(results: dict[str, dict], meta: dict) -> str:
             else "library default threads (cellkit's numba kernels use every core; the references run one thread)"
         ),
         "",
-        "| implementation | cells/s | seconds | read (s) | end-to-end (s) | base RSS (GB) | peak RSS (GB) "
-        "| speed-up vs reference | end-to-end speed-up |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| implementation | cells/s | seconds | CPU (s) | read (s) | end-to-end (s) | base RSS (GB) "
+        "| peak RSS (GB) | speed-up vs reference | end-to-end speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for key, res in results.items():
         label, kind, _, _, ref = ROWS[key]
         if "error" in res or "skipped" in res:
             msg = res.get("error") or res.get("skipped")
-            lines.append(f"| {label} | – | – | – | – | – | – | {msg} | |")
+            lines.append(f"| {label} | – | – | – | – | – | – | – | {msg} | |")
             continue
         read = res.get("read_seconds")
         e2e = res["seconds"] + (read or 0.0)
@@ -569,17 +587,18 @@ def render(results: dict[str, dict], meta: dict) -> str:
             e2e_speed = f"{ref_e2e / e2e:.1f}×"
             if ref == "gf-ref":
                 speed += f" ({ref_res['tokenize_anndata_seconds'] / res['seconds']:.1f}× vs tokenize_anndata alone)"
+            speed += f"; CPU time {ref_res['cpu_seconds'] / res['cpu_seconds']:.1f}×"
         elif ref and ref_res:
             speed = f"n/a ({ROWS[ref][0]}: {ref_res.get('error') or ref_res.get('skipped')})"
         lines.append(
-            f"| {label} | {res['cells'] / res['seconds']:,.0f} | {res['seconds']:.2f} | "
+            f"| {label} | {res['cells'] / res['seconds']:,.0f} | {res['seconds']:.2f} | {res['cpu_seconds']:.2f} | "
             f"{'incl.' if kind == 'gf-ref' else _fmt(read)} | {e2e:.2f} | {res['base_rss_gb']:.2f} | "
             f"{res['peak_rss_gb']:.2f} | {speed} | {e2e_speed} |"
         )
         if kind == "gf-ref":
             t = res["tokenize_anndata_seconds"]
             lines.append(
-                f"| Geneformer tokenize_anndata alone (incl. read) | {res['cells'] / t:,.0f} | {t:.2f} | incl. | "
+                f"| Geneformer tokenize_anndata alone (incl. read) | {res['cells'] / t:,.0f} | {t:.2f} | – | incl. | "
                 f"{t:.2f} | {res['base_rss_gb']:.2f} | {res['tokenize_anndata_peak_rss_gb']:.2f} | – | – |"
             )
             notes.append(
@@ -593,12 +612,17 @@ def render(results: dict[str, dict], meta: dict) -> str:
                 f"({res['tokens']:,} non-pad tokens)."
             )
         if kind == "cellkit":
-            extra = f" (runs: {res['all_seconds']} s)" if len(res.get("all_seconds", [])) > 1 else ""
+            extra = (
+                f" (runs: {res['all_seconds']} s; best {min(res['all_seconds']):.2f} s)"
+                if len(res.get("all_seconds", [])) > 1
+                else ""
+            )
             notes.append(f"{label}: {res['cells']:,} cells, {res['tokens']:,} tokens{extra}.")
     lines += ["", *[f"- {n}" for n in notes]]
     lines += [
-        "- seconds = the tokenization call alone (after reading the file and a 64-cell warm-up in the same "
-        "process); read = `anndata.read_h5ad` into memory; end-to-end = read + call. Peak RSS = the child's "
+        "- seconds = wall time of the tokenization call alone (after reading the file and a 64-cell warm-up in the same "
+        "process); read = `anndata.read_h5ad` into memory; end-to-end = read + call. CPU = process CPU time of the call (all threads; less sensitive "
+        "to other load than wall time). Peak RSS = the child's "
         "own peak RSS (`VmHWM`; interpreter + libraries + in-memory AnnData + the call); base RSS = the same just before "
         "the timed call.",
         f"- Command: `{meta['command']}`",
@@ -629,6 +653,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--geneformer-python", default="/work/scratch/gf-ref/bin/python")
     p.add_argument("--geneformer-src", default="/work/scratch/geneformer-ff551ee")
     p.add_argument("--profile", action="store_true", help="also cProfile the cellkit scgpt / geneformer runs")
+    p.add_argument(
+        "--profile-rows",
+        default=",".join(PROFILED),
+        help="comma-separated cellkit row keys to profile with --profile (default: %(default)s)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -687,7 +716,9 @@ def main(argv: list[str] | None = None) -> None:
         results[key] = _median_run(runs)
     profiles = {}
     if args.profile:
-        for key in PROFILED:
+        for key in [k.strip() for k in args.profile_rows.split(",") if k.strip()]:
+            if key not in ROWS or ROWS[key][1] != "cellkit":
+                p.error(f"--profile-rows: {key!r} is not a cellkit row (see --list)")
             _, kind, scheme, options, _ = ROWS[key]
             target = args.workdir / f"profile_{key}_{args.cells}x{args.genes}x{args.nnz}"
             spec = {
@@ -740,9 +771,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-    (args.workdir / f"tokenize_throughput_{args.cells}x{args.genes}x{args.nnz}.json").write_text(
-        json.dumps(results, indent=2)
+    raw = (
+        args.out.with_suffix(".json")
+        if args.out is not None
+        else args.workdir / f"tokenize_throughput_{args.cells}x{args.genes}x{args.nnz}.json"
     )
+    raw.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
