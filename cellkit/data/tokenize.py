@@ -64,6 +64,29 @@ class TokenizeContext:
         frame.index = np.arange(len(frame))
         return frame
 
+    def stamp(
+        self,
+        part: TokenizedCells,
+        src: MatrixSource,
+        rows: np.ndarray,
+        *,
+        scheme: str,
+        pad_value: float,
+        columns: list[str] | None = None,
+        specials: dict[str, int] | None = None,
+    ) -> TokenizedCells:
+        """Attach cell names, carried obs columns and the scheme's metadata to a block's tokens."""
+        part.obs_names = np.asarray(src.obs.index[rows]).astype(str)
+        if columns is None:
+            part.obs = self.obs_frame(src, rows)
+        elif columns:
+            frame = src.obs.iloc[rows][columns].copy()
+            frame.index = np.arange(len(frame))
+            part.obs = frame
+        part.scheme, part.options, part.pad_value = scheme, dict(self.options), pad_value
+        part.specials = self.specials() if specials is None else specials
+        return part
+
     def pbar(self, total: int, desc: str):
         from tqdm.auto import tqdm
 

@@ -376,14 +376,7 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                     x, gene_index, prefix[done : done + len(idx)], pheno_types, bin_ids, edges,
                     cls_id=cls_id, eos_id=eos_id, offset=offset, budget=budget,
                 )  # fmt: skip
-                part.obs_names = np.asarray(src.obs.index[idx]).astype(str)
-                part.obs = ctx.obs_frame(src, idx)
-                part.scheme, part.options, part.specials, part.pad_value = (
-                    "perturbgene",
-                    dict(ctx.options),
-                    specials,
-                    0.0,
-                )
+                ctx.stamp(part, src, idx, scheme="perturbgene", pad_value=0.0)
                 done += len(idx)
                 bar.update(len(idx))
                 yield part

@@ -363,14 +363,7 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                     seed=int(o["seed"]),
                     max_len=None if compat else max_len,
                 )
-                part.obs_names = np.asarray(src.obs.index[idx]).astype(str)
-                part.obs = ctx.obs_frame(src, idx)
-                part.scheme, part.options, part.specials, part.pad_value = (
-                    "scgpt",
-                    dict(ctx.options),
-                    specials,
-                    pad_value,
-                )
+                ctx.stamp(part, src, idx, scheme="scgpt", pad_value=pad_value)
                 done += len(idx)
                 bar.update(len(idx))
                 if compat:

@@ -453,16 +453,14 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                     include_zero=include_zero,
                     seed=seed,
                 )
-                part.obs_names = np.asarray(src.obs.index[idx]).astype(str)
-                if carried:
-                    frame = src.obs.iloc[idx][carried].copy()
-                    frame.index = np.arange(len(frame))
-                    part.obs = frame
-                part.scheme, part.options, part.specials, part.pad_value = (
-                    "teddy",
-                    dict(ctx.options),
-                    specials,
-                    pad_value,
+                ctx.stamp(
+                    part,
+                    src,
+                    idx,
+                    scheme="teddy",
+                    pad_value=pad_value,
+                    columns=list(carried),
+                    specials=specials,
                 )
                 done += len(idx)
                 bar.update(len(idx))
