@@ -49,6 +49,8 @@ class TokenizeContext:
     progress: bool
     in_memory: bool
     notes: list[str] = field(default_factory=list)
+    #: tokens go to shards as they are produced (``output=``): schemes keep memory per block
+    streaming: bool = False
 
     @property
     def n_cells(self) -> int:
@@ -270,6 +272,7 @@ def tokenize(
             chunk_size,
             progress,
             in_memory,
+            streaming=output is not None,
         )
         chunks: Iterator[TokenizedCells] = impl.run(ctx)
         coverage = _merge_coverage([m for _, m in ctx_sources])

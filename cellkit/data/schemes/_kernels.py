@@ -12,7 +12,7 @@ import threading
 import numba
 import numpy as np
 
-__all__ = ["KERNEL_LOCK", "bin_rows", "sample_compact"]
+__all__ = ["KERNEL_LOCK", "bin_rows", "sample_compact", "scgpt_count", "scgpt_tokens"]
 
 #: numba's default ("workqueue") threading layer must not be entered from two threads at once
 #: (e.g. the studio tokenizing in a background thread while a notebook cell does too)
@@ -33,83 +33,246 @@ def _mix(x):
     return z ^ (z >> np.uint64(31))
 
 
+@numba.njit(cache=True)
+def _row_edges(vals, q):  # pragma: no cover - compiled
+    """``np.quantile(vals, q)`` (linear) of one row, and a counting table for small integer rows.
+
+    Returns ``(edges, counting, left_of, right_of)``: with ``counting`` (the row holds small
+    non-negative integers) ``left_of[v]``/``right_of[v]`` are ``digitize(v, edges)`` and
+    ``digitize(v, edges, right=True)`` for every value ``v`` present in the row.
+    """
+    n = vals.shape[0]
+    n_edges = q.shape[0]
+    # small non-negative integers (raw counts): a counting sort instead of a comparison sort
+    top = 0.0
+    integral = True
+    for t in range(n):
+        v = vals[t]
+        if v > top:
+            top = v
+        if v != np.floor(v) or v < 0:
+            integral = False
+    counting = integral and top <= _COUNTING_LIMIT
+    m = np.int64(top) if counting else 0
+    if counting:
+        cum = np.zeros(m + 1, dtype=np.int64)
+        for t in range(n):
+            cum[np.int64(vals[t])] += 1
+        for v in range(1, m + 1):
+            cum[v] += cum[v - 1]  # cum[v] = number of values <= v
+        s = np.empty(0, dtype=vals.dtype)
+    else:
+        cum = np.zeros(0, dtype=np.int64)
+        s = np.sort(vals)
+    edges = np.empty(n_edges, dtype=np.float64)
+    for j in range(n_edges):
+        virtual = (n - 1) * q[j]
+        if virtual >= n - 1:
+            pi = n - 1
+            ni = n - 1
+            gamma = virtual + 1.0
+        else:
+            prev = np.floor(virtual)
+            pi = np.int64(prev)
+            ni = pi + 1
+            gamma = virtual - prev
+        if counting:  # the value at sorted position p is the smallest v with cum[v] > p
+            lo = vals.dtype.type(np.searchsorted(cum, pi, side="right"))
+            hi = vals.dtype.type(np.searchsorted(cum, ni, side="right"))
+        else:
+            lo = s[pi]
+            hi = s[ni]
+        diff = hi - lo
+        if gamma >= 0.5:
+            edges[j] = hi - diff * (1.0 - gamma)
+        else:
+            edges[j] = lo + diff * gamma
+    left_of = np.empty(m + 1 if counting else 0, dtype=np.int64)
+    right_of = np.empty(m + 1 if counting else 0, dtype=np.int64)
+    if counting:  # left/right once per distinct value
+        for v in range(m + 1):
+            if (cum[v] - (cum[v - 1] if v > 0 else 0)) > 0:
+                left_of[v] = np.searchsorted(edges, np.float64(v), side="right")
+                right_of[v] = np.searchsorted(edges, np.float64(v), side="left")
+    return edges, counting, left_of, right_of
+
+
+@numba.njit(cache=True)
+def _kth_smallest(h, k):  # pragma: no cover - compiled
+    """The ``k``-th smallest (0-based) of ``h``, 53-bit uniform hashes: a histogram of the top bits
+    finds the bucket that holds it, and only that bucket (about one value) is sorted."""
+    n = h.shape[0]
+    bits = 1
+    while bits < 16 and (1 << bits) < n:
+        bits += 1
+    shift = np.uint64(53 - bits)
+    counts = np.zeros(1 << bits, dtype=np.int64)
+    for t in range(n):
+        counts[np.int64(h[t] >> shift)] += 1
+    below = 0
+    bucket = 0
+    while below + counts[bucket] <= k:
+        below += counts[bucket]
+        bucket += 1
+    members = np.empty(counts[bucket], dtype=np.uint64)
+    j = 0
+    for t in range(n):
+        if np.int64(h[t] >> shift) == bucket:
+            members[j] = h[t]
+            j += 1
+    members.sort()
+    return members[k - below]
+
+
+@numba.njit(cache=True, inline="always")
+def _bin_of(v, edges, counting, left_of, right_of, ut):  # pragma: no cover - compiled
+    """scGPT's ``ceil(u * (right - left) + left)`` for one value."""
+    if counting:
+        left = left_of[np.int64(v)]
+        right = right_of[np.int64(v)]
+    else:
+        x = np.float64(v)
+        left = np.searchsorted(edges, x, side="right")
+        right = np.searchsorted(edges, x, side="left")
+    return np.int64(np.ceil(ut * (right - left) + left))
+
+
+@numba.njit(cache=True, inline="always")
+def _bin_hashed(v, edges, counting, left_of, right_of, inner, token):  # pragma: no cover - compiled
+    """:func:`_bin_of` with ``u = uniform_hash`` of (``inner``, ``token``), drawn only for values on
+    an edge: elsewhere ``right == left`` and ``ceil(u * 0 + left) == left`` whatever ``u`` is."""
+    if counting:
+        left = left_of[np.int64(v)]
+        right = right_of[np.int64(v)]
+    else:
+        x = np.float64(v)
+        left = np.searchsorted(edges, x, side="right")
+        right = np.searchsorted(edges, x, side="left")
+    if right == left:
+        return np.int64(left)
+    ut = np.float64(_mix(inner ^ np.uint64(token)) >> np.uint64(11)) * (2.0**-53)
+    return np.int64(np.ceil(ut * (right - left) + left))
+
+
 @numba.njit(parallel=True, cache=True)
 def bin_rows(
     data, indptr, q, u, use_hash, seed_mixed, row_keys, token_keys, out
 ):  # pragma: no cover - compiled
     """scGPT binning of CSR rows; ``u`` (len T) or, with ``use_hash``, per-(cell, gene) hashes."""
     n_rows = indptr.shape[0] - 1
-    n_edges = q.shape[0]
     for r in numba.prange(n_rows):
         a = indptr[r]
         b = indptr[r + 1]
-        n = b - a
-        if n == 0:
+        if b == a:
             continue
         inner = _mix(seed_mixed ^ row_keys[r])  # the per-cell part of uniform_hash(seed, cell, gene)
-        # small non-negative integers (raw counts): a counting sort instead of a comparison sort
-        top = 0.0
-        integral = True
+        edges, counting, left_of, right_of = _row_edges(data[a:b], q)
         for t in range(a, b):
-            v = data[t]
-            if v > top:
-                top = v
-            if v != np.floor(v) or v < 0:
-                integral = False
-        counting = integral and top <= _COUNTING_LIMIT
-        if counting:
-            m = np.int64(top)
-            cum = np.zeros(m + 1, dtype=np.int64)
-            for t in range(a, b):
-                cum[np.int64(data[t])] += 1
-            for v in range(1, m + 1):
-                cum[v] += cum[v - 1]  # cum[v] = number of values <= v
-            s = np.empty(0, dtype=data.dtype)
-        else:
-            s = np.sort(data[a:b])
-        edges = np.empty(n_edges, dtype=np.float64)
-        for j in range(n_edges):
-            virtual = (n - 1) * q[j]
-            if virtual >= n - 1:
-                pi = n - 1
-                ni = n - 1
-                gamma = virtual + 1.0
-            else:
-                prev = np.floor(virtual)
-                pi = np.int64(prev)
-                ni = pi + 1
-                gamma = virtual - prev
-            if counting:  # the value at sorted position p is the smallest v with cum[v] > p
-                lo = data.dtype.type(np.searchsorted(cum, pi, side="right"))
-                hi = data.dtype.type(np.searchsorted(cum, ni, side="right"))
-            else:
-                lo = s[pi]
-                hi = s[ni]
-            diff = hi - lo
-            if gamma >= 0.5:
-                edges[j] = hi - diff * (1.0 - gamma)
-            else:
-                edges[j] = lo + diff * gamma
-        if counting:  # left/right once per distinct value
-            left_of = np.empty(m + 1, dtype=np.int64)
-            right_of = np.empty(m + 1, dtype=np.int64)
-            for v in range(m + 1):
-                if (cum[v] - (cum[v - 1] if v > 0 else 0)) > 0:
-                    left_of[v] = np.searchsorted(edges, np.float64(v), side="right")
-                    right_of[v] = np.searchsorted(edges, np.float64(v), side="left")
-        for t in range(a, b):
-            x = np.float64(data[t])
-            if counting:
-                left = left_of[np.int64(data[t])]
-                right = right_of[np.int64(data[t])]
-            else:
-                left = np.searchsorted(edges, x, side="right")
-                right = np.searchsorted(edges, x, side="left")
             if use_hash:
                 ut = np.float64(_mix(inner ^ token_keys[t]) >> np.uint64(11)) * (2.0**-53)
             else:
                 ut = u[t]
-            out[t] = np.int64(np.ceil(ut * (right - left) + left))
+            out[t] = _bin_of(data[t], edges, counting, left_of, right_of, ut)
+
+
+@numba.njit(parallel=True, cache=True)
+def scgpt_count(data, indices, indptr, rows, col_tok, first, max_len, lengths):  # pragma: no cover
+    """Output length of each selected CSR row (``<cls>`` + its nonzero vocabulary genes, capped at
+    ``max_len`` when > 0); returns whether any stored value is negative or not finite."""
+    bad = np.zeros(rows.shape[0], dtype=np.bool_)
+    for i in numba.prange(rows.shape[0]):
+        r = rows[i]
+        n = 0
+        for t in range(indptr[r], indptr[r + 1]):
+            v = data[t]
+            if not (v >= 0 and np.isfinite(v)):
+                bad[i] = True
+            if v != 0 and col_tok[indices[t]] >= 0:
+                n += 1
+        n += first
+        if max_len > 0 and n > max_len:
+            n = max_len
+        lengths[i] = n
+    return bad.any()
+
+
+@numba.njit(parallel=True, cache=True)
+def scgpt_tokens(
+    data,
+    indices,
+    indptr,
+    rows,
+    col_tok,
+    row_keys,
+    q,
+    bin_seed,
+    sample_seed,
+    first,
+    cls_id,
+    cls_value,
+    max_len,
+    offsets,
+    out_ids,
+    out_vals,
+):  # pragma: no cover - compiled
+    """scGPT ``deterministic`` tokens of CSR rows in one pass, written straight into the output.
+
+    Per selected row ``rows[i]``: its nonzero values in vocabulary columns (``col_tok[column] >= 0``,
+    column order) are binned as :func:`bin_rows` bins them (edges from *all* of them, ties spread by
+    ``uniform_hash(seed, cell, gene)``); when ``first`` + their number exceeds ``max_len`` (> 0),
+    the genes kept are those :func:`sample_compact` keeps (smallest hash of ``seed + 1``, column
+    order). ``<cls>`` (when ``first``) then the kept genes go to ``out_*[offsets[i]:]``.
+    """
+    for i in numba.prange(rows.shape[0]):
+        r = rows[i]
+        a = indptr[r]
+        b = indptr[r + 1]
+        o = offsets[i]
+        if first:
+            out_ids[o] = cls_id
+            out_vals[o] = cls_value
+            o += 1
+        vals = np.empty(b - a, dtype=data.dtype)
+        toks = np.empty(b - a, dtype=np.int64)
+        n = 0
+        for t in range(a, b):
+            if data[t] != 0:
+                g = col_tok[indices[t]]
+                if g >= 0:
+                    vals[n] = data[t]
+                    toks[n] = g
+                    n += 1
+        if n == 0:
+            continue
+        vals = vals[:n]
+        toks = toks[:n]
+        edges, counting, left_of, right_of = _row_edges(vals, q)
+        inner = _mix(bin_seed ^ row_keys[i])
+        if max_len > 0 and n + first > max_len:
+            keep = max_len - first
+            inner_s = _mix(sample_seed ^ row_keys[i])
+            h = np.empty(n, dtype=np.uint64)
+            for t in range(n):
+                h[t] = _mix(inner_s ^ np.uint64(toks[t])) >> np.uint64(11)
+            threshold = _kth_smallest(h, keep - 1)
+            room = keep
+            for t in range(n):
+                if h[t] < threshold:
+                    room -= 1
+            for t in range(n):
+                take = h[t] < threshold
+                if not take and h[t] == threshold and room > 0:
+                    take = True
+                    room -= 1
+                if take:
+                    out_ids[o] = toks[t]
+                    out_vals[o] = _bin_hashed(vals[t], edges, counting, left_of, right_of, inner, toks[t])
+                    o += 1
+        else:
+            for t in range(n):
+                out_ids[o] = toks[t]
+                out_vals[o] = _bin_hashed(vals[t], edges, counting, left_of, right_of, inner, toks[t])
+                o += 1
 
 
 @numba.njit(parallel=True, cache=True)
@@ -137,7 +300,7 @@ def sample_compact(
         for t in range(m):
             h[t] = _mix(inner ^ np.uint64(ids[a + first + t])) >> np.uint64(11)
         k = max_len - first
-        threshold = np.partition(h, k - 1)[k - 1]
+        threshold = _kth_smallest(h, k - 1)
         below = 0
         for t in range(m):
             if h[t] < threshold:

@@ -332,6 +332,23 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
             from .._hashing import cell_key
 
             keys = cell_key(np.asarray(src.obs.index[src.rows]).astype(str))
+        if not compat and n_bins and not o["include_zero"] and hvg_pos is None:
+            # the common case: one compiled pass per block bins, samples and writes the tokens
+            yield from _run_fused(
+                ctx,
+                src,
+                cols,
+                gene_tokens,
+                keys,
+                n_bins=int(n_bins),
+                append_cls=append_cls,
+                cls_id=cls_id,
+                cls_value=cls_value,
+                max_len=max_len,
+                seed=int(o["seed"]),
+                pad_value=pad_value,
+            )
+            continue
         done = 0
         identity_cols = len(cols) == src.var.shape[0] and bool((cols == np.arange(len(cols))).all())
         # Binning depends only on the order of a cell's values, which normalize_total and log1p
@@ -376,6 +393,104 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
             cells = _sample_compat(cells, max_len, rng, cls_appended=append_cls)
         cells.rng = rng
         yield cells
+
+
+def _csr_arrays(matrix: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(data, indices, indptr)`` of an in-memory CSR matrix the fused kernel can read in place
+    (float values, sorted indices, no duplicates), else ``None`` (then blocks are copied)."""
+    if not (sp.issparse(matrix) and matrix.format == "csr" and matrix.dtype in (np.float32, np.float64)):
+        return None
+    if not matrix.has_canonical_format:
+        return None
+    return matrix.data, matrix.indices, matrix.indptr
+
+
+def _run_fused(
+    ctx: Any,
+    src: Any,
+    cols: np.ndarray,
+    gene_tokens: np.ndarray,
+    keys: np.ndarray,
+    *,
+    n_bins: int,
+    append_cls: bool,
+    cls_id: int,
+    cls_value: float,
+    max_len: int | None,
+    seed: int,
+    pad_value: float,
+) -> Iterator[TokenizedCells]:
+    """Deterministic-mode tokens of one source with :func:`._kernels.scgpt_tokens`.
+
+    The counts are binned directly (normalize_total and log1p keep the order of a cell's values).
+    In-memory CSR matrices are read in place; otherwise each block is read with
+    :meth:`MatrixSource.chunks`. Without an output directory the tokens of all cells are written
+    into one preallocated array (no concatenation); when streaming, one array per block.
+    """
+    from .._hashing import hash64
+    from ..tokenize import check_values
+    from ._kernels import KERNEL_LOCK, scgpt_count, scgpt_tokens
+
+    col_tok = np.full(src.var.shape[0], -1, dtype=np.int64)
+    col_tok[cols] = gene_tokens  # cols ascending: the kept columns stay in column order
+    q = np.linspace(0, 1, n_bins - 1)
+    first = 1 if append_cls else 0
+    cap = int(max_len) if max_len is not None else 0
+    bin_seed, sample_seed = np.uint64(hash64(seed)), np.uint64(hash64(seed + 1))
+    keys = np.ascontiguousarray(keys, dtype=np.uint64)
+    rows = np.ascontiguousarray(src.rows, dtype=np.int64)
+    n = len(rows)
+    arrays = _csr_arrays(src.matrix)
+
+    def tokens(data, indices, indptr, sel, row_keys, offsets, ids, vals):
+        scgpt_tokens(data, indices, indptr, sel, col_tok, row_keys, q, bin_seed, sample_seed, first,
+                     cls_id, cls_value, cap, offsets, ids, vals)  # fmt: skip
+
+    def count(data, indices, indptr, sel):
+        lengths = np.empty(len(sel), dtype=np.int64)
+        with KERNEL_LOCK:
+            bad = scgpt_count(data, indices, indptr, sel, col_tok, first, cap, lengths)
+        if bad:  # the message names the problem
+            check_values(np.concatenate([data[indptr[r] : indptr[r + 1]] for r in sel]), where=src.name)
+        return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+    with ctx.pbar(n, f"tokenizing ({src.name})") as bar:
+        if arrays is not None and not ctx.streaming:
+            data, indices, indptr = arrays
+            offsets = count(data, indices, indptr, rows)
+            ids = np.empty(int(offsets[-1]), dtype=np.int32)
+            vals = np.empty(int(offsets[-1]), dtype=np.float32)
+            for start in range(0, n, ctx.chunk_size):
+                stop = min(start + ctx.chunk_size, n)
+                with KERNEL_LOCK:
+                    tokens(data, indices, indptr, rows[start:stop], keys[start:stop], offsets[start : stop + 1],
+                           ids, vals)  # fmt: skip
+                bar.update(stop - start)
+            if n:
+                part = TokenizedCells(ids, offsets, values=vals)
+                yield ctx.stamp(part, src, rows, scheme="scgpt", pad_value=pad_value)
+            return
+        done = 0
+        for idx, block in (
+            ((src.rows[a : a + ctx.chunk_size], None) for a in range(0, n, ctx.chunk_size))
+            if arrays is not None
+            else src.chunks(ctx.chunk_size)
+        ):
+            if block is None:
+                data, indices, indptr = arrays
+                sel = rows[done : done + len(idx)]
+            else:
+                data, indices, indptr = block.data, block.indices, block.indptr
+                sel = np.arange(len(idx), dtype=np.int64)
+            offsets = count(data, indices, indptr, sel)
+            ids = np.empty(int(offsets[-1]), dtype=np.int32)
+            vals = np.empty(int(offsets[-1]), dtype=np.float32)
+            with KERNEL_LOCK:
+                tokens(data, indices, indptr, sel, keys[done : done + len(idx)], offsets, ids, vals)
+            part = TokenizedCells(ids, offsets, values=vals)
+            yield ctx.stamp(part, src, idx, scheme="scgpt", pad_value=pad_value)
+            done += len(idx)
+            bar.update(len(idx))
 
 
 def _hvg_positions(src: Any, cols: np.ndarray, n_top: int, flavor: str) -> np.ndarray:
