@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from .checkpoint import CheckpointManager, read_checkpoint
+from .distributed import DistInfo, dist_info, init_distributed
+from .events import EVENT_KINDS, Callback, Event
 from .objectives import (
     CCE,
     DAB,
@@ -16,18 +19,35 @@ from .objectives import (
     ZeroProbNLL,
     make_objectives,
 )
+from .sampling import EpochBatchSampler
+from .trainer import FORWARD_KEYS, History, Trainer, TrainerConfig, TrainingError, TrainResult
 
 __all__ = [
     "CCE",
     "DAB",
     "ECS",
+    "EVENT_KINDS",
+    "FORWARD_KEYS",
     "MVC",
     "OBJECTIVES",
+    "Callback",
+    "CheckpointManager",
     "Classification",
+    "DistInfo",
+    "EpochBatchSampler",
+    "Event",
+    "History",
     "MVCZeroProbNLL",
     "MaskedTokenLM",
     "MaskedValueMSE",
     "Objective",
+    "TrainResult",
+    "Trainer",
+    "TrainerConfig",
+    "TrainingError",
     "ZeroProbNLL",
+    "dist_info",
+    "init_distributed",
     "make_objectives",
+    "read_checkpoint",
 ]

@@ -32,6 +32,7 @@ scGPT's default weights are 1 for every term except ECS and CCE (10).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -96,8 +97,12 @@ def neg_log_bernoulli(probs: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return -(log_p * m).sum() / m.sum().clamp_min(1.0)
 
 
+def _get(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
 def _field(obj: Any, name: str, what: str) -> Tensor:
-    value = getattr(obj, name, None) if not isinstance(obj, Mapping) else obj.get(name)
+    value = _get(obj, name)
     if value is None:
         raise ConfigError(f"The {what} objective needs {name!r}, which the model output / batch lacks.")
     return value
@@ -134,7 +139,8 @@ class Objective:
     second_pass: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.weight, int | float) or self.weight < 0:
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
             raise ConfigError(
                 f"The weight of objective {self.name!r} must be a number >= 0, got {self.weight!r}."
             )
@@ -200,7 +206,7 @@ class ZeroProbNLL(Objective):
     batch_keys: ClassVar[tuple[str, ...]] = ("target_values", "mlm_mask")
 
     def __call__(self, out: Any, batch: Mapping[str, Any], out2: Any = None) -> Tensor:
-        probs = getattr(out, "expression_zero_probs", None)
+        probs = _get(out, "expression_zero_probs")
         if probs is None:
             raise ConfigError(
                 "zero_nll needs the expression head built with explicit_zero_prob=True "
@@ -240,7 +246,7 @@ class MVCZeroProbNLL(Objective):
     batch_keys: ClassVar[tuple[str, ...]] = ("target_values", "mlm_mask")
 
     def __call__(self, out: Any, batch: Mapping[str, Any], out2: Any = None) -> Tensor:
-        probs = getattr(out, "mvc_zero_probs", None)
+        probs = _get(out, "mvc_zero_probs")
         if probs is None:
             raise ConfigError("mvc_zero_nll needs the mvc head built with explicit_zero_prob=True.")
         hint = "use a Collator with masking='values'."
@@ -283,6 +289,8 @@ def _gather_keep_grad(x: Tensor) -> Tensor:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    if not torch.is_grad_enabled():  # evaluation: each rank scores its own cells (as scGPT)
         return x
     parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.detach().contiguous())
@@ -330,9 +338,10 @@ class DAB(Objective):
 
     def __call__(self, out: Any, batch: Mapping[str, Any], out2: Any = None) -> Tensor:
         logits = _field(out, "batch_logits", "dab")
-        return F.cross_entropy(
-            logits, _batch(batch, "batch_labels", "dab", "build the dataset with batch_key=... .")
-        )
+        labels = _batch(batch, "batch_labels", "dab", "build the dataset with batch_key=... .")
+        if (labels != IGNORE_INDEX).sum() == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
 
 @dataclass
@@ -393,6 +402,10 @@ def make_objectives(spec: Any) -> list[Objective]:
     if isinstance(spec, Objective):
         return [spec]
     items: list[tuple[Any, Any]]
+    if spec is None or not isinstance(spec, Mapping | str | Sequence):
+        raise ConfigError(
+            f"objectives must be names, a dict or Objective instances, got {spec!r}; e.g. ['cls'] or {{'gep': 1.0}}."
+        )
     if isinstance(spec, Mapping):
         items = list(spec.items())
     elif isinstance(spec, str):
