@@ -12,11 +12,33 @@ import threading
 import numba
 import numpy as np
 
-__all__ = ["KERNEL_LOCK", "bin_rows", "sample_compact", "scgpt_count", "scgpt_tokens"]
+__all__ = [
+    "KERNEL_LOCK",
+    "bin_rows",
+    "csr_arrays",
+    "geneformer_count",
+    "geneformer_rank",
+    "sample_compact",
+    "scgpt_count",
+    "scgpt_tokens",
+]
 
 #: numba's default ("workqueue") threading layer must not be entered from two threads at once
 #: (e.g. the studio tokenizing in a background thread while a notebook cell does too)
 KERNEL_LOCK = threading.Lock()
+
+
+def csr_arrays(matrix):
+    """``(data, indices, indptr)`` of an in-memory CSR matrix the kernels can read in place (float
+    values, sorted indices, no duplicates), else ``None`` (then the rows are read as block copies)."""
+    import scipy.sparse as sp
+
+    if not (sp.issparse(matrix) and matrix.format == "csr" and matrix.dtype in (np.float32, np.float64)):
+        return None
+    if not matrix.has_canonical_format:
+        return None
+    return matrix.data, matrix.indices, matrix.indptr
+
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -319,3 +341,157 @@ def sample_compact(
                 out_ids[w] = ids[a + first + t]
                 out_vals[w] = vals[a + first + t]
                 w += 1
+
+
+# ================================================================================== geneformer
+_SIGN = np.uint64(0x8000000000000000)
+_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@numba.njit(cache=True)
+def _argsort_distinct(keys):  # pragma: no cover - compiled
+    """``(order, distinct)``: positions of ``keys`` in ascending order, and whether no two keys are
+    equal (only then is the order unique, i.e. what any sort — numpy's included — returns).
+
+    A bucket sort: keys map monotonically onto about ``len(keys)`` buckets by their offset from the
+    smallest key, and each bucket (about one key) is sorted on its own.
+    """
+    n = keys.shape[0]
+    order = np.empty(n, dtype=np.int64)
+    kmin = keys[0]
+    kmax = keys[0]
+    for t in range(n):
+        if keys[t] < kmin:
+            kmin = keys[t]
+        if keys[t] > kmax:
+            kmax = keys[t]
+    nb = 1
+    while nb < n:
+        nb *= 2
+    span = np.float64(kmax - kmin)
+    scale = (nb - 1) / span if span > 0 else 0.0
+    bucket = np.empty(n, dtype=np.int64)
+    start = np.zeros(nb + 1, dtype=np.int64)
+    for t in range(n):
+        g = np.int64(np.float64(keys[t] - kmin) * scale)  # monotone in the key
+        if g > nb - 1:
+            g = nb - 1
+        bucket[t] = g
+        start[g + 1] += 1
+    for g in range(nb):
+        start[g + 1] += start[g]
+    fill = start[:nb].copy()
+    for t in range(n):
+        order[fill[bucket[t]]] = t
+        fill[bucket[t]] += 1
+    for g in range(nb):
+        a = start[g]
+        b = start[g + 1]
+        if b - a <= 1:
+            continue
+        if b - a <= 16:  # insertion sort
+            for j in range(a + 1, b):
+                p = order[j]
+                k = keys[p]
+                m = j - 1
+                while m >= a and keys[order[m]] > k:
+                    order[m + 1] = order[m]
+                    m -= 1
+                order[m + 1] = p
+        else:
+            sub = order[a:b].copy()
+            perm = np.argsort(keys[sub])
+            for j in range(b - a):
+                order[a + j] = sub[perm[j]]
+    distinct = True
+    for j in range(n - 1):
+        if keys[order[j]] == keys[order[j + 1]]:
+            distinct = False
+            break
+    return order, distinct
+
+
+@numba.njit(parallel=True, cache=True)
+def geneformer_count(data, indices, indptr, rows, col_map, rc, ts, recip_median, drop_zeros, full):
+    """Genes per selected CSR row as Geneformer keeps them (vocabulary columns, ``col_map >= 0``; with
+    ``drop_zeros`` only nonzero normalised values); returns whether any stored value is not a
+    non-negative integer (the caller then raises the error)."""  # pragma: no cover - compiled
+    bad = np.zeros(rows.shape[0], dtype=np.bool_)
+    for i in numba.prange(rows.shape[0]):
+        r = rows[i]
+        n = 0
+        for t in range(indptr[r], indptr[r + 1]):
+            v = data[t]
+            if not (v >= 0 and np.isfinite(v) and v == np.floor(v)):
+                bad[i] = True
+            c = col_map[indices[t]]
+            if c >= 0:
+                if drop_zeros and v * rc[i] * ts * recip_median[c] == 0:
+                    continue
+                n += 1
+        full[i] = n
+    return bad.any()
+
+
+@numba.njit(parallel=True, cache=True)
+def geneformer_rank(
+    data,
+    indices,
+    indptr,
+    rows,
+    col_map,
+    rc,
+    ts,
+    recip_median,
+    out_tokens,
+    drop_zeros,
+    budget,
+    shift,
+    offsets,
+    flat,
+    fallback,
+):  # pragma: no cover - compiled
+    """Geneformer's rank encoding of selected CSR rows, written to ``flat[offsets[i] + shift:]``.
+
+    The value of a gene is ``((count × rc[i]) × ts) × recip_median[column]`` in the operand dtypes,
+    as numpy evaluates Geneformer's expression; genes go in descending value order, the first
+    ``budget`` of them. That order is unique when a cell has no two equal values; a cell with
+    equal values (or zeros) is flagged in ``fallback`` and left to numpy's ``argsort``, whose
+    order of ties is the one Geneformer gets.
+    """
+    for i in numba.prange(rows.shape[0]):
+        r = rows[i]
+        a = indptr[r]
+        b = indptr[r + 1]
+        neg = np.empty(b - a, dtype=np.float64)
+        cols = np.empty(b - a, dtype=np.int64)
+        n = 0
+        for t in range(a, b):
+            c = col_map[indices[t]]
+            if c < 0:
+                continue
+            v = data[t] * rc[i] * ts * recip_median[c]
+            if v == 0:
+                if drop_zeros:
+                    continue
+                fallback[i] = True  # +0.0 / -0.0 compare equal: numpy's order
+            neg[n] = -np.float64(v)
+            cols[n] = c
+            n += 1
+        if n == 0 or fallback[i]:
+            continue
+        # order-preserving integer keys of -value: ascending keys = descending values
+        keys = neg[:n].view(np.uint64).copy()
+        for t in range(n):
+            if keys[t] & _SIGN:
+                keys[t] = keys[t] ^ _ALL
+            else:
+                keys[t] = keys[t] ^ _SIGN
+        order, distinct = _argsort_distinct(keys)
+        if not distinct:
+            fallback[i] = True
+            continue
+        o = offsets[i] + shift
+        kept = min(n, budget)
+        for j in range(kept):
+            flat[o + j] = out_tokens[cols[order[j]]]

@@ -27,6 +27,7 @@ from ..._errors import DataError
 from ..genes import GeneMatch
 from ..tokenized import TokenizedCells
 from ..vocab import Coverage, GeneVocab
+from ._kernels import csr_arrays
 
 __all__ = ["OPTIONS", "match_genes", "run"]
 
@@ -143,31 +144,76 @@ def _column_plan(match: GeneMatch, collapse: bool, compat: bool) -> tuple[sp.csr
     return plan, np.asarray(out, dtype=np.int64)
 
 
-def _rank_span(indptr, out_offsets, kept, neg, toks, flat, shift, lo, hi) -> None:
-    for r in range(lo, hi):
-        a, b = indptr[r], indptr[r + 1]
-        if b > a:
-            o = out_offsets[r] + shift
+class _Ranker:
+    """Rank blocks of CSR rows into Geneformer's token sequences with the compiled kernels.
+
+    Each cell's genes are ordered by a kernel when its values are all distinct (the order is then
+    unique); cells with equal values go through ``np.argsort`` of the same values, exactly as
+    Geneformer sorts them, so the order of ties is numpy's.
+    """
+
+    def __init__(self, col_map, recip_median, out_tokens, target_sum, compat, budget, special, specials):
+        self.col_map = col_map
+        self.recip_median = np.ascontiguousarray(recip_median, dtype=np.float64)
+        self.out_tokens = np.ascontiguousarray(out_tokens, dtype=np.int64)
+        self.target_sum = target_sum
+        self.compat = compat
+        self.budget = int(budget)
+        self.special = bool(special)
+        self.specials = specials
+
+    def __call__(self, data, indices, indptr, sel, recip_counts, *, check, where):
+        from ..tokenize import check_values
+        from ._kernels import KERNEL_LOCK, geneformer_count, geneformer_rank
+
+        rc = np.ascontiguousarray(recip_counts)
+        # numpy's dtype for (values × 1/n_counts) × target_sum, and target_sum in it
+        dt = (np.ones(1, np.result_type(data.dtype, rc.dtype)) * self.target_sum).dtype
+        ts = dt.type(self.target_sum)
+        drop_zeros = not self.compat
+        full = np.empty(len(sel), dtype=np.int64)
+        with KERNEL_LOCK:
+            bad = geneformer_count(
+                data, indices, indptr, sel, self.col_map, rc, ts, self.recip_median, drop_zeros, full
+            )
+        if bad and check:  # raises with the message that names the problem
+            check_values(
+                np.concatenate([data[indptr[r] : indptr[r + 1]] for r in sel]), where=where, counts=True
+            )
+        kept = np.minimum(full, self.budget)
+        extra = 2 if self.special else 0
+        # compat keeps gene-less cells as Geneformer does (V1: empty; V2: <cls> <eos>)
+        keep_rows = np.ones(len(sel), dtype=bool) if self.compat else full > 0
+        lengths = np.where(keep_rows, kept + extra, 0)
+        offsets = np.zeros(len(sel) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.empty(int(offsets[-1]), dtype=np.int32)
+        if self.special:
+            flat[offsets[:-1][keep_rows]] = self.specials["cls"]
+            flat[offsets[1:][keep_rows] - 1] = self.specials["eos"]
+        shift = 1 if self.special else 0
+        fallback = np.zeros(len(sel), dtype=bool)
+        with KERNEL_LOCK:
+            geneformer_rank(
+                data, indices, indptr, sel, self.col_map, rc, ts, self.recip_median, self.out_tokens,
+                drop_zeros, self.budget, shift, offsets, flat, fallback,
+            )  # fmt: skip
+        for i in np.flatnonzero(fallback):
+            a, b = indptr[sel[i]], indptr[sel[i] + 1]
+            cols = self.col_map[indices[a:b]]
+            used = cols >= 0
+            cols = cols[used]
+            # Geneformer: X / n_counts * target_sum / median, as scipy evaluates it
+            values = np.multiply(
+                np.multiply(data[a:b][used], rc[i : i + 1]) * self.target_sum, self.recip_median[cols]
+            )
+            if drop_zeros:
+                nonzero = values != 0
+                values, cols = values[nonzero], cols[nonzero]
+            o = offsets[i] + shift
             # numpy's own argsort on the same values as Geneformer: identical order of ties
-            flat[o : o + kept[r]] = toks[a:b][np.argsort(neg[a:b])[: kept[r]]]
-
-
-def _rank_rows(indptr, out_offsets, kept, neg, toks, flat, shift) -> None:
-    """Rank every row into ``flat``; two threads share the rows (numpy's sort releases the GIL)."""
-    n = len(kept)
-    if n < 256:
-        _rank_span(indptr, out_offsets, kept, neg, toks, flat, shift, 0, n)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    half = n // 2
-    with ThreadPoolExecutor(2) as pool:
-        jobs = [
-            pool.submit(_rank_span, indptr, out_offsets, kept, neg, toks, flat, shift, lo, hi)
-            for lo, hi in ((0, half), (half, n))
-        ]
-        for job in jobs:
-            job.result()
+            flat[o : o + kept[i]] = self.out_tokens[cols][np.argsort(-values)[: kept[i]]]
+        return flat, np.concatenate([[0], offsets[1:][keep_rows]]).astype(np.int64), keep_rows, full
 
 
 def run(ctx: Any) -> Iterator[TokenizedCells]:
@@ -229,87 +275,75 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                 f"obs[{n_col!r}] absent: total counts computed from the matrix (all genes) per cell"
             )
         empty: list[str] = []
+        if selection is None:
+            col_map = np.arange(plan.shape[1], dtype=np.int64)  # columns of block @ plan
+        else:
+            col_map = np.full(plan.shape[0], -1, dtype=np.int64)
+            col_map[selection] = np.arange(len(selection))  # ascending: column order is kept
+        rank = _Ranker(col_map, recip_median, out_tokens, target_sum, compat, budget, special, specials)
+        arrays = csr_arrays(src.matrix) if stored and selection is not None else None
+        if arrays is not None:  # in-memory CSR read in place: no block copies
+            data, indices, indptr = arrays
+            all_rows = np.ascontiguousarray(rows, dtype=np.int64)
+            step = len(all_rows) if not ctx.streaming else ctx.chunk_size  # one output when in memory
+            blocks = ((all_rows[a : a + step], None) for a in range(0, len(all_rows), max(step, 1)))
+        else:
+            blocks = src.chunks(ctx.chunk_size)
         with ctx.pbar(len(rows), f"tokenizing ({src.name})") as bar:
-            for idx, block in src.chunks(ctx.chunk_size):
-                check_values(block.data, where=src.name, counts=True)
-                if stored:
+            for idx, block in blocks:
+                if block is None:
+                    sel = idx
+                    stored_per_row = indptr[sel + 1] - indptr[sel]
                     n_counts = src.obs[n_col].to_numpy()[idx][:, None]
                 else:
-                    n_counts = np.asarray(block.sum(1))
-                nonpositive = (np.asarray(n_counts).ravel() <= 0) & (np.diff(block.indptr) > 0)
+                    check_values(block.data, where=src.name, counts=True)
+                    stored_per_row = np.diff(block.indptr)
+                    if stored:
+                        n_counts = src.obs[n_col].to_numpy()[idx][:, None]
+                    else:
+                        n_counts = np.asarray(block.sum(1))
+                nonpositive = (np.asarray(n_counts).ravel() <= 0) & (stored_per_row > 0)
                 if nonpositive.any():
                     bad = np.asarray(src.obs.index[idx])[nonpositive][:3].tolist()
                     raise DataError(
                         f"Cells with counts but obs[{n_col!r}] <= 0 cannot be normalised, e.g. {bad}; fix the "
                         f"{n_col!r} column or drop it to let cellkit compute totals."
                     )
-                if selection is None:  # merged genes: sum columns with the plan
-                    x = (
-                        (block @ plan).tocsr()
-                        if plan.shape[1]
-                        else sp.csr_matrix((len(idx), 0), dtype=block.dtype)
-                    )
-                    x = x.astype(block.dtype, copy=False)
-                    x.sort_indices()
-                elif len(selection) == block.shape[1]:
-                    x = block  # every column is a gene, in order
-                else:
-                    x = block[:, selection]  # an ordered column selection keeps CSR order
-                # Geneformer: X / n_counts * target_sum / median, as scipy evaluates it
-                r_of = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+                if block is not None:
+                    if selection is None:  # merged genes: sum columns with the plan
+                        x = (
+                            (block @ plan).tocsr()
+                            if plan.shape[1]
+                            else sp.csr_matrix((len(idx), 0), dtype=block.dtype)
+                        )
+                        x = x.astype(block.dtype, copy=False)
+                        x.sort_indices()
+                    else:
+                        x = block
+                    data, indices, indptr = x.data, x.indices, x.indptr
+                    sel = np.arange(len(idx), dtype=np.int64)
                 with np.errstate(divide="ignore"):  # empty cells (n_counts 0) have no entries to scale
                     recip_counts = np.divide(1, n_counts).ravel()
-                data = np.multiply(x.data, recip_counts[r_of])
-                data = data * target_sum
-                data = np.multiply(data, recip_median[x.indices])
-                if not compat and (data == 0).any():  # explicit zeros are not expression
-                    x = sp.csr_matrix((data, x.indices, x.indptr), shape=x.shape)
-                    x.eliminate_zeros()
-                    data = x.data
-                neg = -data  # per row equal to Geneformer's -gene_vector: same argsort, same tie order
-                toks_all = out_tokens[x.indices]
-                indptr = x.indptr
-                full = np.diff(indptr)
-                kept = np.minimum(full, budget)
-                extra = 2 if special else 0
-                lengths_arr = (kept + extra).astype(np.int64)
-                out_offsets = np.concatenate([[0], np.cumsum(lengths_arr)])
-                flat = np.empty(int(out_offsets[-1]), dtype=np.int32)
-                if special:
-                    flat[out_offsets[:-1]] = specials["cls"]
-                    flat[out_offsets[1:] - 1] = specials["eos"]
-                shift = 1 if special else 0
-                _rank_rows(indptr, out_offsets, kept, neg, toks_all, flat, shift)
-                # compat keeps gene-less cells as Geneformer does (V1: empty; V2: <cls> <eos>)
-                keep_rows = np.asarray(full) > 0 if not compat else np.ones(len(idx), dtype=bool)
-                if not compat:
-                    keep_rows &= lengths_arr > (2 if special else 0)
+                flat, offsets, keep_rows, full = rank(
+                    data, indices, indptr, sel, recip_counts, check=block is None, where=src.name
+                )
                 names = np.asarray(src.obs.index[idx]).astype(str)
                 empty += names[~keep_rows].tolist()
-                sel = np.flatnonzero(keep_rows)
-                whole = len(sel) == len(full)
+                sel_rows = np.flatnonzero(keep_rows)
+                obs = ctx.obs_frame(src, idx[sel_rows])
                 part = TokenizedCells(
-                    flat
-                    if whole
-                    else flat[
-                        np.concatenate(
-                            [np.arange(out_offsets[i], out_offsets[i + 1]) for i in sel]
-                            or [np.zeros(0, np.int64)]
-                        )
-                    ],
-                    out_offsets if whole else np.concatenate([[0], np.cumsum(lengths_arr[sel])]),
-                    obs_names=names[sel],
-                    obs=None
-                    if ctx.obs_frame(src, idx) is None
-                    else ctx.obs_frame(src, idx).iloc[sel].reset_index(drop=True),
+                    flat,
+                    offsets,
+                    obs_names=names[sel_rows],
+                    obs=obs,
                     scheme="geneformer",
                     options=dict(ctx.options),
                     specials=specials,
                     pad_value=0.0,
                 )
                 if o["keep_uncropped_length"]:
-                    obs = part.obs if part.obs is not None else pd.DataFrame(index=np.arange(len(sel)))
-                    obs["length_uncropped"] = np.asarray(full)[sel]
+                    obs = part.obs if part.obs is not None else pd.DataFrame(index=np.arange(len(sel_rows)))
+                    obs["length_uncropped"] = full[sel_rows]
                     part.obs = obs
                 bar.update(len(idx))
                 yield part

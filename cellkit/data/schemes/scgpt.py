@@ -395,16 +395,6 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
         yield cells
 
 
-def _csr_arrays(matrix: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``(data, indices, indptr)`` of an in-memory CSR matrix the fused kernel can read in place
-    (float values, sorted indices, no duplicates), else ``None`` (then blocks are copied)."""
-    if not (sp.issparse(matrix) and matrix.format == "csr" and matrix.dtype in (np.float32, np.float64)):
-        return None
-    if not matrix.has_canonical_format:
-        return None
-    return matrix.data, matrix.indices, matrix.indptr
-
-
 def _run_fused(
     ctx: Any,
     src: Any,
@@ -429,7 +419,7 @@ def _run_fused(
     """
     from .._hashing import hash64
     from ..tokenize import check_values
-    from ._kernels import KERNEL_LOCK, scgpt_count, scgpt_tokens
+    from ._kernels import KERNEL_LOCK, csr_arrays, scgpt_count, scgpt_tokens
 
     col_tok = np.full(src.var.shape[0], -1, dtype=np.int64)
     col_tok[cols] = gene_tokens  # cols ascending: the kept columns stay in column order
@@ -440,7 +430,7 @@ def _run_fused(
     keys = np.ascontiguousarray(keys, dtype=np.uint64)
     rows = np.ascontiguousarray(src.rows, dtype=np.int64)
     n = len(rows)
-    arrays = _csr_arrays(src.matrix)
+    arrays = csr_arrays(src.matrix)
 
     def tokens(data, indices, indptr, sel, row_keys, offsets, ids, vals):
         scgpt_tokens(data, indices, indptr, sel, col_tok, row_keys, q, bin_seed, sample_seed, first,
