@@ -318,6 +318,9 @@ class Trainer:
         A :class:`TrainerConfig`, or ``None`` with its fields as keyword arguments.
     callbacks
         :class:`Callback` objects or callables receiving every :class:`Event` (rank 0 only).
+    stop_event
+        A :class:`threading.Event` another thread sets to stop the run at the next step (the
+        studio's Stop button); same as :meth:`request_stop`. Cleared when a run starts.
     **options
         :class:`TrainerConfig` fields.
 
@@ -335,6 +338,7 @@ class Trainer:
         config: TrainerConfig | None = None,
         *,
         callbacks: Iterable[Callback | Callable[[Event], Any]] = (),
+        stop_event: threading.Event | None = None,
         **options: Any,
     ) -> None:
         if config is None:
@@ -355,7 +359,7 @@ class Trainer:
                     f"{missing}, which the model lacks (it has {sorted(available)}); add them with "
                     "model.add_head(...)."
                 )
-        self._stop = threading.Event()
+        self._stop = stop_event if stop_event is not None else threading.Event()
         self._stop_reason: str | None = None
         self.dist = dist_info()
         self.device = self._resolve_device(config.device)

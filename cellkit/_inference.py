@@ -1,0 +1,102 @@
+"""Batched, length-bucketed inference over tokenized cells (results in the input order)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.collate import Collator
+from .data.tokenized import ShardedTokens, TokenizedCells
+from .train.trainer import FORWARD_KEYS
+
+__all__ = ["inference_batches", "resolve_device", "run_inference"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/``None`` → CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def inference_batches(
+    lengths: np.ndarray, batch_size: int, max_tokens: int | None = None
+) -> Iterator[np.ndarray]:
+    """Cell indices sorted by length and cut into batches (``max_tokens`` caps ``B × L``)."""
+    order = np.argsort(lengths, kind="stable")
+    i, n = 0, len(order)
+    while i < n:
+        j = min(n, i + batch_size)
+        if max_tokens is not None:
+            while j - i > 1 and lengths[order[j - 1]] * (j - i) > max_tokens:
+                j -= 1
+        yield order[i:j]
+        i = j
+
+
+@torch.inference_mode()
+def run_inference(
+    model: nn.Module,
+    tokens: TokenizedCells | ShardedTokens,
+    fn: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    *,
+    heads: tuple[str, ...] = (),
+    batch_size: int = 64,
+    device: str | torch.device | None = "auto",
+    amp: str | None = None,
+    attn_backend: str = "sdpa",
+    progress: bool = True,
+    desc: str = "inference",
+) -> dict[str, np.ndarray]:
+    """Run ``model`` over all cells and collect ``fn(output, batch)`` arrays in input order.
+
+    Parameters
+    ----------
+    fn
+        Turns a model output and its batch into ``{name: (B, ...) tensor}``.
+    heads
+        Heads to run.
+
+    Returns
+    -------
+    ``{name: (n_cells, ...) array}``.
+    """
+    from tqdm.auto import tqdm
+
+    dev = resolve_device(device)
+    cells = tokens.to_memory() if isinstance(tokens, ShardedTokens) else tokens
+    collate = Collator.for_tokens(cells)
+    was_training = model.training
+    model.eval()
+    model.to(dev)
+    out: dict[str, np.ndarray] = {}
+    lengths = cells.lengths
+    ctx = (
+        torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        if amp
+        else torch.autocast(dev.type, enabled=False)
+    )
+    try:
+        with tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress, leave=False) as bar, ctx:
+            for idx in inference_batches(lengths, batch_size):
+                items = []
+                for i in idx.tolist():
+                    item = {k: np.asarray(v) for k, v in cells.cell(i).items()}
+                    item["index"] = i
+                    items.append(item)
+                batch = collate(items)
+                inputs = {k: batch[k].to(dev) for k in FORWARD_KEYS if k in batch}
+                res = fn(model(**inputs, heads=heads, attn_backend=attn_backend), batch)
+                for name, t in res.items():
+                    arr = t.detach().float().cpu().numpy()
+                    if name not in out:
+                        out[name] = np.empty((len(cells), *arr.shape[1:]), dtype=arr.dtype)
+                    out[name][idx] = arr
+                bar.update(len(idx))
+    finally:
+        model.train(was_training)
+    return out

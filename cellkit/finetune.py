@@ -1,0 +1,834 @@
+"""AnnData in, trained model out: :func:`finetune` (cell-type annotation), :func:`predict`, :func:`pretrain`.
+
+These are the functions the studio's fine-tune panel and the ``cellkit finetune`` / ``cellkit
+pretrain`` commands call. They tokenize with the model's own scheme, split the cells (stratified,
+seeded), build datasets and collators, and hand the loop to :class:`cellkit.train.Trainer`.
+
+The caller's AnnData is never modified by :func:`finetune` / :func:`pretrain`; :func:`predict`
+writes only the keys it is asked to (``key_added``). The model is trained in place (as PyTorch
+does); pass ``copy_model=True`` to train a copy.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ._errors import ConfigError, DataError
+from ._utils import get_logger
+from .data.collate import Collator
+from .data.dataset import CellDataset
+from .data.tokenize import tokenize
+from .data.tokenized import ShardedTokens, TokenizedCells
+from .model import CellModel
+from .train.events import Callback, Event
+from .train.objectives import Objective, make_objectives
+from .train.trainer import History, Trainer, TrainerConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+__all__ = ["FinetuneResult", "PretrainResult", "finetune", "predict", "pretrain", "stratified_split"]
+
+log = get_logger(__name__)
+
+Tokens = TokenizedCells | ShardedTokens
+_VALUE_OBJECTIVES = {"gep", "zero_nll", "mvc", "mvc_zero_nll"}
+
+
+# ============================================================================== results
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns.
+
+    Attributes
+    ----------
+    model
+        The fine-tuned model (best validation weights), with a ``classifier`` head whose
+        ``labels`` are ``classes``.
+    status
+        ``"completed"``, ``"early_stopped"``, ``"stopped"`` or ``"interrupted"``.
+    history
+        Per-step and per-epoch records (:class:`cellkit.train.History`).
+    metrics
+        Held-out metrics on the test cells (``accuracy``, ``macro_f1``, ``weighted_f1``) and the
+        last validation metrics (``val/...``).
+    report
+        Per-class precision / recall / F1 / support on the test cells.
+    confusion
+        Test confusion matrix (rows: true class, columns: predicted class).
+    classes
+        Class names; the classifier's output order.
+    split
+        ``"train"`` / ``"val"`` / ``"test"`` per cell (indexed by cell name).
+    trainer
+        The :class:`cellkit.train.Trainer` (resume a stopped run with ``trainer.fit(..., resume=True)``
+        or call :func:`finetune` again with ``resume=True``).
+    tokens
+        The tokenized cells used.
+    """
+
+    model: CellModel
+    status: str
+    history: History
+    metrics: dict[str, float]
+    report: pd.DataFrame
+    confusion: pd.DataFrame
+    classes: list[str]
+    split: pd.Series
+    trainer: Trainer = field(repr=False)
+    tokens: Any = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        m = self.metrics
+        return (
+            f"FinetuneResult(status={self.status!r}, {len(self.classes)} classes, "
+            f"test accuracy {m.get('accuracy', float('nan')):.3f}, macro-F1 {m.get('macro_f1', float('nan')):.3f}, "
+            f"{len(self.history.epoch_records)} epochs)"
+        )
+
+
+@dataclass
+class PretrainResult:
+    """What :func:`pretrain` returns: ``model``, ``status``, ``history``, ``metrics``, ``trainer``."""
+
+    model: CellModel
+    status: str
+    history: History
+    metrics: dict[str, float]
+    trainer: Trainer = field(repr=False)
+
+
+# ============================================================================== helpers
+def stratified_split(
+    labels: Sequence[Any] | np.ndarray, *, val_size: float, test_size: float, seed: int
+) -> np.ndarray:
+    """``"train"`` / ``"val"`` / ``"test"`` per cell, stratified by ``labels`` (sklearn), seeded.
+
+    Raises
+    ------
+    DataError
+        When a class is too small to appear in every part.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels).astype(str)
+    n = len(labels)
+    for name, frac in (("val_size", val_size), ("test_size", test_size)):
+        if not 0 <= frac < 1:
+            raise ConfigError(f"{name} must be a fraction in [0, 1), got {frac}.")
+    if val_size + test_size >= 1:
+        raise ConfigError(
+            f"val_size + test_size must leave cells for training (got {val_size} + {test_size})."
+        )
+    counts = pd.Series(labels).value_counts()
+    parts = 1 + (val_size > 0) + (test_size > 0)
+    small = counts[counts < parts]
+    if len(small):
+        raise DataError(
+            f"Stratified splitting needs at least {parts} cells per class (train/val/test); "
+            f"{dict(small.head(5))} have fewer. Drop or merge these classes (cells=...), lower the number of "
+            "parts (val_size=0 / test_size=0), or give your own split with split_key=... ."
+        )
+    out = np.full(n, "train", dtype=object)
+    idx = np.arange(n)
+    try:
+        rest = idx
+        if test_size > 0:
+            rest, test = train_test_split(idx, test_size=test_size, stratify=labels, random_state=seed)
+            out[test] = "test"
+        if val_size > 0:
+            _, val = train_test_split(
+                rest, test_size=val_size / (1 - test_size), stratify=labels[rest], random_state=seed + 1
+            )
+            out[val] = "val"
+    except ValueError as e:
+        raise DataError(
+            f"Cannot split {n} cells of {len(counts)} classes into val_size={val_size}, test_size={test_size} "
+            f"with stratification: {e}. Use larger fractions, fewer classes, or split_key=... ."
+        ) from None
+    return out
+
+
+def _check_label_column(obs: pd.DataFrame, key: str, what: str) -> pd.Series:
+    if key not in obs.columns:
+        close = [c for c in obs.columns if key.lower() in c.lower() or c.lower() in key.lower()]
+        raise DataError(
+            f"{what}={key!r} is not an obs column. Available: {list(obs.columns)[:20]}"
+            + (f"; did you mean {close[:3]}?" if close else ".")
+        )
+    col = obs[key]
+    missing = col.isna() | col.astype(str).isin(["nan", "NaN", "None", ""])
+    if missing.any():
+        raise DataError(
+            f"{int(missing.sum())} of {len(col)} selected cells have no {key!r} value (NaN/empty), e.g. "
+            f"{list(col.index[missing][:3])}. Select labelled cells with cells=~adata.obs[{key!r}].isna() "
+            "or fill the labels."
+        )
+    return col
+
+
+def _obs_of(data: Any, cells: Any) -> pd.DataFrame:
+    """The obs rows the tokenizer will use (for validating columns before the work starts)."""
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        obs = data.obs
+        if cells is None:
+            return obs
+        if isinstance(cells, str):
+            try:
+                return obs.query(cells)
+            except Exception as e:
+                raise DataError(f"cells={cells!r} is not a valid obs query: {e}") from None
+        sel = np.asarray(cells)
+        if sel.dtype == bool:
+            if len(sel) != len(obs):
+                raise DataError(f"The boolean cells mask has {len(sel)} entries for {len(obs)} cells.")
+            return obs.iloc[np.flatnonzero(sel)]
+        if sel.dtype.kind in "iu":
+            return obs.iloc[sel]
+        return obs.loc[sel.astype(str)]
+    return pd.DataFrame()
+
+
+def _check_tokens(model: CellModel, tokens: Tokens) -> None:
+    """Pre-tokenized cells must come from this model's vocabulary."""
+    mine = {role: model.vocab[tok] for role, tok in model.vocab.specials.items()}
+    theirs = dict(tokens.specials)
+    clash = {r: (theirs[r], mine.get(r)) for r in theirs if mine.get(r) != theirs[r]}
+    n_vocab = len(model.vocab)
+    biggest = int(tokens.gene_ids.max()) if isinstance(tokens, TokenizedCells) and tokens.n_tokens else -1
+    if clash or biggest >= n_vocab:
+        raise DataError(
+            "These tokens were not made with this model's vocabulary: "
+            + (f"special token ids differ ({clash}); " if clash else "")
+            + (f"token id {biggest} ≥ vocabulary size {n_vocab}; " if biggest >= n_vocab else "")
+            + "tokenize the AnnData with this model: cellkit.tokenize(adata, model)."
+        )
+
+
+def _tokens_for(
+    data: Any,
+    model: CellModel,
+    *,
+    cells: Any,
+    obs_columns: list[str],
+    tokenize_options: Mapping[str, Any] | None,
+    layer: str | None,
+    use_raw: bool,
+    gene_column: str | None,
+    progress: bool,
+) -> Tokens:
+    if isinstance(data, TokenizedCells | ShardedTokens):
+        _check_tokens(model, data)
+        if cells is not None:
+            raise DataError(
+                "cells= selects cells of an AnnData; subset pre-tokenized cells with tokens.subset(...)."
+            )
+        return data
+    opts = dict(tokenize_options or {})
+    try:
+        tokens = tokenize(
+            data,
+            model,
+            cells=cells,
+            obs_columns=obs_columns,
+            layer=layer,
+            use_raw=use_raw,
+            gene_column=gene_column,
+            progress=progress,
+            **opts,
+        )
+    except TypeError as e:
+        raise DataError(f"Bad tokenize option: {e}") from None
+    if len(tokens) == 0:
+        raise DataError("The selection is empty: no cell to train on. Check cells=... .")
+    return tokens
+
+
+def _collator(
+    model: CellModel, tokens: Tokens, objectives: list[Objective], *, mask_ratio: float | None
+) -> Collator:
+    names = {o.name for o in objectives}
+    kw: dict[str, Any] = {}
+    if names & _VALUE_OBJECTIVES:
+        kw["masking"] = "values"
+        kw["mask_ratio"] = 0.4 if mask_ratio is None else mask_ratio
+        kw["mask_value"] = float(model.config.input.get("mask_value", -1.0))
+    if "mlm" in names:
+        kw["masking"] = "phenotypic" if tokens.scheme == "perturbgene" else "tokens"
+        if mask_ratio is not None:
+            kw["gene_mask_prob" if kw["masking"] == "phenotypic" else "mlm_probability"] = mask_ratio
+        if kw["masking"] == "tokens":
+            kw.setdefault("vocab_size", len(model.vocab))
+    max_len = model.config.input.get("max_len")
+    if max_len:
+        kw["max_len"] = int(max_len)
+    return Collator.for_tokens(tokens, **kw)
+
+
+def _subset(tokens: Tokens, idx: np.ndarray) -> Tokens:
+    if isinstance(tokens, ShardedTokens):
+        return tokens.to_memory().subset(idx)
+    return tokens.subset(idx)
+
+
+def _ensure_heads(
+    model: CellModel,
+    objectives: list[Objective],
+    *,
+    n_classes: int | None,
+    classes: list[str] | None,
+    n_batches: int | None,
+) -> None:
+    """Create the heads the objectives need (a classifier for these classes, a discriminator...)."""
+    names = {o.name for o in objectives}
+    if "cls" in names:
+        existing = model.config.heads.get("classifier")
+        if existing is None or existing.get("labels") != classes:
+            if existing is not None:
+                log.info(
+                    "replacing the model's classifier head (%s) with one for %d classes",
+                    existing.get("labels"),
+                    n_classes,
+                )
+                model.remove_head("classifier")
+            model.add_head("classifier", n_classes=n_classes, labels=classes)
+    if "dab" in names:
+        existing = model.config.heads.get("adversarial")
+        if existing is None or existing["n_batches"] != n_batches:
+            if existing is not None:
+                model.remove_head("adversarial")
+            model.add_head("adversarial", n_batches=n_batches)
+    needs = {"gep": "expression", "zero_nll": "expression", "mvc": "mvc", "mvc_zero_nll": "mvc", "mlm": "mlm"}
+    for name, head in needs.items():
+        if name in names and head not in model.heads:
+            raise ConfigError(
+                f"The {name!r} objective needs the model's {head!r} head, which it lacks (heads: {sorted(model.heads)})."
+            )
+    for name, head in (("zero_nll", "expression"), ("mvc_zero_nll", "mvc")):
+        if name in names and not model.config.heads[head].get("explicit_zero_prob"):
+            raise ConfigError(
+                f"The {name!r} objective needs the {head!r} head with explicit_zero_prob=True; this model's has none."
+            )
+
+
+def _freeze_prefixes(model: CellModel, freeze_embeddings: bool, freeze_layers: int) -> tuple[str, ...]:
+    n_layers = model.config.encoder.n_layers
+    if not 0 <= freeze_layers <= n_layers:
+        raise ConfigError(
+            f"freeze_layers must be between 0 and the model's {n_layers} layers, got {freeze_layers}."
+        )
+    out = ["encoder.embeddings"] if freeze_embeddings else []
+    out += [f"encoder.layers.{i}" for i in range(freeze_layers)]
+    return tuple(out)
+
+
+def _class_weights(
+    codes: np.ndarray, n_classes: int, mode: str | Sequence[float] | None
+) -> list[float] | None:
+    if mode is None:
+        return None
+    if isinstance(mode, str):
+        if mode != "balanced":
+            raise ConfigError(f"class_weight must be None, 'balanced' or a list of weights, got {mode!r}.")
+        counts = np.bincount(codes[codes >= 0], minlength=n_classes).astype(float)
+        return (len(codes) / (n_classes * np.maximum(counts, 1))).tolist()
+    weights = [float(w) for w in mode]
+    if len(weights) != n_classes:
+        raise ConfigError(f"class_weight has {len(weights)} entries for {n_classes} classes.")
+    return weights
+
+
+def _trainer_config(options: dict[str, Any], defaults: dict[str, Any]) -> TrainerConfig:
+    known = set(TrainerConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"Unknown option(s) {unknown}; training options are {sorted(known)}.")
+    return TrainerConfig.from_dict({**defaults, **options})
+
+
+# ============================================================================== finetune
+def finetune(
+    adata: AnnData | Tokens | str,
+    model: CellModel,
+    *,
+    label_key: str,
+    batch_key: str | None = None,
+    cells: Any = None,
+    objectives: Any = ("cls",),
+    val_size: float = 0.1,
+    test_size: float = 0.1,
+    split_key: str | None = None,
+    seed: int = 0,
+    epochs: int = 10,
+    lr: float = 1e-4,
+    batch_size: int = 32,
+    class_weight: str | Sequence[float] | None = None,
+    freeze_embeddings: bool = False,
+    freeze_layers: int = 0,
+    mask_ratio: float | None = None,
+    tokenize_options: Mapping[str, Any] | None = None,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_column: str | None = None,
+    callbacks: Iterable[Callback | Callable[[Event], Any]] = (),
+    stop_event: threading.Event | None = None,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    copy_model: bool = False,
+    progress: bool = True,
+    **trainer_options: Any,
+) -> FinetuneResult:
+    """Fine-tune a model for cell-type annotation (and optional integration objectives).
+
+    Parameters
+    ----------
+    adata
+        Cells with raw or normalised expression (what the model's tokenizer expects): an AnnData
+        (in memory or backed), an ``.h5ad`` path, or cells already tokenized with this model.
+    model
+        A loaded :class:`cellkit.CellModel`; a ``classifier`` head for the classes is created
+        (or replaced) and the model is trained in place (``copy_model=True``: on a copy).
+    label_key
+        ``obs`` column with the cell types (every selected cell needs one).
+    batch_key
+        ``obs`` column with batches / domains (for the ``"dab"`` objective).
+    cells
+        Which cells (mask, positions, names, or an ``obs.query`` string); default all.
+    objectives
+        Loss terms: ``("cls",)`` by default; add ``"gep"``, ``"mvc"``, ``"ecs"``, ``"dab"``, ... or
+        pass ``{name: weight}`` (see :mod:`cellkit.train.objectives`).
+    val_size, test_size
+        Fractions of the cells held out (stratified by label, seeded): validation picks the best
+        epoch, test gives the held-out metrics.
+    split_key
+        ``obs`` column with ``"train"`` / ``"val"`` / ``"test"`` per cell instead of a random split.
+    seed
+        Seeds the split, the data order, dropout and the new head's initialisation.
+    epochs, lr, batch_size
+        Training length, learning rate, cells per step.
+    class_weight
+        ``None``, ``"balanced"`` (inverse class frequency, for rare types) or one weight per class.
+    freeze_embeddings, freeze_layers
+        Keep the gene/value embeddings and/or the first ``freeze_layers`` transformer layers fixed.
+    mask_ratio
+        Fraction of values masked for the ``gep`` / ``mvc`` objectives (default 0.4).
+    tokenize_options, layer, use_raw, gene_column
+        Passed to :func:`cellkit.tokenize`.
+    callbacks
+        Receive every training :class:`~cellkit.train.Event` (live plots).
+    stop_event
+        A :class:`threading.Event`; setting it (e.g. from a Stop button) ends the run at the next
+        step with a resumable state.
+    checkpoint_dir, resume
+        Write resumable checkpoints there; ``resume=True`` goes on from the latest one.
+    copy_model
+        Train a deep copy and leave ``model`` untouched.
+    progress
+        Progress bars.
+    **trainer_options
+        Any :class:`cellkit.train.TrainerConfig` field (``schedule``, ``warmup_steps``, ``amp``,
+        ``device``, ``grad_accum``, ``early_stopping_patience``, ``monitor``, ...).
+
+    Returns
+    -------
+    :class:`FinetuneResult`
+
+    Examples
+    --------
+    >>> model = cellkit.datasets.demo_model()  # doctest: +SKIP
+    >>> result = cellkit.finetune(adata, model, label_key="bulk_labels", epochs=5)  # doctest: +SKIP
+    >>> result.metrics["macro_f1"], result.confusion  # doctest: +SKIP
+    """
+    # -- everything that can be checked before any work
+    config = _trainer_config(
+        {**trainer_options, "checkpoint_dir": checkpoint_dir},
+        {
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seed": seed,
+            "schedule": "step",
+            "step_gamma": 0.9,
+            "progress": progress,
+        },
+    )
+    objs = make_objectives(objectives)
+    names = {o.name for o in objs}
+    if "dab" in names and batch_key is None:
+        raise ConfigError("The 'dab' objective needs batch_key=... (the obs column with batches).")
+    freeze = _freeze_prefixes(model, freeze_embeddings, freeze_layers)
+    if freeze:
+        config.freeze = tuple(dict.fromkeys((*config.freeze, *freeze)))
+    is_tokens = isinstance(adata, TokenizedCells | ShardedTokens)
+    if not is_tokens and not isinstance(adata, str):
+        obs = _obs_of(adata, cells)
+        if len(obs) == 0:
+            raise DataError(f"The selection is empty (cells={cells!r} matches no cell).")
+        _check_label_column(obs, label_key, "label_key")
+        if batch_key is not None:
+            _check_label_column(obs, batch_key, "batch_key")
+        if split_key is not None:
+            _check_label_column(obs, split_key, "split_key")
+
+    # -- tokens, split, datasets
+    columns = [c for c in dict.fromkeys([label_key, batch_key, split_key]) if c is not None]
+    tokens = _tokens_for(
+        adata,
+        model,
+        cells=cells,
+        obs_columns=columns,
+        tokenize_options=tokenize_options,
+        layer=layer,
+        use_raw=use_raw,
+        gene_column=gene_column,
+        progress=progress,
+    )
+    obs_tok = tokens.obs if isinstance(tokens, TokenizedCells) else tokens.to_memory().obs
+    if obs_tok is None or label_key not in obs_tok:
+        raise DataError(
+            f"The tokens carry no {label_key!r} column; tokenize with obs_columns=[{label_key!r}]."
+        )
+    labels = _check_label_column(obs_tok, label_key, "label_key").astype(str).to_numpy()
+    classes_all = sorted(set(labels))
+    if len(classes_all) < 2:
+        raise DataError(
+            f"label_key={label_key!r} has a single class ({classes_all}) in the selected cells; a classifier needs "
+            "at least two."
+        )
+    if split_key is not None:
+        split = obs_tok[split_key].astype(str).str.lower().to_numpy()
+        bad = sorted(set(split) - {"train", "val", "test"})
+        if bad:
+            raise DataError(f"split_key={split_key!r} must hold 'train', 'val' or 'test'; found {bad[:5]}.")
+    else:
+        split = stratified_split(labels, val_size=val_size, test_size=test_size, seed=seed)
+    if not (split == "train").any():
+        raise DataError("No cell is in the training part of the split.")
+    train_idx, val_idx, test_idx = (np.flatnonzero(split == p) for p in ("train", "val", "test"))
+    model_ = _copy.deepcopy(model) if copy_model else model
+    train_ds = CellDataset(
+        _subset(tokens, train_idx), label_key=label_key, batch_key=batch_key, classes=classes_all
+    )
+    classes = train_ds.classes
+    batch_classes = train_ds.batch_classes
+    val_ds = (
+        CellDataset(
+            _subset(tokens, val_idx),
+            label_key=label_key,
+            batch_key=batch_key,
+            classes=classes,
+            batch_classes=batch_classes,
+        )
+        if len(val_idx)
+        else None
+    )
+    test_ds = (
+        CellDataset(
+            _subset(tokens, test_idx),
+            label_key=label_key,
+            batch_key=batch_key,
+            classes=classes,
+            batch_classes=batch_classes,
+        )
+        if len(test_idx)
+        else None
+    )
+    codes = np.asarray([train_ds[i]["labels"] for i in range(len(train_ds))])
+    for o in objs:
+        if o.name == "cls" and getattr(o, "class_weights", None) is None and class_weight is not None:
+            o.class_weights = _class_weights(codes, len(classes), class_weight)
+    torch.manual_seed(seed)
+    _ensure_heads(
+        model_, objs, n_classes=len(classes), classes=classes, n_batches=len(batch_classes or []) or None
+    )
+    collate = _collator(model_, tokens, objs, mask_ratio=mask_ratio)
+    val_collate = _copy.deepcopy(collate)
+
+    # -- train
+    trainer = Trainer(model_, objs, config, callbacks=callbacks, stop_event=stop_event)
+    fit = trainer.fit(train_ds, val_ds, collate_fn=collate, val_collate_fn=val_collate, resume=resume)
+
+    # -- held-out evaluation
+    held = test_ds if test_ds is not None else val_ds
+    metrics: dict[str, float] = {k: v for k, v in fit.metrics.items() if k.startswith("val/")}
+    report = pd.DataFrame()
+    confusion = pd.DataFrame()
+    if held is not None and "cls" in names and fit.status in ("completed", "early_stopped"):
+        part = _subset(tokens, test_idx if test_ds is not None else val_idx)
+        probs = _class_probabilities(
+            model_, part, batch_size=max(batch_size, 64), progress=False, device=trainer.device
+        )
+        y_true = np.asarray([held[i]["labels"] for i in range(len(held))])
+        y_pred = probs.argmax(1)
+        metrics.update(_classification_metrics(y_true, y_pred, classes))
+        report, confusion = _report(y_true, y_pred, classes)
+        if test_ds is None:
+            log.warning(
+                "test_size=0: the held-out metrics are on the validation cells that chose the best epoch."
+            )
+    split_series = pd.Series(
+        split,
+        index=pd.Index(
+            np.asarray(
+                tokens.obs_names if isinstance(tokens, TokenizedCells) else tokens.to_memory().obs_names
+            ).astype(str)
+        ),
+        name="split",
+    )
+    return FinetuneResult(
+        model=model_,
+        status=fit.status,
+        history=fit.history,
+        metrics=metrics,
+        report=report,
+        confusion=confusion,
+        classes=list(classes),
+        split=split_series,
+        trainer=trainer,
+        tokens=tokens,
+    )
+
+
+def _classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]
+) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    labels = np.arange(len(classes))
+    present = np.unique(y_true)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+    }
+
+
+def _report(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    labels = np.arange(len(classes))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    report = pd.DataFrame(
+        {"precision": p, "recall": r, "f1": f, "support": s}, index=pd.Index(classes, name="class")
+    )
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    confusion = pd.DataFrame(
+        cm, index=pd.Index(classes, name="true"), columns=pd.Index(classes, name="predicted")
+    )
+    return report, confusion
+
+
+def _class_probabilities(
+    model: CellModel, tokens: Tokens, *, batch_size: int, progress: bool, device: Any = "auto"
+) -> np.ndarray:
+    from ._inference import run_inference
+
+    res = run_inference(
+        model,
+        tokens,
+        lambda out, batch: {"p": torch.softmax(out.class_logits.float(), dim=-1)},
+        heads=("classifier",),
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        desc="predict",
+    )
+    return res["p"]
+
+
+# ============================================================================== predict
+def predict(
+    adata: AnnData,
+    model: CellModel,
+    *,
+    key_added: str = "cellkit_prediction",
+    cells: Any = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    tokenize_options: Mapping[str, Any] | None = None,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_column: str | None = None,
+    copy: bool = False,
+    progress: bool = True,
+) -> AnnData | None:
+    """Predict cell types with a fine-tuned model's classifier.
+
+    Writes ``obs[key_added]`` (categorical label), ``obs[key_added + "_confidence"]`` (the
+    label's probability), ``obsm[key_added + "_probabilities"]`` (``(n_obs, n_classes)``) and
+    ``uns[key_added] = {"classes": [...]}``. Cells outside ``cells`` get NaN.
+
+    Parameters
+    ----------
+    adata
+        The cells (same expression convention as the model was fine-tuned on).
+    model
+        A model with a ``classifier`` head (from :func:`finetune`).
+    key_added
+        Base name of the keys written.
+    cells
+        Which cells to predict (default all).
+    batch_size, device
+        Inference batch size and device (``"auto"``: CUDA when available).
+    tokenize_options, layer, use_raw, gene_column
+        Passed to :func:`cellkit.tokenize`.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+    progress
+        Progress bars.
+
+    Returns
+    -------
+    ``None`` (``adata`` updated), or the updated copy with ``copy=True``.
+    """
+    head = model.config.heads.get("classifier")
+    if head is None:
+        raise ConfigError(
+            "This model has no classifier head; fine-tune it first: result = cellkit.finetune(adata, model, label_key=...)."
+        )
+    classes = head.get("labels") or [str(i) for i in range(head["n_classes"])]
+    tokens = _tokens_for(
+        adata,
+        model,
+        cells=cells,
+        obs_columns=[],
+        tokenize_options=tokenize_options,
+        layer=layer,
+        use_raw=use_raw,
+        gene_column=gene_column,
+        progress=progress,
+    )
+    probs = _class_probabilities(model, tokens, batch_size=batch_size, progress=progress, device=device)
+    target = adata.copy() if copy else adata
+    pos = target.obs_names.get_indexer(np.asarray(tokens.obs_names).astype(str))
+    if (pos < 0).any():  # pragma: no cover - tokenize keeps obs names
+        raise DataError("Predicted cells could not be matched back to the AnnData's obs names.")
+    full = np.full((target.n_obs, len(classes)), np.nan, dtype=np.float32)
+    full[pos] = probs
+    label = np.full(target.n_obs, None, dtype=object)
+    label[pos] = np.asarray(classes, dtype=object)[probs.argmax(1)]
+    conf = np.full(target.n_obs, np.nan, dtype=np.float32)
+    conf[pos] = probs.max(1)
+    target.obs[key_added] = pd.Categorical(label, categories=classes)
+    target.obs[f"{key_added}_confidence"] = conf
+    target.obsm[f"{key_added}_probabilities"] = full
+    target.uns[key_added] = {"classes": list(classes)}
+    return target if copy else None
+
+
+# ============================================================================== pretrain
+_PRETRAIN_DEFAULTS = {
+    "scgpt": {"gep": 1.0, "mvc": 1.0},
+    "geneformer": {"mlm": 1.0},
+    "perturbgene": {"mlm": {"label_smoothing": 0.5}},
+    "cellkit": {"gep": 1.0},
+}
+
+
+def pretrain(
+    adata: AnnData | Tokens | str,
+    model: CellModel,
+    *,
+    objectives: Any = None,
+    cells: Any = None,
+    obs_columns: Sequence[str] = (),
+    val_size: float = 0.05,
+    seed: int = 0,
+    epochs: int = 10,
+    lr: float = 1e-4,
+    batch_size: int = 32,
+    mask_ratio: float | None = None,
+    tokenize_options: Mapping[str, Any] | None = None,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_column: str | None = None,
+    callbacks: Iterable[Callback | Callable[[Event], Any]] = (),
+    stop_event: threading.Event | None = None,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **trainer_options: Any,
+) -> PretrainResult:
+    """Pretrain a model (e.g. fresh from :func:`cellkit.presets.build_model`) with self-supervision.
+
+    Parameters
+    ----------
+    adata
+        Cells (AnnData, ``.h5ad`` path) or cells tokenized with this model.
+    model
+        The model to train in place; its family picks the default objectives: scGPT → masked
+        value regression (``gep``) + ``mvc`` (if the head exists); Geneformer → token MLM;
+        PerturbGene → phenotypic MLM with label smoothing 0.5.
+    objectives
+        Override the objectives (names, ``{name: weight}``, instances).
+    cells, obs_columns
+        Cell selection; obs columns carried into the tokens (PerturbGene phenotypes).
+    val_size
+        Fraction of cells held out for validation loss (random, seeded).
+    seed, epochs, lr, batch_size, mask_ratio
+        As in :func:`finetune`; ``mask_ratio`` is the masked fraction (scGPT values: 0.4,
+        Geneformer tokens: 0.15, PerturbGene genes: 0.15).
+    tokenize_options, layer, use_raw, gene_column, callbacks, stop_event, checkpoint_dir, resume, progress
+        As in :func:`finetune`.
+    **trainer_options
+        :class:`cellkit.train.TrainerConfig` fields.
+
+    Returns
+    -------
+    :class:`PretrainResult`
+    """
+    config = _trainer_config(
+        {**trainer_options, "checkpoint_dir": checkpoint_dir},
+        {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "progress": progress},
+    )
+    family = model.config.family
+    if objectives is None:
+        spec = dict(_PRETRAIN_DEFAULTS.get(family, {"gep": 1.0}))
+        if "mvc" in spec and "mvc" not in model.heads:
+            del spec["mvc"]
+        objectives = spec
+    objs = make_objectives(objectives)
+    if any(o.name in ("cls", "dab") for o in objs):
+        raise ConfigError(
+            "pretrain is self-supervised; use finetune(...) for the 'cls' and 'dab' objectives."
+        )
+    _ensure_heads(model, objs, n_classes=None, classes=None, n_batches=None)
+    tokens = _tokens_for(
+        adata,
+        model,
+        cells=cells,
+        obs_columns=list(obs_columns),
+        tokenize_options=tokenize_options,
+        layer=layer,
+        use_raw=use_raw,
+        gene_column=gene_column,
+        progress=progress,
+    )
+    n = len(tokens)
+    if not 0 <= val_size < 1:
+        raise ConfigError(f"val_size must be a fraction in [0, 1), got {val_size}.")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    n_val = round(n * val_size)
+    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    train_ds = CellDataset(_subset(tokens, train_idx))
+    val_ds = CellDataset(_subset(tokens, val_idx)) if n_val else None
+    collate = _collator(model, tokens, objs, mask_ratio=mask_ratio)
+    val_collate = _copy.deepcopy(collate)
+    trainer = Trainer(model, objs, config, callbacks=callbacks, stop_event=stop_event)
+    fit = trainer.fit(train_ds, val_ds, collate_fn=collate, val_collate_fn=val_collate, resume=resume)
+    return PretrainResult(
+        model=model, status=fit.status, history=fit.history, metrics=fit.metrics, trainer=trainer
+    )
