@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data.tokenize import tokenize
     from .data.tokenized import TokenizedCells, open_shards
     from .model import CellModel, CellModelConfig, CellModelOutput, inspect_checkpoint, load_model
+    from .tasks import FinetuneResult, PretrainResult, finetune, predict, pretrain
+    from .train import Callback, Event, History, Trainer, TrainerConfig
 
 # public name -> module that defines it (imported lazily)
 _LAZY = {
@@ -44,10 +46,21 @@ _LAZY = {
     "tokenize": "cellkit.data.tokenize",
     "TokenizedCells": "cellkit.data.tokenized",
     "open_shards": "cellkit.data.tokenized",
+    "finetune": "cellkit.tasks",
+    "predict": "cellkit.tasks",
+    "pretrain": "cellkit.tasks",
+    "FinetuneResult": "cellkit.tasks",
+    "PretrainResult": "cellkit.tasks",
+    "Trainer": "cellkit.train",
+    "TrainerConfig": "cellkit.train",
+    "Callback": "cellkit.train",
+    "Event": "cellkit.train",
+    "History": "cellkit.train",
 }
-_SUBMODULES = {"core", "heads", "data", "checkpoints", "model"}
+_SUBMODULES = {"core", "heads", "data", "checkpoints", "model", "train", "presets", "datasets"}
 
 __all__ = [
+    "Callback",
     "CellEncoder",
     "CellModel",
     "CellModelConfig",
@@ -59,15 +72,24 @@ __all__ = [
     "DataError",
     "EncoderConfig",
     "EncoderOutput",
+    "Event",
+    "FinetuneResult",
     "GeneVocab",
+    "History",
     "MissingDependencyError",
+    "PretrainResult",
     "TokenizedCells",
+    "Trainer",
+    "TrainerConfig",
     "UnknownGeneError",
     "VocabError",
     "__version__",
+    "finetune",
     "inspect_checkpoint",
     "load_model",
     "open_shards",
+    "predict",
+    "pretrain",
     "tokenize",
 ]
 

@@ -1,4 +1,4 @@
-"""AnnData in, trained model out: :func:`finetune` (cell-type annotation), :func:`predict`, :func:`pretrain`.
+"""Tasks — AnnData in, trained model out: :func:`finetune` (cell-type annotation), :func:`predict`, :func:`pretrain`.
 
 These are the functions the studio's fine-tune panel and the ``cellkit finetune`` / ``cellkit
 pretrain`` commands call. They tokenize with the model's own scheme, split the cells (stratified,

@@ -24,10 +24,13 @@ ALLOWED: dict[str, set[str]] = {
     "model": {"core", "heads", "data", "checkpoints", "_utils"},
     "presets": {"core", "data", "model", "checkpoints", "_utils"},
     "train": {"core", "_utils"},
+    "_inference": {"core", "data", "train", "model", "_utils"},
+    "tasks": {"core", "data", "train", "model", "_inference", "_utils"},
+    "datasets": {"model", "data", "presets", "tasks", "_utils"},
     "viz": {"_utils"},
-    "cli": {"core", "heads", "data", "checkpoints", "model", "presets", "train", "_utils"},
+    "cli": {"core", "heads", "data", "checkpoints", "model", "presets", "train", "tasks", "datasets", "_utils"},
     "__main__": {"cli"},
-    "__init__": {"core", "data", "model", "heads", "checkpoints"},
+    "__init__": {"core", "data", "model", "heads", "checkpoints", "train", "tasks", "presets", "datasets"},
 }
 #: third-party modules a package must never import
 BANNED: dict[str, set[str]] = {
@@ -47,6 +50,8 @@ BANNED: dict[str, set[str]] = {
     },
     "heads": {"anndata", "pandas", "scanpy", "ipywidgets", "anywidget", "plotly", "matplotlib"},
     "train": {"anndata", "scanpy", "ipywidgets", "anywidget", "plotly", "matplotlib"},
+    "tasks": {"ipywidgets", "anywidget", "plotly", "matplotlib"},
+    "_inference": {"anndata", "scanpy", "ipywidgets", "anywidget", "plotly", "matplotlib"},
     "data": {"ipywidgets", "anywidget", "plotly"},
     "checkpoints": {"ipywidgets", "anywidget", "plotly", "matplotlib"},
     "viz": {"torch", "ipywidgets", "anywidget"},
