@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from ._errors import CellkitError
+from ._errors import CellkitError, ConfigError, DataError
+from ._utils import atomic_write_text
 
 __all__ = ["main"]
 
@@ -83,6 +86,216 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_kv(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}`` (values parsed as JSON when they parse)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{what} takes KEY=VALUE, got {pair!r}.")
+        try:
+            out[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = raw
+    return out
+
+
+def _objectives(text: str | None) -> Any:
+    """``"cls,gep=0.5"`` → ``{"cls": 1.0, "gep": 0.5}``."""
+    if not text:
+        return None
+    spec: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, weight = part.strip().partition("=")
+        spec[name] = float(weight) if weight else 1.0
+    return spec
+
+
+def _load_for_training(path: str) -> Any:
+    from .model import load_model
+
+    if path == "demo":
+        from .datasets import demo_model
+
+        return demo_model()
+    return load_model(path)
+
+
+def _read_data(path: str, *, backed: bool) -> Any:
+    import anndata as ad
+
+    if path == "pbmc":
+        from .datasets import pbmc_demo
+
+        return pbmc_demo()
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"No data file at {p}; give an .h5ad file (or 'pbmc' for the shipped demo data).")
+    if p.suffix != ".h5ad":
+        raise DataError(f"{p} is not an .h5ad file; convert it with anndata/scanpy first.")
+    return ad.read_h5ad(p, backed="r" if backed else None)
+
+
+def _train_common(args: argparse.Namespace) -> dict[str, Any]:
+    opts = {
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "checkpoint_dir": args.checkpoint_dir,
+        "resume": args.resume,
+        "use_raw": args.use_raw,
+        "layer": args.layer,
+        "gene_column": args.gene_column,
+        "tokenize_options": _parse_kv(args.tokenize_option, "--tokenize-option") or None,
+        "progress": not args.quiet,
+        "device": args.device,
+        "amp": args.amp,
+    }
+    opts.update(_parse_kv(args.option, "--option"))
+    return opts
+
+
+def _save_outputs(args: argparse.Namespace, result: Any, extra: dict[str, Any]) -> None:
+    if not args.out:
+        return
+    out = Path(args.out)
+    result.model.save(out)
+    result.history.steps.to_csv(out / "history_steps.csv", index=False)
+    result.history.epochs.to_csv(out / "history_epochs.csv", index=False)
+    summary = {"status": result.status, "metrics": result.metrics, **extra}
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, default=str))
+    print(f"saved   {out}: model, history_steps.csv, history_epochs.csv, metrics.json")
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .tasks import finetune
+    from .train import init_distributed
+
+    info = init_distributed()
+    model = _load_for_training(args.model)
+    adata = _read_data(args.data, backed=args.backed)
+    opts = _train_common(args)
+    objectives = _objectives(args.objectives) or ("cls",)
+    if info.is_main:
+        print(f"model   {model!r}")
+        print(f"data    {adata.n_obs:,} cells × {adata.n_vars:,} genes; label_key={args.label_key!r}")
+        if info.enabled:
+            print(f"ddp     {info.world_size} processes")
+    t0 = time.perf_counter()
+    result = finetune(
+        adata,
+        model,
+        label_key=args.label_key,
+        batch_key=args.batch_key,
+        cells=args.cells,
+        objectives=objectives,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        class_weight=args.class_weight,
+        freeze_layers=args.freeze_layers,
+        freeze_embeddings=args.freeze_embeddings,
+        **opts,
+    )
+    seconds = time.perf_counter() - t0
+    if info.is_main:
+        m = result.metrics
+        print(f"status  {result.status} after {len(result.history.epoch_records)} epochs in {seconds:.1f} s")
+        if "macro_f1" in m:
+            print(
+                f"test    accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} on {int(result.confusion.to_numpy().sum())} held-out cells"
+            )
+            print(result.report.round(3).to_string())
+        _save_outputs(
+            args, result, {"classes": result.classes, "seconds": seconds, "world_size": info.world_size}
+        )
+    _finish_distributed(info)
+    return 0 if result.status in ("completed", "early_stopped") else 3
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from .presets import build_model
+    from .tasks import pretrain
+    from .train import init_distributed
+
+    info = init_distributed()
+    adata = _read_data(args.data, backed=args.backed)
+    if args.model:
+        model = _load_for_training(args.model)
+    else:
+        arch = _parse_kv(args.arch, "--arch")
+        genes = adata.raw.var_names if args.use_raw and adata.raw is not None else adata.var_names
+        if args.gene_column:
+            genes = adata.var[args.gene_column].astype(str)
+        model = build_model(list(genes), family=args.family, seed=args.seed, **arch)
+    opts = _train_common(args)
+    if info.is_main:
+        print(f"model   {model!r}")
+        print(f"data    {adata.n_obs:,} cells × {adata.n_vars:,} genes")
+    t0 = time.perf_counter()
+    result = pretrain(
+        adata,
+        model,
+        objectives=_objectives(args.objectives),
+        cells=args.cells,
+        val_size=args.val_size,
+        mask_ratio=args.mask_ratio,
+        **opts,
+    )
+    seconds = time.perf_counter() - t0
+    if info.is_main:
+        last = result.history.epoch_records[-1] if result.history.epoch_records else {}
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if "loss" in k)
+        print(
+            f"status  {result.status} after {len(result.history.epoch_records)} epochs in {seconds:.1f} s; {losses}"
+        )
+        _save_outputs(args, result, {"seconds": seconds, "world_size": info.world_size})
+    _finish_distributed(info)
+    return 0 if result.status in ("completed", "early_stopped") else 3
+
+
+def _finish_distributed(info: Any) -> None:
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _training_parser(p: argparse.ArgumentParser, *, needs_model: bool) -> None:
+    if needs_model:
+        p.add_argument(
+            "--model", required=True, help="model directory (cellkit, scGPT, Geneformer) or 'demo'"
+        )
+    p.add_argument("--data", required=True, help=".h5ad file (or 'pbmc' for the shipped demo data)")
+    p.add_argument("--out", help="directory to save the trained model, history and metrics")
+    p.add_argument("--cells", help="obs query selecting the cells, e.g. \"tissue == 'blood'\"")
+    p.add_argument(
+        "--objectives", help="comma-separated objectives with optional weights, e.g. 'cls,gep=0.5'"
+    )
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=32, help="cells per step over all processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", help="write resumable checkpoints here")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir"
+    )
+    p.add_argument("--use-raw", action="store_true", help="read adata.raw")
+    p.add_argument("--layer", help="read this layer instead of X")
+    p.add_argument("--gene-column", help="var column with the gene ids (default var_names)")
+    p.add_argument("--backed", action="store_true", help="open the .h5ad backed (large files)")
+    p.add_argument(
+        "--tokenize-option", action="append", metavar="KEY=VALUE", help="tokenizer option (repeatable)"
+    )
+    p.add_argument(
+        "--option", action="append", metavar="KEY=VALUE", help="trainer option, e.g. schedule=cosine"
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=["bf16", "fp16"], default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cellkit`` command line."""
     parser = argparse.ArgumentParser(prog="cellkit", description="Single-cell foundation-model kit.")
@@ -99,6 +312,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = sub.add_parser("info", help="describe a model directory (cellkit, scGPT or Geneformer)")
     info.add_argument("path")
     info.set_defaults(func=_info)
+    ft = sub.add_parser("finetune", help="fine-tune a model for cell-type annotation (torchrun-ready)")
+    _training_parser(ft, needs_model=True)
+    ft.add_argument("--label-key", required=True, help="obs column with the cell types")
+    ft.add_argument("--batch-key", help="obs column with batches (for the 'dab' objective)")
+    ft.add_argument("--val-size", type=float, default=0.1)
+    ft.add_argument("--test-size", type=float, default=0.1)
+    ft.add_argument("--class-weight", choices=["balanced"], default=None)
+    ft.add_argument("--freeze-layers", type=int, default=0)
+    ft.add_argument("--freeze-embeddings", action="store_true")
+    ft.set_defaults(func=_finetune)
+    pt = sub.add_parser("pretrain", help="pretrain a model with self-supervision (torchrun-ready)")
+    _training_parser(pt, needs_model=False)
+    pt.add_argument("--model", help="start from this model (default: a fresh one, see --family/--arch)")
+    pt.add_argument("--family", default="scgpt", choices=["scgpt", "geneformer", "perturbgene"])
+    pt.add_argument("--arch", action="append", metavar="KEY=VALUE", help="architecture, e.g. d_model=128")
+    pt.add_argument("--val-size", type=float, default=0.05)
+    pt.add_argument("--mask-ratio", type=float, default=None)
+    pt.set_defaults(func=_pretrain)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
