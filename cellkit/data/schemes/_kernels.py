@@ -15,9 +15,11 @@ import numpy as np
 __all__ = [
     "KERNEL_LOCK",
     "bin_rows",
+    "count_edges_le",
     "csr_arrays",
     "geneformer_count",
     "geneformer_rank",
+    "row_argsort",
     "sample_compact",
     "scgpt_count",
     "scgpt_tokens",
@@ -350,8 +352,9 @@ _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 @numba.njit(cache=True)
 def _argsort_distinct(keys):  # pragma: no cover - compiled
-    """``(order, distinct)``: positions of ``keys`` in ascending order, and whether no two keys are
-    equal (only then is the order unique, i.e. what any sort — numpy's included — returns).
+    """``(order, distinct)``: positions of ``keys`` in ascending order, equal keys in position order
+    (a stable sort), and whether no two keys are equal (only then is the order unique, i.e. what
+    any sort — numpy's quicksort included — returns).
 
     A bucket sort: keys map monotonically onto about ``len(keys)`` buckets by their offset from the
     smallest key, and each bucket (about one key) is sorted on its own.
@@ -398,9 +401,9 @@ def _argsort_distinct(keys):  # pragma: no cover - compiled
                     order[m + 1] = order[m]
                     m -= 1
                 order[m + 1] = p
-        else:
+        else:  # stable, like the insertion sort: equal keys stay in position order
             sub = order[a:b].copy()
-            perm = np.argsort(keys[sub])
+            perm = np.argsort(keys[sub], kind="mergesort")
             for j in range(b - a):
                 order[a + j] = sub[perm[j]]
     distinct = True
@@ -495,3 +498,66 @@ def geneformer_rank(
         kept = min(n, budget)
         for j in range(kept):
             flat[o + j] = out_tokens[cols[order[j]]]
+
+
+# ================================================================================== teddy
+@numba.njit(cache=True)
+def _float_keys(x):  # pragma: no cover - compiled
+    """Unsigned keys that sort like the float64 values ``x`` (``-0.0`` as ``0.0``; no NaN); ``x`` is
+    overwritten and returned reinterpreted."""
+    for t in range(x.shape[0]):
+        if x[t] == 0:
+            x[t] = 0.0
+    keys = x.view(np.uint64)
+    for t in range(keys.shape[0]):
+        if keys[t] & _SIGN:
+            keys[t] = keys[t] ^ _ALL
+        else:
+            keys[t] = keys[t] ^ _SIGN
+    return keys
+
+
+@numba.njit(parallel=True, cache=True)
+def row_argsort(values, indptr, descending, out):  # pragma: no cover - compiled
+    """Stable per-row argsort of CSR rows: ``out[a:b]`` = global positions of row ``[a, b)`` by value
+    (descending with ``descending``), equal values in position order — what
+    ``np.lexsort((±values, rows))`` gives."""
+    n_rows = indptr.shape[0] - 1
+    for r in numba.prange(n_rows):
+        a = indptr[r]
+        b = indptr[r + 1]
+        if b == a:
+            continue
+        x = np.empty(b - a, dtype=np.float64)
+        for t in range(a, b):
+            x[t - a] = -np.float64(values[t]) if descending else np.float64(values[t])
+        order, _ = _argsort_distinct(_float_keys(x))
+        for j in range(b - a):
+            out[a + j] = a + order[j]
+
+
+@numba.njit(parallel=True, cache=True)
+def count_edges_le(values, indptr, edges, out):  # pragma: no cover - compiled
+    """``out[t] = #{edges[r] <= values[t]}`` for each value of CSR row ``r``."""
+    n_rows = indptr.shape[0] - 1
+    n_edges = edges.shape[1]
+    for r in numba.prange(n_rows):
+        a = indptr[r]
+        b = indptr[r + 1]
+        if b == a:
+            continue
+        e = edges[r]
+        monotone = True
+        for j in range(n_edges - 1):
+            if not (e[j] <= e[j + 1]):
+                monotone = False
+        for t in range(a, b):
+            x = values[t]
+            if monotone:
+                out[t] = np.searchsorted(e, x, side="right")
+            else:
+                c = 0
+                for j in range(n_edges):
+                    if e[j] <= x:
+                        c += 1
+                out[t] = c

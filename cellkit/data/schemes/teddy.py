@@ -208,22 +208,29 @@ def _block_bins(data: np.ndarray, indptr: np.ndarray, n_bins: int) -> np.ndarray
     n_edges = n_bins - 1
     if n_edges == 0 or not len(data):
         return np.ones(len(data), dtype=np.int64)
-    rows = np.repeat(np.arange(len(counts)), counts)
     nonempty = np.flatnonzero(counts)
     sub_indptr = np.concatenate([[0], np.cumsum(counts[nonempty])])
-    ascending = data[np.lexsort((data, rows))]
-    edges = quantile_edges(ascending, sub_indptr, n_bins + 1)[:, 1:-1]  # (R, n_bins - 1)
-    # merge values and edges per row; at equal numbers an edge sorts first, so it counts as <= value
-    all_rows = np.concatenate([rows, np.repeat(nonempty, n_edges)])
-    all_vals = np.concatenate([data, edges.ravel()])
-    is_value = np.concatenate([np.ones(len(data), dtype=np.int8), np.zeros(edges.size, dtype=np.int8)])
-    order = np.lexsort((is_value, all_vals, all_rows))
-    edges_so_far = np.cumsum(is_value[order] == 0)
-    edges_before_row = n_edges * np.searchsorted(nonempty, np.arange(len(counts)))  # rows are sorted
-    at = order < len(data)
-    bins = np.empty(len(data), dtype=np.int64)
-    bins[order[at]] = 1 + edges_so_far[at] - edges_before_row[all_rows[order[at]]]
-    return bins
+    from ._kernels import KERNEL_LOCK, count_edges_le
+
+    ascending = data[_row_order(data, indptr, descending=False)]
+    edges = np.zeros((len(counts), n_edges))
+    edges[nonempty] = quantile_edges(ascending, sub_indptr, n_bins + 1)[:, 1:-1]  # (R, n_bins - 1)
+    le = np.empty(len(data), dtype=np.int64)
+    with KERNEL_LOCK:
+        count_edges_le(np.ascontiguousarray(data), np.ascontiguousarray(indptr, dtype=np.int64), edges, le)
+    return 1 + le
+
+
+def _row_order(values: np.ndarray, indptr: np.ndarray, *, descending: bool) -> np.ndarray:
+    """``np.lexsort((±values, rows))`` of CSR rows (stable: equal values keep their order)."""
+    from ._kernels import KERNEL_LOCK, row_argsort
+
+    out = np.empty(len(values), dtype=np.int64)
+    with KERNEL_LOCK:
+        row_argsort(
+            np.ascontiguousarray(values), np.ascontiguousarray(indptr, dtype=np.int64), descending, out
+        )
+    return out
 
 
 # ================================================================================ options
@@ -549,7 +556,7 @@ def _tokens_for_block(
     rows = np.repeat(np.arange(n_rows), counts)
     # rank: row, value descending; lexsort is stable and each row is in slot (= column) order, so
     # ties keep column order
-    order = np.lexsort((-y.data, rows))
+    order = _row_order(y.data, y.indptr, descending=True)
     r_slot = y.indices[order].astype(np.int64)
     r_val = np.zeros(len(order), dtype=np.float64)
     if n_bins is not None:
@@ -557,7 +564,7 @@ def _tokens_for_block(
     pos = _cumcount(rows, counts)  # rows are sorted, and lexsort keeps them grouped
     if random_genes:
         h = uniform_hash(seed, keys[rows].astype(np.uint64), slot_tokens[r_slot].astype(np.uint64), _SELECT)
-        by_hash = np.lexsort((h, rows))
+        by_hash = _row_order(h, y.indptr, descending=False)  # rows keep their counts
         hash_rank = np.empty(len(h), dtype=np.int64)
         hash_rank[by_hash] = _cumcount(rows, counts)
         keep = hash_rank < budget
