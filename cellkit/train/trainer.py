@@ -215,7 +215,7 @@ class History:
     ----------
     steps
         ``DataFrame``: ``step``, ``epoch``, ``loss``, ``loss/<objective>``, ``lr``, ``cells``
-        (and ``accuracy`` with a classification objective).
+        (and ``accuracy``, ``macro_f1`` of the step's batch with a classification objective).
     epochs
         ``DataFrame``: ``epoch``, ``step``, ``lr``, ``train/...`` and ``val/...`` metrics.
     """
@@ -274,6 +274,20 @@ class TrainResult:
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
+def macro_f1_from_confusion(cm: np.ndarray) -> float:
+    """Macro-F1 from a confusion matrix (rows true, columns predicted), averaged over the classes
+    that occur as a label or a prediction (sklearn's ``f1_score(average="macro")`` convention)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    support, predicted = cm.sum(1), cm.sum(0)
+    used = (support > 0) | (predicted > 0)
+    if not used.any():
+        return 0.0
+    denom = support + predicted
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return float(f1[used].mean())
 
 
 def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -847,6 +861,7 @@ class Trainer:
             g["lr"] = g["initial_lr"] * factor
         opt.zero_grad(set_to_none=True)
         sums = torch.zeros(4 + len(self.objectives), dtype=torch.float64, device=self.device)
+        confusion: Tensor | None = None
         for i, raw in enumerate(window):
             batch = _to_device(raw, self.device)
             sync = i == len(window) - 1
@@ -872,8 +887,12 @@ class Trainer:
             if "labels" in batch and getattr(out, "class_logits", None) is not None:
                 lab = batch["labels"]
                 ok = lab != IGNORE_INDEX
-                sums[2] += (out.class_logits.detach().argmax(-1)[ok] == lab[ok]).sum()
+                pred = out.class_logits.detach().argmax(-1)
+                sums[2] += (pred[ok] == lab[ok]).sum()
                 sums[3] += ok.sum()
+                k = out.class_logits.shape[-1]
+                cm = torch.bincount(lab[ok] * k + pred[ok], minlength=k * k).reshape(k, k).double()
+                confusion = cm if confusion is None else confusion + cm
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         if c.max_grad_norm is not None:
@@ -886,6 +905,8 @@ class Trainer:
             opt.step()
         s["step"] += 1
         sums = all_reduce_sum(sums).cpu()
+        if confusion is not None:
+            confusion = all_reduce_sum(confusion).cpu()
         cells = float(sums[0])
         rec: dict[str, Any] = {
             "step": s["step"],
@@ -899,6 +920,10 @@ class Trainer:
         if sums[3] > 0:
             rec["accuracy"] = float(sums[2] / sums[3])
         acc = s["acc"]
+        if confusion is not None:
+            rec["macro_f1"] = macro_f1_from_confusion(confusion.numpy())
+            total = np.asarray(acc.get("confusion") or np.zeros_like(confusion.numpy())) + confusion.numpy()
+            acc["confusion"] = total.tolist()
         acc["cells"] += cells
         acc["loss"] += float(sums[1])
         acc["correct"] += float(sums[2])
@@ -927,6 +952,8 @@ class Trainer:
                 rec[f"train/loss/{o.name}"] = acc[f"loss/{o.name}"] / acc["cells"]
         if acc["labelled"]:
             rec["train/accuracy"] = acc["correct"] / acc["labelled"]
+        if acc.get("confusion") is not None:
+            rec["train/macro_f1"] = macro_f1_from_confusion(np.asarray(acc["confusion"]))
         stop = False
         if val is not None:
             metrics = self.evaluate(val, collate_fn=val_collate_fn, model=model)

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -300,3 +301,22 @@ def test_resume_errors(tmp_path):
         Trainer(model, ["cls"], **OPTS).fit(TRAIN, collate_fn=collator(model), resume=True)
     with pytest.raises(Exception, match="No training checkpoint"):
         Trainer(model, ["cls"], **OPTS).fit(TRAIN, collate_fn=collator(model), resume=tmp_path)
+
+
+def test_macro_f1_from_confusion_matches_sklearn():
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    from cellkit.train.trainer import macro_f1_from_confusion
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y, p = rng.integers(0, 5, 30), rng.integers(0, 4, 30)
+        cm = confusion_matrix(y, p, labels=range(6))
+        assert macro_f1_from_confusion(cm) == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
+
+
+def test_step_and_epoch_records_carry_macro_f1():
+    model = tiny_model()
+    result = Trainer(model, ["cls"], epochs=1, **OPTS).fit(TRAIN, collate_fn=collator(model))
+    assert result.history.steps["macro_f1"].between(0, 1).all()
+    assert 0 <= result.history.epochs["train/macro_f1"].iloc[0] <= 1
