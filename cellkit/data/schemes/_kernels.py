@@ -15,6 +15,7 @@ import numpy as np
 __all__ = [
     "KERNEL_LOCK",
     "bin_rows",
+    "bin_rows_raw",
     "count_edges_le",
     "csr_arrays",
     "geneformer_count",
@@ -197,6 +198,95 @@ def bin_rows(
             else:
                 ut = u[t]
             out[t] = _bin_of(data[t], edges, counting, left_of, right_of, ut)
+
+
+@numba.njit(cache=True)
+def _row_edges_by_raw(vals, raws, q):  # pragma: no cover - compiled
+    """:func:`_row_edges` of one row's values ``vals`` (normalised) using its raw counts ``raws``.
+
+    Within a cell, normalize_total and log1p map a raw count to one value and keep the order, so
+    the values listed in raw-count order are sorted: a counting sort of the raw counts replaces
+    the comparison sort. Both properties are checked; ``ok`` is False (and the caller sorts) when
+    the raw counts are not small non-negative integers or the values are not such a function of them.
+    Returns ``(ok, edges, left_of, right_of)``, the last two indexed by raw count.
+    """
+    n = vals.shape[0]
+    n_edges = q.shape[0]
+    edges = np.empty(n_edges, dtype=np.float64)
+    top = 0.0
+    for t in range(n):
+        v = raws[t]
+        if not (v >= 0 and v == np.floor(v) and v <= _COUNTING_LIMIT):
+            return False, edges, np.empty(0, np.int64), np.empty(0, np.int64)
+        if v > top:
+            top = v
+    m = np.int64(top)
+    cum = np.zeros(m + 1, dtype=np.int64)
+    value_of = np.zeros(m + 1, dtype=vals.dtype)
+    for t in range(n):
+        v = np.int64(raws[t])
+        if cum[v] and value_of[v] != vals[t]:
+            return False, edges, np.empty(0, np.int64), np.empty(0, np.int64)
+        value_of[v] = vals[t]
+        cum[v] += 1
+    last = -1
+    for v in range(m + 1):
+        if cum[v]:
+            if last >= 0 and not (value_of[last] <= value_of[v]):
+                return False, edges, np.empty(0, np.int64), np.empty(0, np.int64)
+            last = v
+    present = cum > 0
+    for v in range(1, m + 1):
+        cum[v] += cum[v - 1]  # cum[v] = number of values with raw count <= v
+    for j in range(n_edges):
+        virtual = (n - 1) * q[j]
+        if virtual >= n - 1:
+            pi = n - 1
+            ni = n - 1
+            gamma = virtual + 1.0
+        else:
+            prev = np.floor(virtual)
+            pi = np.int64(prev)
+            ni = pi + 1
+            gamma = virtual - prev
+        lo = value_of[np.searchsorted(cum, pi, side="right")]  # the value at sorted position pi
+        hi = value_of[np.searchsorted(cum, ni, side="right")]
+        diff = hi - lo
+        if gamma >= 0.5:
+            edges[j] = hi - diff * (1.0 - gamma)
+        else:
+            edges[j] = lo + diff * gamma
+    left_of = np.empty(m + 1, dtype=np.int64)
+    right_of = np.empty(m + 1, dtype=np.int64)
+    for v in range(m + 1):
+        if present[v]:
+            x = np.float64(value_of[v])
+            left_of[v] = np.searchsorted(edges, x, side="right")
+            right_of[v] = np.searchsorted(edges, x, side="left")
+    return True, edges, left_of, right_of
+
+
+@numba.njit(parallel=True, cache=True)
+def bin_rows_raw(data, raw, indptr, q, u, out):  # pragma: no cover - compiled
+    """:func:`bin_rows` (tie uniforms ``u``) of normalised CSR rows, sorting by their raw counts
+    ``raw`` (same structure) where :func:`_row_edges_by_raw` allows it."""
+    n_rows = indptr.shape[0] - 1
+    for r in numba.prange(n_rows):
+        a = indptr[r]
+        b = indptr[r + 1]
+        if b == a:
+            continue
+        ok, edges, left_of, right_of = _row_edges_by_raw(data[a:b], raw[a:b], q)
+        if ok:
+            for t in range(a, b):
+                v = np.int64(raw[t])
+                left = left_of[v]
+                right = right_of[v]
+                out[t] = np.int64(np.ceil(u[t] * (right - left) + left))
+        else:
+            edges, counting, left_of, right_of = _row_edges(data[a:b], q)
+            for t in range(a, b):
+                out[t] = _bin_of(data[t], edges, counting, left_of, right_of, u[t])
 
 
 @numba.njit(parallel=True, cache=True)

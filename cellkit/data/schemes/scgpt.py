@@ -122,14 +122,17 @@ def bin_block(
     rng: np.random.RandomState | None,
     keys: np.ndarray | None,
     seed: int,
+    raw: np.ndarray | None = None,
 ) -> np.ndarray:
     """:func:`bin_csr` for a CSR block with the compiled kernel (row-parallel).
 
     Tie-spreading uniforms come from ``rng.rand`` in row order (``compat``) or from
-    ``uniform_hash(seed, cell key, gene token)`` (``deterministic``).
+    ``uniform_hash(seed, cell key, gene token)`` (``deterministic``). ``raw``: the raw counts the
+    (normalised) values of ``x`` were computed from, entry for entry (``compat``: sorts each cell by
+    counting its counts; the bins are the same).
     """
     from .._hashing import hash64
-    from ._kernels import KERNEL_LOCK, bin_rows
+    from ._kernels import KERNEL_LOCK, bin_rows, bin_rows_raw
 
     data = np.ascontiguousarray(x.data)
     indptr = np.ascontiguousarray(x.indptr, dtype=np.int64)
@@ -138,6 +141,10 @@ def bin_block(
     token_keys = np.ascontiguousarray(gene_tokens[x.indices], dtype=np.uint64)
     if rng is not None:
         u = rng.rand(x.nnz)  # one draw per nonzero value, rows in order: scGPT's np.random.rand per row
+        if raw is not None:
+            with KERNEL_LOCK:
+                bin_rows_raw(data, np.ascontiguousarray(raw), indptr, q, u, out)
+            return out
         with KERNEL_LOCK:
             bin_rows(
                 data,
@@ -170,11 +177,15 @@ def bin_block(
 def sample_positions_compat(
     rng: np.random.RandomState, length: int, max_len: int, *, cls_appended: bool
 ) -> np.ndarray:
-    """scGPT 0.2.4 ``pad_batch`` sampling of a too-long row (same RNG calls, same output order)."""
+    """scGPT 0.2.4 ``pad_batch`` sampling of a too-long row (same RNG calls, same output order).
+
+    scGPT calls ``rng.choice(n, k, replace=False)``, which is ``rng.permutation(n)[:k]`` (the
+    same draws, the same result); the permutation is called directly.
+    """
     if cls_appended:
-        idx = rng.choice(length - 1, max_len - 1, replace=False) + 1
-        return np.insert(idx, 0, 0)
-    return rng.choice(length, max_len, replace=False)
+        idx = rng.permutation(length - 1)[: max_len - 1] + 1
+        return np.concatenate([np.zeros(1, dtype=idx.dtype), idx])  # np.insert(idx, 0, 0)
+    return rng.permutation(length)[:max_len]
 
 
 # ================================================================================== the scheme
@@ -358,14 +369,25 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
         with ctx.pbar(len(src.rows), f"tokenizing ({src.name})") as bar:
             for idx, block in src.chunks(ctx.chunk_size):
                 check_values(block.data, where=src.name)
-                x = block if identity_cols else block[:, cols]
-                if (target is not None or o["log1p"]) and not rank_only:
+                x = counts = block if identity_cols else block[:, cols]
+                normalized = (target is not None or o["log1p"]) and not rank_only
+                if normalized:
                     x = _normalize(x, target, bool(o["log1p"]))
                 if hvg_pos is not None:
-                    x = x[:, hvg_pos]
+                    x, counts = x[:, hvg_pos], counts[:, hvg_pos]
                 x = sp.csr_matrix(x)
                 x.eliminate_zeros()
                 x.sort_indices()
+                counts = sp.csr_matrix(counts)
+                raw = (  # the counts behind each normalised value (same entries): compat bins with them
+                    counts.data
+                    if normalized
+                    and n_bins
+                    and counts.has_canonical_format
+                    and np.array_equal(counts.indptr, x.indptr)
+                    and np.array_equal(counts.indices, x.indices)
+                    else None
+                )
                 local = np.arange(done, done + len(idx))
                 part = _tokens_for_block(
                     x,
@@ -379,6 +401,7 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                     keys=None if keys is None else keys[local],
                     seed=int(o["seed"]),
                     max_len=None if compat else max_len,
+                    raw=raw,
                 )
                 ctx.stamp(part, src, idx, scheme="scgpt", pad_value=pad_value)
                 done += len(idx)
@@ -513,11 +536,14 @@ def _tokens_for_block(
     keys: np.ndarray | None,
     seed: int,
     max_len: int | None,
+    raw: np.ndarray | None = None,
 ) -> TokenizedCells:
     n_rows, n_genes = x.shape
     rows_of = np.repeat(np.arange(n_rows), np.diff(x.indptr))
     if n_bins:
-        vals = bin_block(x, gene_tokens, int(n_bins), rng=rng, keys=keys, seed=seed).astype(np.float32)
+        vals = bin_block(x, gene_tokens, int(n_bins), rng=rng, keys=keys, seed=seed, raw=raw).astype(
+            np.float32
+        )
     else:
         vals = x.data.astype(np.float32)
     if include_zero:
@@ -574,19 +600,22 @@ def _sample_compat(
     cells: TokenizedCells, max_len: int, rng: np.random.RandomState, *, cls_appended: bool
 ) -> TokenizedCells:
     """scGPT's ``pad_batch`` over all cells: width = min(longest, max_len); longer rows sampled in order."""
-    width = min(int(cells.lengths.max()), max_len)
-    gather = []
-    lengths = []
-    for i, n in enumerate(cells.lengths):
-        start = int(cells.offsets[i])
-        if n > width:
-            pos = sample_positions_compat(rng, int(n), width, cls_appended=cls_appended)
-        else:
-            pos = np.arange(n)
-        gather.append(start + pos)
-        lengths.append(len(pos))
-    g = np.concatenate(gather).astype(np.int64) if gather else np.zeros(0, np.int64)
-    out = TokenizedCells.concat([cells])  # copy of metadata
-    out.gene_ids, out.values = cells.gene_ids[g], cells.values[g]
-    out.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return out
+    from dataclasses import replace
+
+    lengths_in = cells.lengths
+    width = min(int(lengths_in.max()), max_len)
+    lengths = np.minimum(lengths_in, width)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    row_of = np.repeat(np.arange(len(lengths)), lengths)
+    gather = np.arange(offsets[-1], dtype=np.int64) + (cells.offsets[:-1] - offsets[:-1])[row_of]
+    for i in np.flatnonzero(lengths_in > width):  # in row order: the RNG stream is scGPT's
+        pos = sample_positions_compat(rng, int(lengths_in[i]), width, cls_appended=cls_appended)
+        gather[offsets[i] : offsets[i + 1]] = cells.offsets[i] + pos
+    return replace(
+        cells,
+        gene_ids=cells.gene_ids[gather],
+        values=cells.values[gather],
+        offsets=offsets,
+        notes=list(cells.notes),
+    )
