@@ -51,6 +51,8 @@ def run_inference(
     attn_backend: str = "sdpa",
     progress: bool = True,
     desc: str = "inference",
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run ``model`` over all cells and collect ``fn(output, batch)`` arrays in input order.
 
@@ -60,6 +62,8 @@ def run_inference(
         Turns a model output and its batch into ``{name: (B, ...) tensor}``.
     heads
         Heads to run.
+    output_hidden_states, output_attentions
+        Ask the model for per-layer states / attention probabilities (see :class:`CellModelOutput`).
 
     Returns
     -------
@@ -90,7 +94,14 @@ def run_inference(
                     items.append(item)
                 batch = collate(items)
                 inputs = {k: batch[k].to(dev) for k in FORWARD_KEYS if k in batch}
-                res = fn(model(**inputs, heads=heads, attn_backend=attn_backend), batch)
+                out_ = model(
+                    **inputs,
+                    heads=heads,
+                    attn_backend=attn_backend,
+                    output_hidden_states=output_hidden_states,
+                    output_attentions=output_attentions,
+                )
+                res = fn(out_, batch)
                 for name, t in res.items():
                     arr = t.detach().float().cpu().numpy()
                     if name not in out:

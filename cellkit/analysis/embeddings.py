@@ -1,0 +1,356 @@
+"""Cell embeddings: encoder-only, length-bucketed, streamed over any AnnData, into ``obsm``.
+
+:func:`embed_cells` tokenizes the cells block by block with the model's own scheme (so a backed
+atlas never sits in memory), runs the encoder without any vocabulary-sized head, pools each cell
+(``cls`` / ``mean`` over non-pad tokens / value-``weighted``) from the chosen layer and writes the
+vectors to ``adata.obsm[key_added]`` in the input order. Results do not depend on the batch size
+or on the bucketing.
+
+Reference semantics, when asked:
+
+- scGPT's ``embed_data``: ``pooling="cls"``, last layer, L2-normalised (the default for scGPT
+  models), ``<cls>`` value = ``pad_value`` and ``max_len=1200`` (pass them as tokenize options).
+- Geneformer's ``EmbExtractor``: ``emb_mode="cell"`` = ``pooling="mean"`` (``<cls>``/``<eos>``
+  left out), ``emb_mode="cls"`` = ``pooling="cls"``; ``emb_layer=-1`` (its default, the
+  second-to-last layer) = ``hidden_layer=-2``; no normalisation (the default for Geneformer models).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .._errors import ConfigError, DataError
+from .._inference import run_inference
+from .._utils import get_logger
+from ..data.tokenize import tokenize
+from ..data.tokenized import ShardedTokens, TokenizedCells
+from ..heads import POOLING_MODES, pool_cells
+from ..model import CellModel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+__all__ = ["cell_embeddings", "embed_cells", "resolve_hidden_layer", "umap"]
+
+log = get_logger(__name__)
+
+
+def resolve_hidden_layer(model: CellModel, hidden_layer: int | None) -> int | None:
+    """Index into ``hidden_states`` (``n_layers + 1`` entries, input embeddings first).
+
+    ``None`` or ``-1``: the last layer (returned as ``None``: no hidden states needed); ``-2``:
+    the second-to-last (Geneformer's default ``emb_layer=-1``); ``0``: the input embeddings;
+    ``k > 0``: the output of layer ``k``.
+    """
+    n = model.config.encoder.n_layers
+    if hidden_layer is None:
+        return None
+    if isinstance(hidden_layer, bool) or not isinstance(hidden_layer, int | np.integer):
+        raise ConfigError(f"hidden_layer must be an integer or None, got {hidden_layer!r}.")
+    if not -(n + 1) <= hidden_layer <= n:
+        raise ConfigError(
+            f"hidden_layer={hidden_layer} is out of range for this {n}-layer model: use -1 (last, default), "
+            f"-2 (second-to-last) … {-(n + 1)} (input embeddings), or 0 … {n} counted from the input."
+        )
+    idx = int(hidden_layer) % (n + 1)
+    return None if idx == n else idx
+
+
+def cell_embeddings(
+    model: CellModel,
+    tokens: TokenizedCells | ShardedTokens,
+    *,
+    pooling: str | None = None,
+    hidden_layer: int | None = None,
+    normalize: bool | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = "auto",
+    amp: str | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Embed tokenized cells (arrays in, array out).
+
+    Parameters
+    ----------
+    model
+        Any loaded :class:`cellkit.CellModel`.
+    tokens
+        Cells tokenized for this model.
+    pooling
+        ``"cls"``, ``"mean"`` (non-pad tokens, ``<cls>``/``<eos>`` excluded) or ``"weighted"``;
+        default the model's.
+    hidden_layer
+        Which layer's states to pool (see :func:`resolve_hidden_layer`); default the last.
+    normalize
+        L2-normalise each embedding; default ``True`` for scGPT-family models (``embed_data``),
+        ``False`` otherwise.
+    batch_size, device, amp, progress
+        Inference settings; ``amp="bf16"`` autocasts on CUDA.
+
+    Returns
+    -------
+    ``(n_cells, d_model)`` float32, in the order of ``tokens``.
+    """
+    mode = pooling or model.config.pooling
+    if mode not in POOLING_MODES:
+        raise ConfigError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}.")
+    idx = resolve_hidden_layer(model, hidden_layer)
+    if normalize is None:
+        normalize = model.config.family == "scgpt"
+    same_as_model = idx is None and mode == model.config.pooling
+
+    def fn(out: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if same_as_model:
+            emb = out.cell_embedding
+        else:
+            h = out.last_hidden_state if idx is None else out.hidden_states[idx]
+            gene_ids = batch["gene_ids"].to(h.device)
+            emb = pool_cells(
+                h,
+                mode=mode,  # type: ignore[arg-type]
+                padding_mask=out.padding_mask,
+                values=batch["values"].to(h.device) if "values" in batch else None,
+                exclude_mask=model._boundary_tokens(gene_ids) if mode == "mean" else None,
+            )
+        emb = emb.float()
+        if normalize:
+            emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+        return {"emb": emb}
+
+    res = run_inference(
+        model,
+        tokens,
+        fn,
+        heads=(),
+        batch_size=batch_size,
+        device=device,
+        amp=amp,
+        progress=progress,
+        desc="embed",
+        output_hidden_states=idx is not None,
+    )
+    if "emb" not in res:
+        return np.zeros((0, model.config.encoder.d_model), dtype=np.float32)
+    return res["emb"].astype(np.float32, copy=False)
+
+
+def _selection(adata: Any, cells: Any) -> np.ndarray:
+    """Positions of the selected cells (input order)."""
+    n = adata.n_obs
+    if cells is None:
+        return np.arange(n)
+    if isinstance(cells, str):
+        try:
+            names = adata.obs.query(cells).index
+        except Exception as e:
+            raise DataError(f"cells={cells!r} is not a valid obs query: {e}") from None
+        return adata.obs_names.get_indexer(names)
+    sel = np.asarray(cells)
+    if sel.dtype == bool:
+        if len(sel) != n:
+            raise DataError(f"The boolean cells mask has {len(sel)} entries for {n} cells.")
+        return np.flatnonzero(sel)
+    if sel.dtype.kind in "iu":
+        if len(sel) and (sel.min() < -n or sel.max() >= n):
+            raise DataError(f"cells has positions outside 0 … {n - 1}.")
+        return sel % n if len(sel) else sel.astype(np.int64)
+    pos = adata.obs_names.get_indexer(sel.astype(str))
+    if (pos < 0).any():
+        raise DataError(f"cells names not in obs_names, e.g. {list(sel[pos < 0][:3])}.")
+    return pos
+
+
+def embed_cells(
+    adata: AnnData,
+    model: CellModel,
+    *,
+    key_added: str = "X_cellkit",
+    cells: Any = None,
+    pooling: str | None = None,
+    hidden_layer: int | None = None,
+    normalize: bool | None = None,
+    batch_size: int = 64,
+    chunk_size: int = 20_000,
+    device: str = "auto",
+    amp: str | None = None,
+    on_empty: str = "raise",
+    tokenize_options: Mapping[str, Any] | None = None,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_column: str | None = None,
+    copy: bool = False,
+    progress: bool = True,
+) -> AnnData | None:
+    """Embed cells with a model and store the vectors in ``adata.obsm[key_added]``.
+
+    Parameters
+    ----------
+    adata
+        Cells (in memory or ``backed="r"``) with the expression the model's tokenizer expects.
+    model
+        Any loaded :class:`cellkit.CellModel` (scGPT, Geneformer, PerturbGene-style, cellkit).
+    key_added
+        ``obsm`` key written: ``(n_obs, d_model)`` float32; rows of unselected cells are NaN.
+    cells
+        Which cells (mask, positions, names, ``obs.query`` string); default all.
+    pooling, hidden_layer, normalize
+        See :func:`cell_embeddings` (defaults reproduce scGPT's ``embed_data`` for scGPT models and
+        the model's own pooling otherwise).
+    batch_size
+        Cells per forward pass (cells are sorted by length, so batches carry little padding).
+    chunk_size
+        Cells tokenized at a time: bounds memory on large (backed) data.
+    device, amp
+        ``"auto"``: CUDA when available; ``amp="bf16"`` for bf16 autocast on GPU.
+    on_empty
+        Cells with no gene in the model's vocabulary: ``"raise"`` (default, a
+        :class:`cellkit.DataError` naming them) or ``"nan"`` (their rows stay NaN; a warning counts them).
+    tokenize_options, layer, use_raw, gene_column
+        Passed to :func:`cellkit.tokenize` (``layer`` is the AnnData layer to read).
+    copy
+        Return a modified copy instead of writing into ``adata``.
+    progress
+        Progress bar.
+
+    Returns
+    -------
+    ``None`` (``adata.obsm[key_added]`` written) or the copy with ``copy=True``.
+    """
+    if on_empty not in ("raise", "nan"):
+        raise ConfigError(f"on_empty must be 'raise' or 'nan', got {on_empty!r}.")
+    if chunk_size < 1 or batch_size < 1:
+        raise ConfigError("chunk_size and batch_size must be >= 1.")
+    resolve_hidden_layer(model, hidden_layer)  # fail before any work
+    positions = _selection(adata, cells)
+    if len(positions) == 0:
+        raise DataError(f"The selection is empty (cells={cells!r} matches no cell).")
+    d = model.config.encoder.d_model
+    out = np.full((adata.n_obs, d), np.nan, dtype=np.float32)
+    opts = dict(tokenize_options or {})
+    n_boundary = sum(1 for r in ("cls", "eos") if r in model.vocab.specials)
+    empty: list[str] = []
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(positions), desc="embed", unit="cell", disable=not progress) as bar:
+        for start in range(0, len(positions), chunk_size):
+            chunk = positions[start : start + chunk_size]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*no gene in the vocabulary.*")
+                tokens = tokenize(
+                    adata,
+                    model,
+                    cells=chunk,
+                    layer=layer,
+                    use_raw=use_raw,
+                    gene_column=gene_column,
+                    progress=False,
+                    **opts,
+                )
+            genes_per_cell = tokens.lengths - _boundary_count(model, tokens, n_boundary)
+            bad = genes_per_cell <= 0
+            if bad.any():
+                names = np.asarray(tokens.obs_names)[bad].astype(str)
+                if on_empty == "raise":
+                    raise DataError(
+                        f"{int(bad.sum())} cells have no gene in the model's vocabulary, e.g. {list(names[:5])}; "
+                        "their embeddings would be meaningless. Check the gene identifiers (gene_column=...), "
+                        "drop these cells (cells=...), or pass on_empty='nan' to leave their rows NaN."
+                    )
+                empty.extend(names.tolist())
+            emb = cell_embeddings(
+                model,
+                tokens,
+                pooling=pooling,
+                hidden_layer=hidden_layer,
+                normalize=normalize,
+                batch_size=batch_size,
+                device=device,
+                amp=amp,
+                progress=False,
+            )
+            pos = adata.obs_names.get_indexer(np.asarray(tokens.obs_names).astype(str))
+            emb[bad] = np.nan
+            out[pos] = emb
+            bar.update(len(chunk))
+    if empty:
+        warnings.warn(
+            f"{len(empty)} cells have no gene in the model's vocabulary; their {key_added!r} rows are NaN "
+            f"(e.g. {empty[:3]}).",
+            UserWarning,
+            stacklevel=2,
+        )
+    target = adata.copy() if copy else adata
+    target.obsm[key_added] = out
+    return target if copy else None
+
+
+def _boundary_count(model: CellModel, tokens: TokenizedCells, n_boundary: int) -> np.ndarray:
+    """Special tokens per cell (``<cls>``, ``<eos>``, phenotype tokens are not genes)."""
+    if n_boundary == 0 and tokens.token_type_ids is None:
+        return np.zeros(len(tokens), dtype=np.int64)
+    specials = np.asarray(sorted(tokens.specials.values()), dtype=np.int64)
+    is_special = np.isin(tokens.gene_ids, specials)
+    if tokens.token_type_ids is not None:  # PerturbGene: genes are the tokens with a gene type
+        offset = int(tokens.options.get("gene_type_offset", 1))
+        is_special |= tokens.token_type_ids < offset
+    counts = np.add.reduceat(is_special.astype(np.int64), tokens.offsets[:-1]) if len(tokens) else np.zeros(0)
+    counts[tokens.lengths == 0] = 0
+    return counts
+
+
+def umap(
+    adata: AnnData,
+    *,
+    use_rep: str = "X_cellkit",
+    key_added: str | None = None,
+    n_neighbors: int = 15,
+    min_dist: float = 0.3,
+    metric: str = "cosine",
+    random_state: int = 0,
+    copy: bool = False,
+) -> AnnData | None:
+    """UMAP of an embedding with umap-learn, into ``obsm[key_added]`` (default ``use_rep + "_umap"``).
+
+    Only ``obsm[key_added]`` is written (no neighbour graph in ``obsp``); rows that are NaN in
+    ``use_rep`` (unselected cells) stay NaN.
+
+    Parameters
+    ----------
+    adata
+        Cells with ``obsm[use_rep]``.
+    use_rep
+        The embedding (e.g. from :func:`embed_cells`).
+    key_added
+        ``obsm`` key for the ``(n_obs, 2)`` coordinates.
+    n_neighbors, min_dist, metric, random_state
+        umap-learn settings.
+    copy
+        Return a modified copy.
+    """
+    if use_rep not in adata.obsm:
+        raise DataError(f"obsm[{use_rep!r}] does not exist; run cellkit.embed_cells(adata, model) first.")
+    x = np.asarray(adata.obsm[use_rep], dtype=np.float32)
+    ok = ~np.isnan(x).any(axis=1)
+    if ok.sum() < 3:
+        raise DataError(f"UMAP needs at least 3 embedded cells; obsm[{use_rep!r}] has {int(ok.sum())}.")
+    import umap as umap_learn
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*n_jobs value.*")
+        reducer = umap_learn.UMAP(
+            n_neighbors=min(n_neighbors, int(ok.sum()) - 1),
+            min_dist=min_dist,
+            metric=metric,
+            random_state=random_state,
+        )
+        coords = reducer.fit_transform(x[ok])
+    full = np.full((adata.n_obs, 2), np.nan, dtype=np.float32)
+    full[ok] = coords
+    target = adata.copy() if copy else adata
+    target.obsm[key_added or f"{use_rep}_umap"] = full
+    return target if copy else None
