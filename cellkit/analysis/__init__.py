@@ -7,5 +7,13 @@ keeps the input cell order. Figures live in :mod:`cellkit.viz` (arrays in, plotl
 from __future__ import annotations
 
 from .embeddings import cell_embeddings, embed_cells, resolve_hidden_layer, umap
+from .mapping import embedding_metrics, transfer_labels
 
-__all__ = ["cell_embeddings", "embed_cells", "resolve_hidden_layer", "umap"]
+__all__ = [
+    "cell_embeddings",
+    "embed_cells",
+    "embedding_metrics",
+    "resolve_hidden_layer",
+    "transfer_labels",
+    "umap",
+]

@@ -1,0 +1,241 @@
+"""Reference mapping (kNN label transfer) and embedding metrics (NMI, ARI, ASW, scGPT's ``avg_bio``).
+
+Neighbours come from scikit-learn (exact, cosine) or pynndescent (approximate, for large
+references); clusters from scanpy's Leiden; scores from scikit-learn. The metric definitions follow
+scib, as scGPT's ``eval_scib_metrics`` uses them:
+
+- ``nmi`` / ``ari``: Leiden clusters of the embedding's kNN graph against the labels, at the
+  resolution (0.1 … 2.0) that maximises NMI (scib's ``cluster_optimal_resolution``);
+- ``asw_label``: silhouette of the labels, rescaled to ``(asw + 1) / 2``;
+- ``asw_batch``: per label, ``1 − |silhouette of the batches|`` averaged over its cells, then
+  over labels (scib's ``silhouette_batch``);
+- ``avg_bio = mean(nmi, ari, asw_label)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .._errors import ConfigError, DataError
+from .._utils import get_logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+__all__ = ["embedding_metrics", "transfer_labels"]
+
+log = get_logger(__name__)
+_EXACT_LIMIT = 50_000
+
+
+def _rep(adata: AnnData, use_rep: str, what: str) -> np.ndarray:
+    if use_rep not in adata.obsm:
+        raise DataError(
+            f"The {what} has no obsm[{use_rep!r}]; embed it first: cellkit.embed_cells({what}, model, key_added={use_rep!r})."
+        )
+    return np.asarray(adata.obsm[use_rep], dtype=np.float32)
+
+
+def _labels(adata: AnnData, key: str, what: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        raise DataError(f"{what}={key!r} is not an obs column; available: {list(adata.obs.columns)[:20]}.")
+    return adata.obs[key]
+
+
+def _neighbors(
+    reference: np.ndarray, query: np.ndarray, k: int, metric: str, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, distances)`` of each query row's ``k`` nearest reference rows."""
+    if len(reference) <= _EXACT_LIMIT:
+        from sklearn.neighbors import NearestNeighbors
+
+        nn = NearestNeighbors(n_neighbors=k, metric=metric, algorithm="brute").fit(reference)
+        dist, idx = nn.kneighbors(query)
+        return idx, dist
+    from pynndescent import NNDescent
+
+    index = NNDescent(reference, n_neighbors=max(k, 15), metric=metric, random_state=seed)
+    idx, dist = index.query(query, k=k)
+    return idx, dist
+
+
+def transfer_labels(
+    query: AnnData,
+    reference: AnnData,
+    *,
+    label_key: str,
+    use_rep: str = "X_cellkit",
+    key_added: str | None = None,
+    n_neighbors: int = 15,
+    metric: str = "cosine",
+    weighting: str = "distance",
+    random_state: int = 0,
+    copy: bool = False,
+) -> AnnData | None:
+    """Transfer labels from a reference to a query by k-nearest neighbours in an embedding.
+
+    Parameters
+    ----------
+    query
+        Cells to label, with ``obsm[use_rep]``.
+    reference
+        Labelled cells, with ``obsm[use_rep]`` from the same model and ``obs[label_key]``.
+    label_key
+        Reference labels.
+    use_rep
+        Embedding both AnnData carry (e.g. from :func:`cellkit.embed_cells`).
+    key_added
+        Query ``obs`` columns written: ``key_added`` (label) and ``key_added + "_confidence"``
+        (share of the neighbours' weight that voted for it, in ``[0, 1]``); default
+        ``label_key + "_transferred"``.
+    n_neighbors, metric
+        Neighbours to vote, distance (exact scikit-learn search up to 50,000 reference cells,
+        pynndescent above).
+    weighting
+        ``"distance"`` (votes weighted by ``1 / (distance + 1e-6)``) or ``"uniform"``.
+    random_state
+        Seed of the approximate index.
+    copy
+        Return a modified copy of ``query``.
+
+    Returns
+    -------
+    ``None`` (``query.obs`` updated) or the copy.
+    """
+    if weighting not in ("distance", "uniform"):
+        raise ConfigError(f"weighting must be 'distance' or 'uniform', got {weighting!r}.")
+    if n_neighbors < 1:
+        raise ConfigError(f"n_neighbors must be >= 1, got {n_neighbors}.")
+    ref_x, q_x = _rep(reference, use_rep, "reference"), _rep(query, use_rep, "query")
+    if ref_x.shape[1] != q_x.shape[1]:
+        raise DataError(
+            f"The reference embedding has {ref_x.shape[1]} dimensions, the query's {q_x.shape[1]}; embed both with "
+            "the same model."
+        )
+    labels = _labels(reference, label_key, "label_key")
+    ok_ref = ~np.isnan(ref_x).any(1) & labels.notna().to_numpy()
+    if ok_ref.sum() == 0:
+        raise DataError("No reference cell has both an embedding and a label.")
+    ok_q = ~np.isnan(q_x).any(1)
+    k = min(n_neighbors, int(ok_ref.sum()))
+    ref_labels = labels.astype(str).to_numpy()[ok_ref]
+    classes, codes = np.unique(ref_labels, return_inverse=True)
+    idx, dist = _neighbors(ref_x[ok_ref], q_x[ok_q], k, metric, random_state)
+    w = 1.0 / (dist + 1e-6) if weighting == "distance" else np.ones_like(dist)
+    votes = np.zeros((len(idx), len(classes)))
+    np.add.at(votes, (np.repeat(np.arange(len(idx)), k), codes[idx].ravel()), w.ravel())
+    best = votes.argmax(1)
+    conf = votes[np.arange(len(idx)), best] / votes.sum(1)
+    target = query.copy() if copy else query
+    key = key_added or f"{label_key}_transferred"
+    lab = np.full(query.n_obs, None, dtype=object)
+    lab[ok_q] = classes[best]
+    confidence = np.full(query.n_obs, np.nan, dtype=np.float32)
+    confidence[ok_q] = conf
+    target.obs[key] = pd.Categorical(lab, categories=list(classes))
+    target.obs[f"{key}_confidence"] = confidence
+    return target if copy else None
+
+
+def _optimal_clusters(
+    x: np.ndarray, labels: np.ndarray, seed: int, n_neighbors: int, resolutions: Any
+) -> tuple[float, float, float]:
+    """(nmi, ari, resolution) at the resolution maximising NMI (scib's cluster_optimal_resolution)."""
+    import anndata as ad
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    tmp = ad.AnnData(np.zeros((len(x), 1), dtype=np.float32))
+    tmp.obsm["X"] = x
+    sc.pp.neighbors(tmp, use_rep="X", n_neighbors=n_neighbors, random_state=seed)
+    best = (-1.0, 0.0, 0.0)
+    for res in resolutions:
+        sc.tl.leiden(
+            tmp,
+            resolution=float(res),
+            random_state=seed,
+            flavor="igraph",
+            n_iterations=2,
+            directed=False,
+            key_added="c",
+        )
+        clusters = tmp.obs["c"].to_numpy()
+        nmi = normalized_mutual_info_score(labels, clusters, average_method="arithmetic")
+        if nmi > best[0]:
+            best = (nmi, adjusted_rand_score(labels, clusters), float(res))
+    return best
+
+
+def embedding_metrics(
+    adata: AnnData,
+    *,
+    label_key: str,
+    use_rep: str = "X_cellkit",
+    batch_key: str | None = None,
+    n_neighbors: int = 15,
+    resolutions: Any = None,
+    random_state: int = 0,
+) -> dict[str, float]:
+    """Biological conservation (and batch mixing) of an embedding, as scGPT reports them.
+
+    Parameters
+    ----------
+    adata
+        Cells with ``obsm[use_rep]`` and ``obs[label_key]`` (cells with a NaN embedding or label
+        are left out).
+    label_key
+        Cell types.
+    use_rep
+        The embedding.
+    batch_key
+        Batches: adds ``asw_batch``.
+    n_neighbors
+        kNN graph for the Leiden clusters.
+    resolutions
+        Leiden resolutions tried (default 0.1 … 2.0 by 0.1).
+    random_state
+        Seed of the graph and the clustering.
+
+    Returns
+    -------
+    ``{"nmi", "ari", "asw_label", "avg_bio", "resolution", "n_cells"}`` (+ ``"asw_batch"``).
+    """
+    from sklearn.metrics import silhouette_samples, silhouette_score
+
+    x = _rep(adata, use_rep, "AnnData")
+    labels = _labels(adata, label_key, "label_key")
+    ok = ~np.isnan(x).any(1) & labels.notna().to_numpy()
+    if batch_key is not None:
+        batches = _labels(adata, batch_key, "batch_key")
+        ok &= batches.notna().to_numpy()
+    x, y = x[ok], labels.astype(str).to_numpy()[ok]
+    if len(np.unique(y)) < 2:
+        raise DataError(f"label_key={label_key!r} needs at least two classes among the embedded cells.")
+    if len(y) < 10:
+        raise DataError(f"Too few cells ({len(y)}) with an embedding and a label for the metrics.")
+    if resolutions is None:
+        resolutions = np.round(np.arange(0.1, 2.01, 0.1), 2)
+    nmi, ari, res = _optimal_clusters(x, y, random_state, n_neighbors, resolutions)
+    asw_label = (silhouette_score(x, y, metric="euclidean") + 1) / 2
+    out = {
+        "nmi": float(nmi),
+        "ari": float(ari),
+        "asw_label": float(asw_label),
+        "avg_bio": float(np.mean([nmi, ari, asw_label])),
+        "resolution": res,
+        "n_cells": len(y),
+    }
+    if batch_key is not None:
+        b = batches.astype(str).to_numpy()[ok]
+        per_label = []
+        for lab in np.unique(y):
+            sel = y == lab
+            if len(np.unique(b[sel])) < 2 or sel.sum() < 3:
+                continue
+            s = silhouette_samples(x[sel], b[sel], metric="euclidean")
+            per_label.append(np.mean(1 - np.abs(s)))
+        out["asw_batch"] = float(np.mean(per_label)) if per_label else float("nan")
+    return out
