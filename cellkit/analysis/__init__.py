@@ -7,13 +7,29 @@ keeps the input cell order. Figures live in :mod:`cellkit.viz` (arrays in, plotl
 from __future__ import annotations
 
 from .embeddings import cell_embeddings, embed_cells, resolve_hidden_layer, umap
+from .genes import (
+    contextual_gene_embeddings,
+    gene_embeddings,
+    gene_network,
+    gene_programs,
+    gene_similarity,
+    score_programs,
+    similar_genes,
+)
 from .mapping import embedding_metrics, transfer_labels
 
 __all__ = [
     "cell_embeddings",
+    "contextual_gene_embeddings",
     "embed_cells",
     "embedding_metrics",
+    "gene_embeddings",
+    "gene_network",
+    "gene_programs",
+    "gene_similarity",
     "resolve_hidden_layer",
+    "score_programs",
+    "similar_genes",
     "transfer_labels",
     "umap",
 ]
