@@ -1,0 +1,596 @@
+"""Embedding scatter (UMAP, PCA, ...) as a WebGL plotly figure."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from .._errors import ConfigError, DataError
+from ._common import TEMPLATE, add_note, is_anndata
+from ._palettes import NA_COLOR, default_palette
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+__all__ = ["embedding"]
+
+_AXIS_NAMES = {"umap": "UMAP", "tsne": "tSNE", "pca": "PC", "draw_graph_fa": "FA", "phate": "PHATE"}
+_DEFAULT_HOVER = 3
+
+
+def embedding(
+    data: AnnData | np.ndarray | pd.DataFrame,
+    *,
+    basis: str = "X_cellkit_umap",
+    color: str | Sequence[Any] | np.ndarray | pd.Series | None = None,
+    obs: pd.DataFrame | None = None,
+    hover: Sequence[str] | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_symbols: str | None = None,
+    dims: tuple[int, int] = (0, 1),
+    title: str | None = None,
+    point_size: float | None = None,
+    max_points: int | None = None,
+    palette: str | Sequence[str] | Mapping[str, str] | None = None,
+    selected: np.ndarray | Sequence[bool] | Sequence[int] | None = None,
+    seed: int = 0,
+) -> go.Figure:
+    """Scatter plot of a 2-D embedding of cells, drawn with WebGL (``go.Scattergl``).
+
+    Categorical colours give one trace per category (a legend entry each, scanpy's palette or
+    ``uns[f"{color}_colors"]``); continuous colours (numeric obs columns, genes) give one trace
+    with a colour bar, points sorted so that high values are drawn on top. Cells whose
+    coordinates are NaN (e.g. cells that were not embedded) are left out; cells with a missing
+    colour value are drawn in light grey (trace ``"NaN"``).
+
+    **Mapping points back to cells.** Every trace's ``customdata`` is an ``(n_points, 1)`` integer
+    array whose column 0 holds each point's *obs position* (row number in ``adata`` / ``coords``),
+    also after subsampling and sorting. A lasso or box selection reports ``pointIndex`` per trace;
+    ``fig.data[i].customdata[point_indices, 0]`` are the selected cells' positions, so
+    ``adata[positions]`` is the selection.
+
+    Parameters
+    ----------
+    data
+        An AnnData with ``obsm[basis]`` of shape ``(n_obs, >= 2)``, or the coordinates themselves:
+        an array or DataFrame of shape ``(n_cells, >= 2)`` (a DataFrame's index names the cells).
+    basis
+        ``obsm`` key of the coordinates (AnnData input only), e.g. ``"X_cellkit_umap"`` written
+        by ``cellkit.analysis.umap`` or scanpy's ``"X_umap"``.
+    color
+        What colours the points: an obs column (of ``adata`` or of ``obs``), a gene (read from
+        ``layers[layer]``, ``adata.raw`` or ``adata.X``, see ``use_raw``), or an array of length
+        ``n_cells``. ``None``: one grey-blue trace.
+    obs
+        Per-cell annotations for array input (``n_cells`` rows), so ``color``/``hover`` may name
+        its columns. Ignored for AnnData input (its own ``obs`` is used).
+    hover
+        obs columns shown on hover, after the cell name and the colour value. Default: up to 3
+        categorical obs columns. ``[]``: only the cell name and colour value.
+    layer
+        Read gene values from ``adata.layers[layer]``.
+    use_raw
+        Read gene values from ``adata.raw``. ``None`` (default, as scanpy): from ``adata.raw`` when it
+        exists and has the gene, else from ``adata.X``.
+    gene_symbols
+        A ``var`` column to match gene names against instead of ``var_names`` (e.g. symbols
+        when ``var_names`` are Ensembl ids).
+    dims
+        The two coordinate columns to plot.
+    title
+        Figure title; default: the colour key.
+    point_size
+        Marker diameter in pixels; default depends on the number of points shown (8 for 100
+        cells down to 1.5 for a million).
+    max_points
+        Show at most this many cells, a random subsample (``seed``); a note under the plot says
+        so. ``customdata`` still holds the original obs positions.
+    palette
+        Categorical: a list of colours, a ``{category: colour}`` dict, or the name of a
+        ``plotly.colors.qualitative`` palette (``"Dark24"``). Continuous: a plotly colour scale
+        name (default ``"Viridis"``).
+    selected
+        Cells to highlight: a boolean mask of length ``n_cells`` or integer obs positions. Other
+        cells are dimmed (plotly ``selectedpoints``).
+    seed
+        Seed of the subsample.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        ``fig.show()`` in a notebook or script; :func:`cellkit.viz.save_html` to save.
+
+    Raises
+    ------
+    DataError
+        Missing ``basis``, unknown ``color``/``hover`` key (the message lists what exists), or
+        arrays whose length does not match the number of cells.
+    """
+    coords, obs_frame, names, adata = _coords(data, basis=basis, obs=obs, dims=dims)
+    n = len(coords)
+    values, label = _color_values(
+        color, adata=adata, obs=obs_frame, n=n, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols
+    )
+    hover_cols = _hover_columns(hover, obs_frame, label if isinstance(color, str) else None)
+
+    valid = np.isfinite(coords).all(axis=1)
+    positions = np.flatnonzero(valid)
+    notes = []
+    if len(positions) < n:
+        notes.append(f"{n - len(positions):,} cells without coordinates not shown")
+    if max_points is not None:
+        if max_points < 1:
+            raise ConfigError(f"max_points must be a positive integer or None; got {max_points}.")
+        if len(positions) > max_points:
+            rng = np.random.default_rng(seed)
+            positions = np.sort(rng.choice(positions, size=max_points, replace=False))
+            notes.insert(0, f"showing a random {max_points:,} of {int(valid.sum()):,} cells (seed {seed})")
+    size = point_size if point_size is not None else _auto_size(len(positions))
+    mask = _selection(selected, n)
+
+    text = _hover_text(names, obs_frame, hover_cols, values, label, positions)
+    fig = go.Figure()
+    common = {"mode": "markers", "hovertemplate": "%{text}<extra></extra>"}
+    if values is None:
+        traces = [_trace(coords, positions, text, mask, name="cells", color="#1f77b4", size=size, **common)]
+        showlegend = False
+    elif _is_categorical(values):
+        traces = _categorical_traces(
+            coords,
+            positions,
+            text,
+            mask,
+            values,
+            size=size,
+            palette=palette,
+            adata=adata,
+            key=color,
+            **common,
+        )
+        showlegend = True
+    else:
+        traces = _continuous_traces(
+            coords, positions, text, mask, values, label=label, size=size, palette=palette, **common
+        )
+        showlegend = False
+    fig.add_traces(traces)
+    ax = _axis_name(basis if adata is not None else "")
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": title if title is not None else (label or "")},
+        showlegend=showlegend,
+        legend={"itemsizing": "constant", "title": {"text": label or ""}},
+        xaxis={"title": {"text": f"{ax}{dims[0] + 1}"}, "showticklabels": False, "ticks": ""},
+        yaxis={"title": {"text": f"{ax}{dims[1] + 1}"}, "showticklabels": False, "ticks": ""},
+        margin={"b": 50},
+        uirevision=basis,
+    )
+    if notes:
+        add_note(fig, "; ".join(notes))
+    return fig
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def _coords(
+    data: Any, *, basis: str, obs: pd.DataFrame | None, dims: tuple[int, int]
+) -> tuple[np.ndarray, pd.DataFrame, np.ndarray, Any]:
+    """``(coords (n, 2) float64, obs frame, cell names, adata or None)``."""
+    adata = None
+    if is_anndata(data):
+        adata = data
+        if basis not in adata.obsm:
+            raise DataError(
+                f"obsm[{basis!r}] does not exist; available: {sorted(adata.obsm.keys())}. Compute it "
+                "(cellkit.analysis.umap(adata) writes 'X_cellkit_umap') or pass basis=<one of these>."
+            )
+        raw = adata.obsm[basis]
+        obs_frame = adata.obs
+        names = np.asarray(adata.obs_names)
+    else:
+        raw = data
+        if isinstance(data, pd.DataFrame):
+            names = np.asarray(data.index.astype(str))
+        else:
+            names = None
+        if obs is not None and not isinstance(obs, pd.DataFrame):
+            raise DataError(
+                f"obs must be a pandas DataFrame with one row per cell; got {type(obs).__name__}."
+            )
+        obs_frame = obs
+    arr = raw.to_numpy() if isinstance(raw, pd.DataFrame) else np.asarray(raw)
+    where = f"obsm[{basis!r}]" if adata is not None else "the coordinates"
+    if arr.ndim != 2 or arr.shape[1] < 2:
+        raise DataError(f"{where} must have shape (n_cells, >= 2); got {arr.shape}.")
+    if len(dims) != 2 or max(dims) >= arr.shape[1] or min(dims) < 0:
+        raise ConfigError(f"dims={dims} must be two column indices below {arr.shape[1]} ({where}).")
+    try:
+        coords = arr[:, list(dims)].astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where} must be numeric; got dtype {arr.dtype}.") from exc
+    n = len(coords)
+    if obs_frame is None:
+        obs_frame = pd.DataFrame(index=pd.RangeIndex(n) if names is None else pd.Index(names))
+    elif len(obs_frame) != n:
+        raise DataError(f"obs has {len(obs_frame)} rows but there are {n} cells; pass one row per cell.")
+    if names is None:
+        names = np.asarray(obs_frame.index.astype(str))
+    return coords, obs_frame, names, adata
+
+
+def _color_values(
+    color: Any,
+    *,
+    adata: Any,
+    obs: pd.DataFrame,
+    n: int,
+    layer: str | None,
+    use_raw: bool | None,
+    gene_symbols: str | None,
+) -> tuple[pd.Series | None, str | None]:
+    """The colour values as a Series of length ``n`` (positional), and their label."""
+    if color is None:
+        return None, None
+    if not isinstance(color, str):
+        values = color if isinstance(color, pd.Series) else pd.Series(_as_1d(color))
+        if len(values) != n:
+            raise DataError(
+                f"color as an array must have one value per cell ({n}); got length {len(values)}."
+            )
+        return values.reset_index(drop=True), str(values.name) if values.name is not None else "color"
+    if color in obs.columns:
+        return obs[color].reset_index(drop=True), color
+    if adata is not None:
+        gene = _gene_values(adata, color, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
+        if gene is not None:
+            return pd.Series(gene), color
+    raise DataError(_unknown_color_message(color, adata, obs, gene_symbols))
+
+
+def _as_1d(color: Any) -> Any:
+    if isinstance(color, pd.Categorical):
+        return color
+    arr = np.asarray(color)
+    if arr.ndim != 1:
+        raise DataError(f"color as an array must be 1-D (one value per cell); got shape {arr.shape}.")
+    return arr
+
+
+def _gene_values(
+    adata: Any, gene: str, *, layer: str | None, use_raw: bool | None, gene_symbols: str | None
+) -> np.ndarray | None:
+    if layer is not None:
+        if layer not in adata.layers:
+            raise DataError(f"layers[{layer!r}] does not exist; available: {list(adata.layers.keys())}.")
+        sources = [(adata.layers[layer], adata.var_names, adata.var)]
+    else:
+        raw = getattr(adata, "raw", None)
+        if use_raw and raw is None:
+            raise DataError("use_raw=True but adata.raw is None; pass use_raw=False to read adata.X.")
+        from_raw = [(raw.X, raw.var_names, raw.var)] if raw is not None and use_raw is not False else []
+        from_x = [] if use_raw else [(adata.X, adata.var_names, adata.var)]
+        sources = from_raw + from_x
+    for matrix, var_names, var in sources:
+        j = _gene_index(gene, var_names, var, gene_symbols)
+        if j is not None:
+            if matrix is None:
+                raise DataError(f"adata.X is None; pass layer=<name> to read {gene!r} from a layer.")
+            col = matrix[:, j]
+            if hasattr(col, "toarray"):
+                col = col.toarray()
+            return np.asarray(col, dtype=np.float64).ravel()
+    return None
+
+
+def _gene_index(gene: str, var_names: pd.Index, var: pd.DataFrame, gene_symbols: str | None) -> int | None:
+    if gene_symbols is not None:
+        if gene_symbols not in var.columns:
+            raise DataError(
+                f"gene_symbols={gene_symbols!r} is not a var column; available: {list(var.columns)}."
+            )
+        hits = np.flatnonzero(var[gene_symbols].astype(str).to_numpy() == gene)
+        return int(hits[0]) if len(hits) else None
+    j = var_names.get_indexer([gene])[0] if var_names.is_unique else _first(var_names, gene)
+    return int(j) if j >= 0 else None
+
+
+def _first(index: pd.Index, key: str) -> int:
+    hits = np.flatnonzero(np.asarray(index) == key)
+    return int(hits[0]) if len(hits) else -1
+
+
+def _unknown_color_message(color: str, adata: Any, obs: pd.DataFrame, gene_symbols: str | None) -> str:
+    cols = [str(c) for c in obs.columns]
+    msg = f"color={color!r} is not an obs column"
+    if adata is None:
+        return (
+            f"{msg}; obs columns: {cols[:30]}. Pass obs=<DataFrame> with that column, or color=<array of "
+            "one value per cell>."
+        )
+    genes: list[str] = []
+    for var_names, var in [(adata.var_names, adata.var)] + (
+        [(adata.raw.var_names, adata.raw.var)] if getattr(adata, "raw", None) is not None else []
+    ):
+        names = var[gene_symbols].astype(str) if gene_symbols and gene_symbols in var.columns else var_names
+        genes.extend(str(g) for g in names)
+    genes = list(dict.fromkeys(genes))
+    lower = {g.lower(): g for g in genes}
+    close = [lower[color.lower()]] if color.lower() in lower else difflib.get_close_matches(color, genes, n=3)
+    close += difflib.get_close_matches(color, cols, n=2)
+    hint = f" Did you mean {close}?" if close else ""
+    where = "adata.raw, adata.X" if getattr(adata, "raw", None) is not None else "adata.X"
+    return (
+        f"{msg} nor a gene in {where} (var_names{' / var[' + repr(gene_symbols) + ']' if gene_symbols else ''})."
+        f"{hint} obs columns: {cols[:30]}; genes ({len(genes)}) start with {genes[:10]}."
+    )
+
+
+def _hover_columns(hover: Sequence[str] | None, obs: pd.DataFrame, color_key: str | None) -> list[str]:
+    if hover is None:
+        picked = [
+            c
+            for c in obs.columns
+            if c != color_key and (isinstance(obs[c].dtype, pd.CategoricalDtype) or obs[c].dtype == bool)
+        ]
+        return [str(c) for c in picked[:_DEFAULT_HOVER]]
+    if isinstance(hover, str):
+        hover = [hover]
+    missing = [h for h in hover if h not in obs.columns]
+    if missing:
+        raise DataError(
+            f"hover columns {missing} are not obs columns; available: {[str(c) for c in obs.columns][:30]}."
+        )
+    return [h for h in hover if h != color_key]
+
+
+def _selection(selected: Any, n: int) -> np.ndarray | None:
+    if selected is None:
+        return None
+    arr = np.asarray(selected)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise DataError(f"selected as a mask must have one entry per cell ({n}); got shape {arr.shape}.")
+        return arr
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise DataError("selected must be a boolean mask or integer obs positions.")
+    mask = np.zeros(n, dtype=bool)
+    if arr.size:
+        if arr.min() < -n or arr.max() >= n:
+            raise DataError(f"selected holds positions outside 0..{n - 1}.")
+        mask[arr.astype(np.int64)] = True
+    return mask
+
+
+# -- traces ------------------------------------------------------------------------------------
+
+
+def _is_categorical(values: pd.Series) -> bool:
+    dtype = values.dtype
+    return (
+        isinstance(dtype, pd.CategoricalDtype)
+        or pd.api.types.is_bool_dtype(dtype)
+        or not pd.api.types.is_numeric_dtype(dtype)
+    )
+
+
+def _auto_size(n: int) -> float:
+    return float(np.clip(20.0 / max(n, 1) ** 0.2, 1.5, 8.0))
+
+
+def _fmt(values: pd.Series) -> pd.Series:
+    if pd.api.types.is_float_dtype(values.dtype):
+        return values.round(4).astype(str)
+    return values.astype(str)
+
+
+def _hover_text(
+    names: np.ndarray,
+    obs: pd.DataFrame,
+    cols: list[str],
+    values: pd.Series | None,
+    label: str | None,
+    positions: np.ndarray,
+) -> np.ndarray:
+    text = "<b>" + pd.Series(names[positions], dtype=object).astype(str) + "</b>"
+    if values is not None:
+        text = text + f"<br>{label}: " + _fmt(values.iloc[positions].reset_index(drop=True))
+    for c in cols:
+        text = text + f"<br>{c}: " + _fmt(obs[c].iloc[positions].reset_index(drop=True))
+    return text.to_numpy(dtype=object)
+
+
+def _trace(
+    coords: np.ndarray,
+    idx: np.ndarray,
+    text: np.ndarray,
+    mask: np.ndarray | None,
+    *,
+    name: str,
+    color: Any,
+    size: float,
+    order: np.ndarray | None = None,
+    **kwargs: Any,
+) -> go.Scattergl:
+    """One Scattergl of the cells at obs positions ``idx`` (``text`` aligned to ``order`` rows)."""
+    rows = order if order is not None else slice(None)
+    trace = go.Scattergl(
+        x=coords[idx, 0],
+        y=coords[idx, 1],
+        customdata=idx.astype(np.int64).reshape(-1, 1),
+        text=text[rows],
+        name=name,
+        marker={"size": size, "color": color, "line": {"width": 0}},
+        **kwargs,
+    )
+    if mask is not None:
+        trace.selectedpoints = np.flatnonzero(mask[idx])
+        trace.selected = {"marker": {"opacity": 1.0}}
+        trace.unselected = {"marker": {"opacity": 0.12}}
+    return trace
+
+
+def _categorical_traces(
+    coords: np.ndarray,
+    positions: np.ndarray,
+    text: np.ndarray,
+    mask: np.ndarray | None,
+    values: pd.Series,
+    *,
+    size: float,
+    palette: Any,
+    adata: Any,
+    key: Any,
+    **kwargs: Any,
+) -> list[go.Scattergl]:
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        cat = values.cat
+        categories = [str(c) for c in cat.categories]
+        codes = cat.codes.to_numpy()
+    else:
+        c = pd.Categorical(values.astype(object).where(values.notna(), None))
+        categories = [str(x) for x in c.categories]
+        codes = np.asarray(c.codes)
+    uns_colors = None
+    if adata is not None and isinstance(key, str):
+        uns_colors = adata.uns.get(f"{key}_colors") if hasattr(adata, "uns") else None
+    colors = _category_colors(categories, palette, uns_colors)
+
+    shown = codes[positions]
+    order = np.argsort(shown, kind="stable")
+    sorted_codes = shown[order]
+    bounds = np.searchsorted(sorted_codes, np.arange(-1, len(categories) + 1))
+    traces = []
+    for k in range(len(categories)):
+        rows = order[bounds[k + 1] : bounds[k + 2]]
+        if len(rows):
+            traces.append(
+                _trace(
+                    coords,
+                    positions[rows],
+                    text,
+                    mask,
+                    name=categories[k],
+                    color=colors[k],
+                    size=size,
+                    order=rows,
+                    **kwargs,
+                )
+            )
+    na_rows = order[bounds[0] : bounds[1]]
+    if len(na_rows):
+        traces.insert(
+            0,
+            _trace(
+                coords,
+                positions[na_rows],
+                text,
+                mask,
+                name="NaN",
+                color=NA_COLOR,
+                size=size,
+                order=na_rows,
+                **kwargs,
+            ),
+        )
+    return traces
+
+
+def _category_colors(categories: list[str], palette: Any, uns_colors: Any) -> list[str]:
+    n = len(categories)
+    if palette is None:
+        if uns_colors is not None and len(uns_colors) >= n:
+            return [str(c) for c in list(uns_colors)[:n]]
+        return default_palette(n)
+    if isinstance(palette, str):
+        from plotly.colors import qualitative
+
+        named = getattr(qualitative, palette, None)
+        if not isinstance(named, list):
+            options = sorted(
+                k for k, v in vars(qualitative).items() if isinstance(v, list) and not k.startswith("_")
+            )
+            raise ConfigError(
+                f"palette={palette!r} is not a plotly qualitative palette; use one of {options}, a list of "
+                "colours or a {category: colour} dict."
+            )
+        return [named[i % len(named)] for i in range(n)]
+    if isinstance(palette, Mapping):
+        fallback = default_palette(n)
+        return [str(palette.get(c, fallback[i])) for i, c in enumerate(categories)]
+    colors = [str(c) for c in palette]
+    if not colors:
+        raise ConfigError("palette is an empty list; pass at least one colour.")
+    return [colors[i % len(colors)] for i in range(n)]
+
+
+def _continuous_traces(
+    coords: np.ndarray,
+    positions: np.ndarray,
+    text: np.ndarray,
+    mask: np.ndarray | None,
+    values: pd.Series,
+    *,
+    label: str | None,
+    size: float,
+    palette: Any,
+    **kwargs: Any,
+) -> list[go.Scattergl]:
+    if palette is not None and not isinstance(palette, str):
+        raise ConfigError(
+            f"{label!r} is continuous: palette must be a plotly colour scale name such as 'Viridis'."
+        )
+    v = values.to_numpy(dtype=np.float64, na_value=np.nan)[positions]
+    finite = np.isfinite(v)
+    order_all = np.argsort(np.where(finite, v, -np.inf), kind="stable")  # high values on top
+    na_rows = order_all[~finite[order_all]]
+    rows = order_all[finite[order_all]]
+    traces = []
+    if len(na_rows):
+        traces.append(
+            _trace(
+                coords,
+                positions[na_rows],
+                text,
+                mask,
+                name="NaN",
+                color=NA_COLOR,
+                size=size,
+                order=na_rows,
+                **kwargs,
+            )
+        )
+    marker_color = v[rows]
+    trace = _trace(
+        coords,
+        positions[rows],
+        text,
+        mask,
+        name=label or "color",
+        color=marker_color,
+        size=size,
+        order=rows,
+        **kwargs,
+    )
+    trace.marker.colorscale = palette or "Viridis"
+    trace.marker.showscale = True
+    trace.marker.colorbar = {"title": {"text": label or ""}, "thickness": 14}
+    if len(marker_color):
+        trace.marker.cmin = float(marker_color.min())
+        trace.marker.cmax = float(marker_color.max())
+    traces.append(trace)
+    return traces
+
+
+def _axis_name(basis: str) -> str:
+    key = basis.lower().removeprefix("x_").removeprefix("cellkit_")
+    for suffix, name in _AXIS_NAMES.items():
+        if key.endswith(suffix):
+            return name
+    return key or "dim"

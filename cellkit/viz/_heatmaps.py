@@ -1,0 +1,403 @@
+"""Heatmaps: attention between genes, gene programs per cell type, confusion matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from .._errors import ConfigError, DataError
+from ._common import TEMPLATE, add_note, is_anndata, labelled_matrix
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+__all__ = ["attention_heatmap", "confusion_matrix", "program_heatmap"]
+
+#: show the numbers in the cells of a confusion matrix up to this many classes (``annotate=None``)
+_ANNOTATE_MAX = 25
+
+
+def _axis(title: str, n: int, *, reverse: bool = False, angle: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"title": {"text": title}, "type": "category", "showgrid": False, "ticks": ""}
+    if n <= 120:
+        out["dtick"] = 1  # every label
+    if reverse:
+        out["autorange"] = "reversed"
+    if angle is not None:
+        out["tickangle"] = angle
+    return out
+
+
+# -- attention ---------------------------------------------------------------------------------
+
+
+def attention_heatmap(
+    matrix: pd.DataFrame | np.ndarray,
+    *,
+    rows: Sequence[str] | None = None,
+    cols: Sequence[str] | None = None,
+    head: int | None = None,
+    title: str | None = None,
+    zmid: float | None = None,
+    colorscale: str | None = None,
+    max_genes: int | None = 60,
+    value_name: str = "attention",
+) -> go.Figure:
+    """Heatmap of gene-to-gene attention (query genes as rows, key genes as columns).
+
+    Parameters
+    ----------
+    matrix
+        ``(n_query, n_key)`` DataFrame (index: query genes, columns: key genes), or an array of
+        that shape with ``rows``/``cols`` labels, or ``(n_heads, n_query, n_key)`` (heads averaged,
+        or one picked with ``head``).
+    rows, cols
+        Query/key gene labels for array input (or to relabel a DataFrame).
+    head
+        With a 3-D array: the head to show; ``None`` averages the heads.
+    title
+        Figure title.
+    zmid
+        Centre of a diverging colour scale (e.g. ``0`` for attention differences between
+        conditions); then the default colour scale is ``"RdBu_r"``.
+    colorscale
+        plotly colour scale; default ``"Viridis"`` (``"RdBu_r"`` with ``zmid``).
+    max_genes
+        Keep at most this many query genes (rows with the largest total attention) and key genes
+        (columns with the largest total), in their original order; a note says so. ``None``
+        keeps all.
+    value_name
+        What the values are, for hover text and the colour bar.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        One ``go.Heatmap``; the first query gene is the top row.
+    """
+    arr = matrix
+    if not isinstance(matrix, pd.DataFrame):
+        arr = np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float64)
+        if arr.ndim == 3:
+            if head is None:
+                arr = np.nanmean(arr, axis=0)
+            else:
+                if not -arr.shape[0] <= head < arr.shape[0]:
+                    raise ConfigError(f"head={head} is out of range; the array has {arr.shape[0]} heads.")
+                arr = arr[head]
+    frame = labelled_matrix(
+        arr, rows, cols, what="the attention matrix", row_name="query genes", col_name="key genes"
+    )
+    n_rows, n_cols = frame.shape
+    note = None
+    if max_genes is not None:
+        if max_genes < 1:
+            raise ConfigError(f"max_genes must be a positive integer or None; got {max_genes}.")
+        values = np.abs(frame.to_numpy()) if zmid is not None else frame.to_numpy()
+        keep_r = _top(np.nansum(values, axis=1), max_genes)
+        keep_c = _top(np.nansum(values, axis=0), max_genes)
+        if len(keep_r) < n_rows or len(keep_c) < n_cols:
+            frame = frame.iloc[keep_r, keep_c]
+            note = (
+                f"top {len(keep_r)} of {n_rows} query genes × top {len(keep_c)} of {n_cols} key genes "
+                f"by total {'|' + value_name + '|' if zmid is not None else value_name}"
+            )
+    scale = colorscale or ("RdBu_r" if zmid is not None else "Viridis")
+    fig = go.Figure(
+        go.Heatmap(
+            z=frame.to_numpy(),
+            x=list(frame.columns),
+            y=list(frame.index),
+            colorscale=scale,
+            zmid=zmid,
+            colorbar={"title": {"text": value_name}, "thickness": 14},
+            hovertemplate=f"query: %{{y}}<br>key: %{{x}}<br>{value_name}: %{{z:.4g}}<extra></extra>",
+            hoverongaps=False,
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": title or ""},
+        xaxis=_axis("key gene", frame.shape[1], angle=-90),
+        yaxis=_axis("query gene", frame.shape[0], reverse=True),
+        margin={"b": 90},
+    )
+    if note:
+        add_note(fig, note)
+        fig.layout.annotations[-1].y = 1.0
+        fig.layout.annotations[-1].yanchor = "bottom"
+    return fig
+
+
+def _top(totals: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest totals, in their original order."""
+    if len(totals) <= k:
+        return np.arange(len(totals))
+    keep = np.argsort(-np.nan_to_num(totals, nan=-np.inf), kind="stable")[:k]
+    return np.sort(keep)
+
+
+# -- programs ----------------------------------------------------------------------------------
+
+
+def program_heatmap(
+    scores: pd.DataFrame | AnnData,
+    programs: Sequence[str] | None = None,
+    groupby: str | Sequence[Any] | pd.Series | None = None,
+    *,
+    standard_scale: Literal["var", "obs"] | None = "var",
+    cluster: bool | Literal["rows", "cols"] = True,
+    title: str | None = None,
+    colorscale: str = "Viridis",
+) -> go.Figure:
+    """Heatmap of gene-program scores per cell type, like scGPT's metagene clustermap.
+
+    Parameters
+    ----------
+    scores
+        One of
+
+        - a ``(n_groups, n_programs)`` DataFrame of (mean) scores: rows cell types, columns
+          programs (used as is);
+        - a ``(n_cells, n_programs)`` DataFrame of per-cell scores with ``groupby`` one label per
+          cell: averaged per group;
+        - an AnnData with per-cell program scores in obs columns ``programs`` (e.g. from
+          ``sc.tl.score_genes``) and ``groupby`` an obs column: averaged per group.
+    programs
+        AnnData input: the obs columns holding the scores (required). DataFrame input: a subset of
+        its columns (default: all).
+    groupby
+        AnnData input: an obs column of cell types. DataFrame input: ``None`` (already one row per
+        group) or one label per row.
+    standard_scale
+        ``"var"``: scale each program (column) to 0–1 across groups (scGPT's view: which cell
+        type uses a program most); ``"obs"``: each group (row) to 0–1; ``None``: raw means.
+    cluster
+        Order rows and columns by average-linkage hierarchical clustering (scipy, Euclidean);
+        ``"rows"``/``"cols"`` clusters one axis only; ``False`` keeps the input order.
+    title
+        Figure title.
+    colorscale
+        plotly colour scale.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        One ``go.Heatmap``: rows groups, columns programs; hover shows the mean score too.
+    """
+    means = _group_means(scores, programs, groupby)
+    if standard_scale not in ("var", "obs", None):
+        raise ConfigError(f"standard_scale must be 'var', 'obs' or None; got {standard_scale!r}.")
+    if cluster not in (True, False, "rows", "cols"):
+        raise ConfigError(f"cluster must be True, False, 'rows' or 'cols'; got {cluster!r}.")
+    shown = _standard_scale(means, standard_scale)
+    if cluster in (True, "rows"):
+        order = _leaf_order(shown.to_numpy())
+        shown, means = shown.iloc[order], means.iloc[order]
+    if cluster in (True, "cols"):
+        order = _leaf_order(shown.to_numpy().T)
+        shown, means = shown.iloc[:, order], means.iloc[:, order]
+    label = {"var": "scaled per program", "obs": "scaled per group", None: "mean score"}[standard_scale]
+    fig = go.Figure(
+        go.Heatmap(
+            z=shown.to_numpy(),
+            x=list(shown.columns),
+            y=list(shown.index),
+            customdata=means.to_numpy(),
+            colorscale=colorscale,
+            zmin=0.0 if standard_scale else None,
+            zmax=1.0 if standard_scale else None,
+            colorbar={"title": {"text": label}, "thickness": 14},
+            hovertemplate="group: %{y}<br>program: %{x}<br>mean score: %{customdata:.4g}"
+            + ("<br>scaled: %{z:.3f}" if standard_scale else "")
+            + "<extra></extra>",
+            hoverongaps=False,
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": title or ""},
+        xaxis=_axis("program", shown.shape[1], angle=-90),
+        yaxis=_axis(str(groupby) if isinstance(groupby, str) else "group", shown.shape[0], reverse=True),
+    )
+    return fig
+
+
+def _group_means(scores: Any, programs: Sequence[str] | None, groupby: Any) -> pd.DataFrame:
+    if is_anndata(scores):
+        if programs is None or groupby is None:
+            raise DataError(
+                "With an AnnData, pass programs=<obs columns of program scores> and groupby=<obs column of "
+                "cell types>, e.g. program_heatmap(adata, ['program_0', 'program_1'], 'cell_type')."
+            )
+        obs = scores.obs
+        if isinstance(programs, str):
+            programs = [programs]
+        missing = [p for p in [*programs, groupby] if isinstance(p, str) and p not in obs.columns]
+        if missing:
+            raise DataError(
+                f"{missing} are not obs columns; available: {[str(c) for c in obs.columns][:40]}."
+            )
+        frame = obs[list(programs)]
+        labels = obs[groupby] if isinstance(groupby, str) else groupby
+    elif isinstance(scores, pd.DataFrame):
+        frame = scores
+        if programs is not None:
+            missing = [p for p in programs if p not in frame.columns]
+            if missing:
+                raise DataError(
+                    f"programs {missing} are not columns of scores; available: {list(frame.columns)[:40]}."
+                )
+            frame = frame[list(programs)]
+        labels = groupby
+        if isinstance(groupby, str):
+            if groupby not in frame.columns and groupby not in scores.columns:
+                raise DataError(
+                    f"groupby={groupby!r} is not a column of scores; pass one label per row instead."
+                )
+            labels = scores[groupby]
+            frame = frame.drop(columns=[groupby], errors="ignore")
+    else:
+        raise DataError(
+            f"scores must be a DataFrame (groups × programs, or cells × programs with groupby) or an AnnData; "
+            f"got {type(scores).__name__}."
+        )
+    try:
+        frame = frame.astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"program scores must be numeric ({exc}).") from exc
+    if labels is not None:
+        labels = pd.Series(np.asarray(labels), index=frame.index)
+        if len(labels) != len(frame):
+            raise DataError(f"groupby has {len(labels)} labels for {len(frame)} cells; pass one per cell.")
+        frame = frame.groupby(labels.astype(str).to_numpy(), sort=True, observed=True).mean()
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise DataError(f"no program scores to show (shape {frame.shape}).")
+    frame.index = frame.index.astype(str)
+    frame.columns = frame.columns.astype(str)
+    return frame
+
+
+def _standard_scale(frame: pd.DataFrame, how: str | None) -> pd.DataFrame:
+    if how is None:
+        return frame
+    x = frame.to_numpy()
+    axis = 0 if how == "var" else 1
+    lo = np.nanmin(x, axis=axis, keepdims=True)
+    span = np.nanmax(x, axis=axis, keepdims=True) - lo
+    scaled = np.divide(x - lo, span, out=np.zeros_like(x), where=span > 0)
+    scaled[np.isnan(x)] = np.nan
+    return pd.DataFrame(scaled, index=frame.index, columns=frame.columns)
+
+
+def _leaf_order(x: np.ndarray) -> np.ndarray:
+    if len(x) < 3:
+        return np.arange(len(x))
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    z = linkage(np.nan_to_num(x, nan=0.0), method="average", metric="euclidean")
+    return leaves_list(z)
+
+
+# -- confusion ---------------------------------------------------------------------------------
+
+
+def confusion_matrix(
+    confusion: pd.DataFrame | np.ndarray,
+    *,
+    labels: Sequence[str] | None = None,
+    pred_labels: Sequence[str] | None = None,
+    normalize: Literal["true", "pred", "all"] | None = "true",
+    annotate: bool | None = None,
+    title: str | None = None,
+    colorscale: str = "Blues",
+) -> go.Figure:
+    """Annotated heatmap of a confusion matrix: true classes as rows, predicted as columns.
+
+    Parameters
+    ----------
+    confusion
+        ``(n_true, n_pred)`` counts: a DataFrame (index true classes, columns predicted classes,
+        e.g. ``pd.crosstab(y_true, y_pred)``) or an array with ``labels``.
+    labels
+        Class names of the rows for array input (and of the columns, unless ``pred_labels``).
+    pred_labels
+        Class names of the columns when they differ from the rows.
+    normalize
+        ``"true"``: each row divided by its total (recall per class; rows sum to 1); ``"pred"``:
+        each column (precision); ``"all"``: by the grand total; ``None``: counts. Empty rows or
+        columns stay 0.
+    annotate
+        Write the values in the cells; default only up to 25 classes.
+    title
+        Figure title.
+    colorscale
+        plotly colour scale.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        One ``go.Heatmap`` whose ``z`` is the (normalised) matrix; hover shows the counts.
+    """
+    if normalize not in ("true", "pred", "all", None):
+        raise ConfigError(f"normalize must be 'true', 'pred', 'all' or None; got {normalize!r}.")
+    cols = pred_labels if pred_labels is not None else labels
+    counts = labelled_matrix(
+        confusion,
+        labels,
+        cols,
+        what="the confusion matrix",
+        row_name="true classes",
+        col_name="predicted classes",
+    )
+    c = counts.to_numpy()
+    if np.isnan(c).any() or (c < 0).any():
+        raise DataError(
+            "the confusion matrix must hold non-negative counts (no NaN); pass raw counts, not rates."
+        )
+    if normalize is None:
+        z = c
+    else:
+        if normalize == "true":
+            total = c.sum(axis=1, keepdims=True)
+        elif normalize == "pred":
+            total = c.sum(axis=0, keepdims=True)
+        else:
+            total = np.full((1, 1), c.sum())
+        z = np.divide(c, total, out=np.zeros_like(c), where=total > 0)
+    if annotate is None:
+        annotate = max(c.shape) <= _ANNOTATE_MAX
+    integral = bool(np.all(c == np.round(c)))
+    count_fmt = "%{customdata:,.0f}" if integral else "%{customdata:.4g}"
+    hover = "true: %{y}<br>predicted: %{x}<br>count: " + count_fmt
+    if normalize is not None:
+        hover += "<br>fraction: %{z:.3f}"
+    value_fmt = ("{:.0f}" if integral else "{:.3g}") if normalize is None else "{:.2f}"
+    heat = go.Heatmap(
+        z=z,
+        x=list(counts.columns),
+        y=list(counts.index),
+        customdata=c,
+        colorscale=colorscale,
+        zmin=0.0,
+        zmax=1.0 if normalize is not None else None,
+        colorbar={
+            "title": {"text": "count" if normalize is None else f"fraction ({normalize})"},
+            "thickness": 14,
+        },
+        hovertemplate=hover + "<extra></extra>",
+    )
+    if annotate:
+        heat.text = np.vectorize(value_fmt.format, otypes=[object])(z)
+        heat.texttemplate = "%{text}"
+    fig = go.Figure(heat)
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": title or ""},
+        xaxis=_axis("predicted", c.shape[1], angle=-45),
+        yaxis=_axis("true", c.shape[0], reverse=True),
+    )
+    return fig
