@@ -6,6 +6,13 @@ keeps the input cell order. Figures live in :mod:`cellkit.viz` (arrays in, plotl
 
 from __future__ import annotations
 
+from .attention import (
+    CellAttention,
+    attention_difference,
+    attention_maps,
+    gene_attention,
+    top_influenced_genes,
+)
 from .embeddings import cell_embeddings, embed_cells, resolve_hidden_layer, umap
 from .genes import (
     contextual_gene_embeddings,
@@ -19,10 +26,14 @@ from .genes import (
 from .mapping import embedding_metrics, transfer_labels
 
 __all__ = [
+    "CellAttention",
+    "attention_difference",
+    "attention_maps",
     "cell_embeddings",
     "contextual_gene_embeddings",
     "embed_cells",
     "embedding_metrics",
+    "gene_attention",
     "gene_embeddings",
     "gene_network",
     "gene_programs",
@@ -30,6 +41,7 @@ __all__ = [
     "resolve_hidden_layer",
     "score_programs",
     "similar_genes",
+    "top_influenced_genes",
     "transfer_labels",
     "umap",
 ]
