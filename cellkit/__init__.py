@@ -23,6 +23,7 @@ from ._errors import (
 from ._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .analysis import embed_cells, embedding_metrics, transfer_labels
     from .core import CellEncoder, EncoderConfig, EncoderOutput
     from .data import Coverage, GeneVocab
     from .data.tokenize import tokenize
@@ -56,8 +57,22 @@ _LAZY = {
     "Callback": "cellkit.train",
     "Event": "cellkit.train",
     "History": "cellkit.train",
+    "embed_cells": "cellkit.analysis",
+    "transfer_labels": "cellkit.analysis",
+    "embedding_metrics": "cellkit.analysis",
 }
-_SUBMODULES = {"core", "heads", "data", "checkpoints", "model", "train", "presets", "datasets"}
+_SUBMODULES = {
+    "core",
+    "heads",
+    "data",
+    "checkpoints",
+    "model",
+    "train",
+    "presets",
+    "datasets",
+    "analysis",
+    "viz",
+}
 
 __all__ = [
     "Callback",
@@ -84,6 +99,8 @@ __all__ = [
     "UnknownGeneError",
     "VocabError",
     "__version__",
+    "embed_cells",
+    "embedding_metrics",
     "finetune",
     "inspect_checkpoint",
     "load_model",
@@ -91,6 +108,7 @@ __all__ = [
     "predict",
     "pretrain",
     "tokenize",
+    "transfer_labels",
 ]
 
 

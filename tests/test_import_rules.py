@@ -42,7 +42,19 @@ ALLOWED: dict[str, set[str]] = {
         "_utils",
     },
     "__main__": {"cli"},
-    "__init__": {"core", "data", "model", "heads", "checkpoints", "train", "tasks", "presets", "datasets"},
+    "__init__": {
+        "core",
+        "data",
+        "model",
+        "heads",
+        "checkpoints",
+        "train",
+        "tasks",
+        "presets",
+        "datasets",
+        "analysis",
+        "viz",
+    },
 }
 #: third-party modules a package must never import
 BANNED: dict[str, set[str]] = {
