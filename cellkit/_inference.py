@@ -13,7 +13,7 @@ from .data.collate import Collator
 from .data.tokenized import ShardedTokens, TokenizedCells
 from .train.trainer import FORWARD_KEYS
 
-__all__ = ["inference_batches", "resolve_device", "run_inference"]
+__all__ = ["FORWARD_KEYS", "inference_batches", "resolve_device", "run_inference"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -182,7 +182,7 @@ def tokenize(
         ``"perturbgene"``. Default: the model's family.
     cells
         Which cells: ``None`` (all), a boolean mask, positions, obs names, or an ``obs.query``
-        string. Output keeps the input order.
+        string. Cells come out in the order of the AnnData (obs order), whatever the order of ``cells``.
     layer, use_raw
         Expression matrix to read (default ``.X``). Counts are expected for ``geneformer``.
     gene_column
