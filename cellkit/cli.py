@@ -281,7 +281,12 @@ def _training_parser(p: argparse.ArgumentParser, *, needs_model: bool) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir"
     )
-    p.add_argument("--use-raw", action="store_true", help="read adata.raw")
+    p.add_argument(
+        "--use-raw",
+        action="store_true",
+        default=None,
+        help="read adata.raw (default: the model's convention)",
+    )
     p.add_argument("--layer", help="read this layer instead of X")
     p.add_argument("--gene-column", help="var column with the gene ids (default var_names)")
     p.add_argument("--backed", action="store_true", help="open the .h5ad backed (large files)")

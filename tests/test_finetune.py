@@ -278,3 +278,21 @@ def test_unknown_options():
 def test_predict_needs_a_classifier():
     with pytest.raises(ConfigError, match="no classifier head"):
         predict(make_adata(), make_model(), progress=False)
+
+
+def test_model_input_conventions_are_tokenizer_defaults():
+    """A model whose config.input says use_raw / normalize_total is tokenized that way by default."""
+    adata = make_adata()
+    adata.raw = adata.copy()
+    adata.X = sp.csr_matrix(np.full(adata.shape, -1.0, dtype=np.float32))  # scaled: not tokenizable
+    model = make_model()
+    with pytest.raises(DataError, match="use_raw=True"):
+        cellkit.tokenize(adata, model, progress=False)
+    model.config.input.update({"use_raw": True, "normalize_total": None})
+    tokens = cellkit.tokenize(adata, model, progress=False)
+    assert tokens.options["normalize_total"] is None
+    explicit = cellkit.tokenize(adata, model, use_raw=True, normalize_total=None, progress=False)
+    np.testing.assert_array_equal(tokens.gene_ids, explicit.gene_ids)
+    np.testing.assert_array_equal(tokens.values, explicit.values)
+    other = cellkit.tokenize(adata, model, normalize_total=1e4, progress=False)  # the caller wins
+    assert other.options["normalize_total"] == 1e4

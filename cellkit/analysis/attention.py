@@ -298,7 +298,10 @@ def _source(
 
 
 def _tokenize_kwargs(
-    tokenize_options: Mapping[str, Any] | None, data_layer: str | None, use_raw: bool, gene_column: str | None
+    tokenize_options: Mapping[str, Any] | None,
+    data_layer: str | None,
+    use_raw: bool | None,
+    gene_column: str | None,
 ) -> dict[str, Any]:
     opts = dict(tokenize_options or {})
     opts.update(layer=data_layer, use_raw=use_raw, gene_column=gene_column)
@@ -436,7 +439,7 @@ def attention_maps(
     device: str = "auto",
     tokenize_options: Mapping[str, Any] | None = None,
     data_layer: str | None = None,
-    use_raw: bool = False,
+    use_raw: bool | None = None,
     gene_column: str | None = None,
 ) -> list[CellAttention]:
     """Per-layer, per-head softmax probabilities for a few chosen cells.
@@ -640,7 +643,7 @@ def gene_attention(
     device: str = "auto",
     tokenize_options: Mapping[str, Any] | None = None,
     data_layer: str | None = None,
-    use_raw: bool = False,
+    use_raw: bool | None = None,
     gene_column: str | None = None,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Gene × gene attention aggregated over a group of cells, genes aligned by identity.
@@ -843,7 +846,7 @@ def attention_difference(
     device: str = "auto",
     tokenize_options: Mapping[str, Any] | None = None,
     data_layer: str | None = None,
-    use_raw: bool = False,
+    use_raw: bool | None = None,
     gene_column: str | None = None,
 ) -> pd.DataFrame:
     """Condition − control of the gene × gene map (one pass over both groups).

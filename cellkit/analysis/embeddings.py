@@ -181,7 +181,7 @@ def embed_cells(
     on_empty: str = "raise",
     tokenize_options: Mapping[str, Any] | None = None,
     layer: str | None = None,
-    use_raw: bool = False,
+    use_raw: bool | None = None,
     gene_column: str | None = None,
     copy: bool = False,
     progress: bool = True,

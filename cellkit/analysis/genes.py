@@ -109,7 +109,7 @@ def contextual_gene_embeddings(
     device: str = "auto",
     tokenize_options: Mapping[str, Any] | None = None,
     layer: str | None = None,
-    use_raw: bool = False,
+    use_raw: bool | None = None,
     gene_column: str | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:

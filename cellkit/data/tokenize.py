@@ -33,6 +33,8 @@ __all__ = ["SCHEMES", "TokenizeContext", "tokenize"]
 log = get_logger(__name__)
 
 SCHEMES = ("scgpt", "geneformer", "teddy", "perturbgene")
+#: scheme options a model may fix in ``config.input`` (how its training data was preprocessed)
+_MODEL_CONVENTIONS = ("normalize_total", "log1p")
 
 
 @dataclass
@@ -154,7 +156,7 @@ def tokenize(
     scheme: Literal["scgpt", "geneformer", "teddy", "perturbgene"] | None = None,
     cells: Any = None,
     layer: str | None = None,
-    use_raw: bool = False,
+    use_raw: bool | None = None,
     gene_column: str | None = None,
     obs_columns: Sequence[str] = (),
     output: str | os.PathLike[str] | None = None,
@@ -184,7 +186,9 @@ def tokenize(
         Which cells: ``None`` (all), a boolean mask, positions, obs names, or an ``obs.query``
         string. Cells come out in the order of the AnnData (obs order), whatever the order of ``cells``.
     layer, use_raw
-        Expression matrix to read (default ``.X``). Counts are expected for ``geneformer``.
+        Expression matrix to read (default ``.X``; ``use_raw=None`` follows the model's input
+        convention, ``config.input["use_raw"]``, else ``False``). Counts are expected for
+        ``geneformer``.
     gene_column
         ``var`` column with the gene identifiers (default ``var_names``; ``geneformer`` uses
         ``var["ensembl_id"]`` when present).
@@ -231,6 +235,12 @@ def tokenize(
         )
     if chunk_size < 1:
         raise DataError(f"chunk_size must be >= 1, got {chunk_size}.")
+    # the model's own preprocessing conventions are defaults the caller can override
+    for key in _MODEL_CONVENTIONS:
+        if key in model_input and key in impl.OPTIONS and key not in options:
+            options[key] = model_input[key]
+    if use_raw is None:
+        use_raw = bool(model_input.get("use_raw", False))
 
     sources, in_memory = _open_sources(adata, cells=cells, layer=layer, use_raw=use_raw)
     obs_columns = list(obs_columns)
