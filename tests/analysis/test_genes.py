@@ -110,3 +110,14 @@ def test_contextual_gene_embeddings_average_over_cells():
     assert n_cells["G5"] == expressed[5]
     again = contextual_gene_embeddings(adata, model, progress=False, batch_size=3, genes=["G5", "G6"])
     np.testing.assert_allclose(again.to_numpy(), ctx.loc[["G5", "G6"]].to_numpy(), atol=1e-5)
+
+
+def test_centering_removes_a_shared_direction():
+    emb = planted()
+    shifted = emb + 50.0  # one dominant shared direction: every pair looks alike
+    assert gene_similarity(shifted).to_numpy().min() > 0.9
+    centred = gene_similarity(shifted, center=True)
+    assert centred.loc["P0_g0", "P1_g0"] < 0.5 < centred.loc["P0_g0", "P0_g1"]
+    top = similar_genes(shifted, "P2_g0", k=7, center=True)
+    assert all(g.startswith("P2_") for g in top["gene"])
+    assert gene_network(shifted, threshold=0.9, center=True).number_of_edges() == 4 * 28
