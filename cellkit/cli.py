@@ -18,55 +18,95 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default: the shipped demo model on real PBMCs, end to end."""
+    import numpy as np
     import torch
 
-    from .data.synthetic import synthetic_batch, synthetic_vocab
-    from .model import CellModel, load_model
-    from .presets import scgpt_config
+    from . import analysis, viz
+    from .data.tokenize import tokenize
+    from .datasets import demo_model, pbmc_demo
+    from .tasks import finetune, predict, stratified_split
 
     torch.manual_seed(args.seed)
-    vocab = synthetic_vocab(args.genes)
-    cfg = scgpt_config(
-        vocab, d_model=args.d_model, n_heads=4, n_layers=args.layers, d_ff=args.d_model * 2, dropout=0.1
-    )
-    model = CellModel(cfg, vocab).eval()
-    print(f"built   {model!r}")
+    t_start = time.perf_counter()
+    clock = [t_start]
 
-    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="cellkit-demo-"))
-    model.save(out_dir)
-    reloaded = load_model(out_dir)
-    files = ", ".join(f"{p.name} ({p.stat().st_size / 1e3:.0f} kB)" for p in sorted(out_dir.iterdir()))
-    print(f"saved   {out_dir}: {files}")
+    def took() -> str:
+        now = time.perf_counter()
+        text = f"[{now - clock[0]:.1f} s]"
+        clock[0] = now
+        return text
 
-    lengths = torch.randint(
-        16, args.max_len + 1, (args.cells,), generator=torch.Generator().manual_seed(args.seed)
-    ).tolist()
-    batch = synthetic_batch(vocab, lengths, seed=args.seed)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        a = model(**batch, heads=())
-        t_sdpa = time.perf_counter() - t0
-        b = reloaded(**batch, heads=())
-        t0 = time.perf_counter()
-        e = model(**batch, heads=(), attn_backend="explicit", output_attentions=True)
-        t_explicit = time.perf_counter() - t0
-    same = torch.equal(a.cell_embedding, b.cell_embedding)
-    keep = ~batch["padding_mask"]
-    diff = (a.last_hidden_state - e.last_hidden_state)[keep].abs().max().item()
-    rows = e.attentions[-1].sum(-1)
-    emb = torch.nn.functional.normalize(a.cell_embedding, dim=1)
-    print(f"reload  cell embeddings bit-for-bit identical after save/load: {same}")
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="cellkit-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    adata, model = pbmc_demo(), demo_model()
     print(
-        f"embed   {len(lengths)} synthetic cells, {min(lengths)}–{max(lengths)} tokens → cell embeddings {tuple(emb.shape)}"
+        f"data    pbmc68k_reduced: {adata.n_obs} PBMCs × {adata.raw.n_vars} genes (.raw, log1p CP10k), 10 cell types"
     )
+    print(f"model   {model!r}")
     print(
-        f"speed   sdpa {len(lengths) / t_sdpa:,.0f} cells/s, explicit {len(lengths) / t_explicit:,.0f} cells/s (CPU, fp32)"
+        "        (the shipped demo model: pretrained by cellkit on these cells, a demo — not a foundation model)"
     )
+    tokens = tokenize(adata, model, progress=False)
+    lengths = tokens.lengths
     print(
-        f"check   sdpa vs explicit max |Δ| = {diff:.1e}; attention rows sum to 1 within {(rows - 1).abs().max().item():.1e}"
+        f"tokens  {len(tokens)} cells, {int(np.median(lengths))} tokens per cell (median, {lengths.min()}–{lengths.max()}); "
+        f"coverage {tokens.coverage.n_matched}/{tokens.coverage.n_genes} genes {took()}"
+        if tokens.coverage is not None
+        else f"tokens  {len(tokens)} cells"
     )
-    print(f"cosine  mean pairwise similarity of cells: {(emb @ emb.T).mean().item():.3f}")
-    return 0 if same and diff < 1e-5 else 1
+
+    analysis.embed_cells(adata, model, key_added="X_cellkit", progress=False)
+    analysis.umap(adata, use_rep="X_cellkit")
+    m = analysis.embedding_metrics(adata, label_key="bulk_labels", use_rep="X_cellkit")
+    pca = analysis.embedding_metrics(adata, label_key="bulk_labels", use_rep="X_pca")
+    print(
+        f"embed   cell embeddings {adata.obsm['X_cellkit'].shape}: NMI {m['nmi']:.3f}, ARI {m['ari']:.3f}, "
+        f"ASW {m['asw_label']:.3f}, avg_bio {m['avg_bio']:.3f} (PCA of the same data: avg_bio {pca['avg_bio']:.3f}) "
+        f"{took()}"
+    )
+    halves = stratified_split(adata.obs["bulk_labels"], val_size=0.0, test_size=0.5, seed=args.seed)
+    ref, query = adata[halves == "train"].copy(), adata[halves == "test"].copy()
+    analysis.transfer_labels(query, ref, label_key="bulk_labels", key_added="mapped")
+    hit = (query.obs["mapped"].astype(str) == query.obs["bulk_labels"].astype(str)).mean()
+    print(
+        f"map     kNN label transfer, half → half: accuracy {hit:.3f} on {query.n_obs} query cells {took()}"
+    )
+
+    status = "skipped"
+    if args.epochs > 0:
+        result = finetune(
+            adata,
+            model,
+            label_key="bulk_labels",
+            epochs=args.epochs,
+            lr=1e-3,
+            batch_size=16,
+            seed=args.seed,
+            progress=not args.quiet,
+            bucket_by_length=True,
+            monitor="val/macro_f1",
+            schedule="cosine",
+            warmup_steps=10,
+        )
+        status = result.status
+        r = result.metrics
+        print(
+            f"train   fine-tuned {args.epochs} epochs ({status}): held-out accuracy {r['accuracy']:.3f}, "
+            f"macro-F1 {r['macro_f1']:.3f} on {int(result.confusion.to_numpy().sum())} test cells {took()}"
+        )
+        predict(adata, result.model, key_added="cellkit_prediction", progress=False)
+        result.model.save(out / "model")
+        viz.save_html(viz.training_curves(result.history), out / "training.html")
+        viz.save_html(viz.confusion_matrix(result.confusion), out / "confusion.html")
+    viz.save_html(viz.embedding(adata, basis="X_cellkit_umap", color="bulk_labels"), out / "umap.html")
+    adata.write_h5ad(out / "pbmc_cellkit.h5ad")
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"saved   {out}: {files}")
+    print(
+        f"done    in {time.perf_counter() - t_start:.0f} s — next: open notebooks/00_studio.ipynb in JupyterLab"
+    )
+    return 0 if status in ("completed", "early_stopped", "skipped") else 1
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -305,14 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cellkit`` command line."""
     parser = argparse.ArgumentParser(prog="cellkit", description="Single-cell foundation-model kit.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build a small model, save, reload and embed synthetic cells")
-    demo.add_argument("--out", help="directory to save the demo model (default: a temporary directory)")
-    demo.add_argument("--cells", type=int, default=256)
-    demo.add_argument("--genes", type=int, default=2000)
-    demo.add_argument("--max-len", type=int, default=256)
-    demo.add_argument("--d-model", type=int, default=64)
-    demo.add_argument("--layers", type=int, default=2)
+    demo = sub.add_parser(
+        "demo", help="the shipped demo model on real PBMCs: tokenize, embed, map, fine-tune, predict, save"
+    )
+    demo.add_argument("--out", help="output directory (default: a temporary directory)")
+    demo.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (0: skip fine-tuning)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="describe a model directory (cellkit, scGPT or Geneformer)")
     info.add_argument("path")

@@ -418,6 +418,8 @@ def finetune(
         Training length, learning rate, cells per step.
     class_weight
         ``None``, ``"balanced"`` (inverse class frequency, for rare types) or one weight per class.
+        Balanced weights can stall a small or weakly pretrained model (it stays at a uniform
+        prediction for several epochs); prefer ``monitor="val/macro_f1"`` with no weights there.
     freeze_embeddings, freeze_layers
         Keep the gene/value embeddings and/or the first ``freeze_layers`` transformer layers fixed.
     mask_ratio

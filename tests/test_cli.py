@@ -7,14 +7,21 @@ from cellkit.cli import main
 
 
 def test_demo_job_runs_and_reports(tmp_path, capsys):
-    code = main(
-        ["demo", "--out", str(tmp_path / "demo"), "--cells", "16", "--genes", "200", "--max-len", "40"]
-    )
+    """The README's main job: the shipped demo model on real PBMCs, end to end (one epoch here)."""
+    code = main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--quiet"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "bit-for-bit identical after save/load: True" in out
-    assert (tmp_path / "demo" / "model.safetensors").is_file()
-    assert main(["info", str(tmp_path / "demo")]) == 0
+    for stage in (
+        "data    pbmc68k_reduced",
+        "tokens  700 cells",
+        "embed   cell embeddings (700, 64)",
+        "map     ",
+        "train   ",
+    ):
+        assert stage in out, out
+    files = {p.name for p in (tmp_path / "demo").iterdir()}
+    assert {"pbmc_cellkit.h5ad", "umap.html", "training.html", "confusion.html", "model"} <= files
+    assert main(["info", str(tmp_path / "demo" / "model")]) == 0
     assert "CellModel(family='scgpt'" in capsys.readouterr().out
 
 
