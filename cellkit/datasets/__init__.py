@@ -1,9 +1,10 @@
 """Offline demo data and a demo model: :func:`pbmc_demo` and :func:`demo_model`.
 
 The demo model is **a demo for exercising the kit, not a foundation model**: a small scGPT-style
-transformer (d_model 64, 2 layers, ~0.14 M parameters, 0.6 MB) that cellkit pretrained from
-scratch, self-supervised (masked value regression + MVC, no labels), on the 700 cells / 765
-genes of scanpy's ``pbmc68k_reduced``. It knows only those 765 genes. The script that trains it
+transformer (d_model 64, 2 layers, value-weighted pooling, ~0.14 M parameters, 0.6 MB) that
+cellkit built from scratch without labels on the 700 cells / 765 genes of scanpy's
+``pbmc68k_reduced``: gene embeddings initialised from the genes' principal-component loadings,
+then self-supervised pretraining (masked value regression + MVC). It knows only those 765 genes. The script that trains it
 is :mod:`cellkit.datasets.make_demo_model`; its provenance is in ``model.config.metadata``.
 
 Examples
