@@ -39,6 +39,8 @@ ALLOWED: dict[str, set[str]] = {
         "train",
         "tasks",
         "datasets",
+        "analysis",
+        "viz",
         "_utils",
     },
     "__main__": {"cli"},
