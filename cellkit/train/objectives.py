@@ -32,6 +32,7 @@ scGPT's default weights are 1 for every term except ECS and CCE (10).
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -115,7 +116,7 @@ def _batch(batch: Mapping[str, Any], key: str, what: str, hint: str) -> Tensor:
 
 
 @dataclass
-class Objective:
+class Objective(abc.ABC):
     """Base class: one weighted loss term.
 
     Attributes
@@ -145,8 +146,9 @@ class Objective:
                 f"The weight of objective {self.name!r} must be a number >= 0, got {self.weight!r}."
             )
 
-    def __call__(self, out: Any, batch: Mapping[str, Any], out2: Any = None) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, out: Any, batch: Mapping[str, Any], out2: Any = None) -> Tensor:
+        """The unweighted scalar loss of a batch (``out2``: the second pass, for ``second_pass``)."""
 
 
 @dataclass
