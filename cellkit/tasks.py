@@ -25,6 +25,7 @@ from ._errors import ConfigError, DataError
 from ._utils import get_logger
 from .data.collate import Collator
 from .data.dataset import CellDataset
+from .data.sources import select_rows
 from .data.tokenize import tokenize
 from .data.tokenized import ShardedTokens, TokenizedCells
 from .model import CellModel
@@ -180,22 +181,7 @@ def _obs_of(data: Any, cells: Any) -> pd.DataFrame:
     from anndata import AnnData
 
     if isinstance(data, AnnData):
-        obs = data.obs
-        if cells is None:
-            return obs
-        if isinstance(cells, str):
-            try:
-                return obs.query(cells)
-            except Exception as e:
-                raise DataError(f"cells={cells!r} is not a valid obs query: {e}") from None
-        sel = np.asarray(cells)
-        if sel.dtype == bool:
-            if len(sel) != len(obs):
-                raise DataError(f"The boolean cells mask has {len(sel)} entries for {len(obs)} cells.")
-            return obs.iloc[np.flatnonzero(sel)]
-        if sel.dtype.kind in "iu":
-            return obs.iloc[sel]
-        return obs.loc[sel.astype(str)]
+        return data.obs.iloc[select_rows(data.obs, cells)]
     return pd.DataFrame()
 
 
@@ -474,8 +460,6 @@ def finetune(
     is_tokens = isinstance(adata, TokenizedCells | ShardedTokens)
     if not is_tokens and not isinstance(adata, str):
         obs = _obs_of(adata, cells)
-        if len(obs) == 0:
-            raise DataError(f"The selection is empty (cells={cells!r} matches no cell).")
         _check_label_column(obs, label_key, "label_key")
         if batch_key is not None:
             _check_label_column(obs, batch_key, "batch_key")

@@ -27,6 +27,7 @@ import torch
 from .._errors import ConfigError, DataError
 from .._inference import run_inference
 from .._utils import get_logger
+from ..data.sources import select_rows
 from ..data.tokenize import tokenize
 from ..data.tokenized import ShardedTokens, TokenizedCells
 from ..heads import POOLING_MODES, pool_cells
@@ -226,9 +227,7 @@ def embed_cells(
     if chunk_size < 1 or batch_size < 1:
         raise ConfigError("chunk_size and batch_size must be >= 1.")
     resolve_hidden_layer(model, hidden_layer)  # fail before any work
-    positions = _selection(adata, cells)
-    if len(positions) == 0:
-        raise DataError(f"The selection is empty (cells={cells!r} matches no cell).")
+    positions = select_rows(adata.obs, cells)
     d = model.config.encoder.d_model
     out = np.full((adata.n_obs, d), np.nan, dtype=np.float32)
     opts = dict(tokenize_options or {})
