@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model import CellModel, CellModelConfig, CellModelOutput, inspect_checkpoint, load_model
     from .tasks import FinetuneResult, PretrainResult, finetune, predict, pretrain
     from .train import Callback, Event, History, Trainer, TrainerConfig
+    from .widgets import Studio
 
 # public name -> module that defines it (imported lazily)
 _LAZY = {
@@ -60,6 +61,7 @@ _LAZY = {
     "embed_cells": "cellkit.analysis",
     "transfer_labels": "cellkit.analysis",
     "embedding_metrics": "cellkit.analysis",
+    "Studio": "cellkit.widgets",
 }
 _SUBMODULES = {
     "core",
@@ -72,6 +74,7 @@ _SUBMODULES = {
     "datasets",
     "analysis",
     "viz",
+    "widgets",
 }
 
 __all__ = [
@@ -93,6 +96,7 @@ __all__ = [
     "History",
     "MissingDependencyError",
     "PretrainResult",
+    "Studio",
     "TokenizedCells",
     "Trainer",
     "TrainerConfig",

@@ -1,0 +1,184 @@
+"""What every panel shares: the state, a message line, error capture, background jobs.
+
+A panel is an ``ipywidgets.VBox`` whose logic lives in plain methods (``load()``, ``run()``, ...)
+that tests call directly; buttons only call those methods. Errors never escape a callback: a
+:class:`cellkit.CellkitError` shows its message (it says what was wrong and how to fix it), any
+other exception shows its type and message with the traceback folded away, and the panel stays
+usable.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import ipywidgets as widgets
+
+from cellkit._errors import CellkitError
+
+from ._state import StudioState
+
+__all__ = ["Panel", "guarded"]
+
+log = logging.getLogger("cellkit.widgets")
+F = TypeVar("F", bound=Callable[..., Any])
+
+_STYLE = {
+    "info": "color:#1f4e79;background:#eef5fc;border-left:4px solid #1f77b4",
+    "ok": "color:#1b5e20;background:#edf7ee;border-left:4px solid #2ca02c",
+    "warning": "color:#6d4c00;background:#fff8e1;border-left:4px solid #ff9800",
+    "error": "color:#8b0000;background:#fdecea;border-left:4px solid #d62728",
+}
+
+
+def guarded(fn: F) -> F:
+    """Decorator for panel actions: exceptions become a message in the panel, never a dead widget.
+
+    The wrapped method still returns its value; on error it returns ``None`` and the exception is
+    kept in ``panel.last_error`` (tests assert on it).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self: Panel, *args: Any, **kwargs: Any) -> Any:
+        try:
+            self.last_error = None
+            return fn(self, *args, **kwargs)
+        except Exception as exc:
+            self.show_error(exc)
+            return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Panel(widgets.VBox):
+    """Base class of the studio's panels.
+
+    Parameters
+    ----------
+    state
+        The shared :class:`StudioState`; a fresh one when the panel is used alone.
+    """
+
+    #: tab title in the studio
+    title: str = "Panel"
+
+    def __init__(self, state: StudioState | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state = state if state is not None else StudioState()
+        self.last_error: BaseException | None = None
+        self.message = widgets.HTML(value="", layout=widgets.Layout(width="100%"))
+        self.message.add_class("cellkit-message")
+        self.add_class("cellkit-panel")
+        self._job: threading.Thread | None = None
+
+    # -- messages
+    def show_message(self, text: str, kind: str = "info", *, details: str | None = None) -> None:
+        """Show ``text`` (plain text; escaped) in the panel's message line.
+
+        ``kind`` is ``"info"``, ``"ok"``, ``"warning"`` or ``"error"``; ``details`` (e.g. a
+        traceback) is folded under a "details" toggle.
+        """
+        body = html.escape(str(text)).replace("\n", "<br>")
+        extra = ""
+        if details:
+            extra = (
+                "<details style='margin-top:4px'><summary>details</summary>"
+                f"<pre style='white-space:pre-wrap;font-size:11px'>{html.escape(details)}</pre></details>"
+            )
+        style = _STYLE.get(kind, _STYLE["info"])
+        self.message.value = (
+            f"<div class='cellkit-msg cellkit-{kind}' style='{style};padding:4px 8px;margin:4px 0'>"
+            f"{body}{extra}</div>"
+        )
+
+    def clear_message(self) -> None:
+        self.message.value = ""
+
+    def show_error(self, exc: BaseException) -> None:
+        """Show an exception as a readable message (and log it)."""
+        self.last_error = exc
+        if isinstance(exc, CellkitError):
+            self.show_message(str(exc), "error")
+            log.info("%s: %s", type(self).__name__, exc)
+        else:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            self.show_message(f"Unexpected error — {type(exc).__name__}: {exc}", "error", details=tb)
+            log.warning("%s failed:\n%s", type(self).__name__, tb)
+
+    @property
+    def message_text(self) -> str:
+        """The message line as plain text (for tests)."""
+        import re
+
+        return (
+            html.unescape(re.sub(r"<details.*?</details>", "", self.message.value, flags=re.S))
+            .replace("<br>", "\n")
+            .split(">", 1)[-1]
+            .rsplit("</div>", 1)[0]
+        )
+
+    # -- background work
+    @property
+    def running(self) -> bool:
+        """Whether this panel's background job is still running."""
+        return self._job is not None and self._job.is_alive()
+
+    def run_in_background(
+        self,
+        fn: Callable[[], Any],
+        *,
+        name: str,
+        on_done: Callable[[Any], None] | None = None,
+    ) -> threading.Thread:
+        """Run ``fn`` in a daemon thread so the notebook stays usable.
+
+        ``on_done(result)`` runs in that thread after success; an exception becomes the panel's
+        error message. ``state.busy`` names the job while it runs. :meth:`wait` joins it.
+        """
+        if self.running:
+            from cellkit._errors import CellkitError as _E
+
+            raise _E(f"{self.title}: a job is already running; wait for it or stop it first.")
+
+        def target() -> None:
+            self.state.busy = name
+            try:
+                result = fn()
+                if on_done is not None:
+                    on_done(result)
+            except Exception as exc:
+                self.show_error(exc)
+            finally:
+                self.state.busy = ""
+
+        self._job = threading.Thread(target=target, name=f"cellkit-{name}", daemon=True)
+        self._job.start()
+        return self._job
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the background job (if any) ends (for tests and scripts)."""
+        if self._job is not None:
+            self._job.join(timeout)
+
+
+def labelled(text: str, widget: widgets.Widget, width: str = "130px") -> widgets.HBox:
+    """``text`` to the left of ``widget`` (a compact form row)."""
+    return widgets.HBox([widgets.Label(text, layout=widgets.Layout(width=width)), widget])
+
+
+def html_table(frame: Any, *, max_rows: int = 50, float_format: str = "{:.3g}") -> str:
+    """A small pandas DataFrame as an HTML table (escaped, numbers formatted)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(frame).head(max_rows)
+    return frame.to_html(
+        classes="cellkit-table",
+        border=0,
+        float_format=lambda v: float_format.format(v),
+        escape=True,
+    )

@@ -1,0 +1,146 @@
+"""The studio's shared state: one object every panel reads and writes.
+
+A panel never talks to another panel; it sets a trait here (a newly loaded model, a tokenized
+selection, a lasso selection, a fine-tuned model) and every panel that cares observes it. The
+state is plain Python (``traitlets``), so tests drive it without a browser.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import traitlets
+
+__all__ = ["StudioState"]
+
+
+class StudioState(traitlets.HasTraits):
+    """What the studio's panels share.
+
+    Traits (observe them with ``state.observe(fn, names="model")``)
+    ----------------------------------------------------------------
+    model
+        The current :class:`cellkit.CellModel` (or ``None``).
+    model_source
+        Where it came from: a directory path, ``"demo"`` or ``"memory"``.
+    adata
+        The current AnnData (in memory or backed).
+    adata_name
+        How the user refers to it (a kernel variable name or a file path).
+    tokens
+        The last :class:`cellkit.TokenizedCells` made from ``adata`` with ``model`` (or ``None``).
+    selections
+        ``{name: obs names}`` — named cell selections (lasso, obs filters); reassigned, never mutated.
+    active_selection
+        Name of the selection panels use by default (``""``: all cells).
+    finetune_result
+        The last :class:`cellkit.FinetuneResult` (or ``None``).
+    embedding_key
+        ``obsm`` key of the cell embedding shown by the embedding explorer (``""``: none yet).
+    busy
+        Name of a long task running in the background (``""``: idle).
+    """
+
+    model = traitlets.Any(None, allow_none=True)
+    model_source = traitlets.Unicode("")
+    adata = traitlets.Any(None, allow_none=True)
+    adata_name = traitlets.Unicode("")
+    tokens = traitlets.Any(None, allow_none=True)
+    selections = traitlets.Dict()
+    active_selection = traitlets.Unicode("")
+    finetune_result = traitlets.Any(None, allow_none=True)
+    embedding_key = traitlets.Unicode("")
+    busy = traitlets.Unicode("")
+
+    def __init__(self, *, adata: Any = None, model: Any = None, adata_name: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if model is not None:
+            self.set_model(model, source="memory")
+        if adata is not None:
+            self.set_adata(adata, name=adata_name or "adata")
+
+    # -- model and data
+    def set_model(self, model: Any, *, source: str = "memory") -> None:
+        """Make ``model`` the current model; tokens made with another model are dropped."""
+        self.tokens = None
+        self.model_source = source
+        self.model = model
+
+    def set_adata(self, adata: Any, *, name: str = "adata") -> None:
+        """Make ``adata`` the current data; tokens, selections and embeddings of the old data are dropped."""
+        self.tokens = None
+        self.selections = {}
+        self.active_selection = ""
+        self.embedding_key = ""
+        self.adata_name = name
+        self.adata = adata
+
+    # -- selections
+    def add_selection(self, name: str, cells: Any, *, activate: bool = True) -> np.ndarray:
+        """Store a named selection of cells and (by default) make it the active one.
+
+        Parameters
+        ----------
+        name
+            Selection name (replaces one of the same name).
+        cells
+            Obs names, integer positions into ``adata`` or a boolean mask over ``adata``.
+
+        Returns
+        -------
+        ``(n,)`` obs names of the selected cells, in ``adata`` order.
+        """
+        from cellkit._errors import DataError
+
+        name = str(name).strip()
+        if not name:
+            raise DataError("A selection needs a name.")
+        names = self.resolve_cells(cells)
+        if len(names) == 0:
+            raise DataError(f"Selection {name!r} is empty; select at least one cell.")
+        self.selections = {**self.selections, name: names}
+        if activate:
+            self.active_selection = name
+        return names
+
+    def remove_selection(self, name: str) -> None:
+        """Forget a selection (no error if it does not exist)."""
+        self.selections = {k: v for k, v in self.selections.items() if k != name}
+        if self.active_selection == name:
+            self.active_selection = ""
+
+    def resolve_cells(self, cells: Any) -> np.ndarray:
+        """Obs names (``adata`` order) for names, positions, a boolean mask or a selection name."""
+        from cellkit._errors import DataError
+
+        if self.adata is None:
+            raise DataError("No data loaded: pick an AnnData in the Data panel first.")
+        obs_names = self.adata.obs_names
+        if isinstance(cells, str):
+            if cells not in self.selections:
+                raise DataError(f"No selection named {cells!r}; known: {sorted(self.selections) or 'none'}.")
+            return self.selections[cells]
+        arr = np.asarray(cells)
+        if arr.dtype == bool:
+            if arr.shape != (len(obs_names),):
+                raise DataError(f"A boolean mask needs {len(obs_names)} entries, got {arr.shape}.")
+            pos = np.flatnonzero(arr)
+        elif np.issubdtype(arr.dtype, np.integer):
+            pos = np.unique(arr)
+            if len(pos) and (pos[0] < 0 or pos[-1] >= len(obs_names)):
+                raise DataError(f"Cell positions must be in [0, {len(obs_names)}).")
+        else:
+            idx = obs_names.get_indexer(arr.astype(str))
+            if (idx < 0).any():
+                missing = arr[idx < 0][:5].tolist()
+                raise DataError(f"{int((idx < 0).sum())} cells are not in the data, e.g. {missing}.")
+            pos = np.unique(idx)
+        return np.asarray(obs_names[pos]).astype(str)
+
+    def selected_cells(self, name: str | None = None) -> np.ndarray | None:
+        """Obs names of a selection (default: the active one); ``None`` means all cells."""
+        name = self.active_selection if name is None else name
+        if not name:
+            return None
+        return self.resolve_cells(name)

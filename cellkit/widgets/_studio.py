@@ -1,0 +1,134 @@
+"""The studio: every panel in tabs around one shared :class:`StudioState`."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import ipywidgets as widgets
+
+from ._state import StudioState
+
+__all__ = ["Studio"]
+
+#: tab order: (attribute name, panel class name in cellkit.widgets)
+PANELS: tuple[tuple[str, str], ...] = (
+    ("model_panel", "ModelPanel"),
+    ("data_panel", "DataPanel"),
+    ("finetune_panel", "FinetunePanel"),
+    ("embedding_panel", "EmbeddingPanel"),
+    ("gene_panel", "GenePanel"),
+    ("attention_panel", "AttentionPanel"),
+)
+
+
+class Studio(widgets.VBox):
+    """Point-and-click front end of cellkit: load, tokenize, fine-tune, explore.
+
+    Parameters
+    ----------
+    adata
+        An AnnData to start with (optional; the Data tab can pick one later).
+    model
+        A loaded :class:`cellkit.CellModel`, a checkpoint directory, or ``"demo"`` for the shipped
+        demo model (optional; the Model tab can load one later).
+    adata_name
+        How to refer to ``adata`` in messages (default ``"adata"``).
+    state
+        Share an existing :class:`StudioState` (e.g. with panels shown elsewhere).
+
+    Attributes
+    ----------
+    state
+        The shared state: ``studio.state.model``, ``.adata``, ``.tokens``, ``.selections``,
+        ``.finetune_result``.
+    model_panel, data_panel, finetune_panel, embedding_panel, gene_panel, attention_panel
+        The panels (each also usable alone).
+
+    Examples
+    --------
+    >>> studio = cellkit.Studio(adata=cellkit.datasets.pbmc_demo(), model="demo")  # doctest: +SKIP
+    >>> studio  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        adata: Any = None,
+        model: Any = None,
+        *,
+        adata_name: str = "adata",
+        state: StudioState | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from cellkit._errors import ConfigError
+
+        super().__init__(**kwargs)
+        self.add_class("cellkit-studio")
+        self.state = state if state is not None else StudioState()
+        if isinstance(model, str):
+            import cellkit
+
+            if model == "demo":
+                self.state.set_model(cellkit.datasets.demo_model(), source="demo")
+            else:
+                self.state.set_model(cellkit.load_model(model), source=model)
+        elif model is not None:
+            if not hasattr(model, "vocab") or not hasattr(model, "config"):
+                raise ConfigError(
+                    f"model must be a cellkit.CellModel, a checkpoint directory or 'demo', not {type(model).__name__}."
+                )
+            self.state.set_model(model, source="memory")
+        if adata is not None:
+            self.state.set_adata(adata, name=adata_name)
+
+        from cellkit import widgets as _w
+
+        self.panels: dict[str, Any] = {}
+        for attr, cls_name in PANELS:
+            panel = getattr(_w, cls_name)(self.state)
+            setattr(self, attr, panel)
+            self.panels[panel.title] = panel
+        self.tabs = widgets.Tab(children=list(self.panels.values()))
+        for i, title in enumerate(self.panels):
+            self.tabs.set_title(i, title)
+        self.tabs.add_class("cellkit-tabs")
+        self.header = widgets.HTML()
+        self.header.add_class("cellkit-studio-header")
+        self.children = [self.header, self.tabs]
+        self.state.observe(
+            self._refresh_header, names=["model", "adata", "tokens", "active_selection", "busy"]
+        )
+        self._refresh_header()
+
+    def _refresh_header(self, _change: Any = None) -> None:
+        s = self.state
+        model = "no model"
+        if s.model is not None:
+            family = s.model.config.family or "cellkit"
+            model = f"{family} model ({s.model_source or 'memory'}), {len(s.model.vocab):,} genes"
+        data = "no data"
+        if s.adata is not None:
+            data = f"{s.adata_name}: {s.adata.n_obs:,} cells × {s.adata.n_vars:,} genes"
+        parts = [model, data]
+        if s.tokens is not None:
+            parts.append(f"{len(s.tokens):,} cells tokenized")
+        if s.active_selection:
+            parts.append(
+                f"selection “{s.active_selection}” ({len(s.selections.get(s.active_selection, ())):,} cells)"
+            )
+        if s.busy:
+            parts.append(f"running: {s.busy}")
+        self.header.value = (
+            "<div style='font-size:13px;padding:2px 0'><b>cellkit studio</b> — "
+            + " · ".join(html.escape(p) for p in parts)
+            + "</div>"
+        )
+
+    def select_tab(self, title: str) -> None:
+        """Switch to the tab called ``title`` (e.g. ``"Fine-tune"``)."""
+        from cellkit._errors import ConfigError
+
+        titles = list(self.panels)
+        if title not in titles:
+            raise ConfigError(f"No tab {title!r}; tabs: {titles}.")
+        self.tabs.selected_index = titles.index(title)
