@@ -1,0 +1,960 @@
+"""The Data panel: pick an AnnData, choose cells, set the tokenizer's options, tokenize.
+
+Sources: an AnnData variable of the notebook (the kernel's namespace), an ``.h5ad`` file (in memory
+or backed) or the shipped PBMCs (:func:`cellkit.datasets.pbmc_demo`). Cells: all, an ``obs``
+filter, an ``obs.query`` string or a named selection of the studio (e.g. a lasso in the embedding
+panel). "Tokenize" calls :func:`cellkit.tokenize` with the options of the model's scheme and
+stores the result in ``state.tokens``; the coverage, summary and a token-length histogram show
+below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+import numpy as np
+
+from ._base import Panel, guarded, labelled
+from ._state import StudioState
+
+__all__ = ["SCHEME_OPTIONS", "DataPanel", "OptionSpec"]
+
+#: files larger than this open backed (``backed="r"``) by default
+BACKED_THRESHOLD = 1 << 30
+#: columns with more distinct values than this are filtered with a query instead of a value list
+MAX_FILTER_VALUES = 1000
+SCHEMES = ("scgpt", "geneformer", "teddy", "perturbgene")
+
+
+# ---------------------------------------------------------------------------------- option specs
+@dataclass(frozen=True)
+class OptionSpec:
+    """One tokenizer option shown as a widget.
+
+    Attributes
+    ----------
+    name
+        The option of :func:`cellkit.tokenize` (a key of the scheme's ``OPTIONS``).
+    kind
+        ``"int"``, ``"float"``, ``"bool"``, ``"text"``, ``"opt_int"`` / ``"opt_float"`` (a text box;
+        blank = ``None``), ``"choice"`` (``choices``), ``"obs_column"`` (an obs column or ``None``),
+        ``"obs_columns"`` (several obs columns → tuple) or ``"var_mask"`` (a boolean var column or
+        ``None``).
+    help
+        Tooltip / placeholder text.
+    choices
+        ``(label, value)`` pairs for ``"choice"``.
+    """
+
+    name: str
+    kind: str
+    help: str = ""
+    choices: tuple[tuple[str, Any], ...] = ()
+
+
+_MODE = (("deterministic", "deterministic"), ("compat (bit-for-bit with the original)", "compat"))
+
+#: scheme → the options the panel offers (the rest keep the scheme's defaults)
+SCHEME_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
+    "scgpt": (
+        OptionSpec("max_len", "opt_int", "max tokens per cell; longer cells are sampled (blank: no limit)"),
+        OptionSpec("n_bins", "opt_int", "value bins (blank: the model's)"),
+        OptionSpec("include_zero", "bool", "also emit zero-expression genes"),
+        OptionSpec("normalize_total", "opt_float", "target sum per cell (blank: no normalisation)"),
+        OptionSpec("log1p", "bool", "log1p after normalising"),
+        OptionSpec("n_hvg", "opt_int", "keep the n most variable genes (blank: all genes)"),
+        OptionSpec(
+            "hvg_flavor",
+            "choice",
+            "scanpy highly_variable_genes flavor",
+            (("seurat_v3", "seurat_v3"), ("seurat", "seurat"), ("cell_ranger", "cell_ranger")),
+        ),
+        OptionSpec("genes", "var_mask", "restrict to a boolean var column (e.g. highly_variable)"),
+        OptionSpec("mode", "choice", "binning randomness", _MODE),
+        OptionSpec("seed", "int", "seed of the tie-breaking / sampling"),
+    ),
+    "geneformer": (
+        OptionSpec("model_input_size", "opt_int", "max tokens per cell (blank: the model's)"),
+        OptionSpec(
+            "special_token",
+            "choice",
+            "<cls>/<eos> around each cell",
+            (("model default", None), ("yes", True), ("no", False)),
+        ),
+        OptionSpec("target_sum", "float", "counts per cell before ranking"),
+        OptionSpec("collapse_gene_ids", "bool", "sum genes that map to the same id"),
+        OptionSpec("n_counts_column", "text", "obs column with total counts (computed when absent)"),
+        OptionSpec("filter_pass_column", "text", "obs column; cells with a value other than 1 are skipped"),
+        OptionSpec("keep_uncropped_length", "bool", "record each cell's length before cropping"),
+        OptionSpec("mode", "choice", "gene-id handling", _MODE),
+    ),
+    "teddy": (
+        OptionSpec("max_seq_len", "opt_int", "total length incl. <cls> (blank: the model's, else 2048)"),
+        OptionSpec("add_cls", "bool", "prepend <cls>"),
+        OptionSpec("bins", "opt_int", "quantile bins (blank: rank encoding)"),
+        OptionSpec("continuous_rank", "bool", "value = rank scaled to [-1, 1]"),
+        OptionSpec("random_genes", "bool", "random subset of the expressed genes"),
+        OptionSpec("include_zero_genes", "bool", "fill short cells with unexpressed genes"),
+        OptionSpec("gene_seed", "int", "seed of the random genes"),
+        OptionSpec("label_column", "obs_column", "obs column carried as the label"),
+        OptionSpec("bio_annotations", "bool", "add disease/tissue/cell/sex annotation tokens"),
+    ),
+    "perturbgene": (
+        OptionSpec("max_length", "opt_int", "total length incl. [CLS]/[EOS] (blank: the model's)"),
+        OptionSpec("phenotype_columns", "obs_columns", "obs columns emitted as phenotype tokens"),
+        OptionSpec(
+            "gene_order",
+            "choice",
+            "order of the gene tokens",
+            (("column", "column"), ("gene list", "gene_list")),
+        ),
+    ),
+}
+
+
+def _scheme_defaults(scheme: str) -> dict[str, Any]:
+    from cellkit.data.schemes import get_scheme
+
+    return dict(get_scheme(scheme).OPTIONS)
+
+
+def _is_demo(model: Any, source: str) -> bool:
+    metadata = getattr(model.config, "metadata", None) or {}
+    return source == "demo" or metadata.get("trained_by") == "cellkit.datasets.make_demo_model"
+
+
+def _kernel_namespace() -> dict[str, Any]:
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with ipywidgets
+        return {}
+    shell = get_ipython()
+    return dict(shell.user_ns) if shell is not None else {}
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _is_categorical(series: Any) -> bool:
+    import pandas as pd
+
+    return not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)
+
+
+def _is_text(series: Any) -> bool:
+    import pandas as pd
+
+    return not pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+class DataPanel(Panel):
+    """Pick data and cells, tokenize them for the current model.
+
+    Parameters
+    ----------
+    state
+        The shared studio state (a fresh one when the panel is used alone).
+    namespace
+        Where to look for AnnData variables (default: the notebook's namespace,
+        ``IPython.get_ipython().user_ns``; tests pass a dict).
+
+    Attributes
+    ----------
+    variable, path, backed
+        Source widgets: AnnData variable dropdown, ``.h5ad`` path box, "backed" checkbox.
+    cell_mode, filter_column, filter_values, filter_min, filter_max, query, selection
+        Cell-selection widgets; ``cell_count`` says how many cells the choice selects.
+    scheme, matrix, gene_column, option_widgets
+        Tokenizer settings: scheme, expression matrix, gene identifiers, and one widget per scheme option.
+    tokenize_button, progress, result_html, length_hist
+        "Tokenize", its progress output, the summary and the token-length histogram (``FigureWidget``).
+
+    Examples
+    --------
+    >>> panel = DataPanel(StudioState(model=cellkit.datasets.demo_model()))  # doctest: +SKIP
+    >>> panel.load_demo_data(); panel.set_cells(query="bulk_labels == 'CD14+ Monocyte'")  # doctest: +SKIP
+    >>> tokens = panel.tokenize()  # doctest: +SKIP
+    """
+
+    title = "Data"
+
+    def __init__(
+        self, state: StudioState | None = None, *, namespace: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(state, **kwargs)
+        self.add_class("cellkit-data-panel")
+        self._namespace = namespace
+        self._option_specs: dict[str, OptionSpec] = {}
+        self.option_widgets: dict[str, widgets.Widget] = {}
+        self._quiet = False  # suppress count updates while widgets are rebuilt
+
+        # -- source
+        self.variable = widgets.Dropdown(options=[], layout=widgets.Layout(width="300px"))
+        self.use_button = widgets.Button(description="Use variable", tooltip="use the AnnData variable")
+        self.refresh_button = widgets.Button(
+            description="Refresh", icon="refresh", tooltip="list AnnData variables"
+        )
+        self.path = widgets.Text(placeholder="path/to/data.h5ad", layout=widgets.Layout(width="300px"))
+        self.backed = widgets.Checkbox(value=False, description="backed", indent=False)
+        self.backed.layout.width = "90px"
+        self.open_button = widgets.Button(description="Open", icon="folder-open")
+        self.demo_button = widgets.Button(description="Demo PBMCs", tooltip="cellkit.datasets.pbmc_demo()")
+        self.data_html = widgets.HTML()
+        self.data_html.add_class("cellkit-data-info")
+
+        # -- cells
+        self.cell_mode = widgets.ToggleButtons(
+            options=[
+                ("All cells", "all"),
+                ("Obs filter", "filter"),
+                ("Query", "query"),
+                ("Selection", "selection"),
+            ],
+            value="all",
+        )
+        self.cell_mode.style.button_width = "90px"
+        self.filter_column = widgets.Dropdown(options=[], layout=widgets.Layout(width="220px"))
+        self.filter_values = widgets.SelectMultiple(options=[], rows=6, layout=widgets.Layout(width="300px"))
+        self.filter_min = widgets.FloatText(description="min", layout=widgets.Layout(width="170px"))
+        self.filter_max = widgets.FloatText(description="max", layout=widgets.Layout(width="170px"))
+        self.query = widgets.Text(
+            placeholder="obs query, e.g. bulk_labels == 'CD14+ Monocyte' and n_genes > 500",
+            continuous_update=False,
+            layout=widgets.Layout(width="480px"),
+        )
+        self.selection = widgets.Dropdown(options=[], layout=widgets.Layout(width="300px"))
+        self.cell_count = widgets.HTML()
+        self.cell_count.add_class("cellkit-cell-count")
+        self.save_name = widgets.Text(placeholder="selection name", layout=widgets.Layout(width="180px"))
+        self.save_button = widgets.Button(description="Save selection", tooltip="store as a named selection")
+        self._column_row = labelled("obs column", self.filter_column)
+        self._values_row = labelled("values", self.filter_values)
+        self._range_row = widgets.HBox([self.filter_min, self.filter_max])
+        self._filter_box = widgets.VBox([self._column_row])
+        self._query_box = widgets.VBox([labelled("query", self.query)])
+        self._selection_box = widgets.VBox([labelled("selection", self.selection)])
+
+        # -- tokenizer
+        self.scheme = widgets.Dropdown(
+            options=list(SCHEMES), value="scgpt", layout=widgets.Layout(width="160px")
+        )
+        self.matrix = widgets.Dropdown(options=[("model default", "auto")], value="auto")
+        self.gene_column = widgets.Dropdown(options=[("var_names", None)], value=None)
+        self.options_box = widgets.VBox()
+        self.tokenize_button = widgets.Button(description="Tokenize", button_style="primary", icon="play")
+        self.progress = widgets.Output()
+        self.progress.add_class("cellkit-tokenize-progress")
+        self.result_html = widgets.HTML()
+        self.result_html.add_class("cellkit-tokenize-result")
+        self.length_hist = self._make_hist()
+        self._hist_box = widgets.Box([self.length_hist], layout=widgets.Layout(display="none"))
+
+        # -- wiring
+        self.use_button.on_click(lambda _b: self.use_variable())
+        self.refresh_button.on_click(lambda _b: self.refresh_variables())
+        self.open_button.on_click(lambda _b: self.open_h5ad())
+        self.demo_button.on_click(lambda _b: self.load_demo_data())
+        self.save_button.on_click(lambda _b: self.save_selection())
+        self.tokenize_button.on_click(lambda _b: self.tokenize())
+        self.path.observe(self._on_path, names="value")
+        self.cell_mode.observe(self._on_cell_widgets, names="value")
+        self.filter_column.observe(self._on_filter_column, names="value")
+        for w in (self.filter_values, self.filter_min, self.filter_max, self.query, self.selection):
+            w.observe(self._on_cell_widgets, names="value")
+        self.scheme.observe(lambda _c: self._build_options(), names="value")
+        self.matrix.observe(lambda _c: self._build_options(), names="value")  # boolean var columns differ
+        self.state.observe(self._on_adata, names="adata")
+        self.state.observe(self._on_model, names="model")
+        self.state.observe(self._on_selections, names="selections")
+        self.state.observe(self._on_active_selection, names="active_selection")
+        self.state.observe(self._on_tokens, names="tokens")
+
+        def section(text: str) -> widgets.HTML:
+            return widgets.HTML(f"<div style='font-weight:600;margin-top:6px'>{_esc(text)}</div>")
+
+        self.children = [
+            self.message,
+            section("1 · Data"),
+            widgets.HBox([labelled("AnnData variable", self.variable), self.use_button, self.refresh_button]),
+            widgets.HBox(
+                [labelled(".h5ad file", self.path), self.backed, self.open_button, self.demo_button]
+            ),
+            self.data_html,
+            section("2 · Cells"),
+            self.cell_mode,
+            self._filter_box,
+            self._query_box,
+            self._selection_box,
+            widgets.HBox([self.cell_count, self.save_name, self.save_button]),
+            section("3 · Tokenizer"),
+            widgets.HBox([labelled("scheme", self.scheme), labelled("matrix", self.matrix, "60px")]),
+            labelled("gene ids", self.gene_column),
+            self.options_box,
+            self.tokenize_button,
+            self.progress,
+            self.result_html,
+            self._hist_box,
+        ]
+        self.refresh_variables()
+        self._on_adata()
+        self._on_model()
+        self._on_selections()
+        self._on_active_selection()
+        self._on_tokens()
+
+    # ================================================================== source
+    def _ns(self) -> Mapping[str, Any]:
+        return self._namespace if self._namespace is not None else _kernel_namespace()
+
+    def variables(self) -> list[str]:
+        """Names of the AnnData objects in the namespace (sorted; private names skipped)."""
+        from anndata import AnnData
+
+        return sorted(k for k, v in self._ns().items() if not k.startswith("_") and isinstance(v, AnnData))
+
+    @guarded
+    def refresh_variables(self) -> list[str]:
+        """Re-list the AnnData variables in the namespace; returns their names."""
+        ns = self._ns()
+        names = self.variables()
+        current = self.variable.value
+        self.variable.options = [(f"{n} ({ns[n].n_obs:,} × {ns[n].n_vars:,})", n) for n in names]
+        if current in names:
+            self.variable.value = current
+        elif self.state.adata_name in names:
+            self.variable.value = self.state.adata_name
+        return names
+
+    @guarded
+    def use_variable(self, name: str | None = None) -> Any:
+        """Make the namespace's AnnData ``name`` (default: the dropdown's) the studio's data."""
+        from anndata import AnnData
+
+        import cellkit
+
+        name = (self.variable.value if name is None else name) or ""
+        if not name:
+            raise cellkit.DataError(
+                "No AnnData variable picked: create one in the notebook and click “Refresh”, open an .h5ad "
+                "file or click “Demo PBMCs”."
+            )
+        ns = self._ns()
+        if name not in ns:
+            raise cellkit.DataError(
+                f"There is no variable {name!r} in the notebook; click “Refresh” to re-list."
+            )
+        obj = ns[name]
+        if not isinstance(obj, AnnData):
+            raise cellkit.DataError(f"{name!r} is not an AnnData (it is a {type(obj).__name__}).")
+        self.state.set_adata(obj, name=name)
+        self.refresh_variables()
+        self.show_message(f"Using {name}: {obj.n_obs:,} cells × {obj.n_vars:,} genes.", "ok")
+        return obj
+
+    @guarded
+    def open_h5ad(self, path: str | Path | None = None, *, backed: bool | None = None) -> Any:
+        """Read an ``.h5ad`` file and make it the studio's data.
+
+        Parameters
+        ----------
+        path
+            The file (default: the path box).
+        backed
+            Open it backed (``backed="r"``: the matrix stays on disk). Default: the checkbox, which
+            is ticked automatically for files over 1 GB.
+        """
+        import anndata
+
+        import cellkit
+
+        if path is not None:
+            self.path.value = str(path)  # also sets the "backed" default for its size
+        text = str(self.path.value).strip()
+        if not text:
+            raise cellkit.DataError("Enter the path of an .h5ad file first (or click “Demo PBMCs”).")
+        where = Path(text).expanduser()
+        if not where.exists():
+            raise cellkit.DataError(f"{where} does not exist; check the path.")
+        if where.is_dir():
+            raise cellkit.DataError(f"{where} is a directory; pick an .h5ad file.")
+        if where.suffix.lower() != ".h5ad":
+            raise cellkit.DataError(
+                f"{where.name} is not an .h5ad file; convert it to AnnData first (e.g. anndata.read_csv(...)"
+                ".write_h5ad(...)) or load it in the notebook and pick the variable."
+            )
+        backed = self.backed.value if backed is None else bool(backed)
+        try:
+            adata = anndata.read_h5ad(where, backed="r" if backed else None)
+        except Exception as exc:  # h5py / anndata raise many types for a bad file
+            raise cellkit.DataError(
+                f"Could not read {where} as an .h5ad file ({type(exc).__name__}: {exc}). Is it an AnnData file, "
+                "and complete?"
+            ) from exc
+        self.state.set_adata(adata, name=str(where))
+        mode = "backed (matrix on disk)" if backed else "in memory"
+        self.show_message(
+            f"Opened {where.name} {mode}: {adata.n_obs:,} cells × {adata.n_vars:,} genes.", "ok"
+        )
+        return adata
+
+    @guarded
+    def load_demo_data(self) -> Any:
+        """Use the shipped PBMCs (:func:`cellkit.datasets.pbmc_demo`: 700 cells, ``.raw`` = log1p CP10k)."""
+        import cellkit.datasets
+
+        adata = cellkit.datasets.pbmc_demo()
+        self.state.set_adata(adata, name="pbmc_demo")
+        self.show_message(f"Using the demo PBMCs: {adata.n_obs:,} cells × {adata.n_vars:,} genes.", "ok")
+        return adata
+
+    def _on_path(self, change: dict[str, Any]) -> None:
+        where = Path(str(change["new"]).strip()).expanduser()
+        try:
+            if where.is_file():
+                self.backed.value = where.stat().st_size > BACKED_THRESHOLD
+        except OSError:
+            pass
+
+    def _data_info_html(self) -> str:
+        adata = self.state.adata
+        if adata is None:
+            return "<i>No data yet: pick a variable, open an .h5ad file or click “Demo PBMCs”.</i>"
+        backed = bool(getattr(adata, "isbacked", False))
+        cols = list(adata.obs.columns)
+        shown = ", ".join(cols[:30]) + (f", … ({len(cols)} in all)" if len(cols) > 30 else "")
+        raw = f"yes ({adata.raw.n_vars:,} genes)" if adata.raw is not None else "no"
+        rows = [
+            ("data", self.state.adata_name or "adata"),
+            ("shape", f"{adata.n_obs:,} cells × {adata.n_vars:,} genes"),
+            ("storage", f"backed ({adata.filename})" if backed else "in memory"),
+            ("obs columns", shown or "none"),
+            (".raw", raw),
+            ("layers", ", ".join(adata.layers.keys()) or "none"),
+        ]
+        body = "".join(
+            f"<tr><th style='text-align:left;padding:1px 10px 1px 0'>{_esc(k)}</th><td>{_esc(v)}</td></tr>"
+            for k, v in rows
+        )
+        return f"<table class='cellkit-table'>{body}</table>"
+
+    # ================================================================== cells
+    @guarded
+    def set_cells(
+        self,
+        *,
+        column: str | None = None,
+        values: Any = None,
+        between: tuple[float, float] | None = None,
+        query: str | None = None,
+        selection: str | None = None,
+    ) -> int | None:
+        """Choose the cells to tokenize (no argument: all cells).
+
+        Parameters
+        ----------
+        column, values
+            An obs filter: cells whose ``obs[column]`` is one of ``values`` (categorical / text columns).
+        column, between
+            An obs filter on a numeric column: ``min <= obs[column] <= max``.
+        query
+            An ``obs.query`` string, e.g. ``"n_genes > 500"``.
+        selection
+            The name of a selection in ``state.selections``.
+
+        Returns
+        -------
+        The number of cells selected (``None`` on error; the message says why).
+        """
+        import cellkit
+
+        given = [x is not None for x in (column, query, selection)]
+        if sum(given) > 1:
+            raise cellkit.DataError("Pass one of column=..., query=... or selection=..., not several.")
+        if query is not None:
+            self.query.value = str(query)
+            self.cell_mode.value = "query"
+        elif selection is not None:
+            if selection not in self.state.selections:
+                raise cellkit.DataError(
+                    f"No selection named {selection!r}; known: {sorted(self.state.selections) or 'none'}."
+                )
+            self.selection.value = selection
+            self.cell_mode.value = "selection"
+        elif column is not None:
+            adata = self._require_adata()
+            if column not in adata.obs.columns:
+                raise cellkit.DataError(
+                    f"{column!r} is not an obs column; available: {list(adata.obs.columns)}."
+                )
+            self._quiet = True
+            try:
+                self.filter_column.value = column
+                if between is not None:
+                    lo, hi = between
+                    self.filter_min.value, self.filter_max.value = float(lo), float(hi)
+                elif values is not None:
+                    vals = [values] if isinstance(values, str) else [str(v) for v in values]
+                    known = set(self.filter_values.options)
+                    unknown = [v for v in vals if v not in known]
+                    if unknown:
+                        raise cellkit.DataError(
+                            f"{unknown[:5]} are not values of obs[{column!r}]; values: {sorted(known)[:20]}."
+                        )
+                    self.filter_values.value = tuple(vals)
+            finally:
+                self._quiet = False
+            self.cell_mode.value = "filter"
+        else:
+            self.cell_mode.value = "all"
+        self._update_count()
+        cells = self.selected_cells()
+        return self.state.adata.n_obs if cells is None else len(cells)
+
+    def selected_cells(self) -> np.ndarray | None:
+        """Obs names of the chosen cells (``adata`` order), or ``None`` for all cells.
+
+        Raises
+        ------
+        cellkit.DataError
+            No data, a query that does not parse, an unknown selection, or an empty choice.
+        """
+        import cellkit
+        from cellkit.data.sources import select_rows
+
+        adata = self._require_adata()
+        mode = self.cell_mode.value
+        obs = adata.obs
+        if mode == "all":
+            return None
+        if mode == "filter":
+            column = self.filter_column.value
+            if not column:
+                raise cellkit.DataError("Pick an obs column to filter on.")
+            series = obs[column]
+            if _is_categorical(series):
+                values = list(self.filter_values.value)
+                if not values:
+                    raise cellkit.DataError(f"Pick at least one value of {column!r}.")
+                mask = series.astype(str).isin(values).to_numpy()
+                what = f"{column} in {values[:5]}"
+            else:
+                lo, hi = float(self.filter_min.value), float(self.filter_max.value)
+                if lo > hi:
+                    raise cellkit.DataError(f"The range of {column!r} is empty: min {lo:g} > max {hi:g}.")
+                mask = ((series >= lo) & (series <= hi)).fillna(value=False).to_numpy(dtype=bool)
+                what = f"{lo:g} ≤ {column} ≤ {hi:g}"
+            if not mask.any():
+                raise cellkit.DataError(f"No cell has {what}; the selection is empty.")
+            return np.asarray(obs.index[mask]).astype(str)
+        if mode == "query":
+            text = self.query.value.strip()
+            if not text:
+                raise cellkit.DataError("Enter an obs query, e.g. bulk_labels == 'CD14+ Monocyte'.")
+            try:
+                rows = select_rows(obs, text)
+            except cellkit.DataError as exc:
+                if "empty" in str(exc):
+                    raise cellkit.DataError(
+                        f"No cell matches the query {text!r}; the selection is empty."
+                    ) from None
+                raise
+            return np.asarray(obs.index[rows]).astype(str)
+        name = self.selection.value
+        if not name:
+            raise cellkit.DataError(
+                "No named selection yet: lasso cells in the embedding panel or save a filter as a selection."
+            )
+        names = self.state.resolve_cells(name)
+        if len(names) == 0:
+            raise cellkit.DataError(f"Selection {name!r} is empty.")
+        return names
+
+    @guarded
+    def save_selection(self, name: str | None = None) -> np.ndarray | None:
+        """Store the current filter / query as a named selection of the studio (and make it active)."""
+        import cellkit
+
+        name = (self.save_name.value if name is None else name).strip()
+        cells = self.selected_cells()
+        if cells is None:
+            raise cellkit.DataError("Choose a filter or a query first; “All cells” needs no selection.")
+        if not name:
+            raise cellkit.DataError("Give the selection a name.")
+        names = self.state.add_selection(name, cells)
+        self.show_message(f"Saved selection {name!r}: {len(names):,} cells.", "ok")
+        return names
+
+    def _require_adata(self) -> Any:
+        import cellkit
+
+        if self.state.adata is None:
+            raise cellkit.DataError(
+                "No data loaded: pick an AnnData variable, open an .h5ad file or click “Demo PBMCs”."
+            )
+        return self.state.adata
+
+    def _update_count(self) -> None:
+        mode = self.cell_mode.value
+        self._filter_box.layout.display = "" if mode == "filter" else "none"
+        self._query_box.layout.display = "" if mode == "query" else "none"
+        self._selection_box.layout.display = "" if mode == "selection" else "none"
+        adata = self.state.adata
+        if adata is None:
+            self.cell_count.value = ""
+            return
+        try:
+            cells = self.selected_cells()
+        except Exception as exc:
+            self.cell_count.value = f"<span style='color:#8b0000'>{_esc(exc)}</span>"
+            return
+        n = adata.n_obs if cells is None else len(cells)
+        self.cell_count.value = f"<b>{n:,}</b> of {adata.n_obs:,} cells selected"
+
+    def _on_cell_widgets(self, _change: Any = None) -> None:
+        if not self._quiet:
+            self._update_count()
+
+    def _on_filter_column(self, _change: Any = None) -> None:
+        adata, column = self.state.adata, self.filter_column.value
+        quiet, self._quiet = self._quiet, True
+        try:
+            self.filter_values.value = ()
+            if adata is None or not column:
+                self.filter_values.options = []
+                self._filter_box.children = (self._column_row,)
+            elif _is_categorical(adata.obs[column]):
+                values = sorted(map(str, adata.obs[column].dropna().unique()))
+                self.filter_values.options = values[:MAX_FILTER_VALUES]
+                self._filter_box.children = (self._column_row, self._values_row)
+            else:
+                finite = adata.obs[column].dropna()
+                self.filter_min.value = float(finite.min()) if len(finite) else 0.0
+                self.filter_max.value = float(finite.max()) if len(finite) else 0.0
+                self._filter_box.children = (self._column_row, self._range_row)
+        finally:
+            self._quiet = quiet
+        self._on_cell_widgets()
+
+    def _on_selections(self, _change: Any = None) -> None:
+        names = sorted(self.state.selections)
+        current = self.selection.value
+        quiet, self._quiet = self._quiet, True
+        try:
+            self.selection.options = [(f"{n} ({len(self.state.selections[n]):,} cells)", n) for n in names]
+            if current in names:
+                self.selection.value = current
+        finally:
+            self._quiet = quiet
+        self._on_cell_widgets()
+
+    def _on_active_selection(self, _change: Any = None) -> None:
+        name = self.state.active_selection
+        if name and name in self.state.selections:
+            self._quiet = True
+            try:
+                self.selection.value = name
+                self.cell_mode.value = "selection"
+            finally:
+                self._quiet = False
+        self._on_cell_widgets()
+
+    # ================================================================== tokenizer options
+    def _build_options(self) -> None:
+        """(Re)create one widget per option of the chosen scheme, defaults from the scheme and model."""
+        old = {name: w.value for name, w in self.option_widgets.items()}
+        old_scheme = getattr(self, "_built_scheme", None)
+        scheme = self.scheme.value
+        specs = SCHEME_OPTIONS.get(scheme, ())
+        defaults = self._defaults(scheme)
+        self._option_specs = {s.name: s for s in specs}
+        self.option_widgets = {}
+        rows = []
+        for spec in specs:
+            w = self._make_option_widget(spec, defaults.get(spec.name))
+            if old_scheme == scheme and spec.name in old:
+                with contextlib.suppress(Exception):  # e.g. a column of the old data that is gone
+                    w.value = old[spec.name]
+            self.option_widgets[spec.name] = w
+            rows.append(labelled(spec.name, w, "150px"))
+        self._built_scheme = scheme
+        self.options_box.children = rows
+
+    def _defaults(self, scheme: str) -> dict[str, Any]:
+        """Scheme defaults, then the model's input conventions, then the demo's options."""
+        import cellkit.datasets
+
+        defaults = _scheme_defaults(scheme)
+        model = self.state.model
+        if model is not None:
+            conventions = dict(model.config.input)
+            for key in ("normalize_total", "log1p"):
+                if key in conventions and key in defaults:
+                    defaults[key] = conventions[key]
+            if _is_demo(model, self.state.model_source):
+                defaults.update(
+                    {k: v for k, v in cellkit.datasets.DEMO_TOKENIZE_OPTIONS.items() if k in defaults}
+                )
+        return defaults
+
+    def _make_option_widget(self, spec: OptionSpec, default: Any) -> widgets.Widget:
+        adata = self.state.adata
+        kind = spec.kind
+        wide = widgets.Layout(width="260px")
+        if kind == "bool":
+            w = widgets.Checkbox(value=bool(default), indent=False)
+        elif kind == "int":
+            w = widgets.IntText(value=int(default or 0), layout=wide)
+        elif kind == "float":
+            w = widgets.FloatText(value=float(default or 0.0), layout=wide)
+        elif kind == "text":
+            w = widgets.Text(value="" if default is None else str(default), layout=wide)
+        elif kind in ("opt_int", "opt_float"):
+            placeholder = spec.help
+            model = self.state.model
+            if spec.name == "n_bins" and model is not None and model.config.input.get("n_bins"):
+                placeholder = f"blank: the model's ({model.config.input['n_bins']})"
+            w = widgets.Text(
+                value="" if default is None else f"{default:g}", placeholder=placeholder, layout=wide
+            )
+        elif kind == "choice":
+            values = [v for _, v in spec.choices]
+            w = widgets.Dropdown(
+                options=list(spec.choices), value=default if default in values else values[0]
+            )
+        elif kind == "obs_column":
+            cols = list(adata.obs.columns) if adata is not None else []
+            w = widgets.Dropdown(options=[("none", None), *[(c, c) for c in cols]], value=None)
+        elif kind == "obs_columns":
+            cols = list(adata.obs.columns) if adata is not None else []
+            w = widgets.SelectMultiple(options=cols, value=(), rows=min(6, max(2, len(cols))), layout=wide)
+        elif kind == "var_mask":
+            w = widgets.Dropdown(
+                options=[("all genes", None), *[(c, c) for c in self._bool_var_columns()]], value=None
+            )
+        else:  # pragma: no cover - a spec kind without a widget is a bug
+            raise ValueError(f"unknown option kind {kind!r}")
+        w.tooltip = spec.help
+        return w
+
+    def _bool_var_columns(self) -> list[str]:
+        adata = self.state.adata
+        if adata is None:
+            return []
+        choice = self.matrix.value
+        model = self.state.model
+        use_raw = choice == "raw" or (
+            choice == "auto" and model is not None and bool(model.config.input.get("use_raw"))
+        )
+        var = adata.raw.var if use_raw and adata.raw is not None else adata.var
+        return [c for c in var.columns if var[c].dtype == bool]
+
+    def options(self) -> dict[str, Any]:
+        """The scheme options the widgets hold, as :func:`cellkit.tokenize` keywords.
+
+        Raises
+        ------
+        cellkit.ConfigError
+            A number box that does not hold a number.
+        """
+        import cellkit
+
+        out: dict[str, Any] = {}
+        for name, w in self.option_widgets.items():
+            spec = self._option_specs[name]
+            value = w.value
+            if spec.kind in ("opt_int", "opt_float"):
+                text = str(value).strip()
+                if not text or text.lower() == "none":
+                    value = None
+                else:
+                    try:
+                        number = float(text)
+                    except ValueError:
+                        raise cellkit.ConfigError(
+                            f"{name} must be a number (or blank for {spec.help.split('blank: ')[-1].rstrip(')')}), "
+                            f"not {text!r}."
+                        ) from None
+                    if spec.kind == "opt_int":
+                        if number != int(number):
+                            raise cellkit.ConfigError(f"{name} must be a whole number, not {text!r}.")
+                        value = int(number)
+                    else:
+                        value = number
+            elif spec.kind == "obs_columns":
+                value = tuple(value)
+            elif spec.kind == "text":
+                value = str(value)
+            out[name] = value
+        return out
+
+    def _matrix_kwargs(self) -> dict[str, Any]:
+        """``use_raw`` / ``layer`` / ``gene_column`` for :func:`cellkit.tokenize` from the widgets."""
+        kwargs: dict[str, Any] = {}
+        choice = self.matrix.value
+        if choice == "X":
+            kwargs["use_raw"] = False
+        elif choice == "raw":
+            kwargs["use_raw"] = True
+        elif isinstance(choice, str) and choice.startswith("layer:"):
+            kwargs["use_raw"] = False
+            kwargs["layer"] = choice.removeprefix("layer:")
+        if self.gene_column.value is not None:
+            kwargs["gene_column"] = self.gene_column.value
+        return kwargs
+
+    def _refresh_matrix_choices(self) -> None:
+        adata, model = self.state.adata, self.state.model
+        default = "model default"
+        if model is not None:
+            default += " (.raw)" if model.config.input.get("use_raw") else " (.X)"
+        opts: list[tuple[str, Any]] = [(default, "auto"), (".X", "X")]
+        cols: list[str] = []
+        if adata is not None:
+            frames = [adata.var]
+            if adata.raw is not None:
+                opts.append((".raw", "raw"))
+                frames.append(adata.raw.var)
+            opts += [(f"layer {k}", f"layer:{k}") for k in adata.layers]
+            cols = list(dict.fromkeys(c for var in frames for c in var.columns if _is_text(var[c])))
+        current_m, current_g = self.matrix.value, self.gene_column.value
+        self.matrix.options = opts
+        self.matrix.value = current_m if current_m in [v for _, v in opts] else "auto"
+        self.gene_column.options = [("var_names", None), *[(c, c) for c in cols]]
+        self.gene_column.value = current_g if current_g in cols else None
+
+    # ================================================================== tokenize
+    @guarded
+    def tokenize(self) -> Any:
+        """Tokenize the chosen cells for the current model and store them in ``state.tokens``.
+
+        Returns
+        -------
+        The :class:`cellkit.TokenizedCells` (``None`` on error; ``state.tokens`` is then unchanged).
+        """
+        import cellkit
+
+        model = self.state.model
+        if model is None:
+            raise cellkit.DataError("No model loaded: load one in the Model panel (or its demo model) first.")
+        adata = self._require_adata()
+        cells = self.selected_cells()
+        options = self.options()
+        kwargs = self._matrix_kwargs()
+        if self.scheme.value != model.config.family:
+            kwargs["scheme"] = self.scheme.value
+        n = adata.n_obs if cells is None else len(cells)
+        self.progress.outputs = ()
+        self.show_message(f"Tokenizing {n:,} cells …", "info")
+        self.state.busy = "tokenize"
+        try:
+            with self.progress:
+                tokens = cellkit.tokenize(
+                    adata, model, cells=cells, progress=_in_kernel(), **kwargs, **options
+                )
+        except Exception:
+            self.clear_message()
+            raise
+        finally:
+            self.state.busy = ""
+        self.state.tokens = tokens
+        self.show_message(
+            f"Tokenized {len(tokens):,} cells ({tokens.n_tokens:,} tokens) → state.tokens.", "ok"
+        )
+        return tokens
+
+    def _make_hist(self) -> Any:
+        import plotly.graph_objects as go
+
+        fig = go.FigureWidget(
+            go.Figure(
+                go.Histogram(x=[], nbinsx=50, marker_color="#1f77b4", name="cells"),
+                layout=go.Layout(
+                    title="Tokens per cell",
+                    height=260,
+                    width=560,
+                    margin={"l": 50, "r": 10, "t": 40, "b": 40},
+                    xaxis_title="tokens per cell",
+                    yaxis_title="cells",
+                    bargap=0.05,
+                ),
+            )
+        )
+        fig.add_class("cellkit-length-hist")
+        return fig
+
+    def _show_tokens(self, tokens: Any) -> None:
+        if tokens is None:
+            self.result_html.value = ""
+            with self.length_hist.batch_update():
+                self.length_hist.data[0].x = ()
+            self._hist_box.layout.display = "none"
+            return
+        parts = [
+            f"<pre style='white-space:pre-wrap;font-size:12px;margin:4px 0'>{_esc(tokens.summary())}</pre>"
+        ]
+        cov = tokens.coverage
+        if cov is not None:
+            color = "#1b5e20" if cov.fraction >= 0.5 else "#6d4c00"
+            parts.append(
+                f"<div class='cellkit-coverage' style='color:{color}'>Coverage: {cov.n_matched:,} of "
+                f"{cov.n_genes:,} genes in the vocabulary ({cov.fraction:.1%})"
+                + (
+                    f"; not found, e.g. {_esc(', '.join(cov.unmatched_examples[:5]))}"
+                    if cov.unmatched_examples
+                    else ""
+                )
+                + "</div>"
+            )
+        self.result_html.value = "".join(parts)
+        lengths = np.asarray(tokens.lengths)
+        with self.length_hist.batch_update():
+            self.length_hist.data[0].x = tuple(int(v) for v in lengths)
+        self._hist_box.layout.display = ""
+
+    # ================================================================== state observers
+    def _on_adata(self, _change: Any = None) -> None:
+        adata = self.state.adata
+        self.data_html.value = self._data_info_html()
+        self._quiet = True
+        try:
+            cols = list(adata.obs.columns) if adata is not None else []
+            self.filter_column.options = cols
+            self.filter_column.value = cols[0] if cols else None
+            self.query.value = ""
+            self.cell_mode.value = "all"
+        finally:
+            self._quiet = False
+        self._on_filter_column()
+        self._refresh_matrix_choices()
+        self._build_options()
+        self._update_count()
+
+    def _on_model(self, _change: Any = None) -> None:
+        model = self.state.model
+        family = model.config.family if model is not None else None
+        self._refresh_matrix_choices()
+        scheme = family if family in SCHEMES else "scgpt"
+        self._built_scheme = None  # new model: its conventions become the defaults
+        if self.scheme.value != scheme:
+            self.scheme.value = scheme  # rebuilds the options through the observer
+        else:
+            self._build_options()
+
+    def _on_tokens(self, _change: Any = None) -> None:
+        self._show_tokens(self.state.tokens)

@@ -1,0 +1,312 @@
+"""The Data panel: sources, cell selection, tokenizer options, tokenizing, bad input (no browser)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from cellkit._errors import ConfigError, DataError
+from cellkit.widgets import DataPanel, StudioState
+from cellkit.widgets._data import SCHEME_OPTIONS
+
+MONO = "CD14+ Monocyte"
+
+
+@pytest.fixture
+def panel(state):
+    return DataPanel(state, namespace={})
+
+
+def _assert_error(panel, text):
+    assert panel.last_error is not None, "expected an error"
+    assert text in panel.message_text, panel.message_text
+    assert "cellkit-error" in panel.message.value
+
+
+# ---------------------------------------------------------------------------------- sources
+def test_pick_a_kernel_variable(pbmc, demo):
+    state = StudioState(model=demo)
+    ns = {"pbmc": pbmc, "small": pbmc[:50].copy(), "n": 3, "_hidden": pbmc}
+    panel = DataPanel(state, namespace=ns)
+    assert panel.variables() == ["pbmc", "small"]
+    assert [v for _, v in panel.variable.options] == ["pbmc", "small"]
+    assert "No data yet" in panel.data_html.value
+    panel.variable.value = "small"
+    panel.use_button.click()
+    assert panel.last_error is None and state.adata is ns["small"] and state.adata_name == "small"
+    assert "50 cells × 765 genes" in panel.data_html.value and "in memory" in panel.data_html.value
+    assert "bulk_labels" in panel.data_html.value and "yes (765 genes)" in panel.data_html.value  # .raw
+    # new variables appear after a refresh
+    ns["later"] = pbmc[:10].copy()
+    panel.refresh_button.click()
+    assert "later" in [v for _, v in panel.variable.options]
+    assert panel.use_variable("later") is ns["later"] and state.adata_name == "later"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("n", "is not an AnnData (it is a int)"),
+        ("missing", "no variable 'missing'"),
+        ("", "No AnnData variable picked"),
+    ],
+)
+def test_bad_variables_leave_the_state(state, name, expected):
+    panel = DataPanel(state, namespace={"n": 3})
+    before = state.adata
+    assert panel.use_variable(name) is None
+    _assert_error(panel, expected)
+    assert state.adata is before and state.adata_name == "pbmc"
+
+
+def test_open_h5ad_in_memory_and_backed(tmp_path, pbmc, demo):
+    path = tmp_path / "pbmc.h5ad"
+    pbmc.write_h5ad(path)
+    state = StudioState(model=demo)
+    panel = DataPanel(state, namespace={})
+    panel.path.value = str(path)
+    assert panel.backed.value is False  # small file: in memory by default
+    panel.open_button.click()
+    assert panel.last_error is None, panel.message_text
+    assert state.adata.n_obs == 700 and not state.adata.isbacked and state.adata_name == str(path)
+    adata = panel.open_h5ad(path, backed=True)
+    try:
+        assert adata.isbacked and state.adata is adata
+        assert "backed" in panel.data_html.value and "backed" in panel.message_text
+        # a backed file tokenizes too (the matrix stays on disk)
+        panel.set_cells(query=f"bulk_labels == '{MONO}'")
+        tokens = panel.tokenize()
+        assert panel.last_error is None, panel.message_text
+        assert len(tokens) == int((pbmc.obs["bulk_labels"] == MONO).sum())
+    finally:
+        adata.file.close()
+
+
+def test_demo_pbmcs(demo):
+    state = StudioState(model=demo)
+    panel = DataPanel(state, namespace={})
+    panel.demo_button.click()
+    assert state.adata.n_obs == 700 and state.adata_name == "pbmc_demo"
+    assert "700 cells" in panel.message_text and panel.cell_count.value.startswith("<b>700</b> of 700")
+
+
+@pytest.mark.parametrize(
+    ("which", "expected"),
+    [
+        ("empty", "Enter the path of an .h5ad file"),
+        ("missing", "does not exist"),
+        ("directory", "is a directory"),
+        ("csv", "is not an .h5ad file"),
+        ("garbage", "Could not read"),
+    ],
+)
+def test_bad_files_leave_the_state(state, tmp_path, which, expected):
+    (tmp_path / "data.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "fake.h5ad").write_bytes(b"not hdf5 at all" * 20)
+    path = {
+        "empty": "",
+        "missing": tmp_path / "nope.h5ad",
+        "directory": tmp_path,
+        "csv": tmp_path / "data.csv",
+        "garbage": tmp_path / "fake.h5ad",
+    }[which]
+    panel = DataPanel(state, namespace={})
+    before = state.adata
+    assert panel.open_h5ad(path) is None
+    _assert_error(panel, expected)
+    assert "Unexpected error" not in panel.message_text
+    assert state.adata is before and state.adata_name == "pbmc"
+
+
+# ---------------------------------------------------------------------------------- cells
+def test_obs_filter_by_values_and_range(panel, pbmc):
+    obs = pbmc.obs
+    n = panel.set_cells(column="bulk_labels", values=[MONO, "CD19+ B"])
+    want = obs.index[obs["bulk_labels"].isin([MONO, "CD19+ B"])]
+    assert n == len(want) and list(panel.selected_cells()) == list(want)
+    assert panel.cell_count.value.startswith(f"<b>{len(want)}</b> of 700")
+    # numeric column: a range
+    n = panel.set_cells(column="n_genes", between=(1000, 1100))
+    assert n == int(obs["n_genes"].between(1000, 1100).sum())
+    # through the widgets, as a user would
+    panel.cell_mode.value = "filter"
+    panel.filter_column.value = "louvain"
+    assert "1" in panel.filter_values.options
+    panel.filter_values.value = ("1",)
+    assert len(panel.selected_cells()) == int((obs["louvain"] == "1").sum())
+    panel.cell_mode.value = "all"
+    assert panel.selected_cells() is None and panel.cell_count.value.startswith("<b>700</b>")
+
+
+def test_query_and_saving_a_selection(panel, state, pbmc):
+    n = panel.set_cells(query=f"bulk_labels == '{MONO}' and n_genes > 1100")
+    mask = (pbmc.obs["bulk_labels"] == MONO) & (pbmc.obs["n_genes"] > 1100)
+    assert n == int(mask.sum()) > 0
+    names = panel.save_selection("mono_big")
+    assert panel.last_error is None
+    assert list(state.selections["mono_big"]) == list(names) == list(pbmc.obs_names[mask])
+    assert state.active_selection == "mono_big" and panel.cell_mode.value == "selection"
+
+
+def test_named_selection_from_the_state(panel, state, pbmc):
+    assert panel.selection.options == ()
+    names = state.add_selection("lasso 1", np.arange(40, 80))  # e.g. a lasso in the embedding panel
+    assert panel.cell_mode.value == "selection" and panel.selection.value == "lasso 1"
+    assert list(panel.selected_cells()) == list(names)
+    assert panel.cell_count.value.startswith("<b>40</b>")
+    state.add_selection("other", np.arange(5), activate=False)
+    assert [v for _, v in panel.selection.options] == ["lasso 1", "other"]
+    assert panel.set_cells(selection="other") == 5 and panel.selection.value == "other"
+    state.remove_selection("other")
+    assert [v for _, v in panel.selection.options] == ["lasso 1"]
+    # new data drops the selections
+    state.set_adata(pbmc[:100].copy(), name="small")
+    assert panel.selection.options == () and panel.cell_mode.value == "all"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"query": "bulk_labels =="}, "Cannot evaluate the cell query"),
+        ({"query": "no_such_column > 3"}, "Cannot evaluate the cell query"),
+        ({"query": "n_genes > 1e9"}, "selection is empty"),
+        ({"column": "n_genes", "between": (5000, 6000)}, "the selection is empty"),
+    ],
+)
+def test_bad_cell_choices(panel, state, kwargs, expected):
+    assert panel.set_cells(**kwargs) is None
+    _assert_error(panel, expected)
+    assert expected in panel.cell_count.value.replace("&#x27;", "'")  # the count line says it too
+    assert panel.tokenize() is None and state.tokens is None  # the tokenizer refuses it too
+    _assert_error(panel, expected)
+    assert state.selections == {} and panel.save_selection("x") is None and state.selections == {}
+    assert panel.set_cells() == 700 and panel.last_error is None  # still usable
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"column": "bulk_labels", "values": ["no such type"]}, "are not values of obs['bulk_labels']"),
+        ({"column": "nope", "values": ["x"]}, "'nope' is not an obs column"),
+        ({"selection": "missing"}, "No selection named 'missing'"),
+        ({"query": "n_genes > 3", "selection": "a"}, "not several"),
+    ],
+)
+def test_rejected_cell_choices_keep_the_previous_one(panel, state, kwargs, expected):
+    n = panel.set_cells(query="n_genes > 1500")
+    assert n == int((panel.state.adata.obs["n_genes"] > 1500).sum()) > 0
+    assert panel.set_cells(**kwargs) is None
+    _assert_error(panel, expected)
+    assert panel.cell_mode.value == "query" and len(panel.selected_cells()) == n
+    assert panel.set_cells() == 700 and panel.last_error is None  # still usable
+
+
+# ---------------------------------------------------------------------------------- options
+def test_option_widgets_for_the_demo_model(panel):
+    from cellkit.datasets import demo_model
+
+    assert panel.scheme.value == "scgpt"
+    assert list(panel.option_widgets) == [s.name for s in SCHEME_OPTIONS["scgpt"]]
+    opts = panel.options()
+    assert opts["normalize_total"] is None  # DEMO_TOKENIZE_OPTIONS: .raw is already normalised
+    assert opts["max_len"] is None and opts["n_bins"] is None and opts["include_zero"] is False
+    assert opts["mode"] == "deterministic" and opts["seed"] == 0
+    assert "51" in panel.option_widgets["n_bins"].placeholder  # the model's n_bins
+    # genes= masks come from the matrix read: .raw.var has no boolean column, .var has highly_variable
+    assert [v for _, v in panel.option_widgets["genes"].options] == [None]
+    assert panel.matrix.options[0][0] == "model default (.raw)"
+    panel.matrix.value = "X"
+    assert [v for _, v in panel.option_widgets["genes"].options] == [None, "highly_variable"]
+    panel.matrix.value = "auto"
+    panel.option_widgets["max_len"].value = "64"
+    panel.option_widgets["normalize_total"].value = "1e4"
+    assert panel.options()["max_len"] == 64 and panel.options()["normalize_total"] == 10_000.0
+    # a model change keeps the family's widgets, with that model's defaults
+    panel.state.set_model(demo_model(), source="demo")
+    assert panel.options()["max_len"] is None and panel.options()["normalize_total"] is None
+    # other schemes offer their own options
+    panel.scheme.value = "geneformer"
+    assert list(panel.option_widgets) == [s.name for s in SCHEME_OPTIONS["geneformer"]]
+    assert panel.options()["target_sum"] == 10_000 and panel.options()["special_token"] is None
+    panel.scheme.value = "perturbgene"
+    panel.option_widgets["phenotype_columns"].value = ("bulk_labels",)
+    assert panel.options()["phenotype_columns"] == ("bulk_labels",)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("abc", "max_len must be a number"), ("2.5", "whole number")])
+def test_bad_option_values(panel, state, text, expected):
+    panel.option_widgets["max_len"].value = text
+    with pytest.raises(ConfigError, match=expected):
+        panel.options()
+    assert panel.tokenize() is None and state.tokens is None
+    _assert_error(panel, expected)
+
+
+# ---------------------------------------------------------------------------------- tokenize
+def test_tokenize_a_selection(panel, state, pbmc):
+    state.add_selection("first150", np.arange(150))
+    panel.tokenize_button.click()
+    assert panel.last_error is None, panel.message_text
+    tokens = state.tokens
+    assert len(tokens) == 150 and list(tokens.obs_names) == list(pbmc.obs_names[:150])
+    assert tokens.coverage.n_matched == 765 and "150 cells" in panel.message_text
+    hist = panel.length_hist
+    assert "cellkit-length-hist" in hist._dom_classes and hist.data[0].type == "histogram"
+    assert len(hist.data[0].x) == 150 and list(hist.data[0].x) == [int(v) for v in tokens.lengths]
+    assert panel._hist_box.layout.display == ""
+    assert "765 of 765 genes in the vocabulary" in panel.result_html.value
+    assert "150 cells tokenized with the &#x27;scgpt&#x27; scheme" in panel.result_html.value
+    assert state.busy == "" and not panel.progress.outputs  # nothing printed outside a kernel
+    # options reach the tokenizer
+    panel.option_widgets["max_len"].value = "32"
+    short = panel.tokenize()
+    assert short is state.tokens and int(short.lengths.max()) <= 32 and len(short) == 150
+    # new data clears the result
+    state.set_adata(pbmc[:20].copy(), name="tiny")
+    assert state.tokens is None and panel.result_html.value == "" and panel.length_hist.data[0].x == ()
+    assert panel._hist_box.layout.display == "none"
+
+
+def test_tokenize_without_model_or_data(pbmc, demo):
+    panel = DataPanel(StudioState(adata=pbmc), namespace={})
+    assert panel.tokenize() is None
+    _assert_error(panel, "No model loaded")
+    assert panel.state.tokens is None
+    alone = DataPanel(namespace={})  # no state, no data
+    assert alone.variables() == [] and alone.selected_cells is not None
+    assert alone.tokenize() is None
+    _assert_error(alone, "No model loaded")
+    alone.state.set_model(demo, source="demo")
+    assert alone.tokenize() is None
+    _assert_error(alone, "No data loaded")
+
+
+def test_tokenize_data_without_known_genes(state, pbmc):
+    rng = np.random.default_rng(0)
+    x = sp.csr_matrix(rng.poisson(1.0, size=(30, 20)).astype(np.float32))
+    unknown = ad.AnnData(x)
+    unknown.var_names = [f"MADEUP{i}" for i in range(20)]
+    unknown.obs_names = [f"c{i}" for i in range(30)]
+    unknown.raw = unknown.copy()
+    panel = DataPanel(state, namespace={"unknown": unknown})
+    state.add_selection("a", [0, 1, 2])
+    assert panel.tokenize() is not None  # first a good result on the PBMCs
+    good = state.tokens
+    panel.use_variable("unknown")
+    assert panel.tokenize() is None
+    _assert_error(panel, "None of the 20 genes")
+    assert "vocabulary" in panel.message_text and isinstance(panel.last_error, DataError)
+    assert state.tokens is None and good is not None  # the new data already dropped the old tokens
+    assert panel.result_html.value == ""
+
+
+def test_matrix_choice_reaches_the_tokenizer(panel, state):
+    assert [v for _, v in panel.matrix.options] == ["auto", "X", "raw"]
+    state.add_selection("few", np.arange(20))
+    panel.matrix.value = "X"  # the PBMCs' .X is scaled (negative values): the tokenizer refuses it
+    assert panel.tokenize() is None and state.tokens is None
+    _assert_error(panel, "negative values")
+    panel.matrix.value = "raw"
+    assert len(panel.tokenize()) == 20 and panel.last_error is None
