@@ -1,0 +1,966 @@
+"""The Fine-tune panel: train a cell-type classifier with live curves, then use, save or apply it.
+
+The panel calls :func:`cellkit.finetune` in a background thread (on a copy of the studio's model,
+with resumable checkpoints in a temporary directory per run) and listens to its training
+:class:`~cellkit.train.Event`\\ s: losses per step and validation metrics per epoch stream into two
+plotly ``FigureWidget``\\ s, a progress bar and a status line. **Stop** ends the run at the next
+step with a checkpoint; **Resume** goes on from it with the same settings.
+
+At the end the panel shows the held-out accuracy / macro-F1, the confusion matrix
+(:func:`cellkit.viz.confusion_matrix`) and the per-class scores, and sets
+``state.finetune_result``. The trained model is never pushed into the studio on its own: the
+user clicks "Use trained model", "Save model" or "Write predictions" (:func:`cellkit.predict`).
+
+Cells: the studio's active selection, else every cell. The AnnData is passed as is and
+:func:`cellkit.finetune` tokenizes it with the model's own conventions (``config.input``:
+``use_raw``, ``normalize_total``, ``log1p`` — so the demo model needs no extra options); the
+studio's ``state.tokens`` are reused instead when they hold exactly those cells and carry the label
+(and batch) column. "Max genes / cell" sets the ``max_len`` tokenize option (CPU runs on long
+cells are slow).
+
+Events arrive on the training thread. They are appended to lists under a lock and pushed to the
+figures from that thread (ipywidgets comm messages from a background thread reach the browser),
+at most every :attr:`FinetunePanel.update_interval` seconds plus at every epoch end and at the
+finish.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from cellkit import ConfigError, DataError
+
+from ._base import Panel, guarded, html_table, labelled
+from ._state import StudioState
+
+__all__ = ["FinetunePanel", "objective_support"]
+
+#: objectives offered, in display order (``cellkit.train.OBJECTIVES`` names)
+OBJECTIVE_ORDER: tuple[str, ...] = (
+    "cls",
+    "gep",
+    "mvc",
+    "ecs",
+    "dab",
+    "zero_nll",
+    "mvc_zero_nll",
+    "cce",
+    "mlm",
+)
+#: validation metrics plotted per epoch
+VAL_METRICS: tuple[str, ...] = ("val/loss", "val/accuracy", "val/macro_f1")
+#: monitors offered for best-epoch selection / early stopping
+MONITORS: tuple[str, ...] = ("val/loss", "val/macro_f1", "val/accuracy")
+#: default seconds between two live-plot pushes (epoch ends and the finish always push)
+UPDATE_INTERVAL = 0.3
+#: obs column name fragments that suggest cell-type labels (first match is preselected)
+_LABEL_HINTS = ("cell_type", "celltype", "cell type", "label", "annotation", "type")
+#: the head each objective needs, and the objectives that need explicit zero probabilities
+_HEAD_NEEDS = {
+    "gep": "expression",
+    "zero_nll": "expression",
+    "mvc": "mvc",
+    "mvc_zero_nll": "mvc",
+    "mlm": "mlm",
+}
+_ZERO_PROB = {"zero_nll": "expression", "mvc_zero_nll": "mvc"}
+_DONE = ("completed", "early_stopped")
+_NONE = ""
+
+
+# ------------------------------------------------------------------------------------- helpers
+def objective_support(model: Any) -> dict[str, str | None]:
+    """Which objectives ``model`` can train: ``{name: None}`` when usable, else the reason why not.
+
+    ``cls`` and ``dab`` create their heads; the masked-value objectives need the model's
+    ``expression`` / ``mvc`` heads (and explicit zero probabilities for the ``*zero_nll`` terms),
+    ``mlm`` needs an ``mlm`` head.
+    """
+    heads = dict(model.config.heads) if model is not None else {}
+    out: dict[str, str | None] = {}
+    for name in OBJECTIVE_ORDER:
+        reason = None
+        head = _HEAD_NEEDS.get(name)
+        if model is not None and head is not None and head not in heads:
+            reason = f"this model has no {head!r} head"
+        elif model is not None and name in _ZERO_PROB:
+            cfg = heads.get(_ZERO_PROB[name]) or {}
+            if not cfg.get("explicit_zero_prob"):
+                reason = f"this model's {_ZERO_PROB[name]!r} head predicts no zero probability"
+        out[name] = reason
+    return out
+
+
+def _default_weight(name: str) -> float:
+    from cellkit.train import OBJECTIVES
+
+    try:
+        return float(OBJECTIVES[name]().weight)
+    except Exception:  # pragma: no cover - an objective that needs arguments
+        return 1.0
+
+
+def _describe(name: str) -> str:
+    from cellkit.train import OBJECTIVES
+
+    doc = (OBJECTIVES[name].__doc__ or name).strip().splitlines()[0]
+    return doc.replace("``", "")
+
+
+def _label_columns(obs: pd.DataFrame) -> list[str]:
+    """obs columns that can hold labels (anything but floats; all columns if that leaves none)."""
+    cols = [str(c) for c in obs.columns if not pd.api.types.is_float_dtype(obs[c])]
+    return cols or [str(c) for c in obs.columns]
+
+
+def _guess_label(columns: list[str]) -> str | None:
+    for hint in _LABEL_HINTS:
+        for c in columns:
+            if hint in c.lower():
+                return c
+    return columns[0] if columns else None
+
+
+def _seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = max(0.0, s)
+    if s < 60:
+        return f"{s:.1f} s"
+    m, sec = divmod(round(s), 60)
+    if m < 60:
+        return f"{m} min {sec:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
+def _plain(v: Any) -> float | None:
+    """A float for plotly (``None`` for missing / NaN so lines break instead of failing)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _remove_dir(path: str | None) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class FinetunePanel(Panel):
+    """Fine-tune the studio's model for cell-type annotation, watching the loss live.
+
+    Parameters
+    ----------
+    state
+        The shared studio state (a fresh one when the panel is used alone).
+
+    Attributes
+    ----------
+    label_key, batch_key
+        obs column dropdowns (labels; optional batches for the ``dab`` objective).
+    objective_boxes, objective_weights
+        ``{name: Checkbox}`` and ``{name: FloatText}`` per objective (``cls`` ticked by default).
+    epochs, lr, batch_size, val_size, test_size, seed, freeze_embeddings, freeze_layers, class_weight
+        Training controls (see :func:`cellkit.finetune`).
+    max_genes, patience, monitor
+        Advanced: genes per cell kept by the tokenizer (``0``: all; the ``max_len`` tokenize option),
+        early-stopping patience in epochs (``0``: off) and the monitored validation metric.
+    start_button, stop_button, resume_button
+        "Start", "Stop", "Resume".
+    progress, status_html
+        Step progress bar and the status line (epoch, step, loss, elapsed, ETA).
+    loss_fig, val_fig
+        Live ``FigureWidget``\\ s (CSS classes ``cellkit-loss-plot`` and ``cellkit-val-plot``): one
+        line per loss term against the step; ``val/loss``, ``val/accuracy``, ``val/macro_f1``
+        per epoch.
+    confusion_fig
+        The held-out confusion matrix (CSS class ``cellkit-confusion``) after a completed run.
+    use_button, save_path, overwrite, save_button, key_added, predict_button
+        What to do with the trained model.
+    result
+        The last :class:`cellkit.FinetuneResult` (any status; only completed runs go to
+        ``state.finetune_result``).
+    phase
+        ``"idle"``, ``"running"``, ``"stopping"``, ``"stopped"`` (resumable), ``"done"`` or ``"failed"``.
+    extra_callbacks
+        More callbacks handed to :func:`cellkit.finetune` (after the panel's own).
+    update_interval
+        Seconds between two live-plot pushes (epoch ends and the finish always push).
+
+    Examples
+    --------
+    >>> panel = FinetunePanel(StudioState(adata=adata, model=model))  # doctest: +SKIP
+    >>> panel.epochs.value = 3; panel.start(); panel.wait()  # doctest: +SKIP
+    >>> panel.result.metrics["macro_f1"]  # doctest: +SKIP
+    """
+
+    title = "Fine-tune"
+
+    def __init__(self, state: StudioState | None = None, **kwargs: Any) -> None:
+        super().__init__(state, **kwargs)
+        self.add_class("cellkit-finetune-panel")
+        self.update_interval: float = UPDATE_INTERVAL
+        self.extra_callbacks: list[Any] = []
+        self.result: Any = None
+        self.phase = "idle"
+        self._stop = threading.Event()
+        self._stop_requested = False
+        self._lock = threading.Lock()
+        self._run: dict[str, Any] | None = None
+        self._last_push = 0.0
+        self._t_launch = 0.0
+        self._first_step = 0
+        self._step_epoch: int | None = None
+        self._total: int | None = None
+        self._last_event: Any = None
+        self._loss_keys: list[str] = ["loss"]
+        self._steps: list[int] = []
+        self._loss: dict[str, list[float | None]] = {"loss": []}
+        self._epoch_x: list[int] = []
+        self._val: dict[str, list[float | None]] = {k: [] for k in VAL_METRICS}
+
+        # -- data and cells
+        self.label_key = widgets.Dropdown(options=[], layout=widgets.Layout(width="240px"))
+        self.batch_key = widgets.Dropdown(
+            options=[("(none)", _NONE)], value=_NONE, layout=widgets.Layout(width="240px")
+        )
+        self.cells_html = widgets.HTML()
+        self.cells_html.add_class("cellkit-finetune-cells")
+
+        # -- objectives
+        self.objective_boxes: dict[str, widgets.Checkbox] = {}
+        self.objective_weights: dict[str, widgets.FloatText] = {}
+        cells = []
+        for name in OBJECTIVE_ORDER:
+            box = widgets.Checkbox(
+                value=name == "cls",
+                description=name,
+                indent=False,
+                tooltip=_describe(name),
+                layout=widgets.Layout(width="110px"),
+            )
+            weight = widgets.FloatText(
+                value=_default_weight(name), step=0.1, layout=widgets.Layout(width="70px")
+            )
+            self.objective_boxes[name] = box
+            self.objective_weights[name] = weight
+            cells.append(widgets.HBox([box, weight]))
+        objectives = widgets.GridBox(
+            cells, layout=widgets.Layout(grid_template_columns="repeat(3, 200px)", grid_gap="2px 12px")
+        )
+
+        # -- training settings
+        small = widgets.Layout(width="100px")
+        self.epochs = widgets.IntText(value=5, layout=small)
+        self.lr = widgets.FloatText(value=1e-4, step=1e-5, layout=small)
+        self.batch_size = widgets.IntText(value=32, layout=small)
+        self.val_size = widgets.FloatText(value=0.1, step=0.05, layout=small)
+        self.test_size = widgets.FloatText(value=0.1, step=0.05, layout=small)
+        self.seed = widgets.IntText(value=0, layout=small)
+        self.freeze_embeddings = widgets.Checkbox(value=False, description="freeze embeddings", indent=False)
+        self.freeze_layers = widgets.IntText(value=0, layout=small)
+        self.class_weight = widgets.Dropdown(options=["none", "balanced"], value="none", layout=small)
+        self.max_genes = widgets.IntText(
+            value=0, layout=small, tooltip="tokenize option max_len (0: every expressed gene)"
+        )
+        self.patience = widgets.IntText(value=0, layout=small)
+        self.monitor = widgets.Dropdown(
+            options=list(MONITORS), value="val/loss", layout=widgets.Layout(width="140px")
+        )
+        advanced = widgets.VBox(
+            [
+                labelled("Max genes / cell", self.max_genes, "150px"),
+                labelled("Early-stop patience", self.patience, "150px"),
+                labelled("Monitor", self.monitor, "150px"),
+            ]
+        )
+        self.advanced = widgets.Accordion(children=[advanced])
+        self.advanced.set_title(0, "Advanced (0 = off)")
+        self.advanced.selected_index = None
+
+        # -- run controls
+        self.start_button = widgets.Button(description="Start", button_style="primary", icon="play")
+        self.stop_button = widgets.Button(
+            description="Stop", button_style="warning", icon="stop", disabled=True
+        )
+        self.resume_button = widgets.Button(description="Resume", icon="forward", disabled=True)
+        self.start_button.add_class("cellkit-finetune-start")
+        self.stop_button.add_class("cellkit-finetune-stop")
+        self.resume_button.add_class("cellkit-finetune-resume")
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="420px"))
+        self.progress.add_class("cellkit-finetune-progress")
+        self.status_html = widgets.HTML("idle")
+        self.status_html.add_class("cellkit-finetune-status")
+
+        # -- live figures
+        self.loss_fig = go.FigureWidget(
+            layout=go.Layout(
+                title="Training loss",
+                xaxis_title="step",
+                yaxis_title="loss",
+                height=320,
+                width=470,
+                margin=dict(l=50, r=10, t=40, b=40),
+                legend=dict(orientation="h", y=-0.25),
+            )
+        )
+        self.loss_fig.add_scatter(x=(), y=(), name="loss", mode="lines+markers", marker=dict(size=4))
+        self.loss_fig.add_class("cellkit-loss-plot")
+        self.val_fig = go.FigureWidget(
+            layout=go.Layout(
+                title="Validation per epoch",
+                xaxis=dict(title="epoch", tickmode="linear", tick0=1, dtick=1),
+                yaxis=dict(title="val/loss"),
+                yaxis2=dict(
+                    title="accuracy / macro-F1",
+                    overlaying="y",
+                    side="right",
+                    range=[0, 1.02],
+                    tickmode="linear",
+                    tick0=0,
+                    dtick=0.2,
+                    showgrid=False,
+                ),
+                height=320,
+                width=470,
+                margin=dict(l=50, r=50, t=40, b=40),
+                legend=dict(orientation="h", y=-0.25),
+            )
+        )
+        for key in VAL_METRICS:
+            self.val_fig.add_scatter(
+                x=(), y=(), name=key, mode="lines+markers", yaxis="y" if key == "val/loss" else "y2"
+            )
+        self.val_fig.add_class("cellkit-val-plot")
+
+        # -- results and the trained model
+        self.summary_html = widgets.HTML()
+        self.summary_html.add_class("cellkit-finetune-summary")
+        self.confusion_fig: go.FigureWidget | None = None
+        self.confusion_box = widgets.Box()
+        self.report_html = widgets.HTML()
+        self.report_html.add_class("cellkit-finetune-report")
+        self.use_button = widgets.Button(
+            description="Use trained model",
+            icon="check",
+            disabled=True,
+            tooltip="make the fine-tuned model the studio's model",
+        )
+        self.save_path = widgets.Text(
+            placeholder="directory to save the fine-tuned model", layout=widgets.Layout(width="320px")
+        )
+        self.overwrite = widgets.Checkbox(value=False, description="overwrite", indent=False)
+        self.save_button = widgets.Button(description="Save model", icon="save", disabled=True)
+        self.key_added = widgets.Text(value="cellkit_pred", layout=widgets.Layout(width="200px"))
+        self.predict_button = widgets.Button(
+            description="Write predictions",
+            icon="pencil",
+            disabled=True,
+            tooltip="cellkit.predict(adata, model, key_added=...) on every cell",
+        )
+
+        self.start_button.on_click(lambda _b: self.start())
+        self.stop_button.on_click(lambda _b: self.stop())
+        self.resume_button.on_click(lambda _b: self.resume())
+        self.use_button.on_click(lambda _b: self.use_trained_model())
+        self.save_button.on_click(lambda _b: self.save())
+        self.predict_button.on_click(lambda _b: self.write_predictions())
+
+        settings = widgets.HBox(
+            [
+                widgets.VBox(
+                    [
+                        labelled("Epochs", self.epochs),
+                        labelled("Learning rate", self.lr),
+                        labelled("Batch size", self.batch_size),
+                        labelled("Seed", self.seed),
+                    ]
+                ),
+                widgets.VBox(
+                    [
+                        labelled("Validation fraction", self.val_size),
+                        labelled("Test fraction", self.test_size),
+                        labelled("Class weight", self.class_weight),
+                    ]
+                ),
+                widgets.VBox(
+                    [
+                        self.freeze_embeddings,
+                        labelled("Freeze first N layers", self.freeze_layers, "150px"),
+                        self.advanced,
+                    ]
+                ),
+            ]
+        )
+        self.children = [
+            self.message,
+            widgets.HBox(
+                [labelled("Label column", self.label_key), labelled("Batch column", self.batch_key)]
+            ),
+            self.cells_html,
+            widgets.HTML("<b>Objectives</b> (weight)"),
+            objectives,
+            settings,
+            widgets.HBox([self.start_button, self.stop_button, self.resume_button, self.progress]),
+            self.status_html,
+            widgets.HBox([self.loss_fig, self.val_fig], layout=widgets.Layout(flex_flow="row wrap")),
+            self.summary_html,
+            widgets.HBox([self.confusion_box, self.report_html]),
+            widgets.HBox([self.use_button]),
+            widgets.HBox([labelled("Save to", self.save_path), self.overwrite, self.save_button]),
+            widgets.HBox([labelled("key_added", self.key_added), self.predict_button]),
+        ]
+        self.state.observe(self._on_data, names="adata")
+        self.state.observe(self._on_model, names="model")
+        self.state.observe(self._on_cells, names=["active_selection", "selections"])
+        self.refresh()
+
+    # ------------------------------------------------------------------ state → controls
+    def _on_data(self, _change: Any = None) -> None:
+        self.refresh()
+
+    def _on_model(self, _change: Any = None) -> None:
+        self._refresh_objectives()
+
+    def _on_cells(self, _change: Any = None) -> None:
+        self._refresh_cells()
+
+    def refresh(self) -> None:
+        """Re-read the state: obs columns for the dropdowns, the cells used, the model's objectives."""
+        adata = self.state.adata
+        cols = _label_columns(adata.obs) if adata is not None else []
+        old = self.label_key.value
+        self.label_key.options = cols
+        self.label_key.value = old if old in cols else _guess_label(cols)
+        old_b = self.batch_key.value
+        self.batch_key.options = [("(none)", _NONE), *[(c, c) for c in cols]]
+        self.batch_key.value = old_b if old_b in cols else _NONE
+        self._refresh_cells()
+        self._refresh_objectives()
+        self._set_phase(self.phase)
+
+    def _refresh_cells(self) -> None:
+        adata = self.state.adata
+        if adata is None:
+            self.cells_html.value = "<i>No data loaded: pick an AnnData in the Data panel.</i>"
+            return
+        try:
+            names = self.state.selected_cells()
+        except Exception as exc:  # a stale selection name
+            self.cells_html.value = f"<i>Cells: {html.escape(str(exc))}</i>"
+            return
+        if names is None:
+            text = f"Cells: all {adata.n_obs:,} cells (no active selection)."
+        else:
+            text = (
+                f"Cells: selection <b>{html.escape(self.state.active_selection)}</b> — {len(names):,} cells."
+            )
+        self.cells_html.value = text
+
+    def _refresh_objectives(self) -> None:
+        model = self.state.model
+        support = objective_support(model)
+        for name, box in self.objective_boxes.items():
+            reason = support[name]
+            box.disabled = reason is not None
+            if reason is not None:
+                box.value = False
+            box.tooltip = _describe(name) + (f" — unavailable: {reason}" if reason else "")
+        if model is not None:
+            n = int(model.config.encoder.n_layers)
+            self.freeze_layers.tooltip = f"0 … {n} (this model has {n} layers)"
+
+    def _set_phase(self, phase: str) -> None:
+        """Enable / disable the buttons for ``phase``."""
+        self.phase = phase
+        busy = phase in ("running", "stopping")
+        self.start_button.disabled = busy
+        self.stop_button.disabled = phase != "running"
+        self.resume_button.disabled = phase != "stopped"
+        done = (not busy) and self._completed() is not None
+        for b in (self.use_button, self.save_button, self.predict_button):
+            b.disabled = not done
+
+    def _completed(self) -> Any:
+        r = self.result
+        return r if r is not None and r.status in _DONE else None
+
+    # ------------------------------------------------------------------ settings
+    def _cells(self) -> np.ndarray | None:
+        return self.state.selected_cells()
+
+    def settings(self) -> dict[str, Any]:
+        """The :func:`cellkit.finetune` keyword arguments the controls give (``cells``: the active selection).
+
+        Returns
+        -------
+        ``label_key``, ``batch_key``, ``cells`` (obs names or ``None`` for all), ``objectives``
+        (``{name: weight}``), ``epochs``, ``lr``, ``batch_size``, ``val_size``, ``test_size``,
+        ``seed``, ``class_weight``, ``freeze_embeddings``, ``freeze_layers``, ``monitor``, and
+        ``tokenize_options`` / ``early_stopping_patience`` when set.
+        """
+        objectives = {
+            name: float(self.objective_weights[name].value)
+            for name, box in self.objective_boxes.items()
+            if box.value and not box.disabled
+        }
+        out: dict[str, Any] = {
+            "label_key": self.label_key.value,
+            "batch_key": self.batch_key.value or None,
+            "cells": self._cells() if self.state.adata is not None else None,
+            "objectives": objectives,
+            "epochs": int(self.epochs.value),
+            "lr": float(self.lr.value),
+            "batch_size": int(self.batch_size.value),
+            "val_size": float(self.val_size.value),
+            "test_size": float(self.test_size.value),
+            "seed": int(self.seed.value),
+            "class_weight": None if self.class_weight.value == "none" else self.class_weight.value,
+            "freeze_embeddings": bool(self.freeze_embeddings.value),
+            "freeze_layers": int(self.freeze_layers.value),
+            "monitor": self.monitor.value,
+        }
+        if int(self.max_genes.value) != 0:
+            out["tokenize_options"] = {"max_len": int(self.max_genes.value)}
+        if int(self.patience.value) != 0:
+            out["early_stopping_patience"] = int(self.patience.value)
+        return out
+
+    def _preflight(self, model: Any, kw: dict[str, Any]) -> None:
+        """Checks that need no data work, so a bad setting answers at once (not from the thread)."""
+        from cellkit.train import TrainerConfig, make_objectives
+
+        if not kw["label_key"]:
+            raise DataError("Choose the label column (the obs column with the cell types) first.")
+        if not kw["objectives"]:
+            raise ConfigError("Tick at least one objective (cls trains the classifier).")
+        if "dab" in kw["objectives"] and kw["batch_key"] is None:
+            raise ConfigError("The 'dab' objective needs a batch column: choose one or untick dab.")
+        if "tokenize_options" in kw and kw["tokenize_options"]["max_len"] < 2:
+            raise ConfigError("Max genes / cell must be at least 2 (or 0 for every expressed gene).")
+        if kw["label_key"] == kw["batch_key"]:
+            raise ConfigError("The batch column must differ from the label column.")
+        TrainerConfig.from_dict(
+            {
+                k: kw[k]
+                for k in ("epochs", "lr", "batch_size", "seed", "monitor", "early_stopping_patience")
+                if k in kw
+            }
+        )
+        make_objectives(kw["objectives"])
+        n_layers = int(model.config.encoder.n_layers)
+        if not 0 <= kw["freeze_layers"] <= n_layers:
+            raise ConfigError(
+                f"Freeze first N layers must be between 0 and {n_layers} (this model's layers)."
+            )
+
+    def _data_for(self, adata: Any, kw: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
+        """The studio's tokens when they fit this run (same cells, labels carried), else the AnnData."""
+        import cellkit
+
+        tokens = self.state.tokens
+        if (
+            isinstance(tokens, cellkit.TokenizedCells)
+            and "tokenize_options" not in kw
+            and tokens.obs is not None
+            and tokens.obs_names is not None
+        ):
+            need = [c for c in (kw["label_key"], kw["batch_key"]) if c]
+            names = np.asarray(tokens.obs_names).astype(str)
+            target = kw["cells"] if kw["cells"] is not None else np.asarray(adata.obs_names).astype(str)
+            if (
+                all(c in tokens.obs.columns for c in need)
+                and len(names) == len(target)
+                and set(names) == set(np.asarray(target).astype(str))
+                and all(c in adata.obs.columns for c in need)
+                and all(
+                    np.array_equal(
+                        tokens.obs[c].astype(str).to_numpy(),
+                        adata.obs[c].reindex(names).astype(str).to_numpy(),
+                    )
+                    for c in need
+                )
+            ):
+                return tokens, {**kw, "cells": None}, "the studio's tokens"
+        return adata, kw, "the AnnData"
+
+    # ------------------------------------------------------------------ actions
+    @guarded
+    def start(self) -> threading.Thread | None:
+        """Start a new fine-tune of the studio's model with the controls' settings (background thread).
+
+        Returns
+        -------
+        The training thread (``panel.wait()`` joins it), or ``None`` on a bad setting (see the message).
+        """
+        if self.running:
+            raise ConfigError("A job of this panel is still running; stop it or wait for it first.")
+        model, adata = self.state.model, self.state.adata
+        if model is None:
+            raise ConfigError("No model: load one in the Model panel first (or the demo model).")
+        if adata is None:
+            raise DataError("No data: pick an AnnData in the Data panel first.")
+        kw = self.settings()
+        self._preflight(model, kw)
+        data, kw, source = self._data_for(adata, kw)
+        if data is not adata:
+            n_cells = len(data)
+        elif kw["cells"] is not None:
+            n_cells = len(kw["cells"])
+        else:
+            n_cells = int(adata.n_obs)
+        self._drop_checkpoints()
+        ckpt = tempfile.mkdtemp(prefix="cellkit-finetune-")
+        weakref.finalize(self, _remove_dir, ckpt)
+        self._run = {"data": data, "model": model, "kwargs": kw, "checkpoint_dir": ckpt}
+        self.result = None
+        self.summary_html.value = ""
+        self.report_html.value = ""
+        self.confusion_box.children = ()
+        self.confusion_fig = None
+        self._reset_live(kw)
+        name = self.state.active_selection
+        where = f"selection {name!r}" if name else "all cells"
+        return self._launch(resume=False, what=f"Fine-tuning on {n_cells:,} cells ({where}, from {source})")
+
+    @guarded
+    def stop(self) -> None:
+        """Ask the run to stop at the end of the current step (a resumable checkpoint is written)."""
+        if not self.running or self.phase not in ("running", "stopping"):
+            raise ConfigError("Nothing to stop: no fine-tune is running.")
+        self._stop_requested = True
+        self._stop.set()
+        self._set_phase("stopping")
+        self.show_message("Stopping at the end of this step…", "info")
+
+    @guarded
+    def resume(self) -> threading.Thread | None:
+        """Go on with a stopped run from its checkpoint, with the same data, model and settings."""
+        if self.running:
+            raise ConfigError("A job of this panel is still running; wait for it first.")
+        if self._run is None or self.phase != "stopped":
+            raise ConfigError(
+                "Nothing to resume: Resume continues a run ended with “Stop”. Click “Start” instead."
+            )
+        return self._launch(resume=True, what="Resuming the stopped run")
+
+    @guarded
+    def use_trained_model(self) -> Any:
+        """Make the fine-tuned model the studio's model (``state.set_model(..., source="fine-tuned")``)."""
+        result = self._need_result()
+        self.state.set_model(result.model, source="fine-tuned")
+        self.show_message(
+            f"The fine-tuned model ({len(result.classes)} classes) is now the studio's model; "
+            "the other panels use it from now on.",
+            "ok",
+        )
+        return result.model
+
+    @guarded
+    def save(self, path: str | Path | None = None, *, overwrite: bool | None = None) -> Path | None:
+        """Save the fine-tuned model to the directory ``path`` (default: the path box).
+
+        An existing non-empty directory is refused unless ``overwrite`` (default: the checkbox) is
+        true; then the model's files in it are replaced.
+
+        Returns
+        -------
+        The directory written (``None`` on error).
+        """
+        result = self._need_result()
+        text = str(self.save_path.value if path is None else path).strip()
+        if not text:
+            raise ConfigError("Enter the directory to save the fine-tuned model to.")
+        where = Path(text).expanduser()
+        allow = bool(self.overwrite.value if overwrite is None else overwrite)
+        if where.exists():
+            if not where.is_dir():
+                raise DataError(f"{where} is a file; choose a directory path for the model.")
+            if any(where.iterdir()) and not allow:
+                raise DataError(
+                    f"{where} already exists and is not empty; tick “overwrite” to replace the model "
+                    "files in it, or choose another directory."
+                )
+        written = Path(result.model.save(where))
+        self.save_path.value = str(written)
+        self.show_message(
+            f"Saved the fine-tuned model to {written}. Load it later with cellkit.load_model({str(written)!r}).",
+            "ok",
+        )
+        return written
+
+    @guarded
+    def write_predictions(self, key_added: str | None = None) -> threading.Thread | None:
+        """Predict every cell of ``state.adata`` with the fine-tuned model (background thread).
+
+        Writes ``obs[key_added]``, ``obs[key_added + "_confidence"]``,
+        ``obsm[key_added + "_probabilities"]`` and ``uns[key_added]`` (see :func:`cellkit.predict`);
+        ``panel.wait()`` joins the thread.
+        """
+        import cellkit
+
+        result = self._need_result()
+        adata = self.state.adata
+        if adata is None:
+            raise DataError("No data: pick an AnnData in the Data panel first.")
+        if self.running:
+            raise ConfigError("A job of this panel is still running; wait for it first.")
+        key = str(self.key_added.value if key_added is None else key_added).strip()
+        if not key:
+            raise ConfigError("Enter a key_added name for the predictions (e.g. 'cellkit_pred').")
+        label_key = (self._run or {}).get("kwargs", {}).get("label_key")
+        if key == label_key:
+            raise ConfigError(f"key_added={key!r} is the label column; choose another name.")
+        self.key_added.value = key
+        replaced = [k for k in (key, f"{key}_confidence") if k in adata.obs.columns]
+        opts = (self._run or {}).get("kwargs", {}).get("tokenize_options")
+        model = result.model
+        self.show_message(f"Predicting {adata.n_obs:,} cells…", "info")
+
+        def work() -> int:
+            cellkit.predict(adata, model, key_added=key, tokenize_options=opts, progress=False)
+            return int(adata.n_obs)
+
+        def done(n: int) -> None:
+            keys = (
+                f"obs[{key!r}] (label), obs['{key}_confidence'], obsm['{key}_probabilities'] and uns[{key!r}]"
+            )
+            extra = f" (replaced the existing {', '.join(repr(k) for k in replaced)})" if replaced else ""
+            self.show_message(f"Wrote {keys} for {n:,} cells{extra}.", "ok")
+            self.refresh()
+
+        return self.run_in_background(work, name="predict", on_done=done)
+
+    def _need_result(self) -> Any:
+        result = self._completed()
+        if result is None:
+            raise ConfigError("No fine-tuned model yet: click “Start” and let the run complete.")
+        return result
+
+    # ------------------------------------------------------------------ the run
+    def _launch(self, *, resume: bool, what: str) -> threading.Thread:
+        import cellkit
+
+        run = self._run
+        assert run is not None
+        self._stop.clear()
+        self._stop_requested = False
+        self._t_launch = time.time()
+        self._set_phase("running")
+        self.progress.bar_style = "info"
+        self.status_html.value = "preparing (tokenizing, splitting)…"
+        self.show_message(f"{what}…", "info")
+        callbacks = [self._on_event, *self.extra_callbacks]
+
+        def work() -> Any:
+            try:
+                return cellkit.finetune(
+                    run["data"],
+                    run["model"],
+                    **run["kwargs"],
+                    copy_model=True,
+                    checkpoint_dir=run["checkpoint_dir"],
+                    resume=resume,
+                    stop_event=self._stop,
+                    callbacks=callbacks,
+                    progress=False,
+                )
+            except BaseException:
+                self._failed()
+                raise
+
+        try:
+            return self.run_in_background(work, name="finetune", on_done=self._finish)
+        except BaseException:
+            self._set_phase("failed")
+            raise
+
+    def _failed(self) -> None:
+        ev = self._last_event
+        self.progress.bar_style = "danger"
+        where = f" at epoch {ev.epoch + 1}, step {ev.step}" if ev is not None else " before training started"
+        self.status_html.value = f"failed{where}; the studio's model and state are unchanged"
+        _remove_dir((self._run or {}).get("checkpoint_dir"))
+        self._set_phase("failed")
+
+    def _reset_live(self, kw: dict[str, Any]) -> None:
+        objectives = kw["objectives"]
+        keys = ["loss"]
+        if len(objectives) > 1 or any(w != 1.0 for w in objectives.values()):
+            keys += [f"loss/{name}" for name in objectives]
+        with self._lock:
+            self._loss_keys = keys
+            self._steps = []
+            self._loss = {k: [] for k in keys}
+            self._epoch_x = []
+            self._val = {k: [] for k in VAL_METRICS}
+            self._last_event = None
+            self._total = None
+            self._first_step = 0
+        self.loss_fig.data = ()
+        for k in keys:
+            self.loss_fig.add_scatter(x=(), y=(), name=k, mode="lines+markers", marker=dict(size=4))
+        with self.val_fig.batch_update():
+            for tr in self.val_fig.data:
+                tr.x, tr.y = (), ()
+        self.progress.value = 0
+        self.progress.max = 1
+
+    def _on_event(self, event: Any) -> None:
+        """Training-thread callback: record the event, push to the widgets when due."""
+        kind = event.kind
+        with self._lock:
+            self._last_event = event
+            if kind == "train_start":
+                self._step_epoch = None
+                self._first_step = int(event.step)
+                self._total = event.total_steps
+                # a resumed run goes on from its checkpoint: forget anything recorded after it
+                keep = [i for i, s in enumerate(self._steps) if s <= event.step]
+                self._steps = [self._steps[i] for i in keep]
+                self._loss = {k: [v[i] for i in keep] for k, v in self._loss.items()}
+                keep_e = [i for i, e in enumerate(self._epoch_x) if e <= event.epoch]
+                self._epoch_x = [self._epoch_x[i] for i in keep_e]
+                self._val = {k: [v[i] for i in keep_e] for k, v in self._val.items()}
+            elif kind == "step_end":
+                self._step_epoch = int(event.epoch)
+                self._steps.append(int(event.step))
+                for k in self._loss_keys:
+                    self._loss[k].append(_plain(event.metrics.get(k)))
+            elif kind == "epoch_end":
+                # the epoch that just ended, 1-based: taken from its steps (the trainer has already
+                # advanced its epoch counter when it emits epoch_end)
+                ended = self._step_epoch if self._step_epoch is not None else int(event.epoch)
+                self._epoch_x.append(ended + 1)
+                for k in VAL_METRICS:
+                    self._val[k].append(_plain(event.metrics.get(k)))
+        if kind == "train_start" and self._stop_requested:
+            self._stop.set()  # Stop was pressed while the data were being prepared
+        due = time.monotonic() - self._last_push >= self.update_interval
+        if due or kind in ("train_start", "epoch_end", "finish", "error"):
+            self._push(event)
+
+    def _push(self, event: Any) -> None:
+        with self._lock:
+            steps = tuple(self._steps)
+            losses = {k: tuple(v) for k, v in self._loss.items()}
+            epochs = tuple(self._epoch_x)
+            vals = {k: tuple(v) for k, v in self._val.items()}
+            total = self._total
+            first = self._first_step
+        with self.loss_fig.batch_update():
+            for tr in self.loss_fig.data:
+                tr.x = steps
+                tr.y = losses.get(tr.name, ())
+        with self.val_fig.batch_update():
+            for tr in self.val_fig.data:
+                tr.x = epochs
+                tr.y = vals.get(tr.name, ())
+        step = int(event.step)
+        top = max(int(total or 0), step, 1)
+        self.progress.max = top
+        self.progress.value = min(step, top)
+        self.status_html.value = self._status_text(event, total, first, losses.get("loss", ()))
+        self._last_push = time.monotonic()
+
+    def _status_text(self, event: Any, total: int | None, first: int, loss: tuple[Any, ...]) -> str:
+        run = self._run or {}
+        n_epochs = run.get("kwargs", {}).get("epochs", "?")
+        parts = [
+            f"epoch {min(event.epoch + 1, n_epochs) if isinstance(n_epochs, int) else event.epoch + 1}/{n_epochs}"
+        ]
+        parts.append(f"step {event.step}/{total if total is not None else '?'}")
+        last = next((v for v in reversed(loss) if v is not None), None)
+        if last is not None:
+            parts.append(f"loss {last:.4f}")
+        parts.append(f"{_seconds(event.elapsed)} elapsed")
+        done = event.step - first
+        if total is not None and done > 0 and event.kind != "finish":
+            parts.append(f"ETA {_seconds((total - event.step) * event.elapsed / done)}")
+        return " · ".join(html.escape(str(p)) for p in parts)
+
+    def _finish(self, result: Any) -> None:
+        """Runs on the training thread after :func:`cellkit.finetune` returned."""
+        self.result = result
+        m = result.metrics
+        n_epochs = len(result.history.epoch_records)
+        n_steps = len(result.history.step_records)
+        took = _seconds(time.time() - self._t_launch)
+        if result.status in _DONE:
+            self.progress.bar_style = "success"
+            self._set_phase("done")
+            _remove_dir((self._run or {}).get("checkpoint_dir"))
+            self._show_result(result)
+            self.state.finetune_result = result
+            word = "Completed" if result.status == "completed" else "Early stopped"
+            if "accuracy" in m:
+                held = int(result.report["support"].sum()) if len(result.report) else 0
+                which = "" if (self._run or {}).get("kwargs", {}).get("test_size") else " (validation cells)"
+                scores = (
+                    f"held-out accuracy {m['accuracy']:.3f}, macro-F1 {m.get('macro_f1', float('nan')):.3f} "
+                    f"on {held:,} cells{which}"
+                )
+            else:
+                scores = "no held-out cells (test and validation fractions are 0)"
+            self.show_message(
+                f"{word}: {_n(n_epochs, 'epoch')}, {_n(n_steps, 'step')} in {took}; {scores}. "
+                "Click “Use trained model” to make it the studio's model, or save it / write predictions.",
+                "ok",
+            )
+        else:
+            self.progress.bar_style = "warning"
+            self._set_phase("stopped")
+            ev = self._last_event
+            where = f" at epoch {ev.epoch + 1}, step {ev.step}" if ev is not None else ""
+            self.status_html.value = f"{result.status}{html.escape(where)} · checkpoint kept"
+            self.show_message(
+                f"Stopped{where} ({_n(n_steps, 'step')} done). Click “Resume” to go on from the checkpoint, "
+                "or “Start” for a new run.",
+                "warning",
+            )
+
+    def _show_result(self, result: Any) -> None:
+        import cellkit.viz
+
+        m = result.metrics
+        rows = [
+            (k, m[k]) for k in ("accuracy", "macro_f1", "weighted_f1", "val/loss", "val/macro_f1") if k in m
+        ]
+        body = "".join(
+            f"<tr><th style='text-align:left;padding-right:10px'>{k}</th><td>{v:.3f}</td></tr>"
+            for k, v in rows
+        )
+        self.summary_html.value = (
+            f"<b>Result</b>: {html.escape(result.status)} · {len(result.classes)} classes"
+            f"<table class='cellkit-table'>{body}</table>"
+        )
+        if len(result.confusion):
+            fig = go.FigureWidget(cellkit.viz.confusion_matrix(result.confusion, title="Held-out confusion"))
+            fig.update_layout(margin=dict(b=120))
+            fig.add_class("cellkit-confusion")
+            self.confusion_fig = fig
+            self.confusion_box.children = (fig,)
+        if len(result.report):
+            self.report_html.value = "<b>Per-class scores (held-out cells)</b>" + html_table(result.report)
+
+    def _drop_checkpoints(self) -> None:
+        _remove_dir((self._run or {}).get("checkpoint_dir"))

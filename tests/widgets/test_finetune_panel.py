@@ -1,0 +1,363 @@
+"""FinetunePanel: live fine-tuning on the demo model and real PBMCs, driven from Python.
+
+Runs are kept short (160 cells of 4 cell types as the active selection, 32 genes per cell, 2
+epochs of 3 steps) so the file stays well under a minute at one thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from cellkit import ConfigError, DataError
+from cellkit.widgets import StudioState
+from cellkit.widgets._finetune import FinetunePanel, objective_support
+
+LABEL = "bulk_labels"
+TIMEOUT = 120
+
+
+def _four_types(adata, per_class: int = 40) -> np.ndarray:
+    top = adata.obs[LABEL].value_counts().index[:4]
+    return np.concatenate([np.flatnonzero(adata.obs[LABEL] == c)[:per_class] for c in top])
+
+
+def _fast(panel: FinetunePanel, *, epochs: int = 2) -> FinetunePanel:
+    panel.epochs.value = epochs
+    panel.max_genes.value = 32
+    panel.val_size.value = 0.2
+    panel.test_size.value = 0.2
+    panel.batch_size.value = 32
+    return panel
+
+
+def _panel(state: StudioState, **kw) -> FinetunePanel:
+    state.add_selection("four types", _four_types(state.adata))
+    return _fast(FinetunePanel(state), **kw)
+
+
+def _finish(panel: FinetunePanel) -> None:
+    panel.wait(TIMEOUT)
+    assert not panel.running, "the run did not end in time"
+
+
+def _xs(fig) -> tuple:
+    return tuple(fig.data[0].x or ())
+
+
+# ------------------------------------------------------------------ one completed run, shared
+@pytest.fixture(scope="module")
+def done(_pbmc_session):
+    """A panel after a completed 2-epoch run, with the live loss lengths seen at each step."""
+    from cellkit.datasets import demo_model
+
+    state = StudioState(adata=_pbmc_session.copy(), model=demo_model(), adata_name="pbmc")
+    panel = _panel(state)
+    panel.update_interval = 0.0  # push every step: the growth below is deterministic
+    seen: list[tuple[int, int]] = []
+
+    def watch(event):
+        if event.kind == "step_end":  # runs after the panel's own callback, on the training thread
+            seen.append((event.step, len(_xs(panel.loss_fig))))
+
+    panel.extra_callbacks = [watch]
+    assert panel.start() is not None, panel.message_text
+    _finish(panel)
+    return SimpleNamespace(panel=panel, state=state, seen=seen, model=state.model)
+
+
+def test_completed_run_shows_curves_confusion_and_sets_state(done):
+    panel, state = done.panel, done.state
+    result = panel.result
+    assert panel.last_error is None, panel.message_text
+    assert result is not None and result.status == "completed"
+    assert state.finetune_result is result
+    assert state.model is done.model, "the trained model must not replace the studio's model on its own"
+    assert "Completed" in panel.message_text and "accuracy" in panel.message_text
+    assert "macro-F1" in panel.message_text
+    # one loss point per optimizer step, one validation point per epoch
+    n_steps = len(result.history.step_records)
+    assert n_steps == 6
+    assert _xs(panel.loss_fig) == tuple(range(1, n_steps + 1))
+    assert len(panel.loss_fig.data[0].y) == n_steps
+    assert [t.name for t in panel.loss_fig.data] == ["loss"]
+    val = {t.name: t for t in panel.val_fig.data}
+    assert set(val) == {"val/loss", "val/accuracy", "val/macro_f1"}
+    assert tuple(val["val/loss"].x) == (1, 2)
+    assert all(0 <= v <= 1 for v in val["val/accuracy"].y)
+    assert "cellkit-loss-plot" in panel.loss_fig._dom_classes
+    assert "cellkit-val-plot" in panel.val_fig._dom_classes
+    # results
+    assert panel.confusion_fig is not None and "cellkit-confusion" in panel.confusion_fig._dom_classes
+    assert panel.confusion_box.children == (panel.confusion_fig,)
+    assert panel.confusion_fig.data[0].type == "heatmap"
+    assert all(c in panel.report_html.value for c in ("f1", "support", "Dendritic"))
+    assert panel.progress.value == panel.progress.max == n_steps
+    assert "step 6/6" in panel.status_html.value
+    # buttons after a completed run
+    assert not panel.start_button.disabled
+    assert panel.stop_button.disabled and panel.resume_button.disabled
+    assert not (panel.use_button.disabled or panel.save_button.disabled or panel.predict_button.disabled)
+    assert state.busy == ""
+
+
+def test_live_plot_grows_while_training(done):
+    # read inside the run at every step: the figure already held that step's point
+    assert [s for s, _ in done.seen] == [1, 2, 3, 4, 5, 6]
+    assert [n for _, n in done.seen] == [1, 2, 3, 4, 5, 6]
+
+
+def test_save_refuses_to_overwrite_unless_asked(done, tmp_path):
+    import cellkit
+
+    panel = done.panel
+    target = tmp_path / "ft-model"
+    assert panel.save(target) == target
+    assert (target / "config.json").exists() and str(target) in panel.message_text
+    loaded = cellkit.load_model(target)
+    assert loaded.config.heads["classifier"]["labels"] == panel.result.classes
+    stamp = (target / "model.safetensors").stat().st_mtime_ns
+    # an existing non-empty directory is refused...
+    assert panel.save(target) is None
+    assert isinstance(panel.last_error, DataError) and "overwrite" in panel.message_text
+    assert (target / "model.safetensors").stat().st_mtime_ns == stamp
+    # ...unless the overwrite box is ticked (button path)
+    panel.save_path.value = str(target)
+    panel.overwrite.value = True
+    panel.save_button.click()
+    assert panel.last_error is None and "Saved" in panel.message_text
+    panel.overwrite.value = False
+    # a file, or no path
+    (tmp_path / "afile").write_text("x")
+    assert panel.save(tmp_path / "afile") is None and "is a file" in panel.message_text
+    assert panel.save("  ") is None and isinstance(panel.last_error, ConfigError)
+
+
+def test_write_predictions_only_after_the_click(done):
+    panel, adata = done.panel, done.state.adata
+    key = "ft_pred"
+    assert key not in adata.obs.columns
+    panel.key_added.value = key
+    assert key not in adata.obs.columns
+    panel.predict_button.click()
+    panel.wait(TIMEOUT)
+    assert panel.last_error is None, panel.message_text
+    assert key in adata.obs.columns and f"{key}_confidence" in adata.obs.columns
+    assert f"{key}_probabilities" in adata.obsm and adata.uns[key]["classes"] == panel.result.classes
+    assert adata.obs[key].notna().all()  # every cell, not only the training selection
+    assert set(adata.obs[key].astype(str)) <= set(panel.result.classes)
+    assert f"obs['{key}']" in panel.message_text and f"obsm['{key}_probabilities']" in panel.message_text
+    # the label column is protected, an empty key refused
+    assert panel.write_predictions(key_added=LABEL) is None and "label column" in panel.message_text
+    assert panel.write_predictions(key_added=" ") is None and isinstance(panel.last_error, ConfigError)
+
+
+def test_use_trained_model_updates_state(done):
+    panel, state = done.panel, done.state
+    panel.use_button.click()
+    assert panel.last_error is None
+    assert state.model is panel.result.model and state.model_source == "fine-tuned"
+    assert state.model is not done.model
+
+
+# ------------------------------------------------------------------ stop / resume
+def test_stop_mid_run_then_resume(state):
+    panel = _panel(state)
+    panel.update_interval = 1e9  # only epoch ends and the finish push: the plot is throttled
+    seen: dict[str, object] = {}
+
+    def stop_at_two(event):
+        if event.kind == "step_end" and event.step == 2 and "phase" not in seen:
+            seen["points"] = len(_xs(panel.loss_fig))
+            panel.stop()
+            seen["phase"] = panel.phase
+            seen["stop_disabled"] = panel.stop_button.disabled
+
+    panel.extra_callbacks = [stop_at_two]
+    panel.start()
+    _finish(panel)
+    assert seen["points"] == 0, "a throttled plot is not pushed at every step"
+    assert seen["phase"] == "stopping" and seen["stop_disabled"] is True
+    assert panel.result.status == "stopped" and panel.phase == "stopped"
+    assert "Stopped" in panel.message_text and "Resume" in panel.message_text
+    assert _xs(panel.loss_fig) == (1, 2), "the finish pushes what was recorded"
+    assert state.finetune_result is None, "a stopped run is not published to the studio"
+    assert not panel.resume_button.disabled and not panel.start_button.disabled
+    assert panel.stop_button.disabled and panel.use_button.disabled
+    assert panel.save("unused-dir") is None  # no completed model yet
+    assert "No fine-tuned model" in panel.message_text
+
+    panel.extra_callbacks = []
+    panel.resume()
+    _finish(panel)
+    assert panel.last_error is None, panel.message_text
+    assert panel.result.status == "completed" and state.finetune_result is panel.result
+    assert _xs(panel.loss_fig) == (1, 2, 3, 4, 5, 6), "resumed steps continue, without duplicates"
+    assert tuple(panel.val_fig.data[0].x) == (1, 2)
+    assert panel.resume_button.disabled
+    # nothing to resume or stop now
+    assert panel.resume() is None and "Nothing to resume" in panel.message_text
+    assert panel.stop() is None and "Nothing to stop" in panel.message_text
+
+
+# ------------------------------------------------------------------ bad inputs
+def _untouched(panel: FinetunePanel, state: StudioState, model) -> None:
+    assert state.model is model and state.finetune_result is None and state.busy == ""
+    assert not panel.running and not panel.start_button.disabled
+    assert panel.stop_button.disabled and panel.resume_button.disabled
+
+
+def test_no_model_no_data(pbmc, demo):
+    panel = FinetunePanel(StudioState(adata=pbmc))
+    assert panel.start() is None and isinstance(panel.last_error, ConfigError)
+    assert "No model" in panel.message_text
+    _untouched(panel, panel.state, None)
+    panel = FinetunePanel(StudioState(model=demo))
+    assert panel.label_key.options == () and "No data" in panel.cells_html.value
+    assert panel.start() is None and "No data" in panel.message_text
+    _untouched(panel, panel.state, demo)
+    panel = FinetunePanel()  # alone: no state at all
+    assert panel.start() is None and panel.last_error is not None
+
+
+def test_bad_settings_answer_at_once(state):
+    model = state.model
+    panel = _panel(state)
+    for value in (0.0, -1e-3):
+        panel.lr.value = value
+        assert panel.start() is None and isinstance(panel.last_error, ConfigError)
+        assert "learning rate" in panel.message_text
+        _untouched(panel, state, model)
+    panel.lr.value = 1e-4
+    panel.objective_boxes["cls"].value = False
+    assert panel.start() is None and "objective" in panel.message_text
+    panel.objective_boxes["cls"].value = True
+    panel.objective_boxes["dab"].value = True
+    assert panel.start() is None and "batch column" in panel.message_text
+    panel.objective_boxes["dab"].value = False
+    panel.freeze_layers.value = 9
+    assert panel.start() is None and "between 0 and 2" in panel.message_text
+    panel.freeze_layers.value = 0
+    panel.epochs.value = 0
+    assert panel.start() is None and "epochs" in panel.message_text
+    _untouched(panel, state, model)
+
+
+@pytest.mark.parametrize("case", ["missing", "nan", "one class"])
+def test_bad_labels_show_a_message(state, case):
+    model = state.model
+    adata = state.adata
+    panel = _panel(state)
+    if case == "missing":
+        del adata.obs[LABEL]  # gone after the dropdown was filled
+        expected = "is not an obs column"
+    elif case == "nan":
+        lab = adata.obs[LABEL].astype(object)
+        lab.iloc[_four_types(adata)[:3]] = np.nan
+        adata.obs["lab"] = lab.astype("category")
+        panel.refresh()
+        panel.label_key.value = "lab"
+        expected = "have no 'lab' value"
+    else:
+        state.add_selection("dendritic", np.flatnonzero(adata.obs[LABEL] == "Dendritic")[:30])
+        expected = "single class"
+    panel.start()
+    _finish(panel)
+    assert isinstance(panel.last_error, DataError), panel.last_error
+    assert expected in panel.message_text
+    assert panel.phase == "failed" and panel.result is None
+    _untouched(panel, state, model)
+
+
+def test_error_mid_run_leaves_state_untouched_and_panel_usable(state, monkeypatch):
+    model = state.model
+    panel = _panel(state, epochs=1)
+    cls = type(model)
+    real = cls.forward
+    calls = {"n": 0}
+    lock = threading.Lock()
+
+    def failing(self, *args, **kwargs):
+        with lock:
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise RuntimeError("simulated failure in the forward pass")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", failing)
+    panel.start()
+    _finish(panel)
+    assert isinstance(panel.last_error, RuntimeError)
+    assert "simulated failure" in panel.message_text
+    assert panel.phase == "failed" and "failed at epoch 1, step 2" in panel.status_html.value
+    assert _xs(panel.loss_fig) == (1, 2), "what was plotted before the failure stays"
+    _untouched(panel, state, model)
+    assert panel.use_button.disabled and panel.save_button.disabled
+
+    monkeypatch.undo()
+    panel.start()
+    _finish(panel)
+    assert panel.last_error is None and panel.result.status == "completed"
+    assert _xs(panel.loss_fig) == (1, 2, 3), "a new run starts a fresh plot"
+
+
+# ------------------------------------------------------------------ controls follow the state
+def test_controls_follow_data_selection_and_model(state, pbmc):
+    panel = FinetunePanel(state)
+    assert panel.label_key.value == LABEL
+    assert "percent_mito" not in panel.label_key.options  # float columns are not labels
+    assert panel.batch_key.value == "" and "all 700 cells" in panel.cells_html.value
+    assert panel.objective_boxes["cls"].value and not panel.objective_boxes["gep"].value
+    assert panel.objective_weights["ecs"].value == 10.0
+    # the demo model has expression + mvc heads but no zero probabilities and no MLM head
+    assert not panel.objective_boxes["gep"].disabled and not panel.objective_boxes["mvc"].disabled
+    assert panel.objective_boxes["mlm"].disabled and panel.objective_boxes["zero_nll"].disabled
+    state.add_selection("lasso", np.arange(50))
+    assert "lasso" in panel.cells_html.value and "50 cells" in panel.cells_html.value
+    assert len(panel.settings()["cells"]) == 50
+    small = pbmc[:100].copy()
+    small.obs["cell_type"] = small.obs[LABEL].astype(str)
+    del small.obs[LABEL]
+    state.set_adata(small, name="small")
+    assert LABEL not in panel.label_key.options and panel.label_key.value == "cell_type"
+    assert "all 100 cells" in panel.cells_html.value
+    kw = panel.settings()
+    assert kw["cells"] is None and kw["label_key"] == "cell_type" and kw["objectives"] == {"cls": 1.0}
+    assert "tokenize_options" not in kw and "early_stopping_patience" not in kw
+    panel.max_genes.value, panel.patience.value, panel.class_weight.value = 64, 2, "balanced"
+    kw = panel.settings()
+    assert kw["tokenize_options"] == {"max_len": 64} and kw["early_stopping_patience"] == 2
+    assert kw["class_weight"] == "balanced"
+
+
+def test_objective_support_follows_heads():
+    def fake(heads):
+        return SimpleNamespace(config=SimpleNamespace(heads=heads))
+
+    full = objective_support(fake({"expression": {"explicit_zero_prob": True}, "mvc": {}, "mlm": {}}))
+    assert full["zero_nll"] is None and full["mlm"] is None and "zero" in full["mvc_zero_nll"]
+    bare = objective_support(fake({}))
+    assert bare["cls"] is None and bare["dab"] is None and "expression" in bare["gep"]
+
+
+def test_reuses_the_studios_tokens_when_they_fit(state):
+    import cellkit
+
+    panel = _panel(state)
+    names = state.selected_cells()
+    state.tokens = cellkit.tokenize(
+        state.adata, state.model, cells=names, obs_columns=[LABEL], progress=False
+    )
+    panel.max_genes.value = 0
+    data, kw, _ = panel._data_for(state.adata, panel.settings())
+    assert data is state.tokens and kw["cells"] is None
+    panel.max_genes.value = 32  # other tokenize options: tokenize afresh
+    data, kw, _ = panel._data_for(state.adata, panel.settings())
+    assert data is state.adata and len(kw["cells"]) == len(names)
+    panel.max_genes.value = 0
+    state.remove_selection("four types")  # other cells
+    data, _, _ = panel._data_for(state.adata, panel.settings())
+    assert data is state.adata
