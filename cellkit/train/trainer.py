@@ -962,10 +962,10 @@ class Trainer:
         s["last_metrics"] = {k: v for k, v in rec.items() if k not in ("epoch", "step")}
         stop = self._track_best(rec)
         self.history.epoch_records.append(rec)
+        self._emit("epoch_end", metrics=dict(s["last_metrics"]))  # event.epoch: the epoch that ended
         s["epoch"] = epoch + 1
         s["batch"] = 0
         s["acc"] = self._new_acc()
-        self._emit("epoch_end", metrics=dict(s["last_metrics"]))
         if self.ckpt is not None:
             self._checkpoint(best=s["best_step"] == s["step"] and s.get("_improved", False))
         return stop

@@ -243,15 +243,18 @@ def test_events_in_order(tmp_path):
     seen = []
     model = tiny_model()
     Trainer(
-        model, ["cls"], epochs=1, checkpoint_dir=tmp_path, callbacks=[lambda e: seen.append(e)], **OPTS
+        model, ["cls"], epochs=2, checkpoint_dir=tmp_path, callbacks=[lambda e: seen.append(e)], **OPTS
     ).fit(TRAIN, VAL, collate_fn=collator(model))
     kinds = [e.kind for e in seen]
     assert kinds[0] == "train_start"
     assert kinds[-1] == "finish"
-    assert kinds.count("step_end") == 5
+    assert kinds.count("step_end") == 10
+    # epoch_end carries the 0-based epoch that just ended, like the step events before it
+    assert [e.epoch for e in seen if e.kind == "epoch_end"] == [0, 1]
+    assert [e.epoch for e in seen if e.kind == "step_end"] == [0] * 5 + [1] * 5
     assert kinds.index("validation") < kinds.index("epoch_end") < kinds.index("checkpoint")
     assert seen[-1].status == "completed"
-    assert seen[-1].total_steps == 5
+    assert seen[-1].total_steps == 10
     step = next(e for e in seen if e.kind == "step_end")
     assert {"loss", "loss/cls", "lr"} <= set(step.metrics)
 
