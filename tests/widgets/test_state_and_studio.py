@@ -1,0 +1,150 @@
+"""The shared state, the panel base class and the studio's composition (no browser)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from cellkit._errors import CellkitError, ConfigError, DataError
+from cellkit.widgets import Panel, StudioState, guarded
+
+
+def test_state_selections(state, pbmc):
+    names = state.add_selection("mono", pbmc.obs["bulk_labels"] == "CD14+ Monocyte")
+    assert len(names) == int((pbmc.obs["bulk_labels"] == "CD14+ Monocyte").sum())
+    assert state.active_selection == "mono"
+    np.testing.assert_array_equal(state.selected_cells(), names)
+    # positions and names give the same cells, in adata order
+    by_pos = state.add_selection("two", [5, 1], activate=False)
+    assert list(by_pos) == list(pbmc.obs_names[[1, 5]])
+    assert state.active_selection == "mono"
+    assert list(state.add_selection("named", list(by_pos[::-1]), activate=False)) == list(by_pos)
+    state.remove_selection("mono")
+    assert state.active_selection == "" and state.selected_cells() is None
+    assert set(state.selections) == {"two", "named"}
+
+
+@pytest.mark.parametrize(
+    ("cells", "match"),
+    [
+        (np.zeros(3, bool), "boolean mask needs 700"),
+        ([700], r"positions must be in \[0, 700\)"),
+        (["nope"], "not in the data"),
+        ("missing", "No selection named 'missing'"),
+        (np.zeros(700, bool), "empty"),
+    ],
+)
+def test_state_bad_selections(state, cells, match):
+    before = dict(state.selections)
+    with pytest.raises(DataError, match=match):
+        state.add_selection("x", cells)
+    assert state.selections == before
+
+
+def test_state_without_data():
+    with pytest.raises(DataError, match="No data loaded"):
+        StudioState().add_selection("x", [0])
+
+
+def test_new_data_or_model_drop_stale_tokens(state, pbmc, demo):
+    state.tokens = object()
+    state.set_model(demo, source="demo")
+    assert state.tokens is None and state.model_source == "demo"
+    state.tokens = object()
+    state.add_selection("a", [0, 1])
+    state.set_adata(pbmc[:10].copy(), name="small")
+    assert state.tokens is None and state.selections == {} and state.adata_name == "small"
+
+
+class _Toy(Panel):
+    title = "Toy"
+
+    @guarded
+    def fail(self, exc):
+        raise exc
+
+    @guarded
+    def ok(self):
+        return 42
+
+
+def test_guarded_errors_become_messages():
+    p = _Toy()
+    assert p.ok() == 42 and p.last_error is None
+    assert p.fail(DataError("label column 'x' is missing; pick another")) is None
+    assert isinstance(p.last_error, DataError)
+    assert p.message_text == "label column 'x' is missing; pick another"
+    assert "cellkit-error" in p.message.value and "<details>" not in p.message.value
+    p.fail(ValueError("boom <b>"))
+    assert p.message_text.startswith("Unexpected error — ValueError: boom <b>")
+    assert "&lt;b&gt;" in p.message.value  # escaped, never injected
+    assert "<details" in p.message.value and "Traceback" in p.message.value
+    assert p.ok() == 42 and p.last_error is None  # still usable
+
+
+def test_background_job_errors_and_busy_flag():
+    p = _Toy()
+    started, release = threading.Event(), threading.Event()
+
+    def job():
+        started.set()
+        release.wait(5)
+        raise DataError("training failed: no cells")
+
+    p.run_in_background(job, name="toy")
+    assert started.wait(5)
+    assert p.running and p.state.busy == "toy"
+    with pytest.raises(CellkitError, match="already running"):
+        p.run_in_background(lambda: None, name="again")
+    release.set()
+    p.wait(5)
+    assert not p.running and p.state.busy == ""
+    assert p.message_text == "training failed: no cells"
+
+    seen = []
+    p.run_in_background(lambda: 7, name="ok", on_done=seen.append)
+    p.wait(5)
+    assert seen == [7]
+
+
+def test_studio_composes_every_panel(pbmc, demo):
+    import cellkit
+
+    studio = cellkit.Studio(adata=pbmc, model=demo, adata_name="pbmc")
+    assert list(studio.panels) == ["Model", "Data", "Fine-tune", "Embeddings", "Genes", "Attention"]
+    assert [studio.tabs.get_title(i) for i in range(6)] == list(studio.panels)
+    # one shared state
+    assert all(p.state is studio.state for p in studio.panels.values())
+    assert studio.state.model is demo and studio.state.adata is pbmc
+    assert "pbmc: 700 cells × 765 genes" in studio.header.value
+    studio.state.add_selection("lasso 1", [0, 1, 2])
+    assert "selection “lasso 1” (3 cells)" in studio.header.value
+    studio.select_tab("Attention")
+    assert studio.tabs.selected_index == 5
+    with pytest.raises(ConfigError, match="No tab 'Nope'"):
+        studio.select_tab("Nope")
+
+
+def test_studio_demo_shortcut_and_bad_model():
+    import cellkit
+
+    studio = cellkit.Studio(model="demo")
+    assert studio.state.model_source == "demo" and studio.state.model is not None
+    assert "no data" in studio.header.value
+    with pytest.raises(ConfigError, match=r"must be a cellkit\.CellModel"):
+        cellkit.Studio(model=3.0)
+    with pytest.raises(CellkitError):
+        cellkit.Studio(model="/definitely/not/a/checkpoint")
+
+
+def test_panels_work_alone(pbmc, demo):
+    from cellkit import widgets
+
+    for name in ("ModelPanel", "DataPanel", "FinetunePanel", "EmbeddingPanel", "GenePanel", "AttentionPanel"):
+        panel = getattr(widgets, name)()
+        assert isinstance(panel, Panel) and isinstance(panel.state, StudioState)
+        panel.state.set_model(demo, source="demo")
+        panel.state.set_adata(pbmc, name="pbmc")
+        assert panel.last_error is None, (name, panel.last_error)
