@@ -152,6 +152,7 @@ class EmbeddingPanel(Panel):
         self.selection_label = widgets.HTML(value="")
         self.selection_label.add_class("cellkit-selection-count")
         self.selection_name = widgets.Text(value="lasso_1", layout=widgets.Layout(width="160px"))
+        self.selection_name.add_class("cellkit-selection-name")
         self.save_button = widgets.Button(
             description="Save selection", icon="save", tooltip="store the selected cells in the studio"
         )
@@ -894,6 +895,8 @@ class EmbeddingPanel(Panel):
                     trace.selectedpoints = np.flatnonzero(np.isin(pos, self.pending)).tolist()
                 else:
                     trace.selectedpoints = None
+            if not len(self.pending):
+                self.figure.layout.selections = ()  # also drop the lasso / box outline in the browser
 
     def _update_selection_label(self) -> None:
         n = len(self.pending)

@@ -1,0 +1,288 @@
+"""The studio in a real browser: JupyterLab + Chromium (Playwright), one kernel, clicked through.
+
+One notebook opens the studio on the PBMC demo data; the tests run in order on that page (the
+kernel's state carries over, as it would for a user): every tab renders, the demo model loads,
+a lasso selection reaches the tokenize panel, tokenizing works, fine-tuning streams a growing loss
+curve and stops on Stop, and the attention heatmap draws. Screenshots of every tab are written to
+``$CELLKIT_ARTIFACTS`` (default ``test-artifacts/``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from ._browser import (
+    ACTIVE,
+    CHROMIUM_ARGS,
+    JupyterLab,
+    artifacts_dir,
+    chromium_path,
+    open_and_run_all,
+    wait_idle,
+    write_notebook,
+)
+
+pytestmark = pytest.mark.browser
+
+NOTEBOOK = "studio_under_test.ipynb"
+CELLS = [
+    "import cellkit\nadata = cellkit.datasets.pbmc_demo()\nstudio = cellkit.Studio(adata=adata, adata_name='adata')\nstudio",
+]
+
+
+def _need_browser() -> str:
+    path = chromium_path()
+    if path is None:
+        msg = "chromium is not installed (apt-get install chromium)"
+        if os.environ.get("CELLKIT_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        if os.environ.get("CELLKIT_REQUIRE_BROWSER") == "1":
+            pytest.fail("playwright is not installed")
+        pytest.skip("playwright is not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    executable = _need_browser()
+    root = tmp_path_factory.mktemp("lab-root")
+    write_notebook(root / NOTEBOOK, CELLS)
+    server = JupyterLab(root, tmp_path_factory.mktemp("lab-home"))
+    server.start()
+    server.chromium = executable
+    yield server
+    server.shutdown_kernels()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def page(lab):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=lab.chromium, headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        context.set_default_timeout(60_000)
+        pg = context.new_page()
+        open_and_run_all(pg, lab, NOTEBOOK, "studio")
+        wait_idle(lab, NOTEBOOK)
+        pg.wait_for_selector(f"{ACTIVE} .cellkit-studio", timeout=60_000)
+        yield pg
+        context.close()
+        browser.close()
+
+
+@pytest.fixture(autouse=True)
+def _remember_page(request, page):
+    request.node._cellkit_page = page
+
+
+def tab(page, title: str):
+    """Click the studio tab called ``title`` and return the visible panel's locator."""
+    page.locator(f"{ACTIVE} .cellkit-tabs .lm-TabBar-tab:has-text('{title}')").first.click()
+    panel = page.locator(f"{ACTIVE} .cellkit-tabs .cellkit-panel:visible").first
+    panel.wait_for(state="visible")
+    return panel
+
+
+def shot(page, name: str) -> None:
+    page.locator(f"{ACTIVE} .cellkit-studio").screenshot(path=str(artifacts_dir() / f"studio-{name}.png"))
+
+
+def no_widget_errors(page) -> None:
+    assert page.locator(f"{ACTIVE} :text('Error displaying widget')").count() == 0
+    assert page.locator(f"{ACTIVE} :text('Loading widget')").count() == 0
+
+
+def test_every_tab_renders(page):
+    for title in ("Model", "Data", "Fine-tune", "Embeddings", "Genes", "Attention"):
+        panel = tab(page, title)
+        assert panel.is_visible()
+        no_widget_errors(page)
+        shot(page, f"0-{title.lower()}")
+    assert page.locator(f"{ACTIVE} .cellkit-studio-header").inner_text().startswith("cellkit studio")
+
+
+def visible(page, selector: str):
+    """``selector`` inside the studio tab on show."""
+    return page.locator(f"{ACTIVE} .cellkit-tabs .cellkit-panel:visible {selector}").first
+
+
+def click(page, text: str) -> None:
+    visible(page, f"button.jupyter-button:has-text('{text}')").click()
+
+
+def plot_data(page, css_class: str, expr: str = "gd.data.map(t => (t.x || []).length)"):
+    """Evaluate ``expr`` on the plotly div (``gd``) of the visible figure with CSS class ``css_class``."""
+    return page.evaluate(
+        f"""() => {{
+            const panels = [...document.querySelectorAll('{ACTIVE} .cellkit-tabs .cellkit-panel')]
+                .filter(p => p.offsetParent !== null);
+            const gd = panels.length && panels[0].querySelector('.{css_class}.js-plotly-plot');
+            if (!gd || !gd.data) return null;
+            return {expr};
+        }}"""
+    )
+
+
+def lasso(page, fractions: list[tuple[float, float]]) -> None:
+    """Draw a lasso through ``fractions`` of the visible embedding plot's drag area (a real mouse drag)."""
+    area = visible(page, ".cellkit-embedding-plot .nsewdrag")
+    area.wait_for(state="visible")
+    area.scroll_into_view_if_needed()
+    time.sleep(0.3)
+    box = area.bounding_box()
+    points = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in fractions]
+    page.mouse.move(*points[0])
+    page.mouse.down()
+    for x, y in [*points[1:], points[0]]:
+        page.mouse.move(x, y, steps=8)
+    page.mouse.up()
+
+
+def selected_count(page) -> int:
+    """The embedding panel's "N cells selected", once it has settled (plotly reports a lasso trace by trace)."""
+    import re
+
+    deadline = time.monotonic() + 30
+    text, last, since = "", None, time.monotonic()
+    while time.monotonic() < deadline:
+        text = visible(page, ".cellkit-selection-count").inner_text()
+        m = re.search(r"([\d,]+)\s+cells?\s+selected", text)
+        n = int(m.group(1).replace(",", "")) if m else 0
+        if n != last:
+            last, since = n, time.monotonic()
+        elif n > 0 and time.monotonic() - since > 1.5:
+            return n
+        time.sleep(0.2)
+    raise AssertionError(f"no lasso selection reached Python: {text!r}")
+
+
+def test_wrong_path_shows_a_message_and_the_studio_stays_usable(page):
+    tab(page, "Model")
+    visible(page, "input[placeholder^='model directory']").fill("/no/such/checkpoint")
+    click(page, "Load")
+    msg = visible(page, ".cellkit-msg.cellkit-error")
+    msg.wait_for(timeout=30_000)
+    assert "/no/such/checkpoint" in msg.inner_text()
+    assert "Traceback" not in msg.inner_text()
+    no_widget_errors(page)
+    shot(page, "1-bad-path")
+
+
+def test_load_demo_model(page):
+    tab(page, "Model")
+    click(page, "Demo model")
+    # the info area reports the checkpoint and its coverage of the open data
+    page.wait_for_function(
+        "() => /scgpt model \\(demo\\)/.test(document.querySelector('.cellkit-studio-header').textContent)",
+        timeout=30_000,
+    )
+    visible(page, ":text('765 of 765')").wait_for(timeout=30_000)
+    no_widget_errors(page)
+    shot(page, "1-model-loaded")
+
+
+def test_lasso_selection_reaches_the_tokenize_panel(page):
+    tab(page, "Embeddings")
+    page.wait_for_function(
+        '() => document.querySelector(".jp-NotebookPanel:not(.lm-mod-hidden) .cellkit-embedding-plot.js-plotly-plot")'
+        "?.data?.length > 0"
+    )
+    # a partial lasso: the middle of the plot
+    lasso(page, [(0.3, 0.3), (0.7, 0.3), (0.7, 0.7), (0.3, 0.7)])
+    n_part = selected_count(page)
+    assert 0 < n_part < 700
+    name_box = visible(page, ".cellkit-selection-name input")
+    name_box.fill("middle")
+    click(page, "Save selection")
+    shot(page, "2-lasso")
+    tab(page, "Data")
+    count = visible(page, ".cellkit-cell-count")
+    page.wait_for_function(
+        "(n) => [...document.querySelectorAll('.cellkit-cell-count')].some(e => e.offsetParent && e.textContent.includes(n))",
+        arg=f"{n_part:,}",
+    )
+    assert f"{n_part:,}" in count.inner_text()
+    assert "middle" in page.locator(f"{ACTIVE} .cellkit-studio-header").inner_text()
+
+
+def test_tokenize_the_selection(page):
+    tab(page, "Data")
+    click(page, "Tokenize")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.cellkit-length-hist.js-plotly-plot')]"
+        ".some(gd => gd.offsetParent && gd.data && gd.data.length && gd.data[0].x && gd.data[0].x.length > 0)",
+        timeout=60_000,
+    )
+    text = visible(page, ".cellkit-tokenize-result").inner_text()
+    assert "765 of 765 genes" in text
+    no_widget_errors(page)
+    shot(page, "3-tokenized")
+
+
+def test_finetune_live_curve_grows_and_stop_ends_it(page):
+    # train on every cell: a lasso around the whole plot (rare classes need >= 2 cells per split)
+    tab(page, "Embeddings")
+    click(page, "Clear selection")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.cellkit-selection-count')].some(e => e.offsetParent && /No cells/.test(e.textContent))"
+    )
+    lasso(page, [(0.01, 0.01), (0.99, 0.01), (0.99, 0.99), (0.01, 0.99)])
+    assert selected_count(page) == 700
+    visible(page, ".cellkit-selection-name input").fill("everything")
+    click(page, "Save selection")
+    tab(page, "Fine-tune")
+    visible(page, ".cellkit-finetune-cells").wait_for()
+    click(page, "Start")
+    page.wait_for_function(
+        "() => { const gd = document.querySelector('.cellkit-loss-plot.js-plotly-plot');"
+        " return gd && gd.data && gd.data.length && (gd.data[0].x || []).length >= 1; }",
+        timeout=120_000,
+    )
+    first = plot_data(page, "cellkit-loss-plot", "gd.data[0].x.length")
+    page.wait_for_function(
+        "(n) => document.querySelector('.cellkit-loss-plot.js-plotly-plot').data[0].x.length > n",
+        arg=first,
+        timeout=120_000,
+    )
+    time.sleep(1.0)
+    second = plot_data(page, "cellkit-loss-plot", "gd.data[0].x.length")
+    assert second > first, (first, second)
+    shot(page, "4-finetune-running")
+    click(page, "Stop")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.cellkit-finetune-panel .cellkit-message, .cellkit-finetune-status')]"
+        ".some(e => /stopped/i.test(e.textContent))",
+        timeout=120_000,
+    )
+    assert visible(page, "button.cellkit-finetune-resume").is_enabled()
+    assert visible(page, "button.cellkit-finetune-start").is_enabled()
+    third = plot_data(page, "cellkit-loss-plot", "gd.data[0].x.length")
+    time.sleep(2.0)
+    assert plot_data(page, "cellkit-loss-plot", "gd.data[0].x.length") == third  # really stopped
+    no_widget_errors(page)
+    shot(page, "5-finetune-stopped")
+
+
+def test_attention_heatmap_draws(page):
+    tab(page, "Attention")
+    click(page, "First of selection")
+    click(page, "Show")
+    page.wait_for_function(
+        "() => { const gd = document.querySelector('.cellkit-attention-heatmap.js-plotly-plot');"
+        " return gd && gd.data && gd.data.length && gd.data[0].type === 'heatmap' && (gd.data[0].z || []).length > 1; }",
+        timeout=120_000,
+    )
+    labels = plot_data(page, "cellkit-attention-heatmap", "gd.data[0].x.slice(0, 5)")
+    assert labels and all(isinstance(g, str) and g for g in labels)
+    assert page.locator(f"{ACTIVE} .cellkit-attention-heatmap .heatmaplayer").count() >= 1
+    no_widget_errors(page)
+    shot(page, "6-attention")
