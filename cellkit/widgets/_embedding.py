@@ -112,6 +112,7 @@ class EmbeddingPanel(Panel):
         self.basis_dropdown.observe(self._on_basis_widget, names="value")
         self.color_dropdown = widgets.Dropdown(options=[("(none)", "")], layout=widgets.Layout(width="260px"))
         self.color_dropdown.observe(self._on_color_widget, names="value")
+        self.color_dropdown.add_class("cellkit-color-by")
         self.gene_box = widgets.Combobox(
             options=[],
             placeholder="gene (type, then Enter)",
@@ -120,6 +121,7 @@ class EmbeddingPanel(Panel):
             layout=widgets.Layout(width="200px"),
         )
         self.gene_box.observe(self._on_gene_widget, names="value")
+        self.gene_box.add_class("cellkit-color-gene")
         self.hover_select = widgets.SelectMultiple(options=[], rows=3, layout=widgets.Layout(width="260px"))
         self.hover_select.observe(self._on_hover_widget, names="value")
         self.max_points_box = widgets.BoundedIntText(
