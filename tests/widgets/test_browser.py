@@ -286,3 +286,20 @@ def test_attention_heatmap_draws(page):
     assert page.locator(f"{ACTIVE} .cellkit-attention-heatmap .heatmaplayer").count() >= 1
     no_widget_errors(page)
     shot(page, "6-attention")
+
+
+def test_gene_search_draws_neighbours(page):
+    tab(page, "Genes")
+    visible(page, "input[placeholder='gene']").fill("CST3")
+    click(page, "Find similar genes")
+    page.wait_for_function(
+        "() => { const gd = document.querySelector('.cellkit-similar-genes.js-plotly-plot');"
+        " return gd && gd.data && gd.data.length && (gd.data[0].y || []).length >= 10; }",
+        timeout=60_000,
+    )
+    genes = plot_data(page, "cellkit-similar-genes", "Array.from(gd.data[0].y)")
+    assert "CST3" not in genes and all(isinstance(g, str) for g in genes)
+    table = visible(page, ".cellkit-similar-table").inner_text()
+    assert all(g in table for g in genes)
+    no_widget_errors(page)
+    shot(page, "7-genes")
