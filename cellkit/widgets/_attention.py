@@ -257,6 +257,7 @@ class AttentionPanel(Panel):
         self.state.observe(self._on_model, names="model")
         self.state.observe(self._on_adata, names="adata")
         self.state.observe(self._on_selections, names=["selections", "active_selection"])
+        self.state.observe(self._on_obs_changed, names="obs_version")
         self._on_model()
         self._on_adata()
         self._update_mode()
@@ -293,6 +294,18 @@ class AttentionPanel(Panel):
         self.expression.value = "default"
         self._refresh_group_values()
         self._on_selections()
+
+    def _on_obs_changed(self, _change: Any = None) -> None:
+        """New obs columns: offer them as groups, keep the current choices."""
+        if self.state.adata is None:
+            return
+        cols = self._group_columns()
+        for dropdown in (self.groupby, self.diff_groupby):
+            if list(dropdown.options) != list(cols):
+                current = dropdown.value
+                dropdown.options = cols
+                if current in cols:
+                    dropdown.value = current
 
     def _on_selections(self, change: Any = None) -> None:
         names = sorted(self.state.selections)

@@ -284,6 +284,7 @@ class DataPanel(Panel):
         self.state.observe(self._on_selections, names="selections")
         self.state.observe(self._on_active_selection, names="active_selection")
         self.state.observe(self._on_tokens, names="tokens")
+        self.state.observe(self._on_obs_changed, names="obs_version")
 
         def section(text: str) -> widgets.HTML:
             return widgets.HTML(f"<div style='font-weight:600;margin-top:6px'>{_esc(text)}</div>")
@@ -928,6 +929,23 @@ class DataPanel(Panel):
         self._hist_box.layout.display = ""
 
     # ================================================================== state observers
+    def _on_obs_changed(self, _change: Any = None) -> None:
+        """New obs columns (predictions, scores): list them, keep the current choice."""
+        adata = self.state.adata
+        if adata is None:
+            return
+        cols = list(adata.obs.columns)
+        if cols == list(self.filter_column.options):
+            return
+        current = self.filter_column.value
+        self._quiet = True
+        try:
+            self.filter_column.options = cols
+            self.filter_column.value = current if current in cols else (cols[0] if cols else None)
+        finally:
+            self._quiet = False
+        self.data_html.value = self._data_info_html()
+
     def _on_adata(self, _change: Any = None) -> None:
         adata = self.state.adata
         self.data_html.value = self._data_info_html()

@@ -207,6 +207,7 @@ class EmbeddingPanel(Panel):
         self.state.observe(self._on_embedding_key, names="embedding_key")
         self.state.observe(self._on_finetune, names="finetune_result")
         self.state.observe(self._on_busy, names="busy")
+        self.state.observe(self._on_obs_changed, names="obs_version")
         self._update_selection_label()
         self._reset_for_data()
 
@@ -407,6 +408,7 @@ class EmbeddingPanel(Panel):
             adata.obs[key] = mask
             text += f" Wrote adata.obs[{key!r}] (True for the {len(names):,} selected cells)."
             self._refresh_options()
+            self.state.obs_changed()
         self.selection_name.value = _next_name(name, self.state.selections)
         self.show_message(text, "ok")
         return names
@@ -431,6 +433,13 @@ class EmbeddingPanel(Panel):
     def _on_finetune(self, _change: Any) -> None:
         if self.state.adata is not None:
             self._refresh_options()
+
+    def _on_obs_changed(self, _change: Any) -> None:
+        if self.state.adata is not None:
+            try:
+                self._refresh_options()
+            except Exception as exc:  # pragma: no cover - never raise into traitlets
+                self.show_error(exc)
 
     def _on_busy(self, change: Any) -> None:
         # a background job (predict, embed, ...) just ended: it may have written obs / obsm keys

@@ -432,6 +432,7 @@ class FinetunePanel(Panel):
         self.state.observe(self._on_data, names="adata")
         self.state.observe(self._on_model, names="model")
         self.state.observe(self._on_cells, names=["active_selection", "selections"])
+        self.state.observe(self._on_data, names="obs_version")
         self.refresh()
 
     # ------------------------------------------------------------------ state → controls
@@ -747,6 +748,7 @@ class FinetunePanel(Panel):
             extra = f" (replaced the existing {', '.join(repr(k) for k in replaced)})" if replaced else ""
             self.show_message(f"Wrote {keys} for {n:,} cells{extra}.", "ok")
             self.refresh()
+            self.state.obs_changed()
 
         return self.run_in_background(work, name="predict", on_done=done)
 

@@ -232,6 +232,7 @@ class GenePanel(Panel):
         self.state.observe(self._on_model, names="model")
         self.state.observe(self._on_adata, names="adata")
         self.state.observe(self._on_busy, names="busy")
+        self.state.observe(lambda _c: self._refresh_groupby(), names="obs_version")
         self._on_adata(None)
         self._on_model(None)
 
@@ -439,6 +440,7 @@ class GenePanel(Panel):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             cellkit.analysis.score_programs(adata, self.programs, key_added=key)
+        self.state.obs_changed()
         columns = [f"{key}_{name}" for name in self.programs]
         fig = cellkit.viz.program_heatmap(adata, columns, groupby)
         _replace_figure(self.heatmap_figure, fig)

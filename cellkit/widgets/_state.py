@@ -40,6 +40,9 @@ class StudioState(traitlets.HasTraits):
         ``obsm`` key of the cell embedding shown by the embedding explorer (``""``: none yet).
     busy
         Name of a long task running in the background (``""``: idle).
+    obs_version
+        Bumped by :meth:`obs_changed` whenever a panel writes ``adata.obs`` columns (predictions,
+        program scores, a selection column), so panels listing obs columns refresh.
     """
 
     model = traitlets.Any(None, allow_none=True)
@@ -52,6 +55,7 @@ class StudioState(traitlets.HasTraits):
     finetune_result = traitlets.Any(None, allow_none=True)
     embedding_key = traitlets.Unicode("")
     busy = traitlets.Unicode("")
+    obs_version = traitlets.Int(0)
 
     def __init__(self, *, adata: Any = None, model: Any = None, adata_name: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -75,6 +79,10 @@ class StudioState(traitlets.HasTraits):
         self.embedding_key = ""
         self.adata_name = name
         self.adata = adata
+
+    def obs_changed(self) -> None:
+        """Tell the panels that ``adata.obs`` gained or changed columns."""
+        self.obs_version += 1
 
     # -- selections
     def add_selection(self, name: str, cells: Any, *, activate: bool = True) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cellkit._errors import CellkitError, ConfigError, DataError
@@ -148,3 +149,24 @@ def test_panels_work_alone(pbmc, demo):
         panel.state.set_model(demo, source="demo")
         panel.state.set_adata(pbmc, name="pbmc")
         assert panel.last_error is None, (name, panel.last_error)
+
+
+def test_new_obs_columns_reach_every_panel(pbmc, demo):
+    import cellkit
+
+    studio = cellkit.Studio(adata=pbmc, model=demo, adata_name="pbmc")
+    version = studio.state.obs_version
+    # a panel writes a column (the embedding panel's "also write obs column")
+    studio.embedding_panel.select_points(np.arange(20))
+    studio.embedding_panel.save_selection("first20", write_obs=True, obs_key="first20")
+    assert studio.embedding_panel.last_error is None
+    assert studio.state.obs_version == version + 1
+    assert "first20" in studio.data_panel.filter_column.options
+    assert "first20" in studio.attention_panel.groupby.options
+    # any code can announce new columns (e.g. predictions written from the notebook)
+    pbmc.obs["my_pred"] = pd.Categorical(np.where(np.arange(700) % 2, "a", "b"))
+    studio.state.obs_changed()
+    assert "my_pred" in studio.data_panel.filter_column.options
+    assert "my_pred" in studio.finetune_panel.label_key.options
+    assert "my_pred" in [v for _, v in studio.embedding_panel.color_dropdown.options]
+    assert "my_pred" in studio.gene_panel.groupby_dropdown.options
