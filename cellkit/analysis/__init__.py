@@ -24,6 +24,7 @@ from .genes import (
     similar_genes,
 )
 from .mapping import embedding_metrics, transfer_labels
+from .perturb import in_silico_perturb, perturb_tokens
 
 __all__ = [
     "CellAttention",
@@ -38,6 +39,8 @@ __all__ = [
     "gene_network",
     "gene_programs",
     "gene_similarity",
+    "in_silico_perturb",
+    "perturb_tokens",
     "resolve_hidden_layer",
     "score_programs",
     "similar_genes",
