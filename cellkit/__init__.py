@@ -29,6 +29,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data.tokenize import tokenize
     from .data.tokenized import TokenizedCells, open_shards
     from .model import CellModel, CellModelConfig, CellModelOutput, inspect_checkpoint, load_model
+    from .perturbation import (
+        PerturbationModel,
+        evaluate_perturbation,
+        fit_perturbation_model,
+        load_perturbation_model,
+        parse_condition,
+    )
     from .tasks import FinetuneResult, PretrainResult, finetune, predict, pretrain
     from .train import Callback, Event, History, Trainer, TrainerConfig
     from .widgets import Studio
@@ -53,6 +60,11 @@ _LAZY = {
     "pretrain": "cellkit.tasks",
     "FinetuneResult": "cellkit.tasks",
     "PretrainResult": "cellkit.tasks",
+    "fit_perturbation_model": "cellkit.perturbation",
+    "evaluate_perturbation": "cellkit.perturbation",
+    "load_perturbation_model": "cellkit.perturbation",
+    "parse_condition": "cellkit.perturbation",
+    "PerturbationModel": "cellkit.perturbation",
     "Trainer": "cellkit.train",
     "TrainerConfig": "cellkit.train",
     "Callback": "cellkit.train",
@@ -71,6 +83,7 @@ _SUBMODULES = {
     "model",
     "train",
     "presets",
+    "perturbation",
     "datasets",
     "analysis",
     "viz",
@@ -95,6 +108,7 @@ __all__ = [
     "GeneVocab",
     "History",
     "MissingDependencyError",
+    "PerturbationModel",
     "PretrainResult",
     "Studio",
     "TokenizedCells",
@@ -105,10 +119,14 @@ __all__ = [
     "__version__",
     "embed_cells",
     "embedding_metrics",
+    "evaluate_perturbation",
     "finetune",
+    "fit_perturbation_model",
     "inspect_checkpoint",
     "load_model",
+    "load_perturbation_model",
     "open_shards",
+    "parse_condition",
     "predict",
     "pretrain",
     "tokenize",

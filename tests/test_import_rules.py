@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "_inference": {"core", "data", "train", "model", "_utils"},
     "analysis": {"core", "data", "heads", "model", "_inference", "_utils"},
     "tasks": {"core", "data", "train", "model", "_inference", "_utils"},
+    "perturbation": {"core", "data", "train", "model", "presets", "_inference", "_utils"},
     "datasets": {"model", "data", "presets", "tasks", "_utils"},
     "viz": {"_utils"},
     "cli": {
@@ -52,6 +53,7 @@ ALLOWED: dict[str, set[str]] = {
         "checkpoints",
         "train",
         "tasks",
+        "perturbation",
         "presets",
         "datasets",
         "analysis",
@@ -79,6 +81,7 @@ BANNED: dict[str, set[str]] = {
     "heads": {"anndata", "pandas", "scanpy", "ipywidgets", "anywidget", "plotly", "matplotlib"},
     "train": {"anndata", "scanpy", "ipywidgets", "anywidget", "plotly", "matplotlib"},
     "tasks": {"ipywidgets", "anywidget", "plotly", "matplotlib"},
+    "perturbation": {"ipywidgets", "anywidget", "plotly", "matplotlib"},
     "_inference": {"anndata", "scanpy", "ipywidgets", "anywidget", "plotly", "matplotlib"},
     "analysis": {"ipywidgets", "anywidget", "plotly", "matplotlib"},
     "data": {"ipywidgets", "anywidget", "plotly"},

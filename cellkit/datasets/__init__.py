@@ -1,4 +1,5 @@
-"""Offline demo data and a demo model: :func:`pbmc_demo` and :func:`demo_model`.
+"""Offline demo data and a demo model: :func:`pbmc_demo` and :func:`demo_model`; a synthetic
+perturb-seq screen with planted effects: :func:`synthetic_perturbation`.
 
 The demo model is **a demo for exercising the kit, not a foundation model**: a small scGPT-style
 transformer (d_model 64, 2 layers, value-weighted pooling, ~0.14 M parameters, 0.6 MB) that
@@ -25,7 +26,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..model import CellModel
 
-__all__ = ["DEMO_TOKENIZE_OPTIONS", "demo_model", "demo_model_path", "pbmc_demo"]
+from .perturbation import synthetic_perturbation
+
+__all__ = ["DEMO_TOKENIZE_OPTIONS", "demo_model", "demo_model_path", "pbmc_demo", "synthetic_perturbation"]
 
 #: Tokenize options for :func:`pbmc_demo` with :func:`demo_model` (together with ``use_raw=True``):
 #: ``.raw`` already holds log1p CP10k values, so no further normalisation. (scGPT's per-cell
