@@ -90,7 +90,18 @@ BANNED: dict[str, set[str]] = {
 }
 WIDGET_ONLY = {"ipywidgets", "anywidget", "jupyterlab"}
 #: what cellkit/widgets may import from cellkit: public packages only
-WIDGETS_MAY_IMPORT = {"__init__", "viz", "analysis", "datasets", "tasks", "model", "data", "train", "presets", "widgets"}
+WIDGETS_MAY_IMPORT = {
+    "__init__",
+    "viz",
+    "analysis",
+    "datasets",
+    "tasks",
+    "model",
+    "data",
+    "train",
+    "presets",
+    "widgets",
+}
 
 
 def _package_of(path: Path) -> str:
