@@ -256,6 +256,8 @@ class PerturbationPanel(Panel):
             tooltip="random expression-matched genes per perturbed gene (e.g. 20 for z-scores and p-values)",
         )
         self.seed = widgets.IntText(value=0, layout=small)
+        self.max_cells.add_class("cellkit-perturb-max-cells")
+        self.n_null.add_class("cellkit-perturb-n-null")
         self.goal_kind = widgets.Dropdown(
             options=list(_GOAL_KINDS), value="none", layout=widgets.Layout(width="130px")
         )
