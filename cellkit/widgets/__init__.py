@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._finetune import FinetunePanel
     from ._genes import GenePanel
     from ._model import ModelPanel
+    from ._perturb import PerturbationPanel
     from ._studio import Studio
 
 _LAZY = {
@@ -33,6 +34,7 @@ _LAZY = {
     "EmbeddingPanel": "._embedding",
     "GenePanel": "._genes",
     "AttentionPanel": "._attention",
+    "PerturbationPanel": "._perturb",
     "Studio": "._studio",
 }
 
@@ -44,6 +46,7 @@ __all__ = [
     "GenePanel",
     "ModelPanel",
     "Panel",
+    "PerturbationPanel",
     "Studio",
     "StudioState",
     "guarded",

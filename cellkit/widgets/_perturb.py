@@ -1225,7 +1225,7 @@ class PerturbationPanel(Panel):
 
         def compute() -> dict[str, Any]:
             pred = result.predict(labels)
-            return {"prediction": pred, **self._compare(result, pred, parsed)}
+            return {"prediction": pred, **self._compare_with_observed(result, pred, parsed)}
 
         def done(out: dict[str, Any]) -> None:
             self._show_prediction(out, top_k)
@@ -1236,7 +1236,9 @@ class PerturbationPanel(Panel):
         done(compute())
         return self.prediction
 
-    def _compare(self, result: Any, pred: pd.DataFrame, parsed: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    def _compare_with_observed(
+        self, result: Any, pred: pd.DataFrame, parsed: dict[str, tuple[str, ...]]
+    ) -> dict[str, Any]:
         """Changes vs control, and the observed changes / Pearson delta where the data have the cells."""
         import cellkit
         from cellkit.perturbation import parse_condition

@@ -19,6 +19,7 @@ PANELS: tuple[tuple[str, str], ...] = (
     ("embedding_panel", "EmbeddingPanel"),
     ("gene_panel", "GenePanel"),
     ("attention_panel", "AttentionPanel"),
+    ("perturb_panel", "PerturbationPanel"),
 )
 
 
@@ -42,7 +43,7 @@ class Studio(widgets.VBox):
     state
         The shared state: ``studio.state.model``, ``.adata``, ``.tokens``, ``.selections``,
         ``.finetune_result``.
-    model_panel, data_panel, finetune_panel, embedding_panel, gene_panel, attention_panel
+    model_panel, data_panel, finetune_panel, embedding_panel, gene_panel, attention_panel, perturb_panel
         The panels (each also usable alone).
 
     Examples

@@ -73,7 +73,11 @@ def page(lab):
         pg = context.new_page()
         open_and_run_all(pg, lab, NOTEBOOK, "studio")
         wait_idle(lab, NOTEBOOK)
-        pg.wait_for_selector(f"{ACTIVE} .cellkit-studio", timeout=60_000)
+        try:
+            pg.wait_for_selector(f"{ACTIVE} .cellkit-studio", timeout=120_000)
+        except Exception:
+            pg.screenshot(path=str(artifacts_dir() / "fail-studio-open.png"))
+            raise
         yield pg
         context.close()
         browser.close()
@@ -102,7 +106,7 @@ def no_widget_errors(page) -> None:
 
 
 def test_every_tab_renders(page):
-    for title in ("Model", "Data", "Fine-tune", "Embeddings", "Genes", "Attention"):
+    for title in ("Model", "Data", "Fine-tune", "Embeddings", "Genes", "Attention", "Perturb"):
         panel = tab(page, title)
         assert panel.is_visible()
         no_widget_errors(page)
@@ -303,3 +307,21 @@ def test_gene_search_draws_neighbours(page):
     assert all(g in table for g in genes)
     no_widget_errors(page)
     shot(page, "7-genes")
+
+
+def test_perturbation_panel_runs_on_the_selection(page):
+    tab(page, "Perturb")
+    visible(page, ".cellkit-perturb-genes input").fill("LYZ, CST3")
+    visible(page, ".cellkit-perturb-max-cells input").fill("30")
+    visible(page, "button.cellkit-perturb-run").click()
+    page.wait_for_function(
+        "() => { const a = document.querySelector('.cellkit-perturb-shift.js-plotly-plot');"
+        " const b = document.querySelector('.cellkit-perturb-cells.js-plotly-plot');"
+        " return a && a.data && a.data.length && (a.data[0].x || []).length === 2 && b && b.data && b.data.length === 2; }",
+        timeout=120_000,
+    )
+    shifts = plot_data(page, "cellkit-perturb-shift", "Array.from(gd.data[0].y)")
+    assert len(shifts) == 2 and all(s >= 0 for s in shifts)
+    assert "perturbation" in visible(page, ".cellkit-perturb-summary").inner_text()
+    no_widget_errors(page)
+    shot(page, "8-perturb")

@@ -114,14 +114,26 @@ def test_studio_composes_every_panel(pbmc, demo):
     import cellkit
 
     studio = cellkit.Studio(adata=pbmc, model=demo, adata_name="pbmc")
-    assert list(studio.panels) == ["Model", "Data", "Fine-tune", "Embeddings", "Genes", "Attention"]
-    assert [studio.tabs.get_title(i) for i in range(6)] == list(studio.panels)
+    assert list(studio.panels) == [
+        "Model",
+        "Data",
+        "Fine-tune",
+        "Embeddings",
+        "Genes",
+        "Attention",
+        "Perturb",
+    ]
+    assert [studio.tabs.get_title(i) for i in range(7)] == list(studio.panels)
     # one shared state
     assert all(p.state is studio.state for p in studio.panels.values())
     assert studio.state.model is demo and studio.state.adata is pbmc
     assert "pbmc: 700 cells × 765 genes" in studio.header.value
     studio.state.add_selection("lasso 1", [0, 1, 2])
     assert "selection “lasso 1” (3 cells)" in studio.header.value
+    # the notebook displays it through repr / _repr_mimebundle_: no panel may shadow widget internals
+    assert repr(studio).startswith("Studio(")
+    for panel in studio.panels.values():
+        assert repr(panel)
     studio.select_tab("Attention")
     assert studio.tabs.selected_index == 5
     with pytest.raises(ConfigError, match="No tab 'Nope'"):
@@ -143,7 +155,15 @@ def test_studio_demo_shortcut_and_bad_model():
 def test_panels_work_alone(pbmc, demo):
     from cellkit import widgets
 
-    for name in ("ModelPanel", "DataPanel", "FinetunePanel", "EmbeddingPanel", "GenePanel", "AttentionPanel"):
+    for name in (
+        "ModelPanel",
+        "DataPanel",
+        "FinetunePanel",
+        "EmbeddingPanel",
+        "GenePanel",
+        "AttentionPanel",
+        "PerturbationPanel",
+    ):
         panel = getattr(widgets, name)()
         assert isinstance(panel, Panel) and isinstance(panel.state, StudioState)
         panel.state.set_model(demo, source="demo")
