@@ -166,6 +166,39 @@ class Panel(widgets.VBox):
             self._job.join(timeout)
 
 
+def line_figure(
+    title: str,
+    *,
+    traces: tuple[str, ...],
+    x_title: str = "step",
+    y_title: str = "loss",
+    css_class: str,
+    width: int = 470,
+    height: int = 320,
+) -> Any:
+    """An empty live line plot (plotly ``FigureWidget``): one ``lines+markers`` trace per name.
+
+    Panels append points with ``fig.batch_update()`` and tuple re-assignment (ui-testing.md §6).
+    """
+    import plotly.graph_objects as go
+
+    fig = go.FigureWidget(
+        layout=go.Layout(
+            title=title,
+            xaxis_title=x_title,
+            yaxis_title=y_title,
+            height=height,
+            width=width,
+            margin=dict(l=55, r=10, t=40, b=40),
+            legend=dict(orientation="h", y=-0.28),
+        )
+    )
+    for name in traces:
+        fig.add_scatter(x=(), y=(), name=name, mode="lines+markers", marker=dict(size=4))
+    fig.add_class(css_class)
+    return fig
+
+
 def labelled(text: str, widget: widgets.Widget, width: str = "130px") -> widgets.HBox:
     """``text`` to the left of ``widget`` (a compact form row)."""
     return widgets.HBox([widgets.Label(text, layout=widgets.Layout(width=width)), widget])

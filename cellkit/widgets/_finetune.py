@@ -43,7 +43,7 @@ import plotly.graph_objects as go
 
 from cellkit import ConfigError, DataError
 
-from ._base import Panel, guarded, html_table, labelled
+from ._base import Panel, guarded, html_table, labelled, line_figure
 from ._state import StudioState
 
 __all__ = ["FinetunePanel", "objective_support"]
@@ -312,19 +312,7 @@ class FinetunePanel(Panel):
         self.status_html.add_class("cellkit-finetune-status")
 
         # -- live figures
-        self.loss_fig = go.FigureWidget(
-            layout=go.Layout(
-                title="Training loss",
-                xaxis_title="step",
-                yaxis_title="loss",
-                height=320,
-                width=470,
-                margin=dict(l=50, r=10, t=40, b=40),
-                legend=dict(orientation="h", y=-0.25),
-            )
-        )
-        self.loss_fig.add_scatter(x=(), y=(), name="loss", mode="lines+markers", marker=dict(size=4))
-        self.loss_fig.add_class("cellkit-loss-plot")
+        self.loss_fig = line_figure("Training loss", traces=("loss",), css_class="cellkit-loss-plot")
         self.val_fig = go.FigureWidget(
             layout=go.Layout(
                 title="Validation per epoch",

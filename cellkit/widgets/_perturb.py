@@ -45,7 +45,7 @@ import plotly.graph_objects as go
 
 from cellkit import CellkitError, ConfigError, DataError, UnknownGeneError
 
-from ._base import Panel, guarded, html_table, labelled
+from ._base import Panel, guarded, html_table, labelled, line_figure
 from ._state import StudioState
 
 __all__ = ["PerturbationPanel"]
@@ -323,20 +323,14 @@ class PerturbationPanel(Panel):
         self.progress.add_class("cellkit-perturb-progress")
         self.status_html = widgets.HTML("no response model")
         self.status_html.add_class("cellkit-perturb-status")
-        self.loss_fig = go.FigureWidget(
-            layout=go.Layout(
-                title="Response-model training loss",
-                xaxis_title="step",
-                yaxis_title="MSE",
-                height=300,
-                width=480,
-                margin=dict(l=60, r=10, t=40, b=40),
-                legend=dict(orientation="h", y=-0.3),
-            )
+        self.loss_fig = line_figure(
+            "Response-model training loss",
+            traces=("loss", "val/loss"),
+            y_title="MSE",
+            css_class="cellkit-perturb-loss",
+            width=480,
+            height=300,
         )
-        self.loss_fig.add_scatter(x=(), y=(), name="loss", mode="lines+markers", marker=dict(size=4))
-        self.loss_fig.add_scatter(x=(), y=(), name="val/loss", mode="lines+markers")
-        self.loss_fig.add_class("cellkit-perturb-loss")
         self.model_path = widgets.Text(
             placeholder="directory of a saved response model", layout=widgets.Layout(width="320px")
         )
