@@ -546,7 +546,14 @@ def finetune(
 
     # -- held-out evaluation
     held = test_ds if test_ds is not None else val_ds
-    metrics: dict[str, float] = {k: v for k, v in fit.metrics.items() if k.startswith("val/")}
+    # validation metrics of the epoch whose weights were kept (the best one), not of the last epoch
+    chosen = fit.metrics
+    if fit.best_step is not None:
+        for rec in fit.history.epoch_records:
+            if rec.get("step") == fit.best_step and any(k.startswith("val/") for k in rec):
+                chosen = rec
+                break
+    metrics: dict[str, float] = {k: v for k, v in chosen.items() if k.startswith("val/")}
     report = pd.DataFrame()
     confusion = pd.DataFrame()
     if held is not None and "cls" in names and fit.status in ("completed", "early_stopped"):

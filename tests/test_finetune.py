@@ -296,3 +296,23 @@ def test_model_input_conventions_are_tokenizer_defaults():
     np.testing.assert_array_equal(tokens.values, explicit.values)
     other = cellkit.tokenize(adata, model, normalize_total=1e4, progress=False)  # the caller wins
     assert other.options["normalize_total"] == 1e4
+
+
+def test_reported_validation_metrics_are_the_kept_epochs():
+    # the weights of the best epoch are restored, so the val/... numbers must be that epoch's, not the last's
+    adata = make_adata()
+    result = finetune(
+        adata,
+        make_model(),
+        label_key="cell_type",
+        epochs=5,
+        lr=3e-2,  # too high on purpose: the validation loss goes back up after its best epoch
+        batch_size=16,
+        progress=False,
+        monitor="val/loss",
+    )
+    epochs = result.history.epochs
+    best = epochs.loc[epochs["val/loss"].idxmin()]
+    assert best.name != epochs.index[-1], "the test needs a run whose last epoch is not its best"
+    assert result.metrics["val/loss"] == pytest.approx(best["val/loss"], abs=0)
+    assert result.metrics["val/accuracy"] == pytest.approx(best["val/accuracy"], abs=0)

@@ -96,6 +96,7 @@ WIDGETS_MAY_IMPORT = {
     "analysis",
     "datasets",
     "tasks",
+    "perturbation",
     "model",
     "data",
     "train",

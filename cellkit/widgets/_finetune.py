@@ -165,6 +165,15 @@ def _remove_dir(path: str | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+#: each tokenizer scheme's name for "tokens per cell" (what "Max genes / cell" sets)
+LENGTH_OPTION = {
+    "scgpt": "max_len",
+    "geneformer": "model_input_size",
+    "teddy": "max_seq_len",
+    "perturbgene": "max_length",
+}
+
+
 class FinetunePanel(Panel):
     """Fine-tune the studio's model for cell-type annotation, watching the loss live.
 
@@ -529,7 +538,8 @@ class FinetunePanel(Panel):
             "monitor": self.monitor.value,
         }
         if int(self.max_genes.value) != 0:
-            out["tokenize_options"] = {"max_len": int(self.max_genes.value)}
+            family = getattr(getattr(self.state.model, "config", None), "family", "scgpt")
+            out["tokenize_options"] = {LENGTH_OPTION.get(family, "max_len"): int(self.max_genes.value)}
         if int(self.patience.value) != 0:
             out["early_stopping_patience"] = int(self.patience.value)
         return out
@@ -544,7 +554,7 @@ class FinetunePanel(Panel):
             raise ConfigError("Tick at least one objective (cls trains the classifier).")
         if "dab" in kw["objectives"] and kw["batch_key"] is None:
             raise ConfigError("The 'dab' objective needs a batch column: choose one or untick dab.")
-        if "tokenize_options" in kw and kw["tokenize_options"]["max_len"] < 2:
+        if "tokenize_options" in kw and min(kw["tokenize_options"].values()) < 2:
             raise ConfigError("Max genes / cell must be at least 2 (or 0 for every expressed gene).")
         if kw["label_key"] == kw["batch_key"]:
             raise ConfigError("The batch column must differ from the label column.")

@@ -361,3 +361,19 @@ def test_reuses_the_studios_tokens_when_they_fit(state):
     state.remove_selection("four types")  # other cells
     data, _, _ = panel._data_for(state.adata, panel.settings())
     assert data is state.adata
+
+
+def test_max_genes_uses_each_scheme_option_name(state):
+    from cellkit.widgets import FinetunePanel
+    from cellkit.widgets._finetune import LENGTH_OPTION
+
+    panel = FinetunePanel(state)
+    panel.max_genes.value = 16
+    assert panel.settings()["tokenize_options"] == {"max_len": 16}  # the demo model is scGPT-style
+    for family, option in LENGTH_OPTION.items():
+        state.model.config.family = family
+        assert panel.settings()["tokenize_options"] == {option: 16}
+    from cellkit.data.schemes import get_scheme
+
+    for scheme, option in LENGTH_OPTION.items():
+        assert option in get_scheme(scheme).OPTIONS
