@@ -62,6 +62,33 @@ def resolve_hidden_layer(model: CellModel, hidden_layer: int | None) -> int | No
     return None if idx == n else idx
 
 
+def pooled_embedding(
+    model: CellModel,
+    out: Any,
+    batch: Mapping[str, torch.Tensor],
+    mode: str,
+    idx: int | None,
+    same_as_model: bool,
+    normalize: bool,
+) -> torch.Tensor:
+    """``(B, d)`` float32 cell embeddings of one forward output: the model's own pooling, or
+    ``mode`` over hidden layer ``idx`` (``<cls>``/``<eos>`` excluded from means), L2-normalised on request."""
+    if same_as_model:
+        emb = out.cell_embedding
+    else:
+        h = out.last_hidden_state if idx is None else out.hidden_states[idx]
+        gene_ids = batch["gene_ids"].to(h.device)
+        emb = pool_cells(
+            h,
+            mode=mode,  # type: ignore[arg-type]
+            padding_mask=out.padding_mask,
+            values=batch["values"].to(h.device) if "values" in batch else None,
+            exclude_mask=model._boundary_tokens(gene_ids) if mode == "mean" else None,
+        )
+    emb = emb.float()
+    return torch.nn.functional.normalize(emb, p=2, dim=1) if normalize else emb
+
+
 def cell_embeddings(
     model: CellModel,
     tokens: TokenizedCells | ShardedTokens,
@@ -106,22 +133,7 @@ def cell_embeddings(
     same_as_model = idx is None and mode == model.config.pooling
 
     def fn(out: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if same_as_model:
-            emb = out.cell_embedding
-        else:
-            h = out.last_hidden_state if idx is None else out.hidden_states[idx]
-            gene_ids = batch["gene_ids"].to(h.device)
-            emb = pool_cells(
-                h,
-                mode=mode,  # type: ignore[arg-type]
-                padding_mask=out.padding_mask,
-                values=batch["values"].to(h.device) if "values" in batch else None,
-                exclude_mask=model._boundary_tokens(gene_ids) if mode == "mean" else None,
-            )
-        emb = emb.float()
-        if normalize:
-            emb = torch.nn.functional.normalize(emb, p=2, dim=1)
-        return {"emb": emb}
+        return {"emb": pooled_embedding(model, out, batch, mode, idx, same_as_model, normalize)}
 
     res = run_inference(
         model,

@@ -72,8 +72,9 @@ from .._utils import get_logger
 from ..data.sources import select_rows
 from ..data.tokenize import tokenize
 from ..data.tokenized import TokenizedCells
-from ..heads import POOLING_MODES, pool_cells
+from ..heads import POOLING_MODES
 from ..model import CellModel
+from .embeddings import pooled_embedding
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -483,20 +484,7 @@ def _embedder(
     def embed(tokens: TokenizedCells, on_states: Callable[..., None] | None = None) -> np.ndarray:
         def fn(out: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             h = out.last_hidden_state if idx is None else out.hidden_states[idx]
-            if same_as_model:
-                emb = out.cell_embedding
-            else:
-                gene_ids = batch["gene_ids"].to(h.device)
-                emb = pool_cells(
-                    h,
-                    mode=pooling,  # type: ignore[arg-type]
-                    padding_mask=out.padding_mask,
-                    values=batch["values"].to(h.device) if "values" in batch else None,
-                    exclude_mask=model._boundary_tokens(gene_ids) if pooling == "mean" else None,
-                )
-            emb = emb.float()
-            if normalize:
-                emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+            emb = pooled_embedding(model, out, batch, pooling, idx, same_as_model, normalize)
             if on_states is not None:
                 index = batch["index"].cpu().numpy()
                 on_states(index, h.float().cpu().numpy(), tokens.lengths[index])
