@@ -330,7 +330,9 @@ def build_model(
 
     Returns
     -------
-    :class:`~cellkit.CellModel` in training mode. For ``"scgpt"`` and ``"geneformer"`` the
+    :class:`~cellkit.CellModel` in training mode, initialised as the family's reference does
+    (Geneformer / PerturbGene: BERT's N(0, 0.02); scGPT: PyTorch defaults with the gene table
+    from U(-0.1, 0.1)). For ``"scgpt"`` and ``"geneformer"`` the
     vocabulary is the genes plus the specials; for ``"perturbgene"`` it is the specials, the
     phenotype tokens and ``bin_0 … bin_n``, and the genes become the ``"genes"`` resource (a
     gene's index there is its token type).
@@ -378,17 +380,55 @@ def build_model(
     config.metadata = {"source": "cellkit.presets.build_model", "init": "random", "seed": seed}
     if seed is None:
         model = CellModel(config, vocab)
+        _init_weights(model, family)
     else:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an integer or None, got {seed!r}.")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = CellModel(config, vocab)
+            _init_weights(model, family)
     model.resources = {**dict(resources or {}), **extra_resources}
     return model
 
 
 # ---------------------------------------------------------------------------------------- helpers
+#: BERT's ``initializer_range`` (Geneformer's config.json; DistilBERT, PerturbGene's encoder)
+BERT_INIT_STD = 0.02
+#: scGPT's ``init_weights``: the gene-token table is re-drawn from U(-0.1, 0.1) (pad row included)
+SCGPT_GENE_INIT_RANGE = 0.1
+
+
+@torch.no_grad()
+def _init_weights(model: CellModel, family: str) -> None:
+    """Initialise a fresh model the way its family's reference implementation does.
+
+    Geneformer / PerturbGene (BERT, DistilBERT): every Linear and Embedding weight
+    N(0, 0.02), biases 0, LayerNorm 1 / 0, the padding row 0 — PyTorch's default N(0, 1)
+    embeddings would make the tied MLM decoder's first logits ~50x too large and the model
+    fails to learn. scGPT: PyTorch's defaults except the gene-token table, drawn from
+    U(-0.1, 0.1) as scGPT's ``init_weights`` does.
+    """
+    if family == "scgpt":
+        model.encoder.embeddings.gene.weight.uniform_(-SCGPT_GENE_INIT_RANGE, SCGPT_GENE_INIT_RANGE)
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.normal_(0.0, BERT_INIT_STD)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, torch.nn.LayerNorm) and module.elementwise_affine:
+            module.weight.fill_(1.0)
+            if module.bias is not None:
+                module.bias.zero_()
+    # embeddings last: the MLM decoder shares the gene table, whose padding row must end up 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            module.weight.normal_(0.0, BERT_INIT_STD)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+
+
 def _require_specials(vocab: GeneVocab, required: Mapping[str, str], what: str, family: str) -> None:
     have = vocab.specials
     missing = {role: token for role, token in required.items() if role not in have}

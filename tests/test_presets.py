@@ -7,6 +7,7 @@ collate (with its masking) and run the MLM head; save → load round trips bit f
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 
 import anndata as ad
@@ -323,3 +324,30 @@ def test_exports():
     import cellkit.presets as presets
 
     assert {"build_model", "geneformer_config", "perturbgene_config", "scgpt_config"} <= set(presets.__all__)
+
+
+@pytest.mark.parametrize("family", ["geneformer", "perturbgene"])
+def test_build_model_bert_families_start_from_berts_init(family):
+    """N(0, 0.02) weights: the tied MLM decoder's first loss is chance level, ln(vocab)."""
+    kw = {"phenotypes": PHENOTYPES, "bin_edges": EDGES} if family == "perturbgene" else {}
+    model = build_model(GENES, family=family, seed=0, **kw, **TINY)
+    emb = model.encoder.embeddings.gene
+    assert abs(float(emb.weight.detach().std()) - 0.02) < 0.005
+    if emb.padding_idx is not None:
+        assert torch.count_nonzero(emb.weight[emb.padding_idx]) == 0
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.bias is None or torch.count_nonzero(m.bias) == 0 for m in linears)
+    gen = torch.Generator().manual_seed(0)
+    n_vocab = len(model.vocab)
+    ids = torch.randint(0, n_vocab, (4, 12), generator=gen)
+    types = torch.randint(0, 3, (4, 12), generator=gen) if family == "perturbgene" else None
+    logits = model.eval()(ids, token_type_ids=types, heads=("mlm",)).token_logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, n_vocab), ids.reshape(-1))
+    assert abs(float(loss.detach()) - math.log(n_vocab)) < 0.5
+
+
+def test_build_model_scgpt_gene_table_as_scgpt_init_weights():
+    model = build_model(GENES, seed=0, **TINY)
+    table = model.encoder.embeddings.gene.weight
+    assert float(table.abs().max()) <= 0.1
+    assert float(table.std()) > 0.04  # U(-0.1, 0.1): std 0.058

@@ -767,6 +767,8 @@ def top_influenced_genes(
     k: int = 20,
     key: str = "gene_attention",
     include_self: bool = False,
+    min_cells: int = 1,
+    counts: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The query genes that attend most to ``gene`` (its column of a gene × gene map).
 
@@ -785,13 +787,21 @@ def top_influenced_genes(
         ``uns`` key when ``attention`` is an AnnData.
     include_self
         Keep ``gene`` itself among the candidates.
+    min_cells
+        Keep only genes that co-occur with ``gene`` in at least this many cells: a mean over one
+        or two cells is noise that would otherwise top the ranking. Needs the counts (an AnnData
+        from ``gene_attention(..., key_added=...)`` or ``counts=``).
+    counts
+        The ``G × G`` co-occurrence counts of a map passed as a DataFrame
+        (``gene_attention(..., return_counts=True)``).
 
     Returns
     -------
     Tidy DataFrame, best first: ``rank`` (1-based), ``gene``, ``score`` (and ``n_cells`` when the
     counts are known). Genes that never co-occur with ``gene`` (NaN) are left out.
     """
-    counts = None
+    if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer) or min_cells < 1:
+        raise ConfigError(f"min_cells must be an integer >= 1, got {min_cells!r}.")
     if isinstance(attention, pd.DataFrame):
         df = attention
     else:
@@ -807,10 +817,17 @@ def top_influenced_genes(
         raise ConfigError(f"k must be >= 1, got {k}.")
     if gene not in df.columns:
         raise _unknown_gene(gene, [str(c) for c in df.columns], f"this attention map ({df.shape[1]:,} genes)")
+    if min_cells > 1 and counts is None:
+        raise ConfigError(
+            "min_cells needs the co-occurrence counts: pass counts= (gene_attention(..., return_counts=True)) "
+            "or an AnnData with uns[key] from gene_attention(..., key_added=key)."
+        )
     col = df[gene]
     if not include_self:
         col = col.drop(index=gene, errors="ignore")
     col = col.dropna()
+    if min_cells > 1:
+        col = col[counts[gene].reindex(col.index).fillna(0).to_numpy() >= min_cells]
     order = np.argsort(-col.to_numpy(), kind="stable")[:k]
     out = pd.DataFrame(
         {
@@ -833,6 +850,7 @@ def attention_difference(
     control: Any,
     gene: str | None = None,
     k: int | None = None,
+    min_cells: int = 1,
     cells: Any = None,
     layer: int = -1,
     head: int | None = None,
@@ -864,6 +882,9 @@ def attention_difference(
         Keep only the pairs whose key is this gene (the genes it influences).
     k
         Keep the ``k`` largest differences.
+    min_cells
+        Keep only pairs that co-occur in at least this many cells of *each* group (a difference
+        of two one-cell means is noise).
     cells, layer, head, genes, statistic, include_special, batch_size, chunk_size, max_genes, attn_backend, device
         As in :func:`gene_attention`; the gene space is shared by both groups.
     tokenize_options, data_layer, use_raw, gene_column
@@ -877,6 +898,8 @@ def attention_difference(
     """
     _check_statistic(statistic)
     _check_backend(attn_backend)
+    if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer) or min_cells < 1:
+        raise ConfigError(f"min_cells must be an integer >= 1, got {min_cells!r}.")
     idx_layer = _resolve_layer(model, layer)
     idx_head = _resolve_head(model, head)
     if gene is not None and genes is None and str(gene) not in model.vocab:
@@ -929,6 +952,8 @@ def attention_difference(
     out.insert(4, "difference", out["condition"] - out["control"])
     if gene is not None:
         out = out[out["key_gene"] == gene]
+    if min_cells > 1:
+        out = out[(out["n_cells_condition"] >= min_cells) & (out["n_cells_control"] >= min_cells)]
     out = out.sort_values("difference", ascending=False, kind="stable", na_position="last")
     if k is not None:
         if k < 1:
@@ -945,6 +970,7 @@ def attention_difference(
             "control": str(control),
             "n_cells_condition": int(n_cells[0]),
             "n_cells_control": int(n_cells[1]),
+            "min_cells": int(min_cells),
         }
     )
     return out

@@ -314,6 +314,35 @@ def test_difference_and_top_genes():
     assert "G6" in set(top_influenced_genes(stim_map, "G6", k=10, include_self=True)["gene"])
 
 
+def test_min_cells_drops_rarely_co_occurring_pairs():
+    model = make_model(seed=2)
+    common = ["G1", "G4", "G6"]
+    cells = [[*common, "G8"], [*common, "G8"], [*common, "G11"], common, ["G1", "G6", "G15"], [*common, "G8"]]
+    obs = pd.DataFrame({"condition": ["ctrl", "stim"] * 3}, index=[f"c{i}" for i in range(6)])
+    tokens = hand_tokens(model, cells, obs=obs, seed=3)
+    values, counts = gene_attention(tokens, model, statistic="grn", return_counts=True, device="cpu")
+    everything = top_influenced_genes(values, "G6", k=10, counts=counts)
+    assert set(everything["gene"]) == {"G1", "G4", "G8", "G11", "G15"}
+    kept = top_influenced_genes(values, "G6", k=10, counts=counts, min_cells=3)
+    assert set(kept["gene"]) == {"G1", "G4", "G8"}  # G11 / G15 co-occur with G6 in one cell only
+    assert (kept["n_cells"] >= 3).all()
+    assert kept["score"].is_monotonic_decreasing
+    with pytest.raises(ConfigError, match="counts"):
+        top_influenced_genes(values, "G6", min_cells=3)
+    with pytest.raises(ConfigError, match="min_cells"):
+        top_influenced_genes(values, "G6", counts=counts, min_cells=0)
+    full = attention_difference(
+        tokens, model, groupby="condition", condition="stim", control="ctrl", device="cpu"
+    )
+    pruned = attention_difference(
+        tokens, model, groupby="condition", condition="stim", control="ctrl", min_cells=2, device="cpu"
+    )
+    expected = full[(full.n_cells_condition >= 2) & (full.n_cells_control >= 2)]
+    assert len(pruned) == len(expected) < len(full)
+    assert set(zip(pruned.query_gene, pruned.key_gene)) == set(zip(expected.query_gene, expected.key_gene))
+    assert pruned.attrs["min_cells"] == 2
+
+
 # ----------------------------------------------------------------------------- bad inputs
 def test_bad_inputs_raise_clear_errors():
     adata = make_adata()
