@@ -170,10 +170,28 @@ def _read_data(path: str, *, backed: bool) -> Any:
         return pbmc_demo()
     p = Path(path)
     if not p.exists():
-        raise DataError(f"No data file at {p}; give an .h5ad file (or 'pbmc' for the shipped demo data).")
+        raise DataError(
+            f"No data at {p}; give an .h5ad file, a token shard directory (cellkit.tokenize(..., output=DIR)) "
+            "or 'pbmc' for the shipped demo data."
+        )
+    if p.is_dir():
+        from .data.tokenized import MANIFEST, open_shards
+
+        if not (p / MANIFEST).exists():
+            raise DataError(
+                f"{p} is a directory without {MANIFEST}: not a cellkit token shard directory. Give an .h5ad "
+                "file or the output= directory of cellkit.tokenize."
+            )
+        return open_shards(p)
     if p.suffix != ".h5ad":
         raise DataError(f"{p} is not an .h5ad file; convert it with anndata/scanpy first.")
     return ad.read_h5ad(p, backed="r" if backed else None)
+
+
+def _describe_data(data: Any) -> str:
+    if hasattr(data, "n_vars"):
+        return f"{data.n_obs:,} cells × {data.n_vars:,} genes"
+    return f"{len(data):,} pre-tokenized cells ({data.scheme!r} scheme, {data.n_tokens:,} tokens) from {data.path}"
 
 
 def _train_common(args: argparse.Namespace) -> dict[str, Any]:
@@ -219,7 +237,7 @@ def _finetune(args: argparse.Namespace) -> int:
     objectives = _objectives(args.objectives) or ("cls",)
     if info.is_main:
         print(f"model   {model!r}")
-        print(f"data    {adata.n_obs:,} cells × {adata.n_vars:,} genes; label_key={args.label_key!r}")
+        print(f"data    {_describe_data(adata)}; label_key={args.label_key!r}")
         if info.enabled:
             print(f"ddp     {info.world_size} processes")
     t0 = time.perf_counter()
@@ -262,6 +280,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     adata = _read_data(args.data, backed=args.backed)
     if args.model:
         model = _load_for_training(args.model)
+    elif not hasattr(adata, "n_vars"):
+        raise DataError(
+            "Pretraining from a token shard directory needs --model (the model whose vocabulary made the "
+            "tokens); a fresh model is built from an .h5ad's genes."
+        )
     else:
         arch = _parse_kv(args.arch, "--arch")
         genes = adata.raw.var_names if args.use_raw and adata.raw is not None else adata.var_names
@@ -271,7 +294,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     opts = _train_common(args)
     if info.is_main:
         print(f"model   {model!r}")
-        print(f"data    {adata.n_obs:,} cells × {adata.n_vars:,} genes")
+        print(f"data    {_describe_data(adata)}")
     t0 = time.perf_counter()
     result = pretrain(
         adata,
@@ -307,7 +330,12 @@ def _training_parser(p: argparse.ArgumentParser, *, needs_model: bool) -> None:
         p.add_argument(
             "--model", required=True, help="model directory (cellkit, scGPT, Geneformer) or 'demo'"
         )
-    p.add_argument("--data", required=True, help=".h5ad file (or 'pbmc' for the shipped demo data)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help=".h5ad file, token shard directory (cellkit.tokenize(..., output=DIR); labels as its obs_columns), "
+        "or 'pbmc' for the shipped demo data",
+    )
     p.add_argument("--out", help="directory to save the trained model, history and metrics")
     p.add_argument("--cells", help="obs query selecting the cells, e.g. \"tissue == 'blood'\"")
     p.add_argument(
@@ -323,9 +351,9 @@ def _training_parser(p: argparse.ArgumentParser, *, needs_model: bool) -> None:
     )
     p.add_argument(
         "--use-raw",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="read adata.raw (default: the model's convention)",
+        help="read adata.raw (--use-raw) or adata.X (--no-use-raw); default: the model's convention",
     )
     p.add_argument("--layer", help="read this layer instead of X")
     p.add_argument("--gene-column", help="var column with the gene ids (default var_names)")

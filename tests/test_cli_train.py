@@ -69,6 +69,50 @@ def test_pretrain_command_fresh_model(files, tmp_path, capsys):
     assert "G0" in model.vocab
 
 
+def test_finetune_and_pretrain_from_a_shard_directory(files, tmp_path, capsys):
+    """Big atlases are tokenized once into shards; the training commands read them directly."""
+    import cellkit
+
+    _data, model_dir = files
+    model = load_model(model_dir)
+    shards = tmp_path / "shards"
+    cellkit.tokenize(
+        make_adata(), model, output=shards, obs_columns=["cell_type"], max_shard_samples=40, progress=False
+    )
+    out = tmp_path / "tuned"
+    args = ["finetune", "--model", str(model_dir), "--data", str(shards), "--label-key", "cell_type",
+            "--epochs", "2", "--lr", "3e-3", "--batch-size", "16", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "pre-tokenized cells ('scgpt' scheme" in text
+    assert "test    accuracy" in text
+    assert json.loads((out / "metrics.json").read_text())["classes"] == ["type0", "type1", "type2"]
+    pre = ["pretrain", "--model", str(model_dir), "--data", str(shards), "--epochs", "1", "--quiet"]
+    assert main(pre) == 0
+    assert "status  completed" in capsys.readouterr().out
+    # a fresh model needs genes, which shards do not carry; a directory without a manifest is no data
+    assert main(["pretrain", "--data", str(shards), "--epochs", "1", "--quiet"]) == 2
+    assert "needs --model" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert (
+        main(["finetune", "--model", str(model_dir), "--data", str(tmp_path / "empty"), "--label-key", "x"])
+        == 2
+    )
+    assert "not a cellkit token shard directory" in capsys.readouterr().err
+
+
+def test_use_raw_flag_is_three_valued():
+    import argparse
+
+    from cellkit.cli import _training_parser
+
+    p = argparse.ArgumentParser()
+    _training_parser(p, needs_model=False)
+    assert p.parse_args(["--data", "x"]).use_raw is None  # the model's convention
+    assert p.parse_args(["--data", "x", "--use-raw"]).use_raw is True
+    assert p.parse_args(["--data", "x", "--no-use-raw"]).use_raw is False
+
+
 def test_bad_command_line_inputs(files, capsys):
     data, model_dir = files
     assert (
@@ -77,7 +121,7 @@ def test_bad_command_line_inputs(files, capsys):
     )
     assert "label_key='nope' is not an obs column" in capsys.readouterr().err
     assert main(["finetune", "--model", str(model_dir), "--data", "missing.h5ad", "--label-key", "x"]) == 2
-    assert "No data file" in capsys.readouterr().err
+    assert "No data at" in capsys.readouterr().err
     args = [
         "finetune",
         "--model",

@@ -633,6 +633,29 @@ class ShardedTokens:
         cells.notes = list(self.manifest.get("notes", []))
         return cells
 
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(s["n_tokens"] for s in self.manifest["shards"]))
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self.manifest.get("notes", []))
+
+    def summary(self) -> str:
+        """What :meth:`TokenizedCells.summary` says, for the whole directory (reads only the offsets)."""
+        lengths = self.lengths
+        text = (
+            f"{len(self):,} cells tokenized with the {self.scheme!r} scheme in {self.n_shards} shard(s) at "
+            f"{self.path}: {self.n_tokens:,} tokens, "
+            f"length {int(lengths.min()) if len(lengths) else 0}–{int(lengths.max()) if len(lengths) else 0} "
+            f"(median {float(np.median(lengths)) if len(lengths) else 0:.0f})"
+        )
+        if self.manifest.get("obs_columns"):
+            text += f"\nobs columns: {', '.join(self.manifest['obs_columns'])}"
+        for note in self.notes:
+            text += f"\nnote: {note}"
+        return text
+
     def __repr__(self) -> str:
         return f"ShardedTokens({self.path}, {len(self):,} cells in {self.n_shards} shards, scheme={self.scheme!r})"
 

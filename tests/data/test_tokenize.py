@@ -435,6 +435,14 @@ def test_backed_file_to_shards_and_back(tmp_path):
     np.testing.assert_array_equal(back.obs["label"].astype(str), a.obs["label"].astype(str))
     reopened = open_shards(tmp_path / "shards")
     np.testing.assert_array_equal(reopened.cell(123)["gene_ids"], in_memory.cell(123)["gene_ids"])
+    assert reopened.n_tokens == in_memory.n_tokens
+    lengths = in_memory.lengths
+    summary = reopened.summary()
+    assert summary.startswith(
+        f"300 cells tokenized with the 'scgpt' scheme in 5 shard(s) at {tmp_path / 'shards'}"
+    )
+    assert f"{in_memory.n_tokens:,} tokens, length {lengths.min()}–{lengths.max()}" in summary
+    assert "obs columns: label" in summary
     backed.file.close()
 
     # the shards of the backed file, read by 2 ranks × 2 DataLoader workers: every cell exactly once
