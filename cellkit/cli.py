@@ -317,6 +317,74 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0 if result.status in ("completed", "early_stopped") else 3
 
 
+#: the notebook ``cellkit studio`` writes when no studio notebook is at hand
+STUDIO_NOTEBOOK_NAME = "cellkit_studio.ipynb"
+_STUDIO_CODE = """import cellkit
+
+# the shipped demo model on the 700 demo PBMCs; pass model="path/to/checkpoint" and your own AnnData instead
+studio = cellkit.Studio(adata=cellkit.datasets.pbmc_demo(), model="demo", adata_name="pbmc_demo")
+studio"""
+
+
+def _studio_notebook(path: str | None) -> Path:
+    """The notebook to open: the given one, the repo's ``notebooks/00_studio.ipynb``, or a fresh one."""
+    if path is not None:
+        nb = Path(path)
+        if not nb.is_file() or nb.suffix != ".ipynb":
+            raise DataError(
+                f"No notebook at {nb}; give an existing .ipynb file (or none for the studio notebook)."
+            )
+        return nb
+    repo = Path("notebooks") / "00_studio.ipynb"
+    if repo.is_file():
+        return repo
+    nb = Path(STUDIO_NOTEBOOK_NAME)
+    if not nb.exists():
+        import nbformat
+
+        book = nbformat.v4.new_notebook()
+        book.cells = [
+            nbformat.v4.new_markdown_cell(
+                "# cellkit studio\n\nRun the cell below (Shift+Enter): the studio opens on the demo model and "
+                "the demo PBMCs. Its tabs load a model, tokenize, fine-tune with live plots, and explore "
+                "embeddings, genes, attention and perturbations."
+            ),
+            nbformat.v4.new_code_cell(_STUDIO_CODE),
+        ]
+        book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        atomic_write_text(nb, nbformat.writes(book))
+        print(f"wrote   {nb.resolve()}")
+    return nb
+
+
+def _studio(args: argparse.Namespace) -> int:
+    """Open the studio notebook in JupyterLab (the README's first command ends here)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("jupyterlab") is None:
+        raise ConfigError("JupyterLab is not installed in this environment; pip install jupyterlab.")
+    nb = _studio_notebook(args.notebook)
+    cmd = [sys.executable, "-m", "jupyterlab", str(nb)]
+    if args.port is not None:
+        cmd += [f"--ServerApp.port={args.port}"]
+    if args.no_browser:
+        cmd += ["--no-browser"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # containers and cluster nodes often run as root; JupyterLab refuses to start there otherwise
+        cmd += ["--allow-root"]
+        print("note    running as root: starting JupyterLab with --allow-root")
+    print(f"studio  {nb} — run its cell in JupyterLab (Shift+Enter); stop the server with Ctrl-C")
+    print("+ " + " ".join(cmd), flush=True)
+    if args.print_command:
+        return 0
+    if os.name == "posix":
+        os.execv(sys.executable, cmd)  # hand the terminal (and Ctrl-C) to JupyterLab
+    import subprocess
+
+    return subprocess.call(cmd)
+
+
 def _finish_distributed(info: Any) -> None:
     if info.enabled:
         import torch.distributed as dist
@@ -381,6 +449,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+    studio = sub.add_parser(
+        "studio", help="open the studio notebook in JupyterLab (demo model + demo PBMCs by default)"
+    )
+    studio.add_argument(
+        "notebook",
+        nargs="?",
+        help=f"notebook to open (default: notebooks/00_studio.ipynb here, else a new {STUDIO_NOTEBOOK_NAME})",
+    )
+    studio.add_argument("--port", type=int, default=None, help="JupyterLab port (default: its own, 8888)")
+    studio.add_argument(
+        "--no-browser", action="store_true", help="print the URL instead of opening a browser"
+    )
+    studio.add_argument("--print-command", action="store_true", help="only print the JupyterLab command")
+    studio.set_defaults(func=_studio)
     info = sub.add_parser("info", help="describe a model directory (cellkit, scGPT or Geneformer)")
     info.add_argument("path")
     info.set_defaults(func=_info)

@@ -35,3 +35,32 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "cellkit", "--help"], capture_output=True, text=True, check=True
     )
     assert "demo" in r.stdout
+
+
+def test_studio_command_opens_the_studio_notebook(tmp_path, capsys, monkeypatch):
+    """The README's first command ends with `cellkit studio`: JupyterLab on the studio notebook."""
+    import os
+
+    import nbformat
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["studio", "--print-command", "--no-browser", "--port", "8899"]) == 0
+    out = capsys.readouterr().out
+    nb = tmp_path / "cellkit_studio.ipynb"
+    assert nb.is_file()  # no notebooks/ here: a fresh studio notebook was written
+    assert "-m jupyterlab cellkit_studio.ipynb --ServerApp.port=8899 --no-browser" in out
+    assert ("--allow-root" in out) == (os.geteuid() == 0)
+    book = nbformat.read(nb, as_version=4)
+    nbformat.validate(book)
+    assert "cellkit.Studio(" in book.cells[-1].source
+    nb.write_text("{}")  # an existing notebook is never overwritten
+    assert main(["studio", "--print-command"]) == 0
+    assert nb.read_text() == "{}"
+    # inside a checkout it opens the repo's notebook
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "00_studio.ipynb").write_text("{}")
+    capsys.readouterr()
+    assert main(["studio", "--print-command"]) == 0
+    assert "-m jupyterlab notebooks/00_studio.ipynb" in capsys.readouterr().out
+    assert main(["studio", "missing.ipynb", "--print-command"]) == 2
+    assert "No notebook at missing.ipynb" in capsys.readouterr().err

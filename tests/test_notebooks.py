@@ -5,7 +5,8 @@ CI runs it small: the notebook's own metadata ``{"cellkit": {"ci_parameters": "E
 is injected as a new cell right after the parameters cell (papermill's convention), so users run
 the same notebook big by editing only the parameters cell. A run fails on any error output; it
 must also produce what the notebook promises: at least one figure and printed results, and every
-string in ``{"cellkit": {"ci_expect": [...]}}`` somewhere in its outputs.
+string in ``{"cellkit": {"ci_expect": [...]}}`` somewhere in its outputs. The executed notebooks are
+kept in ``$CELLKIT_ARTIFACTS/executed/`` (default ``test-artifacts/``) for reading.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def prepare(path: Path):
     return nb, meta
 
 
+def _keep_executed(nb, path: Path) -> None:
+    """Write the executed notebook (also a failed one) next to the browser screenshots, for reading."""
+    import nbformat
+
+    out = Path(os.environ.get("CELLKIT_ARTIFACTS", ROOT / "test-artifacts")) / "executed"
+    out.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out / f"{path.parent.name}-{path.name}")
+
+
 def test_every_notebook_is_clean_and_parametrised():
     import nbformat
 
@@ -78,17 +88,18 @@ def test_notebook_runs(path, tmp_path):
     os.environ.update(
         {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "CELLKIT_HOME": str(tmp_path)}
     )
+    client = NotebookClient(
+        copy.deepcopy(nb),
+        timeout=int(meta.get("ci_timeout", 300)),
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
     try:
-        client = NotebookClient(
-            copy.deepcopy(nb),
-            timeout=int(meta.get("ci_timeout", 300)),
-            kernel_name="python3",
-            resources={"metadata": {"path": str(tmp_path)}},
-        )
         executed = client.execute()
     finally:
         os.environ.clear()
         os.environ.update(env_backup)
+        _keep_executed(client.nb, path)
     errors = [
         out for cell in executed.cells for out in cell.get("outputs", []) if out.get("output_type") == "error"
     ]
