@@ -23,16 +23,7 @@ import warnings
 
 import numpy as np
 
-FINETUNE = {
-    "epochs": 20,
-    "lr": 1e-3,
-    "batch_size": 16,
-    "schedule": "cosine",
-    "warmup_steps": 20,
-    "class_weight": None,
-    "monitor": "val/macro_f1",
-    "bucket_by_length": True,
-}
+from cellkit.datasets import DEMO_FINETUNE as FINETUNE  # the demo model's fine-tune recipe
 
 
 def binned_matrix(tokens, n_genes: int) -> np.ndarray:

@@ -24,7 +24,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from . import analysis, viz
     from .data.tokenize import tokenize
-    from .datasets import demo_model, pbmc_demo
+    from .datasets import DEMO_FINETUNE, demo_model, pbmc_demo
     from .tasks import finetune, predict, stratified_split
 
     torch.manual_seed(args.seed)
@@ -75,19 +75,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     status = "skipped"
     if args.epochs > 0:
+        # the demo model's recipe (cellkit.datasets.DEMO_FINETUNE), with fewer epochs by default
+        recipe = {**DEMO_FINETUNE, "epochs": args.epochs, "warmup_steps": 10}
         result = finetune(
-            adata,
-            model,
-            label_key="bulk_labels",
-            epochs=args.epochs,
-            lr=1e-3,
-            batch_size=16,
-            seed=args.seed,
-            progress=not args.quiet,
-            bucket_by_length=True,
-            monitor="val/macro_f1",
-            schedule="cosine",
-            warmup_steps=10,
+            adata, model, label_key="bulk_labels", seed=args.seed, progress=not args.quiet, **recipe
         )
         status = result.status
         r = result.metrics
@@ -104,7 +95,7 @@ def _demo(args: argparse.Namespace) -> int:
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"saved   {out}: {files}")
     print(
-        f"done    in {time.perf_counter() - t_start:.0f} s — next: open notebooks/00_studio.ipynb in JupyterLab"
+        f"done    in {time.perf_counter() - t_start:.0f} s — next: `cellkit studio` opens the studio notebook in JupyterLab"
     )
     return 0 if status in ("completed", "early_stopped", "skipped") else 1
 
@@ -445,7 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo", help="the shipped demo model on real PBMCs: tokenize, embed, map, fine-tune, predict, save"
     )
     demo.add_argument("--out", help="output directory (default: a temporary directory)")
-    demo.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (0: skip fine-tuning)")
+    demo.add_argument(
+        "--epochs", type=int, default=10, help="fine-tuning epochs (0: skip; the full recipe: 40)"
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)

