@@ -44,6 +44,7 @@ import plotly.graph_objects as go
 from cellkit import ConfigError, DataError
 
 from ._base import Panel, guarded, html_table, labelled, line_figure
+from ._data import _is_demo
 from ._state import StudioState
 
 __all__ = ["FinetunePanel", "objective_support"]
@@ -63,6 +64,8 @@ OBJECTIVE_ORDER: tuple[str, ...] = (
 #: validation metrics plotted per epoch
 VAL_METRICS: tuple[str, ...] = ("val/loss", "val/accuracy", "val/macro_f1")
 #: monitors offered for best-epoch selection / early stopping
+#: epochs the panel proposes for the shipped demo model (its full recipe, ``DEMO_FINETUNE``, runs 40)
+DEMO_PANEL_EPOCHS = 10
 MONITORS: tuple[str, ...] = ("val/loss", "val/macro_f1", "val/accuracy")
 #: default seconds between two live-plot pushes (epoch ends and the finish always push)
 UPDATE_INTERVAL = 0.3
@@ -431,6 +434,7 @@ class FinetunePanel(Panel):
         self.state.observe(self._on_cells, names=["active_selection", "selections"])
         self.state.observe(self._on_data, names="obs_version")
         self.refresh()
+        self._apply_demo_recipe()
 
     # ------------------------------------------------------------------ state → controls
     def _on_data(self, _change: Any = None) -> None:
@@ -438,6 +442,27 @@ class FinetunePanel(Panel):
 
     def _on_model(self, _change: Any = None) -> None:
         self._refresh_objectives()
+        self._apply_demo_recipe()
+
+    def _apply_demo_recipe(self) -> None:
+        """With the shipped demo model, start the controls from its recipe (``DEMO_FINETUNE``).
+
+        Learning rate, batch size, class weights, frozen embeddings and the monitored metric come
+        from :data:`cellkit.datasets.DEMO_FINETUNE`; epochs are :data:`DEMO_PANEL_EPOCHS` (the full
+        recipe runs 40, minutes on a CPU). Other models keep the generic defaults.
+        """
+        model = self.state.model
+        if model is None or not _is_demo(model, self.state.model_source):
+            return
+        from cellkit.datasets import DEMO_FINETUNE as recipe
+
+        self.epochs.value = DEMO_PANEL_EPOCHS
+        self.lr.value = float(recipe["lr"])
+        self.batch_size.value = int(recipe["batch_size"])
+        self.class_weight.value = recipe["class_weight"] or "none"
+        self.freeze_embeddings.value = bool(recipe["freeze_embeddings"])
+        if recipe["monitor"] in MONITORS:
+            self.monitor.value = recipe["monitor"]
 
     def _on_cells(self, _change: Any = None) -> None:
         self._refresh_cells()

@@ -6,6 +6,7 @@ epochs of 3 steps) so the file stays well under a minute at one thread.
 
 from __future__ import annotations
 
+import copy
 import threading
 from types import SimpleNamespace
 
@@ -331,6 +332,26 @@ def test_controls_follow_data_selection_and_model(state, pbmc):
     kw = panel.settings()
     assert kw["tokenize_options"] == {"max_len": 64} and kw["early_stopping_patience"] == 2
     assert kw["class_weight"] == "balanced"
+
+
+def test_demo_model_starts_from_its_recipe_other_models_from_generic_defaults(state):
+    from cellkit.datasets import DEMO_FINETUNE
+    from cellkit.widgets._finetune import DEMO_PANEL_EPOCHS
+
+    panel = FinetunePanel(state)  # the state holds the shipped demo model
+    kw = panel.settings()
+    assert kw["epochs"] == DEMO_PANEL_EPOCHS
+    for key in ("lr", "batch_size", "class_weight", "freeze_embeddings", "monitor"):
+        assert kw[key] == DEMO_FINETUNE[key], key
+    other = copy.deepcopy(state.model)
+    other.config.metadata = {"trained_by": "someone else"}
+    state.set_model(other, source="/models/other")
+    kw = panel.settings()  # a model change re-applies nothing: the demo values stay as they were set
+    assert kw["lr"] == DEMO_FINETUNE["lr"]
+    fresh = FinetunePanel(StudioState(adata=state.adata, model=other))
+    kw = fresh.settings()
+    assert (kw["epochs"], kw["lr"], kw["batch_size"], kw["class_weight"]) == (5, 1e-4, 32, None)
+    assert not kw["freeze_embeddings"] and kw["monitor"] == "val/loss"
 
 
 def test_objective_support_follows_heads():
