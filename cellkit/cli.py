@@ -166,23 +166,24 @@ def _read_data(path: str, *, backed: bool) -> Any:
             "or 'pbmc' for the shipped demo data."
         )
     if p.is_dir():
-        from .data.tokenized import MANIFEST, open_shards
+        from .data.tokenized import open_shards
 
-        if not (p / MANIFEST).exists():
-            raise DataError(
-                f"{p} is a directory without {MANIFEST}: not a cellkit token shard directory. Give an .h5ad "
-                "file or the output= directory of cellkit.tokenize."
-            )
-        return open_shards(p)
+        return open_shards(p)  # a directory without a manifest is a clear DataError there
     if p.suffix != ".h5ad":
         raise DataError(f"{p} is not an .h5ad file; convert it with anndata/scanpy first.")
     return ad.read_h5ad(p, backed="r" if backed else None)
 
 
+def _is_shards(data: Any) -> bool:
+    from .data.tokenized import ShardedTokens
+
+    return isinstance(data, ShardedTokens)
+
+
 def _describe_data(data: Any) -> str:
-    if hasattr(data, "n_vars"):
-        return f"{data.n_obs:,} cells × {data.n_vars:,} genes"
-    return f"{len(data):,} pre-tokenized cells ({data.scheme!r} scheme, {data.n_tokens:,} tokens) from {data.path}"
+    if _is_shards(data):
+        return f"{len(data):,} pre-tokenized cells ({data.scheme!r} scheme, {data.n_tokens:,} tokens) from {data.path}"
+    return f"{data.n_obs:,} cells × {data.n_vars:,} genes"
 
 
 def _train_common(args: argparse.Namespace) -> dict[str, Any]:
@@ -271,7 +272,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     adata = _read_data(args.data, backed=args.backed)
     if args.model:
         model = _load_for_training(args.model)
-    elif not hasattr(adata, "n_vars"):
+    elif _is_shards(adata):
         raise DataError(
             "Pretraining from a token shard directory needs --model (the model whose vocabulary made the "
             "tokens); a fresh model is built from an .h5ad's genes."

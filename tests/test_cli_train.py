@@ -98,7 +98,7 @@ def test_finetune_and_pretrain_from_a_shard_directory(files, tmp_path, capsys):
         main(["finetune", "--model", str(model_dir), "--data", str(tmp_path / "empty"), "--label-key", "x"])
         == 2
     )
-    assert "not a cellkit token shard directory" in capsys.readouterr().err
+    assert "not a cellkit shard directory" in capsys.readouterr().err
 
 
 def test_use_raw_flag_is_three_valued():

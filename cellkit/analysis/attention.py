@@ -145,6 +145,11 @@ def _gene_ids(model: CellModel, genes: Iterable[str]) -> np.ndarray:
     return np.asarray([model.vocab[g] for g in genes], dtype=np.int64)
 
 
+def _check_min_cells(min_cells: Any) -> None:
+    if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer) or min_cells < 1:
+        raise ConfigError(f"min_cells must be an integer >= 1, got {min_cells!r}.")
+
+
 def _check_statistic(statistic: str) -> None:
     if statistic not in STATISTICS:
         raise ConfigError(f"statistic must be one of {STATISTICS}, got {statistic!r}.")
@@ -800,8 +805,7 @@ def top_influenced_genes(
     Tidy DataFrame, best first: ``rank`` (1-based), ``gene``, ``score`` (and ``n_cells`` when the
     counts are known). Genes that never co-occur with ``gene`` (NaN) are left out.
     """
-    if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer) or min_cells < 1:
-        raise ConfigError(f"min_cells must be an integer >= 1, got {min_cells!r}.")
+    _check_min_cells(min_cells)
     if isinstance(attention, pd.DataFrame):
         df = attention
     else:
@@ -898,8 +902,7 @@ def attention_difference(
     """
     _check_statistic(statistic)
     _check_backend(attn_backend)
-    if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer) or min_cells < 1:
-        raise ConfigError(f"min_cells must be an integer >= 1, got {min_cells!r}.")
+    _check_min_cells(min_cells)
     idx_layer = _resolve_layer(model, layer)
     idx_head = _resolve_head(model, head)
     if gene is not None and genes is None and str(gene) not in model.vocab:

@@ -69,6 +69,7 @@ import torch
 from .._errors import ConfigError, DataError, UnknownGeneError
 from .._inference import run_inference
 from .._utils import get_logger
+from ..data.schemes import MAX_LENGTH_OPTION
 from ..data.sources import select_rows
 from ..data.tokenize import tokenize
 from ..data.tokenized import TokenizedCells
@@ -86,13 +87,6 @@ log = get_logger(__name__)
 PERTURB_MODES = ("delete", "overexpress")
 RULES = ("rank", "binned", "perturbgene")
 _RULE_OF_SCHEME = {"geneformer": "rank", "teddy": "rank", "scgpt": "binned", "perturbgene": "perturbgene"}
-#: scheme -> the option holding its maximum sequence length (specials included)
-_MAX_LEN_OPTION = {
-    "geneformer": "model_input_size",
-    "teddy": "max_seq_len",
-    "scgpt": "max_len",
-    "perturbgene": "max_length",
-}
 
 
 # ====================================================================================== tokens
@@ -167,7 +161,7 @@ def _layout(tokens: TokenizedCells, rule: str) -> _Layout:
 
 
 def _default_max_len(tokens: TokenizedCells) -> int | None:
-    value = tokens.options.get(_MAX_LEN_OPTION.get(tokens.scheme, ""))
+    value = tokens.options.get(MAX_LENGTH_OPTION.get(tokens.scheme, ""))
     return None if value is None else int(value)
 
 

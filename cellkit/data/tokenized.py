@@ -207,11 +207,9 @@ class TokenizedCells:
 
     # ------------------------------------------------------------------ reporting
     def summary(self) -> str:
-        lengths = self.lengths
         text = (
             f"{len(self):,} cells tokenized with the {self.scheme!r} scheme: {self.n_tokens:,} tokens, "
-            f"length {int(lengths.min()) if len(lengths) else 0}–{int(lengths.max()) if len(lengths) else 0} "
-            f"(median {float(np.median(lengths)) if len(lengths) else 0:.0f})"
+            f"{_length_text(self.lengths)}"
         )
         if self.coverage is not None:
             text += f"\ngenes: {self.coverage}"
@@ -499,7 +497,8 @@ class ShardedTokens:
             self.manifest = json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DataError(
-                f"{self.path} has no {MANIFEST}: it is not a cellkit shard directory, or writing it did not finish."
+                f"{self.path} has no {MANIFEST}: it is not a cellkit shard directory (the output= directory of "
+                "cellkit.tokenize), or writing it did not finish."
             ) from None
         if self.manifest.get("format") != FORMAT:
             raise DataError(f"{self.path / MANIFEST} is not a cellkit token manifest.")
@@ -630,7 +629,7 @@ class ShardedTokens:
         """Load every shard into one in-memory :class:`TokenizedCells`."""
         parts = [self.shard(k) for k in range(self.n_shards)]
         cells = TokenizedCells.concat([replace(p, gene_ids=np.asarray(p.gene_ids)) for p in parts])
-        cells.notes = list(self.manifest.get("notes", []))
+        cells.notes = self.notes
         return cells
 
     @property
@@ -643,12 +642,9 @@ class ShardedTokens:
 
     def summary(self) -> str:
         """What :meth:`TokenizedCells.summary` says, for the whole directory (reads only the offsets)."""
-        lengths = self.lengths
         text = (
             f"{len(self):,} cells tokenized with the {self.scheme!r} scheme in {self.n_shards} shard(s) at "
-            f"{self.path}: {self.n_tokens:,} tokens, "
-            f"length {int(lengths.min()) if len(lengths) else 0}–{int(lengths.max()) if len(lengths) else 0} "
-            f"(median {float(np.median(lengths)) if len(lengths) else 0:.0f})"
+            f"{self.path}: {self.n_tokens:,} tokens, {_length_text(self.lengths)}"
         )
         if self.manifest.get("obs_columns"):
             text += f"\nobs columns: {', '.join(self.manifest['obs_columns'])}"
@@ -658,6 +654,13 @@ class ShardedTokens:
 
     def __repr__(self) -> str:
         return f"ShardedTokens({self.path}, {len(self):,} cells in {self.n_shards} shards, scheme={self.scheme!r})"
+
+
+def _length_text(lengths: np.ndarray) -> str:
+    """``"length MIN–MAX (median M)"`` of per-cell token counts (zeros when there are no cells)."""
+    if not len(lengths):
+        return "length 0–0 (median 0)"
+    return f"length {int(lengths.min())}–{int(lengths.max())} (median {float(np.median(lengths)):.0f})"
 
 
 def open_shards(path: str | os.PathLike[str]) -> ShardedTokens:

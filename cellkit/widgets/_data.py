@@ -124,11 +124,6 @@ def _scheme_defaults(scheme: str) -> dict[str, Any]:
     return dict(get_scheme(scheme).OPTIONS)
 
 
-def _is_demo(model: Any, source: str) -> bool:
-    metadata = getattr(model.config, "metadata", None) or {}
-    return source == "demo" or metadata.get("trained_by") == "cellkit.datasets.make_demo_model"
-
-
 def _kernel_namespace() -> dict[str, Any]:
     try:
         from IPython import get_ipython
@@ -707,7 +702,7 @@ class DataPanel(Panel):
             for key in ("normalize_total", "log1p"):
                 if key in conventions and key in defaults:
                     defaults[key] = conventions[key]
-            if _is_demo(model, self.state.model_source):
+            if self.state.has_demo_model():
                 defaults.update(
                     {k: v for k, v in cellkit.datasets.DEMO_TOKENIZE_OPTIONS.items() if k in defaults}
                 )

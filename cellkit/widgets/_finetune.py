@@ -42,9 +42,9 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from cellkit import ConfigError, DataError
+from cellkit.data.schemes import MAX_LENGTH_OPTION
 
 from ._base import Panel, guarded, html_table, labelled, line_figure
-from ._data import _is_demo
 from ._state import StudioState
 
 __all__ = ["FinetunePanel", "objective_support"]
@@ -166,15 +166,6 @@ def _plain(v: Any) -> float | None:
 def _remove_dir(path: str | None) -> None:
     if path:
         shutil.rmtree(path, ignore_errors=True)
-
-
-#: each tokenizer scheme's name for "tokens per cell" (what "Max genes / cell" sets)
-LENGTH_OPTION = {
-    "scgpt": "max_len",
-    "geneformer": "model_input_size",
-    "teddy": "max_seq_len",
-    "perturbgene": "max_length",
-}
 
 
 class FinetunePanel(Panel):
@@ -451,8 +442,7 @@ class FinetunePanel(Panel):
         from :data:`cellkit.datasets.DEMO_FINETUNE`; epochs are :data:`DEMO_PANEL_EPOCHS` (the full
         recipe runs 40, minutes on a CPU). Other models keep the generic defaults.
         """
-        model = self.state.model
-        if model is None or not _is_demo(model, self.state.model_source):
+        if not self.state.has_demo_model():
             return
         from cellkit.datasets import DEMO_FINETUNE as recipe
 
@@ -564,7 +554,7 @@ class FinetunePanel(Panel):
         }
         if int(self.max_genes.value) != 0:
             family = getattr(getattr(self.state.model, "config", None), "family", "scgpt")
-            out["tokenize_options"] = {LENGTH_OPTION.get(family, "max_len"): int(self.max_genes.value)}
+            out["tokenize_options"] = {MAX_LENGTH_OPTION.get(family, "max_len"): int(self.max_genes.value)}
         if int(self.patience.value) != 0:
             out["early_stopping_patience"] = int(self.patience.value)
         return out

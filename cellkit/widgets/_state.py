@@ -71,6 +71,13 @@ class StudioState(traitlets.HasTraits):
         self.model_source = source
         self.model = model
 
+    def has_demo_model(self) -> bool:
+        """Whether the current model is the shipped demo model (loaded as "demo" or made by its script)."""
+        if self.model is None:
+            return False
+        metadata = getattr(self.model.config, "metadata", None) or {}
+        return self.model_source == "demo" or metadata.get("trained_by") == "cellkit.datasets.make_demo_model"
+
     def set_adata(self, adata: Any, *, name: str = "adata") -> None:
         """Make ``adata`` the current data; tokens, selections and embeddings of the old data are dropped."""
         self.tokens = None

@@ -385,8 +385,8 @@ def test_reuses_the_studios_tokens_when_they_fit(state):
 
 
 def test_max_genes_uses_each_scheme_option_name(state):
+    from cellkit.data.schemes import MAX_LENGTH_OPTION as LENGTH_OPTION
     from cellkit.widgets import FinetunePanel
-    from cellkit.widgets._finetune import LENGTH_OPTION
 
     panel = FinetunePanel(state)
     panel.max_genes.value = 16

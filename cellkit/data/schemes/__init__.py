@@ -17,7 +17,15 @@ from types import ModuleType
 
 from ..._errors import DataError
 
-__all__ = ["get_scheme"]
+__all__ = ["MAX_LENGTH_OPTION", "get_scheme"]
+
+#: each scheme's option for the maximum tokens per cell (specials included)
+MAX_LENGTH_OPTION: dict[str, str] = {
+    "scgpt": "max_len",
+    "geneformer": "model_input_size",
+    "teddy": "max_seq_len",
+    "perturbgene": "max_length",
+}
 
 _MODULES = {name: f"cellkit.data.schemes.{name}" for name in ("scgpt", "geneformer", "teddy", "perturbgene")}
 
