@@ -7,15 +7,21 @@ import os
 import pickle
 import re
 
-import numpy as np
 import pytest
 import torch
 
 import cellkit
 from cellkit import CheckpointError
+from tests._tolerance import FP32_PARITY, assert_close_scaled
 from tests.checkpoints.scgpt_fixtures import FIXTURES, build_checkpoint, case, expected
 
-ATOL = 1e-5
+# fp32 parity with scGPT 0.2.4 (fixtures made on an AMD EPYC): 1e-5 relative to max(1, max|output|).
+# torch's CPU kernels sum in a different order per instruction set (AVX2 vs AVX-512/AMX), so no output
+# is bit-identical across machines. Measured on an Intel Xeon (AVX-512, AMX), worst over every output
+# and backend: tiny cases ≤ 1.0e-6 relative (≥ 10x margin); whole-human hidden/CLS 3.8e-6 at
+# max|x| ≈ 4.7 (8e-7 relative), MLM 1.8e-6 at max ≈ 1.3, MVC 3.2e-5 at max ≈ 25 (1.3e-6 relative): 7-12x
+# margin, and the bound is the parity contract itself (scGPT's fast and slow paths differ by 2e-6).
+ATOL = FP32_PARITY
 TINY_CASES = ["tiny", "tiny_finetuned", "tiny_category", "tiny_scaling"]
 
 
@@ -33,9 +39,9 @@ def run_model(model, exp, backend):
     return out, gene
 
 
-def assert_parity(model, exp, backend: str = "native", *, mvc_rtol: float = 0.0) -> dict[str, float]:
-    """Every output within ATOL of scGPT's. ``mvc_rtol`` relaxes the MVC output (magnitude ~25 in the
-    whole-human case) to ``|Δ| ≤ mvc_rtol · max|mvc|`` for kernels other than torch's own."""
+def assert_parity(model, exp, backend: str = "native") -> dict[str, float]:
+    """Every output within ``ATOL · max(1, max|output|)`` of scGPT's (the MVC output reaches ~25 in the
+    whole-human case, the others are O(1))."""
     out, gene = run_model(model, exp, backend)
     keep = ~exp["mask"]
     got = {
@@ -66,14 +72,7 @@ def assert_parity(model, exp, backend: str = "native", *, mvc_rtol: float = 0.0)
             want[key] = (
                 exp[key][keep] if key in ("mvc_output", "mlm_zero_probs", "mvc_zero_probs") else exp[key]
             )
-    diffs = {k: float(np.abs(got[k] - want[k]).max()) for k in got}
-    bad = {k: v for k, v in diffs.items() if v > ATOL}
-    if mvc_rtol and "mvc_output" in bad:
-        rel = diffs["mvc_output"] / float(np.abs(want["mvc_output"]).max())
-        if rel <= mvc_rtol:
-            del bad["mvc_output"]
-    assert not bad, f"outputs differ from scGPT 0.2.4 by more than {ATOL}: {bad}"
-    return diffs
+    return {k: assert_close_scaled(got[k], want[k], rel=ATOL, what=f"{k} ({backend})") for k in got}
 
 
 @pytest.mark.parametrize("name", TINY_CASES)
@@ -105,12 +104,11 @@ def test_whole_human_parity(tmp_path, naming):
     assert model.vocab.pad_id == 60_694
     assert model.load_report.ignored.keys() == {"flag_encoder.weight"}
     exp = expected("human")
-    # torch's fused encoder kernels (what scGPT itself runs on CPU): every output ≤ 1e-5 (in fact 0)
-    diffs = assert_parity(model, exp, "native")
-    assert diffs["hidden"] == diffs["cell_emb"] == diffs["mvc_output"] == 0.0, diffs
-    # cellkit's default SDPA kernels: hidden/CLS ≤ 1e-5; MVC (|values| up to 25) ≤ 1e-5 relative
-    diffs = assert_parity(model, exp, "sdpa", mvc_rtol=ATOL)
-    print("whole-human sdpa max |Δ| vs scGPT 0.2.4:", {k: f"{v:.1e}" for k, v in diffs.items()})
+    # torch's fused encoder kernels (what scGPT itself runs on CPU) and cellkit's default SDPA kernels:
+    # every output within ATOL relative to its magnitude (bit-identical only on the fixture's own CPU)
+    for backend in ("native", "sdpa"):
+        diffs = assert_parity(model, exp, backend)
+        print(f"whole-human {backend} max |Δ| vs scGPT 0.2.4:", {k: f"{v:.1e}" for k, v in diffs.items()})
 
 
 def test_load_report_and_inspect(tmp_path):
@@ -322,4 +320,4 @@ def test_numerics_settings_are_honoured_and_reported(tiny_dir):
     exp = expected("tiny")
     out, _ = run_model(model, exp, "native")
     keep = ~exp["mask"]
-    assert np.abs(out.last_hidden_state.numpy()[keep] - exp["hidden"][keep]).max() <= ATOL
+    assert_close_scaled(out.last_hidden_state.numpy()[keep], exp["hidden"][keep], rel=ATOL, what="hidden")
