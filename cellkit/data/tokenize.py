@@ -20,7 +20,7 @@ import pandas as pd
 
 from .._errors import DataError
 from .._utils import get_logger
-from .genes import GeneMatch, require_overlap, resolve_genes
+from .genes import GeneMatch, require_overlap, resolve_genes, rules_report
 from .sources import MatrixSource, anndata_source, h5ad_sources, scbank_sources
 from .tokenized import ShardedTokens, ShardWriter, TokenizedCells
 from .vocab import Coverage, GeneVocab
@@ -289,6 +289,9 @@ def tokenize(
         gene_notes = [
             m.summary() for _, m in ctx_sources if m.n_version_stripped or m.n_case_folded or m.n_duplicated
         ]
+        rules = rules_report([m for _, m in ctx_sources])  # which rule matched how many genes
+        if rules:
+            gene_notes.insert(0, rules)
 
         if output is None:
             parts = list(chunks)

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from cellkit._errors import DataError
-from cellkit.data.genes import GeneMatch, resolve_genes
+from cellkit.data.genes import GeneMatch, matching_options, resolve_genes
 from cellkit.data.tokenized import TokenizedCells
 from cellkit.data.vocab import GeneVocab
 
@@ -58,6 +58,8 @@ OPTIONS: dict[str, Any] = {
     "bin_edges_file": None,  # text file of edges (whitespace/comma/newline separated)
     "genes": None,  # the model's gene list (gene index = position); None = resource "genes"
     "gene_order": "column",  # or "gene_list": genes ordered by their index in the gene list
+    "case_fold": True,  # gene matching: retry upper-cased names when a name is not in the gene list as is
+    "strip_versions": True,  # gene matching: retry ENSG….7 as ENSG…
 }
 
 #: PerturbGene's special tokens, by role (ids 0–3 in its vocabulary)
@@ -179,7 +181,8 @@ def match_genes(
     resources
         The model's resources (``"genes"``: the gene list).
     options
-        The caller's scheme options (``genes=`` overrides the resource).
+        The caller's scheme options (``genes=`` overrides the resource; ``case_fold`` and
+        ``strip_versions`` turn the retries of :func:`~cellkit.data.genes.resolve_genes` on or off).
 
     Returns
     -------
@@ -187,7 +190,10 @@ def match_genes(
     the list) and whose coverage counts genes against the list; duplicates keep the first column.
     """
     genes = _gene_list(resources, options)
-    match = resolve_genes(names, _gene_index(genes), duplicates="first")
+    retries = matching_options(
+        {k: options.get(k, OPTIONS[k]) for k in ("case_fold", "strip_versions")}, compat=False
+    )
+    match = resolve_genes(names, _gene_index(genes), duplicates="first", **retries)
     if not match.coverage.n_matched:
         raise DataError(
             f"None of the {match.coverage.n_genes:,} genes of the data is in the model's gene list of "

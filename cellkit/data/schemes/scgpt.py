@@ -12,22 +12,30 @@ interpolation arithmetic, so they are bit-identical to ``np.quantile``) and take
 caller: in ``compat`` mode one numpy ``RandomState`` stream in row order (scGPT 0.2.4's
 ``np.random.rand`` per nonzero row), in ``deterministic`` mode a hash of (seed, cell, gene) so a
 cell's bins do not depend on which other cells are tokenized with it.
+
+Genes (:func:`match_genes`): in ``compat`` mode a gene is kept only when its name is exactly a
+vocabulary token, as scGPT's ``gene in vocab``; ``case_fold=True`` / ``strip_versions=True`` turn
+cellkit's retries (upper-cased names, Ensembl ids without a version) back on, and are the default
+in ``deterministic`` mode. One extra matched gene changes scGPT's random stream for every later cell.
 """
 
 from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from ..._errors import DataError
+from ..genes import GeneMatch, matching_options, resolve_genes
 from ..tokenized import TokenizedCells
+from ..vocab import GeneVocab
 
-__all__ = ["OPTIONS", "bin_csr", "quantile_edges", "run", "sample_positions_compat"]
+__all__ = ["OPTIONS", "bin_csr", "match_genes", "quantile_edges", "run", "sample_positions_compat"]
 
 
 def quantile_edges(sorted_values: np.ndarray, indptr: np.ndarray, n_edges: int) -> np.ndarray:
@@ -206,7 +214,42 @@ OPTIONS: dict[str, Any] = {
     "genes": None,  # restrict to a boolean var column / mask (e.g. "highly_variable")
     "filter_gene_by_counts": False,  # int min counts (True = 1), sc.pp.filter_genes
     "filter_cell_by_counts": False,  # int min counts, sc.pp.filter_cells
+    # gene matching: scGPT keeps a gene only when its name is exactly a vocabulary token (`gene in vocab`)
+    "case_fold": None,  # retry upper-cased names (ZHX1-C8ORF76 -> ZHX1-C8orf76); None = off in compat, else on
+    "strip_versions": None,  # retry ENSG….7 as ENSG…; None = off in compat, else on
 }
+
+
+def match_genes(
+    names: pd.Index | Sequence[str],
+    vocab: GeneVocab,
+    resources: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> GeneMatch:
+    """Map the data's genes to tokens as scGPT does, with cellkit's retries where asked.
+
+    In ``mode="compat"`` (and with ``case_fold=False, strip_versions=False``) a column is kept only
+    when its name is exactly a vocabulary token, scGPT's ``gene in vocab``; each column is its own
+    token occurrence, so a var name that appears twice gives two columns with one token, as in
+    scGPT. Otherwise upper-cased names and Ensembl ids without a version suffix are retried.
+
+    Parameters
+    ----------
+    names
+        ``(n_vars,)`` gene identifiers of the matrix's columns.
+    vocab
+        The model's vocabulary.
+    resources
+        The model's resources (unused; part of the hook's signature).
+    options
+        The caller's scheme options (``mode``, ``case_fold``, ``strip_versions``).
+
+    Returns
+    -------
+    :class:`~cellkit.data.genes.GeneMatch` (duplicates kept).
+    """
+    compat = options.get("mode", OPTIONS["mode"]) == "compat"
+    return resolve_genes(names, vocab, duplicates="keep", **matching_options(options, compat=compat))
 
 
 def _normalize(block: sp.csr_matrix, target_sum: float | None, log1p: bool) -> sp.csr_matrix:
@@ -295,6 +338,7 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
     specials = ctx.specials()
     cls_id = specials.get("cls", -1)
     ctx.options.update({"n_bins": n_bins, "pad_value": pad_value, "cls_value": cls_value})
+    ctx.options.update(matching_options(o, compat=compat))  # what match_genes used, recorded
     rng = np.random.RandomState(int(o["seed"])) if compat else None
     all_parts: list[TokenizedCells] = []
 

@@ -59,7 +59,7 @@ import scipy.sparse as sp
 
 from cellkit._errors import DataError
 from cellkit.data._hashing import cell_key, uniform_hash
-from cellkit.data.genes import GeneMatch, resolve_genes
+from cellkit.data.genes import GeneMatch, matching_options, resolve_genes
 from cellkit.data.tokenized import TokenizedCells
 from cellkit.data.vocab import Coverage, GeneVocab
 
@@ -88,6 +88,8 @@ OPTIONS: dict[str, Any] = {
     "sex_column": "sex",
     "add_disease_annotation": True,
     "max_shard_samples": None,  # documentation only: tokenize(..., output=, max_shard_samples=)
+    "case_fold": True,  # gene matching: retry upper-cased names when a name is not exactly a token
+    "strip_versions": True,  # gene matching: retry ENSG….7 as ENSG…
 }
 
 #: the scheme option naming the ``var`` column of gene identifiers (read by the entry when it
@@ -120,7 +122,8 @@ def match_genes(
     resources
         The model's resources; ``gene_median`` (``{token: median}``) restricts the genes.
     options
-        The scheme options given by the caller (unused; part of the hook's signature).
+        The scheme options given by the caller (``case_fold``, ``strip_versions``: the retries of
+        :func:`~cellkit.data.genes.resolve_genes`, both on by default).
 
     Returns
     -------
@@ -131,7 +134,10 @@ def match_genes(
     DataError
         When genes are in the vocabulary but none has a gene median.
     """
-    match = resolve_genes(names, vocab, duplicates="sum")
+    retries = matching_options(
+        {k: options.get(k, OPTIONS[k]) for k in ("case_fold", "strip_versions")}, compat=False
+    )
+    match = resolve_genes(names, vocab, duplicates="sum", **retries)
     medians = resources.get("gene_median")
     if not medians:
         return match
@@ -158,7 +164,17 @@ def match_genes(
         notes.append(
             f"{n_vocab - int(hit.sum()):,} vocabulary genes have no gene median and are not tokenized"
         )
-    return GeneMatch(names_arr, ids, coverage, "sum", match.n_version_stripped, match.n_case_folded, notes)
+    return GeneMatch(
+        names_arr,
+        ids,
+        coverage,
+        "sum",
+        match.n_version_stripped,
+        match.n_case_folded,
+        notes,
+        n_mapped=match.n_mapped,
+        missed=match.missed,
+    )
 
 
 def _slot_medians(token_ids: np.ndarray, vocab: GeneVocab, medians: Mapping[str, Any]) -> np.ndarray:
