@@ -205,7 +205,11 @@ def tokenize(
     progress
         Show a ``tqdm`` progress bar.
     **options
-        Scheme options; see :mod:`cellkit.data.schemes`. Unknown options are an error.
+        Scheme options; see :mod:`cellkit.data.schemes`. Unknown options are an error. Gene
+        matching (``scgpt``, ``teddy``, ``perturbgene``): a gene is first looked up exactly;
+        ``case_fold`` retries its upper-cased name and ``strip_versions`` an Ensembl id without its
+        version suffix. Both are off in ``scgpt`` ``mode="compat"`` (scGPT keeps only exact
+        names) and on otherwise; the result's notes say how many genes each rule matched.
 
     Returns
     -------
