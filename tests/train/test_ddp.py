@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests._tolerance import assert_close_scaled
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 pytestmark = pytest.mark.timeout(600)
 
@@ -50,7 +52,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
                 )
             else:
                 ref_k, got_k = ref[k], got[k]
-            torch.testing.assert_close(got_k, ref_k, rtol=0, atol=1e-6, msg=f"rank {r} {k}")
+            # fp32 rounding of the gradient all-reduce, carried through Adam: 1e-6 relative to max(1, max|w|)
+            # (~2 ulp at |w| ≈ 4); measured ≤ 2.4e-7 at max|w| ≈ 4.1 on an AVX-512 Xeon (17x margin)
+            assert_close_scaled(got_k, ref_k, rel=1e-6, what=f"rank {r} {k}")
     seen = [json.loads((multi / f"seen-rank{r}.json").read_text()) for r in (0, 1)]
     per_epoch = [len(s) // 2 for s in seen]
     for e in range(2):
