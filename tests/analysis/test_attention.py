@@ -171,6 +171,7 @@ def test_gene_attention_aligns_genes_by_identity():
     base = gene_attention(tokens, model, batch_size=3, device="cpu")
     for bs, order in ((1, [0, 1, 2]), (2, [2, 0, 1]), (3, [1, 2, 0])):
         other = gene_attention(tokens.subset(order), model, batch_size=bs, device="cpu")
+        # mean attention probabilities (≤ 1): batching changes only the fp32 padding width / summation order
         pd.testing.assert_frame_equal(base, other, atol=1e-6, rtol=0)
     # <cls> kept on request; a given gene space keeps its order
     with_cls = gene_attention(tokens, model, include_special=True, device="cpu")
@@ -188,6 +189,7 @@ def test_gene_attention_on_anndata_groups():
     small = gene_attention(
         adata, model, groupby="cell_type", groups=["type1"], batch_size=40, chunk_size=15, device="cpu"
     )
+    # mean attention probabilities (≤ 1); batch / chunk sizes change only the fp32 summation order
     pd.testing.assert_frame_equal(df, small, atol=1e-6, rtol=0)
     assert df.attrs["n_cells"] == 40
     assert df.attrs["groups"] == ["type1"]

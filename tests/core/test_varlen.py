@@ -40,6 +40,7 @@ def test_reference_varlen_attention_matches_padded_sdpa():
     packed = [pack(t.transpose(1, 2), mask)[0] for t in (q, k, v)]  # (T, H, D)
     _, p = pack(q.transpose(1, 2), mask)
     out = varlen_attention(*packed, p.cu_seqlens, p.max_seqlen, impl="reference")
+    # O(1) attention outputs (max ≈ 2.3), packed vs padded fp32 kernels: measured 1.2e-7 (8x margin)
     torch.testing.assert_close(
         unpack(out, p), padded.transpose(1, 2) * (~mask)[..., None, None], atol=1e-6, rtol=0
     )
