@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -262,3 +263,147 @@ def test_resume_falls_back_when_latest_is_missing_or_broken(tmp_path, caplog):
         _, result = _fit(root, resume=True, model=tiny_model(seed=99))
     assert "newest intact checkpoint, step-00000003" in caplog.text
     assert result.history == ref.history
+
+
+def test_checkpoint_pointers_stay_inside_the_root(tmp_path):
+    root = tmp_path / "run"
+    _fit(root)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    mgr = CheckpointManager(root)
+    good = mgr.latest
+    for text in (str(good.resolve()), "../run/" + good.name, "sub/../" + good.name, "x" * 5000):
+        (root / "best").write_text(text + "\n")
+        assert mgr.best is None, text
+    (root / "evil").symlink_to(good.resolve(), target_is_directory=True)
+    (root / "best").write_text("evil\n")
+    assert mgr.best is None
+    assert all(p.parent == root and not p.is_symlink() for p in mgr.candidates())
+
+
+# ----------------------------------------------------------------------------- scGPT export vocabulary
+def _scgpt_model(tokens, specials):
+    from cellkit import CellModel, GeneVocab
+    from cellkit.presets import scgpt_config
+
+    vocab = GeneVocab(tokens, specials=specials)
+    torch.manual_seed(0)
+    return CellModel(scgpt_config(vocab, d_model=16, n_heads=2, n_layers=1, d_ff=32), vocab)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "specials", "reason"),
+    [
+        (["G0", "G1", "<pad>", "<cls>"], {"pad": "<pad>", "cls": "<cls>"}, r"lacks the special token\(s\) \['<eoc>'\]"),
+        (["G0", "G1", "[PAD]", "<pad>", "<cls>", "<eoc>"], {"pad": "[PAD]", "cls": "<cls>"}, "padding token is '\\[PAD\\]'"),
+        (
+            ["G0", "G1", "<pad>", "<cls>", "<eoc>", "<mask>"],
+            {"pad": "<pad>", "cls": "<cls>", "mask": "<mask>"},
+            r"special role\(s\) \['mask'\]",
+        ),
+    ],
+)
+def test_scgpt_export_refuses_vocabularies_scgpt_would_change(tmp_path, tokens, specials, reason):
+    model = _scgpt_model(tokens, specials)
+    with pytest.raises(cellkit.CheckpointError, match=reason):
+        model.save(tmp_path / "out", format="scgpt")
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing left aside
+    model.save(tmp_path / "native")  # cellkit's own format takes any vocabulary
+    assert _same(_weights(cellkit.load_model(tmp_path / "native")), _weights(model))
+
+
+def test_scgpt_export_round_trips_through_load_model(tmp_path):
+    model = _scgpt_model(["G0", "G1", "G2", "<pad>", "<cls>", "<eoc>"], {"pad": "<pad>", "cls": "<cls>", "eos": "<eoc>"})
+    model.save(tmp_path / "out", format="scgpt")
+    back = cellkit.load_model(tmp_path / "out")
+    assert back.vocab.tokens == model.vocab.tokens
+    assert _same(_weights(back), _weights(model))
+
+
+# ----------------------------------------------------------------------------- shard directories
+def _tokens(n=12, seed=0):
+    from cellkit.data.tokenized import TokenizedCells
+
+    r = np.random.default_rng(seed)
+    lengths = r.integers(2, 6, n)
+    offsets = np.r_[0, np.cumsum(lengths)]
+    return TokenizedCells(
+        gene_ids=r.integers(0, 30, offsets[-1]).astype(np.int32),
+        offsets=offsets,
+        values=r.random(offsets[-1]).astype(np.float32),
+        scheme="scgpt",
+        specials={"pad": 30},
+    )
+
+
+def test_shards_killed_at_every_point_leave_old_or_new_shards(tmp_path):
+    from cellkit.data.tokenized import open_shards
+
+    old, new = _tokens(12, seed=0), _tokens(7, seed=1)
+    k = 0
+    while True:
+        k += 1
+        path = tmp_path / f"k{k}" / "shards"
+        old.to_shards(path, max_shard_samples=5)
+        kp = _KillPoints(k)
+
+        def child(kp=kp, path=path):
+            kp.install()
+            kp.on = True
+            new.to_shards(path, max_shard_samples=5)
+
+        status = _in_child(child)
+        got = open_shards(path).to_memory()
+        assert len(got) in (12, 7), k
+        want = old if len(got) == 12 else new
+        np.testing.assert_array_equal(got.gene_ids, want.gene_ids)
+        if status == 0:
+            break
+        assert k < 300
+    assert k > 5
+
+
+def test_manifests_are_confined_and_checked(tmp_path):
+    import json
+
+    from cellkit.data.tokenized import open_shards
+
+    def fresh(name):
+        path = tmp_path / name
+        _tokens(12).to_shards(path, max_shard_samples=5)
+        return path, json.loads((path / "manifest.json").read_text())
+
+    def write(path, manifest):
+        (path / "manifest.json").write_text(json.dumps(manifest))
+
+    outside = tmp_path / "outside"
+    _tokens(12).to_shards(outside, max_shard_samples=5)
+    cases = {
+        "dotdot": (lambda m: m["shards"][0].update(name="../outside/shard-00000"), r"shards\[0\]\.name"),
+        "absolute": (lambda m: m["shards"][0].update(name=str(outside / "shard-00000")), r"shards\[0\]\.name"),
+        "count": (lambda m: m["shards"][0].update(n_cells=4) or m.update(n_cells=11), "n_cells is 4 but the arrays hold 5"),
+        "total": (lambda m: m.update(n_cells=99), r"'n_cells' must be the sum"),
+        "type": (lambda m: m.update(shards="all of them"), r"'shards' must be a list"),
+        "specials": (lambda m: m.update(specials={"pad": "x"}), r"'specials'"),
+        "column": (lambda m: m.update(obs_columns={"../../x": []}), r"obs_columns"),
+    }
+    for name, (edit, message) in cases.items():
+        path, manifest = fresh(name)
+        edit(manifest)
+        write(path, manifest)
+        with pytest.raises(cellkit.DataError, match=message) as info:
+            open_shards(path).to_memory()
+        assert "manifest.json" in str(info.value), name
+    # a shard directory that is a symlink out of the directory
+    path, manifest = fresh("symlink")
+    import shutil
+
+    shutil.rmtree(path / "shard-00001")
+    (path / "shard-00001").symlink_to(outside / "shard-00001", target_is_directory=True)
+    with pytest.raises(cellkit.DataError, match="outside the shard directory"):
+        open_shards(path)
+    # deep nesting and a non-object are clear errors, not RecursionError / AttributeError
+    path, _ = fresh("deep")
+    (path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(cellkit.DataError, match=r"manifest\.json"):
+        open_shards(path)
