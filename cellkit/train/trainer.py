@@ -83,7 +83,9 @@ def exclusive_training_run(what: str = "training run") -> Iterator[None]:
     initialisation, masking), so each would silently give weights different from its standalone
     run. :meth:`Trainer.fit` holds the slot for the whole run; :func:`cellkit.finetune`,
     :func:`cellkit.pretrain` take it before they seed anything. The holding thread may re-enter
-    (a task's fit nested in the task).
+    (a task's fit nested in the task). Other code of the process that draws from torch's global
+    RNG while a run is active (building a model, ``torch.manual_seed`` in a notebook cell) still
+    changes that run's random stream; cellkit cannot guard that.
 
     Raises
     ------
