@@ -206,15 +206,36 @@ def _train_common(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def _save_outputs(args: argparse.Namespace, result: Any, extra: dict[str, Any]) -> None:
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` that cannot be written before any data is read or a step is trained."""
     if not args.out:
         return
+    from ._utils import ensure_writable_dir
+    from .checkpoints.native import replaceable_model_dir
+
+    out = ensure_writable_dir(args.out, what="--out", replaced_whole=True)
+    if out.is_dir() and any(out.iterdir()) and not replaceable_model_dir(out):
+        raise ConfigError(
+            f"--out {out} is a non-empty directory that is not a saved model; the trained model replaces --out "
+            "as a whole. Choose a new or empty directory."
+        )
+
+
+def _save_outputs(args: argparse.Namespace, result: Any, extra: dict[str, Any]) -> None:
+    """Write the model, history and metrics into ``--out`` as a whole (a crash leaves the old
+    directory or the new one, never a mix)."""
+    if not args.out:
+        return
+    from ._utils import atomic_directory
+    from .checkpoints.native import replaceable_model_dir
+
     out = Path(args.out)
-    result.model.save(out)
-    result.history.steps.to_csv(out / "history_steps.csv", index=False)
-    result.history.epochs.to_csv(out / "history_epochs.csv", index=False)
-    summary = {"status": result.status, "metrics": result.metrics, **extra}
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, default=str))
+    with atomic_directory(out, may_replace=replaceable_model_dir, what="model directory") as tmp:
+        result.model.save(tmp)
+        result.history.steps.to_csv(tmp / "history_steps.csv", index=False)
+        result.history.epochs.to_csv(tmp / "history_epochs.csv", index=False)
+        summary = {"status": result.status, "metrics": result.metrics, **extra}
+        (tmp / "metrics.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     print(f"saved   {out}: model, history_steps.csv, history_epochs.csv, metrics.json")
 
 
@@ -223,6 +244,8 @@ def _finetune(args: argparse.Namespace) -> int:
     from .train import init_distributed
 
     info = init_distributed()
+    if info.is_main:
+        _check_out(args)
     model = _load_for_training(args.model)
     adata = _read_data(args.data, backed=args.backed)
     opts = _train_common(args)
@@ -269,6 +292,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     from .train import init_distributed
 
     info = init_distributed()
+    if info.is_main:
+        _check_out(args)
     adata = _read_data(args.data, backed=args.backed)
     if args.model:
         model = _load_for_training(args.model)

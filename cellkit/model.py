@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import CheckpointError, ConfigError
-from ._utils import get_logger
+from ._utils import get_logger, recover_directory
 from .checkpoints import (
     LoadReport,
     detect_format,
@@ -397,7 +397,9 @@ class CellModel(nn.Module):
         Parameters
         ----------
         path
-            Directory to write (created if needed; existing files are replaced atomically).
+            Directory to write. It is replaced as a whole: written next to ``path`` first, then
+            swapped in, so a crash at any moment leaves the old model or the new one. An existing
+            ``path`` must be a saved model or empty (anything else is refused).
         format
             ``"cellkit"``: ``config.json`` + ``model.safetensors`` + ``vocab.json`` (+ ``resources.json``);
             ``"scgpt"``: ``args.json`` + ``best_model.pt`` + ``vocab.json`` that scGPT's own loaders
@@ -472,8 +474,8 @@ def load_model(
     The model in eval mode, with ``model.load_report`` (:class:`~cellkit.checkpoints.LoadReport`)
     saying what was mapped, ignored and created.
     """
+    path = recover_directory(path)  # a save interrupted between its two renames left the old copy aside
     fmt = detect_format(path) if format == "auto" else format
-    path = Path(path)
     if fmt == "cellkit":
         if options:
             raise ConfigError(f"Unknown options for a cellkit directory: {sorted(options)}.")

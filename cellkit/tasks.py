@@ -12,17 +12,18 @@ does); pass ``copy_model=True`` to train a copy.
 from __future__ import annotations
 
 import copy as _copy
+import functools
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ._errors import ConfigError, DataError
-from ._utils import get_logger
+from ._utils import ensure_writable_dir, get_logger
 from .data.collate import Collator
 from .data.dataset import CellDataset
 from .data.sources import select_rows
@@ -31,7 +32,7 @@ from .data.tokenized import ShardedTokens, TokenizedCells
 from .model import CellModel
 from .train.events import Callback, Event
 from .train.objectives import Objective, make_objectives
-from .train.trainer import History, Trainer, TrainerConfig
+from .train.trainer import History, Trainer, TrainerConfig, exclusive_training_run
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -39,6 +40,22 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["FinetuneResult", "PretrainResult", "finetune", "predict", "pretrain", "stratified_split"]
 
 log = get_logger(__name__)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _one_run(fn: _F) -> _F:
+    """Hold the process's training slot for the whole task, from before anything is seeded
+    (a second concurrent run is refused; see :func:`cellkit.train.trainer.exclusive_training_run`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with exclusive_training_run(fn.__name__):
+            return fn(*args, **kwargs)
+
+    return cast(_F, wrapper)
+
 
 Tokens = TokenizedCells | ShardedTokens
 _VALUE_OBJECTIVES = {"gep", "zero_nll", "mvc", "mvc_zero_nll"}
@@ -343,6 +360,7 @@ def _trainer_config(options: dict[str, Any], defaults: dict[str, Any]) -> Traine
 
 
 # ============================================================================== finetune
+@_one_run
 def finetune(
     adata: AnnData | Tokens | str,
     model: CellModel,
@@ -450,6 +468,8 @@ def finetune(
             "progress": progress,
         },
     )
+    if config.checkpoint_dir:  # an unwritable output fails now, not after the training
+        ensure_writable_dir(config.checkpoint_dir, what="checkpoint_dir")
     objs = make_objectives(objectives)
     names = {o.name for o in objs}
     if "dab" in names and batch_key is None:
@@ -730,6 +750,7 @@ _PRETRAIN_DEFAULTS = {
 }
 
 
+@_one_run
 def pretrain(
     adata: AnnData | Tokens | str,
     model: CellModel,
@@ -786,6 +807,8 @@ def pretrain(
         {**trainer_options, "checkpoint_dir": checkpoint_dir},
         {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "progress": progress},
     )
+    if config.checkpoint_dir:  # an unwritable output fails now, not after the training
+        ensure_writable_dir(config.checkpoint_dir, what="checkpoint_dir")
     family = model.config.family
     if objectives is None:
         spec = dict(_PRETRAIN_DEFAULTS.get(family, {"gep": 1.0}))

@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
-from ._io import atomic_path, atomic_write_bytes, atomic_write_text
+from ._io import (
+    AtomicDirectory,
+    atomic_directory,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    ensure_writable_dir,
+    fsync_dir,
+    recover_directory,
+)
 from ._log import get_logger
 from ._optional import require
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "get_logger", "require"]
+__all__ = [
+    "AtomicDirectory",
+    "atomic_directory",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "ensure_writable_dir",
+    "fsync_dir",
+    "get_logger",
+    "recover_directory",
+    "require",
+]

@@ -3,8 +3,10 @@
 An optional ``resources.json`` holds named tables a tokenizer needs (e.g. Geneformer's gene
 medians). ``config.json`` holds ``{"format": "cellkit", "format_version": 1, "cellkit_version": ...,
 "model": <CellModelConfig dict>}``. Tensors are safetensors (no pickle); tied aliases are not
-stored twice. Every file is written atomically (temporary file + rename) and ``config.json`` is
-written last, so an interrupted save never leaves something that loads as a valid model.
+stored twice. A save replaces the directory as a whole (:func:`cellkit._utils.atomic_directory`:
+written into a hidden sibling, then swapped in), so after a crash at any moment the directory holds
+the old model or the new one; :func:`cellkit._utils.recover_directory` finds the old copy when the
+crash fell between the swap's two renames.
 """
 
 from __future__ import annotations
@@ -17,15 +19,20 @@ from typing import Any
 import torch
 
 from cellkit._errors import CheckpointError
-from cellkit._utils import atomic_path, atomic_write_text
+from cellkit._utils import atomic_directory
 from cellkit._version import __version__
 from cellkit.data.vocab import GeneVocab
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "is_native", "read_native", "write_native"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "is_native", "read_native", "replaceable_model_dir", "write_native"]
 
 FORMAT_NAME = "cellkit"
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, VOCAB, RESOURCES = "config.json", "model.safetensors", "vocab.json", "resources.json"
+#: files cellkit itself writes into model directories (its own and scGPT's format, CLI --out extras)
+_MODEL_DIR_FILES = frozenset(
+    {CONFIG, WEIGHTS, VOCAB, RESOURCES, "args.json", "best_model.pt"}
+    | {"history_steps.csv", "history_epochs.csv", "metrics.json"}
+)
 
 
 def is_native(path: str | os.PathLike[str]) -> bool:
@@ -39,6 +46,17 @@ def is_native(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+def replaceable_model_dir(path: str | os.PathLike[str]) -> bool:
+    """True if directory ``path`` may be replaced by a save: a saved model (cellkit or scGPT
+    format), or a directory holding only files cellkit writes into model directories."""
+    from .scgpt import detect as is_scgpt
+
+    path = Path(path)
+    if is_native(path) or is_scgpt(path):
+        return True
+    return all(p.name in _MODEL_DIR_FILES and p.is_file() for p in path.iterdir())
+
+
 def write_native(
     path: str | os.PathLike[str],
     model_config: dict[str, Any],
@@ -46,31 +64,38 @@ def write_native(
     vocab: GeneVocab,
     resources: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the files into directory ``path`` (created if needed)."""
+    """Write a cellkit model directory ``path`` as a whole (see :func:`cellkit._utils.atomic_directory`).
+
+    An existing ``path`` is replaced only when it is a saved model (or empty); anything else is
+    refused with a :class:`~cellkit.ConfigError`.
+    """
+    with atomic_directory(path, may_replace=replaceable_model_dir, what="model directory") as tmp:
+        write_native_files(tmp, model_config, state, vocab, resources)
+    return Path(path)
+
+
+def write_native_files(
+    directory: Path,
+    model_config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    vocab: GeneVocab,
+    resources: dict[str, Any] | None = None,
+) -> None:
+    """Write the files of a cellkit model into the existing, empty ``directory`` (no swap)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(
-            f"{path} exists and is not a directory; choose a directory path to save a model."
-        )
-    path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    with atomic_path(path / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
-    vocab.to_json(path / VOCAB)
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT_NAME})
+    vocab.to_json(directory / VOCAB)
     if resources:
-        atomic_write_text(path / RESOURCES, json.dumps(resources, sort_keys=True))
-    elif (path / RESOURCES).exists():
-        (path / RESOURCES).unlink()
+        (directory / RESOURCES).write_text(json.dumps(resources, sort_keys=True), encoding="utf-8")
     doc = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "cellkit_version": __version__,
         "model": model_config,
     }
-    atomic_write_text(path / CONFIG, json.dumps(doc, indent=2, sort_keys=True))
-    return path
+    (directory / CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def read_native(

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from cellkit._errors import CheckpointError, VocabError
-from cellkit._utils import atomic_path, atomic_write_text, get_logger
+from cellkit._utils import atomic_directory, get_logger
 from cellkit.core import EncoderConfig
 from cellkit.data.vocab import GeneVocab
 
@@ -442,6 +442,11 @@ def write(
 ) -> Path:
     """Write ``args.json`` + ``best_model.pt`` (Wqkv naming) + ``vocab.json`` for scGPT's loaders.
 
+    The directory is written as a whole (:func:`cellkit._utils.atomic_directory`) and read back
+    with cellkit's scGPT reader before it replaces ``path``; a vocabulary scGPT's loaders would not
+    take as is (missing ``<pad>`` / ``<cls>`` / ``<eoc>``, another padding token, other special
+    roles) is refused with the reason before anything is written.
+
     Parameters
     ----------
     config
@@ -451,6 +456,7 @@ def write(
     """
     enc, heads, inp = config["encoder"], config["heads"], config.get("input", {})
     _check_exportable(enc, heads)
+    _check_exportable_vocab(vocab, int(enc["pad_token_id"]))
     inverse: dict[str, str] = {}
     value_prefixes = _VALUE_PREFIXES[enc["value_encoder"]]
     for src, dst in {**_PREFIXES, **value_prefixes}.items():
@@ -502,13 +508,65 @@ def write(
     if enc["value_encoder"] == "category":
         args["n_input_bins"] = enc["n_value_bins"]
 
+    from .native import replaceable_model_dir
+
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path} exists and is not a directory.")
-    path.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path / WEIGHTS) as tmp:
-        torch.save(out, tmp)
-    vocab.to_json(path / VOCAB)
-    atomic_write_text(path / ARGS, json.dumps(args, indent=2))
+    with atomic_directory(path, may_replace=replaceable_model_dir, what="model directory") as tmp:
+        torch.save(out, tmp / WEIGHTS)
+        vocab.to_json(tmp / VOCAB)
+        (tmp / ARGS).write_text(json.dumps(args, indent=2), encoding="utf-8")
+        _check_reads_back(tmp, path, vocab)
     log.info("Wrote scGPT directory %s (%d tensors)", path, len(out))
     return path
+
+
+def _check_exportable_vocab(vocab: GeneVocab, pad_token_id: int) -> None:
+    """Refuse a vocabulary scGPT's loaders (and so cellkit's scGPT reader) would not take as is.
+
+    scGPT's ``GeneVocab.from_file`` needs ids contiguous from 0 (cellkit's vocabularies always
+    are) and every loader then appends whichever of ``<pad>``, ``<cls>``, ``<eoc>`` is missing, which
+    changes the vocabulary size so the gene embedding no longer fits (``load_pretrained`` silently
+    drops it; cellkit's reader refuses). The tutorials hard-code ``pad_token = "<pad>"`` and prepend
+    ``<cls>``; scGPT has no other special roles.
+    """
+    problems = []
+    missing = [t for t in SCGPT_SPECIALS if t not in vocab]
+    if missing:
+        problems.append(
+            f"it lacks the special token(s) {missing}, which scGPT's loaders append (changing the vocabulary size, "
+            "so the gene embedding would no longer fit)"
+        )
+    pad = vocab.token(pad_token_id) if 0 <= pad_token_id < len(vocab) else None
+    if pad != "<pad>":
+        problems.append(f"its padding token is {pad!r}, but scGPT pads with '<pad>'")
+    roles = vocab.specials
+    for role, token in (("cls", "<cls>"), ("eos", "<eoc>")):
+        if role in roles and roles[role] != token:
+            problems.append(f"its {role!r} token is {roles[role]!r}, but scGPT's is {token!r}")
+    if roles.get("pad") not in (None, "<pad>"):
+        problems.append(f"its 'pad' role is {roles['pad']!r}, but scGPT's is '<pad>'")
+    extra = sorted(set(roles) - {"pad", "cls", "eos"})
+    if extra:
+        problems.append(f"it has special role(s) {extra} that scGPT's vocabulary has no place for (they would be lost)")
+    if problems:
+        raise CheckpointError(
+            "This model's vocabulary cannot be written in scGPT's format: "
+            + "; ".join(problems)
+            + ". Save it with format='cellkit' instead, or build the model on a vocabulary with scGPT's specials "
+            "'<pad>', '<cls>', '<eoc>' (cellkit.presets.scgpt_config does)."
+        )
+
+
+def _check_reads_back(tmp: Path, path: Path, vocab: GeneVocab) -> None:
+    """Read the written directory with cellkit's own scGPT reader before it replaces ``path``."""
+    try:
+        back = read(tmp)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"Not saved to {path}: the scGPT directory would not load again ({exc}). Save with format='cellkit'."
+        ) from None
+    if back.vocab.tokens != vocab.tokens:
+        raise CheckpointError(
+            f"Not saved to {path}: the vocabulary would read back differently in scGPT's format. Save with "
+            "format='cellkit'."
+        )

@@ -307,6 +307,7 @@ def tokenize(
         writer = ShardWriter(
             output, max_shard_samples=max_shard_samples, format=shard_format, overwrite=overwrite
         )
+        stack.callback(writer.abort)  # a failure leaves ``output`` as it was (no-op after close)
         first = True
         for part in chunks:
             if first:

@@ -19,14 +19,19 @@ Shard directory layout (``format="npy"``, the default; every array memory-mappab
 ``format="parquet"`` writes ``shard-00000.parquet`` files instead, with list columns
 ``input_ids`` / ``values`` / ``token_type_ids``, ``length`` and the obs columns, which Hugging
 Face ``datasets`` opens directly (``datasets.load_dataset("parquet", data_files=f"{path}/*.parquet")``).
-``manifest.json`` is written last and atomically: a directory without it is incomplete.
+The directory is written as a whole: shards go into a hidden sibling (``.NAME.tmp-<id>``),
+``manifest.json`` is written there last, then the sibling is swapped in for ``NAME``
+(:func:`cellkit._utils.atomic_directory`), so ``NAME`` holds the old shards or the new ones, never
+a mix; a directory without a manifest is never taken as complete. Reading checks the manifest
+against the directory: every shard path is a plain name inside it (no ``..``, absolute paths or
+symlinks out), and each shard's cell and token counts against its arrays.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from cellkit._errors import DataError
-from cellkit._utils import atomic_path, atomic_write_text
+from cellkit._utils import AtomicDirectory, ensure_writable_dir, recover_directory
 
 from .vocab import Coverage
 
@@ -230,8 +235,12 @@ class TokenizedCells:
     ) -> ShardedTokens:
         """Write the cells as shards of at most ``max_shard_samples`` cells; see the module docstring."""
         writer = ShardWriter(path, max_shard_samples=max_shard_samples, format=format, overwrite=True)
-        writer.add(self)
-        return writer.close()
+        try:
+            writer.add(self)
+            return writer.close()
+        except BaseException:
+            writer.abort()
+            raise
 
     @staticmethod
     def concat(parts: Sequence[TokenizedCells]) -> TokenizedCells:
@@ -288,6 +297,7 @@ class ShardWriter:
         if format not in ("npy", "parquet"):
             raise DataError(f"Unknown shard format {format!r}; use 'npy' or 'parquet'.")
         self.path = Path(path)
+        ensure_writable_dir(self.path, what="output", replaced_whole=True)  # before the first block
         if self.path.exists() and any(self.path.iterdir()):
             if not overwrite:
                 raise DataError(f"{self.path} is not empty; pass overwrite=True or choose a new directory.")
@@ -297,8 +307,9 @@ class ShardWriter:
                 raise DataError(
                     f"{self.path} holds files that are not cellkit shards; refusing to overwrite it."
                 )
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        # everything goes into a hidden sibling that replaces ``path`` as a whole at close()
+        self._out = AtomicDirectory(self.path, may_replace=lambda _p: True, what="shard directory")
+        self._root = self._out.tmp
         self.max_shard_samples = max_shard_samples
         self.format = format
         self._pending: list[TokenizedCells] = []
@@ -349,7 +360,7 @@ class ShardWriter:
                 self._flush()
 
     def _shard_dir(self) -> Path:
-        d = self.path / f"shard-{len(self._shards):05d}"
+        d = self._root / f"shard-{len(self._shards):05d}"
         d.mkdir(exist_ok=True)
         return d
 
@@ -391,13 +402,14 @@ class ShardWriter:
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
             for raw in sorted(d.glob("*.raw")):
                 data = np.memmap(raw, dtype=np.float32 if raw.stem == "values" else np.int32, mode="r")
-                with atomic_path(d / f"{raw.stem}.npy") as tmp:
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=data.dtype, shape=data.shape)
-                    step = 1 << 24
-                    for i in range(0, len(data), step):
-                        out[i : i + step] = data[i : i + step]
-                    out.flush()
-                    del out
+                out = np.lib.format.open_memmap(
+                    d / f"{raw.stem}.npy", mode="w+", dtype=data.dtype, shape=data.shape
+                )
+                step = 1 << 24
+                for i in range(0, len(data), step):
+                    out[i : i + step] = data[i : i + step]
+                out.flush()
+                del out
                 del data
                 raw.unlink()
             small = {"offsets": offsets, "cell_index": cell_index, "obs_names": np.concatenate(self._names)}
@@ -405,8 +417,7 @@ class ShardWriter:
             for col, codes in self._obs_codes(obs).items():
                 small[f"obs-{col}"] = codes
             for key, arr in small.items():
-                with atomic_path(d / f"{key}.npy") as tmp, open(tmp, "wb") as fh:
-                    np.save(fh, arr)
+                np.save(d / f"{key}.npy", arr)
             n_tokens = int(offsets[-1])
         else:
             block = TokenizedCells.concat(self._pending) if len(self._pending) > 1 else self._pending[0]
@@ -443,8 +454,7 @@ class ShardWriter:
             for col in block.obs.columns:
                 if col != "_cell_index":
                     table[col] = pa.array(block.obs[col].astype(str).to_numpy())
-        with atomic_path(self.path / f"{name}.parquet") as tmp:
-            pq.write_table(pa.table(table), tmp)
+        pq.write_table(pa.table(table), self._root / f"{name}.parquet")
 
     def close(self) -> ShardedTokens:
         """Write the last shard and the manifest; return the reader."""
@@ -471,9 +481,18 @@ class ShardWriter:
                 "notes": t.notes,
                 "shards": self._shards,
             }
-            atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=1, default=_jsonable))
+            # the manifest last, then the whole directory is swapped in
+            (self._root / MANIFEST).write_text(
+                json.dumps(manifest, indent=1, default=_jsonable), encoding="utf-8"
+            )
+            self._out.commit()
             self._closed = True
         return ShardedTokens(self.path)
+
+    def abort(self) -> None:
+        """Discard what was written; ``path`` stays as it was."""
+        self._out.abort()
+        self._closed = True
 
 
 def _jsonable(obj: Any) -> Any:
@@ -492,20 +511,70 @@ class ShardedTokens:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.path = recover_directory(path)  # a swap interrupted between its renames left the old copy
+        file = self.path / MANIFEST
         try:
-            self.manifest = json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
-        except FileNotFoundError:
+            with open(file, "rb") as fh:
+                raw = fh.read(_MANIFEST_MAX_BYTES + 1)
+        except (FileNotFoundError, NotADirectoryError):
             raise DataError(
                 f"{self.path} has no {MANIFEST}: it is not a cellkit shard directory (the output= directory of "
                 "cellkit.tokenize), or writing it did not finish."
             ) from None
-        if self.manifest.get("format") != FORMAT:
+        except OSError as exc:
+            raise DataError(f"{file} cannot be read ({exc.strerror or exc}).") from None
+        if len(raw) > _MANIFEST_MAX_BYTES:
+            raise DataError(f"{file} is larger than {_MANIFEST_MAX_BYTES:,} bytes; it is not a cellkit token manifest.")
+        try:
+            manifest = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise DataError(f"{file} is not valid JSON ({reason}); rewrite the shards with cellkit.tokenize.") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise DataError(f"{self.path / MANIFEST} is not a cellkit token manifest.")
+        self.manifest = _check_manifest(manifest, file)
         self.storage = self.manifest.get("storage", "npy")
+        self._root = self.path.resolve()
+        for info in self.manifest["shards"]:
+            target = self.path / (info["name"] + (".parquet" if self.storage == "parquet" else ""))
+            self._confined(target, f"shards[].name {info['name']!r}")
         counts = [s["n_cells"] for s in self.manifest["shards"]]
         self.shard_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._cache: dict[int, TokenizedCells] = {}
+
+    def _confined(self, target: Path, field: str) -> Path:
+        """``target`` if it lies inside the shard directory (no symlink or ``..`` leading out)."""
+        try:
+            inside = target.resolve().is_relative_to(self._root) and not target.is_symlink()
+        except (OSError, RuntimeError):
+            inside = False
+        if not inside:
+            raise DataError(
+                f"{self.path / MANIFEST}: {field} leads outside the shard directory ({target}); a manifest may "
+                "only name files inside its own directory."
+            )
+        return target
+
+    def _bad(self, name: str, what: str) -> DataError:
+        return DataError(
+            f"{self.path / MANIFEST}: shard {name!r} does not match its arrays ({what}); the shard directory is "
+            "damaged or was edited. Write it again with cellkit.tokenize(..., output=...)."
+        )
+
+    def _check_shard(self, info: dict[str, Any], cells: TokenizedCells) -> None:
+        """The manifest's counts against the arrays actually on disk (cheap: lengths and ends)."""
+        name, n = info["name"], len(cells)
+        if n != info["n_cells"]:
+            raise self._bad(name, f"n_cells is {info['n_cells']} but the arrays hold {n} cells")
+        if cells.n_tokens != info["n_tokens"]:
+            raise self._bad(name, f"n_tokens is {info['n_tokens']} but the arrays hold {cells.n_tokens} tokens")
+        if n and np.any(np.diff(cells.offsets) < 0):
+            raise self._bad(name, "offsets decrease")
+        idx = getattr(cells, "cell_index", None)
+        if idx is not None and len(idx) != n:
+            raise self._bad(name, f"cell_index has {len(idx)} entries for {n} cells")
+        if cells.obs is not None and len(cells.obs) != n:
+            raise self._bad(name, f"the obs columns have {len(cells.obs)} rows for {n} cells")
 
     # ------------------------------------------------------------------ per shard
     @property
@@ -536,23 +605,45 @@ class ShardedTokens:
         if k in self._cache:
             return self._cache[k] if cache else self._cache.pop(k)
         info = self.manifest["shards"][k]
+        try:
+            cells = self._read_shard(info)
+        except DataError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise self._bad(info["name"], f"{type(exc).__name__}: {exc}") from None
+        self._check_shard(info, cells)
+        if cache:
+            if len(self._cache) > 4:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[k] = cells
+        return cells
+
+    def _read_shard(self, info: dict[str, Any]) -> TokenizedCells:
         if self.storage == "parquet":
             cells = self._read_parquet(info["name"])
         else:
-            d = self.path / info["name"]
+            d = self._confined(self.path / info["name"], f"shards[].name {info['name']!r}")
 
             def load(name: str, mmap: bool = True) -> np.ndarray | None:
                 f = d / f"{name}.npy"
-                return np.load(f, mmap_mode="r" if mmap else None) if f.exists() else None
+                if not f.exists() and not f.is_symlink():
+                    return None
+                self._confined(f, f"the file {name}.npy of shard {info['name']!r}")
+                return np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
 
             obs = None
             if self.manifest["obs_columns"]:
-                obs = pd.DataFrame(
-                    {
-                        col: pd.Categorical.from_codes(load(f"obs-{col}", mmap=False), categories=cats)
-                        for col, cats in self.manifest["obs_columns"].items()
-                    }
-                )
+                columns = {}
+                for col, cats in self.manifest["obs_columns"].items():
+                    codes = load(f"obs-{col}", mmap=False)
+                    if codes is None:
+                        raise self._bad(info["name"], f"obs-{col}.npy is missing")
+                    if len(codes) and (codes.min() < -1 or codes.max() >= len(cats)):
+                        raise self._bad(info["name"], f"obs-{col}.npy holds codes outside its {len(cats)} categories")
+                    columns[col] = pd.Categorical.from_codes(codes, categories=cats)
+                obs = pd.DataFrame(columns)
+            if load("gene_ids") is None or load("offsets", mmap=False) is None:
+                raise self._bad(info["name"], "gene_ids.npy or offsets.npy is missing")
             cells = TokenizedCells(
                 gene_ids=load("gene_ids"),
                 offsets=load("offsets", mmap=False),
@@ -566,16 +657,12 @@ class ShardedTokens:
                 pad_value=self.pad_value,
             )
             cells.cell_index = load("cell_index", mmap=False)  # type: ignore[attr-defined]
-        if cache:
-            if len(self._cache) > 4:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[k] = cells
         return cells
 
     def _read_parquet(self, name: str) -> TokenizedCells:
         import pyarrow.parquet as pq
 
-        table = pq.read_table(self.path / f"{name}.parquet")
+        table = pq.read_table(self._confined(self.path / f"{name}.parquet", f"shards[].name {name!r}"))
         ids = table.column("input_ids").combine_chunks()
         offsets = ids.offsets.to_numpy().astype(np.int64)
         vals = (
@@ -661,6 +748,69 @@ def _length_text(lengths: np.ndarray) -> str:
     if not len(lengths):
         return "length 0–0 (median 0)"
     return f"length {int(lengths.min())}–{int(lengths.max())} (median {float(np.median(lengths)):.0f})"
+
+
+_MANIFEST_MAX_BYTES = 256 << 20
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_manifest(m: dict[str, Any], file: Path) -> dict[str, Any]:
+    """Types and names of a manifest's fields; a DataError naming the file and field otherwise."""
+
+    def bad(field: str, want: str) -> DataError:
+        got = m.get(field) if "." not in field and "[" not in field else None
+        shown = f" (got {got!r})" if got is not None and len(repr(got)) < 80 else ""
+        return DataError(
+            f"{file}: field {field!r} must be {want}{shown}; the manifest is damaged or was not written by "
+            "cellkit. Write the shards again with cellkit.tokenize(..., output=...)."
+        )
+
+    if not _count(m.get("version", 1)) or m.get("version", 1) > 1:
+        raise bad("version", "1 (a newer cellkit wrote this directory? upgrade cellkit)")
+    if m.get("storage", "npy") not in ("npy", "parquet"):
+        raise bad("storage", "'npy' or 'parquet'")
+    for key, kind, want in (
+        ("scheme", str, "a string"),
+        ("options", dict, "an object"),
+        ("specials", dict, "an object of role -> token id"),
+        ("obs_columns", dict, "an object of column -> categories"),
+        ("shards", list, "a list of shards"),
+    ):
+        if not isinstance(m.get(key), kind):
+            raise bad(key, want)
+    if not all(isinstance(r, str) and _count(i) for r, i in m["specials"].items()):
+        raise bad("specials", "an object of role -> non-negative token id")
+    if not isinstance(m.get("pad_value", 0.0), int | float) or isinstance(m.get("pad_value"), bool):
+        raise bad("pad_value", "a number")
+    if not isinstance(m.get("fields", []), list) or not set(m.get("fields", [])) <= set(FIELDS):
+        raise bad("fields", f"a list drawn from {list(FIELDS)}")
+    if not isinstance(m.get("notes", []), list):
+        raise bad("notes", "a list of strings")
+    for col, cats in m["obs_columns"].items():
+        if any(c in col for c in "/\\\x00"):  # it becomes part of a file name: obs-<column>.npy
+            raise bad(f"obs_columns[{col!r}]", "a column name without '/', '\\' or NUL")
+        if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
+            raise bad(f"obs_columns[{col!r}]", "a list of category strings")
+    names = set()
+    for i, info in enumerate(m["shards"]):
+        where = f"shards[{i}]"
+        if not isinstance(info, dict):
+            raise bad(where, "an object with name, n_cells and n_tokens")
+        name = info.get("name")
+        if not isinstance(name, str) or not _PLAIN_NAME.match(name) or name in names:
+            raise bad(f"{where}.name", "a unique plain name inside the directory (no '/', '..' or absolute path)")
+        names.add(name)
+        for key in ("n_cells", "n_tokens"):
+            if not _count(info.get(key)):
+                raise bad(f"{where}.{key}", "a non-negative integer")
+    total = sum(info["n_cells"] for info in m["shards"])
+    if m.get("n_cells") != total:
+        raise bad("n_cells", f"the sum of the shards' n_cells ({total})")
+    return m
 
 
 def open_shards(path: str | os.PathLike[str]) -> ShardedTokens:

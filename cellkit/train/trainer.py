@@ -35,14 +35,28 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .._errors import CellkitError, ConfigError, DataError
-from .._utils import get_logger
-from .checkpoint import CheckpointManager, flatten_optimizer_state, load_weights, read_checkpoint
+from .._utils import ensure_writable_dir, get_logger
+from .checkpoint import (
+    CheckpointManager,
+    checkpoint_is_intact,
+    flatten_optimizer_state,
+    load_weights,
+    read_checkpoint,
+)
 from .distributed import all_gather_objects, all_reduce_sum, barrier, dist_info
 from .events import Callback, Event, dispatch
 from .objectives import IGNORE_INDEX, Objective, make_objectives
 from .sampling import EpochBatchSampler
 
-__all__ = ["FORWARD_KEYS", "History", "TrainResult", "Trainer", "TrainerConfig", "TrainingError"]
+__all__ = [
+    "FORWARD_KEYS",
+    "History",
+    "TrainResult",
+    "Trainer",
+    "TrainerConfig",
+    "TrainingError",
+    "exclusive_training_run",
+]
 
 log = get_logger(__name__)
 
@@ -55,6 +69,51 @@ STATE_VERSION = 1
 
 class TrainingError(CellkitError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN)."""
+
+
+_RUN_GUARD = threading.Lock()
+_ACTIVE_RUN: dict[str, Any] | None = None
+
+
+@contextlib.contextmanager
+def exclusive_training_run(what: str = "training run") -> Iterator[None]:
+    """Hold the process's single training slot; a second concurrent run is refused.
+
+    Two runs in one process share torch's process-wide random state (dropout, head
+    initialisation, masking), so each would silently give weights different from its standalone
+    run. :meth:`Trainer.fit` holds the slot for the whole run; :func:`cellkit.finetune`,
+    :func:`cellkit.pretrain` take it before they seed anything. The holding thread may re-enter
+    (a task's fit nested in the task). Other code of the process that draws from torch's global
+    RNG while a run is active (building a model, ``torch.manual_seed`` in a notebook cell) still
+    changes that run's random stream; cellkit cannot guard that.
+
+    Raises
+    ------
+    TrainingError
+        Another thread of this process holds the slot.
+    """
+    global _ACTIVE_RUN
+    me = threading.current_thread()
+    with _RUN_GUARD:
+        active = _ACTIVE_RUN
+        if active is not None and active["thread"] is not me:
+            raise TrainingError(
+                f"Another cellkit training run is active in this process ({active['what']} in thread "
+                f"{active['thread'].name!r}, started {time.strftime('%H:%M:%S', time.localtime(active['since']))}); "
+                "wait for it to finish or stop it (trainer.request_stop(), the studio's Stop button), then start "
+                "this one. Two runs in one process share torch's global random state, so neither would give the "
+                "weights it gives alone."
+            )
+        if active is None:
+            active = _ACTIVE_RUN = {"thread": me, "what": what, "since": time.time(), "depth": 0}
+        active["depth"] += 1
+    try:
+        yield
+    finally:
+        with _RUN_GUARD:
+            active["depth"] -= 1
+            if active["depth"] == 0:
+                _ACTIVE_RUN = None
 
 
 @dataclass
@@ -390,6 +449,8 @@ class Trainer:
             if config.checkpoint_dir
             else None
         )
+        if self.ckpt is not None and self.dist.is_main:  # fail now, not after the first epoch
+            ensure_writable_dir(self.ckpt.root, what="checkpoint_dir")
 
     # ------------------------------------------------------------------ control
     def request_stop(self, reason: str = "stopped") -> None:
@@ -578,25 +639,31 @@ class Trainer:
             raise DataError("The training data is empty; select at least one cell.")
         if val is not None and not isinstance(val, IterableDataset) and len(val) == 0:  # type: ignore[arg-type]
             raise DataError("The validation data is empty; pass val=None or select cells for it.")
-        self._stop.clear()
-        self._stop_reason = None
-        self._t0 = time.time()
-        frozen = self._apply_freeze()
-        try:
-            self.model.to(self.device)
-            if resume:
-                self._resume(resume)
-            else:
-                self._fresh_start()
-            with _SigintToStop(self):
-                return self._run(train, val, collate_fn, val_collate_fn or collate_fn)
-        except BaseException as e:
-            if self.dist.is_main:
-                dispatch(self.callbacks, self._event("error", error=e))
-            raise
-        finally:
-            for p in frozen:
-                p.requires_grad_(requires_grad=True)
+        with contextlib.ExitStack() as held:
+            # one run per process (torch's RNG is process-wide), one live run per checkpoint_dir
+            held.enter_context(exclusive_training_run(type(self.model).__name__ + " training"))
+            if self.ckpt is not None and self.dist.is_main:
+                held.enter_context(self.ckpt.lock())
+            self._stop.clear()
+            self._stop_reason = None
+            self._t0 = time.time()
+            frozen = self._apply_freeze()
+            try:
+                self.model.to(self.device)
+                if resume:
+                    self._resume(resume)
+                else:
+                    self._fresh_start()
+                with _SigintToStop(self):
+                    return self._run(train, val, collate_fn, val_collate_fn or collate_fn)
+            except BaseException as e:
+                if self.dist.is_main:
+                    dispatch(self.callbacks, self._event("error", error=e))
+                raise
+            finally:
+                for p in frozen:
+                    p.requires_grad_(requires_grad=True)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _apply_freeze(self) -> list[nn.Parameter]:
         frozen = []
@@ -1005,8 +1072,13 @@ class Trainer:
             return
         if self._best_weights is not None:
             self.model.load_state_dict(self._best_weights)
-        elif self.ckpt is not None and self.ckpt.best is not None:
-            load_weights(self.model, self.ckpt.best)
+        elif self.ckpt is not None:
+            # the checkpoint of the best step itself; the pointer only as a fallback
+            by_step = self.ckpt.root / f"step-{s['best_step']:08d}"
+            best = by_step if checkpoint_is_intact(by_step) else self.ckpt.best
+            if best is None:
+                return
+            load_weights(self.model, best)
         else:
             return
         log.info(
