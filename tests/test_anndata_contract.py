@@ -520,3 +520,26 @@ def test_zero_cell_h5ad_path_says_so(tmp_path, model):
         cellkit.tokenize(str(path), model, progress=False)
     with pytest.raises(DataError, match=NO_CELLS):
         cellkit.finetune(str(path), model, label_key="cell_type", copy_model=True, progress=False)
+
+
+def test_perturbation_model_predict_checks_inputs_and_outputs(screen):
+    fitted = fit_perturbation_model(
+        screen, epochs=1, d_model=8, n_heads=2, n_layers=1, d_ff=8, progress=False, device="cpu"
+    )
+    perturbation = fitted.train_conditions[0]
+    dup = with_duplicates(screen.copy())
+    before = dup.copy()
+    with pytest.raises(DataError, match=r"obs_names_make_unique\(\)"):
+        fitted.predict([perturbation], control_cells=dup, device="cpu")
+    assert_adata_equal(dup, before)
+    x = fitted.control_cells.copy()
+    x[0, 0] = np.nan
+    with pytest.raises(DataError, match="NaN or infinite"):
+        fitted.predict([perturbation], control_cells=x, device="cpu")
+    assert np.isfinite(fitted.predict([perturbation], device="cpu").to_numpy()).all()
+    _poison(fitted.model, "encoder.layers.0.linear1.weight", float("nan"))
+    with pytest.raises(DataError, match=r"came out NaN or infinite.*diverged"):
+        fitted.predict([perturbation], device="cpu")
+    pred = pd.DataFrame({perturbation: np.full(screen.n_vars, np.nan)}, index=screen.var_names)
+    with pytest.raises(DataError, match="predicted holds NaN"):
+        evaluate_perturbation(screen, pred)
