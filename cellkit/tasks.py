@@ -216,6 +216,8 @@ def _tokens_for(
     progress: bool,
 ) -> Tokens:
     if isinstance(data, TokenizedCells | ShardedTokens):
+        if len(data) == 0:
+            raise DataError("No cells selected: these tokens hold no cell; tokenize a non-empty selection.")
         _check_tokens(model, data)
         if cells is not None:
             raise DataError(

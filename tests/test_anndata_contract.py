@@ -543,3 +543,17 @@ def test_perturbation_model_predict_checks_inputs_and_outputs(screen):
     pred = pd.DataFrame({perturbation: np.full(screen.n_vars, np.nan)}, index=screen.var_names)
     with pytest.raises(DataError, match="predicted holds NaN"):
         evaluate_perturbation(screen, pred)
+
+
+def test_zero_cell_tokens_say_so(tmp_path, model):
+    empty = make_adata(n_per_class=4)[:0].copy()
+    shards = cellkit.tokenize(empty, model, output=tmp_path / "shards", obs_columns=["cell_type"], progress=False)
+    assert len(shards) == 0
+    for call in (
+        lambda: cellkit.finetune(shards, model, label_key="cell_type", copy_model=True, progress=False),
+        lambda: cellkit.pretrain(shards, make_model(), progress=False),
+        lambda: gene_attention(shards, model),
+    ):
+        with pytest.raises(DataError, match=NO_CELLS):
+            call()
+    assert cellkit.analysis.cell_embeddings(model, shards, progress=False).shape == (0, 16)

@@ -250,6 +250,8 @@ def _source(
     if chunk_size < 1:
         raise ConfigError("chunk_size must be >= 1.")
     if isinstance(data, ShardedTokens):
+        if len(data) == 0:
+            raise DataError("No cells selected: these token shards hold no cell.")
         data = data.to_memory()
     is_tokens = isinstance(data, TokenizedCells)
     if is_tokens:

@@ -132,6 +132,8 @@ def cell_embeddings(
     if normalize is None:
         normalize = model.config.family == "scgpt"
     same_as_model = idx is None and mode == model.config.pooling
+    if len(tokens) == 0:  # no cell: an empty result (empty shards cannot be loaded)
+        return np.zeros((0, model.config.encoder.d_model), dtype=np.float32)
 
     def fn(out: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"emb": pooled_embedding(model, out, batch, mode, idx, same_as_model, normalize)}
