@@ -6,8 +6,8 @@ seeded), build datasets and collators, and hand the loop to :class:`cellkit.trai
 
 The caller's AnnData is never modified by :func:`finetune` / :func:`pretrain`; :func:`predict`
 writes only the keys it is asked to (``key_added``, recorded in ``uns["cellkit"]``; see
-:mod:`cellkit._anndata`) and never over an entry cellkit did not write unless ``overwrite=True``. The model is trained in place (as PyTorch
-does); pass ``copy_model=True`` to train a copy.
+:mod:`cellkit._anndata`) and never over an entry cellkit did not write unless ``overwrite=True``.
+The model is trained in place (as PyTorch does); pass ``copy_model=True`` to train a copy.
 """
 
 from __future__ import annotations
@@ -484,12 +484,11 @@ def finetune(
         gene_column=gene_column,
         progress=progress,
     )
-    obs_tok = tokens.obs if isinstance(tokens, TokenizedCells) else tokens.to_memory().obs
+    in_memory = tokens if isinstance(tokens, TokenizedCells) else tokens.to_memory()
+    obs_tok, names_tok = in_memory.obs, np.asarray(in_memory.obs_names).astype(str)
+    del in_memory
     # the split is reported per cell name: names must identify cells (files and tokens too)
-    check_obs_names(
-        tokens.obs_names if isinstance(tokens, TokenizedCells) else tokens.to_memory().obs_names,
-        what="cellkit.finetune",
-    )
+    check_obs_names(names_tok, what="cellkit.finetune")
     if obs_tok is None or label_key not in obs_tok:
         raise DataError(
             f"The tokens carry no {label_key!r} column; tokenize with obs_columns=[{label_key!r}]."
@@ -579,15 +578,7 @@ def finetune(
             log.warning(
                 "test_size=0: the held-out metrics are on the validation cells that chose the best epoch."
             )
-    split_series = pd.Series(
-        split,
-        index=pd.Index(
-            np.asarray(
-                tokens.obs_names if isinstance(tokens, TokenizedCells) else tokens.to_memory().obs_names
-            ).astype(str)
-        ),
-        name="split",
-    )
+    split_series = pd.Series(split, index=pd.Index(names_tok), name="split")
     return FinetuneResult(
         model=model_,
         status=fit.status,

@@ -349,7 +349,9 @@ def umap(
     """UMAP of an embedding with umap-learn, into ``obsm[key_added]`` (default ``use_rep + "_umap"``).
 
     Only ``obsm[key_added]`` is written (no neighbour graph in ``obsp``); rows that are NaN in
-    ``use_rep`` (unselected cells) stay NaN.
+    ``use_rep`` (unselected cells) stay NaN. An embedding with infinite values (or rows only partly
+    NaN) is refused, as is an existing ``obsm[key_added]`` that cellkit did not write (unless
+    ``overwrite``).
 
     Parameters
     ----------

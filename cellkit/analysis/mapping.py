@@ -207,8 +207,9 @@ def embedding_metrics(
     Parameters
     ----------
     adata
-        Cells with ``obsm[use_rep]`` and ``obs[label_key]`` (cells with a NaN embedding or label
-        are left out).
+        Cells with ``obsm[use_rep]`` and ``obs[label_key]`` (cells whose embedding row is NaN, as
+        :func:`cellkit.embed_cells` leaves unselected cells, or with no label are left out; an
+        embedding with infinite values is refused).
     label_key
         Cell types.
     use_rep
