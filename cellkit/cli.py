@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -132,13 +133,27 @@ def _parse_kv(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
 
 
 def _objectives(text: str | None) -> Any:
-    """``"cls,gep=0.5"`` → ``{"cls": 1.0, "gep": 0.5}``."""
+    """``"cls,gep=0.5"`` → ``{"cls": 1.0, "gep": 0.5}`` (argparse ``type=``: bad text is a usage error)."""
     if not text:
         return None
     spec: dict[str, float] = {}
     for part in text.split(","):
-        name, _, weight = part.strip().partition("=")
-        spec[name] = float(weight) if weight else 1.0
+        name, eq, weight = (s.strip() for s in part.partition("="))
+        if not name:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} has an empty objective name; write names with optional weights, e.g. 'cls,gep=0.5'."
+            )
+        if name in spec:
+            raise argparse.ArgumentTypeError(f"objective {name!r} is given twice in {text!r}.")
+        try:
+            value = float(weight) if eq else 1.0
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(
+                f"the weight of {name!r} must be a finite number >= 0, got {weight!r}; e.g. 'cls,gep=0.5'."
+            )
+        spec[name] = value
     return spec
 
 
@@ -249,7 +264,7 @@ def _finetune(args: argparse.Namespace) -> int:
     model = _load_for_training(args.model)
     adata = _read_data(args.data, backed=args.backed)
     opts = _train_common(args)
-    objectives = _objectives(args.objectives) or ("cls",)
+    objectives = args.objectives or ("cls",)
     if info.is_main:
         print(f"model   {model!r}")
         print(f"data    {_describe_data(adata)}; label_key={args.label_key!r}")
@@ -316,7 +331,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     result = pretrain(
         adata,
         model,
-        objectives=_objectives(args.objectives),
+        objectives=args.objectives,
         cells=args.cells,
         val_size=args.val_size,
         mask_ratio=args.mask_ratio,
@@ -424,7 +439,9 @@ def _training_parser(p: argparse.ArgumentParser, *, needs_model: bool) -> None:
     p.add_argument("--out", help="directory to save the trained model, history and metrics")
     p.add_argument("--cells", help="obs query selecting the cells, e.g. \"tissue == 'blood'\"")
     p.add_argument(
-        "--objectives", help="comma-separated objectives with optional weights, e.g. 'cls,gep=0.5'"
+        "--objectives",
+        type=_objectives,
+        help="comma-separated objectives with optional weights, e.g. 'cls,gep=0.5'",
     )
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-4)

@@ -426,8 +426,16 @@ class CellModel(nn.Module):
         """Build a model and load ``state`` strictly (every tensor present, no extras, shapes checked).
 
         The model is built on the meta device and takes the loaded tensors as its parameters, so
-        loading needs one copy of the weights in memory and no random initialisation.
+        loading needs one copy of the weights in memory and no random initialisation. Weights
+        holding NaN or inf are refused (:class:`~cellkit.CheckpointError` naming the tensors).
         """
+        broken = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if broken:
+            raise CheckpointError(
+                f"{source}: {len(broken)} weight tensor(s) hold NaN or infinite values: {broken[:10]}. The model "
+                "cannot give meaningful outputs (a training run that diverged, or a damaged file); load an "
+                "earlier checkpoint or retrain with a lower learning rate."
+            )
         with torch.device("meta"):
             model = cls(config, vocab)
         load_state_strict(model, state, source=source, allow_missing=model.tied_keys(), assign=True)

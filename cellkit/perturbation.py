@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._anndata import check_adata
 from ._errors import CheckpointError, ConfigError, DataError
 from ._inference import resolve_device
 from ._utils import atomic_path, atomic_write_text, get_logger
@@ -460,6 +461,7 @@ class PerturbationModel:
         if control_cells is None:
             x = self.control_cells
         elif isinstance(control_cells, AnnData):
+            check_adata(control_cells, what="PerturbationModel.predict (control_cells)")
             missing = [g for g in self.genes if g not in control_cells.var_names]
             if missing:
                 raise DataError(
@@ -472,6 +474,10 @@ class PerturbationModel:
             if x.ndim != 2 or x.shape[1] != len(self.genes):
                 raise DataError(
                     f"control_cells must be (n_cells, {len(self.genes)}) in the model's gene order, got {x.shape}."
+                )
+            if not np.isfinite(x).all():
+                raise DataError(
+                    "control_cells holds NaN or infinite values; pass finite log1p-normalised expression."
                 )
         if len(x) == 0:
             raise DataError(
@@ -583,6 +589,13 @@ class PerturbationModel:
                 out[:, j] = sums / np.maximum(counts, 1)
         finally:
             model.train(was_training)
+        bad = ~np.isfinite(out).all(axis=0)
+        if bad.any():
+            raise DataError(
+                f"The predicted expression of {int(bad.sum())} perturbation(s) came out NaN or infinite, e.g. "
+                f"{[perturbations[j] for j in np.flatnonzero(bad)[:3]]}. Likely causes: non-finite control cell "
+                "values or a model whose weights diverged during training (lower lr and fit again)."
+            )
         return pd.DataFrame(
             out.astype(np.float32),
             index=pd.Index(self.genes, name="gene"),
@@ -797,6 +810,7 @@ def fit_perturbation_model(
 
     if not isinstance(adata, AnnData):
         raise DataError(f"fit_perturbation_model takes an AnnData, got {type(adata).__name__}.")
+    check_adata(adata, what="cellkit.fit_perturbation_model")
     config = TrainerConfig.from_dict(
         {
             "epochs": epochs,
@@ -969,6 +983,7 @@ def evaluate_perturbation(
     """
     import pandas as pd
 
+    check_adata(adata_true, what="cellkit.evaluate_perturbation")
     if top_de < 1:
         raise ConfigError(f"top_de must be a positive integer, got {top_de!r}.")
     labels = _check_column(adata_true, condition_key)
@@ -990,6 +1005,11 @@ def evaluate_perturbation(
     pred = predicted.copy()
     pred.index = pred.index.map(str)
     pred = pred.loc[genes]
+    if not np.isfinite(pred.to_numpy(dtype=np.float64)).all():
+        raise DataError(
+            "predicted holds NaN or infinite values; predict again (PerturbationModel.predict) from a model whose "
+            "training did not diverge."
+        )
     matched: dict[str, str] = {}
     for name in pred.columns:
         key = frozenset(parse_condition(str(name), control=control))

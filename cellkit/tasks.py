@@ -5,8 +5,9 @@ pretrain`` commands call. They tokenize with the model's own scheme, split the c
 seeded), build datasets and collators, and hand the loop to :class:`cellkit.train.Trainer`.
 
 The caller's AnnData is never modified by :func:`finetune` / :func:`pretrain`; :func:`predict`
-writes only the keys it is asked to (``key_added``). The model is trained in place (as PyTorch
-does); pass ``copy_model=True`` to train a copy.
+writes only the keys it is asked to (``key_added``, recorded in ``uns["cellkit"]``; see
+:mod:`cellkit._anndata`) and never over an entry cellkit did not write unless ``overwrite=True``.
+The model is trained in place (as PyTorch does); pass ``copy_model=True`` to train a copy.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ._anndata import check_adata, check_finite_rows, check_keys_free, check_obs_names, record_written
 from ._errors import ConfigError, DataError
 from ._utils import ensure_writable_dir, get_logger
 from .data.collate import Collator
@@ -231,6 +233,8 @@ def _tokens_for(
     progress: bool,
 ) -> Tokens:
     if isinstance(data, TokenizedCells | ShardedTokens):
+        if len(data) == 0:
+            raise DataError("No cells selected: these tokens hold no cell; tokenize a non-empty selection.")
         _check_tokens(model, data)
         if cells is not None:
             raise DataError(
@@ -253,7 +257,7 @@ def _tokens_for(
     except TypeError as e:
         raise DataError(f"Bad tokenize option: {e}") from None
     if len(tokens) == 0:
-        raise DataError("The selection is empty: no cell to train on. Check cells=... .")
+        raise DataError("No cells selected: the selection is empty, nothing to work on. Check cells=... .")
     return tokens
 
 
@@ -479,6 +483,7 @@ def finetune(
         config.freeze = tuple(dict.fromkeys((*config.freeze, *freeze)))
     is_tokens = isinstance(adata, TokenizedCells | ShardedTokens)
     if not is_tokens and not isinstance(adata, str):
+        check_adata(adata, what="cellkit.finetune")
         obs = _obs_of(adata, cells)
         _check_label_column(obs, label_key, "label_key")
         if batch_key is not None:
@@ -499,7 +504,11 @@ def finetune(
         gene_column=gene_column,
         progress=progress,
     )
-    obs_tok = tokens.obs if isinstance(tokens, TokenizedCells) else tokens.to_memory().obs
+    in_memory = tokens if isinstance(tokens, TokenizedCells) else tokens.to_memory()
+    obs_tok, names_tok = in_memory.obs, np.asarray(in_memory.obs_names).astype(str)
+    del in_memory
+    # the split is reported per cell name: names must identify cells (files and tokens too)
+    check_obs_names(names_tok, what="cellkit.finetune")
     if obs_tok is None or label_key not in obs_tok:
         raise DataError(
             f"The tokens carry no {label_key!r} column; tokenize with obs_columns=[{label_key!r}]."
@@ -589,15 +598,7 @@ def finetune(
             log.warning(
                 "test_size=0: the held-out metrics are on the validation cells that chose the best epoch."
             )
-    split_series = pd.Series(
-        split,
-        index=pd.Index(
-            np.asarray(
-                tokens.obs_names if isinstance(tokens, TokenizedCells) else tokens.to_memory().obs_names
-            ).astype(str)
-        ),
-        name="split",
-    )
+    split_series = pd.Series(split, index=pd.Index(names_tok), name="split")
     return FinetuneResult(
         model=model_,
         status=fit.status,
@@ -675,6 +676,7 @@ def predict(
     use_raw: bool | None = None,
     gene_column: str | None = None,
     copy: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> AnnData | None:
     """Predict cell types with a fine-tuned model's classifier.
@@ -690,7 +692,8 @@ def predict(
     model
         A model with a ``classifier`` head (from :func:`finetune`).
     key_added
-        Base name of the keys written.
+        Base name of the keys written. Existing entries that cellkit did not write (e.g. the true
+        labels in ``obs["cell_type"]``) are refused unless ``overwrite``.
     cells
         Which cells to predict (default all).
     batch_size, device
@@ -699,13 +702,28 @@ def predict(
         Passed to :func:`cellkit.tokenize`.
     copy
         Return a modified copy instead of writing into ``adata``.
+    overwrite
+        Replace the entries even when cellkit did not write them.
     progress
         Progress bars.
 
     Returns
     -------
     ``None`` (``adata`` updated), or the updated copy with ``copy=True``.
+
+    Raises
+    ------
+    DataError
+        Duplicate ``obs_names``, a taken ``key_added``, or probabilities that come out NaN / infinite.
     """
+    check_adata(adata, what="cellkit.predict")
+    written = [
+        ("obs", key_added),
+        ("obs", f"{key_added}_confidence"),
+        ("obsm", f"{key_added}_probabilities"),
+        ("uns", key_added),
+    ]
+    check_keys_free(adata, written, overwrite=overwrite, what="cellkit.predict")
     head = model.config.heads.get("classifier")
     if head is None:
         raise ConfigError(
@@ -724,6 +742,7 @@ def predict(
         progress=progress,
     )
     probs = _class_probabilities(model, tokens, batch_size=batch_size, progress=progress, device=device)
+    check_finite_rows(probs, what="class probabilities", names=tokens.obs_names)
     target = adata.copy() if copy else adata
     pos = target.obs_names.get_indexer(np.asarray(tokens.obs_names).astype(str))
     if (pos < 0).any():  # pragma: no cover - tokenize keeps obs names
@@ -738,6 +757,7 @@ def predict(
     target.obs[f"{key_added}_confidence"] = conf
     target.obsm[f"{key_added}_probabilities"] = full
     target.uns[key_added] = {"classes": list(classes)}
+    record_written(target, written)
     return target if copy else None
 
 
@@ -821,6 +841,7 @@ def pretrain(
             "pretrain is self-supervised; use finetune(...) for the 'cls' and 'dab' objectives."
         )
     _ensure_heads(model, objs, n_classes=None, classes=None, n_batches=None)
+    check_adata(adata, what="cellkit.pretrain", allow_other=True)
     tokens = _tokens_for(
         adata,
         model,

@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._anndata import check_adata, check_keys_free, record_written
 from .._errors import ConfigError, DataError, UnknownGeneError
 from .._inference import FORWARD_KEYS, inference_batches, resolve_device
 from ..data.collate import Collator
@@ -249,6 +250,8 @@ def _source(
     if chunk_size < 1:
         raise ConfigError("chunk_size must be >= 1.")
     if isinstance(data, ShardedTokens):
+        if len(data) == 0:
+            raise DataError("No cells selected: these token shards hold no cell.")
         data = data.to_memory()
     is_tokens = isinstance(data, TokenizedCells)
     if is_tokens:
@@ -477,6 +480,7 @@ def attention_maps(
     -------
     One :class:`CellAttention` per selected cell, in selection order; ``probs`` is ``(H_sel, L, L)``.
     """
+    check_adata(data, what="cellkit.analysis.attention_maps", allow_other=True)
     idx_layer = _resolve_layer(model, layer)
     head_list = _resolve_heads(model, heads)
     _check_backend(attn_backend)
@@ -650,6 +654,7 @@ def gene_attention(
     data_layer: str | None = None,
     use_raw: bool | None = None,
     gene_column: str | None = None,
+    overwrite: bool = False,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Gene × gene attention aggregated over a group of cells, genes aligned by identity.
 
@@ -697,6 +702,8 @@ def gene_attention(
         ``"auto"``: CUDA when available.
     tokenize_options, data_layer, use_raw, gene_column
         Passed to :func:`cellkit.tokenize`.
+    overwrite
+        Replace ``uns[key_added]`` even when cellkit did not write it.
 
     Returns
     -------
@@ -709,8 +716,11 @@ def gene_attention(
     idx_head = _resolve_head(model, head)
     if genes is not None:
         _gene_ids(model, genes)
+    check_adata(data, what="cellkit.analysis.gene_attention", allow_other=True)
     if key_added is not None and isinstance(data, TokenizedCells | ShardedTokens):
         raise ConfigError("key_added needs an AnnData; with tokens, keep the returned DataFrame.")
+    if key_added is not None:
+        check_keys_free(data, [("uns", key_added)], overwrite=overwrite, what="cellkit.analysis.gene_attention")
     group_list = None if groups is None else _as_list(groups)
     src = _source(
         data,
@@ -753,6 +763,7 @@ def gene_attention(
             "genes": np.asarray(names, dtype=object),
             "params": params,
         }
+        record_written(data, [("uns", key_added)])
     if return_counts:
         cdf = pd.DataFrame(counts[0], index=df.index, columns=df.columns)
         return df, cdf
@@ -900,6 +911,7 @@ def attention_difference(
     ``condition``, ``control``, ``difference``, ``n_cells_condition``, ``n_cells_control`` (cells in
     which both genes occur). ``attrs`` name the labels and settings.
     """
+    check_adata(data, what="cellkit.analysis.attention_difference", allow_other=True)
     _check_statistic(statistic)
     _check_backend(attn_backend)
     _check_min_cells(min_cells)

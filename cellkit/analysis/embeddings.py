@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .._anndata import check_adata, check_finite_rows, check_keys_free, finite_embedding, record_written
 from .._errors import ConfigError, DataError
 from .._inference import run_inference
 from .._utils import get_logger
@@ -131,6 +132,8 @@ def cell_embeddings(
     if normalize is None:
         normalize = model.config.family == "scgpt"
     same_as_model = idx is None and mode == model.config.pooling
+    if len(tokens) == 0:  # no cell: an empty result (empty shards cannot be loaded)
+        return np.zeros((0, model.config.encoder.d_model), dtype=np.float32)
 
     def fn(out: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"emb": pooled_embedding(model, out, batch, mode, idx, same_as_model, normalize)}
@@ -197,6 +200,7 @@ def embed_cells(
     use_raw: bool | None = None,
     gene_column: str | None = None,
     copy: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> AnnData | None:
     """Embed cells with a model and store the vectors in ``adata.obsm[key_added]``.
@@ -208,7 +212,8 @@ def embed_cells(
     model
         Any loaded :class:`cellkit.CellModel` (scGPT, Geneformer, PerturbGene-style, cellkit).
     key_added
-        ``obsm`` key written: ``(n_obs, d_model)`` float32; rows of unselected cells are NaN.
+        ``obsm`` key written: ``(n_obs, d_model)`` float32; rows of unselected cells are NaN. An
+        existing entry that cellkit did not write (e.g. ``"X_pca"``) is refused unless ``overwrite``.
     cells
         Which cells (mask, positions, names, ``obs.query`` string); default all.
     pooling, hidden_layer, normalize
@@ -227,19 +232,32 @@ def embed_cells(
         Passed to :func:`cellkit.tokenize` (``layer`` is the AnnData layer to read).
     copy
         Return a modified copy instead of writing into ``adata``.
+    overwrite
+        Replace ``obsm[key_added]`` even when cellkit did not write it (cellkit's own results are
+        replaced without it).
     progress
         Progress bar.
 
     Returns
     -------
     ``None`` (``adata.obsm[key_added]`` written) or the copy with ``copy=True``.
+
+    Raises
+    ------
+    DataError
+        Duplicate ``obs_names``, a taken ``key_added``, cells with no vocabulary gene (with
+        ``on_empty="raise"``) or embeddings that come out NaN / infinite.
     """
+    check_adata(adata, what="cellkit.embed_cells")
+    check_keys_free(adata, [("obsm", key_added)], overwrite=overwrite, what="cellkit.embed_cells")
     if on_empty not in ("raise", "nan"):
         raise ConfigError(f"on_empty must be 'raise' or 'nan', got {on_empty!r}.")
     if chunk_size < 1 or batch_size < 1:
         raise ConfigError("chunk_size and batch_size must be >= 1.")
     resolve_hidden_layer(model, hidden_layer)  # fail before any work
     positions = select_rows(adata.obs, cells)
+    if len(positions) == 0:
+        raise DataError(f"No cells selected: the AnnData has {adata.n_obs} cells and cells= selects none.")
     d = model.config.encoder.d_model
     out = np.full((adata.n_obs, d), np.nan, dtype=np.float32)
     opts = dict(tokenize_options or {})
@@ -284,6 +302,7 @@ def embed_cells(
                 amp=amp,
                 progress=False,
             )
+            check_finite_rows(emb, what="embeddings", names=tokens.obs_names, skip=bad)
             pos = adata.obs_names.get_indexer(np.asarray(tokens.obs_names).astype(str))
             emb[bad] = np.nan
             out[pos] = emb
@@ -297,6 +316,7 @@ def embed_cells(
         )
     target = adata.copy() if copy else adata
     target.obsm[key_added] = out
+    record_written(target, [("obsm", key_added)])
     return target if copy else None
 
 
@@ -324,11 +344,14 @@ def umap(
     metric: str = "cosine",
     random_state: int = 0,
     copy: bool = False,
+    overwrite: bool = False,
 ) -> AnnData | None:
     """UMAP of an embedding with umap-learn, into ``obsm[key_added]`` (default ``use_rep + "_umap"``).
 
     Only ``obsm[key_added]`` is written (no neighbour graph in ``obsp``); rows that are NaN in
-    ``use_rep`` (unselected cells) stay NaN.
+    ``use_rep`` (unselected cells) stay NaN. An embedding with infinite values (or rows only partly
+    NaN) is refused, as is an existing ``obsm[key_added]`` that cellkit did not write (unless
+    ``overwrite``).
 
     Parameters
     ----------
@@ -342,11 +365,15 @@ def umap(
         umap-learn settings.
     copy
         Return a modified copy.
+    overwrite
+        Replace ``obsm[key_added]`` even when cellkit did not write it.
     """
+    check_adata(adata, what="cellkit.analysis.umap")
+    out_key = key_added or f"{use_rep}_umap"
+    check_keys_free(adata, [("obsm", out_key)], overwrite=overwrite, what="cellkit.analysis.umap")
     if use_rep not in adata.obsm:
         raise DataError(f"obsm[{use_rep!r}] does not exist; run cellkit.embed_cells(adata, model) first.")
-    x = np.asarray(adata.obsm[use_rep], dtype=np.float32)
-    ok = ~np.isnan(x).any(axis=1)
+    x, ok = finite_embedding(adata.obsm[use_rep], what=f"obsm[{use_rep!r}]")
     if ok.sum() < 3:
         raise DataError(f"UMAP needs at least 3 embedded cells; obsm[{use_rep!r}] has {int(ok.sum())}.")
     import umap as umap_learn
@@ -363,5 +390,6 @@ def umap(
     full = np.full((adata.n_obs, 2), np.nan, dtype=np.float32)
     full[ok] = coords
     target = adata.copy() if copy else adata
-    target.obsm[key_added or f"{use_rep}_umap"] = full
+    target.obsm[out_key] = full
+    record_written(target, [("obsm", out_key)])
     return target if copy else None

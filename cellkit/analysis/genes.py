@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._anndata import check_adata, check_keys_free, record_written
 from .._errors import ConfigError, DataError, UnknownGeneError
 from .._inference import run_inference
 from .._utils import get_logger
@@ -139,6 +140,7 @@ def contextual_gene_embeddings(
     """
     from .embeddings import resolve_hidden_layer
 
+    check_adata(adata, what="cellkit.analysis.contextual_gene_embeddings")
     idx = resolve_hidden_layer(model, hidden_layer)
     keep = None if genes is None else _gene_list(model, genes)
     tokens = tokenize(
@@ -346,6 +348,7 @@ def score_programs(
     layer: str | None = None,
     random_state: int = 0,
     copy: bool = False,
+    overwrite: bool = False,
 ) -> AnnData | None:
     """Per-cell program scores (``sc.tl.score_genes``, min-max scaled to [0, 1]) into ``obs``.
 
@@ -367,12 +370,17 @@ def score_programs(
         Seed of scanpy's control-gene sampling.
     copy
         Return a modified copy.
+    overwrite
+        Replace existing ``obs`` columns / the ``uns`` entry even when cellkit did not write them.
     """
     import anndata as ad
     import scanpy as sc
 
+    check_adata(adata, what="cellkit.analysis.score_programs")
     if not programs:
         raise DataError("No programs to score; compute them with gene_programs(...).")
+    written = [("obs", f"{key_added}_{name}") for name in programs] + [("uns", key_added)]
+    check_keys_free(adata, written, overwrite=overwrite, what="cellkit.analysis.score_programs")
     raw = adata.raw is not None if use_raw is None else use_raw
     if raw and adata.raw is None:
         raise DataError("use_raw=True but adata.raw is empty.")
@@ -400,4 +408,5 @@ def score_programs(
     for name, s in scores.items():
         target.obs[f"{key_added}_{name}"] = s
     target.uns[key_added] = {name: list(g) for name, g in used.items()}
+    record_written(target, written)
     return target if copy else None

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._anndata import check_adata, check_keys_free, finite_embedding, record_written
 from .._errors import ConfigError, DataError
 from .._utils import get_logger
 
@@ -31,12 +32,13 @@ log = get_logger(__name__)
 _EXACT_LIMIT = 50_000
 
 
-def _rep(adata: AnnData, use_rep: str, what: str) -> np.ndarray:
+def _rep(adata: AnnData, use_rep: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The embedding and the mask of its embedded rows (all-NaN rows: cells left out)."""
     if use_rep not in adata.obsm:
         raise DataError(
             f"The {what} has no obsm[{use_rep!r}]; embed it first: cellkit.embed_cells({what}, model, key_added={use_rep!r})."
         )
-    return np.asarray(adata.obsm[use_rep], dtype=np.float32)
+    return finite_embedding(adata.obsm[use_rep], what=f"The {what}'s obsm[{use_rep!r}]")
 
 
 def _labels(adata: AnnData, key: str, what: str) -> pd.Series:
@@ -74,6 +76,7 @@ def transfer_labels(
     weighting: str = "distance",
     random_state: int = 0,
     copy: bool = False,
+    overwrite: bool = False,
 ) -> AnnData | None:
     """Transfer labels from a reference to a query by k-nearest neighbours in an embedding.
 
@@ -100,26 +103,46 @@ def transfer_labels(
         Seed of the approximate index.
     copy
         Return a modified copy of ``query``.
+    overwrite
+        Replace the ``obs`` columns even when cellkit did not write them (e.g. the true labels).
 
     Returns
     -------
     ``None`` (``query.obs`` updated) or the copy.
+
+    Raises
+    ------
+    DataError
+        Duplicate ``obs_names``, taken output columns, an embedding with infinite values, or no
+        embedded (non-NaN) cell in the reference or the query.
     """
+    check_adata(query, what="cellkit.transfer_labels (query)")
+    check_adata(reference, what="cellkit.transfer_labels (reference)")
+    key = key_added or f"{label_key}_transferred"
+    written = [("obs", key), ("obs", f"{key}_confidence")]
+    check_keys_free(query, written, overwrite=overwrite, what="cellkit.transfer_labels")
     if weighting not in ("distance", "uniform"):
         raise ConfigError(f"weighting must be 'distance' or 'uniform', got {weighting!r}.")
     if n_neighbors < 1:
         raise ConfigError(f"n_neighbors must be >= 1, got {n_neighbors}.")
-    ref_x, q_x = _rep(reference, use_rep, "reference"), _rep(query, use_rep, "query")
+    (ref_x, ref_emb), (q_x, ok_q) = _rep(reference, use_rep, "reference"), _rep(query, use_rep, "query")
     if ref_x.shape[1] != q_x.shape[1]:
         raise DataError(
             f"The reference embedding has {ref_x.shape[1]} dimensions, the query's {q_x.shape[1]}; embed both with "
             "the same model."
         )
     labels = _labels(reference, label_key, "label_key")
-    ok_ref = ~np.isnan(ref_x).any(1) & labels.notna().to_numpy()
+    ok_ref = ref_emb & labels.notna().to_numpy()
     if ok_ref.sum() == 0:
-        raise DataError("No reference cell has both an embedding and a label.")
-    ok_q = ~np.isnan(q_x).any(1)
+        raise DataError(
+            f"No reference cell has both an embedding (a non-NaN row of obsm[{use_rep!r}]) and a {label_key!r} label; "
+            "embed the reference cells with cellkit.embed_cells and check the labels."
+        )
+    if ok_q.sum() == 0:
+        raise DataError(
+            f"No query cell has an embedding (every row of obsm[{use_rep!r}] is NaN); embed the query cells first: "
+            f"cellkit.embed_cells(query, model, key_added={use_rep!r})."
+        )
     k = min(n_neighbors, int(ok_ref.sum()))
     ref_labels = labels.astype(str).to_numpy()[ok_ref]
     classes, codes = np.unique(ref_labels, return_inverse=True)
@@ -130,13 +153,13 @@ def transfer_labels(
     best = votes.argmax(1)
     conf = votes[np.arange(len(idx)), best] / votes.sum(1)
     target = query.copy() if copy else query
-    key = key_added or f"{label_key}_transferred"
     lab = np.full(query.n_obs, None, dtype=object)
     lab[ok_q] = classes[best]
     confidence = np.full(query.n_obs, np.nan, dtype=np.float32)
     confidence[ok_q] = conf
     target.obs[key] = pd.Categorical(lab, categories=list(classes))
     target.obs[f"{key}_confidence"] = confidence
+    record_written(target, written)
     return target if copy else None
 
 
@@ -184,8 +207,9 @@ def embedding_metrics(
     Parameters
     ----------
     adata
-        Cells with ``obsm[use_rep]`` and ``obs[label_key]`` (cells with a NaN embedding or label
-        are left out).
+        Cells with ``obsm[use_rep]`` and ``obs[label_key]`` (cells whose embedding row is NaN, as
+        :func:`cellkit.embed_cells` leaves unselected cells, or with no label are left out; an
+        embedding with infinite values is refused).
     label_key
         Cell types.
     use_rep
@@ -205,9 +229,10 @@ def embedding_metrics(
     """
     from sklearn.metrics import silhouette_samples, silhouette_score
 
-    x = _rep(adata, use_rep, "AnnData")
+    check_adata(adata, what="cellkit.embedding_metrics")
+    x, embedded = _rep(adata, use_rep, "AnnData")
     labels = _labels(adata, label_key, "label_key")
-    ok = ~np.isnan(x).any(1) & labels.notna().to_numpy()
+    ok = embedded & labels.notna().to_numpy()
     if batch_key is not None:
         batches = _labels(adata, batch_key, "batch_key")
         ok &= batches.notna().to_numpy()

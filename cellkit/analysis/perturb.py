@@ -66,6 +66,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._anndata import check_adata, check_finite_rows, check_keys_free, record_written
 from .._errors import ConfigError, DataError, UnknownGeneError
 from .._inference import run_inference
 from .._utils import get_logger
@@ -617,6 +618,7 @@ def in_silico_perturb(
     gene_column: str | None = None,
     seed: int = 0,
     copy: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame] | AnnData:
     """Delete or overexpress genes in the cells' tokens and measure how the cell embeddings move.
@@ -669,6 +671,8 @@ def in_silico_perturb(
         Seed of the random null genes.
     copy
         Write into a copy of ``adata`` and return it (the caller's object is not touched).
+    overwrite
+        Replace ``uns[key_added]`` even when cellkit did not write it.
     progress
         Progress bar over the perturbations.
 
@@ -694,6 +698,11 @@ def in_silico_perturb(
     >>> res.sort_values("mean_shift", ascending=False)
     """
     # ---------------------------------------------------------------- options
+    check_adata(adata, what="cellkit.analysis.in_silico_perturb")
+    if key_added is not None:
+        check_keys_free(
+            adata, [("uns", key_added)], overwrite=overwrite, what="cellkit.analysis.in_silico_perturb"
+        )
     if mode not in PERTURB_MODES:
         raise ConfigError(f"mode must be one of {PERTURB_MODES}, got {mode!r}.")
     for name, value, low in (
@@ -795,6 +804,7 @@ def in_silico_perturb(
         orig = embed(tokens, keep_states)
     else:
         orig = embed(tokens)
+    check_finite_rows(orig, what="embeddings", names=tokens.obs_names)
     goal_mean = orig_goal = None
     if goal_rows is not None:
         goal_tokens = tok(goal_rows)
@@ -1009,6 +1019,7 @@ def in_silico_perturb(
     if key_added is not None:
         target = adata.copy() if copy else adata
         target.uns[key_added] = result
+        record_written(target, [("uns", key_added)])
         if copy:
             return target
     if return_cells:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from .._anndata import check_adata
 from .._errors import DataError
 from .._utils import get_logger
 from .genes import GeneMatch, require_overlap, resolve_genes, rules_report
@@ -222,6 +223,7 @@ def tokenize(
     """
     from .schemes import get_scheme
 
+    check_adata(adata, what="cellkit.tokenize", allow_other=True)
     vocab, family, model_input, model_resources = _model_parts(model)
     resources = dict(model_resources if resources is None else resources)
     scheme = scheme or family
@@ -299,6 +301,8 @@ def tokenize(
 
         if output is None:
             parts = list(chunks)
+            if not parts:
+                raise DataError("No cells selected: the input has no cell to tokenize (check the data and cells=...).")
             result = TokenizedCells.concat(parts) if len(parts) != 1 else parts[0]
             result.coverage = coverage
             result.notes = list(dict.fromkeys([*gene_notes, *ctx.notes, *result.notes]))

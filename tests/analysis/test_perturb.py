@@ -342,7 +342,7 @@ def test_results_go_to_uns_only(tmp_path):
         adata, model, genes=GENES[3], goal=[0, 1], n_null=1, null_bins=2, key_added="isp", **QUIET
     )
     assert isinstance(out, pd.DataFrame)
-    assert set(adata.uns) == {"isp"} and set(adata.uns["isp"]) == {"summary", "cells", "null", "params"}
+    assert set(adata.uns) == {"isp", "cellkit"} and set(adata.uns["isp"]) == {"summary", "cells", "null", "params"}
     assert adata.uns["isp"]["params"]["mode"] == "delete"
     pd.testing.assert_frame_equal(adata.uns["isp"]["summary"], out)
     pd.testing.assert_frame_equal(adata.obs, before.obs)
