@@ -59,6 +59,17 @@ class OptionSpec:
 
 
 _MODE = (("deterministic", "deterministic"), ("compat (bit-for-bit with the original)", "compat"))
+_RETRY = (("scheme default", None), ("yes", True), ("no", False))
+#: gene-name retries (cellkit.data.genes.resolve_genes); scGPT's compat mode matches names exactly
+_GENE_RETRIES = (
+    OptionSpec("case_fold", "choice", "also match gene names after upper-casing (off in compat mode)", _RETRY),
+    OptionSpec(
+        "strip_versions",
+        "choice",
+        "also match a versioned id (ENSG00000141510.17) without its version (off in compat mode)",
+        _RETRY,
+    ),
+)
 
 #: scheme → the options the panel offers (the rest keep the scheme's defaults)
 SCHEME_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
@@ -78,6 +89,7 @@ SCHEME_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
         OptionSpec("genes", "var_mask", "restrict to a boolean var column (e.g. highly_variable)"),
         OptionSpec("mode", "choice", "binning randomness", _MODE),
         OptionSpec("seed", "int", "seed of the tie-breaking / sampling"),
+        *_GENE_RETRIES,
     ),
     "geneformer": (
         OptionSpec("model_input_size", "opt_int", "max tokens per cell (blank: the model's)"),
@@ -104,6 +116,7 @@ SCHEME_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
         OptionSpec("gene_seed", "int", "seed of the random genes"),
         OptionSpec("label_column", "obs_column", "obs column carried as the label"),
         OptionSpec("bio_annotations", "bool", "add disease/tissue/cell/sex annotation tokens"),
+        *_GENE_RETRIES,
     ),
     "perturbgene": (
         OptionSpec("max_length", "opt_int", "total length incl. [CLS]/[EOS] (blank: the model's)"),
@@ -114,6 +127,7 @@ SCHEME_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
             "order of the gene tokens",
             (("column", "column"), ("gene list", "gene_list")),
         ),
+        *_GENE_RETRIES,
     ),
 }
 
