@@ -8,7 +8,6 @@ scBank directories (parquet tables of gene ids and expression values).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,8 +18,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._errors import DataError
+from .._errors import DataError, VocabError
+from .._utils import read_json
 from .selection import select_cells
+from .vocab import GeneVocab
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -180,8 +181,11 @@ def scbank_sources(path: str | os.PathLike[str]) -> tuple[list[str], Iterator[Ma
         raise DataError(
             f"{path} has no gene_vocab.json; an scBank directory holds it next to *.datatable.parquet files."
         )
-    stoi = json.loads(vocab_file.read_text(encoding="utf-8"))
-    genes = [g for g, _ in sorted(stoi.items(), key=lambda kv: kv[1])]
+    stoi = read_json(vocab_file, what="scBank gene vocabulary", expect=dict, error=DataError)
+    try:
+        genes = GeneVocab.from_dict(stoi).tokens
+    except VocabError as exc:
+        raise DataError(f"{vocab_file}: {exc}") from None
     tables = sorted(path.glob("*.datatable.parquet"))
     if not tables:
         raise DataError(f"{path} has no *.datatable.parquet table.")
