@@ -80,7 +80,7 @@ def read_json(
         raise error(f"The {label} is {st.st_size:,} bytes; at most {max_bytes:,} are read.")
     try:
         with open(path, "rb") as fh:
-            raw = fh.read(max_bytes + 1)
+            raw = fh.read(st.st_size + 1)  # +1: notice a file that grew since stat
     except OSError as exc:
         raise error(f"Cannot read the {label} ({exc.strerror or exc}).") from None
     if len(raw) > max_bytes:

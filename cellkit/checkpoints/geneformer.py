@@ -271,6 +271,11 @@ def read(
 
     # ---- weights
     raw, weights_file = _read_weights(path)
+    if encoder.n_layers > len(raw):  # every layer owns tensors; never loop over a number from the file
+        raise CheckpointError(
+            f"{path / CONFIG}: num_hidden_layers={encoder.n_layers:,} but {weights_file} holds only {len(raw):,} "
+            "tensors; the config does not describe these weights."
+        )
     state, mapped, ignored, tied = _map_state(raw, encoder, weights_file, path / CONFIG, hf)
     rows = state["encoder.embeddings.gene.weight"].shape[0]
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()} - {"float32"})

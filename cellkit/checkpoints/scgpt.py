@@ -387,7 +387,7 @@ def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> For
                 f"{path / ARGS}: pad_value {pad_value} is not a valid category id (0 … {n_value_bins - 1})."
             )
     layers = {int(m.group(1)) for k in state if (m := _LAYER_INDEX.match(k))}
-    if layers != set(range(n_layers)):
+    if len(layers) != n_layers or max(layers, default=-1) != n_layers - 1:  # no set(range(n_layers))
         raise CheckpointError(
             f"{path / ARGS}: nlayers={n_layers} but {path / WEIGHTS} holds {len(layers)} encoder layers; "
             "the args do not belong to these weights."
