@@ -397,7 +397,11 @@ def _training_parser(p: argparse.ArgumentParser, *, needs_model: bool) -> None:
         "or 'pbmc' for the shipped demo data",
     )
     p.add_argument("--out", help="directory to save the trained model, history and metrics")
-    p.add_argument("--cells", help="obs query selecting the cells, e.g. \"tissue == 'blood'\"")
+    p.add_argument(
+        "--cells",
+        help="query selecting the cells by obs columns, e.g. \"tissue == 'blood' and n_genes > 500\" "
+        "(comparisons, in [...], and/or/not; see cellkit.data.select_cells)",
+    )
     p.add_argument(
         "--objectives", help="comma-separated objectives with optional weights, e.g. 'cls,gep=0.5'"
     )

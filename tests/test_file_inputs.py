@@ -49,7 +49,9 @@ def _scgpt_model() -> CellModel:
         specials={"pad": "<pad>", "cls": "<cls>", "eos": "<eoc>"},
     )
     torch.manual_seed(0)
-    return CellModel(scgpt_config(vocab, d_model=16, n_heads=2, n_layers=2, d_ff=32, dropout=0.0, n_bins=11), vocab)
+    return CellModel(
+        scgpt_config(vocab, d_model=16, n_heads=2, n_layers=2, d_ff=32, dropout=0.0, n_bins=11), vocab
+    )
 
 
 def _copy(saved: dict[str, Path], kind: str, tmp_path: Path) -> Path:
@@ -114,14 +116,18 @@ CASES: dict[str, tuple[str, Callable[[Path], None], str, str | None]] = {
     "config is an array": ("cellkit", _write("config.json", "[1, 2]"), "config.json", None),
     "config with NaN": (
         "cellkit",
-        _edit_json("config.json", lambda d: json.loads(json.dumps(d).replace('"dropout": 0.0', '"dropout": NaN'))),
+        _edit_json(
+            "config.json", lambda d: json.loads(json.dumps(d).replace('"dropout": 0.0', '"dropout": NaN'))
+        ),
         "config.json",
         "NaN",
     ),
     "config repeats a key": (
         "cellkit",
         lambda f: (f / "config.json").write_text(
-            (f / "config.json").read_text().replace('"format": "cellkit"', '"format": "cellkit", "format": "cellkit"')
+            (f / "config.json")
+            .read_text()
+            .replace('"format": "cellkit"', '"format": "cellkit", "format": "cellkit"')
         ),
         "config.json",
         "format",
@@ -133,8 +139,18 @@ CASES: dict[str, tuple[str, Callable[[Path], None], str, str | None]] = {
         "format_version",
     ),
     "model missing": ("cellkit", _edit_json("config.json", _drop("model")), "config.json", "model"),
-    "model a list": ("cellkit", _edit_json("config.json", lambda d: {**d, "model": [1]}), "config.json", "model"),
-    "encoder missing": ("cellkit", _edit_json("config.json", _drop("model", "encoder")), "config.json", "encoder"),
+    "model a list": (
+        "cellkit",
+        _edit_json("config.json", lambda d: {**d, "model": [1]}),
+        "config.json",
+        "model",
+    ),
+    "encoder missing": (
+        "cellkit",
+        _edit_json("config.json", _drop("model", "encoder")),
+        "config.json",
+        "encoder",
+    ),
     "encoder a list": ("cellkit", _edit_json("config.json", _model(encoder=[512])), "config.json", "encoder"),
     "vocab_size missing": (
         "cellkit",
@@ -142,21 +158,61 @@ CASES: dict[str, tuple[str, Callable[[Path], None], str, str | None]] = {
         "config.json",
         "vocab_size",
     ),
-    "d_model a string": ("cellkit", _edit_json("config.json", _encoder(d_model="16")), "config.json", "d_model"),
-    "n_heads negative": ("cellkit", _edit_json("config.json", _encoder(n_heads=-2)), "config.json", "n_heads"),
-    "dropout a list": ("cellkit", _edit_json("config.json", _encoder(dropout=[0.1])), "config.json", "dropout"),
+    "d_model a string": (
+        "cellkit",
+        _edit_json("config.json", _encoder(d_model="16")),
+        "config.json",
+        "d_model",
+    ),
+    "n_heads negative": (
+        "cellkit",
+        _edit_json("config.json", _encoder(n_heads=-2)),
+        "config.json",
+        "n_heads",
+    ),
+    "dropout a list": (
+        "cellkit",
+        _edit_json("config.json", _encoder(dropout=[0.1])),
+        "config.json",
+        "dropout",
+    ),
     "vocab_size a float": (
         "cellkit",
         _edit_json("config.json", _encoder(vocab_size=1e9)),
         "config.json",
         "vocab_size",
     ),
-    "gene_norm a string": ("cellkit", _edit_json("config.json", _encoder(gene_norm="yes")), "config.json", "gene_norm"),
-    "activation a dict": ("cellkit", _edit_json("config.json", _encoder(activation={})), "config.json", "activation"),
+    "gene_norm a string": (
+        "cellkit",
+        _edit_json("config.json", _encoder(gene_norm="yes")),
+        "config.json",
+        "gene_norm",
+    ),
+    "activation a dict": (
+        "cellkit",
+        _edit_json("config.json", _encoder(activation={})),
+        "config.json",
+        "activation",
+    ),
     "extra a list": ("cellkit", _edit_json("config.json", _encoder(extra=[])), "config.json", "extra"),
-    "unknown encoder key": ("cellkit", _edit_json("config.json", _encoder(d_modle=16)), "config.json", "d_modle"),
-    "n_layers 1e9": ("cellkit", _edit_json("config.json", _encoder(n_layers=10**9)), "config.json", "n_layers"),
-    "heads a list": ("cellkit", _edit_json("config.json", _model(heads=["classifier"])), "config.json", "heads"),
+    "unknown encoder key": (
+        "cellkit",
+        _edit_json("config.json", _encoder(d_modle=16)),
+        "config.json",
+        "d_modle",
+    ),
+    "n_layers 1e9": (
+        "cellkit",
+        _edit_json("config.json", _encoder(n_layers=10**9)),
+        "config.json",
+        "n_layers",
+    ),
+    "heads a list": (
+        "cellkit",
+        _edit_json("config.json", _model(heads=["classifier"])),
+        "config.json",
+        "heads",
+    ),
     "head options a string": (
         "cellkit",
         _edit_json("config.json", _model(heads={"classifier": "three"})),
@@ -181,14 +237,29 @@ CASES: dict[str, tuple[str, Callable[[Path], None], str, str | None]] = {
         "config.json",
         "labels",
     ),
-    "unknown head": ("cellkit", _edit_json("config.json", _model(heads={"decoder": {}})), "config.json", "decoder"),
+    "unknown head": (
+        "cellkit",
+        _edit_json("config.json", _model(heads={"decoder": {}})),
+        "config.json",
+        "decoder",
+    ),
     "pooling a number": ("cellkit", _edit_json("config.json", _model(pooling=5)), "config.json", "pooling"),
-    "specials a list": ("cellkit", _edit_json("config.json", _model(specials=["<pad>"])), "config.json", "specials"),
+    "specials a list": (
+        "cellkit",
+        _edit_json("config.json", _model(specials=["<pad>"])),
+        "config.json",
+        "specials",
+    ),
     "input a string": ("cellkit", _edit_json("config.json", _model(input="binned")), "config.json", "input"),
     # vocab.json / resources.json
     "vocab id 1e9": ("cellkit", _edit_json("vocab.json", lambda d: {**d, "G3": 10**9}), "vocab.json", "G3"),
     "vocab id negative": ("cellkit", _edit_json("vocab.json", lambda d: {**d, "G0": -1}), "vocab.json", "G0"),
-    "vocab id a string": ("cellkit", _edit_json("vocab.json", lambda d: {**d, "G1": "1"}), "vocab.json", "G1"),
+    "vocab id a string": (
+        "cellkit",
+        _edit_json("vocab.json", lambda d: {**d, "G1": "1"}),
+        "vocab.json",
+        "G1",
+    ),
     "vocab an array": ("cellkit", _write("vocab.json", '["G0", "G1"]'), "vocab.json", None),
     "vocab nested deep": ("cellkit", _write("vocab.json", DEEP), "vocab.json", None),
     "resources nested deep": ("cellkit", _write("resources.json", DEEP), "resources.json", None),
@@ -197,21 +268,41 @@ CASES: dict[str, tuple[str, Callable[[Path], None], str, str | None]] = {
     "args not an object": ("scgpt", _write("args.json", '"embsize"'), "args.json", None),
     "args nested deep": ("scgpt", _write("args.json", DEEP), "args.json", None),
     "embsize a string": ("scgpt", _edit_json("args.json", _args(embsize="16")), "args.json", "embsize"),
-    "nheads missing": ("scgpt", _edit_json("args.json", lambda d: {k: v for k, v in d.items() if k != "nheads"}), "args.json", "nheads"),
+    "nheads missing": (
+        "scgpt",
+        _edit_json("args.json", lambda d: {k: v for k, v in d.items() if k != "nheads"}),
+        "args.json",
+        "nheads",
+    ),
     "nlayers 1e9": ("scgpt", _edit_json("args.json", _args(nlayers=10**9)), "args.json", "nlayers"),
     "dropout not a number": ("scgpt", _edit_json("args.json", _args(dropout="high")), "args.json", "dropout"),
     "dropout out of range": ("scgpt", _edit_json("args.json", _args(dropout=3)), "args.json", "dropout"),
     "pad_value a string": ("scgpt", _edit_json("args.json", _args(pad_value="-2")), "args.json", "pad_value"),
     "n_bins negative": ("scgpt", _edit_json("args.json", _args(n_bins=-1)), "args.json", "n_bins"),
-    "pad_token a list": ("scgpt", _edit_json("args.json", _args(pad_token=["<pad>"])), "args.json", "pad_token"),
+    "pad_token a list": (
+        "scgpt",
+        _edit_json("args.json", _args(pad_token=["<pad>"])),
+        "args.json",
+        "pad_token",
+    ),
     "input_emb_style a list": (
         "scgpt",
         _edit_json("args.json", _args(input_emb_style=["continuous"])),
         "args.json",
         "input_emb_style",
     ),
-    "max_seq_len a string": ("scgpt", _edit_json("args.json", _args(max_seq_len="1200")), "args.json", "max_seq_len"),
-    "scgpt vocab id 1e9": ("scgpt", _edit_json("vocab.json", lambda d: {**d, "G5": 10**9}), "vocab.json", "G5"),
+    "max_seq_len a string": (
+        "scgpt",
+        _edit_json("args.json", _args(max_seq_len="1200")),
+        "args.json",
+        "max_seq_len",
+    ),
+    "scgpt vocab id 1e9": (
+        "scgpt",
+        _edit_json("vocab.json", lambda d: {**d, "G5": 10**9}),
+        "vocab.json",
+        "G5",
+    ),
 }
 
 RAW = (KeyError, TypeError, AttributeError, RecursionError, MemoryError, IndexError)

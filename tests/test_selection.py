@@ -34,7 +34,9 @@ def obs() -> pd.DataFrame:
             "is_doublet": r.random(N) < 0.3,
             "cell type": r.choice(["x", "y"], N),
             "leiden": pd.Categorical(r.choice(["0", "1", "2"], N)),
-            "grade": pd.Categorical(r.choice(["lo", "mid", "hi"], N), categories=["lo", "mid", "hi"], ordered=True),
+            "grade": pd.Categorical(
+                r.choice(["lo", "mid", "hi"], N), categories=["lo", "mid", "hi"], ordered=True
+            ),
             "score": pd.array(np.where(r.random(N) < 0.3, None, r.integers(0, 5, N)), dtype="Int64"),
             "total": r.normal(1000, 300, N),
         },

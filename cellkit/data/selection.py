@@ -175,7 +175,11 @@ def parse_query(text: str) -> CellQuery:
     if not isinstance(text, str):
         raise DataError(f"A cell query must be a string, got {type(text).__name__}.")
     if len(text) > MAX_QUERY_CHARS:
-        raise _refuse(text, f"it is {len(text):,} characters long; at most {MAX_QUERY_CHARS:,} are accepted.")
+        raise _refuse(
+            text,
+            f"it is {len(text):,} characters long; at most {MAX_QUERY_CHARS:,} are accepted "
+            "(select long lists of cells with a list of obs names or a boolean mask instead).",
+        )
     if not text.strip():
         raise _refuse(text, "it is empty.")
     source, names = _prepare(text)
