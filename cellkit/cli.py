@@ -129,6 +129,8 @@ def _parse_kv(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
             out[key.replace("-", "_")] = json.loads(raw)
         except json.JSONDecodeError:
             out[key.replace("-", "_")] = raw
+        except RecursionError:
+            raise ConfigError(f"{what} {key}: the value is nested too deeply; pass a number, string or flat list.") from None
     return out
 
 
@@ -437,7 +439,11 @@ def _training_parser(p: argparse.ArgumentParser, *, needs_model: bool) -> None:
         "or 'pbmc' for the shipped demo data",
     )
     p.add_argument("--out", help="directory to save the trained model, history and metrics")
-    p.add_argument("--cells", help="obs query selecting the cells, e.g. \"tissue == 'blood'\"")
+    p.add_argument(
+        "--cells",
+        help="query selecting the cells by obs columns, e.g. \"tissue == 'blood' and n_genes > 500\" "
+        "(comparisons, in [...], and/or/not; see cellkit.data.select_cells)",
+    )
     p.add_argument(
         "--objectives",
         type=_objectives,

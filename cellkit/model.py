@@ -7,6 +7,7 @@ models); the differences live in :class:`~cellkit.core.EncoderConfig` and in whi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -96,9 +97,19 @@ class CellModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
             self.encoder = EncoderConfig.from_dict(self.encoder)
-        if self.pooling not in POOLING_MODES:
+        if not isinstance(self.encoder, EncoderConfig):
+            raise ConfigError(f"encoder must be an EncoderConfig or its dict, got {type(self.encoder).__name__}.")
+        if not isinstance(self.heads, dict):
+            raise ConfigError(f"heads must map head names to options, got {type(self.heads).__name__}.")
+        for name, kind in (("specials", dict), ("input", dict), ("metadata", dict)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"{name} must be an object (dict), got {type(getattr(self, name)).__name__}.")
+        bad = {k: v for k, v in self.specials.items() if not isinstance(k, str) or not isinstance(v, str)}
+        if bad:
+            raise ConfigError(f"specials must map roles to token strings, e.g. {{'pad': '<pad>'}}; got {bad}.")
+        if not isinstance(self.pooling, str) or self.pooling not in POOLING_MODES:
             raise ConfigError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
-        if self.family not in FAMILIES:
+        if not isinstance(self.family, str) or self.family not in FAMILIES:
             raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}.")
         self.heads = {name: _check_head(name, opts) for name, opts in self.heads.items()}
 
@@ -109,26 +120,102 @@ class CellModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CellModelConfig:
+        """Inverse of :meth:`to_dict`; strict (unknown or missing keys, wrong types), naming the field.
+
+        Raises
+        ------
+        cellkit.ConfigError
+            The message names the offending field, e.g. ``encoder.d_model`` or
+            ``heads.classifier.n_classes``.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"A CellModelConfig is an object (dict) of fields, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise ConfigError(f"Unknown CellModelConfig keys {unknown}; known: {sorted(known)}.")
-        return cls(**data)
+        if "encoder" not in data:
+            raise ConfigError("The model config has no 'encoder' field (the core's architecture).")
+        if not isinstance(data["encoder"], dict | EncoderConfig):
+            raise ConfigError(
+                f"Field 'encoder' must be an object of EncoderConfig fields, got {type(data['encoder']).__name__}."
+            )
+        try:
+            encoder = (
+                EncoderConfig.from_dict(data["encoder"]) if isinstance(data["encoder"], dict) else data["encoder"]
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"Field 'encoder': {exc}") from None
+        heads = data.get("heads", {})
+        if not isinstance(heads, dict):
+            raise ConfigError(f"Field 'heads' must be an object {{head name: options}}, got {type(heads).__name__}.")
+        for name, opts in heads.items():
+            try:
+                _check_head(name, opts)
+            except ConfigError as exc:
+                raise ConfigError(f"Field 'heads.{name}': {exc}") from None
+        return cls(**{**data, "encoder": encoder})
+
+
+#: head option -> the kind of value it takes (checked by _check_head)
+_HEAD_OPTION_KINDS: dict[str, str] = {
+    "explicit_zero_prob": "bool",
+    "use_batch_labels": "bool",
+    "detach": "bool",
+    "affine": "bool",
+    "tied": "bool",
+    "n_classes": "pos",
+    "n_batches": "pos",
+    "n_domains": "pos",
+    "n_layers": "pos",
+    "labels": "labels",
+    "lambd": "num",
+    "momentum": "num",
+    "eps": "num?",
+    "activation": "activation",
+}
+
+
+def _head_option_problem(key: str, value: Any) -> str | None:
+    kind = _HEAD_OPTION_KINDS.get(key)
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_num = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "bool" and not isinstance(value, bool):
+        return "true or false"
+    if kind == "pos" and not (is_int and value >= 1):
+        return "a positive integer"
+    if kind == "num" and not is_num:
+        return "a finite number"
+    if kind == "num?" and value is not None and not (is_num and value > 0):
+        return "a positive number or null"
+    if kind == "activation" and value not in ("gelu", "relu"):
+        return "'gelu' or 'relu'"
+    if kind == "labels" and value is not None and not (
+        isinstance(value, list | tuple) and all(isinstance(v, str | int | float | bool) for v in value)
+    ):
+        return "a list of class names or null"
+    return None
 
 
 def _check_head(name: str, opts: dict[str, Any] | None) -> dict[str, Any]:
-    if name not in HEAD_KINDS:
+    if not isinstance(name, str) or name not in HEAD_KINDS:
         raise ConfigError(f"Unknown head {name!r}; available heads: {sorted(HEAD_KINDS)}.")
+    if opts is not None and not isinstance(opts, dict):
+        raise ConfigError(f"The options of head {name!r} must be an object (dict), got {type(opts).__name__}.")
     opts = dict(opts or {})
-    unknown = sorted(set(opts) - set(HEAD_KINDS[name]))
+    unknown = sorted(map(str, set(opts) - set(HEAD_KINDS[name])))
     if unknown:
         raise ConfigError(
             f"Unknown options {unknown} for head {name!r}; allowed: {sorted(HEAD_KINDS[name])}."
         )
     full = {**HEAD_KINDS[name], **opts}
     for key in ("n_classes", "n_batches", "n_domains"):
-        if key in full and (not isinstance(full[key], int) or full[key] < 1):
+        if key in full and (not isinstance(full[key], int) or isinstance(full[key], bool) or full[key] < 1):
             raise ConfigError(f"Head {name!r} needs a positive integer {key}, got {full[key]!r}.")
+    for key, value in opts.items():
+        want = _head_option_problem(key, value)
+        if want is not None:
+            raise ConfigError(f"Head {name!r} option {key} must be {want}, got {value!r:.80}.")
     if name == "classifier" and full["labels"] is not None and len(full["labels"]) != full["n_classes"]:
         raise ConfigError(
             f"classifier has {full['n_classes']} classes but {len(full['labels'])} label names."
@@ -488,13 +575,26 @@ def load_model(
         if options:
             raise ConfigError(f"Unknown options for a cellkit directory: {sorted(options)}.")
         cfg_dict, state, vocab, resources = read_native(path)
-        config = CellModelConfig.from_dict(cfg_dict)
+        where = f"{path / 'config.json'} (field 'model')"
+        try:
+            config = CellModelConfig.from_dict(cfg_dict)
+        except ConfigError as exc:
+            raise CheckpointError(f"{where} is not a valid model config: {exc}") from None
         report = LoadReport("cellkit", str(path), mapped={k: k for k in state})
     else:
         ckpt = foreign_reader(fmt).read(path, **options)
-        config, state, vocab, report = CellModelConfig(**ckpt.config), ckpt.state, ckpt.vocab, ckpt.report
+        where = f"{path} (the {fmt} configuration)"
+        try:
+            config = CellModelConfig(**ckpt.config)
+        except ConfigError as exc:
+            raise CheckpointError(f"{where} describes a model cellkit cannot build: {exc}") from None
+        state, vocab, report = ckpt.state, ckpt.vocab, ckpt.report
         resources = ckpt.resources
-    model = CellModel.from_parts(config, vocab, state, source=str(path))
+    _check_size_against_weights(config, state, where)
+    try:
+        model = CellModel.from_parts(config, vocab, state, source=str(path))
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
     model.resources = resources
     for name, opts in (heads or {}).items():
         if name in model.heads:
@@ -512,6 +612,24 @@ def load_model(
         log.info(line)
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def _check_size_against_weights(config: CellModelConfig, state: dict[str, Tensor], where: str) -> None:
+    """Refuse a config whose layer counts the weights cannot hold, before building anything.
+
+    Every layer of the encoder and of a head owns at least one tensor, so a config asking for more
+    layers than the file has tensors is malformed (and building it would take time and memory
+    proportional to the number in the file, not to the file's size).
+    """
+    n = len(state)
+    counts = {"encoder.n_layers": config.encoder.n_layers}
+    counts.update({f"heads.{h}.n_layers": o["n_layers"] for h, o in config.heads.items() if "n_layers" in o})
+    for field_name, value in counts.items():
+        if value > n:
+            raise CheckpointError(
+                f"{where}: field {field_name} = {value:,}, but the weights hold only {n:,} tensors; the config "
+                "does not belong to these weights."
+            )
 
 
 def inspect_checkpoint(path: str | os.PathLike[str], **options: Any) -> dict[str, Any]:

@@ -666,10 +666,9 @@ class PerturbationModel:
             raise CheckpointError(
                 f"{path} has no {META_FILE}; it is not a saved perturbation model (or the save was interrupted)."
             )
-        try:
-            doc = json.loads(meta.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{meta} is not valid JSON ({exc}).") from None
+        from ._utils import read_json
+
+        doc = read_json(meta, what="perturbation model file", expect=dict, error=CheckpointError)
         if doc.get("format") != FORMAT_NAME:
             raise CheckpointError(f"{meta} is not a {FORMAT_NAME} file (format={doc.get('format')!r}).")
         if int(doc.get("format_version", 0)) > FORMAT_VERSION:

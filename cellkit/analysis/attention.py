@@ -58,10 +58,10 @@ from .._anndata import check_adata, check_keys_free, record_written
 from .._errors import ConfigError, DataError, UnknownGeneError
 from .._inference import FORWARD_KEYS, inference_batches, resolve_device
 from ..data.collate import Collator
+from ..data.selection import select_cells
 from ..data.tokenize import tokenize
 from ..data.tokenized import ShardedTokens, TokenizedCells
 from ..model import CellModel
-from .embeddings import _selection
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -209,30 +209,9 @@ class _Source:
 
 
 def _select_tokens(tokens: TokenizedCells, cells: Any) -> np.ndarray:
-    n = len(tokens)
-    if cells is None:
-        return np.arange(n)
-    if isinstance(cells, str):
-        if tokens.obs is None:
-            raise DataError("These tokens carry no obs; select cells by position, mask or name.")
-        try:
-            names = tokens.obs.query(cells).index
-        except Exception as e:
-            raise DataError(f"cells={cells!r} is not a valid obs query: {e}") from None
-        return pd.Index(tokens.obs.index).get_indexer(names)
-    sel = np.asarray(cells)
-    if sel.dtype == bool:
-        if len(sel) != n:
-            raise DataError(f"The boolean cells mask has {len(sel)} entries for {n} cells.")
-        return np.flatnonzero(sel)
-    if sel.dtype.kind in "iu":
-        if len(sel) and (sel.min() < -n or sel.max() >= n):
-            raise DataError(f"cells has positions outside 0 … {n - 1}.")
-        return (sel % n).astype(np.int64) if len(sel) else sel.astype(np.int64)
-    pos = pd.Index(np.asarray(tokens.obs_names).astype(str)).get_indexer(sel.astype(str))
-    if (pos < 0).any():
-        raise DataError(f"cells names not in the tokens' obs_names, e.g. {list(sel[pos < 0][:3])}.")
-    return pos
+    """Positions into ``tokens`` in the order given (repeats kept; :func:`_source` refuses them)."""
+    obs = tokens.obs if tokens.obs is not None else pd.Index(np.asarray(tokens.obs_names).astype(str))
+    return select_cells(obs, cells, order="input")
 
 
 def _source(
@@ -263,7 +242,7 @@ def _source(
         positions = _select_tokens(data, cells)
         obs = None if data.obs is None else data.obs.iloc[positions]
     else:
-        positions = _selection(data, cells)
+        positions = select_cells(data.obs, cells, order="input")
         obs = data.obs.iloc[positions]
     if groupby is not None:
         if groups is None:
@@ -459,7 +438,8 @@ def attention_maps(
     model
         Any loaded :class:`cellkit.CellModel`.
     cells
-        Which cells (mask, positions, names, ``obs.query`` string); default all — at most ``max_cells``.
+        Which cells (mask, positions, names, or a query string, see :func:`cellkit.data.select_cells`),
+        in the order given; default all — at most ``max_cells``.
     layer
         Transformer layer: ``0 … n_layers-1`` or negative from the last (default the last).
     heads
@@ -669,7 +649,8 @@ def gene_attention(
     model
         Any loaded :class:`cellkit.CellModel`.
     cells
-        Which cells (mask, positions, names, ``obs.query`` string); default all.
+        Which cells (mask, positions, names, or a query string, see :func:`cellkit.data.select_cells`);
+        default all.
     groupby, groups
         An ``obs`` column and the label (or list of labels, pooled) to aggregate over.
     layer

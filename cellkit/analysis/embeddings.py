@@ -155,32 +155,6 @@ def cell_embeddings(
     return res["emb"].astype(np.float32, copy=False)
 
 
-def _selection(adata: Any, cells: Any) -> np.ndarray:
-    """Positions of the selected cells (input order)."""
-    n = adata.n_obs
-    if cells is None:
-        return np.arange(n)
-    if isinstance(cells, str):
-        try:
-            names = adata.obs.query(cells).index
-        except Exception as e:
-            raise DataError(f"cells={cells!r} is not a valid obs query: {e}") from None
-        return adata.obs_names.get_indexer(names)
-    sel = np.asarray(cells)
-    if sel.dtype == bool:
-        if len(sel) != n:
-            raise DataError(f"The boolean cells mask has {len(sel)} entries for {n} cells.")
-        return np.flatnonzero(sel)
-    if sel.dtype.kind in "iu":
-        if len(sel) and (sel.min() < -n or sel.max() >= n):
-            raise DataError(f"cells has positions outside 0 … {n - 1}.")
-        return sel % n if len(sel) else sel.astype(np.int64)
-    pos = adata.obs_names.get_indexer(sel.astype(str))
-    if (pos < 0).any():
-        raise DataError(f"cells names not in obs_names, e.g. {list(sel[pos < 0][:3])}.")
-    return pos
-
-
 def embed_cells(
     adata: AnnData,
     model: CellModel,
@@ -215,7 +189,8 @@ def embed_cells(
         ``obsm`` key written: ``(n_obs, d_model)`` float32; rows of unselected cells are NaN. An
         existing entry that cellkit did not write (e.g. ``"X_pca"``) is refused unless ``overwrite``.
     cells
-        Which cells (mask, positions, names, ``obs.query`` string); default all.
+        Which cells: a mask, positions, obs names or a query string such as
+        ``"bulk_labels == 'B cell'"`` (see :func:`cellkit.data.select_cells`); default all.
     pooling, hidden_layer, normalize
         See :func:`cell_embeddings` (defaults reproduce scGPT's ``embed_data`` for scGPT models and
         the model's own pooling otherwise).

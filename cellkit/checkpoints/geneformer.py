@@ -31,7 +31,6 @@ Geneformer's embedding conventions, for reference:
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -45,7 +44,7 @@ import torch
 from torch import Tensor
 
 from cellkit._errors import CellkitError, CheckpointError, ConfigError, VocabError
-from cellkit._utils import get_logger
+from cellkit._utils import get_logger, read_json
 from cellkit.core import EncoderConfig
 from cellkit.data.vocab import GeneVocab
 
@@ -146,8 +145,8 @@ def detect(path: str | os.PathLike[str]) -> bool:
     if not cfg.is_file():
         return False
     try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json(cfg, what="model config", error=CheckpointError)
+    except CheckpointError:
         return False
     return isinstance(data, dict) and data.get("model_type") == "bert" and data.get("format") != "cellkit"
 
@@ -272,6 +271,11 @@ def read(
 
     # ---- weights
     raw, weights_file = _read_weights(path)
+    if encoder.n_layers > len(raw):  # every layer owns tensors; never loop over a number from the file
+        raise CheckpointError(
+            f"{path / CONFIG}: num_hidden_layers={encoder.n_layers:,} but {weights_file} holds only {len(raw):,} "
+            "tensors; the config does not describe these weights."
+        )
     state, mapped, ignored, tied = _map_state(raw, encoder, weights_file, path / CONFIG, hf)
     rows = state["encoder.embeddings.gene.weight"].shape[0]
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()} - {"float32"})
@@ -352,14 +356,9 @@ def read(
 # ---------------------------------------------------------------------------------------- config
 def _read_config(path: Path) -> dict[str, Any]:
     cfg = path / CONFIG
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{path} has no {CONFIG}; a Geneformer directory needs the BERT config.json."
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{cfg} is not valid JSON ({exc}).") from None
+    if not cfg.exists():
+        raise CheckpointError(f"{path} has no {CONFIG}; a Geneformer directory needs the BERT config.json.")
+    data = read_json(cfg, what="Geneformer (BERT) config", error=CheckpointError)
     if not isinstance(data, dict) or data.get("model_type") != "bert":
         kind = data.get("model_type") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(
@@ -384,13 +383,19 @@ def _encoder_config(hf: dict[str, Any], path: Path, notes: list[str]) -> tuple[E
             used[key] = hf[key]
     if defaulted:
         notes.append(f"config.json leaves out {defaulted}; Hugging Face BERT defaults used")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        _hf_check(cfg, key, used[key], "a positive integer", lambda v: _is_int(v) and v >= 1)
+    for key in ("max_position_embeddings", "type_vocab_size", "pad_token_id"):
+        _hf_check(cfg, key, used[key], "an integer >= 0", lambda v: _is_int(v) and v >= 0)
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps"):
+        _hf_check(cfg, key, used[key], "a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool))
     act = used["hidden_act"]
-    if act not in ("relu", "gelu"):
+    if not isinstance(act, str) or act not in ("relu", "gelu"):
         raise CheckpointError(
             f"{cfg}: hidden_act={act!r} is not supported; cellkit's BERT core implements 'relu' and 'gelu' "
             "(exact erf GELU). Geneformer models use 'relu' (V1) or 'gelu' (V2)."
         )
-    if used["position_embedding_type"] != "absolute":
+    if not isinstance(used["position_embedding_type"], str) or used["position_embedding_type"] != "absolute":
         raise CheckpointError(
             f"{cfg}: position_embedding_type={used['position_embedding_type']!r} is not supported; "
             "cellkit implements BERT's learned 'absolute' position embeddings (all Geneformer models)."
@@ -423,6 +428,15 @@ def _encoder_config(hf: dict[str, Any], path: Path, notes: list[str]) -> tuple[E
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{cfg} describes an architecture cellkit cannot build: {exc}") from None
     return encoder, used
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hf_check(cfg: Path, key: str, value: Any, want: str, ok: Any) -> None:
+    if not ok(value):
+        raise CheckpointError(f"{cfg}: {key}={value!r:.80} must be {want}. Fix the value if the file was edited.")
 
 
 # ---------------------------------------------------------------------------------------- dictionaries
@@ -536,11 +550,13 @@ def _read_safetensors(file: Path) -> dict[str, Tensor]:
 
 
 def _read_sharded(index: Path) -> dict[str, Tensor]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{index} is not a valid safetensors index ({exc}).") from None
+    doc = read_json(index, what="safetensors index", expect=dict, error=CheckpointError)
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"{index}: field 'weight_map' must be an object {{tensor name: shard file name}}, got {weight_map!r:.80}."
+        )
+    shards = sorted(set(weight_map.values()))
     state: dict[str, Tensor] = {}
     for shard in shards:
         file = index.parent / str(shard)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from cellkit._errors import CheckpointError
-from cellkit._utils import atomic_directory
+from cellkit._utils import atomic_directory, read_json
 from cellkit._version import __version__
 from cellkit.data.vocab import GeneVocab
 
@@ -36,14 +36,24 @@ _MODEL_DIR_FILES = frozenset(
 
 
 def is_native(path: str | os.PathLike[str]) -> bool:
-    """True if ``path`` is a directory whose ``config.json`` says ``"format": "cellkit"``."""
+    """True if ``path`` is a directory whose ``config.json`` says ``"format": "cellkit"``.
+
+    Raises
+    ------
+    cellkit.CheckpointError
+        ``config.json`` exists but is not a readable JSON object (every format that has one needs
+        it to be), so the error names the damaged file instead of "not a model directory".
+    """
     cfg = Path(path) / CONFIG
     if not cfg.is_file():
         return False
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("format") == FORMAT_NAME
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+    doc = _read_config(cfg)
+    return doc.get("format") == FORMAT_NAME
+
+
+def _read_config(cfg: Path) -> dict[str, Any]:
+    """``config.json`` as an object; a damaged file is an error (naming it), not "some other format"."""
+    return read_json(cfg, what="model config", expect=dict, error=CheckpointError)
 
 
 def replaceable_model_dir(path: str | os.PathLike[str]) -> bool:
@@ -52,8 +62,11 @@ def replaceable_model_dir(path: str | os.PathLike[str]) -> bool:
     from .scgpt import detect as is_scgpt
 
     path = Path(path)
-    if is_native(path) or is_scgpt(path):
-        return True
+    try:
+        if is_native(path) or is_scgpt(path):
+            return True
+    except CheckpointError:  # a damaged config.json: judge the directory by its file names
+        pass
     return all(p.name in _MODEL_DIR_FILES and p.is_file() for p in path.iterdir())
 
 
@@ -111,16 +124,30 @@ def read_native(
             raise CheckpointError(
                 f"{path} is missing {name}; a cellkit model directory holds {CONFIG}, {WEIGHTS} and {VOCAB}."
             )
-    try:
-        doc = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path / CONFIG} is not valid JSON ({exc}).") from None
+    cfg = path / CONFIG
+    doc = _read_config(cfg)
     if doc.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path / CONFIG} is not a cellkit config (format={doc.get('format')!r}).")
-    if int(doc.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg} is not a cellkit config (field 'format' is {doc.get('format')!r:.80}).")
+    version = doc.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise CheckpointError(f"{cfg}: field 'format_version' must be an integer >= 0, got {version!r:.80}.")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} was written in cellkit format version {doc['format_version']}, newer than this cellkit "
+            f"{path} was written in cellkit format version {version}, newer than this cellkit "
             f"understands ({FORMAT_VERSION}); upgrade cellkit."
+        )
+    model = doc.get("model")
+    if not isinstance(model, dict):
+        what = "missing" if model is None else f"a {type(model).__name__}"
+        raise CheckpointError(
+            f"{cfg}: field 'model' is {what}; it must be an object with the model's architecture "
+            "(encoder, heads, specials …)."
+        )
+    specials = model.get("specials") or {}
+    if not isinstance(specials, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in specials.items()):
+        raise CheckpointError(
+            f"{cfg}: field 'model.specials' must map roles to token strings (e.g. {{\"pad\": \"<pad>\"}}), "
+            f"got {specials!r:.80}."
         )
     try:
         tensors = load_file(str(path / WEIGHTS))
@@ -128,12 +155,10 @@ def read_native(
         raise CheckpointError(
             f"{path / WEIGHTS} cannot be read as safetensors ({exc}); the file is truncated or corrupt."
         ) from None
-    specials = doc["model"].get("specials") or {}
     vocab = GeneVocab.from_json(path / VOCAB, specials=specials)
     resources: dict[str, Any] = {}
     if (path / RESOURCES).is_file():
-        try:
-            resources = json.loads((path / RESOURCES).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path / RESOURCES} is not valid JSON ({exc}).") from None
-    return doc["model"], tensors, vocab, resources
+        resources = read_json(
+            path / RESOURCES, what="tokenizer resources file", expect=dict, error=CheckpointError
+        )
+    return model, tensors, vocab, resources

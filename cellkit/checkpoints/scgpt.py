@@ -22,6 +22,7 @@ Writing (``model.save(path, format="scgpt")``) produces a directory scGPT's own 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -32,8 +33,8 @@ from typing import Any
 
 import torch
 
-from cellkit._errors import CheckpointError, VocabError
-from cellkit._utils import atomic_directory, get_logger
+from cellkit._errors import CheckpointError, ConfigError, VocabError
+from cellkit._utils import atomic_directory, get_logger, read_json
 from cellkit.core import EncoderConfig
 from cellkit.data.vocab import GeneVocab
 
@@ -78,6 +79,7 @@ _IGNORED = {
     "(its own load_pretrained drops it too)",
 }
 _LAYER = re.compile(r"^transformer_encoder\.layers\.(\d+)\.(.+)$")
+_LAYER_INDEX = re.compile(r"^encoder\.layers\.(\d+)\.")
 _LAYER_PARTS = {
     "self_attn.Wqkv.weight": "self_attn.qkv.weight",
     "self_attn.Wqkv.bias": "self_attn.qkv.bias",
@@ -137,18 +139,31 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_args(path: Path) -> dict[str, Any]:
-    try:
-        args = json.loads((path / ARGS).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path / ARGS} is not valid JSON ({exc}).") from None
-    if not isinstance(args, dict):
-        raise CheckpointError(f"{path / ARGS} must hold a JSON object of training arguments.")
-    return args
+    return read_json(path / ARGS, what="scGPT args file", expect=dict, error=CheckpointError)
+
+
+def _num_arg(
+    args: dict[str, Any], key: str, default: Any, path: Path, *, integer: bool = False, optional: bool = False
+) -> Any:
+    """A numeric training argument (``integer``: a whole number; ``optional``: null allowed)."""
+    value = args.get(key, default)
+    if value is None and optional:
+        return None
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok:
+        want = "an integer" if integer else "a number"
+        raise CheckpointError(
+            f"{path / ARGS}: {key}={value!r:.80} must be {want}{' or null' if optional else ''}. "
+            "Fix the value if the file was edited by hand."
+        )
+    return int(value) if integer else value
 
 
 def _choice(args: dict[str, Any], key: str, default: Any, allowed: tuple, path: Path, why: str = "") -> Any:
     value = args.get(key, default)
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise CheckpointError(
             f"{path / ARGS}: {key}={value!r} is not supported{why}; cellkit reproduces scGPT with "
             f"{key} in {list(allowed)}. Fix the value if the file was edited by hand."
@@ -265,17 +280,25 @@ def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> For
         report.notes.append(
             "USE_GENERATIVE_TRAINING only affected pretraining; the encoder is loaded as TransformerModel"
         )
-    pad_value = args.get("pad_value", -2)
-    mask_value = args.get("mask_value", -1)
-    n_bins = args.get("n_bins", 51)
+    pad_value = _num_arg(args, "pad_value", -2, path)
+    mask_value = _num_arg(args, "mask_value", -1, path)
+    n_bins = _num_arg(args, "n_bins", 51, path, integer=True)
+    if n_bins < 1:
+        raise CheckpointError(f"{path / ARGS}: n_bins={n_bins} must be a positive integer.")
+    max_len = _num_arg(args, "max_seq_len", None, path, integer=True, optional=True)
+    n_layers_cls = _num_arg(args, "n_layers_cls", 3, path, integer=True)
+    dropout = _num_arg(args, "dropout", 0.2, path)
     pad_token = args.get("pad_token", "<pad>")
+    if not isinstance(pad_token, str) or not pad_token:
+        raise CheckpointError(f"{path / ARGS}: pad_token={pad_token!r:.80} must be a token string such as '<pad>'.")
+    input_style = args.get("input_style", "binned")
+    if not isinstance(input_style, str):
+        raise CheckpointError(f"{path / ARGS}: input_style={input_style!r:.80} must be a string such as 'binned'.")
 
     # vocabulary: loaders append missing specials, as scGPT's do
+    raw = read_json(path / VOCAB, what="scGPT vocabulary file", expect=dict, error=CheckpointError)
     try:
-        raw = json.loads((path / VOCAB).read_text(encoding="utf-8"))
         vocab = GeneVocab.from_dict(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path / VOCAB} is not valid JSON ({exc}).") from None
     except VocabError as exc:
         raise CheckpointError(f"{path / VOCAB}: {exc}") from None
     missing_specials = [t for t in dict.fromkeys((pad_token, *SCGPT_SPECIALS)) if t not in vocab]
@@ -363,20 +386,28 @@ def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> For
             raise CheckpointError(
                 f"{path / ARGS}: pad_value {pad_value} is not a valid category id (0 … {n_value_bins - 1})."
             )
-    dropout = float(args.get("dropout", 0.2))
-    encoder = encoder_config(
-        len(vocab),
-        d_model=d_model,
-        n_heads=n_heads,
-        n_layers=n_layers,
-        d_ff=d_ff,
-        dropout=dropout,
-        pad_token_id=vocab[pad_token],
-        value_encoder=value_style,
-        n_value_bins=n_value_bins,
-        value_pad_id=value_pad_id,
-        n_batch_labels=int(n_batch),
-    )
+    layers = {int(m.group(1)) for k in state if (m := _LAYER_INDEX.match(k))}
+    if len(layers) != n_layers or max(layers, default=-1) != n_layers - 1:  # no set(range(n_layers))
+        raise CheckpointError(
+            f"{path / ARGS}: nlayers={n_layers} but {path / WEIGHTS} holds {len(layers)} encoder layers; "
+            "the args do not belong to these weights."
+        )
+    try:
+        encoder = encoder_config(
+            len(vocab),
+            d_model=d_model,
+            n_heads=n_heads,
+            n_layers=n_layers,
+            d_ff=d_ff,
+            dropout=dropout,
+            pad_token_id=vocab[pad_token],
+            value_encoder=value_style,
+            n_value_bins=n_value_bins,
+            value_pad_id=value_pad_id,
+            n_batch_labels=int(n_batch),
+        )
+    except ConfigError as exc:
+        raise CheckpointError(f"{path / ARGS} describes an architecture cellkit cannot build: {exc}") from None
     pooling = {"cls": "cls", "avg-pool": "mean", "w-pool": "weighted"}[cell_emb_style]
     if cell_emb_style != "cls":
         report.notes.append(
@@ -396,9 +427,9 @@ def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> For
             "pad_value": pad_value,
             "mask_value": mask_value,
             "cls_value": pad_value if cls_value is None else cls_value,
-            "input_style": args.get("input_style", "binned"),
-            "max_len": args.get("max_seq_len"),
-            "n_layers_cls": args.get("n_layers_cls", 3),
+            "input_style": input_style,
+            "max_len": max_len,
+            "n_layers_cls": n_layers_cls,
         },
         "metadata": {"source": str(path), "scgpt_args": args},
     }

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -114,11 +116,8 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
-        if not problems and self.d_model % self.n_heads:
+        ok = {name: _check_field(self, name, kind, problems) for name, kind in _FIELD_KINDS.items()}
+        if ok["d_model"] and ok["n_heads"] and self.d_model % self.n_heads:
             problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         choices = {
             "activation": ("relu", "gelu"),
@@ -126,22 +125,39 @@ class EncoderConfig:
             "value_encoder": ("none", "continuous", "category", "scaling"),
         }
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+            if ok[name] and getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("dropout", "attention_dropout"):
-            if not 0.0 <= float(getattr(self, name)) < 1.0:
+            if ok[name] and not 0.0 <= float(getattr(self, name)) < 1.0:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.value_encoder == "category" and self.n_value_bins < 1:
+        if (
+            ok["value_encoder"]
+            and ok["n_value_bins"]
+            and self.value_encoder == "category"
+            and self.n_value_bins < 1
+        ):
             problems.append("value_encoder='category' needs n_value_bins >= 1")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+        if (
+            ok["pad_token_id"]
+            and ok["vocab_size"]
+            and self.pad_token_id is not None
+            and not 0 <= self.pad_token_id < self.vocab_size
+        ):
             problems.append(
                 f"pad_token_id {self.pad_token_id} is outside the vocabulary (size {self.vocab_size})"
             )
-        if self.layer_norm_eps <= 0:
+        if (
+            ok["value_pad_id"]
+            and ok["n_value_bins"]
+            and self.value_pad_id is not None
+            and self.n_value_bins > 0
+            and not 0 <= self.value_pad_id < self.n_value_bins
+        ):
+            problems.append(
+                f"value_pad_id {self.value_pad_id} is outside 0 … {self.n_value_bins - 1} (n_value_bins)"
+            )
+        if ok["layer_norm_eps"] and self.layer_norm_eps <= 0:
             problems.append(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-        for name in ("max_position_embeddings", "type_vocab_size", "n_batch_labels", "n_value_bins"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if problems:
             raise ConfigError("Invalid EncoderConfig: " + "; ".join(problems) + ".")
 
@@ -161,14 +177,28 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
-        """Build from :meth:`to_dict` output; unknown keys are an error (strict)."""
+        """Build from :meth:`to_dict` output; unknown keys, missing required keys and values of the
+        wrong type are errors (strict), each naming the field.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"An EncoderConfig is a JSON object / dict of fields, got {type(data).__name__}."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise ConfigError(
                 f"Unknown EncoderConfig keys {unknown}; this file was written by a newer or different "
                 f"cellkit. Known keys: {sorted(known)}."
             )
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ConfigError(f"Invalid EncoderConfig: required field(s) {missing} missing.")
         return cls(**data)
 
     def to_json(self) -> str:
@@ -177,5 +207,80 @@ class EncoderConfig:
 
     @classmethod
     def from_json(cls, text: str) -> EncoderConfig:
-        """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
+        """Inverse of :meth:`to_json` (nesting and size bounded; errors are :class:`cellkit.ConfigError`)."""
+        if len(text) > _MAX_JSON_CHARS:
+            raise ConfigError(f"EncoderConfig JSON of {len(text):,} characters; at most {_MAX_JSON_CHARS:,}.")
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ConfigError(
+                f"EncoderConfig JSON cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})."
+            ) from None
+        return cls.from_dict(data)
+
+
+_MAX_JSON_CHARS = 1_000_000
+
+#: field -> kind checked before any value check: "pos" (int >= 1), "nonneg" (int >= 0),
+#: "int?" (int or None), "num" (finite real), "bool", "str", "dict"
+_FIELD_KINDS: dict[str, str] = {
+    "vocab_size": "pos",
+    "d_model": "pos",
+    "n_heads": "pos",
+    "n_layers": "pos",
+    "d_ff": "pos",
+    "activation": "str",
+    "norm_scheme": "str",
+    "final_norm": "bool",
+    "layer_norm_eps": "num",
+    "dropout": "num",
+    "attention_dropout": "num",
+    "pad_token_id": "int?",
+    "gene_norm": "bool",
+    "value_encoder": "str",
+    "value_max": "num",
+    "n_value_bins": "nonneg",
+    "value_pad_id": "int?",
+    "max_position_embeddings": "nonneg",
+    "type_vocab_size": "nonneg",
+    "embedding_norm": "bool",
+    "embedding_dropout": "bool",
+    "n_batch_labels": "nonneg",
+    "extra": "dict",
+}
+
+
+def _check_field(cfg: EncoderConfig, name: str, kind: str, problems: list[str]) -> bool:
+    """Append a problem when ``cfg.<name>`` has the wrong type; True when it is usable."""
+    value = getattr(cfg, name)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):  # numpy integers
+        value = int(value)
+        setattr(cfg, name, value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool | int | float):  # numpy floats
+        value = float(value)
+        setattr(cfg, name, value)
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "pos":
+        ok = is_int and value >= 1
+        want = "a positive integer"
+    elif kind == "nonneg":
+        ok = is_int and value >= 0
+        want = "an integer >= 0"
+    elif kind == "int?":
+        ok = value is None or (is_int and value >= 0)
+        want = "an integer >= 0 or null"
+    elif kind == "num":
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        want = "a finite number"
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+        want = "true or false"
+    elif kind == "str":
+        ok = isinstance(value, str)
+        want = "a string"
+    else:
+        ok = isinstance(value, dict)
+        want = "an object (dict)"
+    if not ok:
+        problems.append(f"{name} must be {want}, got {value!r:.80}")
+    return ok

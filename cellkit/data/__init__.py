@@ -22,6 +22,9 @@ _LAZY = {
     "LengthBucketSampler": "cellkit.data.dataset",
     "Collator": "cellkit.data.collate",
     "scgpt_random_mask_value": "cellkit.data.collate",
+    "select_cells": "cellkit.data.selection",
+    "parse_query": "cellkit.data.selection",
+    "CellQuery": "cellkit.data.selection",
 }
 
 __all__ = ["SPECIAL_ROLES", "Coverage", "GeneVocab", *sorted(_LAZY)]

@@ -8,7 +8,6 @@ scBank directories (parquet tables of gene ids and expression values).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._errors import DataError
+from .._errors import DataError, VocabError
+from .._utils import read_json
+from .selection import select_cells
+from .vocab import GeneVocab
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -107,47 +109,21 @@ def _matrix_of(adata: AnnData, layer: str | None, use_raw: bool) -> tuple[Any, p
 
 
 def select_rows(obs: pd.DataFrame, cells: Any) -> np.ndarray:
-    """Sorted row indices for a selection.
+    """Sorted row indices for a selection that must not be empty.
+
+    :func:`cellkit.data.select_cells` with ``order="sorted"`` (each cell once, obs order), refusing
+    an empty result.
 
     Parameters
     ----------
     obs
         The cell table.
     cells
-        ``None`` (all), a boolean mask ``(n_obs,)``, integer positions, obs names, or a
-        ``pandas.DataFrame.query`` string over ``obs`` (e.g. ``"bulk_labels == 'CD14+ Monocyte'"``).
+        ``None`` (all), a boolean mask ``(n_obs,)``, integer positions, obs names, or a query string
+        in cellkit's restricted grammar (e.g. ``"bulk_labels == 'CD14+ Monocyte'"``; see
+        :func:`cellkit.data.parse_query`).
     """
-    n = len(obs)
-    if cells is None:
-        return np.arange(n, dtype=np.int64)
-    if isinstance(cells, str):
-        try:
-            hit = obs.query(cells).index
-        except Exception as exc:  # pandas raises many types for a bad query
-            raise DataError(
-                f"Cannot evaluate the cell query {cells!r} on obs ({type(exc).__name__}: {exc})."
-            ) from None
-        rows = obs.index.get_indexer(hit)
-    else:
-        arr = np.asarray(cells)
-        if arr.dtype == bool:
-            if arr.shape != (n,):
-                raise DataError(f"A boolean cell mask needs {n} entries, got {arr.shape}.")
-            rows = np.flatnonzero(arr)
-        elif arr.dtype.kind in "iu":
-            rows = arr.astype(np.int64)
-            if len(rows) and (rows.min() < -n or rows.max() >= n):
-                raise DataError(f"Cell positions must be in [0, {n}); got {rows.min()}…{rows.max()}.")
-            rows = rows % n
-        else:
-            names = arr.astype(str)
-            rows = obs.index.get_indexer(names)
-            if (rows < 0).any():
-                missing = names[rows < 0][:5].tolist()
-                raise DataError(
-                    f"{int((rows < 0).sum())} selected cell names are not in obs_names, e.g. {missing}."
-                )
-    rows = np.unique(rows)
+    rows = select_cells(obs, cells, order="sorted")
     if not len(rows):
         raise DataError("The cell selection is empty; nothing to tokenize.")
     return rows
@@ -205,8 +181,11 @@ def scbank_sources(path: str | os.PathLike[str]) -> tuple[list[str], Iterator[Ma
         raise DataError(
             f"{path} has no gene_vocab.json; an scBank directory holds it next to *.datatable.parquet files."
         )
-    stoi = json.loads(vocab_file.read_text(encoding="utf-8"))
-    genes = [g for g, _ in sorted(stoi.items(), key=lambda kv: kv[1])]
+    stoi = read_json(vocab_file, what="scBank gene vocabulary", expect=dict, error=DataError)
+    try:
+        genes = GeneVocab.from_dict(stoi).tokens
+    except VocabError as exc:
+        raise DataError(f"{vocab_file}: {exc}") from None
     tables = sorted(path.glob("*.datatable.parquet"))
     if not tables:
         raise DataError(f"{path} has no *.datatable.parquet table.")

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from cellkit._errors import DataError
-from cellkit._utils import AtomicDirectory, ensure_writable_dir, recover_directory
+from cellkit._utils import AtomicDirectory, ensure_writable_dir, read_json, recover_directory
 
 from .vocab import Coverage
 
@@ -513,23 +513,12 @@ class ShardedTokens:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = recover_directory(path)  # a swap interrupted between its renames left the old copy
         file = self.path / MANIFEST
-        try:
-            with open(file, "rb") as fh:
-                raw = fh.read(_MANIFEST_MAX_BYTES + 1)
-        except (FileNotFoundError, NotADirectoryError):
+        if not file.is_file():
             raise DataError(
                 f"{self.path} has no {MANIFEST}: it is not a cellkit shard directory (the output= directory of "
                 "cellkit.tokenize), or writing it did not finish."
-            ) from None
-        except OSError as exc:
-            raise DataError(f"{file} cannot be read ({exc.strerror or exc}).") from None
-        if len(raw) > _MANIFEST_MAX_BYTES:
-            raise DataError(f"{file} is larger than {_MANIFEST_MAX_BYTES:,} bytes; it is not a cellkit token manifest.")
-        try:
-            manifest = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            raise DataError(f"{file} is not valid JSON ({reason}); rewrite the shards with cellkit.tokenize.") from None
+            )
+        manifest = read_json(file, what="token shard manifest", max_bytes=_MANIFEST_MAX_BYTES, error=DataError)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise DataError(f"{self.path / MANIFEST} is not a cellkit token manifest.")
         self.manifest = _check_manifest(manifest, file)

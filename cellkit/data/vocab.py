@@ -19,6 +19,7 @@ import numpy as np
 
 from cellkit._errors import UnknownGeneError, VocabError
 from cellkit._utils import atomic_write_text
+from cellkit._utils._json import read_json
 
 __all__ = ["SPECIAL_ROLES", "Coverage", "GeneVocab"]
 
@@ -99,26 +100,31 @@ class GeneVocab:
     # ------------------------------------------------------------------ construction / I/O
     @classmethod
     def from_dict(cls, mapping: Mapping[str, int], *, specials: Mapping[str, str] | None = None) -> GeneVocab:
-        """Build from ``{token: id}``; ids must be exactly ``0 … n-1`` (any key order)."""
+        """Build from ``{token: id}``; ids must be exactly ``0 … n-1`` (any key order).
+
+        Checked in time and memory proportional to the number of entries: an id outside
+        ``0 … n-1`` is refused (naming its token) before anything of the id's size is allocated.
+        """
         if not mapping:
             raise VocabError("The vocabulary is empty.")
-        items = []
+        n = len(mapping)
+        itos: list[str | None] = [None] * n
         for token, idx in mapping.items():
             if isinstance(idx, bool) or not isinstance(idx, (int, np.integer)):
                 raise VocabError(f"Token {token!r} has a non-integer id {idx!r}.")
-            items.append((int(idx), str(token)))
-        items.sort()
-        ids = [i for i, _ in items]
-        if len(set(ids)) != len(ids):
-            raise VocabError(f"Duplicate ids in vocabulary: {_dup_ids(ids)}. Every token needs its own id.")
-        if ids[0] != 0 or ids[-1] != len(ids) - 1:
-            missing = sorted(set(range(ids[-1] + 1)) - set(ids))[:10]
-            raise VocabError(
-                f"Vocabulary ids are not contiguous from 0: {len(ids)} tokens with ids {ids[0]}…{ids[-1]}"
-                + (f", missing e.g. {missing}" if missing else "")
-                + ". Ids must be exactly 0 … n-1."
-            )
-        return cls([t for _, t in items], specials=specials)
+            i = int(idx)
+            if not 0 <= i < n:
+                raise VocabError(
+                    f"Vocabulary ids are not contiguous from 0: token {token!r} has id {i}, but {n:,} tokens "
+                    f"must use the ids 0 … {n - 1:,}, each once."
+                )
+            if itos[i] is not None:
+                raise VocabError(
+                    f"Duplicate ids in vocabulary: {i} is used by {itos[i]!r} and {token!r}. "
+                    "Every token needs its own id."
+                )
+            itos[i] = str(token)
+        return cls([t for t in itos if t is not None], specials=specials)
 
     @classmethod
     def from_json(
@@ -126,18 +132,7 @@ class GeneVocab:
     ) -> GeneVocab:
         """Read a ``{token: id}`` JSON file (e.g. scGPT's ``vocab.json``)."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise VocabError(f"Vocabulary file {path} does not exist.") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise VocabError(
-                f"Vocabulary file {path} is not valid JSON ({exc}); expected an object {{token: id}}."
-            ) from None
-        if not isinstance(data, dict):
-            raise VocabError(
-                f"Vocabulary file {path} holds a {type(data).__name__}; expected an object {{token: id}}."
-            )
+        data = read_json(path, what="vocabulary file", expect=dict, error=VocabError)
         try:
             return cls.from_dict(data, specials=specials)
         except VocabError as exc:
@@ -252,13 +247,3 @@ class GeneVocab:
         if append_missing:
             tokens += [t for t in dict.fromkeys(specials.values()) if t not in self._stoi]
         return GeneVocab(tokens, specials=specials)
-
-
-def _dup_ids(ids: list[int]) -> list[int]:
-    seen: set[int] = set()
-    dups: list[int] = []
-    for i in ids:
-        if i in seen and len(dups) < 10:
-            dups.append(i)
-        seen.add(i)
-    return dups

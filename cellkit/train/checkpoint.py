@@ -34,7 +34,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from .._errors import CheckpointError
-from .._utils import atomic_write_text, fsync_dir, get_logger
+from .._utils import atomic_write_text, fsync_dir, get_logger, read_json
 from .._utils._io import fsync_tree
 
 try:
@@ -98,8 +98,8 @@ def _valid_name(name: str) -> bool:
 
 def _read_state(path: Path) -> dict[str, Any] | None:
     try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        state = read_json(path / "state.json", what="checkpoint state", error=CheckpointError)
+    except CheckpointError:
         return None
     if not isinstance(state, dict) or not isinstance(state.get("trainer"), dict):
         return None
@@ -387,7 +387,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, torch
             )
         p = latest
     try:
-        state = json.loads((p / "state.json").read_text(encoding="utf-8"))
+        state = read_json(p / "state.json", what="checkpoint state", error=CheckpointError)
         tensors = load_file(str(p / "optimizer.safetensors"))
     except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"The checkpoint {p} is unreadable ({type(e).__name__}: {e}).") from e

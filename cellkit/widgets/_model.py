@@ -45,8 +45,11 @@ def _recent_file() -> Path:
 def _read_all() -> dict[str, list[str]]:
     """The whole recent file (``{kind: [paths]}``); ``{}`` when missing or unreadable."""
     try:
-        data = json.loads(_recent_file().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        path = _recent_file()
+        if not path.is_file() or path.stat().st_size > 1_000_000:  # a few paths; anything else is not ours
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(data, dict):
         return {}

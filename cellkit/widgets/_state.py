@@ -100,7 +100,8 @@ class StudioState(traitlets.HasTraits):
         name
             Selection name (replaces one of the same name).
         cells
-            Obs names, integer positions into ``adata`` or a boolean mask over ``adata``.
+            Obs names, integer positions into ``adata``, a boolean mask over ``adata``, a query
+            string or another selection's name (see :meth:`resolve_cells`).
 
         Returns
         -------
@@ -126,32 +127,18 @@ class StudioState(traitlets.HasTraits):
             self.active_selection = ""
 
     def resolve_cells(self, cells: Any) -> np.ndarray:
-        """Obs names (``adata`` order) for names, positions, a boolean mask or a selection name."""
+        """Obs names (``adata`` order, each once) of a selection.
+
+        ``cells`` is anything :func:`cellkit.data.select_cells` takes — names, positions, a boolean
+        mask, a query string — or the name of a stored selection.
+        """
         from cellkit._errors import DataError
+        from cellkit.data import select_cells
 
         if self.adata is None:
             raise DataError("No data loaded: pick an AnnData in the Data panel first.")
-        obs_names = self.adata.obs_names
-        if isinstance(cells, str):
-            if cells not in self.selections:
-                raise DataError(f"No selection named {cells!r}; known: {sorted(self.selections) or 'none'}.")
-            return self.selections[cells]
-        arr = np.asarray(cells)
-        if arr.dtype == bool:
-            if arr.shape != (len(obs_names),):
-                raise DataError(f"A boolean mask needs {len(obs_names)} entries, got {arr.shape}.")
-            pos = np.flatnonzero(arr)
-        elif np.issubdtype(arr.dtype, np.integer):
-            pos = np.unique(arr)
-            if len(pos) and (pos[0] < 0 or pos[-1] >= len(obs_names)):
-                raise DataError(f"Cell positions must be in [0, {len(obs_names)}).")
-        else:
-            idx = obs_names.get_indexer(arr.astype(str))
-            if (idx < 0).any():
-                missing = arr[idx < 0][:5].tolist()
-                raise DataError(f"{int((idx < 0).sum())} cells are not in the data, e.g. {missing}.")
-            pos = np.unique(idx)
-        return np.asarray(obs_names[pos]).astype(str)
+        pos = select_cells(self.adata.obs, cells, order="sorted", selections=self.selections)
+        return np.asarray(self.adata.obs_names[pos]).astype(str)
 
     def selected_cells(self, name: str | None = None) -> np.ndarray | None:
         """Obs names of a selection (default: the active one); ``None`` means all cells."""

@@ -47,7 +47,6 @@ Per cell (one row of the matrix, read as a CSR block, never densified):
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -58,6 +57,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cellkit._errors import DataError
+from cellkit._utils import read_json
 from cellkit.data._hashing import cell_key, uniform_hash
 from cellkit.data.genes import GeneMatch, matching_options, resolve_genes
 from cellkit.data.tokenized import TokenizedCells
@@ -270,18 +270,11 @@ def _load_mapping(spec: Any, category: str, n_vocab: int) -> tuple[dict[str, int
     else:
         path = Path(spec)
         where = str(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        if not path.exists():
             raise DataError(
                 f"{category}_mapping file {path} does not exist; pass the JSON {{value: token id}}."
-            ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{category}_mapping file {path} is not valid JSON ({exc}).") from None
-        if not isinstance(data, dict):
-            raise DataError(
-                f"{category}_mapping file {path} holds a {type(data).__name__}; expected {{value: token id}}."
             )
+        data = read_json(path, what=f"{category}_mapping file", expect=dict, error=DataError)
     bad = [
         k
         for k, v in data.items()
