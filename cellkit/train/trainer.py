@@ -729,9 +729,10 @@ class Trainer:
             source = self.ckpt.root
         if source is None:
             if self.state is None:
+                where = f"in {self.ckpt.root}" if self.ckpt is not None else "(no checkpoint_dir was given)"
                 raise ConfigError(
-                    "Nothing to resume: no checkpoint in checkpoint_dir and this trainer has not run yet. "
-                    "Start with resume=False."
+                    f"Nothing to resume: no intact checkpoint {where} and this trainer has not run yet. "
+                    "Start with resume=False, or point checkpoint_dir at the run's checkpoint directory."
                 )
             if self.state.get("done"):
                 raise ConfigError("This run has finished; start a new one (resume=False) or raise epochs.")
