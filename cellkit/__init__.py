@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .analysis import embed_cells, embedding_metrics, transfer_labels
     from .core import CellEncoder, EncoderConfig, EncoderOutput
     from .data import Coverage, GeneVocab
+    from .data.selection import select_cells
     from .data.tokenize import tokenize
     from .data.tokenized import TokenizedCells, open_shards
     from .model import CellModel, CellModelConfig, CellModelOutput, inspect_checkpoint, load_model
@@ -53,6 +54,7 @@ _LAZY = {
     "load_model": "cellkit.model",
     "inspect_checkpoint": "cellkit.model",
     "tokenize": "cellkit.data.tokenize",
+    "select_cells": "cellkit.data.selection",
     "TokenizedCells": "cellkit.data.tokenized",
     "open_shards": "cellkit.data.tokenized",
     "finetune": "cellkit.tasks",
@@ -129,6 +131,7 @@ __all__ = [
     "parse_condition",
     "predict",
     "pretrain",
+    "select_cells",
     "tokenize",
     "transfer_labels",
 ]

@@ -59,7 +59,7 @@ from torch import nn
 from ._anndata import check_adata
 from ._errors import CheckpointError, ConfigError, DataError
 from ._inference import resolve_device
-from ._utils import atomic_path, atomic_write_text, get_logger
+from ._utils import get_logger
 from .model import CellModel, load_model
 from .train.events import Callback, Event
 from .train.objectives import MaskedValueMSE
@@ -607,8 +607,8 @@ class PerturbationModel:
         """Save to a directory: ``model/`` (cellkit format), ``control_cells.safetensors`` and
         ``perturbation.json`` (genes, seen genes, settings, history).
 
-        Every file is written atomically and ``perturbation.json`` last, so an interrupted save
-        never loads as a complete one.
+        The directory is written as a whole (a hidden sibling swapped in at the end): after an
+        interruption at any moment ``path`` holds the old save or the new one, never a mix.
 
         Parameters
         ----------
@@ -623,19 +623,13 @@ class PerturbationModel:
         """
         from safetensors.torch import save_file
 
+        from ._utils import atomic_directory
+
         path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise CheckpointError(f"{path} exists and is not a directory; choose a directory path.")
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save(path / MODEL_DIR)
         x = self.control_cells
         if len(x) > max_saved_control:
             rng = np.random.default_rng(self.seed)
             x = x[np.sort(rng.choice(len(x), size=max_saved_control, replace=False))]
-        with atomic_path(path / CONTROL_FILE) as tmp:
-            save_file(
-                {"control_cells": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))}, str(tmp)
-            )
         doc = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -650,7 +644,14 @@ class PerturbationModel:
             "metrics": {k: float(v) for k, v in self.metrics.items()},
             "history": self.history.to_dict(),
         }
-        atomic_write_text(path / META_FILE, json.dumps(doc, indent=2, default=_json_default))
+        text = json.dumps(doc, indent=2, default=_json_default)
+        with atomic_directory(path, may_replace=_is_saved_perturbation_model, what="perturbation model") as tmp:
+            self.model.save(tmp / MODEL_DIR)
+            save_file(
+                {"control_cells": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))},
+                str(tmp / CONTROL_FILE),
+            )
+            (tmp / META_FILE).write_text(text, encoding="utf-8")
         return path
 
     @classmethod
@@ -660,7 +661,9 @@ class PerturbationModel:
         """Load a directory written by :meth:`save` (see :func:`load_perturbation_model`)."""
         from safetensors.torch import load_file
 
-        path = Path(path)
+        from ._utils import recover_directory
+
+        path = recover_directory(path)
         meta = path / META_FILE
         if not meta.is_file():
             raise CheckpointError(
@@ -695,6 +698,11 @@ class PerturbationModel:
             max_genes=doc["max_genes"],
             seed=int(doc["seed"]),
         )
+
+
+def _is_saved_perturbation_model(path: Path) -> bool:
+    """A directory a save may replace: an earlier save (or an empty directory)."""
+    return (path / META_FILE).is_file() or not any(path.iterdir())
 
 
 def _json_default(o: Any) -> Any:

@@ -411,7 +411,7 @@ def finetune(
     batch_key
         ``obs`` column with batches / domains (for the ``"dab"`` objective).
     cells
-        Which cells (mask, positions, names, or an ``obs.query`` string); default all.
+        Which cells (mask, positions, names or a query string, see :func:`cellkit.data.select_cells`); default all.
     objectives
         Loss terms: ``("cls",)`` by default; add ``"gep"``, ``"mvc"``, ``"ecs"``, ``"dab"``, ... or
         pass ``{name: weight}`` (see :mod:`cellkit.train.objectives`).

@@ -547,7 +547,10 @@ def test_perturbation_model_predict_checks_inputs_and_outputs(screen):
 
 def test_zero_cell_tokens_say_so(tmp_path, model):
     empty = make_adata(n_per_class=4)[:0].copy()
-    shards = cellkit.tokenize(empty, model, output=tmp_path / "shards", obs_columns=["cell_type"], progress=False)
+    with pytest.raises(DataError, match=NO_CELLS):
+        cellkit.tokenize(empty, model, output=tmp_path / "shards", obs_columns=["cell_type"], progress=False)
+    assert not (tmp_path / "shards").exists()
+    shards = cellkit.tokenize(make_adata(n_per_class=4), model, obs_columns=["cell_type"], progress=False).subset([])
     assert len(shards) == 0
     for call in (
         lambda: cellkit.finetune(shards, model, label_key="cell_type", copy_model=True, progress=False),

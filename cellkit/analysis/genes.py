@@ -123,7 +123,7 @@ def contextual_gene_embeddings(
     model
         The model.
     cells
-        Which cells (mask, positions, names, ``obs.query`` string).
+        Which cells (mask, positions, names or a query string, see :func:`cellkit.data.select_cells`).
     genes
         Keep only these genes in the result (default every gene seen in ``min_cells`` cells).
     hidden_layer

@@ -641,7 +641,7 @@ def in_silico_perturb(
         combination; or an explicit list of combinations ``[("G1", "G2"), ("G3",)]`` (then leave
         ``genes`` out).
     cells
-        Cells to perturb (mask, positions, names, ``obs.query`` string); default all. Cells with no
+        Cells to perturb (mask, positions, names or a query string, see :func:`cellkit.data.select_cells`); default all. Cells with no
         gene token are left out (``params["n_cells_without_genes"]``).
     goal
         Cells of a target state (same kinds of selection); adds the shift toward their mean

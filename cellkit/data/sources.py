@@ -125,7 +125,8 @@ def select_rows(obs: pd.DataFrame, cells: Any) -> np.ndarray:
     """
     rows = select_cells(obs, cells, order="sorted")
     if not len(rows):
-        raise DataError("The cell selection is empty; nothing to tokenize.")
+        where = "the data has no cells" if not len(obs) else f"cells= selects none of the {len(obs):,} cells"
+        raise DataError(f"No cells selected: the selection is empty ({where}); nothing to tokenize.")
     return rows
 
 

@@ -184,8 +184,9 @@ def tokenize(
         ``"scgpt"`` (value binning), ``"geneformer"`` (rank encoding), ``"teddy"`` or
         ``"perturbgene"``. Default: the model's family.
     cells
-        Which cells: ``None`` (all), a boolean mask, positions, obs names, or an ``obs.query``
-        string. Cells come out in the order of the AnnData (obs order), whatever the order of ``cells``.
+        Which cells: ``None`` (all), a boolean mask, positions, obs names, or a query string
+        (:func:`cellkit.data.select_cells`: column comparisons, ``in``, ``isin``, ``and`` / ``or`` /
+        ``not``; never evaluated as code). Cells come out in the order of the AnnData (obs order), whatever the order of ``cells``.
     layer, use_raw
         Expression matrix to read (default ``.X``; ``use_raw=None`` follows the model's input
         convention, ``config.input["use_raw"]``, else ``False``). Counts are expected for

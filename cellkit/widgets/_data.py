@@ -2,7 +2,7 @@
 
 Sources: an AnnData variable of the notebook (the kernel's namespace), an ``.h5ad`` file (in memory
 or backed) or the shipped PBMCs (:func:`cellkit.datasets.pbmc_demo`). Cells: all, an ``obs``
-filter, an ``obs.query`` string or a named selection of the studio (e.g. a lasso in the embedding
+filter, a query string (:func:`cellkit.data.select_cells`) or a named selection of the studio (e.g. a lasso in the embedding
 panel). "Tokenize" calls :func:`cellkit.tokenize` with the options of the model's scheme and
 stores the result in ``state.tokens``; the coverage, summary and a token-length histogram show
 below.
@@ -483,7 +483,7 @@ class DataPanel(Panel):
         column, between
             An obs filter on a numeric column: ``min <= obs[column] <= max``.
         query
-            An ``obs.query`` string, e.g. ``"n_genes > 500"``.
+            A query string (:func:`cellkit.data.select_cells`), e.g. ``"n_genes > 500"``.
         selection
             The name of a selection in ``state.selections``.
 
