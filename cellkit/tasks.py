@@ -33,6 +33,7 @@ from .data.tokenize import tokenize
 from .data.tokenized import ShardedTokens, TokenizedCells
 from .model import CellModel
 from .train.events import Callback, Event
+from .train.metrics import macro_f1
 from .train.objectives import Objective, make_objectives
 from .train.trainer import History, Trainer, TrainerConfig, exclusive_training_run
 
@@ -619,10 +620,10 @@ def _classification_metrics(
     from sklearn.metrics import accuracy_score, f1_score
 
     labels = np.arange(len(classes))
-    present = np.unique(y_true)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        # averaged over the classes of the test cells' truth (a class only predicted adds no zero)
+        "macro_f1": macro_f1(y_true, y_pred, labels=np.unique(y_true)),
         "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
     }
 
