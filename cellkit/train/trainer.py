@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .._errors import CellkitError, ConfigError, DataError
 from .._utils import ensure_writable_dir, get_logger
+from .._utils._batch import FORWARD_KEYS  # the collator's contract (cellkit.data.collate)
 from .checkpoint import (
     CheckpointManager,
     checkpoint_is_intact,
@@ -61,8 +62,6 @@ __all__ = [
 
 log = get_logger(__name__)
 
-#: batch keys passed to the model's forward (the rest are targets)
-FORWARD_KEYS = ("gene_ids", "values", "padding_mask", "batch_labels", "position_ids", "token_type_ids")
 SCHEDULES = ("constant", "step", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam")
 STATE_VERSION = 1
