@@ -17,7 +17,7 @@ import torch
 
 from ._errors import ConfigError, VocabError
 from .checkpoints.scgpt import encoder_config
-from .core import EncoderConfig
+from .core.config import bert_encoder_config
 from .data.vocab import GeneVocab
 from .model import CellModel, CellModelConfig
 
@@ -149,24 +149,18 @@ def geneformer_config(
             f"max_len must be an integer >= {3 if special else 1} (tokens per cell"
             f"{', <cls> and <eos> included' if special else ''}), got {max_len!r}."
         )
-    encoder = EncoderConfig(
-        vocab_size=len(vocab),
+    encoder = bert_encoder_config(
+        len(vocab),
         d_model=d_model,
         n_heads=n_heads,
         n_layers=n_layers,
         d_ff=d_ff,
         activation=activation,
-        norm_scheme="post",
-        layer_norm_eps=layer_norm_eps,
         dropout=dropout,
-        attention_dropout=dropout,
         pad_token_id=vocab.pad_id,
-        gene_norm=False,
-        value_encoder="none",
         max_position_embeddings=max_len,
         type_vocab_size=2,
-        embedding_norm=True,
-        embedding_dropout=True,
+        layer_norm_eps=layer_norm_eps,
     )
     return CellModelConfig(
         encoder=encoder,
@@ -262,24 +256,17 @@ def perturbgene_config(
                 f"token(s), [EOS]) or None, got {max_length!r}."
             )
         model_input["max_length"] = max_length
-    encoder = EncoderConfig(
-        vocab_size=len(vocab),
+    encoder = bert_encoder_config(
+        len(vocab),
         d_model=d_model,
         n_heads=n_heads,
         n_layers=n_layers,
         d_ff=d_ff,
         activation="gelu",
-        norm_scheme="post",
-        layer_norm_eps=1e-12,
         dropout=dropout,
-        attention_dropout=dropout,
         pad_token_id=vocab.pad_id,
-        gene_norm=False,
-        value_encoder="none",
         max_position_embeddings=0,
         type_vocab_size=1 + n_categories + n_gene_types,
-        embedding_norm=True,
-        embedding_dropout=True,
     )
     return CellModelConfig(
         encoder=encoder,

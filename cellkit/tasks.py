@@ -33,6 +33,7 @@ from .data.tokenize import tokenize
 from .data.tokenized import ShardedTokens, TokenizedCells
 from .model import CellModel
 from .train.events import Callback, Event
+from .train.metrics import macro_f1
 from .train.objectives import Objective, make_objectives
 from .train.trainer import History, Trainer, TrainerConfig, exclusive_training_run
 
@@ -241,24 +242,69 @@ def _tokens_for(
                 "cells= selects cells of an AnnData; subset pre-tokenized cells with tokens.subset(...)."
             )
         return data
-    opts = dict(tokenize_options or {})
-    try:
-        tokens = tokenize(
-            data,
-            model,
-            cells=cells,
-            obs_columns=obs_columns,
-            layer=layer,
-            use_raw=use_raw,
-            gene_column=gene_column,
-            progress=progress,
-            **opts,
-        )
-    except TypeError as e:
-        raise DataError(f"Bad tokenize option: {e}") from None
+    opts = _check_tokenize_options(model, tokenize_options)
+    tokens = tokenize(
+        data,
+        model,
+        cells=cells,
+        obs_columns=obs_columns,
+        layer=layer,
+        use_raw=use_raw,
+        gene_column=gene_column,
+        progress=progress,
+        **opts,
+    )
     if len(tokens) == 0:
         raise DataError("No cells selected: the selection is empty, nothing to work on. Check cells=... .")
     return tokens
+
+
+#: tokenize() arguments the task functions pass themselves (they are the task's own parameters)
+_TASK_TOKENIZE_ARGS = ("cells", "obs_columns", "layer", "use_raw", "gene_column", "progress")
+
+
+def _check_tokenize_options(model: CellModel, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``tokenize_options`` checked by name: the scheme's ``OPTIONS`` and :func:`cellkit.tokenize`'s
+    own keywords (``scheme``, ``output``, ``chunk_size``, …) are accepted; anything else is a
+    :class:`~cellkit.ConfigError` naming close matches."""
+    import difflib
+    import inspect
+
+    from .data.schemes import get_scheme
+
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"tokenize_options must be a dict of option -> value, got {type(options).__name__}.")
+    opts = dict(options)
+    bad_keys = [k for k in opts if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"tokenize_options names must be strings, got {bad_keys[:5]}.")
+    own = sorted(set(opts) & set(_TASK_TOKENIZE_ARGS))
+    if own:
+        raise ConfigError(
+            f"tokenize_options {own} are parameters of this function: pass {own[0]}=... directly, "
+            "not inside tokenize_options."
+        )
+    scheme = opts.get("scheme") or model.config.family
+    try:
+        impl = get_scheme(str(scheme))
+    except DataError:
+        return opts  # an unknown scheme: tokenize() says which ones exist
+    keywords = {
+        p.name for p in inspect.signature(tokenize).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    allowed = sorted((keywords - set(_TASK_TOKENIZE_ARGS)) | set(impl.OPTIONS))
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        close = {u: difflib.get_close_matches(u, allowed, n=3) for u in unknown}
+        hint = "; ".join(f"{u!r}: did you mean {c}?" for u, c in close.items() if c)
+        raise ConfigError(
+            f"Unknown tokenize option(s) {unknown} for the {scheme!r} scheme"
+            + (f" ({hint})" if hint else "")
+            + f". Allowed: {allowed}."
+        )
+    return opts
 
 
 def _collator(
@@ -619,10 +665,10 @@ def _classification_metrics(
     from sklearn.metrics import accuracy_score, f1_score
 
     labels = np.arange(len(classes))
-    present = np.unique(y_true)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        # averaged over the classes of the test cells' truth (a class only predicted adds no zero)
+        "macro_f1": macro_f1(y_true, y_pred, labels=np.unique(y_true)),
         "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
     }
 

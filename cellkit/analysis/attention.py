@@ -44,7 +44,6 @@ sequence and of ``M``) but are left out of gene × gene results unless ``include
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,12 +54,13 @@ import pandas as pd
 import torch
 
 from .._anndata import check_adata, check_keys_free, record_written
-from .._errors import ConfigError, DataError, UnknownGeneError
+from .._errors import ConfigError, DataError
 from .._inference import FORWARD_KEYS, inference_batches, resolve_device
 from ..data.collate import Collator
 from ..data.selection import select_cells
 from ..data.tokenize import tokenize
 from ..data.tokenized import ShardedTokens, TokenizedCells
+from ..data.vocab import unknown_gene_error
 from ..model import CellModel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -127,19 +127,11 @@ def _resolve_head(model: CellModel, head: Any) -> int | None:
     return _resolve_heads(model, [head])[0]  # type: ignore[index]
 
 
-def _unknown_gene(gene: str, known: Sequence[str], where: str) -> UnknownGeneError:
-    close = difflib.get_close_matches(str(gene), list(known), n=3)
-    hint = f" Close matches: {close}." if close else ""
-    return UnknownGeneError(f"Gene {gene!r} is not in {where}.{hint}")
-
-
 def _gene_ids(model: CellModel, genes: Iterable[str]) -> np.ndarray:
     genes = [str(g) for g in genes]
     for g in genes:
         if g not in model.vocab:
-            raise _unknown_gene(
-                g, model.vocab.tokens, f"the model's vocabulary ({len(model.vocab):,} tokens)"
-            )
+            raise model.vocab.unknown_gene_error(g, where=f"the model's vocabulary ({len(model.vocab):,} tokens)")
     if len(set(genes)) != len(genes):
         dup = sorted({g for g in genes if genes.count(g) > 1})
         raise ConfigError(f"genes has duplicates: {dup[:5]}.")
@@ -812,7 +804,7 @@ def top_influenced_genes(
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}.")
     if gene not in df.columns:
-        raise _unknown_gene(gene, [str(c) for c in df.columns], f"this attention map ({df.shape[1]:,} genes)")
+        raise unknown_gene_error(gene, [str(c) for c in df.columns], where=f"this attention map ({df.shape[1]:,} genes)")
     if min_cells > 1 and counts is None:
         raise ConfigError(
             "min_cells needs the co-occurrence counts: pass counts= (gene_attention(..., return_counts=True)) "
@@ -899,9 +891,7 @@ def attention_difference(
     idx_layer = _resolve_layer(model, layer)
     idx_head = _resolve_head(model, head)
     if gene is not None and genes is None and str(gene) not in model.vocab:
-        raise _unknown_gene(
-            str(gene), model.vocab.tokens, f"the model's vocabulary ({len(model.vocab):,} tokens)"
-        )
+        raise model.vocab.unknown_gene_error(str(gene), where=f"the model's vocabulary ({len(model.vocab):,} tokens)")
     if genes is not None:
         _gene_ids(model, genes)
     if condition == control:
@@ -932,7 +922,7 @@ def attention_difference(
     cond = _mean_frame(names, sums[0], counts[0])
     ctrl = _mean_frame(names, sums[1], counts[1])
     if gene is not None and gene not in cond.columns:
-        raise _unknown_gene(str(gene), names, f"the genes of the selected cells ({len(names):,})")
+        raise unknown_gene_error(str(gene), names, where=f"the genes of the selected cells ({len(names):,})")
     g = len(names)
     q_idx, k_idx = np.divmod(np.arange(g * g), g)
     out = pd.DataFrame(

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,10 +21,11 @@ import pandas as pd
 import torch
 
 from .._anndata import check_adata, check_keys_free, record_written
-from .._errors import ConfigError, DataError, UnknownGeneError
+from .._errors import ConfigError, DataError
 from .._inference import run_inference
 from .._utils import get_logger
 from ..data.tokenize import tokenize
+from ..data.vocab import unknown_gene_error
 from ..model import CellModel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,14 +43,6 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
-
-
-def _unknown(genes: Sequence[str], known: Sequence[str], what: str) -> UnknownGeneError:
-    examples = []
-    for g in list(genes)[:3]:
-        close = difflib.get_close_matches(str(g), list(known), n=3)
-        examples.append(f"{g!r}" + (f" (did you mean {close}?)" if close else ""))
-    return UnknownGeneError(f"{len(genes)} gene(s) not in the {what}: {', '.join(examples)}.")
 
 
 def _gene_list(model: CellModel, genes: Any) -> list[str]:
@@ -72,7 +64,7 @@ def _gene_list(model: CellModel, genes: Any) -> list[str]:
     genes = [str(g) for g in genes]
     missing = [g for g in genes if g not in model.vocab or g in special]
     if missing:
-        raise _unknown(missing, vocab_genes, "model's vocabulary")
+        raise unknown_gene_error(missing, vocab_genes, where="the model's vocabulary")
     return genes
 
 
@@ -216,7 +208,7 @@ def gene_similarity(
     if genes is not None:
         missing = [g for g in genes if g not in e.index]
         if missing:
-            raise _unknown(missing, list(e.index), "gene embeddings")
+            raise unknown_gene_error(missing, list(e.index), where="the gene embeddings")
         e = e.loc[list(genes)]
     x = e.to_numpy(np.float64)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -255,7 +247,7 @@ def similar_genes(
     """
     e = _centered(_check_embeddings(embeddings), center)
     if gene not in e.index:
-        raise _unknown([gene], list(e.index), "gene embeddings")
+        raise unknown_gene_error(gene, list(e.index), where="the gene embeddings")
     others = e if subset is None else e.loc[[g for g in subset if g in e.index]]
     x = others.to_numpy(np.float64)
     q = e.loc[gene].to_numpy(np.float64)

@@ -56,7 +56,6 @@ than random genes").
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -67,13 +66,14 @@ import pandas as pd
 import torch
 
 from .._anndata import check_adata, check_finite_rows, check_keys_free, record_written
-from .._errors import ConfigError, DataError, UnknownGeneError
+from .._errors import ConfigError, DataError
 from .._inference import run_inference
 from .._utils import get_logger
 from ..data.schemes import MAX_LENGTH_OPTION
 from ..data.sources import select_rows
 from ..data.tokenize import tokenize
 from ..data.tokenized import TokenizedCells
+from ..data.vocab import unknown_gene_error
 from ..heads import POOLING_MODES
 from ..model import CellModel
 from .embeddings import pooled_embedding
@@ -414,14 +414,6 @@ def _gene_space(model: CellModel, scheme: str, tokenize_options: Mapping[str, An
     return _GeneSpace(names, {g: stoi[g] for g in names}, perturbgene=False)
 
 
-def _unknown(missing: Sequence[str], known: Sequence[str], what: str) -> UnknownGeneError:
-    examples = []
-    for g in list(missing)[:3]:
-        close = difflib.get_close_matches(str(g), list(known), n=3)
-        examples.append(f"{g!r}" + (f" (did you mean {close}?)" if close else ""))
-    return UnknownGeneError(f"{len(missing)} gene(s) not in the {what}: {', '.join(examples)}.")
-
-
 def _perturbations(genes: Any, combos: Any, space: _GeneSpace) -> list[tuple[str, ...]]:
     """The perturbations as tuples of gene names (checked against the model's genes)."""
     if isinstance(combos, bool | np.bool_):
@@ -455,7 +447,7 @@ def _perturbations(genes: Any, combos: Any, space: _GeneSpace) -> list[tuple[str
     missing = list(dict.fromkeys(g for p in perts for g in p if g not in space.index))
     if missing:
         what = "model's gene list" if space.perturbgene else "model's vocabulary"
-        raise _unknown(missing, space.names, what)
+        raise unknown_gene_error(missing, space.names, where=f"the {what}")
     return perts
 
 

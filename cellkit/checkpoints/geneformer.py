@@ -46,6 +46,7 @@ from torch import Tensor
 from cellkit._errors import CellkitError, CheckpointError, ConfigError, VocabError
 from cellkit._utils import get_logger, read_json
 from cellkit.core import EncoderConfig
+from cellkit.core.config import bert_encoder_config
 from cellkit.data.vocab import GeneVocab
 
 from .report import ForeignCheckpoint, LoadReport
@@ -406,24 +407,19 @@ def _encoder_config(hf: dict[str, Any], path: Path, notes: list[str]) -> tuple[E
     if hf.get("tie_word_embeddings") is False:
         notes.append("config.json has tie_word_embeddings=false")
     try:
-        encoder = EncoderConfig(
-            vocab_size=int(used["vocab_size"]),
+        encoder = bert_encoder_config(
+            int(used["vocab_size"]),
             d_model=int(used["hidden_size"]),
             n_heads=int(used["num_attention_heads"]),
             n_layers=int(used["num_hidden_layers"]),
             d_ff=int(used["intermediate_size"]),
             activation=act,
-            norm_scheme="post",
-            layer_norm_eps=float(used["layer_norm_eps"]),
             dropout=float(used["hidden_dropout_prob"]),
             attention_dropout=float(used["attention_probs_dropout_prob"]),
             pad_token_id=int(used["pad_token_id"]),
-            gene_norm=False,
-            value_encoder="none",
             max_position_embeddings=int(used["max_position_embeddings"]),
             type_vocab_size=int(used["type_vocab_size"]),
-            embedding_norm=True,
-            embedding_dropout=True,
+            layer_norm_eps=float(used["layer_norm_eps"]),
         )
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{cfg} describes an architecture cellkit cannot build: {exc}") from None

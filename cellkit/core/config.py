@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from cellkit._errors import ConfigError
 
-__all__ = ["EncoderConfig"]
+__all__ = ["EncoderConfig", "bert_encoder_config"]
 
 ValueEncoderKind = Literal["none", "continuous", "category", "scaling"]
 NormScheme = Literal["post", "pre"]
@@ -217,6 +217,78 @@ class EncoderConfig:
                 f"EncoderConfig JSON cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})."
             ) from None
         return cls.from_dict(data)
+
+
+def bert_encoder_config(
+    vocab_size: int,
+    *,
+    d_model: int,
+    n_heads: int,
+    n_layers: int,
+    d_ff: int,
+    activation: Activation,
+    dropout: float,
+    pad_token_id: int | None,
+    max_position_embeddings: int,
+    type_vocab_size: int,
+    attention_dropout: float | None = None,
+    layer_norm_eps: float = 1e-12,
+) -> EncoderConfig:
+    """The core configuration of a BERT-family encoder (Geneformer's BERT, PerturbGene's DistilBERT).
+
+    The one place that says what "BERT-like" means in :class:`EncoderConfig` terms: post-norm
+    layers, no expression values, no LayerNorm on the gene embedding, learned absolute positions
+    (``max_position_embeddings > 0``) and/or token types (``type_vocab_size > 0``) added to the
+    token embedding, then LayerNorm and dropout on the sum.
+
+    Parameters
+    ----------
+    vocab_size, d_model, n_heads, n_layers, d_ff
+        BERT's ``vocab_size``, ``hidden_size``, ``num_attention_heads``, ``num_hidden_layers`` and
+        ``intermediate_size``.
+    activation
+        Feed-forward activation (BERT's ``hidden_act``).
+    dropout
+        Hidden dropout (BERT's ``hidden_dropout_prob``).
+    pad_token_id
+        Row of the token embedding used for padding.
+    max_position_embeddings
+        Learned absolute positions (0: none, as in PerturbGene).
+    type_vocab_size
+        Token-type embeddings (BERT segments: 2; PerturbGene: gene identities).
+    attention_dropout
+        Dropout on attention probabilities (default: ``dropout``).
+    layer_norm_eps
+        Epsilon of every LayerNorm (BERT: 1e-12).
+
+    Returns
+    -------
+    EncoderConfig
+
+    Raises
+    ------
+    ConfigError
+        For invalid sizes (see :class:`EncoderConfig`).
+    """
+    return EncoderConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_heads=n_heads,
+        n_layers=n_layers,
+        d_ff=d_ff,
+        activation=activation,
+        norm_scheme="post",
+        layer_norm_eps=layer_norm_eps,
+        dropout=dropout,
+        attention_dropout=dropout if attention_dropout is None else attention_dropout,
+        pad_token_id=pad_token_id,
+        gene_norm=False,
+        value_encoder="none",
+        max_position_embeddings=max_position_embeddings,
+        type_vocab_size=type_vocab_size,
+        embedding_norm=True,
+        embedding_dropout=True,
+    )
 
 
 _MAX_JSON_CHARS = 1_000_000

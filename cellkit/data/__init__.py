@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .vocab import SPECIAL_ROLES, Coverage, GeneVocab
+from .vocab import SPECIAL_ROLES, Coverage, GeneVocab, unknown_gene_error
 
 _LAZY = {
     "TokenizedCells": "cellkit.data.tokenized",
@@ -27,7 +27,7 @@ _LAZY = {
     "CellQuery": "cellkit.data.selection",
 }
 
-__all__ = ["SPECIAL_ROLES", "Coverage", "GeneVocab", *sorted(_LAZY)]
+__all__ = ["SPECIAL_ROLES", "Coverage", "GeneVocab", "unknown_gene_error", *sorted(_LAZY)]
 
 
 def __getattr__(name: str) -> Any:

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from cellkit._errors import DataError
+from cellkit._utils._batch import FORWARD_KEYS
 
 from ._hashing import uniform_hash
 
-__all__ = ["Collator", "scgpt_random_mask_value"]
+__all__ = ["FORWARD_KEYS", "Collator", "scgpt_random_mask_value"]
 
 MaskingMode = Literal["values", "tokens", "phenotypic"]
 MASKING_MODES = ("values", "tokens", "phenotypic")
@@ -56,7 +57,8 @@ class Collator:
     ``(n_i,)``, ``token_type_ids`` ``(n_i,)``, and the scalars ``index``, ``cell_key``, ``labels``,
     ``batch_labels`` — what :class:`~cellkit.data.dataset.CellDataset` and
     :class:`~cellkit.data.dataset.ShardStreamDataset` yield. Per-token arrays of an item must be
-    present in every item of the batch or in none.
+    present in every item of the batch or in none. The batch keys in :data:`FORWARD_KEYS` are the
+    model's forward inputs (the trainer and inference pass exactly those); the others are targets.
 
     Parameters
     ----------

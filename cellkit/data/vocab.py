@@ -8,6 +8,7 @@ reports what matched.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,7 +22,7 @@ from cellkit._errors import UnknownGeneError, VocabError
 from cellkit._utils import atomic_write_text
 from cellkit._utils._json import read_json
 
-__all__ = ["SPECIAL_ROLES", "Coverage", "GeneVocab"]
+__all__ = ["SPECIAL_ROLES", "Coverage", "GeneVocab", "unknown_gene_error"]
 
 #: Roles a special token can play; models name their own tokens for each role.
 SPECIAL_ROLES = ("pad", "cls", "eos", "mask", "unk", "sep")
@@ -212,6 +213,16 @@ class GeneVocab:
     def is_special(self, token: str) -> bool:
         return token in self._specials.values()
 
+    def unknown_gene_error(
+        self, missing: str | Iterable[str], *, where: str = "the model's vocabulary"
+    ) -> UnknownGeneError:
+        """The error for genes not in this vocabulary, with close matches among its genes.
+
+        See :func:`unknown_gene_error` (special tokens are never suggested).
+        """
+        special = set(self._specials.values())
+        return unknown_gene_error(missing, (t for t in self._itos if t not in special), where=where)
+
     def lookup(self, genes: Iterable[str], *, unknown: Literal["error", "missing"] = "error") -> np.ndarray:
         """Ids of ``genes`` as an int64 array.
 
@@ -247,3 +258,47 @@ class GeneVocab:
         if append_missing:
             tokens += [t for t in dict.fromkeys(specials.values()) if t not in self._stoi]
         return GeneVocab(tokens, specials=specials)
+
+
+#: how many unknown genes an error names, and how many close matches each gets
+_SHOW_UNKNOWN, _SHOW_CLOSE = 3, 3
+
+
+def unknown_gene_error(
+    missing: str | Iterable[str], known: Iterable[str], *, where: str = "the model's vocabulary"
+) -> UnknownGeneError:
+    """The one "unknown gene, did you mean" error of cellkit.
+
+    Parameters
+    ----------
+    missing
+        The gene name(s) that were not found (the first three are named).
+    known
+        The names that would have been accepted; close matches are drawn from them (a match
+        differing only in case first, then :func:`difflib.get_close_matches`).
+    where
+        What was searched, completing "not in …" (e.g. ``"the model's vocabulary"``,
+        ``"the gene embeddings"``).
+
+    Returns
+    -------
+    UnknownGeneError
+        To raise: ``raise unknown_gene_error(missing, known, where=...)``. Its message reads
+        ``2 genes not in the model's vocabulary: 'CD3X' (did you mean ['CD3E', 'CD3G']?), 'FOO'.``
+    """
+    names = [missing] if isinstance(missing, str) else [str(g) for g in missing]
+    pool = [str(k) for k in known]
+    by_lower: dict[str, list[str]] = {}
+    for k in pool:
+        by_lower.setdefault(k.lower(), []).append(k)
+    examples = []
+    for g in names[:_SHOW_UNKNOWN]:
+        close = [*by_lower.get(g.lower(), []), *difflib.get_close_matches(g, pool, n=_SHOW_CLOSE)]
+        close = list(dict.fromkeys(c for c in close if c != g))[:_SHOW_CLOSE]
+        examples.append(f"{g!r}" + (f" (did you mean {close}?)" if close else ""))
+    more = f", … ({len(names) - _SHOW_UNKNOWN:,} more)" if len(names) > _SHOW_UNKNOWN else ""
+    subject = "Gene" if len(names) == 1 else f"{len(names):,} genes"
+    return UnknownGeneError(
+        f"{subject} not in {where}: {', '.join(examples)}{more}. Gene names must match exactly "
+        "(symbols vs Ensembl ids?)."
+    )

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .._errors import CellkitError, ConfigError, DataError
 from .._utils import ensure_writable_dir, get_logger
+from .._utils._batch import FORWARD_KEYS  # the collator's contract (cellkit.data.collate)
 from .checkpoint import (
     CheckpointManager,
     checkpoint_is_intact,
@@ -45,6 +46,7 @@ from .checkpoint import (
 )
 from .distributed import all_gather_objects, all_reduce_sum, barrier, dist_info
 from .events import Callback, Event, dispatch
+from .metrics import macro_f1, macro_f1_from_confusion
 from .objectives import IGNORE_INDEX, Objective, make_objectives
 from .sampling import EpochBatchSampler
 
@@ -60,8 +62,6 @@ __all__ = [
 
 log = get_logger(__name__)
 
-#: batch keys passed to the model's forward (the rest are targets)
-FORWARD_KEYS = ("gene_ids", "values", "padding_mask", "batch_labels", "position_ids", "token_type_ids")
 SCHEDULES = ("constant", "step", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam")
 STATE_VERSION = 1
@@ -333,26 +333,6 @@ class TrainResult:
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-
-
-def macro_f1_from_confusion(cm: np.ndarray) -> float:
-    """Macro-F1 from a confusion matrix (rows true, columns predicted), averaged over the classes
-    that occur as a label or a prediction (sklearn's ``f1_score(average="macro")`` convention)."""
-    cm = np.asarray(cm, dtype=np.float64)
-    tp = np.diag(cm)
-    support, predicted = cm.sum(1), cm.sum(0)
-    used = (support > 0) | (predicted > 0)
-    if not used.any():
-        return 0.0
-    denom = support + predicted
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return float(f1[used].mean())
-
-
-def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
 class _SigintToStop:
@@ -1136,7 +1116,7 @@ class Trainer:
             ok = y != IGNORE_INDEX
             if ok.any():
                 metrics["val/accuracy"] = float((p[ok] == y[ok]).mean())
-                metrics["val/macro_f1"] = _macro_f1(y[ok], p[ok])
+                metrics["val/macro_f1"] = macro_f1(y[ok], p[ok])
         return metrics
 
     # ------------------------------------------------------------------ checkpoints

@@ -476,10 +476,7 @@ class AttentionPanel(Panel):
         vocab = self.state.model.vocab
         unknown = [g for g in genes if g not in vocab]
         if unknown:
-            close = {g: difflib.get_close_matches(g, list(vocab.tokens), n=2) for g in unknown[:3]}
-            raise DataError(
-                f"{len(unknown)} genes are not in the model's vocabulary: {unknown[:5]}; close: {close}."
-            )
+            raise vocab.unknown_gene_error(unknown)
         return genes
 
     @staticmethod

@@ -26,7 +26,6 @@ Every action is a plain method (``run``, ``export``, ``train_response``, ``stop`
 
 from __future__ import annotations
 
-import difflib
 import html
 import math
 import os
@@ -43,7 +42,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from cellkit import CellkitError, ConfigError, DataError, UnknownGeneError
+from cellkit import CellkitError, ConfigError, DataError
+from cellkit.data import unknown_gene_error
 
 from ._base import Panel, guarded, html_table, labelled, line_figure
 from ._state import StudioState
@@ -85,14 +85,6 @@ def _perturbable_genes(model: Any) -> list[str]:
         return [str(g) for g in genes] if genes is not None else []
     special = set(model.vocab.specials.values())
     return [str(t) for t in model.vocab.tokens if t not in special]
-
-
-def _unknown_genes(missing: Sequence[str], known: Sequence[str], what: str) -> UnknownGeneError:
-    examples = []
-    for g in list(missing)[:3]:
-        close = difflib.get_close_matches(str(g), list(known), n=3)
-        examples.append(f"{g!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    return UnknownGeneError(f"{len(missing)} gene(s) not in the {what}: {'; '.join(examples)}.")
 
 
 def _subsample(names: np.ndarray, max_cells: int, seed: int, what: str) -> tuple[np.ndarray, str]:
@@ -706,7 +698,7 @@ class PerturbationPanel(Panel):
         if self._gene_set:
             missing = [g for g in gene_list if g not in self._gene_set]
             if missing:
-                raise _unknown_genes(missing, sorted(self._gene_set), "model's vocabulary")
+                raise unknown_gene_error(missing, sorted(self._gene_set), where="the model's vocabulary")
         n_null = int(self.n_null.value if n_null is None else n_null)
         if n_null < 0:
             raise ConfigError(f"n null must be 0 or more, got {n_null}.")
@@ -1206,7 +1198,7 @@ class PerturbationPanel(Panel):
         known, seen = set(result.genes), set(result.seen_genes)
         missing = list(dict.fromkeys(g for gs in parsed.values() for g in gs if g not in known))
         if missing:
-            raise _unknown_genes(missing, result.genes, f"response model's {len(result.genes)} genes")
+            raise unknown_gene_error(missing, result.genes, where=f"the response model's {len(result.genes)} genes")
         unseen = list(dict.fromkeys(g for gs in parsed.values() for g in gs if g not in seen))
         if unseen:
             raise DataError(
