@@ -344,15 +344,20 @@ def test_same_names_for_the_same_things(name):
             assert other not in params, f"{name} calls {canonical!r} {other!r}"
 
 
-def test_shared_options_have_the_same_defaults_and_types():
-    """An option shared by several AnnData functions means one thing: same annotation everywhere."""
+def test_shared_options_have_the_same_types():
+    """An option shared by several AnnData functions means one thing: same annotation everywhere.
+
+    ``hidden_layer`` is left out on purpose: it is always a transformer layer index, but embeddings
+    default to ``None`` (the model's own embedding layer, e.g. Geneformer's second-to-last) while the
+    attention functions analyse one concrete layer (``-1`` = the last).
+    """
     by_param: dict[str, dict[str, str]] = {}
     for name, fn in ADATA_FUNCTIONS.items():
         if _short(name) in FIRST_NAME_EXCEPTIONS and _short(name) not in ("transfer_labels",):
             continue
         for p in inspect.signature(fn).parameters.values():
             by_param.setdefault(p.name, {})[name] = str(p.annotation)
-    for param in ("cells", "layer", "use_raw", "gene_column", "tokenize_options", "progress", "hidden_layer"):
+    for param in ("cells", "layer", "use_raw", "gene_column", "tokenize_options", "progress", "batch_size"):
         anns = set(by_param.get(param, {}).values())
         assert len(anns) <= 1, f"{param} is annotated differently: {by_param[param]}"
 
