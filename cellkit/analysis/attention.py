@@ -26,7 +26,7 @@ Statistics
 ``"probability"``
     The softmax probabilities the model actually uses (per head, or averaged over heads).
 ``"grn"``
-    scGPT's Tutorial_Attention_GRN ranking statistic (facts §6.3): at layer ``layer``, that
+    scGPT's Tutorial_Attention_GRN ranking statistic (facts §6.3): at layer ``hidden_layer``, that
     layer's packed projection applied to the layer's attention input; raw scores ``q·kᵀ`` per head
     (no ``1/√dh``, no softmax); rank-normalised by row (argsort of argsort over keys, divided by
     ``M``), then by column (over queries, divided by ``M``); averaged over heads. ``M`` is the
@@ -83,22 +83,22 @@ MAX_GENES = 4096
 
 
 # ----------------------------------------------------------------------------- validation
-def _resolve_layer(model: CellModel, layer: Any) -> int:
-    """``layer`` (negative counts from the last) → index into ``model.encoder.layers``."""
+def _resolve_layer(model: CellModel, hidden_layer: Any) -> int:
+    """``hidden_layer`` (negative counts from the last) → index into ``model.encoder.layers``."""
     n = len(model.encoder.layers)
-    if isinstance(layer, str):
+    if isinstance(hidden_layer, str):
         raise ConfigError(
-            f"layer={layer!r}: `layer` is the transformer layer (an integer, -1 = last); "
-            "pass the AnnData expression layer as data_layer=..."
+            f"hidden_layer={hidden_layer!r}: `hidden_layer` is the transformer layer (an integer, -1 = last); "
+            "pass the AnnData expression layer as layer=..."
         )
-    if isinstance(layer, bool) or not isinstance(layer, int | np.integer):
-        raise ConfigError(f"layer must be an integer, got {layer!r}.")
-    if not -n <= layer < n:
+    if isinstance(hidden_layer, bool) or not isinstance(hidden_layer, int | np.integer):
+        raise ConfigError(f"hidden_layer must be an integer, got {hidden_layer!r}.")
+    if not -n <= hidden_layer < n:
         raise ConfigError(
-            f"layer={layer} is out of range for this {n}-layer model: use 0 … {n - 1} (from the input) "
-            f"or -1 … {-n} (from the last)."
+            f"hidden_layer={hidden_layer} is out of range for this {n}-layer model: use 0 … {n - 1} "
+            f"(from the input) or -1 … {-n} (from the last)."
         )
-    return int(layer) % n
+    return int(hidden_layer) % n
 
 
 def _resolve_heads(model: CellModel, heads: Any) -> list[int] | None:
@@ -278,12 +278,12 @@ def _source(
 
 def _tokenize_kwargs(
     tokenize_options: Mapping[str, Any] | None,
-    data_layer: str | None,
+    layer: str | None,
     use_raw: bool | None,
     gene_column: str | None,
 ) -> dict[str, Any]:
     opts = dict(tokenize_options or {})
-    opts.update(layer=data_layer, use_raw=use_raw, gene_column=gene_column)
+    opts.update(layer=layer, use_raw=use_raw, gene_column=gene_column)
     return opts
 
 
@@ -374,8 +374,8 @@ class CellAttention:
         ``(L,)`` token ids.
     probs
         ``(H_sel, L, L)`` float32 ``softmax(Q Kᵀ / √dh)``; rows are queries, columns keys; each row sums to 1.
-    layer
-        Layer index (``0 … n_layers-1``).
+    hidden_layer
+        Transformer layer index (``0 … n_layers-1``).
     heads
         The model's head index of each entry of ``probs``.
     """
@@ -384,7 +384,7 @@ class CellAttention:
     tokens: np.ndarray
     gene_ids: np.ndarray
     probs: np.ndarray
-    layer: int
+    hidden_layer: int
     heads: list[int]
 
     def frame(self, head: int | None = None) -> pd.DataFrame:
@@ -400,24 +400,24 @@ class CellAttention:
 
     def __repr__(self) -> str:
         return (
-            f"CellAttention({self.obs_name!r}, layer={self.layer}, heads={self.heads}, "
+            f"CellAttention({self.obs_name!r}, hidden_layer={self.hidden_layer}, heads={self.heads}, "
             f"{len(self.tokens)} tokens)"
         )
 
 
 def attention_maps(
-    data: AnnData | TokenizedCells,
+    adata: AnnData | TokenizedCells,
     model: CellModel,
     *,
     cells: Any = None,
-    layer: int = -1,
+    hidden_layer: int = -1,
     heads: int | Sequence[int] | None = None,
     batch_size: int = 8,
     max_cells: int = MAX_MAP_CELLS,
     attn_backend: str = "explicit",
     device: str = "auto",
     tokenize_options: Mapping[str, Any] | None = None,
-    data_layer: str | None = None,
+    layer: str | None = None,
     use_raw: bool | None = None,
     gene_column: str | None = None,
 ) -> list[CellAttention]:
@@ -425,14 +425,14 @@ def attention_maps(
 
     Parameters
     ----------
-    data
+    adata
         An AnnData (tokenized here with the model's scheme) or :class:`~cellkit.data.tokenized.TokenizedCells`.
     model
         Any loaded :class:`cellkit.CellModel`.
     cells
         Which cells (mask, positions, names, or a query string, see :func:`cellkit.data.select_cells`),
         in the order given; default all — at most ``max_cells``.
-    layer
+    hidden_layer
         Transformer layer: ``0 … n_layers-1`` or negative from the last (default the last).
     heads
         A head index or a list of them; default all heads.
@@ -441,29 +441,29 @@ def attention_maps(
     max_cells
         Refuse more cells than this (each map is ``H × L × L``); aggregate with :func:`gene_attention`.
     attn_backend
-        Backend of the layers *before* ``layer`` (``"explicit"``: the result then equals
-        ``model(..., output_attentions=True).attentions[layer]`` exactly; ``"sdpa"`` is faster).
+        Backend of the layers *before* ``hidden_layer`` (``"explicit"``: the result then equals
+        ``model(..., output_attentions=True).attentions[hidden_layer]`` exactly; ``"sdpa"`` is faster).
     device
         ``"auto"``: CUDA when available.
-    tokenize_options, data_layer, use_raw, gene_column
-        Passed to :func:`cellkit.tokenize` (``data_layer`` is the AnnData expression layer).
+    tokenize_options, layer, use_raw, gene_column
+        Passed to :func:`cellkit.tokenize` (``layer`` is the AnnData expression layer).
 
     Returns
     -------
     One :class:`CellAttention` per selected cell, in selection order; ``probs`` is ``(H_sel, L, L)``.
     """
-    check_adata(data, what="cellkit.analysis.attention_maps", allow_other=True)
-    idx_layer = _resolve_layer(model, layer)
+    check_adata(adata, what="cellkit.analysis.attention_maps", allow_other=True)
+    idx_layer = _resolve_layer(model, hidden_layer)
     head_list = _resolve_heads(model, heads)
     _check_backend(attn_backend)
     src = _source(
-        data,
+        adata,
         model,
         cells=cells,
         groupby=None,
         groups=None,
         chunk_size=max(1, max_cells),
-        tokenize_kwargs=_tokenize_kwargs(tokenize_options, data_layer, use_raw, gene_column),
+        tokenize_kwargs=_tokenize_kwargs(tokenize_options, layer, use_raw, gene_column),
     )
     if len(src.positions) > max_cells:
         raise ConfigError(
@@ -490,9 +490,9 @@ def attention_maps(
     empty = [str(tokens.obs_names[i]) for i, o in enumerate(out) if o is None]
     if empty:
         raise DataError(f"{len(empty)} selected cells have no tokens, e.g. {empty[:3]}.")
-    if not isinstance(data, TokenizedCells | ShardedTokens):  # tokenize() returns cells in obs order
+    if not isinstance(adata, TokenizedCells | ShardedTokens):  # tokenize() returns cells in obs order
         where = {str(n): i for i, n in enumerate(tokens.obs_names)}
-        order = [where[str(n)] for n in data.obs_names[src.positions] if str(n) in where]
+        order = [where[str(n)] for n in adata.obs_names[src.positions] if str(n) in where]
         out = [out[i] for i in order]
     return out  # type: ignore[return-value]
 
@@ -527,7 +527,7 @@ def _accumulate(
     src: _Source,
     *,
     n_groups: int,
-    layer: int,
+    hidden_layer: int,
     head: int | None,
     statistic: str,
     genes: Sequence[str] | None,
@@ -561,13 +561,13 @@ def _accumulate(
     lut[ids] = np.arange(g)
     sums = counts = None
     n_cells = np.zeros(n_groups, dtype=np.int64)
-    attn = model.encoder.layers[layer].self_attn
+    attn = model.encoder.layers[hidden_layer].self_attn
     with _Eval(model, device) as dev:
         lut_t = torch.as_tensor(lut, device=dev)
         sums = torch.zeros(n_groups * g * g, dtype=torch.float64, device=dev)
         counts = torch.zeros(n_groups * g * g, dtype=torch.int64, device=dev)
         for toks, codes in src.chunks():
-            for idx, gene_ids, real, x in _batches(model, toks, batch_size, dev, layer, attn_backend):
+            for idx, gene_ids, real, x in _batches(model, toks, batch_size, dev, hidden_layer, attn_backend):
                 if statistic == "probability":
                     _, probs = attn(x, ~real, backend="explicit", need_weights=True)  # (B, H, L, L)
                     maps = probs.mean(1) if head is None else probs[:, head]  # (B, L, L)
@@ -604,13 +604,13 @@ def _mean_frame(names: list[str], sums: np.ndarray, counts: np.ndarray) -> pd.Da
 
 
 def gene_attention(
-    data: AnnData | TokenizedCells,
+    adata: AnnData | TokenizedCells,
     model: CellModel,
     *,
     cells: Any = None,
     groupby: str | None = None,
     groups: Any = None,
-    layer: int = -1,
+    hidden_layer: int = -1,
     head: int | None = None,
     genes: Sequence[str] | None = None,
     statistic: str = "probability",
@@ -623,7 +623,7 @@ def gene_attention(
     attn_backend: str = "sdpa",
     device: str = "auto",
     tokenize_options: Mapping[str, Any] | None = None,
-    data_layer: str | None = None,
+    layer: str | None = None,
     use_raw: bool | None = None,
     gene_column: str | None = None,
     overwrite: bool = False,
@@ -636,7 +636,7 @@ def gene_attention(
 
     Parameters
     ----------
-    data
+    adata
         An AnnData (tokenized here, ``chunk_size`` cells at a time) or tokens.
     model
         Any loaded :class:`cellkit.CellModel`.
@@ -645,7 +645,7 @@ def gene_attention(
         default all.
     groupby, groups
         An ``obs`` column and the label (or list of labels, pooled) to aggregate over.
-    layer
+    hidden_layer
         Transformer layer (``-1`` = last).
     head
         One head, or ``None`` for the mean over heads.
@@ -670,11 +670,11 @@ def gene_attention(
     max_genes
         Refuse a larger gene space (``G × G`` memory); pass ``genes=`` instead.
     attn_backend
-        Backend of the layers before ``layer``: ``"sdpa"`` or ``"explicit"``.
+        Backend of the layers before ``hidden_layer``: ``"sdpa"`` or ``"explicit"``.
     device
         ``"auto"``: CUDA when available.
-    tokenize_options, data_layer, use_raw, gene_column
-        Passed to :func:`cellkit.tokenize`.
+    tokenize_options, layer, use_raw, gene_column
+        Passed to :func:`cellkit.tokenize` (``layer`` is the AnnData expression layer).
     overwrite
         Replace ``uns[key_added]`` even when cellkit did not write it.
 
@@ -685,31 +685,31 @@ def gene_attention(
     """
     _check_statistic(statistic)
     _check_backend(attn_backend)
-    idx_layer = _resolve_layer(model, layer)
+    idx_layer = _resolve_layer(model, hidden_layer)
     idx_head = _resolve_head(model, head)
     if genes is not None:
         _gene_ids(model, genes)
-    check_adata(data, what="cellkit.analysis.gene_attention", allow_other=True)
-    if key_added is not None and isinstance(data, TokenizedCells | ShardedTokens):
+    check_adata(adata, what="cellkit.analysis.gene_attention", allow_other=True)
+    if key_added is not None and isinstance(adata, TokenizedCells | ShardedTokens):
         raise ConfigError("key_added needs an AnnData; with tokens, keep the returned DataFrame.")
     if key_added is not None:
-        check_keys_free(data, [("uns", key_added)], overwrite=overwrite, what="cellkit.analysis.gene_attention")
+        check_keys_free(adata, [("uns", key_added)], overwrite=overwrite, what="cellkit.analysis.gene_attention")
     group_list = None if groups is None else _as_list(groups)
     src = _source(
-        data,
+        adata,
         model,
         cells=cells,
         groupby=groupby,
         groups=group_list,
         pool_groups=True,
         chunk_size=chunk_size,
-        tokenize_kwargs=_tokenize_kwargs(tokenize_options, data_layer, use_raw, gene_column),
+        tokenize_kwargs=_tokenize_kwargs(tokenize_options, layer, use_raw, gene_column),
     )
     names, sums, counts, n_cells = _accumulate(
         model,
         src,
         n_groups=1,
-        layer=idx_layer,
+        hidden_layer=idx_layer,
         head=idx_head,
         statistic=statistic,
         genes=genes,
@@ -722,7 +722,7 @@ def gene_attention(
     df = _mean_frame(names, sums[0], counts[0])
     params = {
         "statistic": statistic,
-        "layer": idx_layer,
+        "hidden_layer": idx_layer,
         "head": -1 if idx_head is None else idx_head,
         "n_cells": int(n_cells[0]),
         "groupby": groupby or "",
@@ -730,13 +730,13 @@ def gene_attention(
     }
     df.attrs.update(params)
     if key_added is not None:
-        data.uns[key_added] = {
+        adata.uns[key_added] = {
             "values": df.to_numpy(),
             "counts": counts[0],
             "genes": np.asarray(names, dtype=object),
             "params": params,
         }
-        record_written(data, [("uns", key_added)])
+        record_written(adata, [("uns", key_added)])
     if return_counts:
         cdf = pd.DataFrame(counts[0], index=df.index, columns=df.columns)
         return df, cdf
@@ -830,7 +830,7 @@ def top_influenced_genes(
 
 
 def attention_difference(
-    data: AnnData | TokenizedCells,
+    adata: AnnData | TokenizedCells,
     model: CellModel,
     *,
     groupby: str,
@@ -840,7 +840,7 @@ def attention_difference(
     k: int | None = None,
     min_cells: int = 1,
     cells: Any = None,
-    layer: int = -1,
+    hidden_layer: int = -1,
     head: int | None = None,
     genes: Sequence[str] | None = None,
     statistic: str = "probability",
@@ -851,7 +851,7 @@ def attention_difference(
     attn_backend: str = "sdpa",
     device: str = "auto",
     tokenize_options: Mapping[str, Any] | None = None,
-    data_layer: str | None = None,
+    layer: str | None = None,
     use_raw: bool | None = None,
     gene_column: str | None = None,
 ) -> pd.DataFrame:
@@ -862,6 +862,8 @@ def attention_difference(
 
     Parameters
     ----------
+    adata, model
+        As in :func:`gene_attention`.
     groupby
         ``obs`` column holding the labels.
     condition, control
@@ -873,10 +875,12 @@ def attention_difference(
     min_cells
         Keep only pairs that co-occur in at least this many cells of *each* group (a difference
         of two one-cell means is noise).
-    cells, layer, head, genes, statistic, include_special, batch_size, chunk_size, max_genes, attn_backend, device
+    cells, hidden_layer, head, genes, statistic, include_special, batch_size, chunk_size, max_genes
         As in :func:`gene_attention`; the gene space is shared by both groups.
-    tokenize_options, data_layer, use_raw, gene_column
-        Passed to :func:`cellkit.tokenize`.
+    attn_backend, device
+        As in :func:`gene_attention`.
+    tokenize_options, layer, use_raw, gene_column
+        Passed to :func:`cellkit.tokenize` (``layer`` is the AnnData expression layer).
 
     Returns
     -------
@@ -884,11 +888,11 @@ def attention_difference(
     ``condition``, ``control``, ``difference``, ``n_cells_condition``, ``n_cells_control`` (cells in
     which both genes occur). ``attrs`` name the labels and settings.
     """
-    check_adata(data, what="cellkit.analysis.attention_difference", allow_other=True)
+    check_adata(adata, what="cellkit.analysis.attention_difference", allow_other=True)
     _check_statistic(statistic)
     _check_backend(attn_backend)
     _check_min_cells(min_cells)
-    idx_layer = _resolve_layer(model, layer)
+    idx_layer = _resolve_layer(model, hidden_layer)
     idx_head = _resolve_head(model, head)
     if gene is not None and genes is None and str(gene) not in model.vocab:
         raise model.vocab.unknown_gene_error(str(gene), where=f"the model's vocabulary ({len(model.vocab):,} tokens)")
@@ -897,19 +901,19 @@ def attention_difference(
     if condition == control:
         raise ConfigError(f"condition and control are the same label ({condition!r}).")
     src = _source(
-        data,
+        adata,
         model,
         cells=cells,
         groupby=groupby,
         groups=[condition, control],
         chunk_size=chunk_size,
-        tokenize_kwargs=_tokenize_kwargs(tokenize_options, data_layer, use_raw, gene_column),
+        tokenize_kwargs=_tokenize_kwargs(tokenize_options, layer, use_raw, gene_column),
     )
     names, sums, counts, n_cells = _accumulate(
         model,
         src,
         n_groups=2,
-        layer=idx_layer,
+        hidden_layer=idx_layer,
         head=idx_head,
         statistic=statistic,
         genes=genes,
@@ -949,7 +953,7 @@ def attention_difference(
     out.attrs.update(
         {
             "statistic": statistic,
-            "layer": idx_layer,
+            "hidden_layer": idx_layer,
             "head": -1 if idx_head is None else idx_head,
             "groupby": groupby,
             "condition": str(condition),

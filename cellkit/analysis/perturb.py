@@ -602,7 +602,7 @@ def in_silico_perturb(
     hidden_layer: int | None = None,
     batch_size: int = 64,
     device: str = "auto",
-    key_added: str | None = "perturbation",
+    key_added: str | None = None,
     return_cells: bool = False,
     tokenize_options: Mapping[str, Any] | None = None,
     layer: str | None = None,
@@ -654,7 +654,8 @@ def in_silico_perturb(
     batch_size, device
         Inference settings. Results do not depend on the batch size.
     key_added
-        ``adata.uns`` key for the results (``None``: write nothing).
+        Also store the results in ``adata.uns[key_added]`` (see Returns); default ``None``: nothing
+        is written into ``adata``, the table is only returned.
     return_cells
         Also return the per-cell frame.
     tokenize_options, layer, use_raw, gene_column
@@ -662,7 +663,8 @@ def in_silico_perturb(
     seed
         Seed of the random null genes.
     copy
-        Write into a copy of ``adata`` and return it (the caller's object is not touched).
+        With ``key_added``: write into a copy of ``adata`` and return it (the caller's object is not
+        touched).
     overwrite
         Replace ``uns[key_added]`` even when cellkit did not write it.
     progress
@@ -677,7 +679,7 @@ def in_silico_perturb(
     ``goal_null_mean``, ``goal_null_std``, ``goal_z``, ``goal_p``] (NaN without a null). With
     ``return_cells`` also the per-cell frame (``perturbation``, ``cell``, [``group``],
     ``n_present``, ``counted``, ``cosine``, ``shift``, [``goal_shift``]). With ``copy=True`` the
-    modified copy of ``adata`` instead. ``adata.uns[key_added]`` is a dict of plain frames:
+    modified copy of ``adata`` instead. With ``key_added``, ``adata.uns[key_added]`` is a dict of plain frames:
     ``"summary"``, ``"cells"`` (the per-cell frame), ``"null"`` (one row per random perturbation:
     its genes, ``n_cells``, ``mean_shift``, [``goal_shift``]), ``"gene_shifts"`` (when asked:
     ``perturbation``, ``gene``, ``n_cells``, ``mean_shift``) and ``"params"``; nothing else of

@@ -202,6 +202,9 @@ def tokenize(
     max_shard_samples, shard_format, overwrite
         Shard size, ``"npy"`` (memory-mappable) or ``"parquet"`` (Hugging Face ``datasets``), and
         whether an existing shard directory may be replaced.
+    resources
+        Named tables the scheme needs (e.g. Geneformer's gene medians); default the model's
+        ``resources``.
     chunk_size
         Cells per processing block.
     progress

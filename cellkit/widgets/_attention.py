@@ -528,7 +528,7 @@ class AttentionPanel(Panel):
         mode = self.mode.value
         desc = self._describe(s, model)
         value = "rank statistic" if s["statistic"] == "grn" else "attention"
-        data_kw = {"data_layer": s["data_layer"], "use_raw": s["use_raw"]}
+        data_kw = {"layer": s["data_layer"], "use_raw": s["use_raw"]}
 
         if mode == "cell":
             name = str(self.cell.value).strip()
@@ -540,7 +540,7 @@ class AttentionPanel(Panel):
                         adata,
                         model,
                         cells=[name],
-                        layer=s["layer"],
+                        hidden_layer=s["layer"],
                         head=s["head"],
                         statistic="grn",
                         include_special=s["include_special"],
@@ -550,7 +550,7 @@ class AttentionPanel(Panel):
                 else:
                     heads = None if s["head"] is None else [s["head"]]
                     (cell,) = ca.attention_maps(
-                        adata, model, cells=[name], layer=s["layer"], heads=heads, **data_kw
+                        adata, model, cells=[name], hidden_layer=s["layer"], heads=heads, **data_kw
                     )
                     m = cell.frame(None if s["head"] is None else cell.heads[0])
                     if not s["include_special"]:
@@ -582,7 +582,7 @@ class AttentionPanel(Panel):
                     adata,
                     model,
                     cells=cells,
-                    layer=s["layer"],
+                    hidden_layer=s["layer"],
                     head=s["head"],
                     statistic=s["statistic"],
                     include_special=s["include_special"],
@@ -643,12 +643,12 @@ class AttentionPanel(Panel):
         s = self._settings(layer, head, statistic)
         desc = self._describe(s, model)
         common = {
-            "layer": s["layer"],
+            "hidden_layer": s["layer"],
             "head": s["head"],
             "statistic": s["statistic"],
             "include_special": s["include_special"],
             "genes": s["genes"],
-            "data_layer": s["data_layer"],
+            "layer": s["data_layer"],
             "use_raw": s["use_raw"],
         }
         n_max = self.max_cells.value
@@ -697,7 +697,7 @@ class AttentionPanel(Panel):
                 names = np.asarray(tokens.obs_names).astype(str)
                 labels = [condition if n in in_cond else control for n in names]
                 tokens = dataclasses.replace(tokens, obs=pd.DataFrame({"group": labels}, index=names))
-                api = {k: v for k, v in common.items() if k not in ("data_layer", "use_raw")}
+                api = {k: v for k, v in common.items() if k not in ("layer", "use_raw")}
                 return ca.attention_difference(
                     tokens, model, groupby="group", condition=condition, control=control, **api
                 )

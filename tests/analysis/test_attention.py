@@ -102,11 +102,11 @@ def test_probabilities_equal_hand_softmax(norm):
             scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
             probs = torch.softmax(scores.masked_fill(mask[:, None, None, :], float("-inf")), dim=-1)
         for heads in (None, [1], 0):
-            maps = attention_maps(adata, model, cells=cells, layer=layer - 2, heads=heads, device="cpu")
+            maps = attention_maps(adata, model, cells=cells, hidden_layer=layer - 2, heads=heads, device="cpu")
             sel = [0, 1] if heads is None else ([heads] if isinstance(heads, int) else heads)
             for b, m in enumerate(maps):
                 n = int(tokens.lengths[b])
-                assert m.layer == layer
+                assert m.hidden_layer == layer
                 assert m.heads == sel
                 assert m.obs_name == adata.obs_names[cells[b]]
                 assert m.probs.shape == (len(sel), n, n)
@@ -117,7 +117,7 @@ def test_probabilities_equal_hand_softmax(norm):
                 # the model's own output_attentions agree too
                 assert np.abs(m.probs - out.attentions[layer][b][sel][:, :n, :n].numpy()).max() <= ATOL
                 np.testing.assert_allclose(m.probs.sum(-1), 1.0, atol=1e-5)
-    rev = attention_maps(adata, model, cells=cells[::-1], layer=1, device="cpu")  # selection order kept
+    rev = attention_maps(adata, model, cells=cells[::-1], hidden_layer=1, device="cpu")  # selection order kept
     assert [m.obs_name for m in rev] == list(adata.obs_names[cells[::-1]])
     f = maps[0].frame(head=0)
     assert f.shape == (int(tokens.lengths[0]),) * 2
@@ -128,11 +128,11 @@ def test_probabilities_equal_hand_softmax(norm):
 def test_probabilities_from_tokens_and_sdpa_prefix():
     model = make_model()
     tokens = hand_tokens(model, [["G1", "G2", "G3"], ["G4", "G1"]])
-    exp = attention_maps(tokens, model, layer=1, device="cpu")
-    got = attention_maps(tokens, model, layer=1, attn_backend="sdpa", device="cpu")
+    exp = attention_maps(tokens, model, hidden_layer=1, device="cpu")
+    got = attention_maps(tokens, model, hidden_layer=1, attn_backend="sdpa", device="cpu")
     for e, g in zip(exp, got, strict=True):
         assert np.abs(e.probs - g.probs).max() <= 1e-5
-    by_name = attention_maps(tokens, model, cells=["c1"], layer=1, device="cpu")
+    by_name = attention_maps(tokens, model, cells=["c1"], hidden_layer=1, device="cpu")
     assert len(by_name) == 1
     assert np.abs(by_name[0].probs - exp[1].probs).max() <= ATOL
 
@@ -142,7 +142,7 @@ def test_gene_attention_aligns_genes_by_identity():
     model = make_model()
     cells = [["G1", "G2", "G3"], ["G3", "G5", "G1"], ["G2", "G5", "G7"]]
     tokens = hand_tokens(model, cells)
-    maps = attention_maps(tokens, model, layer=-1, device="cpu")
+    maps = attention_maps(tokens, model, hidden_layer=-1, device="cpu")
 
     def entry(i, a, b, head=None):
         f = maps[i].frame(head)
@@ -257,7 +257,7 @@ def test_grn_statistic_equals_direct_implementation(norm):
     for layer in (0, 1):
         exp = direct_grn(model, tokens, layer)
         got = gene_attention(
-            tokens, model, statistic="grn", layer=layer, groupby="condition", groups="ctrl", device="cpu"
+            tokens, model, statistic="grn", hidden_layer=layer, groupby="condition", groups="ctrl", device="cpu"
         )
         assert list(got.index) == list(exp.index)
         assert np.abs(got.to_numpy() - exp.to_numpy()).max() <= ATOL
@@ -350,12 +350,12 @@ def test_bad_inputs_raise_clear_errors():
     adata = make_adata()
     snap = snapshot(adata)
     model = make_model()
-    with pytest.raises(ConfigError, match=r"layer=2 is out of range.*0 … 1"):
-        attention_maps(adata, model, cells=[0], layer=2)
+    with pytest.raises(ConfigError, match=r"hidden_layer=2 is out of range.*0 … 1"):
+        attention_maps(adata, model, cells=[0], hidden_layer=2)
     with pytest.raises(ConfigError, match="out of range"):
-        gene_attention(adata, model, layer=-3)
-    with pytest.raises(ConfigError, match="data_layer"):
-        gene_attention(adata, model, layer="counts")
+        gene_attention(adata, model, hidden_layer=-3)
+    with pytest.raises(ConfigError, match="expression layer as layer="):
+        gene_attention(adata, model, hidden_layer="counts")
     with pytest.raises(ConfigError, match="head 2 is out of range"):
         attention_maps(adata, model, cells=[0], heads=[0, 2])
     with pytest.raises(ConfigError, match="head 5 is out of range"):

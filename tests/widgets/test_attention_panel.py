@@ -55,7 +55,7 @@ def test_single_cell_map_matches_api(state, panel):
     panel.include_special.value = True
     m = panel.show()
     _ok(panel)
-    (ref,) = ca.attention_maps(state.adata, state.model, cells=[name], layer=1)
+    (ref,) = ca.attention_maps(state.adata, state.model, cells=[name], hidden_layer=1)
     expected = ref.frame()  # mean over heads, <cls> included
     assert m.shape == expected.shape == (len(ref.tokens), len(ref.tokens))
     assert list(m.index) == list(m.columns) == list(ref.tokens)
@@ -85,7 +85,7 @@ def test_first_of_selection_and_head_choice(state, panel):
     panel.head.value = 2
     h2 = panel.show()
     _ok(panel)
-    (ref,) = ca.attention_maps(state.adata, state.model, cells=[_cell(state, 5)], layer=1, heads=[2])
+    (ref,) = ca.attention_maps(state.adata, state.model, cells=[_cell(state, 5)], hidden_layer=1, heads=[2])
     np.testing.assert_allclose(h2.to_numpy(), ref.frame(2).drop(index="<cls>", columns="<cls>").to_numpy())
     assert not np.allclose(avg.to_numpy(), h2.to_numpy())
     # a layer override (valid) also changes the map
@@ -102,7 +102,7 @@ def test_group_map_from_named_selection(state, panel):
     assert panel.mode.value == "selection"
     m = panel.show()
     _ok(panel)
-    ref = ca.gene_attention(state.adata, state.model, cells=state.selections["picked"], layer=1)
+    ref = ca.gene_attention(state.adata, state.model, cells=state.selections["picked"], hidden_layer=1)
     pd.testing.assert_frame_equal(m, ref)
     assert m.attrs["n_cells"] == 4
     assert "4 cells" in panel.message_text
@@ -118,7 +118,7 @@ def test_genes_box_restricts_the_map(state, panel):
     m = panel.show()
     _ok(panel)
     ref = ca.gene_attention(
-        state.adata, state.model, cells=state.selections["three"], layer=1, genes=["LYZ", "CD74", "HLA-DRA"]
+        state.adata, state.model, cells=state.selections["three"], hidden_layer=1, genes=["LYZ", "CD74", "HLA-DRA"]
     )
     pd.testing.assert_frame_equal(m, ref)
     panel.set_cell(_cell(state))
@@ -148,7 +148,7 @@ def test_statistic_grn(state, panel):
     panel.statistic.value = "grn"
     m = panel.show()
     _ok(panel)
-    ref = ca.gene_attention(state.adata, state.model, cells=state.selections["few"], layer=1, statistic="grn")
+    ref = ca.gene_attention(state.adata, state.model, cells=state.selections["few"], hidden_layer=1, statistic="grn")
     pd.testing.assert_frame_equal(m, ref)
     assert m.attrs["statistic"] == "grn"
     # single cell with grn: that one cell's rank statistic
@@ -206,7 +206,7 @@ def test_difference_selections_match_api_and_zmid(state, pbmc, panel):
         condition="CD14+ Monocyte",
         control="Dendritic",
         cells=np.concatenate([mono, dend]),
-        layer=1,
+        hidden_layer=1,
     )
     cols = ["query_gene", "key_gene", "condition", "control", "difference"]
     pd.testing.assert_frame_equal(table[cols], ref[cols])
