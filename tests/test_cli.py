@@ -3,9 +3,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from cellkit.cli import main
 
 
+@pytest.mark.slow
 def test_demo_job_runs_and_reports(tmp_path, capsys):
     """The README's main job: the shipped demo model on real PBMCs, end to end (one epoch here)."""
     code = main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--quiet"])

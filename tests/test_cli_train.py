@@ -137,6 +137,7 @@ def test_bad_command_line_inputs(files, capsys):
     assert "learning rate" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_finetune_under_torchrun(files, tmp_path):
     data, model_dir = files
     out = tmp_path / "ddp"

@@ -70,6 +70,7 @@ def test_tokenize_pbmc_with_the_demo_model():
     np.testing.assert_array_equal(plain.gene_ids, tokens.gene_ids)
 
 
+@pytest.mark.slow
 def test_short_finetune_beats_the_majority_class_and_predict_writes_keys():
     adata = pbmc_demo()
     res = cellkit.finetune(

@@ -200,6 +200,7 @@ def _fit(root, *, resume=False, model=None):
     return model, result
 
 
+@pytest.mark.slow
 def test_checkpoint_rotation_killed_at_every_point_resumes_bit_identical(tmp_path):
     ref_model, ref = _fit(tmp_path / "straight")
     ref_w = _weights(ref_model)

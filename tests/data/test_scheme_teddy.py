@@ -480,6 +480,7 @@ def reference(x, genes, *, budget, add_cls, bins, continuous, medians=None):
     return out
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=datasets(),
@@ -578,6 +579,7 @@ def test_property_random_genes(data, max_seq_len, include_zero, seed):
         assert len(set(got)) == len(got)
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=datasets(max_cells=6), order_seed=st.integers(0, 1000), bins=st.sampled_from([None, 3]))
 def test_property_cell_tokens_do_not_depend_on_batch(data, order_seed, bins):

@@ -189,7 +189,7 @@ def geneformer_inputs():
 @pytest.mark.parametrize(
     ("case", "token_file", "special"),
     [
-        ("v2_4096_special", "token_dictionary.pkl", True),
+        pytest.param("v2_4096_special", "token_dictionary.pkl", True, marks=pytest.mark.slow),
         ("v1_2048_nospecial", "token_dictionary_v1.pkl", False),
     ],
 )
@@ -309,6 +309,7 @@ def _vocab_for(a):
 
 
 @pytest.mark.filterwarnings("ignore:Variable names are not unique")
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     a=sparse_counts(),

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tests._tolerance import assert_close_scaled
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # torchrun starts 3 processes
 
 
 def _run(cmd, out):

