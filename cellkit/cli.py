@@ -223,6 +223,12 @@ def _train_common(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+#: what a training command writes into --out (a run directory; other entries, e.g. a checkpoint
+#: directory placed inside it, are left alone)
+RUN_MODEL_DIR = "model"
+RUN_FILES = ("metrics.json", "history_steps.csv", "history_epochs.csv")
+
+
 def _check_out(args: argparse.Namespace) -> None:
     """Refuse an ``--out`` that cannot be written before any data is read or a step is trained."""
     if not args.out:
@@ -230,30 +236,39 @@ def _check_out(args: argparse.Namespace) -> None:
     from ._utils import ensure_writable_dir
     from .checkpoints.native import replaceable_model_dir
 
-    out = ensure_writable_dir(args.out, what="--out", replaced_whole=True)
-    if out.is_dir() and any(out.iterdir()) and not replaceable_model_dir(out):
+    out = ensure_writable_dir(args.out, what="--out")
+    model_dir = out / RUN_MODEL_DIR
+    if model_dir.is_symlink() or (model_dir.exists() and not model_dir.is_dir()):
+        raise ConfigError(f"--out {out}: {model_dir} exists and is not a model directory; choose another --out.")
+    if model_dir.is_dir() and any(model_dir.iterdir()) and not replaceable_model_dir(model_dir):
         raise ConfigError(
-            f"--out {out} is a non-empty directory that is not a saved model; the trained model replaces --out "
-            "as a whole. Choose a new or empty directory."
+            f"--out {out}: {model_dir} is a non-empty directory that is not a saved model, and the trained model "
+            "replaces it as a whole. Choose another --out (or move that directory away)."
         )
+    for name in RUN_FILES:
+        if (out / name).is_dir():
+            raise ConfigError(f"--out {out}: {out / name} is a directory; the run writes a file there.")
 
 
 def _save_outputs(args: argparse.Namespace, result: Any, extra: dict[str, Any]) -> None:
-    """Write the model, history and metrics into ``--out`` as a whole (a crash leaves the old
-    directory or the new one, never a mix)."""
+    """Write the run's outputs into the run directory ``--out``.
+
+    ``--out/model`` (the trained model) is replaced as a whole; ``metrics.json`` and the two history
+    tables are each replaced atomically. A kill at any moment leaves every output old or new, each
+    readable, and never touches other entries of ``--out`` (such as ``--checkpoint-dir`` inside it).
+    """
     if not args.out:
         return
-    from ._utils import atomic_directory
-    from .checkpoints.native import replaceable_model_dir
+    from ._utils import atomic_write_text
 
     out = Path(args.out)
-    with atomic_directory(out, may_replace=replaceable_model_dir, what="model directory") as tmp:
-        result.model.save(tmp)
-        result.history.steps.to_csv(tmp / "history_steps.csv", index=False)
-        result.history.epochs.to_csv(tmp / "history_epochs.csv", index=False)
-        summary = {"status": result.status, "metrics": result.metrics, **extra}
-        (tmp / "metrics.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    print(f"saved   {out}: model, history_steps.csv, history_epochs.csv, metrics.json")
+    out.mkdir(parents=True, exist_ok=True)
+    result.model.save(out / RUN_MODEL_DIR)
+    atomic_write_text(out / "history_steps.csv", result.history.steps.to_csv(index=False))
+    atomic_write_text(out / "history_epochs.csv", result.history.epochs.to_csv(index=False))
+    summary = {"status": result.status, "metrics": result.metrics, **extra}
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, default=str))
+    print(f"saved   {out}: {RUN_MODEL_DIR}/, {', '.join(RUN_FILES)}")
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -438,7 +453,11 @@ def _training_parser(p: argparse.ArgumentParser, *, needs_model: bool) -> None:
         help=".h5ad file, token shard directory (cellkit.tokenize(..., output=DIR); labels as its obs_columns), "
         "or 'pbmc' for the shipped demo data",
     )
-    p.add_argument("--out", help="directory to save the trained model, history and metrics")
+    p.add_argument(
+        "--out",
+        help="run directory: the trained model goes to OUT/model (replaced as a whole), metrics.json and the "
+        "history tables beside it; other entries (e.g. a --checkpoint-dir inside it) are kept",
+    )
     p.add_argument(
         "--cells",
         help="query selecting the cells by obs columns, e.g. \"tissue == 'blood' and n_genes > 500\" "

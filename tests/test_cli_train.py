@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cellkit import load_model
+from cellkit import CheckpointError, load_model
 from cellkit.cli import main
 
 from .test_finetune import make_adata, make_model
@@ -39,6 +39,7 @@ def test_finetune_command(files, tmp_path, capsys):
             "--lr", "3e-3",
             "--batch-size", "16",
             "--out", str(out),
+            "--checkpoint-dir", str(out / "ckpt"),  # inside the run directory, as users lay runs out
             "--option", "schedule=constant",
             "--quiet",
         ]
@@ -50,8 +51,20 @@ def test_finetune_command(files, tmp_path, capsys):
     assert metrics["status"] == "completed"
     assert metrics["classes"] == ["type0", "type1", "type2"]
     assert (out / "history_epochs.csv").is_file()
-    tuned = load_model(out)
+    tuned = load_model(out / "model")
+    with pytest.raises(CheckpointError, match="run directory"):
+        load_model(out)
     assert tuned.config.heads["classifier"]["labels"] == ["type0", "type1", "type2"]
+    assert (out / "ckpt" / "latest").is_file()  # the run directory keeps its checkpoints
+    # a second run into the same --out replaces the model as a whole and keeps the other entries
+    (out / "notes.txt").write_text("mine")
+    again = ["finetune", "--model", str(model_dir), "--data", str(data), "--label-key", "cell_type",
+             "--epochs", "1", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(again) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "ckpt" / "latest").is_file()
+    assert json.loads((out / "metrics.json").read_text())["status"] == "completed"
+    load_model(out / "model")
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
 def test_pretrain_command_fresh_model(files, tmp_path, capsys):
@@ -64,7 +77,7 @@ def test_pretrain_command_fresh_model(files, tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 0, text
     assert "loss" in text
-    model = load_model(out)
+    model = load_model(out / "model")
     assert model.config.encoder.d_model == 16
     assert "G0" in model.vocab
 

@@ -110,9 +110,9 @@ def test_cli_refuses_bad_out_before_training(tmp_path, capsys, monkeypatch):
     trained = []
     monkeypatch.setattr("cellkit.tasks.finetune", lambda *a, **k: trained.append(1))
     monkeypatch.setattr("cellkit.tasks.pretrain", lambda *a, **k: trained.append(1))
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    (notes / "thesis.tex").write_text("keep me")
+    notes = tmp_path / "notes"  # a run directory whose model/ entry is someone else's directory
+    (notes / "model").mkdir(parents=True)
+    (notes / "model" / "thesis.tex").write_text("keep me")
     bad_outs = [*(p for _, p in _bad_dirs(tmp_path)), notes]
     for bad in bad_outs:
         for cmd in (
@@ -125,7 +125,7 @@ def test_cli_refuses_bad_out_before_training(tmp_path, capsys, monkeypatch):
             assert "--out" in err
             assert str(bad) in err
     assert trained == []
-    assert (notes / "thesis.tex").read_text() == "keep me"
+    assert (notes / "model" / "thesis.tex").read_text() == "keep me"
 
 
 def test_ensure_writable_dir_accepts_new_and_existing_dirs(tmp_path):

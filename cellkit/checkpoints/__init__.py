@@ -55,6 +55,11 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if foreign_reader(name).detect(path):
             return name
     present = sorted(p.name for p in path.iterdir())[:12]
+    if (path / "model").is_dir() and is_native(path / "model"):
+        raise CheckpointError(
+            f"{path} is a run directory (the --out of cellkit finetune / pretrain); its model is in "
+            f"{path / 'model'}: load that directory."
+        )
     raise CheckpointError(
         f"{path} is not a model directory cellkit recognises (it holds {present}). Expected one of: a cellkit "
         "directory (config.json with format 'cellkit', model.safetensors, vocab.json); an scGPT directory "
