@@ -70,7 +70,6 @@ BANNED: dict[str, set[str]] = {
         "pandas",
         "scanpy",
         "ipywidgets",
-        "anywidget",
         "plotly",
         "matplotlib",
         "transformers",
@@ -79,17 +78,17 @@ BANNED: dict[str, set[str]] = {
         "umap",
         "sklearn",
     },
-    "heads": {"anndata", "pandas", "scanpy", "ipywidgets", "anywidget", "plotly", "matplotlib"},
-    "train": {"anndata", "scanpy", "ipywidgets", "anywidget", "plotly", "matplotlib"},
-    "tasks": {"ipywidgets", "anywidget", "plotly", "matplotlib"},
-    "perturbation": {"ipywidgets", "anywidget", "plotly", "matplotlib"},
-    "_inference": {"anndata", "scanpy", "ipywidgets", "anywidget", "plotly", "matplotlib"},
-    "analysis": {"ipywidgets", "anywidget", "plotly", "matplotlib"},
-    "data": {"ipywidgets", "anywidget", "plotly"},
-    "checkpoints": {"ipywidgets", "anywidget", "plotly", "matplotlib"},
-    "viz": {"torch", "ipywidgets", "anywidget"},
+    "heads": {"anndata", "pandas", "scanpy", "ipywidgets", "plotly", "matplotlib"},
+    "train": {"anndata", "scanpy", "ipywidgets", "plotly", "matplotlib"},
+    "tasks": {"ipywidgets", "plotly", "matplotlib"},
+    "perturbation": {"ipywidgets", "plotly", "matplotlib"},
+    "_inference": {"anndata", "scanpy", "ipywidgets", "plotly", "matplotlib"},
+    "analysis": {"ipywidgets", "plotly", "matplotlib"},
+    "data": {"ipywidgets", "plotly"},
+    "checkpoints": {"ipywidgets", "plotly", "matplotlib"},
+    "viz": {"torch", "ipywidgets"},
 }
-WIDGET_ONLY = {"ipywidgets", "anywidget", "jupyterlab"}
+WIDGET_ONLY = {"ipywidgets", "jupyterlab"}
 #: what cellkit/widgets may import from cellkit: public packages only
 WIDGETS_MAY_IMPORT = {
     "__init__",
@@ -179,7 +178,6 @@ HEAVY = {
     "umap",
     "plotly",
     "ipywidgets",
-    "anywidget",
     "jupyterlab",
     "matplotlib",
     "sklearn",

@@ -1,6 +1,6 @@
 """The cellkit studio: point-and-click panels over the public API (JupyterLab widgets).
 
-``cellkit.widgets`` is the only package that imports ipywidgets / anywidget. Every panel is a thin
+``cellkit.widgets`` is the only package that imports ipywidgets. Every panel is a thin
 view: its buttons call plain methods (``ModelPanel.load``, ``DataPanel.tokenize``,
 ``FinetunePanel.start``, ...) that call the public API, and tests drive those methods without a
 browser.
