@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +22,12 @@ __all__ = ["embedding"]
 
 _AXIS_NAMES = {"umap": "UMAP", "tsne": "tSNE", "pca": "PC", "draw_graph_fa": "FA", "phate": "PHATE"}
 _DEFAULT_HOVER = 3
+#: colour of the points when nothing colours them
+PLAIN_COLOR = "#1f77b4"
+#: colour scale of continuous values unless ``palette`` names another
+DEFAULT_SCALE = "Viridis"
+#: opacity of the cells outside ``selected``
+UNSELECTED_OPACITY = 0.12
 
 
 def embedding(
@@ -112,13 +119,100 @@ def embedding(
         Missing ``basis``, unknown ``color``/``hover`` key (the message lists what exists), or
         arrays whose length does not match the number of cells.
     """
+    pts = prepare_points(
+        data,
+        basis=basis,
+        color=color,
+        obs=obs,
+        layer=layer,
+        use_raw=use_raw,
+        gene_symbols=gene_symbols,
+        dims=dims,
+        point_size=point_size,
+        max_points=max_points,
+        selected=selected,
+        seed=seed,
+    )
+    hover_cols = _hover_columns(hover, pts.obs, pts.label if isinstance(color, str) else None)
+    text = _hover_text(pts.names, pts.obs, hover_cols, pts.values, pts.label, pts.positions)
+    fig = go.Figure()
+    common = {"mode": "markers", "hovertemplate": "%{text}<extra></extra>"}
+    if pts.values is None:
+        traces = [
+            _trace(pts, pts.positions, text, name="cells", color=PLAIN_COLOR, order=None, **common)
+        ]
+    elif pts.categorical:
+        traces = [
+            _trace(pts, pts.positions[rows], text, name=name, color=col, order=rows, **common)
+            for name, rows, col in category_groups(pts, palette=palette, key=color)
+        ]
+    else:
+        traces = _continuous_traces(pts, text, palette=palette, **common)
+    fig.add_traces(traces)
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": title if title is not None else (pts.label or "")},
+        showlegend=pts.categorical,
+        legend={"itemsizing": "constant", "title": {"text": pts.label or ""}},
+        xaxis={"title": {"text": pts.axis_titles[0]}, "showticklabels": False, "ticks": ""},
+        yaxis={"title": {"text": pts.axis_titles[1]}, "showticklabels": False, "ticks": ""},
+        margin={"b": 50},
+        uirevision=basis,
+    )
+    if pts.notes:
+        add_note(fig, "; ".join(pts.notes))
+    return fig
+
+
+# -- what is drawn (shared with the static figures) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Points:
+    """The cells an embedding figure draws, in the form every renderer needs.
+
+    ``coords`` and ``values`` are positional over all cells; ``positions`` are the obs positions
+    drawn (finite coordinates, after subsampling); ``mask`` is the highlight mask over all cells.
+    """
+
+    coords: np.ndarray
+    obs: pd.DataFrame
+    names: np.ndarray
+    adata: Any
+    values: pd.Series | None
+    label: str | None
+    positions: np.ndarray
+    notes: list[str]
+    size: float
+    mask: np.ndarray | None
+    axis_titles: tuple[str, str]
+
+    @property
+    def categorical(self) -> bool:
+        return self.values is not None and _is_categorical(self.values)
+
+
+def prepare_points(
+    data: Any,
+    *,
+    basis: str,
+    color: Any,
+    obs: pd.DataFrame | None,
+    layer: str | None,
+    use_raw: bool | None,
+    gene_symbols: str | None,
+    dims: tuple[int, int],
+    point_size: float | None,
+    max_points: int | None,
+    selected: Any,
+    seed: int,
+) -> Points:
+    """Check the inputs of :func:`embedding` and pick the cells, colour values and marker size."""
     coords, obs_frame, names, adata = _coords(data, basis=basis, obs=obs, dims=dims)
     n = len(coords)
     values, label = _color_values(
         color, adata=adata, obs=obs_frame, n=n, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols
     )
-    hover_cols = _hover_columns(hover, obs_frame, label if isinstance(color, str) else None)
-
     valid = np.isfinite(coords).all(axis=1)
     positions = np.flatnonzero(valid)
     notes = []
@@ -131,49 +225,61 @@ def embedding(
             rng = np.random.default_rng(seed)
             positions = np.sort(rng.choice(positions, size=max_points, replace=False))
             notes.insert(0, f"showing a random {max_points:,} of {int(valid.sum()):,} cells (seed {seed})")
-    size = point_size if point_size is not None else _auto_size(len(positions))
-    mask = _selection(selected, n)
-
-    text = _hover_text(names, obs_frame, hover_cols, values, label, positions)
-    fig = go.Figure()
-    common = {"mode": "markers", "hovertemplate": "%{text}<extra></extra>"}
-    if values is None:
-        traces = [_trace(coords, positions, text, mask, name="cells", color="#1f77b4", size=size, **common)]
-        showlegend = False
-    elif _is_categorical(values):
-        traces = _categorical_traces(
-            coords,
-            positions,
-            text,
-            mask,
-            values,
-            size=size,
-            palette=palette,
-            adata=adata,
-            key=color,
-            **common,
-        )
-        showlegend = True
-    else:
-        traces = _continuous_traces(
-            coords, positions, text, mask, values, label=label, size=size, palette=palette, **common
-        )
-        showlegend = False
-    fig.add_traces(traces)
     ax = _axis_name(basis if adata is not None else "")
-    fig.update_layout(
-        template=TEMPLATE,
-        title={"text": title if title is not None else (label or "")},
-        showlegend=showlegend,
-        legend={"itemsizing": "constant", "title": {"text": label or ""}},
-        xaxis={"title": {"text": f"{ax}{dims[0] + 1}"}, "showticklabels": False, "ticks": ""},
-        yaxis={"title": {"text": f"{ax}{dims[1] + 1}"}, "showticklabels": False, "ticks": ""},
-        margin={"b": 50},
-        uirevision=basis,
+    return Points(
+        coords=coords,
+        obs=obs_frame,
+        names=names,
+        adata=adata,
+        values=values,
+        label=label,
+        positions=positions,
+        notes=notes,
+        size=point_size if point_size is not None else _auto_size(len(positions)),
+        mask=_selection(selected, n),
+        axis_titles=(f"{ax}{dims[0] + 1}", f"{ax}{dims[1] + 1}"),
     )
-    if notes:
-        add_note(fig, "; ".join(notes))
-    return fig
+
+
+def category_groups(pts: Points, *, palette: Any, key: Any) -> list[tuple[str, np.ndarray, str]]:
+    """``(name, rows, colour)`` per non-empty category, missing values (``"NaN"``) first.
+
+    ``rows`` index ``pts.positions``; colours come from ``palette``, ``uns[f"{key}_colors"]`` or
+    scanpy's default palette.
+    """
+    assert pts.values is not None
+    values = pts.values
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        cat = values.cat
+        categories = [str(c) for c in cat.categories]
+        codes = cat.codes.to_numpy()
+    else:
+        c = pd.Categorical(values.astype(object).where(values.notna(), None))
+        categories = [str(x) for x in c.categories]
+        codes = np.asarray(c.codes)
+    uns_colors = None
+    if pts.adata is not None and isinstance(key, str):
+        uns_colors = pts.adata.uns.get(f"{key}_colors") if hasattr(pts.adata, "uns") else None
+    colors = _category_colors(categories, palette, uns_colors)
+
+    shown = codes[pts.positions]
+    order = np.argsort(shown, kind="stable")
+    bounds = np.searchsorted(shown[order], np.arange(-1, len(categories) + 1))
+    groups = [("NaN", order[bounds[0] : bounds[1]], NA_COLOR)]
+    groups += [(categories[k], order[bounds[k + 1] : bounds[k + 2]], colors[k]) for k in range(len(categories))]
+    return [g for g in groups if len(g[1])]
+
+
+def continuous_order(pts: Points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(values of the drawn cells, rows with a missing value, rows with a value sorted ascending)``.
+
+    Rows index ``pts.positions``; drawing them in this order puts high values on top.
+    """
+    assert pts.values is not None
+    v = pts.values.to_numpy(dtype=np.float64, na_value=np.nan)[pts.positions]
+    finite = np.isfinite(v)
+    order_all = np.argsort(np.where(finite, v, -np.inf), kind="stable")
+    return v, order_all[~finite[order_all]], order_all[finite[order_all]]
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -407,99 +513,31 @@ def _hover_text(
 
 
 def _trace(
-    coords: np.ndarray,
+    pts: Points,
     idx: np.ndarray,
     text: np.ndarray,
-    mask: np.ndarray | None,
     *,
     name: str,
     color: Any,
-    size: float,
-    order: np.ndarray | None = None,
+    order: np.ndarray | None,
     **kwargs: Any,
 ) -> go.Scattergl:
     """One Scattergl of the cells at obs positions ``idx`` (``text`` aligned to ``order`` rows)."""
     rows = order if order is not None else slice(None)
     trace = go.Scattergl(
-        x=coords[idx, 0],
-        y=coords[idx, 1],
+        x=pts.coords[idx, 0],
+        y=pts.coords[idx, 1],
         customdata=idx.astype(np.int64).reshape(-1, 1),
         text=text[rows],
         name=name,
-        marker={"size": size, "color": color, "line": {"width": 0}},
+        marker={"size": pts.size, "color": color, "line": {"width": 0}},
         **kwargs,
     )
-    if mask is not None:
-        trace.selectedpoints = np.flatnonzero(mask[idx])
+    if pts.mask is not None:
+        trace.selectedpoints = np.flatnonzero(pts.mask[idx])
         trace.selected = {"marker": {"opacity": 1.0}}
-        trace.unselected = {"marker": {"opacity": 0.12}}
+        trace.unselected = {"marker": {"opacity": UNSELECTED_OPACITY}}
     return trace
-
-
-def _categorical_traces(
-    coords: np.ndarray,
-    positions: np.ndarray,
-    text: np.ndarray,
-    mask: np.ndarray | None,
-    values: pd.Series,
-    *,
-    size: float,
-    palette: Any,
-    adata: Any,
-    key: Any,
-    **kwargs: Any,
-) -> list[go.Scattergl]:
-    if isinstance(values.dtype, pd.CategoricalDtype):
-        cat = values.cat
-        categories = [str(c) for c in cat.categories]
-        codes = cat.codes.to_numpy()
-    else:
-        c = pd.Categorical(values.astype(object).where(values.notna(), None))
-        categories = [str(x) for x in c.categories]
-        codes = np.asarray(c.codes)
-    uns_colors = None
-    if adata is not None and isinstance(key, str):
-        uns_colors = adata.uns.get(f"{key}_colors") if hasattr(adata, "uns") else None
-    colors = _category_colors(categories, palette, uns_colors)
-
-    shown = codes[positions]
-    order = np.argsort(shown, kind="stable")
-    sorted_codes = shown[order]
-    bounds = np.searchsorted(sorted_codes, np.arange(-1, len(categories) + 1))
-    traces = []
-    for k in range(len(categories)):
-        rows = order[bounds[k + 1] : bounds[k + 2]]
-        if len(rows):
-            traces.append(
-                _trace(
-                    coords,
-                    positions[rows],
-                    text,
-                    mask,
-                    name=categories[k],
-                    color=colors[k],
-                    size=size,
-                    order=rows,
-                    **kwargs,
-                )
-            )
-    na_rows = order[bounds[0] : bounds[1]]
-    if len(na_rows):
-        traces.insert(
-            0,
-            _trace(
-                coords,
-                positions[na_rows],
-                text,
-                mask,
-                name="NaN",
-                color=NA_COLOR,
-                size=size,
-                order=na_rows,
-                **kwargs,
-            ),
-        )
-    return traces
 
 
 def _category_colors(categories: list[str], palette: Any, uns_colors: Any) -> list[str]:
@@ -530,57 +568,28 @@ def _category_colors(categories: list[str], palette: Any, uns_colors: Any) -> li
     return [colors[i % len(colors)] for i in range(n)]
 
 
-def _continuous_traces(
-    coords: np.ndarray,
-    positions: np.ndarray,
-    text: np.ndarray,
-    mask: np.ndarray | None,
-    values: pd.Series,
-    *,
-    label: str | None,
-    size: float,
-    palette: Any,
-    **kwargs: Any,
-) -> list[go.Scattergl]:
+def check_continuous_palette(palette: Any, label: str | None) -> None:
     if palette is not None and not isinstance(palette, str):
         raise ConfigError(
             f"{label!r} is continuous: palette must be a plotly colour scale name such as 'Viridis'."
         )
-    v = values.to_numpy(dtype=np.float64, na_value=np.nan)[positions]
-    finite = np.isfinite(v)
-    order_all = np.argsort(np.where(finite, v, -np.inf), kind="stable")  # high values on top
-    na_rows = order_all[~finite[order_all]]
-    rows = order_all[finite[order_all]]
+
+
+def _continuous_traces(pts: Points, text: np.ndarray, *, palette: Any, **kwargs: Any) -> list[go.Scattergl]:
+    check_continuous_palette(palette, pts.label)
+    v, na_rows, rows = continuous_order(pts)
     traces = []
     if len(na_rows):
         traces.append(
-            _trace(
-                coords,
-                positions[na_rows],
-                text,
-                mask,
-                name="NaN",
-                color=NA_COLOR,
-                size=size,
-                order=na_rows,
-                **kwargs,
-            )
+            _trace(pts, pts.positions[na_rows], text, name="NaN", color=NA_COLOR, order=na_rows, **kwargs)
         )
     marker_color = v[rows]
     trace = _trace(
-        coords,
-        positions[rows],
-        text,
-        mask,
-        name=label or "color",
-        color=marker_color,
-        size=size,
-        order=rows,
-        **kwargs,
+        pts, pts.positions[rows], text, name=pts.label or "color", color=marker_color, order=rows, **kwargs
     )
-    trace.marker.colorscale = palette or "Viridis"
+    trace.marker.colorscale = palette or DEFAULT_SCALE
     trace.marker.showscale = True
-    trace.marker.colorbar = {"title": {"text": label or ""}, "thickness": 14}
+    trace.marker.colorbar = {"title": {"text": pts.label or ""}, "thickness": 14}
     if len(marker_color):
         trace.marker.cmin = float(marker_color.min())
         trace.marker.cmax = float(marker_color.max())
