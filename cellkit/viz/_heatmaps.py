@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["attention_heatmap", "confusion_matrix", "program_heatmap"]
 
 #: show the numbers in the cells of a confusion matrix up to this many classes (``annotate=None``)
-_ANNOTATE_MAX = 25
+ANNOTATE_MAX = 25
 
 
 def _axis(title: str, n: int, *, reverse: bool = False, angle: int | None = None) -> dict[str, Any]:
@@ -78,6 +79,47 @@ def attention_heatmap(
     plotly.graph_objects.Figure
         One ``go.Heatmap``; the first query gene is the top row.
     """
+    frame, note = attention_frame(
+        matrix, rows=rows, cols=cols, head=head, zmid=zmid, max_genes=max_genes, value_name=value_name
+    )
+    scale = attention_scale(colorscale, zmid)
+    fig = go.Figure(
+        go.Heatmap(
+            z=frame.to_numpy(),
+            x=list(frame.columns),
+            y=list(frame.index),
+            colorscale=scale,
+            zmid=zmid,
+            colorbar={"title": {"text": value_name}, "thickness": 14},
+            hovertemplate=f"query: %{{y}}<br>key: %{{x}}<br>{value_name}: %{{z:.4g}}<extra></extra>",
+            hoverongaps=False,
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": title or ""},
+        xaxis=_axis("key gene", frame.shape[1], angle=-90),
+        yaxis=_axis("query gene", frame.shape[0], reverse=True),
+        margin={"b": 90},
+    )
+    if note:
+        add_note(fig, note)
+        fig.layout.annotations[-1].y = 1.0
+        fig.layout.annotations[-1].yanchor = "bottom"
+    return fig
+
+
+def attention_frame(
+    matrix: Any,
+    *,
+    rows: Sequence[str] | None,
+    cols: Sequence[str] | None,
+    head: int | None,
+    zmid: float | None,
+    max_genes: int | None,
+    value_name: str,
+) -> tuple[pd.DataFrame, str | None]:
+    """The query × key frame :func:`attention_heatmap` draws, and the note when genes were dropped."""
     arr = matrix
     if not isinstance(matrix, pd.DataFrame):
         arr = np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float64)
@@ -105,31 +147,12 @@ def attention_heatmap(
                 f"top {len(keep_r)} of {n_rows} query genes × top {len(keep_c)} of {n_cols} key genes "
                 f"by total {'|' + value_name + '|' if zmid is not None else value_name}"
             )
-    scale = colorscale or ("RdBu_r" if zmid is not None else "Viridis")
-    fig = go.Figure(
-        go.Heatmap(
-            z=frame.to_numpy(),
-            x=list(frame.columns),
-            y=list(frame.index),
-            colorscale=scale,
-            zmid=zmid,
-            colorbar={"title": {"text": value_name}, "thickness": 14},
-            hovertemplate=f"query: %{{y}}<br>key: %{{x}}<br>{value_name}: %{{z:.4g}}<extra></extra>",
-            hoverongaps=False,
-        )
-    )
-    fig.update_layout(
-        template=TEMPLATE,
-        title={"text": title or ""},
-        xaxis=_axis("key gene", frame.shape[1], angle=-90),
-        yaxis=_axis("query gene", frame.shape[0], reverse=True),
-        margin={"b": 90},
-    )
-    if note:
-        add_note(fig, note)
-        fig.layout.annotations[-1].y = 1.0
-        fig.layout.annotations[-1].yanchor = "bottom"
-    return fig
+    return frame, note
+
+
+def attention_scale(colorscale: str | None, zmid: float | None) -> str:
+    """The colour scale name: ``colorscale``, else diverging ``"RdBu_r"`` around ``zmid``, else Viridis."""
+    return colorscale or ("RdBu_r" if zmid is not None else "Viridis")
 
 
 def _top(totals: np.ndarray, k: int) -> np.ndarray:
@@ -342,6 +365,72 @@ def confusion_matrix(
     plotly.graph_objects.Figure
         One ``go.Heatmap`` whose ``z`` is the (normalised) matrix; hover shows the counts.
     """
+    cm = confusion_data(confusion, labels=labels, pred_labels=pred_labels, normalize=normalize)
+    c, z, integral = cm.counts.to_numpy(), cm.values, cm.integral
+    if annotate is None:
+        annotate = max(c.shape) <= ANNOTATE_MAX
+    count_fmt = "%{customdata:,.0f}" if integral else "%{customdata:.4g}"
+    hover = "true: %{y}<br>predicted: %{x}<br>count: " + count_fmt
+    if normalize is not None:
+        hover += "<br>fraction: %{z:.3f}"
+    heat = go.Heatmap(
+        z=z,
+        x=list(cm.counts.columns),
+        y=list(cm.counts.index),
+        customdata=c,
+        colorscale=colorscale,
+        zmin=0.0,
+        zmax=1.0 if normalize is not None else None,
+        colorbar={"title": {"text": cm.value_name}, "thickness": 14},
+        hovertemplate=hover + "<extra></extra>",
+    )
+    if annotate:
+        heat.text = np.vectorize(cm.value_format.format, otypes=[object])(z)
+        heat.texttemplate = "%{text}"
+    fig = go.Figure(heat)
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": title or ""},
+        xaxis=_axis("predicted", c.shape[1], angle=-45),
+        yaxis=_axis("true", c.shape[0], reverse=True),
+    )
+    return fig
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """A checked confusion matrix: ``counts`` (true × predicted), ``values`` the normalised matrix."""
+
+    counts: pd.DataFrame
+    values: np.ndarray
+    integral: bool
+    normalize: str | None
+
+    @property
+    def value_name(self) -> str:
+        return "count" if self.normalize is None else f"fraction ({self.normalize})"
+
+    @property
+    def value_format(self) -> str:
+        """``str.format`` pattern of one value of ``values`` written in a cell."""
+        if self.normalize is not None:
+            return "{:.2f}"
+        return "{:.0f}" if self.integral else "{:.3g}"
+
+    @property
+    def count_format(self) -> str:
+        """``str.format`` pattern of one count."""
+        return "{:,.0f}" if self.integral else "{:.4g}"
+
+
+def confusion_data(
+    confusion: Any,
+    *,
+    labels: Sequence[str] | None,
+    pred_labels: Sequence[str] | None,
+    normalize: str | None,
+) -> Confusion:
+    """Check the inputs of :func:`confusion_matrix` and normalise the counts."""
     if normalize not in ("true", "pred", "all", None):
         raise ConfigError(f"normalize must be 'true', 'pred', 'all' or None; got {normalize!r}.")
     cols = pred_labels if pred_labels is not None else labels
@@ -368,36 +457,4 @@ def confusion_matrix(
         else:
             total = np.full((1, 1), c.sum())
         z = np.divide(c, total, out=np.zeros_like(c), where=total > 0)
-    if annotate is None:
-        annotate = max(c.shape) <= _ANNOTATE_MAX
-    integral = bool(np.all(c == np.round(c)))
-    count_fmt = "%{customdata:,.0f}" if integral else "%{customdata:.4g}"
-    hover = "true: %{y}<br>predicted: %{x}<br>count: " + count_fmt
-    if normalize is not None:
-        hover += "<br>fraction: %{z:.3f}"
-    value_fmt = ("{:.0f}" if integral else "{:.3g}") if normalize is None else "{:.2f}"
-    heat = go.Heatmap(
-        z=z,
-        x=list(counts.columns),
-        y=list(counts.index),
-        customdata=c,
-        colorscale=colorscale,
-        zmin=0.0,
-        zmax=1.0 if normalize is not None else None,
-        colorbar={
-            "title": {"text": "count" if normalize is None else f"fraction ({normalize})"},
-            "thickness": 14,
-        },
-        hovertemplate=hover + "<extra></extra>",
-    )
-    if annotate:
-        heat.text = np.vectorize(value_fmt.format, otypes=[object])(z)
-        heat.texttemplate = "%{text}"
-    fig = go.Figure(heat)
-    fig.update_layout(
-        template=TEMPLATE,
-        title={"text": title or ""},
-        xaxis=_axis("predicted", c.shape[1], angle=-45),
-        yaxis=_axis("true", c.shape[0], reverse=True),
-    )
-    return fig
+    return Confusion(counts=counts, values=z, integral=bool(np.all(c == np.round(c))), normalize=normalize)
