@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,8 @@ from ._common import TEMPLATE
 __all__ = ["training_curves"]
 
 _LR_COLOR = "#7f7f7f"
+#: titles of the two panels: losses (and lr) per step, metrics per epoch
+PANEL_TITLES = ("loss per step", "metrics per epoch")
 _COLORS = ("#1f77b4", "#ff7f0e", "#279e68", "#d62728", "#aa40fc", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -61,63 +64,18 @@ def training_curves(
         Two rows of subplots: ``xaxis``/``yaxis`` (losses), ``yaxis2`` (lr), ``xaxis2``/``yaxis3``
         (metrics).
     """
-    if history_epochs is None and hasattr(history_steps, "steps") and hasattr(history_steps, "epochs"):
-        history_steps, history_epochs = history_steps.steps, history_steps.epochs
-    steps = _frame(history_steps, "history_steps")
-    epochs = _frame(history_epochs, "history_epochs")
-
     fig = make_subplots(
         rows=2,
         cols=1,
         specs=[[{"secondary_y": True}], [{}]],
-        subplot_titles=("loss per step", "metrics per epoch"),
+        subplot_titles=PANEL_TITLES,
         vertical_spacing=0.14,
         row_heights=[0.6, 0.4],
     )
-    x_step = _x(steps, "step")
-    loss_cols = ["loss"]
-    terms = [c for c in steps.columns if str(c).startswith("loss/")]
-    if len(terms) > 1:
-        loss_cols += terms
-    for k, col in enumerate(loss_cols):
-        fig.add_trace(
-            _line(x_step, steps, col, color=_COLORS[k % len(_COLORS)], width=2 if col == "loss" else 1.2),
-            row=1,
-            col=1,
-            secondary_y=False,
-        )
-    val_loss = [
-        c for c in epochs.columns if c == "val/loss" or (len(terms) > 1 and str(c).startswith("val/loss/"))
-    ]
-    if val_loss and "step" in epochs.columns:
-        x_val = _x(epochs, "step")
-        for k, col in enumerate(val_loss):
-            fig.add_trace(
-                _line(x_val, epochs, col, color=_COLORS[k % len(_COLORS)], dash="dot", markers=True),
-                row=1,
-                col=1,
-                secondary_y=False,
-            )
-    fig.add_trace(
-        _line(x_step, steps, "lr", color=_LR_COLOR, width=1, dash="dash"), row=1, col=1, secondary_y=True
-    )
-
-    x_epoch = _x(epochs, "epoch")
-    for k, (base, cols) in enumerate(_metric_columns(epochs, metrics).items()):
-        for col in cols:
-            fig.add_trace(
-                _line(
-                    x_epoch,
-                    epochs,
-                    col,
-                    color=_COLORS[k % len(_COLORS)],
-                    dash="dot" if col.startswith("val/") else None,
-                    markers=True,
-                    group=base,
-                ),
-                row=2,
-                col=1,
-            )
+    for curve in training_curve_data(history_steps, history_epochs, metrics=metrics):
+        row = 2 if curve.panel == "metrics" else 1
+        secondary = {"secondary_y": curve.panel == "lr"} if row == 1 else {}
+        fig.add_trace(_scatter(curve), row=row, col=1, **secondary)
     fig.update_layout(
         template=TEMPLATE,
         title={"text": title or ""},
@@ -153,32 +111,96 @@ def _x(frame: pd.DataFrame, col: str) -> np.ndarray:
     return np.arange(1, len(frame) + 1)
 
 
-def _line(
-    x: np.ndarray,
-    frame: pd.DataFrame,
-    col: str,
-    *,
-    color: str,
-    width: float = 1.6,
-    dash: str | None = None,
-    markers: bool = False,
-    group: str | None = None,
-) -> go.Scatter:
+@dataclass(frozen=True)
+class Curve:
+    """One line of the training figure: ``panel`` is ``"loss"``, ``"lr"`` (secondary axis) or ``"metrics"``.
+
+    ``dash`` is ``None`` (solid), ``"dot"`` or ``"dash"``; ``group`` ties train/val of one metric.
+    """
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    panel: str
+    color: str
+    width: float = 1.6
+    dash: str | None = None
+    markers: bool = False
+    group: str | None = None
+
+
+def _curve(x: np.ndarray, frame: pd.DataFrame, col: str, **style: Any) -> Curve:
+    """The finite values of ``frame[col]`` against ``x`` (no points when the column is missing)."""
     if col in frame.columns:
         y = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=np.float64)
         ok = np.isfinite(y)
         xs, ys = x[ok], y[ok]
     else:
         xs, ys = np.array([], dtype=np.float64), np.array([], dtype=np.float64)
+    return Curve(name=col, x=xs, y=ys, **style)
+
+
+def training_curve_data(
+    history_steps: Any, history_epochs: Any, *, metrics: Sequence[str] | None
+) -> list[Curve]:
+    """Every line :func:`training_curves` draws, in drawing order: losses, val losses, lr, metrics."""
+    if history_epochs is None and hasattr(history_steps, "steps") and hasattr(history_steps, "epochs"):
+        history_steps, history_epochs = history_steps.steps, history_steps.epochs
+    steps = _frame(history_steps, "history_steps")
+    epochs = _frame(history_epochs, "history_epochs")
+
+    x_step = _x(steps, "step")
+    loss_cols = ["loss"]
+    terms = [c for c in steps.columns if str(c).startswith("loss/")]
+    if len(terms) > 1:
+        loss_cols += terms
+    curves = [
+        _curve(x_step, steps, col, panel="loss", color=_color(k), width=2 if col == "loss" else 1.2)
+        for k, col in enumerate(loss_cols)
+    ]
+    val_loss = [
+        c for c in epochs.columns if c == "val/loss" or (len(terms) > 1 and str(c).startswith("val/loss/"))
+    ]
+    if val_loss and "step" in epochs.columns:
+        x_val = _x(epochs, "step")
+        curves += [
+            _curve(x_val, epochs, col, panel="loss", color=_color(k), dash="dot", markers=True)
+            for k, col in enumerate(val_loss)
+        ]
+    curves.append(_curve(x_step, steps, "lr", panel="lr", color=_LR_COLOR, width=1, dash="dash"))
+
+    x_epoch = _x(epochs, "epoch")
+    for k, (base, cols) in enumerate(_metric_columns(epochs, metrics).items()):
+        curves += [
+            _curve(
+                x_epoch,
+                epochs,
+                col,
+                panel="metrics",
+                color=_color(k),
+                dash="dot" if col.startswith("val/") else None,
+                markers=True,
+                group=base,
+            )
+            for col in cols
+        ]
+    return curves
+
+
+def _color(k: int) -> str:
+    return _COLORS[k % len(_COLORS)]
+
+
+def _scatter(curve: Curve) -> go.Scatter:
     return go.Scatter(
-        x=xs,
-        y=ys,
-        name=col,
-        mode="lines+markers" if markers else "lines",
-        line={"color": color, "width": width, "dash": dash},
+        x=curve.x,
+        y=curve.y,
+        name=curve.name,
+        mode="lines+markers" if curve.markers else "lines",
+        line={"color": curve.color, "width": curve.width, "dash": curve.dash},
         marker={"size": 6},
-        legendgroup=group or col,
-        hovertemplate=f"{col}: %{{y:.4g}}<extra></extra>",
+        legendgroup=curve.group or curve.name,
+        hovertemplate=f"{curve.name}: %{{y:.4g}}<extra></extra>",
     )
 
 
