@@ -125,6 +125,7 @@ FIRST_NAME_EXCEPTIONS = {
     # cellkit.viz draws arrays / tables first (an AnnData is one accepted container): figures,
     # not AnnData methods
     "embedding": "data",
+    "static_embedding": "data",
     "program_heatmap": "scores",
 }
 
@@ -152,6 +153,7 @@ POSITIONAL_EXCEPTIONS = {
     "top_influenced_genes": ("attention", "gene"),
     # viz: the data being drawn (and for the heatmap its rows / grouping) come first
     "embedding": ("data",),
+    "static_embedding": ("data",),
     "program_heatmap": ("scores", "programs", "groupby"),
 }
 
@@ -331,7 +333,7 @@ SYNONYMS = {
 }
 #: viz.embedding names the var column of gene symbols after scanpy's plotting (``gene_symbols``):
 #: it colours by a symbol, it does not tokenize
-SYNONYM_EXCEPTIONS = {("embedding", "gene_symbols")}
+SYNONYM_EXCEPTIONS = {("embedding", "gene_symbols"), ("static_embedding", "gene_symbols")}
 
 
 @pytest.mark.parametrize("name", sorted(ADATA_FUNCTIONS))

@@ -12,9 +12,19 @@ figure with ``fig.show()`` (notebook or script), save it with :func:`save_html` 
 - :func:`program_heatmap` — gene-program scores per cell type, scaled and clustered.
 - :func:`training_curves` — loss/lr per step, metrics per epoch (``cellkit.train.History``).
 - :func:`confusion_matrix` — true × predicted classes, normalised per true class.
+
+Static figures for papers (matplotlib, PDF / SVG / PNG without a browser), with the same inputs:
+:func:`static_embedding`, :func:`static_attention_heatmap`, :func:`static_confusion_matrix` (counts
+and row fractions in the cells), :func:`static_training_curves`; write them with
+:func:`save_figure` (atomic, format by suffix). They load matplotlib on first use only.
+
+>>> cellkit.viz.save_figure(cellkit.viz.static_embedding(adata, color="cell_type"), "umap.pdf")  # doctest: +SKIP
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._common import save_html
 from ._embedding import embedding
@@ -23,6 +33,27 @@ from ._network import gene_network
 from ._palettes import default_palette
 from ._training import training_curves
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ._static import (
+        save_figure,
+        static_attention_heatmap,
+        static_confusion_matrix,
+        static_embedding,
+        static_training_curves,
+    )
+
+#: static (matplotlib) figures, imported on first use so that ``import cellkit.viz`` stays light
+_LAZY = {
+    name: "._static"
+    for name in (
+        "save_figure",
+        "static_attention_heatmap",
+        "static_confusion_matrix",
+        "static_embedding",
+        "static_training_curves",
+    )
+}
+
 __all__ = [
     "attention_heatmap",
     "confusion_matrix",
@@ -30,6 +61,23 @@ __all__ = [
     "embedding",
     "gene_network",
     "program_heatmap",
+    "save_figure",
     "save_html",
+    "static_attention_heatmap",
+    "static_confusion_matrix",
+    "static_embedding",
+    "static_training_curves",
     "training_curves",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
