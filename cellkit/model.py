@@ -637,9 +637,10 @@ def inspect_checkpoint(path: str | os.PathLike[str], **options: Any) -> dict[str
 
     Returns
     -------
-    ``{"format", "architecture", "vocab_size", "n_parameters", "heads", "mapped", "ignored",
-    "created", "notes"}`` — ``mapped`` is the number of tensors copied, ``ignored`` maps file keys
-    to the reason they were not used.
+    dict
+        ``{"format", "architecture", "vocab_size", "n_parameters", "heads", "mapped", "ignored",
+        "created", "notes"}`` — ``mapped`` is the number of tensors copied, ``ignored`` maps file keys
+        to the reason they were not used.
     """
     model = load_model(path, **options)
     r = model.load_report

@@ -240,8 +240,7 @@ class ModelPanel(Panel):
     def info(self) -> dict[str, Any]:
         """What the panel shows, as plain data (``{}`` without a model).
 
-        Returns
-        -------
+        The dict's keys:
         ``{"source", "format", "family", "architecture", "n_parameters", "vocab_size", "n_specials",
         "heads", "pooling", "mapped", "ignored", "created", "notes", "coverage"}``; ``mapped`` is the
         number of tensors copied, ``coverage`` is ``None`` without data, else ``{"n_genes", "n_matched",

@@ -18,8 +18,10 @@ __all__ = ["StudioState"]
 class StudioState(traitlets.HasTraits):
     """What the studio's panels share.
 
-    Traits (observe them with ``state.observe(fn, names="model")``)
-    ----------------------------------------------------------------
+    Observe the traits below with ``state.observe(fn, names="model")``.
+
+    Attributes
+    ----------
     model
         The current :class:`cellkit.CellModel` (or ``None``).
     model_source
