@@ -529,13 +529,7 @@ def finetune(
         config.freeze = tuple(dict.fromkeys((*config.freeze, *freeze)))
     is_tokens = isinstance(adata, TokenizedCells | ShardedTokens)
     if not is_tokens and not isinstance(adata, str):
-        check_adata(adata, what="cellkit.finetune")
-        obs = _obs_of(adata, cells)
-        _check_label_column(obs, label_key, "label_key")
-        if batch_key is not None:
-            _check_label_column(obs, batch_key, "batch_key")
-        if split_key is not None:
-            _check_label_column(obs, split_key, "split_key")
+        _check_finetune_columns(adata, cells, label_key=label_key, batch_key=batch_key, split_key=split_key)
 
     # -- tokens, split, datasets
     columns = [c for c in dict.fromkeys([label_key, batch_key, split_key]) if c is not None]
@@ -566,44 +560,16 @@ def finetune(
             f"label_key={label_key!r} has a single class ({classes_all}) in the selected cells; a classifier needs "
             "at least two."
         )
-    if split_key is not None:
-        split = obs_tok[split_key].astype(str).str.lower().to_numpy()
-        bad = sorted(set(split) - {"train", "val", "test"})
-        if bad:
-            raise DataError(f"split_key={split_key!r} must hold 'train', 'val' or 'test'; found {bad[:5]}.")
-    else:
-        split = stratified_split(labels, val_size=val_size, test_size=test_size, seed=seed)
-    if not (split == "train").any():
-        raise DataError("No cell is in the training part of the split.")
+    split = _finetune_split(
+        obs_tok, labels, split_key=split_key, val_size=val_size, test_size=test_size, seed=seed
+    )
     train_idx, val_idx, test_idx = (np.flatnonzero(split == p) for p in ("train", "val", "test"))
     model_ = _copy.deepcopy(model) if copy_model else model
-    train_ds = CellDataset(
-        _subset(tokens, train_idx), label_key=label_key, batch_key=batch_key, classes=classes_all
+    train_ds, val_ds, test_ds = _finetune_datasets(
+        tokens, (train_idx, val_idx, test_idx), label_key=label_key, batch_key=batch_key, classes=classes_all
     )
     classes = train_ds.classes
     batch_classes = train_ds.batch_classes
-    val_ds = (
-        CellDataset(
-            _subset(tokens, val_idx),
-            label_key=label_key,
-            batch_key=batch_key,
-            classes=classes,
-            batch_classes=batch_classes,
-        )
-        if len(val_idx)
-        else None
-    )
-    test_ds = (
-        CellDataset(
-            _subset(tokens, test_idx),
-            label_key=label_key,
-            batch_key=batch_key,
-            classes=classes,
-            batch_classes=batch_classes,
-        )
-        if len(test_idx)
-        else None
-    )
     codes = np.asarray([train_ds[i]["labels"] for i in range(len(train_ds))])
     for o in objs:
         if o.name == "cls" and getattr(o, "class_weights", None) is None and class_weight is not None:
@@ -621,29 +587,18 @@ def finetune(
 
     # -- held-out evaluation
     held = test_ds if test_ds is not None else val_ds
-    # validation metrics of the epoch whose weights were kept (the best one), not of the last epoch
-    chosen = fit.metrics
-    if fit.best_step is not None:
-        for rec in fit.history.epoch_records:
-            if rec.get("step") == fit.best_step and any(k.startswith("val/") for k in rec):
-                chosen = rec
-                break
-    metrics: dict[str, float] = {k: v for k, v in chosen.items() if k.startswith("val/")}
-    report = pd.DataFrame()
-    confusion = pd.DataFrame()
-    if held is not None and "cls" in names and fit.status in ("completed", "early_stopped"):
-        part = _subset(tokens, test_idx if test_ds is not None else val_idx)
-        probs = _class_probabilities(
-            model_, part, batch_size=max(batch_size, 64), progress=False, device=trainer.device
-        )
-        y_true = np.asarray([held[i]["labels"] for i in range(len(held))])
-        y_pred = probs.argmax(1)
-        metrics.update(_classification_metrics(y_true, y_pred, classes))
-        report, confusion = _report(y_true, y_pred, classes)
-        if test_ds is None:
-            log.warning(
-                "test_size=0: the held-out metrics are on the validation cells that chose the best epoch."
-            )
+    metrics, report, confusion = _held_out_evaluation(
+        model_,
+        tokens,
+        fit,
+        held=held,
+        part_idx=test_idx if test_ds is not None else val_idx,
+        is_test=test_ds is not None,
+        with_cls="cls" in names,
+        classes=classes,
+        batch_size=batch_size,
+        device=trainer.device,
+    )
     split_series = pd.Series(split, index=pd.Index(names_tok), name="split")
     return FinetuneResult(
         model=model_,
@@ -657,6 +612,108 @@ def finetune(
         trainer=trainer,
         tokens=tokens,
     )
+
+
+def _check_finetune_columns(
+    adata: AnnData, cells: Any, *, label_key: str, batch_key: str | None, split_key: str | None
+) -> None:
+    """Check the AnnData and its label / batch / split columns before any tokenization."""
+    check_adata(adata, what="cellkit.finetune")
+    obs = _obs_of(adata, cells)
+    _check_label_column(obs, label_key, "label_key")
+    if batch_key is not None:
+        _check_label_column(obs, batch_key, "batch_key")
+    if split_key is not None:
+        _check_label_column(obs, split_key, "split_key")
+
+
+def _finetune_split(
+    obs: pd.DataFrame,
+    labels: np.ndarray,
+    *,
+    split_key: str | None,
+    val_size: float,
+    test_size: float,
+    seed: int,
+) -> np.ndarray:
+    """``"train"`` / ``"val"`` / ``"test"`` per cell: from ``split_key`` or a seeded stratified split."""
+    if split_key is not None:
+        split = obs[split_key].astype(str).str.lower().to_numpy()
+        bad = sorted(set(split) - {"train", "val", "test"})
+        if bad:
+            raise DataError(f"split_key={split_key!r} must hold 'train', 'val' or 'test'; found {bad[:5]}.")
+    else:
+        split = stratified_split(labels, val_size=val_size, test_size=test_size, seed=seed)
+    if not (split == "train").any():
+        raise DataError("No cell is in the training part of the split.")
+    return split
+
+
+def _finetune_datasets(
+    tokens: Tokens,
+    parts: tuple[np.ndarray, np.ndarray, np.ndarray],
+    *,
+    label_key: str,
+    batch_key: str | None,
+    classes: Sequence[str],
+) -> tuple[CellDataset, CellDataset | None, CellDataset | None]:
+    """The train / validation / test datasets (``None`` for an empty part), sharing the train classes."""
+    train_idx, val_idx, test_idx = parts
+    train_ds = CellDataset(_subset(tokens, train_idx), label_key=label_key, batch_key=batch_key, classes=classes)
+
+    def held_out(idx: np.ndarray) -> CellDataset | None:
+        if not len(idx):
+            return None
+        return CellDataset(
+            _subset(tokens, idx),
+            label_key=label_key,
+            batch_key=batch_key,
+            classes=train_ds.classes,
+            batch_classes=train_ds.batch_classes,
+        )
+
+    return train_ds, held_out(val_idx), held_out(test_idx)
+
+
+def _best_epoch_metrics(fit: Any) -> dict[str, Any]:
+    """The metrics of the epoch whose weights were kept (the best one), not of the last epoch."""
+    if fit.best_step is not None:
+        for rec in fit.history.epoch_records:
+            if rec.get("step") == fit.best_step and any(k.startswith("val/") for k in rec):
+                return rec
+    return fit.metrics
+
+
+def _held_out_evaluation(
+    model: CellModel,
+    tokens: Tokens,
+    fit: Any,
+    *,
+    held: CellDataset | None,
+    part_idx: np.ndarray,
+    is_test: bool,
+    with_cls: bool,
+    classes: Sequence[str],
+    batch_size: int,
+    device: Any,
+) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame]:
+    """Validation metrics of the best epoch plus classification metrics, report and confusion on held-out cells."""
+    chosen = _best_epoch_metrics(fit)
+    metrics: dict[str, float] = {k: v for k, v in chosen.items() if k.startswith("val/")}
+    report = pd.DataFrame()
+    confusion = pd.DataFrame()
+    if held is not None and with_cls and fit.status in ("completed", "early_stopped"):
+        part = _subset(tokens, part_idx)
+        probs = _class_probabilities(model, part, batch_size=max(batch_size, 64), progress=False, device=device)
+        y_true = np.asarray([held[i]["labels"] for i in range(len(held))])
+        y_pred = probs.argmax(1)
+        metrics.update(_classification_metrics(y_true, y_pred, classes))
+        report, confusion = _report(y_true, y_pred, classes)
+        if not is_test:
+            log.warning(
+                "test_size=0: the held-out metrics are on the validation cells that chose the best epoch."
+            )
+    return metrics, report, confusion
 
 
 def _classification_metrics(
