@@ -225,26 +225,11 @@ def tokenize(
     >>> tokens = cellkit.tokenize(adata, model, cells="bulk_labels == 'CD14+ Monocyte'", obs_columns=["bulk_labels"])
     >>> print(tokens.summary())
     """
-    from .schemes import get_scheme
-
     check_adata(adata, what="cellkit.tokenize", allow_other=True)
     vocab, family, model_input, model_resources = _model_parts(model)
     resources = dict(model_resources if resources is None else resources)
     scheme = scheme or family
-    if scheme is None:
-        raise DataError(f"Pass scheme=... ({', '.join(SCHEMES)}) when tokenizing with a bare vocabulary.")
-    if scheme == "cellkit":
-        raise DataError(
-            "This model has no tokenizer family of its own; pass scheme='scgpt' or another scheme."
-        )
-    impl = get_scheme(scheme)
-    unknown = sorted(set(options) - set(impl.OPTIONS))
-    if unknown:
-        raise DataError(
-            f"Unknown option(s) {unknown} for the {scheme!r} scheme; allowed: {sorted(impl.OPTIONS)}."
-        )
-    if chunk_size < 1:
-        raise DataError(f"chunk_size must be >= 1, got {chunk_size}.")
+    impl = _checked_scheme(scheme, options, chunk_size=chunk_size)
     # the model's own preprocessing conventions are defaults the caller can override
     for key in _MODEL_CONVENTIONS:
         if key in model_input and key in impl.OPTIONS and key not in options:
@@ -259,28 +244,9 @@ def tokenize(
             stack.callback(src.close)
         ctx_sources: list[tuple[MatrixSource, GeneMatch]] = []
         for src in sources:
-            missing = [c for c in obs_columns if c not in src.obs.columns]
-            if missing:
-                raise DataError(
-                    f"obs column(s) {missing} not found in {src.name}; available: {list(src.obs.columns)}."
-                )
-            column = gene_column
-            scheme_column = options.get(getattr(impl, "GENE_COLUMN_OPTION", ""))
-            if scheme_column is not None:
-                if column is not None and column != scheme_column:
-                    raise DataError(
-                        f"gene_column={column!r} and {impl.GENE_COLUMN_OPTION}={scheme_column!r} disagree; pass one."
-                    )
-                column = scheme_column
-            if column is None and scheme == "geneformer" and "ensembl_id" in src.var.columns:
-                column = "ensembl_id"
-            names = _gene_names(src, column)
-            match = (
-                impl.match_genes(names, vocab, resources, options)
-                if hasattr(impl, "match_genes")
-                else resolve_genes(names, vocab)
+            match = _match_source(
+                src, impl, scheme, vocab, resources, options, gene_column=gene_column, obs_columns=obs_columns
             )
-            require_overlap(match, vocab, what=src.name)
             ctx_sources.append((src, match))
         ctx = TokenizeContext(
             ctx_sources,
@@ -296,36 +262,123 @@ def tokenize(
         )
         chunks: Iterator[TokenizedCells] = impl.run(ctx)
         coverage = _merge_coverage([m for _, m in ctx_sources])
-        gene_notes = [
-            m.summary() for _, m in ctx_sources if m.n_version_stripped or m.n_case_folded or m.n_duplicated
-        ]
-        rules = rules_report([m for _, m in ctx_sources])  # which rule matched how many genes
-        if rules:
-            gene_notes.insert(0, rules)
+        gene_notes = _gene_notes([m for _, m in ctx_sources])
 
         if output is None:
-            parts = list(chunks)
-            if not parts:
-                raise DataError("No cells selected: the input has no cell to tokenize (check the data and cells=...).")
-            result = TokenizedCells.concat(parts) if len(parts) != 1 else parts[0]
-            result.coverage = coverage
-            result.notes = list(dict.fromkeys([*gene_notes, *ctx.notes, *result.notes]))
-            log.info(result.summary())
-            return result
+            return _collect_in_memory(chunks, coverage, gene_notes, ctx)
         writer = ShardWriter(
             output, max_shard_samples=max_shard_samples, format=shard_format, overwrite=overwrite
         )
         stack.callback(writer.abort)  # a failure leaves ``output`` as it was (no-op after close)
-        first = True
-        for part in chunks:
-            if first:
-                part.coverage = coverage
-                part.notes = list(dict.fromkeys([*gene_notes, *ctx.notes, *part.notes]))
-                first = False
-            writer.add(part)
-        if writer._template is not None:  # notes gathered while streaming (e.g. dropped cells)
-            writer._template.notes = list(dict.fromkeys([*writer._template.notes, *ctx.notes]))
-        return writer.close()
+        return _write_shards(writer, chunks, coverage, gene_notes, ctx)
+
+
+def _checked_scheme(scheme: str | None, options: Mapping[str, Any], *, chunk_size: int) -> Any:
+    """The tokenization scheme's implementation, after checking its name, options and ``chunk_size``."""
+    from .schemes import get_scheme
+
+    if scheme is None:
+        raise DataError(f"Pass scheme=... ({', '.join(SCHEMES)}) when tokenizing with a bare vocabulary.")
+    if scheme == "cellkit":
+        raise DataError(
+            "This model has no tokenizer family of its own; pass scheme='scgpt' or another scheme."
+        )
+    impl = get_scheme(scheme)
+    unknown = sorted(set(options) - set(impl.OPTIONS))
+    if unknown:
+        raise DataError(
+            f"Unknown option(s) {unknown} for the {scheme!r} scheme; allowed: {sorted(impl.OPTIONS)}."
+        )
+    if chunk_size < 1:
+        raise DataError(f"chunk_size must be >= 1, got {chunk_size}.")
+    return impl
+
+
+def _source_gene_column(
+    src: MatrixSource, impl: Any, scheme: str, options: Mapping[str, Any], gene_column: str | None
+) -> str | None:
+    """The ``var`` column naming the genes of one source: ``gene_column``, the scheme's option, or a default."""
+    column = gene_column
+    scheme_column = options.get(getattr(impl, "GENE_COLUMN_OPTION", ""))
+    if scheme_column is not None:
+        if column is not None and column != scheme_column:
+            raise DataError(
+                f"gene_column={column!r} and {impl.GENE_COLUMN_OPTION}={scheme_column!r} disagree; pass one."
+            )
+        column = scheme_column
+    if column is None and scheme == "geneformer" and "ensembl_id" in src.var.columns:
+        column = "ensembl_id"
+    return column
+
+
+def _match_source(
+    src: MatrixSource,
+    impl: Any,
+    scheme: str,
+    vocab: Any,
+    resources: Mapping[str, Any],
+    options: Mapping[str, Any],
+    *,
+    gene_column: str | None,
+    obs_columns: Sequence[str],
+) -> GeneMatch:
+    """Check one source's obs columns and match its genes to the vocabulary."""
+    missing = [c for c in obs_columns if c not in src.obs.columns]
+    if missing:
+        raise DataError(
+            f"obs column(s) {missing} not found in {src.name}; available: {list(src.obs.columns)}."
+        )
+    names = _gene_names(src, _source_gene_column(src, impl, scheme, options, gene_column))
+    match = (
+        impl.match_genes(names, vocab, resources, options)
+        if hasattr(impl, "match_genes")
+        else resolve_genes(names, vocab)
+    )
+    require_overlap(match, vocab, what=src.name)
+    return match
+
+
+def _gene_notes(matches: Sequence[GeneMatch]) -> list[str]:
+    """Notes on gene matching: which rule matched how many genes, then each source's unusual matches."""
+    gene_notes = [m.summary() for m in matches if m.n_version_stripped or m.n_case_folded or m.n_duplicated]
+    rules = rules_report(list(matches))  # which rule matched how many genes
+    if rules:
+        gene_notes.insert(0, rules)
+    return gene_notes
+
+
+def _collect_in_memory(
+    chunks: Iterator[TokenizedCells], coverage: Any, gene_notes: list[str], ctx: TokenizeContext
+) -> TokenizedCells:
+    """Concatenate the tokenized chunks in memory, with the coverage and notes."""
+    parts = list(chunks)
+    if not parts:
+        raise DataError("No cells selected: the input has no cell to tokenize (check the data and cells=...).")
+    result = TokenizedCells.concat(parts) if len(parts) != 1 else parts[0]
+    result.coverage = coverage
+    result.notes = list(dict.fromkeys([*gene_notes, *ctx.notes, *result.notes]))
+    log.info(result.summary())
+    return result
+
+
+def _write_shards(
+    writer: ShardWriter,
+    chunks: Iterator[TokenizedCells],
+    coverage: Any,
+    gene_notes: list[str],
+    ctx: TokenizeContext,
+) -> ShardedTokens:
+    """Stream the tokenized chunks into shards; the first chunk carries the coverage and notes."""
+    first = True
+    for part in chunks:
+        if first:
+            part.coverage = coverage
+            part.notes = list(dict.fromkeys([*gene_notes, *ctx.notes, *part.notes]))
+            first = False
+        writer.add(part)
+    if writer._template is not None:  # notes gathered while streaming (e.g. dropped cells)
+        writer._template.notes = list(dict.fromkeys([*writer._template.notes, *ctx.notes]))
+    return writer.close()
 
 
 def _merge_coverage(matches: list[GeneMatch]) -> Coverage:
