@@ -236,6 +236,27 @@ def _source(
     else:
         positions = select_cells(data.obs, cells, order="input")
         obs = data.obs.iloc[positions]
+    positions, codes = _group_codes_of(obs, positions, groupby=groupby, groups=groups, pool_groups=pool_groups)
+    if len(np.unique(positions)) != len(positions):
+        raise DataError("cells selects some cells more than once; pass each cell once.")
+    if len(positions) == 0:
+        raise DataError(f"The selection is empty (cells={cells!r}, groupby={groupby!r}, groups={groups!r}).")
+    if is_tokens:
+        load = _token_loader(data, positions, codes)
+    else:
+        load = _adata_loader(data, model, positions, codes, tokenize_kwargs)
+    return _Source(load, positions, codes, chunk_size)
+
+
+def _group_codes_of(
+    obs: pd.DataFrame | None,
+    positions: np.ndarray,
+    *,
+    groupby: str | None,
+    groups: Sequence[Any] | None,
+    pool_groups: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The selected positions in the groups and each one's group code (all 0 without ``groupby``)."""
     if groupby is not None:
         if groups is None:
             raise ConfigError("groupby= needs groups=... (the label(s) to aggregate over).")
@@ -248,32 +269,41 @@ def _source(
         raise ConfigError("groups= needs groupby=... (the obs column holding the labels).")
     else:
         codes = np.zeros(len(positions), dtype=np.int64)
-    if len(np.unique(positions)) != len(positions):
-        raise DataError("cells selects some cells more than once; pass each cell once.")
-    if len(positions) == 0:
-        raise DataError(f"The selection is empty (cells={cells!r}, groupby={groupby!r}, groups={groups!r}).")
+    return positions, codes
 
-    if is_tokens:
-        tokens = data
-        code_of = dict(zip(positions.tolist(), codes.tolist(), strict=True))
 
-        def load(chunk: np.ndarray) -> tuple[TokenizedCells, np.ndarray]:
-            return tokens.subset(chunk), np.asarray([code_of[int(i)] for i in chunk], dtype=np.int64)
+def _token_loader(
+    tokens: TokenizedCells, positions: np.ndarray, codes: np.ndarray
+) -> Callable[[np.ndarray], tuple[TokenizedCells, np.ndarray]]:
+    """A loader that subsets tokenized cells and gives each cell's group code."""
+    code_of = dict(zip(positions.tolist(), codes.tolist(), strict=True))
 
-    else:
-        adata = data
-        code_series = pd.Series(codes, index=np.asarray(adata.obs_names[positions]).astype(str))
+    def load(chunk: np.ndarray) -> tuple[TokenizedCells, np.ndarray]:
+        return tokens.subset(chunk), np.asarray([code_of[int(i)] for i in chunk], dtype=np.int64)
 
-        def load(chunk: np.ndarray) -> tuple[TokenizedCells, np.ndarray]:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*no gene in the vocabulary.*")
-                toks = tokenize(adata, model, cells=chunk, progress=False, **tokenize_kwargs)
-            if isinstance(toks, ShardedTokens):
-                toks = toks.to_memory()
-            names = np.asarray(toks.obs_names).astype(str)
-            return toks, code_series.loc[names].to_numpy(dtype=np.int64)
+    return load
 
-    return _Source(load, positions, codes, chunk_size)
+
+def _adata_loader(
+    adata: Any,
+    model: CellModel,
+    positions: np.ndarray,
+    codes: np.ndarray,
+    tokenize_kwargs: Mapping[str, Any],
+) -> Callable[[np.ndarray], tuple[TokenizedCells, np.ndarray]]:
+    """A loader that tokenizes AnnData cells and gives each cell's group code."""
+    code_series = pd.Series(codes, index=np.asarray(adata.obs_names[positions]).astype(str))
+
+    def load(chunk: np.ndarray) -> tuple[TokenizedCells, np.ndarray]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*no gene in the vocabulary.*")
+            toks = tokenize(adata, model, cells=chunk, progress=False, **tokenize_kwargs)
+        if isinstance(toks, ShardedTokens):
+            toks = toks.to_memory()
+        names = np.asarray(toks.obs_names).astype(str)
+        return toks, code_series.loc[names].to_numpy(dtype=np.int64)
+
+    return load
 
 
 def _tokenize_kwargs(
