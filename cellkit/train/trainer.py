@@ -798,70 +798,28 @@ class Trainer:
         c, s = self.config, self.state
         assert s is not None
         assert self.optimizer is not None
-        per_epoch_batches = self._batches_per_epoch(train)
-        per_epoch = None if per_epoch_batches is None else math.ceil(per_epoch_batches / c.grad_accum)
-        total = None if per_epoch is None else per_epoch * c.epochs
-        if c.max_steps is not None:
-            total = c.max_steps if total is None else min(total, c.max_steps)
+        per_epoch_batches, per_epoch, total = self._plan_steps(train)
         self._total_steps = total
-        model: nn.Module = self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
-            )
+        model = self._wrapped_model()
         self._emit("train_start", metrics={"lr": self.optimizer.param_groups[0]["lr"]})
         status = "completed"
         checked = False
-        while s["epoch"] < c.epochs and not (c.max_steps is not None and s["step"] >= c.max_steps):
+        while s["epoch"] < c.epochs and not self._max_steps_reached():
             epoch = s["epoch"]
-            if hasattr(collate_fn, "set_epoch"):
-                collate_fn.set_epoch(epoch)
-            loader = self._loader(train, train=True, collate_fn=collate_fn, epoch=epoch, skip=s["batch"])
-            n_batches = per_epoch_batches
-            bar = self._progress(per_epoch, epoch, s["step"] - epoch * (per_epoch or 0))
-            model.train()
-            window: list[Any] = []
-            it = iter(loader)
-            while True:
-                batch = next(it, None)
-                if batch is not None:
-                    if not checked:
-                        self._check_batch(batch)
-                        checked = True
-                    window.append(batch)
-                    consumed = s["batch"] + len(window)
-                    last_of_epoch = n_batches is not None and consumed >= n_batches
-                    if len(window) < c.grad_accum and not last_of_epoch:
-                        continue
-                elif not window:
-                    break
-                self._optimizer_step(model, window, epoch, total)
-                s["batch"] += len(window)
-                window = []
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{self.history.step_records[-1]['loss']:.4f}", refresh=False)
-                due = c.eval_every_steps and s["step"] % c.eval_every_steps == 0 and val is not None
-                if due and self._validate(model, val, val_collate_fn, epoch):
-                    status = "early_stopped"
-                if c.checkpoint_every_steps and s["step"] % c.checkpoint_every_steps == 0:
-                    self._checkpoint()
-                if (
-                    status == "early_stopped"
-                    or self._stop.is_set()
-                    or (c.max_steps is not None and s["step"] >= c.max_steps)
-                ):
-                    break
-            if bar is not None:
-                bar.close()
-            if n_batches is None:
-                epoch_done = batch is None
-            else:
-                epoch_done = s["batch"] >= n_batches
+            early, epoch_done, checked = self._train_epoch(
+                model,
+                train,
+                val,
+                collate_fn,
+                val_collate_fn,
+                epoch=epoch,
+                n_batches=per_epoch_batches,
+                per_epoch=per_epoch,
+                total=total,
+                checked=checked,
+            )
+            if early:
+                status = "early_stopped"
             if (
                 epoch_done
                 and status != "early_stopped"
@@ -873,8 +831,6 @@ class Trainer:
             if self._stop.is_set():
                 status = self._stop_reason or "stopped"
                 break
-        else:
-            pass
         s["done"] = status in ("completed", "early_stopped")
         ckpt_path = self._checkpoint() if self.ckpt is not None else None
         if s["done"] and self.config.restore_best:
@@ -890,6 +846,106 @@ class Trainer:
             checkpoint=ckpt_path,
             best_checkpoint=best_ckpt,
         )
+
+    def _plan_steps(self, train: Dataset) -> tuple[int | None, int | None, int | None]:
+        """Batches per epoch, optimizer steps per epoch and total optimizer steps (``None`` where unknown)."""
+        c = self.config
+        per_epoch_batches = self._batches_per_epoch(train)
+        per_epoch = None if per_epoch_batches is None else math.ceil(per_epoch_batches / c.grad_accum)
+        total = None if per_epoch is None else per_epoch * c.epochs
+        if c.max_steps is not None:
+            total = c.max_steps if total is None else min(total, c.max_steps)
+        return per_epoch_batches, per_epoch, total
+
+    def _wrapped_model(self) -> nn.Module:
+        """The model to train: wrapped in ``DistributedDataParallel`` when training is distributed."""
+        model: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+        return model
+
+    def _max_steps_reached(self) -> bool:
+        s = self.state
+        assert s is not None
+        return self.config.max_steps is not None and s["step"] >= self.config.max_steps
+
+    def _train_epoch(
+        self,
+        model: nn.Module,
+        train: Dataset,
+        val: Dataset | None,
+        collate_fn: Any,
+        val_collate_fn: Any,
+        *,
+        epoch: int,
+        n_batches: int | None,
+        per_epoch: int | None,
+        total: int | None,
+        checked: bool,
+    ) -> tuple[bool, bool, bool]:
+        """The optimizer steps of one epoch, from where the state left off.
+
+        Returns whether validation asked for an early stop, whether the epoch's batches are all
+        done, and whether the first batch has been checked.
+        """
+        c, s = self.config, self.state
+        assert s is not None
+        if hasattr(collate_fn, "set_epoch"):
+            collate_fn.set_epoch(epoch)
+        loader = self._loader(train, train=True, collate_fn=collate_fn, epoch=epoch, skip=s["batch"])
+        bar = self._progress(per_epoch, epoch, s["step"] - epoch * (per_epoch or 0))
+        model.train()
+        early = False
+        window: list[Any] = []
+        it = iter(loader)
+        while True:
+            batch = next(it, None)
+            if batch is not None:
+                if not checked:
+                    self._check_batch(batch)
+                    checked = True
+                window.append(batch)
+                consumed = s["batch"] + len(window)
+                last_of_epoch = n_batches is not None and consumed >= n_batches
+                if len(window) < c.grad_accum and not last_of_epoch:
+                    continue
+            elif not window:
+                break
+            self._optimizer_step(model, window, epoch, total)
+            s["batch"] += len(window)
+            window = []
+            self._update_progress(bar)
+            if self._after_step(model, val, val_collate_fn, epoch):
+                early = True
+            if early or self._stop.is_set() or self._max_steps_reached():
+                break
+        if bar is not None:
+            bar.close()
+        epoch_done = batch is None if n_batches is None else s["batch"] >= n_batches
+        return early, epoch_done, checked
+
+    def _update_progress(self, bar: Any) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.history.step_records[-1]['loss']:.4f}", refresh=False)
+
+    def _after_step(self, model: nn.Module, val: Dataset | None, val_collate_fn: Any, epoch: int) -> bool:
+        """Validation and checkpoint when due after an optimizer step; ``True`` when validation stops early."""
+        c, s = self.config, self.state
+        assert s is not None
+        early = False
+        due = c.eval_every_steps and s["step"] % c.eval_every_steps == 0 and val is not None
+        if due and self._validate(model, val, val_collate_fn, epoch):
+            early = True
+        if c.checkpoint_every_steps and s["step"] % c.checkpoint_every_steps == 0:
+            self._checkpoint()
+        return early
 
     def _progress(self, per_epoch: int | None, epoch: int, done: int) -> Any:
         if not (self.config.progress and self.dist.is_main):
