@@ -61,6 +61,96 @@ def _parse(condition: str, var_index: dict[str, int]) -> tuple[str, ...]:
     return genes
 
 
+def _check_arguments(
+    *,
+    n_genes: int,
+    n_control: int,
+    n_cells_per_perturbation: int,
+    n_single: int,
+    n_double: int,
+    n_targets: int,
+    noise: float,
+    interaction: float,
+    common_effect: float,
+    library_size: float,
+) -> None:
+    """Refuse sizes and scales that do not fit, before any random draw."""
+    for name, value in (
+        ("n_genes", n_genes),
+        ("n_control", n_control),
+        ("n_cells_per_perturbation", n_cells_per_perturbation),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    for name, value in (("n_single", n_single), ("n_double", n_double), ("n_targets", n_targets)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} must be a non-negative integer, got {value!r}.")
+    for name, value in (("noise", noise), ("interaction", interaction), ("common_effect", common_effect)):
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value!r}.")
+    if library_size <= 0:
+        raise ConfigError(f"library_size must be > 0, got {library_size!r}.")
+    if n_targets >= n_genes:
+        raise ConfigError(f"n_targets ({n_targets}) must be smaller than n_genes ({n_genes}).")
+
+
+def _default_conditions(
+    rng: np.random.Generator, share: np.ndarray, genes: list[str], *, n_single: int, n_double: int
+) -> list[str]:
+    """``n_single`` singles on genes of the more highly expressed half, then ``n_double`` doubles among them."""
+    upper = np.flatnonzero(share >= np.median(share))
+    if n_single > len(upper):
+        raise ConfigError(
+            f"n_single={n_single} is more than the {len(upper)} more highly expressed genes; raise n_genes."
+        )
+    picked = np.sort(rng.choice(upper, size=n_single, replace=False))
+    singles = [genes[i] for i in picked]
+    pairs = [(a, b) for i, a in enumerate(singles) for b in singles[i + 1 :]]
+    if n_double > len(pairs):
+        raise ConfigError(f"n_double={n_double} is more than the {len(pairs)} pairs of {n_single} genes.")
+    chosen = sorted(rng.choice(len(pairs), size=n_double, replace=False).tolist()) if n_double else []
+    return [f"{g}+{CONTROL}" for g in singles] + [f"{pairs[k][0]}+{pairs[k][1]}" for k in chosen]
+
+
+def _given_conditions(perturbations: Sequence[str]) -> list[str]:
+    """The caller's conditions, checked to be distinct and free of the control label."""
+    if isinstance(perturbations, str):
+        perturbations = [perturbations]
+    conditions = [str(c) for c in perturbations]
+    if len(set(conditions)) != len(conditions) or CONTROL in conditions:
+        raise DataError("perturbations must be distinct and must not include the control label 'ctrl'.")
+    return conditions
+
+
+def _planted_effects(
+    rng: np.random.Generator,
+    perturbed: list[str],
+    genes: list[str],
+    var_index: dict[str, int],
+    *,
+    n_targets: int,
+    effect_size: float,
+    knockdown: float,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Each perturbed gene's planted log-fold-change effect: as a Series of its genes, and as a full vector."""
+    import pandas as pd
+
+    n_genes = len(genes)
+    truth: dict[str, Any] = {}
+    effect_of: dict[str, np.ndarray] = {}
+    for g in perturbed:
+        i = var_index[g]
+        others = np.setdiff1d(np.arange(n_genes), [i])
+        targets = np.sort(rng.choice(others, size=n_targets, replace=False))
+        e = np.zeros(n_genes)
+        e[targets] = rng.choice([-1.0, 1.0], size=n_targets) * effect_size * rng.uniform(0.5, 1.5, n_targets)
+        e[i] = -knockdown
+        effect_of[g] = e
+        nz = np.flatnonzero(e)
+        truth[g] = pd.Series(e[nz], index=pd.Index([genes[k] for k in nz], name="gene"), name=g)
+    return truth, effect_of
+
+
 def synthetic_perturbation(
     *,
     n_genes: int = 200,
@@ -146,23 +236,18 @@ def synthetic_perturbation(
     import pandas as pd
     from anndata import AnnData
 
-    for name, value in (
-        ("n_genes", n_genes),
-        ("n_control", n_control),
-        ("n_cells_per_perturbation", n_cells_per_perturbation),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-    for name, value in (("n_single", n_single), ("n_double", n_double), ("n_targets", n_targets)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{name} must be a non-negative integer, got {value!r}.")
-    for name, value in (("noise", noise), ("interaction", interaction), ("common_effect", common_effect)):
-        if value < 0:
-            raise ConfigError(f"{name} must be >= 0, got {value!r}.")
-    if library_size <= 0:
-        raise ConfigError(f"library_size must be > 0, got {library_size!r}.")
-    if n_targets >= n_genes:
-        raise ConfigError(f"n_targets ({n_targets}) must be smaller than n_genes ({n_genes}).")
+    _check_arguments(
+        n_genes=n_genes,
+        n_control=n_control,
+        n_cells_per_perturbation=n_cells_per_perturbation,
+        n_single=n_single,
+        n_double=n_double,
+        n_targets=n_targets,
+        noise=noise,
+        interaction=interaction,
+        common_effect=common_effect,
+        library_size=library_size,
+    )
 
     rng = np.random.default_rng(seed)
     genes = _gene_names(n_genes)
@@ -173,40 +258,16 @@ def synthetic_perturbation(
 
     # -- which conditions
     if perturbations is None:
-        upper = np.flatnonzero(share >= np.median(share))
-        if n_single > len(upper):
-            raise ConfigError(
-                f"n_single={n_single} is more than the {len(upper)} more highly expressed genes; raise n_genes."
-            )
-        picked = np.sort(rng.choice(upper, size=n_single, replace=False))
-        singles = [genes[i] for i in picked]
-        pairs = [(a, b) for i, a in enumerate(singles) for b in singles[i + 1 :]]
-        if n_double > len(pairs):
-            raise ConfigError(f"n_double={n_double} is more than the {len(pairs)} pairs of {n_single} genes.")
-        chosen = sorted(rng.choice(len(pairs), size=n_double, replace=False).tolist()) if n_double else []
-        conditions = [f"{g}+{CONTROL}" for g in singles] + [f"{pairs[k][0]}+{pairs[k][1]}" for k in chosen]
+        conditions = _default_conditions(rng, share, genes, n_single=n_single, n_double=n_double)
     else:
-        if isinstance(perturbations, str):
-            perturbations = [perturbations]
-        conditions = [str(c) for c in perturbations]
-        if len(set(conditions)) != len(conditions) or CONTROL in conditions:
-            raise DataError("perturbations must be distinct and must not include the control label 'ctrl'.")
+        conditions = _given_conditions(perturbations)
     parsed = [_parse(c, var_index) for c in conditions]
     perturbed = sorted({g for p in parsed for g in p}, key=var_index.__getitem__)
 
     # -- planted effects (natural-log fold change of the expected count)
-    truth: dict[str, Any] = {}
-    effect_of: dict[str, np.ndarray] = {}
-    for g in perturbed:
-        i = var_index[g]
-        others = np.setdiff1d(np.arange(n_genes), [i])
-        targets = np.sort(rng.choice(others, size=n_targets, replace=False))
-        e = np.zeros(n_genes)
-        e[targets] = rng.choice([-1.0, 1.0], size=n_targets) * effect_size * rng.uniform(0.5, 1.5, n_targets)
-        e[i] = -knockdown
-        effect_of[g] = e
-        nz = np.flatnonzero(e)
-        truth[g] = pd.Series(e[nz], index=pd.Index([genes[k] for k in nz], name="gene"), name=g)
+    truth, effect_of = _planted_effects(
+        rng, perturbed, genes, var_index, n_targets=n_targets, effect_size=effect_size, knockdown=knockdown
+    )
     common = np.zeros(n_genes)
     if common_effect > 0 and n_targets:
         idx = np.sort(rng.choice(n_genes, size=n_targets, replace=False))
