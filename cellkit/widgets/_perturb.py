@@ -632,6 +632,58 @@ class PerturbationPanel(Panel):
         cells, note = _subsample(cells, self.max_cells.value, int(self.seed.value), what)
         return cells, note
 
+    def _requested_perturbations(
+        self, genes: str | Sequence[str] | None, combos: Any
+    ) -> tuple[bool, list[tuple[str, ...]], list[str]]:
+        """Whether ``combos`` lists explicit combinations, those combinations, and the genes (checked)."""
+        explicit = not isinstance(combos, bool | np.bool_)
+        perts: list[tuple[str, ...]] = []
+        if explicit:
+            perts = [(c,) if isinstance(c, str) else tuple(str(g) for g in c) for c in combos]
+            gene_list = list(dict.fromkeys(g for p in perts for g in p))
+            if not gene_list:
+                raise ConfigError("combos is empty; name at least one combination of genes.")
+        else:
+            gene_list = self._typed_genes(genes)
+        if self._gene_set:
+            missing = [g for g in gene_list if g not in self._gene_set]
+            if missing:
+                raise unknown_gene_error(missing, sorted(self._gene_set), where="the model's vocabulary")
+        return explicit, perts, gene_list
+
+    def _typed_genes(self, genes: str | Sequence[str] | None) -> list[str]:
+        """The genes to perturb one by one (or together): the argument, else the genes box."""
+        if genes is None:
+            gene_list = _split_genes(self.genes.value)
+        elif isinstance(genes, str):
+            gene_list = _split_genes(genes)
+        else:
+            gene_list = list(dict.fromkeys(str(g).strip() for g in genes if str(g).strip()))
+        if not gene_list:
+            raise ConfigError("Type at least one gene to perturb in the genes box (e.g. CD3E, LYZ).")
+        return gene_list
+
+    def _uns_key_added(self) -> str | None:
+        """The ``adata.uns`` key to store results under, or ``None`` when "store" is unticked."""
+        if not self.store_uns.value:
+            return None
+        key_added = str(self.uns_key.value).strip()
+        if not key_added:
+            raise ConfigError("Enter the adata.uns key to store the results under (or untick “store”).")
+        return key_added
+
+    def _perturbed_cells(self, adata: Any, seed: int) -> tuple[np.ndarray, str]:
+        """The cells to perturb (the active selection, else all), subsampled to ``max cells``, and a note."""
+        selected = self.state.selected_cells()
+        if selected is None:
+            selected = np.asarray(adata.obs_names).astype(str)
+            what = "all cells"
+        else:
+            what = f"selection {self.state.active_selection!r}"
+        if len(selected) == 0:
+            raise DataError(f"The {what} is empty; select at least one cell.")
+        return _subsample(selected, self.max_cells.value, seed, what)
+
     @guarded
     def run(
         self,
@@ -680,44 +732,13 @@ class PerturbationPanel(Panel):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
         combos = bool(self.together.value) if combos is None else combos
-        explicit = not isinstance(combos, bool | np.bool_)
-        if explicit:
-            perts = [(c,) if isinstance(c, str) else tuple(str(g) for g in c) for c in combos]
-            gene_list = list(dict.fromkeys(g for p in perts for g in p))
-            if not gene_list:
-                raise ConfigError("combos is empty; name at least one combination of genes.")
-        else:
-            if genes is None:
-                gene_list = _split_genes(self.genes.value)
-            elif isinstance(genes, str):
-                gene_list = _split_genes(genes)
-            else:
-                gene_list = list(dict.fromkeys(str(g).strip() for g in genes if str(g).strip()))
-            if not gene_list:
-                raise ConfigError("Type at least one gene to perturb in the genes box (e.g. CD3E, LYZ).")
-        if self._gene_set:
-            missing = [g for g in gene_list if g not in self._gene_set]
-            if missing:
-                raise unknown_gene_error(missing, sorted(self._gene_set), where="the model's vocabulary")
+        explicit, perts, gene_list = self._requested_perturbations(genes, combos)
         n_null = int(self.n_null.value if n_null is None else n_null)
         if n_null < 0:
             raise ConfigError(f"n null must be 0 or more, got {n_null}.")
         seed = int(self.seed.value)
-        key_added = None
-        if self.store_uns.value:
-            key_added = str(self.uns_key.value).strip()
-            if not key_added:
-                raise ConfigError("Enter the adata.uns key to store the results under (or untick “store”).")
-
-        selected = self.state.selected_cells()
-        if selected is None:
-            selected = np.asarray(adata.obs_names).astype(str)
-            what = "all cells"
-        else:
-            what = f"selection {self.state.active_selection!r}"
-        if len(selected) == 0:
-            raise DataError(f"The {what} is empty; select at least one cell.")
-        cells, note = _subsample(selected, self.max_cells.value, seed, what)
+        key_added = self._uns_key_added()
+        cells, note = self._perturbed_cells(adata, seed)
         goal_cells, goal_note = self._goal(goal)
         kw: dict[str, Any] = {
             "mode": mode,
