@@ -691,7 +691,123 @@ def in_silico_perturb(
     ...                         goal="bulk_labels == 'CD14+ Monocyte'")
     >>> res.sort_values("mean_shift", ascending=False)
     """
-    # ---------------------------------------------------------------- options
+    # ---------------------------------------------------------------- plan: options, cells, tokens, keys
+    pooling = _checked_options(
+        adata,
+        model,
+        key_added=key_added,
+        overwrite=overwrite,
+        mode=mode,
+        n_null=n_null,
+        null_bins=null_bins,
+        batch_size=batch_size,
+        copy=copy,
+        pooling=pooling,
+    )
+    from .embeddings import resolve_hidden_layer
+
+    idx = resolve_hidden_layer(model, hidden_layer)
+    plan = _plan(
+        adata,
+        model,
+        genes=genes,
+        combos=combos,
+        cells=cells,
+        goal=goal,
+        groupby=groupby,
+        mode=mode,
+        tokenize_options=dict(tokenize_options or {}),
+        layer=layer,
+        use_raw=use_raw,
+        gene_column=gene_column,
+    )
+
+    # ---------------------------------------------------------------- embed: originals, null genes, perturbed
+    embed = _embedder(model, pooling=pooling, idx=idx, batch_size=batch_size, device=device)
+    d_model = model.config.encoder.d_model if gene_shifts else None
+    orig, states = _original_embeddings(plan, embed, d_model=d_model)
+    goal_mean, orig_goal = _goal_embedding(plan, embed, orig, goal)
+    rng = np.random.default_rng(seed)
+    null_keys = (
+        _null_draws(
+            plan.pert_keys,
+            plan.tokens,
+            plan.lay,
+            n_null=n_null,
+            null_bins=null_bins,
+            rng=rng,
+            name_of=plan.name_of,
+        )
+        if n_null
+        else [np.zeros((0, len(k)), dtype=np.int64) for k in plan.pert_keys]
+    )
+    n_keys = (
+        (plan.tokens.options.get("gene_type_offset", 1) + len(plan.space.names))
+        if plan.space.perturbgene
+        else len(model.vocab)
+    )
+    shifts = _Shifts(
+        plan,
+        embed,
+        orig,
+        states,
+        goal_mean,
+        orig_goal,
+        n_null=n_null,
+        n_keys=n_keys,
+        gene_shifts=gene_shifts,
+        chunk_cells=max(8 * batch_size, 256),
+    )
+    _embed_perturbations(plan, shifts, null_keys, mode=mode, progress=progress)
+
+    # ---------------------------------------------------------------- summarise: tables, params, output
+    summary, null_frame = _summary_frames(plan, shifts, null_keys, mode=mode, groupby=groupby)
+    cells_frame = _cells_frame(plan, shifts, groupby=groupby)
+    result: dict[str, Any] = {"summary": summary, "cells": cells_frame, "null": null_frame}
+    if gene_shifts:
+        result["gene_shifts"] = _gene_shifts_frame(plan, shifts)
+    result["params"] = {
+        "mode": mode,
+        "perturbations": ["+".join(c) for c in plan.perts],
+        "rule": plan.rule,
+        "scheme": plan.tokens.scheme,
+        "max_len": -1 if plan.max_len is None else int(plan.max_len),
+        "pooling": pooling,
+        "hidden_layer": -1 if hidden_layer is None else int(hidden_layer),
+        "goal": "" if goal is None else (goal if isinstance(goal, str) else f"{len(plan.goal_rows)} cells"),
+        "groupby": groupby or "",
+        "n_null": int(n_null),
+        "null_bins": int(null_bins),
+        "seed": int(seed),
+        "n_cells": int(plan.n),
+        "n_cells_without_genes": int(plan.n_without),
+    }
+    if key_added is not None:
+        target = adata.copy() if copy else adata
+        target.uns[key_added] = result
+        record_written(target, [("uns", key_added)])
+        if copy:
+            return target
+    if return_cells:
+        return summary, cells_frame
+    return summary
+
+
+# ---------------------------------------------------------------- in_silico_perturb: plan
+def _checked_options(
+    adata: AnnData,
+    model: CellModel,
+    *,
+    key_added: str | None,
+    overwrite: bool,
+    mode: str,
+    n_null: int,
+    null_bins: int,
+    batch_size: int,
+    copy: bool,
+    pooling: str | None,
+) -> str:
+    """Check the options that need no tokens; returns the pooling (default the model's)."""
     check_adata(adata, what="cellkit.analysis.in_silico_perturb")
     if key_added is not None:
         check_keys_free(
@@ -711,22 +827,48 @@ def in_silico_perturb(
     pooling = pooling or model.config.pooling
     if pooling not in POOLING_MODES:
         raise ConfigError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}.")
-    from .embeddings import resolve_hidden_layer
+    return pooling
 
-    idx = resolve_hidden_layer(model, hidden_layer)
-    opts = dict(tokenize_options or {})
+
+@dataclass
+class _Plan:
+    """What to perturb where: the perturbations, the selected cells' tokens and their gene keys."""
+
+    perts: list[tuple[str, ...]]
+    space: _GeneSpace
+    #: tokenizes rows of the AnnData as the cells were (for the goal cells)
+    tokenize_rows: Callable[[np.ndarray], TokenizedCells]
+    tokens: TokenizedCells
+    rule: str
+    lay: _Layout
+    names: np.ndarray
+    n_without: int
+    max_len: int | None
+    top_token: int | None
+    pert_keys: list[np.ndarray]
+    name_of: Callable[[int], str]
+    group_names: list[str]
+    group_codes: np.ndarray
+    goal_rows: np.ndarray | None
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
+
+
+def _perturb_scheme(model: CellModel, opts: Mapping[str, Any]) -> str:
+    """The tokenization scheme, checked to have a perturbation rule."""
     scheme = opts.get("scheme") or model.config.family
     if scheme not in _RULE_OF_SCHEME:
         raise ConfigError(
             f"This model's tokens have no perturbation rule (scheme {scheme!r}); pass "
             f"tokenize_options={{'scheme': ...}} with one of {sorted(_RULE_OF_SCHEME)}."
         )
-    space = _gene_space(model, scheme, opts)
-    perts = _perturbations(genes, combos, space)
-    if groupby is not None and groupby not in adata.obs.columns:
-        raise DataError(f"groupby={groupby!r} is not an obs column; available: {list(adata.obs.columns)}.")
+    return scheme
 
-    # ---------------------------------------------------------------- cells and tokens
+
+def _selected_rows(adata: AnnData, cells: Any, goal: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows of the cells to perturb and of the goal cells (``None`` without a goal)."""
     try:
         positions = select_rows(adata.obs, cells)
     except DataError as exc:
@@ -737,6 +879,19 @@ def in_silico_perturb(
             goal_rows = select_rows(adata.obs, goal)
         except DataError as exc:
             raise DataError(f"The goal group is empty or invalid (goal={goal!r}): {exc}") from None
+    return positions, goal_rows
+
+
+def _row_tokenizer(
+    adata: AnnData,
+    model: CellModel,
+    opts: Mapping[str, Any],
+    *,
+    layer: str | None,
+    use_raw: bool | None,
+    gene_column: str | None,
+) -> Callable[[np.ndarray], TokenizedCells]:
+    """``tok(rows)``: the in-memory tokens of those rows of ``adata`` (quiet about cells without genes)."""
 
     def tok(rows: np.ndarray) -> TokenizedCells:
         with warnings.catch_warnings():
@@ -753,6 +908,13 @@ def in_silico_perturb(
             )
         return t.to_memory() if not isinstance(t, TokenizedCells) else t
 
+    return tok
+
+
+def _cells_with_genes(
+    tok: Callable[[np.ndarray], TokenizedCells], positions: np.ndarray
+) -> tuple[TokenizedCells, str, _Layout, int]:
+    """Tokens of the selected cells that carry a gene, their rule and layout, and how many were left out."""
     tokens = tok(positions)
     rule = _rule(tokens, None)
     lay = _layout(tokens, rule)
@@ -766,29 +928,88 @@ def in_silico_perturb(
             f"None of the {len(positions)} selected cells has a gene in the model's vocabulary; check the gene "
             "identifiers (gene_column=...) or the selection (cells=...)."
         )
-    names = np.asarray(tokens.obs_names).astype(str)
-    cell_pos = adata.obs_names.get_indexer(names)
-    n = len(tokens)
+    return tokens, rule, lay, n_without
+
+
+def _max_len(model: CellModel, tokens: TokenizedCells) -> int | None:
+    """The longest a perturbed cell may be: the tokens' maximum length, capped by the model's positions."""
     max_len = _default_max_len(tokens)
     n_pos = model.config.encoder.max_position_embeddings
     if n_pos:
         max_len = n_pos if max_len is None else min(max_len, n_pos)
+    return max_len
+
+
+def _groups(
+    adata: AnnData, groupby: str | None, cell_pos: np.ndarray, n: int
+) -> tuple[list[str], np.ndarray]:
+    """Group names and each cell's group code (one unnamed group without ``groupby``)."""
+    if groupby is None:
+        return [], np.zeros(n, dtype=np.int64)
+    labels = adata.obs[groupby].iloc[cell_pos].astype("category").cat.remove_unused_categories()
+    return [str(c) for c in labels.cat.categories], labels.cat.codes.to_numpy()
+
+
+def _plan(
+    adata: AnnData,
+    model: CellModel,
+    *,
+    genes: Any,
+    combos: Any,
+    cells: Any,
+    goal: Any,
+    groupby: str | None,
+    mode: str,
+    tokenize_options: dict[str, Any],
+    layer: str | None,
+    use_raw: bool | None,
+    gene_column: str | None,
+) -> _Plan:
+    """Check the perturbations and the cells, tokenize the cells and find the perturbed genes' keys."""
+    opts = tokenize_options
+    scheme = _perturb_scheme(model, opts)
+    space = _gene_space(model, scheme, opts)
+    perts = _perturbations(genes, combos, space)
+    if groupby is not None and groupby not in adata.obs.columns:
+        raise DataError(f"groupby={groupby!r} is not an obs column; available: {list(adata.obs.columns)}.")
+    positions, goal_rows = _selected_rows(adata, cells, goal)
+    tok = _row_tokenizer(adata, model, opts, layer=layer, use_raw=use_raw, gene_column=gene_column)
+    tokens, rule, lay, n_without = _cells_with_genes(tok, positions)
+    names = np.asarray(tokens.obs_names).astype(str)
+    cell_pos = adata.obs_names.get_indexer(names)
+    max_len = _max_len(model, tokens)
     top_token = _top_token(tokens) if rule == "perturbgene" and mode == "overexpress" else None
     pert_keys = [space.keys(p, tokens) for p in perts]
     name_of = space.name_of(tokens)
+    group_names, group_codes = _groups(adata, groupby, cell_pos, len(tokens))
+    return _Plan(
+        perts=perts,
+        space=space,
+        tokenize_rows=tok,
+        tokens=tokens,
+        rule=rule,
+        lay=lay,
+        names=names,
+        n_without=n_without,
+        max_len=max_len,
+        top_token=top_token,
+        pert_keys=pert_keys,
+        name_of=name_of,
+        group_names=group_names,
+        group_codes=group_codes,
+        goal_rows=goal_rows,
+    )
 
-    if groupby is not None:
-        labels = adata.obs[groupby].iloc[cell_pos].astype("category").cat.remove_unused_categories()
-        group_names = [str(c) for c in labels.cat.categories]
-        group_codes = labels.cat.codes.to_numpy()
-    else:
-        group_names, group_codes = [], np.zeros(n, dtype=np.int64)
 
-    # ---------------------------------------------------------------- original embeddings
-    embed = _embedder(model, pooling=pooling, idx=idx, batch_size=batch_size, device=device)
+# ---------------------------------------------------------------- in_silico_perturb: embed
+def _original_embeddings(
+    plan: _Plan, embed: Callable[..., np.ndarray], *, d_model: int | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The cells' embeddings before perturbation and, with ``d_model`` (gene shifts), their token states."""
+    tokens = plan.tokens
     states = None
-    if gene_shifts:
-        states = np.zeros((tokens.n_tokens, model.config.encoder.d_model), dtype=np.float32)
+    if d_model is not None:
+        states = np.zeros((tokens.n_tokens, d_model), dtype=np.float32)
 
         def keep_states(index: np.ndarray, h: np.ndarray, lengths: np.ndarray) -> None:
             for row, (c, m) in enumerate(zip(index.tolist(), lengths.tolist(), strict=True)):
@@ -799,48 +1020,100 @@ def in_silico_perturb(
     else:
         orig = embed(tokens)
     check_finite_rows(orig, what="embeddings", names=tokens.obs_names)
-    goal_mean = orig_goal = None
-    if goal_rows is not None:
-        goal_tokens = tok(goal_rows)
-        goal_lay = _layout(goal_tokens, rule)
-        ok = goal_lay.n_genes > 0
-        if not ok.any():
-            raise DataError(
-                f"No cell of the goal group (goal={goal!r}) has a gene in the model's vocabulary."
-            )
-        goal_mean = embed(goal_tokens.subset(np.flatnonzero(ok))).mean(axis=0)
-        orig_goal = _cosine(orig, goal_mean[None, :])
+    return orig, states
 
-    # ---------------------------------------------------------------- null genes
-    rng = np.random.default_rng(seed)
-    null_keys = (
-        _null_draws(pert_keys, tokens, lay, n_null=n_null, null_bins=null_bins, rng=rng, name_of=name_of)
-        if n_null
-        else [np.zeros((0, len(k)), dtype=np.int64) for k in pert_keys]
-    )
 
-    # ---------------------------------------------------------------- perturbed embeddings
-    P, K = len(perts), n_null
-    shift = np.zeros((P, 1 + K, n))  # slot 0: the perturbation itself, 1…K: its random draws
-    goal_shift = np.zeros((P, 1 + K, n))
-    counted = np.zeros((P, 1 + K, n), dtype=bool)
-    present = np.zeros((P, 1 + K, n), dtype=np.int64)
-    n_keys = (
-        (tokens.options.get("gene_type_offset", 1) + len(space.names))
-        if space.perturbgene
-        else len(model.vocab)
-    )
-    gs_sum = np.zeros((P, n_keys)) if gene_shifts else None
-    gs_cnt = np.zeros((P, n_keys)) if gene_shifts else None
-    jobs = [(p, s) for p in range(P) for s in range(1 + K)]
-    chunk_cells = max(8 * batch_size, 256)
-    pending: list[tuple[int, int, np.ndarray, TokenizedCells]] = []
-    n_pending = 0
+def _goal_embedding(
+    plan: _Plan, embed: Callable[..., np.ndarray], orig: np.ndarray, goal: Any
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The goal cells' mean embedding and the original cells' cosine to it (``None`` without a goal)."""
+    if plan.goal_rows is None:
+        return None, None
+    goal_tokens = plan.tokenize_rows(plan.goal_rows)
+    goal_lay = _layout(goal_tokens, plan.rule)
+    ok = goal_lay.n_genes > 0
+    if not ok.any():
+        raise DataError(f"No cell of the goal group (goal={goal!r}) has a gene in the model's vocabulary.")
+    goal_mean = embed(goal_tokens.subset(np.flatnonzero(ok))).mean(axis=0)
+    return goal_mean, _cosine(orig, goal_mean[None, :])
 
-    def gene_state_shifts(p: int, orig_cells: np.ndarray, pert: TokenizedCells) -> Callable[..., None]:
+
+class _Shifts:
+    """Per perturbation ``p``, slot ``s`` (0: itself, 1…K: its random draws) and cell: the shifts.
+
+    Perturbed cells wait in ``pending`` until ``chunk_cells`` of them can be embedded together.
+    """
+
+    def __init__(
+        self,
+        plan: _Plan,
+        embed: Callable[..., np.ndarray],
+        orig: np.ndarray,
+        states: np.ndarray | None,
+        goal_mean: np.ndarray | None,
+        orig_goal: np.ndarray | None,
+        *,
+        n_null: int,
+        n_keys: int,
+        gene_shifts: bool,
+        chunk_cells: int,
+    ) -> None:
+        P, K, n = len(plan.perts), n_null, plan.n
+        self.plan, self.embed, self.orig, self.states = plan, embed, orig, states
+        self.goal_mean, self.orig_goal = goal_mean, orig_goal
+        self.n_null, self.gene_shifts, self.chunk_cells = n_null, gene_shifts, chunk_cells
+        self.shift = np.zeros((P, 1 + K, n))
+        self.goal_shift = np.zeros((P, 1 + K, n))
+        self.counted = np.zeros((P, 1 + K, n), dtype=bool)
+        self.present = np.zeros((P, 1 + K, n), dtype=np.int64)
+        self.gs_sum = np.zeros((P, n_keys)) if gene_shifts else None
+        self.gs_cnt = np.zeros((P, n_keys)) if gene_shifts else None
+        self.pending: list[tuple[int, int, np.ndarray, TokenizedCells]] = []
+        self.n_pending = 0
+
+    def add(self, p: int, s: int, sel: np.ndarray, perturbed: TokenizedCells) -> None:
+        """Queue the changed cells ``sel`` of job ``(p, s)``; embed the queue once it is large enough."""
+        if len(sel):
+            self.pending.append((p, s, sel, perturbed.subset(sel)))
+            self.n_pending += len(sel)
+        if self.n_pending >= self.chunk_cells:
+            self.flush()
+
+    def count_unchanged(self, p: int, keys: np.ndarray, changed: np.ndarray) -> None:
+        """Counted cells the perturbation leaves as they are: their other genes' shifts are 0."""
+        tokens, lay = self.plan.tokens, self.plan.lay
+        for c in np.flatnonzero(self.counted[p, 0] & ~changed):
+            k = lay.key[tokens.offsets[c] : tokens.offsets[c + 1]]
+            k = np.unique(k[(k >= 0) & ~np.isin(k, keys)])
+            self.gs_cnt[p, k] += 1.0
+
+    def flush(self) -> None:
+        """Embed the queued cells and record their shifts."""
+        if not self.pending:
+            return
+        alone = [job for job in self.pending if self.gene_shifts and job[1] == 0]
+        pooled = [job for job in self.pending if not (self.gene_shifts and job[1] == 0)]
+        for p, s, sel, pt in alone:  # its token states are compared with the originals
+            self._record(p, s, sel, self.embed(pt, self._gene_state_shifts(p, sel, pt)))
+        if pooled:  # the other perturbations' cells run together, batched by length
+            emb = self.embed(TokenizedCells.concat([pt for *_, pt in pooled]))
+            start = 0
+            for p, s, sel, _pt in pooled:
+                self._record(p, s, sel, emb[start : start + len(sel)])
+                start += len(sel)
+        self.pending, self.n_pending = [], 0
+
+    def _record(self, p: int, s: int, sel: np.ndarray, emb: np.ndarray) -> None:
+        self.shift[p, s, sel] = 1.0 - _cosine(self.orig[sel], emb)
+        if self.goal_mean is not None:
+            self.goal_shift[p, s, sel] = _cosine(emb, self.goal_mean[None, :]) - self.orig_goal[sel]
+
+    def _gene_state_shifts(self, p: int, orig_cells: np.ndarray, pert: TokenizedCells) -> Callable[..., None]:
         """Accumulate ``1 - cos`` of the other genes' states of perturbation ``p`` (counted cells)."""
-        pl = _layout(pert, rule)
-        skip = pert_keys[p]
+        tokens, lay, states = self.plan.tokens, self.plan.lay, self.states
+        counted, gs_sum, gs_cnt = self.counted, self.gs_sum, self.gs_cnt
+        pl = _layout(pert, self.plan.rule)
+        skip = self.plan.pert_keys[p]
 
         def on_states(index: np.ndarray, h: np.ndarray, lengths: np.ndarray) -> None:
             for row, (q, m) in enumerate(zip(index.tolist(), lengths.tolist(), strict=True)):
@@ -861,161 +1134,174 @@ def in_silico_perturb(
 
         return on_states
 
-    def flush() -> None:
-        nonlocal pending, n_pending
-        if not pending:
-            return
-        alone = [job for job in pending if gene_shifts and job[1] == 0]
-        pooled = [job for job in pending if not (gene_shifts and job[1] == 0)]
-        for p, s, sel, pt in alone:  # its token states are compared with the originals
-            _record(p, s, sel, embed(pt, gene_state_shifts(p, sel, pt)))
-        if pooled:  # the other perturbations' cells run together, batched by length
-            emb = embed(TokenizedCells.concat([pt for *_, pt in pooled]))
-            start = 0
-            for p, s, sel, _pt in pooled:
-                _record(p, s, sel, emb[start : start + len(sel)])
-                start += len(sel)
-        pending, n_pending = [], 0
 
-    def _record(p: int, s: int, sel: np.ndarray, emb: np.ndarray) -> None:
-        shift[p, s, sel] = 1.0 - _cosine(orig[sel], emb)
-        if goal_mean is not None:
-            goal_shift[p, s, sel] = _cosine(emb, goal_mean[None, :]) - orig_goal[sel]
-
+def _embed_perturbations(
+    plan: _Plan, shifts: _Shifts, null_keys: list[np.ndarray], *, mode: str, progress: bool
+) -> None:
+    """Perturb the cells for every perturbation and random draw, embed them and record the shifts."""
     from tqdm.auto import tqdm
 
+    jobs = [(p, s) for p in range(len(plan.perts)) for s in range(1 + shifts.n_null)]
     with tqdm(total=len(jobs), desc="perturb", unit="perturbation", disable=not progress) as bar:
         for p, s in jobs:
-            keys = pert_keys[p] if s == 0 else null_keys[p][s - 1]
+            keys = plan.pert_keys[p] if s == 0 else null_keys[p][s - 1]
             perturbed, changed, n_present = _perturb(
-                tokens, keys, mode, rule=rule, max_len=max_len, top_token=top_token, lay=lay
+                plan.tokens,
+                keys,
+                mode,
+                rule=plan.rule,
+                max_len=plan.max_len,
+                top_token=plan.top_token,
+                lay=plan.lay,
             )
-            present[p, s] = n_present
-            counted[p, s] = n_present == len(keys) if mode == "delete" else True
-            if gene_shifts and s == 0:  # counted cells the perturbation leaves as they are: shifts 0
-                for c in np.flatnonzero(counted[p, s] & ~changed):
-                    k = lay.key[tokens.offsets[c] : tokens.offsets[c + 1]]
-                    k = np.unique(k[(k >= 0) & ~np.isin(k, keys)])
-                    gs_cnt[p, k] += 1.0
+            shifts.present[p, s] = n_present
+            shifts.counted[p, s] = n_present == len(keys) if mode == "delete" else True
+            if shifts.gene_shifts and s == 0:
+                shifts.count_unchanged(p, keys, changed)
             sel = np.flatnonzero(changed)
-            if len(sel):
-                pending.append((p, s, sel, perturbed.subset(sel)))
-                n_pending += len(sel)
-            if n_pending >= chunk_cells:
-                flush()
+            shifts.add(p, s, sel, perturbed)
             bar.update(1)
-        flush()
+        shifts.flush()
 
-    # ---------------------------------------------------------------- tables
+
+# ---------------------------------------------------------------- in_silico_perturb: summarise
+def _summary_row(
+    shifts: _Shifts,
+    p: int,
+    combo: tuple[str, ...],
+    gname: str | None,
+    gmask: np.ndarray,
+    *,
+    mode: str,
+    groupby: str | None,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """One summary row (perturbation ``p`` in one group) and its random draws' mean shifts and goal shifts."""
+    shift, goal_shift, counted, K = shifts.shift, shifts.goal_shift, shifts.counted, shifts.n_null
+    m0 = counted[p, 0] & gmask
+    obs_shift = _mean(shift[p, 0], m0)
+    row: dict[str, Any] = {"perturbation": "+".join(combo), "genes": ",".join(combo), "mode": mode}
+    if groupby:
+        row["group"] = gname
+    row.update(
+        {
+            "n_cells": int(m0.sum()),
+            "mean_shift": obs_shift,
+            "median_shift": float(np.median(shift[p, 0][m0])) if m0.any() else np.nan,
+            "mean_cosine": _mean(1.0 - shift[p, 0], m0),
+        }
+    )
+    null_shift = np.array([_mean(shift[p, s], counted[p, s] & gmask) for s in range(1, 1 + K)])
+    null_goal = np.array([_mean(goal_shift[p, s], counted[p, s] & gmask) for s in range(1, 1 + K)])
+    if shifts.goal_mean is not None:
+        row["goal_shift"] = _mean(goal_shift[p, 0], m0)
+    row.update(zip(("null_mean", "null_std", "z", "p"), _stats(obs_shift, null_shift), strict=True))
+    if shifts.goal_mean is not None:
+        row.update(
+            zip(
+                ("goal_null_mean", "goal_null_std", "goal_z", "goal_p"),
+                _stats(row["goal_shift"], null_goal),
+                strict=True,
+            )
+        )
+    return row, null_shift, null_goal
+
+
+def _null_rows(
+    plan: _Plan,
+    shifts: _Shifts,
+    null_keys: list[np.ndarray],
+    p: int,
+    gname: str | None,
+    gmask: np.ndarray,
+    null_shift: np.ndarray,
+    null_goal: np.ndarray,
+    *,
+    groupby: str | None,
+) -> list[dict[str, Any]]:
+    """One row per random draw of perturbation ``p`` in one group."""
+    rows = []
+    for s in range(1, 1 + shifts.n_null):
+        null_row: dict[str, Any] = {
+            "perturbation": "+".join(plan.perts[p]),
+            "draw": s - 1,
+            "genes": ",".join(plan.name_of(k) for k in null_keys[p][s - 1]),
+        }
+        if groupby:
+            null_row["group"] = gname
+        null_row["n_cells"] = int((shifts.counted[p, s] & gmask).sum())
+        null_row["mean_shift"] = null_shift[s - 1]
+        if shifts.goal_mean is not None:
+            null_row["goal_shift"] = null_goal[s - 1]
+        rows.append(null_row)
+    return rows
+
+
+def _summary_frames(
+    plan: _Plan, shifts: _Shifts, null_keys: list[np.ndarray], *, mode: str, groupby: str | None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The summary (one row per perturbation and group) and the null frame (one row per random draw)."""
     group_list: list[tuple[str | None, np.ndarray]] = (
-        [(g, group_codes == i) for i, g in enumerate(group_names)] if groupby else [(None, np.ones(n, bool))]
+        [(g, plan.group_codes == i) for i, g in enumerate(plan.group_names)]
+        if groupby
+        else [(None, np.ones(plan.n, bool))]
     )
     rows, null_rows = [], []
-    for p, combo in enumerate(perts):
-        label = "+".join(combo)
+    for p, combo in enumerate(plan.perts):
         for gname, gmask in group_list:
-            m0 = counted[p, 0] & gmask
-            obs_shift = _mean(shift[p, 0], m0)
-            row: dict[str, Any] = {"perturbation": label, "genes": ",".join(combo), "mode": mode}
-            if groupby:
-                row["group"] = gname
-            row.update(
-                {
-                    "n_cells": int(m0.sum()),
-                    "mean_shift": obs_shift,
-                    "median_shift": float(np.median(shift[p, 0][m0])) if m0.any() else np.nan,
-                    "mean_cosine": _mean(1.0 - shift[p, 0], m0),
-                }
+            row, null_shift, null_goal = _summary_row(
+                shifts, p, combo, gname, gmask, mode=mode, groupby=groupby
             )
-            null_shift = np.array([_mean(shift[p, s], counted[p, s] & gmask) for s in range(1, 1 + K)])
-            null_goal = np.array([_mean(goal_shift[p, s], counted[p, s] & gmask) for s in range(1, 1 + K)])
-            if goal_mean is not None:
-                row["goal_shift"] = _mean(goal_shift[p, 0], m0)
-            row.update(zip(("null_mean", "null_std", "z", "p"), _stats(obs_shift, null_shift), strict=True))
-            if goal_mean is not None:
-                row.update(
-                    zip(
-                        ("goal_null_mean", "goal_null_std", "goal_z", "goal_p"),
-                        _stats(row["goal_shift"], null_goal),
-                        strict=True,
-                    )
-                )
             rows.append(row)
-            for s in range(1, 1 + K):
-                null_row: dict[str, Any] = {
-                    "perturbation": label,
-                    "draw": s - 1,
-                    "genes": ",".join(name_of(k) for k in null_keys[p][s - 1]),
-                }
-                if groupby:
-                    null_row["group"] = gname
-                null_row["n_cells"] = int((counted[p, s] & gmask).sum())
-                null_row["mean_shift"] = null_shift[s - 1]
-                if goal_mean is not None:
-                    null_row["goal_shift"] = null_goal[s - 1]
-                null_rows.append(null_row)
+            null_rows += _null_rows(
+                plan, shifts, null_keys, p, gname, gmask, null_shift, null_goal, groupby=groupby
+            )
     summary = pd.DataFrame(rows)
+    null_columns = ["perturbation", "draw", "genes", *(["group"] if groupby else []), "n_cells", "mean_shift"]
+    null_frame = pd.DataFrame(
+        null_rows, columns=[*null_columns, *(["goal_shift"] if shifts.goal_mean is not None else [])]
+    )
+    return summary, null_frame
+
+
+def _cells_frame(plan: _Plan, shifts: _Shifts, *, groupby: str | None) -> pd.DataFrame:
+    """The per-cell frame of the perturbations themselves (not of their random draws)."""
+    P, n = len(plan.perts), plan.n
+    shift = shifts.shift
     per_cell: dict[str, Any] = {
-        "perturbation": np.repeat(["+".join(c) for c in perts], n),
-        "cell": np.tile(names, P),
+        "perturbation": np.repeat(["+".join(c) for c in plan.perts], n),
+        "cell": np.tile(plan.names, P),
     }
     if groupby:
-        per_cell["group"] = np.tile(np.asarray([group_names[c] if c >= 0 else "" for c in group_codes]), P)
+        per_cell["group"] = np.tile(
+            np.asarray([plan.group_names[c] if c >= 0 else "" for c in plan.group_codes]), P
+        )
     per_cell.update(
         {
-            "n_present": present[:, 0].ravel(),
-            "counted": counted[:, 0].ravel(),
+            "n_present": shifts.present[:, 0].ravel(),
+            "counted": shifts.counted[:, 0].ravel(),
             "cosine": 1.0 - shift[:, 0].ravel(),
             "shift": shift[:, 0].ravel(),
         }
     )
-    if goal_mean is not None:
-        per_cell["goal_shift"] = goal_shift[:, 0].ravel()
-    cells_frame = pd.DataFrame(per_cell)
-    null_columns = ["perturbation", "draw", "genes", *(["group"] if groupby else []), "n_cells", "mean_shift"]
-    null_frame = pd.DataFrame(
-        null_rows, columns=[*null_columns, *(["goal_shift"] if goal_mean is not None else [])]
-    )
-    result: dict[str, Any] = {"summary": summary, "cells": cells_frame, "null": null_frame}
-    if gene_shifts:
-        gs_rows = []
-        for p, combo in enumerate(perts):
-            ks = np.flatnonzero(gs_cnt[p] > 0)
-            mean = gs_sum[p, ks] / gs_cnt[p, ks]
-            for j in np.argsort(-mean, kind="stable"):
-                gs_rows.append(
-                    {
-                        "perturbation": "+".join(combo),
-                        "gene": name_of(int(ks[j])),
-                        "n_cells": int(gs_cnt[p, ks[j]]),
-                        "mean_shift": float(mean[j]),
-                    }
-                )
-        result["gene_shifts"] = pd.DataFrame(
-            gs_rows, columns=["perturbation", "gene", "n_cells", "mean_shift"]
-        )
-    result["params"] = {
-        "mode": mode,
-        "perturbations": ["+".join(c) for c in perts],
-        "rule": rule,
-        "scheme": tokens.scheme,
-        "max_len": -1 if max_len is None else int(max_len),
-        "pooling": pooling,
-        "hidden_layer": -1 if hidden_layer is None else int(hidden_layer),
-        "goal": "" if goal is None else (goal if isinstance(goal, str) else f"{len(goal_rows)} cells"),
-        "groupby": groupby or "",
-        "n_null": int(n_null),
-        "null_bins": int(null_bins),
-        "seed": int(seed),
-        "n_cells": int(n),
-        "n_cells_without_genes": int(n_without),
-    }
-    if key_added is not None:
-        target = adata.copy() if copy else adata
-        target.uns[key_added] = result
-        record_written(target, [("uns", key_added)])
-        if copy:
-            return target
-    if return_cells:
-        return summary, cells_frame
-    return summary
+    if shifts.goal_mean is not None:
+        per_cell["goal_shift"] = shifts.goal_shift[:, 0].ravel()
+    return pd.DataFrame(per_cell)
+
+
+def _gene_shifts_frame(plan: _Plan, shifts: _Shifts) -> pd.DataFrame:
+    """Per perturbation, the other genes' mean state shift, largest first."""
+    gs_sum, gs_cnt = shifts.gs_sum, shifts.gs_cnt
+    gs_rows = []
+    for p, combo in enumerate(plan.perts):
+        ks = np.flatnonzero(gs_cnt[p] > 0)
+        mean = gs_sum[p, ks] / gs_cnt[p, ks]
+        for j in np.argsort(-mean, kind="stable"):
+            gs_rows.append(
+                {
+                    "perturbation": "+".join(combo),
+                    "gene": plan.name_of(int(ks[j])),
+                    "n_cells": int(gs_cnt[p, ks[j]]),
+                    "mean_shift": float(mean[j]),
+                }
+            )
+    return pd.DataFrame(gs_rows, columns=["perturbation", "gene", "n_cells", "mean_shift"])
