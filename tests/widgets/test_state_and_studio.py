@@ -191,3 +191,13 @@ def test_new_obs_columns_reach_every_panel(pbmc, demo):
     assert "my_pred" in studio.finetune_panel.label_key.options
     assert "my_pred" in [v for _, v in studio.embedding_panel.color_dropdown.options]
     assert "my_pred" in studio.gene_panel.groupby_dropdown.options
+
+
+def test_live_figures_can_be_built():
+    """plotly's FigureWidget (every live plot of the studio) needs anywidget, which plotly does not
+    declare: a fresh install without it breaks every panel (found by a clean-clone CI run)."""
+    import plotly.graph_objects as go
+
+    fig = go.FigureWidget()
+    fig.add_scatter(x=[0, 1], y=[1, 0])
+    assert len(fig.data) == 1
