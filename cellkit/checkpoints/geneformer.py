@@ -36,6 +36,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -630,6 +631,31 @@ def _expected_shapes(c: EncoderConfig, untied: bool) -> dict[str, tuple[int, ...
     return shapes
 
 
+@dataclass
+class _StateMap:
+    """The tensors of one weights file on their way to cellkit keys (the working state of :func:`_map_state`)."""
+
+    raw: dict[str, Tensor]
+    by_norm: dict[str, str]  # normalised key -> file key
+    state: dict[str, Tensor] = field(default_factory=dict)
+    mapped: dict[str, str] = field(default_factory=dict)  # file key -> cellkit key
+    ignored: dict[str, str] = field(default_factory=dict)  # file key -> reason
+    qkv: dict[tuple[int, str], dict[str, str]] = field(default_factory=dict)  # (layer, weight|bias) -> {q|k|v: key}
+    layers_seen: set[int] = field(default_factory=set)
+    mlm_present: bool = False
+    unknown: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def put(self, norm: str, target: str) -> None:
+        """Map the tensor with normalised key ``norm`` to ``target``, unchanged."""
+        self.place(self.by_norm[norm], target)
+
+    def place(self, key: str, target: str) -> None:
+        """Map the tensor with file key ``key`` to ``target``, unchanged."""
+        self.state[target] = self.raw[key]
+        self.mapped[key] = target
+
+
 def _map_state(
     raw: dict[str, Tensor], c: EncoderConfig, weights_file: Path, config_file: Path, hf: dict[str, Any]
 ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, str], bool | None]:
@@ -638,7 +664,35 @@ def _map_state(
     Returns the state, ``{file key: cellkit key}``, ``{file key: reason}`` and the MLM head's
     ``tied`` option (``None`` when the file has no MLM head).
     """
-    by_norm: dict[str, str] = {}  # normalised key -> file key
+    m = _StateMap(raw, _by_normalised_key(raw, weights_file))
+    _refuse_classifier(m.by_norm, weights_file)
+    for norm, key in m.by_norm.items():
+        _sort_tensor(m, norm, key, c)
+    _check_layers_and_unknown(m, c, weights_file, config_file)
+    for i in range(c.n_layers):
+        _pack_qkv(m, i, weights_file)
+        _note_missing_layer_tensors(m, i)
+    m.missing += [k for k in _EMBEDDING_KEYS if k not in m.by_norm]
+    if c.max_position_embeddings == 0:
+        m.missing = [k for k in m.missing if "position_embeddings" not in k]
+    tied: bool | None = None
+    if m.mlm_present:
+        m.missing += [k for k in _MLM_KEYS if k not in m.by_norm]
+        _map_mlm_bias(m, hf, weights_file)
+        tied = _map_mlm_decoder(m, hf)
+    if m.missing:
+        raise CheckpointError(
+            f"{weights_file} lacks tensors the architecture in {config_file} needs: {sorted(m.missing)[:12]}"
+            + (f" … (+{len(m.missing) - 12} more)" if len(m.missing) > 12 else "")
+            + ". The file is incomplete or config.json does not describe it."
+        )
+    _check_shapes(m, c, tied, weights_file, config_file)
+    return m.state, m.mapped, m.ignored, tied
+
+
+def _by_normalised_key(raw: dict[str, Tensor], weights_file: Path) -> dict[str, str]:
+    """``{normalised key: file key}``; two file keys that name the same tensor are refused."""
+    by_norm: dict[str, str] = {}
     for key in raw:
         norm = _normalise(key)
         if norm in by_norm:
@@ -646,7 +700,11 @@ def _map_state(
                 f"{weights_file} holds both {by_norm[norm]!r} and {key!r}, which name the same tensor."
             )
         by_norm[norm] = key
+    return by_norm
 
+
+def _refuse_classifier(by_norm: dict[str, str], weights_file: Path) -> None:
+    """Fine-tuned classifier checkpoints are not supported (yet): say so and how to get a classifier."""
     classifier = sorted(k for n, k in by_norm.items() if n.startswith("classifier."))
     if classifier:
         raise CheckpointError(
@@ -656,60 +714,56 @@ def _map_state(
             "load_model(path, heads={'classifier': {'n_classes': …}})."
         )
 
-    state: dict[str, Tensor] = {}
-    mapped: dict[str, str] = {}
-    ignored: dict[str, str] = {}
-    qkv: dict[tuple[int, str], dict[str, str]] = {}  # (layer, weight|bias) -> {query|key|value: file key}
-    layers_seen: set[int] = set()
-    mlm_present = False
-    unknown: list[str] = []
 
-    def put(norm: str, target: str) -> None:
-        key = by_norm[norm]
-        state[target] = raw[key]
-        mapped[key] = target
+def _sort_tensor(m: _StateMap, norm: str, key: str, c: EncoderConfig) -> None:
+    """Map, ignore, set aside (query/key/value, MLM biases and decoder) or mark unknown one file tensor."""
+    if norm in _EMBEDDING_KEYS:
+        m.put(norm, _EMBEDDING_KEYS[norm])
+        return
+    reason = next((why for pre, why in _IGNORED_PREFIXES.items() if norm.startswith(pre)), None)
+    if reason is not None:
+        m.ignored[key] = reason
+        return
+    if norm.startswith("cls.predictions."):
+        m.mlm_present = True
+        if norm in _MLM_KEYS:
+            m.put(norm, _MLM_KEYS[norm])
+        elif norm not in (_MLM_BIAS, _MLM_DECODER_BIAS, _MLM_DECODER_WEIGHT):
+            m.unknown.append(key)
+        return
+    match = _LAYER_RE.match(norm)
+    if match is None:
+        m.unknown.append(key)
+        return
+    _sort_layer_tensor(m, norm, key, int(match.group(1)), match.group(2), c)
 
-    for norm, key in by_norm.items():
-        if norm in _EMBEDDING_KEYS:
-            put(norm, _EMBEDDING_KEYS[norm])
-            continue
-        reason = next((why for pre, why in _IGNORED_PREFIXES.items() if norm.startswith(pre)), None)
-        if reason is not None:
-            ignored[key] = reason
-            continue
-        if norm.startswith("cls.predictions."):
-            mlm_present = True
-            if norm in _MLM_KEYS:
-                put(norm, _MLM_KEYS[norm])
-            elif norm not in (_MLM_BIAS, _MLM_DECODER_BIAS, _MLM_DECODER_WEIGHT):
-                unknown.append(key)
-            continue
-        m = _LAYER_RE.match(norm)
-        if m is None:
-            unknown.append(key)
-            continue
-        i, sub = int(m.group(1)), m.group(2)
-        layers_seen.add(i)
-        module, _, param = sub.rpartition(".")
-        if i >= c.n_layers:
-            continue  # reported below, with the layer count
-        if param not in ("weight", "bias"):
-            unknown.append(key)
-        elif module.startswith("attention.self.") and module.removeprefix("attention.self.") in _QKV:
-            qkv.setdefault((i, param), {})[module.removeprefix("attention.self.")] = key
-        elif module in _LAYER_KEYS:
-            put(norm, f"encoder.layers.{i}.{_LAYER_KEYS[module]}.{param}")
-        else:
-            unknown.append(key)
 
-    if layers_seen and max(layers_seen) >= c.n_layers:
+def _sort_layer_tensor(m: _StateMap, norm: str, key: str, i: int, sub: str, c: EncoderConfig) -> None:
+    """One tensor of encoder layer ``i`` (``sub`` is its key inside the layer)."""
+    m.layers_seen.add(i)
+    module, _, param = sub.rpartition(".")
+    if i >= c.n_layers:
+        return  # reported with the layer count
+    if param not in ("weight", "bias"):
+        m.unknown.append(key)
+    elif module.startswith("attention.self.") and module.removeprefix("attention.self.") in _QKV:
+        m.qkv.setdefault((i, param), {})[module.removeprefix("attention.self.")] = key
+    elif module in _LAYER_KEYS:
+        m.put(norm, f"encoder.layers.{i}.{_LAYER_KEYS[module]}.{param}")
+    else:
+        m.unknown.append(key)
+
+
+def _check_layers_and_unknown(m: _StateMap, c: EncoderConfig, weights_file: Path, config_file: Path) -> None:
+    """No layer beyond the config's count, and no tensor cellkit does not know how to use."""
+    if m.layers_seen and max(m.layers_seen) >= c.n_layers:
         raise CheckpointError(
-            f"{weights_file} has tensors for {max(layers_seen) + 1} layers (encoder.layer.0 … "
-            f"encoder.layer.{max(layers_seen)}) but {config_file} says num_hidden_layers={c.n_layers}; "
+            f"{weights_file} has tensors for {max(m.layers_seen) + 1} layers (encoder.layer.0 … "
+            f"encoder.layer.{max(m.layers_seen)}) but {config_file} says num_hidden_layers={c.n_layers}; "
             "the config does not describe these weights."
         )
-    if unknown:
-        shown = sorted(unknown)
+    if m.unknown:
+        shown = sorted(m.unknown)
         raise CheckpointError(
             f"{weights_file} holds tensors cellkit does not know how to use: {shown[:12]}"
             + (f" … (+{len(shown) - 12} more)" if len(shown) > 12 else "")
@@ -717,84 +771,79 @@ def _map_state(
             "architecture and was not loaded."
         )
 
-    # query/key/value -> one packed projection, rows [q; k; v]
-    missing: list[str] = []
-    for i in range(c.n_layers):
-        for param in ("weight", "bias"):
-            parts = qkv.get((i, param), {})
-            absent = [n for n in _QKV if n not in parts]
-            if absent:
-                missing += [f"encoder.layer.{i}.attention.self.{n}.{param}" for n in absent]
-                continue
-            shapes = {tuple(raw[parts[n]].shape) for n in _QKV}
-            if len(shapes) != 1:
-                raise CheckpointError(
-                    f"{weights_file}: layer {i} query/key/value {param}s have different shapes {sorted(shapes)}."
-                )
-            target = f"encoder.layers.{i}.self_attn.qkv.{param}"
-            state[target] = torch.cat([raw[parts[n]] for n in _QKV], dim=0)
-            for n in _QKV:
-                mapped[parts[n]] = target
-        for module in _LAYER_KEYS:
-            missing += [
-                f"encoder.layer.{i}.{module}.{p}"
-                for p in ("weight", "bias")
-                if f"encoder.layer.{i}.{module}.{p}" not in by_norm
-            ]
-    missing += [k for k in _EMBEDDING_KEYS if k not in by_norm]
-    if c.max_position_embeddings == 0:
-        missing = [k for k in missing if "position_embeddings" not in k]
 
-    # masked-LM head
-    tied: bool | None = None
-    if mlm_present:
-        missing += [k for k in _MLM_KEYS if k not in by_norm]
-        bias_key = by_norm.get(_MLM_BIAS)
-        dec_bias_key = by_norm.get(_MLM_DECODER_BIAS)
-        if bias_key is not None and dec_bias_key is not None and not _same(raw[dec_bias_key], raw[bias_key]):
-            if hf.get("tie_word_embeddings") is not False:
-                raise CheckpointError(
-                    f"{weights_file}: {dec_bias_key} differs from {bias_key}; in BERT they are one tensor, "
-                    "so the file is inconsistent."
-                )
-            # transformers >= 5 unties the two biases with tie_word_embeddings=false and applies the decoder's
-            state["heads.mlm.bias"] = raw[dec_bias_key]
-            mapped[dec_bias_key] = "heads.mlm.bias"
-            ignored[bias_key] = (
-                f"unused: with tie_word_embeddings=false, transformers applies {dec_bias_key} instead"
+def _pack_qkv(m: _StateMap, i: int, weights_file: Path) -> None:
+    """Layer ``i``'s query/key/value -> one packed projection, rows [q; k; v] (absent parts noted missing)."""
+    for param in ("weight", "bias"):
+        parts = m.qkv.get((i, param), {})
+        absent = [n for n in _QKV if n not in parts]
+        if absent:
+            m.missing += [f"encoder.layer.{i}.attention.self.{n}.{param}" for n in absent]
+            continue
+        shapes = {tuple(m.raw[parts[n]].shape) for n in _QKV}
+        if len(shapes) != 1:
+            raise CheckpointError(
+                f"{weights_file}: layer {i} query/key/value {param}s have different shapes {sorted(shapes)}."
             )
-        elif bias_key is not None:
-            state["heads.mlm.bias"] = raw[bias_key]
-            mapped[bias_key] = "heads.mlm.bias"
-            if dec_bias_key is not None:
-                ignored[dec_bias_key] = f"duplicate of {bias_key} (BERT shares the decoder bias)"
-        elif dec_bias_key is not None:
-            state["heads.mlm.bias"] = raw[dec_bias_key]
-            mapped[dec_bias_key] = "heads.mlm.bias"
-        else:
-            missing.append(_MLM_BIAS)
-        dec_key = by_norm.get(_MLM_DECODER_WEIGHT)
-        word = state.get("encoder.embeddings.gene.weight")
-        if dec_key is None:
-            if hf.get("tie_word_embeddings") is False:
-                missing.append(_MLM_DECODER_WEIGHT)
-            tied = True
-        elif word is not None and _same(raw[dec_key], word):
-            tied = True
-            ignored[dec_key] = "tied to the word embeddings (identical tensor); cellkit shares one weight"
-        else:
-            tied = False
-            state["heads.mlm.decoder.weight"] = raw[dec_key]
-            mapped[dec_key] = "heads.mlm.decoder.weight"
+        target = f"encoder.layers.{i}.self_attn.qkv.{param}"
+        m.state[target] = torch.cat([m.raw[parts[n]] for n in _QKV], dim=0)
+        for n in _QKV:
+            m.mapped[parts[n]] = target
 
-    if missing:
-        raise CheckpointError(
-            f"{weights_file} lacks tensors the architecture in {config_file} needs: {sorted(missing)[:12]}"
-            + (f" … (+{len(missing) - 12} more)" if len(missing) > 12 else "")
-            + ". The file is incomplete or config.json does not describe it."
-        )
 
-    # shapes against config.json, naming the file key
+def _note_missing_layer_tensors(m: _StateMap, i: int) -> None:
+    """Note the weights and biases of layer ``i``'s other modules that the file lacks."""
+    for module in _LAYER_KEYS:
+        m.missing += [
+            f"encoder.layer.{i}.{module}.{p}"
+            for p in ("weight", "bias")
+            if f"encoder.layer.{i}.{module}.{p}" not in m.by_norm
+        ]
+
+
+def _map_mlm_bias(m: _StateMap, hf: dict[str, Any], weights_file: Path) -> None:
+    """The MLM output bias: BERT's ``cls.predictions.bias`` or its decoder copy (one tensor, unless untied)."""
+    bias_key = m.by_norm.get(_MLM_BIAS)
+    dec_bias_key = m.by_norm.get(_MLM_DECODER_BIAS)
+    if bias_key is not None and dec_bias_key is not None and not _same(m.raw[dec_bias_key], m.raw[bias_key]):
+        if hf.get("tie_word_embeddings") is not False:
+            raise CheckpointError(
+                f"{weights_file}: {dec_bias_key} differs from {bias_key}; in BERT they are one tensor, "
+                "so the file is inconsistent."
+            )
+        # transformers >= 5 unties the two biases with tie_word_embeddings=false and applies the decoder's
+        m.place(dec_bias_key, "heads.mlm.bias")
+        m.ignored[bias_key] = f"unused: with tie_word_embeddings=false, transformers applies {dec_bias_key} instead"
+    elif bias_key is not None:
+        m.place(bias_key, "heads.mlm.bias")
+        if dec_bias_key is not None:
+            m.ignored[dec_bias_key] = f"duplicate of {bias_key} (BERT shares the decoder bias)"
+    elif dec_bias_key is not None:
+        m.place(dec_bias_key, "heads.mlm.bias")
+    else:
+        m.missing.append(_MLM_BIAS)
+
+
+def _map_mlm_decoder(m: _StateMap, hf: dict[str, Any]) -> bool:
+    """The MLM decoder weight; returns whether it is tied to the word embeddings."""
+    dec_key = m.by_norm.get(_MLM_DECODER_WEIGHT)
+    word = m.state.get("encoder.embeddings.gene.weight")
+    if dec_key is None:
+        if hf.get("tie_word_embeddings") is False:
+            m.missing.append(_MLM_DECODER_WEIGHT)
+        return True
+    if word is not None and _same(m.raw[dec_key], word):
+        m.ignored[dec_key] = "tied to the word embeddings (identical tensor); cellkit shares one weight"
+        return True
+    m.place(dec_key, "heads.mlm.decoder.weight")
+    return False
+
+
+def _check_shapes(
+    m: _StateMap, c: EncoderConfig, tied: bool | None, weights_file: Path, config_file: Path
+) -> None:
+    """Every mapped tensor against config.json's shapes (naming the file key), floating point."""
+    state = m.state
     expected = _expected_shapes(c, untied=tied is False)
     word_rows = state["encoder.embeddings.gene.weight"].shape
     if tuple(word_rows) != (c.vocab_size, c.d_model):
@@ -803,7 +852,7 @@ def _map_state(
             f"in {weights_file} have shape {tuple(word_rows)} ({word_rows[0]:,} rows); the config does not "
             "describe these weights."
         )
-    file_key = {t: k for k, t in mapped.items()}
+    file_key = {t: k for k, t in m.mapped.items()}
     for target, tensor in state.items():
         want = expected.get(target)
         if want is not None and tuple(tensor.shape) != want:
@@ -820,7 +869,6 @@ def _map_state(
             f"{weights_file}: {file_key['heads.mlm.bias']} has shape {tuple(state['heads.mlm.bias'].shape)} "
             f"but the word embeddings have {word_rows[0]} rows."
         )
-    return state, mapped, ignored, tied
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

@@ -242,12 +242,7 @@ def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> For
     :class:`~cellkit.checkpoints.ForeignCheckpoint`
     """
     path = Path(path)
-    for name in (ARGS, WEIGHTS, VOCAB):
-        if not (path / name).is_file():
-            raise CheckpointError(
-                f"{path} is missing {name}; an scGPT model directory holds {ARGS}, {WEIGHTS} and {VOCAB} "
-                "(as downloaded, e.g. the scGPT_human folder)."
-            )
+    _check_model_files(path)
     args = _read_args(path)
     report = LoadReport("scgpt", str(path))
     d_model, n_heads = _int_arg(args, "embsize", path), _int_arg(args, "nheads", path)
@@ -295,103 +290,19 @@ def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> For
     if not isinstance(input_style, str):
         raise CheckpointError(f"{path / ARGS}: input_style={input_style!r:.80} must be a string such as 'binned'.")
 
-    # vocabulary: loaders append missing specials, as scGPT's do
-    raw = read_json(path / VOCAB, what="scGPT vocabulary file", expect=dict, error=CheckpointError)
-    try:
-        vocab = GeneVocab.from_dict(raw)
-    except VocabError as exc:
-        raise CheckpointError(f"{path / VOCAB}: {exc}") from None
-    missing_specials = [t for t in dict.fromkeys((pad_token, *SCGPT_SPECIALS)) if t not in vocab]
-    vocab = vocab.with_specials({"pad": pad_token, "cls": "<cls>", "eos": "<eoc>"}, append_missing=True)
-    if missing_specials:
-        report.notes.append(
-            f"appended special tokens {missing_specials} to the vocabulary, as scGPT's loaders do"
-        )
-
-    raw_state = _load_tensors(path / WEIGHTS)
-    state: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    renamed_attention = False
-    for key, tensor in raw_state.items():
-        if key in _IGNORED:
-            report.ignored[key] = _IGNORED[key]
-            continue
-        canon = _canonical_attention(key)
-        renamed_attention |= canon != key
-        if canon.startswith("bn."):
-            raise CheckpointError(
-                f"{path / WEIGHTS} has a plain batch norm ({key}) from scGPT < 0.1.5, which cellkit does not "
-                "support; re-save the model with a current scGPT or drop the bn.* tensors if it was never trained."
-            )
-        target = _to_cellkit_key(canon, value_style)
-        if target is None:
-            unknown.append(key)
-            continue
-        state[target] = tensor
-        report.mapped[key] = target
-    if unknown:
-        raise CheckpointError(
-            f"{path / WEIGHTS} has tensors cellkit cannot place: {sorted(unknown)[:12]}. They belong to an scGPT "
-            "variant cellkit does not reproduce (e.g. SimDecoder, generative layers); nothing was loaded."
-        )
-
-    emb = state.get("encoder.embeddings.gene.weight")
-    if emb is None:
-        raise CheckpointError(
-            f"{path / WEIGHTS} has no encoder.embedding.weight; this is not a TransformerModel state_dict."
-        )
-    if emb.shape != (len(vocab), d_model):
-        raise CheckpointError(
-            f"{path}: the gene embedding has {emb.shape[0]:,} rows × {emb.shape[1]} but {VOCAB} (+ specials) has "
-            f"{len(vocab):,} tokens and args.json says embsize {d_model}; the vocabulary does not belong to these weights."
-        )
+    vocab = _read_vocab(path, pad_token, report)
+    state, renamed_attention = _map_tensors(path, value_style, report)
+    _check_gene_embedding(path, state, len(vocab), d_model)
 
     # heads and options are read off the tensors that exist
-    heads: dict[str, dict[str, Any]] = {}
+    heads = _heads_from_state(state, d_model, mvc_style)
     n_batch = (
         state["encoder.batch_embedding.embedding.weight"].shape[0]
         if "encoder.batch_embedding.embedding.weight" in state
         else 0
     )
-    if "heads.expression.fc.0.weight" in state:
-        heads["expression"] = {
-            "explicit_zero_prob": "heads.expression.zero_logit.0.weight" in state,
-            "use_batch_labels": state["heads.expression.fc.0.weight"].shape[1] == 2 * d_model,
-        }
-    if "heads.mvc.W.weight" in state:
-        heads["mvc"] = {
-            "detach": mvc_style.endswith("detach"),
-            "explicit_zero_prob": "heads.mvc.W_zero_logit.weight" in state,
-            "use_batch_labels": state["heads.mvc.W.weight"].shape[0] == 2 * d_model,
-        }
-    if "heads.classifier.out.weight" in state:
-        heads["classifier"] = {
-            "n_classes": int(state["heads.classifier.out.weight"].shape[0]),
-            "n_layers": _count_linears(state, "heads.classifier.layers.") + 1,
-        }
-    if "heads.adversarial.out.weight" in state:
-        heads["adversarial"] = {
-            "n_batches": int(state["heads.adversarial.out.weight"].shape[0]),
-            "n_layers": _count_linears(state, "heads.adversarial.layers.") + 1,
-        }
-    dsbn = {int(k.split(".")[3]) for k in state if k.startswith("heads.dsbn.bns.")}
-    if dsbn:
-        heads["dsbn"] = {"n_domains": max(dsbn) + 1, "affine": "heads.dsbn.bns.0.weight" in state}
-
-    n_value_bins, value_pad_id = 0, None
-    if value_style == "category":
-        n_value_bins = int(state["encoder.embeddings.values.embedding.weight"].shape[0])
-        value_pad_id = int(pad_value)
-        if not 0 <= value_pad_id < n_value_bins:
-            raise CheckpointError(
-                f"{path / ARGS}: pad_value {pad_value} is not a valid category id (0 … {n_value_bins - 1})."
-            )
-    layers = {int(m.group(1)) for k in state if (m := _LAYER_INDEX.match(k))}
-    if len(layers) != n_layers or max(layers, default=-1) != n_layers - 1:  # no set(range(n_layers))
-        raise CheckpointError(
-            f"{path / ARGS}: nlayers={n_layers} but {path / WEIGHTS} holds {len(layers)} encoder layers; "
-            "the args do not belong to these weights."
-        )
+    n_value_bins, value_pad_id = _value_categories(path, state, value_style, pad_value)
+    _check_layer_count(path, state, n_layers)
     try:
         encoder = encoder_config(
             len(vocab),
@@ -442,6 +353,135 @@ def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> For
         "ntoken": len(vocab),
     }
     return ForeignCheckpoint(config, state, vocab, report)
+
+
+def _check_model_files(path: Path) -> None:
+    """An scGPT model directory holds args.json, best_model.pt and vocab.json."""
+    for name in (ARGS, WEIGHTS, VOCAB):
+        if not (path / name).is_file():
+            raise CheckpointError(
+                f"{path} is missing {name}; an scGPT model directory holds {ARGS}, {WEIGHTS} and {VOCAB} "
+                "(as downloaded, e.g. the scGPT_human folder)."
+            )
+
+
+def _read_vocab(path: Path, pad_token: str, report: LoadReport) -> GeneVocab:
+    """The vocabulary with scGPT's specials; loaders append missing specials, as scGPT's do."""
+    raw = read_json(path / VOCAB, what="scGPT vocabulary file", expect=dict, error=CheckpointError)
+    try:
+        vocab = GeneVocab.from_dict(raw)
+    except VocabError as exc:
+        raise CheckpointError(f"{path / VOCAB}: {exc}") from None
+    missing_specials = [t for t in dict.fromkeys((pad_token, *SCGPT_SPECIALS)) if t not in vocab]
+    vocab = vocab.with_specials({"pad": pad_token, "cls": "<cls>", "eos": "<eoc>"}, append_missing=True)
+    if missing_specials:
+        report.notes.append(
+            f"appended special tokens {missing_specials} to the vocabulary, as scGPT's loaders do"
+        )
+    return vocab
+
+
+def _map_tensors(path: Path, value_style: str, report: LoadReport) -> tuple[dict[str, torch.Tensor], bool]:
+    """The weights under cellkit's names, and whether attention tensors were renamed to the Wqkv layout.
+
+    Every tensor is placed, recorded as ignored, or the whole load fails (nothing is loaded partly).
+    """
+    raw_state = _load_tensors(path / WEIGHTS)
+    state: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    renamed_attention = False
+    for key, tensor in raw_state.items():
+        if key in _IGNORED:
+            report.ignored[key] = _IGNORED[key]
+            continue
+        canon = _canonical_attention(key)
+        renamed_attention |= canon != key
+        if canon.startswith("bn."):
+            raise CheckpointError(
+                f"{path / WEIGHTS} has a plain batch norm ({key}) from scGPT < 0.1.5, which cellkit does not "
+                "support; re-save the model with a current scGPT or drop the bn.* tensors if it was never trained."
+            )
+        target = _to_cellkit_key(canon, value_style)
+        if target is None:
+            unknown.append(key)
+            continue
+        state[target] = tensor
+        report.mapped[key] = target
+    if unknown:
+        raise CheckpointError(
+            f"{path / WEIGHTS} has tensors cellkit cannot place: {sorted(unknown)[:12]}. They belong to an scGPT "
+            "variant cellkit does not reproduce (e.g. SimDecoder, generative layers); nothing was loaded."
+        )
+    return state, renamed_attention
+
+
+def _check_gene_embedding(path: Path, state: dict[str, torch.Tensor], n_tokens: int, d_model: int) -> None:
+    """The gene embedding exists and matches the vocabulary (+ specials) × embsize."""
+    emb = state.get("encoder.embeddings.gene.weight")
+    if emb is None:
+        raise CheckpointError(
+            f"{path / WEIGHTS} has no encoder.embedding.weight; this is not a TransformerModel state_dict."
+        )
+    if emb.shape != (n_tokens, d_model):
+        raise CheckpointError(
+            f"{path}: the gene embedding has {emb.shape[0]:,} rows × {emb.shape[1]} but {VOCAB} (+ specials) has "
+            f"{n_tokens:,} tokens and args.json says embsize {d_model}; the vocabulary does not belong to these weights."
+        )
+
+
+def _heads_from_state(state: dict[str, torch.Tensor], d_model: int, mvc_style: str) -> dict[str, dict[str, Any]]:
+    """The heads present in the weights and their options, read off the tensors' names and shapes."""
+    heads: dict[str, dict[str, Any]] = {}
+    if "heads.expression.fc.0.weight" in state:
+        heads["expression"] = {
+            "explicit_zero_prob": "heads.expression.zero_logit.0.weight" in state,
+            "use_batch_labels": state["heads.expression.fc.0.weight"].shape[1] == 2 * d_model,
+        }
+    if "heads.mvc.W.weight" in state:
+        heads["mvc"] = {
+            "detach": mvc_style.endswith("detach"),
+            "explicit_zero_prob": "heads.mvc.W_zero_logit.weight" in state,
+            "use_batch_labels": state["heads.mvc.W.weight"].shape[0] == 2 * d_model,
+        }
+    if "heads.classifier.out.weight" in state:
+        heads["classifier"] = {
+            "n_classes": int(state["heads.classifier.out.weight"].shape[0]),
+            "n_layers": _count_linears(state, "heads.classifier.layers.") + 1,
+        }
+    if "heads.adversarial.out.weight" in state:
+        heads["adversarial"] = {
+            "n_batches": int(state["heads.adversarial.out.weight"].shape[0]),
+            "n_layers": _count_linears(state, "heads.adversarial.layers.") + 1,
+        }
+    dsbn = {int(k.split(".")[3]) for k in state if k.startswith("heads.dsbn.bns.")}
+    if dsbn:
+        heads["dsbn"] = {"n_domains": max(dsbn) + 1, "affine": "heads.dsbn.bns.0.weight" in state}
+    return heads
+
+
+def _value_categories(
+    path: Path, state: dict[str, torch.Tensor], value_style: str, pad_value: float
+) -> tuple[int, int | None]:
+    """Number of value categories and the pad category (``input_emb_style='category'``; else ``0, None``)."""
+    if value_style != "category":
+        return 0, None
+    n_value_bins = int(state["encoder.embeddings.values.embedding.weight"].shape[0])
+    value_pad_id = int(pad_value)
+    if not 0 <= value_pad_id < n_value_bins:
+        raise CheckpointError(
+            f"{path / ARGS}: pad_value {pad_value} is not a valid category id (0 … {n_value_bins - 1})."
+        )
+    return n_value_bins, value_pad_id
+
+
+def _check_layer_count(path: Path, state: dict[str, torch.Tensor], n_layers: int) -> None:
+    """The weights hold exactly encoder layers 0 … nlayers - 1."""
+    layers = {int(m.group(1)) for k in state if (m := _LAYER_INDEX.match(k))}
+    if len(layers) != n_layers or max(layers, default=-1) != n_layers - 1:  # no set(range(n_layers))
+        raise CheckpointError(
+            f"{path / ARGS}: nlayers={n_layers} but {path / WEIGHTS} holds {len(layers)} encoder layers; "
+            "the args do not belong to these weights."
+        )
 
 
 # ---------------------------------------------------------------------------------------- export

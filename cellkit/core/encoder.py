@@ -135,19 +135,8 @@ class CellEncoder(nn.Module):
         """
         if attn_backend not in ATTN_BACKENDS:
             raise ConfigError(f"Unknown attn_backend {attn_backend!r}; choose one of {ATTN_BACKENDS}.")
-        n_run = len(self.layers) if layers is None else layers
-        if not 0 <= n_run <= len(self.layers):
-            raise ConfigError(f"layers={layers} is out of range: this model has {len(self.layers)} layers.")
-        if padding_mask is not None:
-            padding_mask = padding_mask.to(device=x.device, dtype=torch.bool)
-            if padding_mask.shape != x.shape[:2]:
-                raise ConfigError(
-                    f"padding_mask shape {tuple(padding_mask.shape)} != (B, L) {tuple(x.shape[:2])}."
-                )
-            if padding_mask.all(dim=1).any():
-                raise ConfigError(
-                    "A cell in the batch has no tokens (all padding); drop empty cells before encoding."
-                )
+        n_run = self._n_layers_to_run(layers)
+        padding_mask = _checked_padding_mask(padding_mask, x)
         if attn_backend in ("flash", "varlen") and not output_attentions:
             return self._encode_packed(x, padding_mask, attn_backend, output_hidden_states, n_run)
         if attn_backend == "native" and not output_attentions:
@@ -159,6 +148,27 @@ class CellEncoder(nn.Module):
                 return self._encode_native(x, padding_mask, output_hidden_states, n_run)
         if attn_backend in ("flash", "varlen", "native"):
             attn_backend = "sdpa"  # probabilities need the padded explicit path
+        return self._encode_padded(
+            x, padding_mask, attn_backend, output_hidden_states, output_attentions, n_run
+        )
+
+    def _n_layers_to_run(self, layers: int | None) -> int:
+        """How many layers ``encode(layers=...)`` runs: all of them, or a checked prefix."""
+        n_run = len(self.layers) if layers is None else layers
+        if not 0 <= n_run <= len(self.layers):
+            raise ConfigError(f"layers={layers} is out of range: this model has {len(self.layers)} layers.")
+        return n_run
+
+    def _encode_padded(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None,
+        attn_backend: str,
+        output_hidden_states: bool,
+        output_attentions: bool,
+        n_run: int,
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
+        """The explicit padded path, one layer at a time (the only one that returns probabilities)."""
         hidden: list[Tensor] = [x] if output_hidden_states else []
         attns: list[Tensor] = []
         for layer in self.layers[:n_run]:
@@ -318,3 +328,15 @@ class CellEncoder(nn.Module):
             output_attentions=output_attentions,
         )
         return EncoderOutput(last, g, hidden, attns, padding_mask)
+
+
+def _checked_padding_mask(padding_mask: Tensor | None, x: Tensor) -> Tensor | None:
+    """The padding mask as bool on ``x``'s device, shaped ``(B, L)``, with at least one token per cell."""
+    if padding_mask is None:
+        return None
+    padding_mask = padding_mask.to(device=x.device, dtype=torch.bool)
+    if padding_mask.shape != x.shape[:2]:
+        raise ConfigError(f"padding_mask shape {tuple(padding_mask.shape)} != (B, L) {tuple(x.shape[:2])}.")
+    if padding_mask.all(dim=1).any():
+        raise ConfigError("A cell in the batch has no tokens (all padding); drop empty cells before encoding.")
+    return padding_mask

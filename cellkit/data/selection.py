@@ -202,40 +202,57 @@ def _check(node: ast.AST, text: str, names: Mapping[str, str], columns: list[str
         for v in node.values:
             _check(v, text, names, columns, depth + 1)
     elif isinstance(node, ast.UnaryOp):
-        if isinstance(node.op, ast.Not | ast.Invert):
-            _check(node.operand, text, names, columns, depth + 1)
-        elif isinstance(node.op, ast.USub | ast.UAdd) and _is_number(node.operand):
-            return
-        else:
-            raise _refuse(text, "arithmetic (signs) applies to number literals only.")
+        _check_unary(node, text, names, columns, depth)
     elif isinstance(node, ast.Compare):
-        for op in node.ops:
-            if type(op) not in _CMP and not isinstance(op, ast.In | ast.NotIn):
-                raise _refuse(text, f"the operator {type(op).__name__} ('is', 'is not') is not supported.")
-        for operand in (node.left, *node.comparators):
-            if isinstance(operand, ast.List | ast.Tuple):
-                _check_list(operand, text)
-            else:
-                _check_operand(operand, text, names, columns)
+        _check_compare(node, text, names, columns)
     elif isinstance(node, ast.Call):
-        func = node.func
-        if not (
-            isinstance(func, ast.Attribute)
-            and func.attr == "isin"
-            and isinstance(func.value, ast.Name)
-            and len(node.args) == 1
-            and not node.keywords
-            and isinstance(node.args[0], ast.List | ast.Tuple)
-        ):
-            raise _refuse(text, "function calls are not allowed (only col.isin([...]) with a literal list).")
-        _check_operand(func.value, text, names, columns)
-        _check_list(node.args[0], text)
+        _check_isin_call(node, text, names, columns)
     elif isinstance(node, ast.Name):
         _check_operand(node, text, names, columns)
     elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
         return
     else:
         raise _refuse(text, _describe(node))
+
+
+def _check_unary(
+    node: ast.UnaryOp, text: str, names: Mapping[str, str], columns: list[str], depth: int
+) -> None:
+    """``not`` / ``~`` recurse into their operand; a sign is allowed on a number literal only."""
+    if isinstance(node.op, ast.Not | ast.Invert):
+        _check(node.operand, text, names, columns, depth + 1)
+    elif isinstance(node.op, ast.USub | ast.UAdd) and _is_number(node.operand):
+        return
+    else:
+        raise _refuse(text, "arithmetic (signs) applies to number literals only.")
+
+
+def _check_compare(node: ast.Compare, text: str, names: Mapping[str, str], columns: list[str]) -> None:
+    """A comparison uses a supported operator and compares columns, literals or literal lists."""
+    for op in node.ops:
+        if type(op) not in _CMP and not isinstance(op, ast.In | ast.NotIn):
+            raise _refuse(text, f"the operator {type(op).__name__} ('is', 'is not') is not supported.")
+    for operand in (node.left, *node.comparators):
+        if isinstance(operand, ast.List | ast.Tuple):
+            _check_list(operand, text)
+        else:
+            _check_operand(operand, text, names, columns)
+
+
+def _check_isin_call(node: ast.Call, text: str, names: Mapping[str, str], columns: list[str]) -> None:
+    """The only call allowed is ``col.isin([...])`` with one literal list."""
+    func = node.func
+    if not (
+        isinstance(func, ast.Attribute)
+        and func.attr == "isin"
+        and isinstance(func.value, ast.Name)
+        and len(node.args) == 1
+        and not node.keywords
+        and isinstance(node.args[0], ast.List | ast.Tuple)
+    ):
+        raise _refuse(text, "function calls are not allowed (only col.isin([...]) with a literal list).")
+    _check_operand(func.value, text, names, columns)
+    _check_list(node.args[0], text)
 
 
 def _check_operand(node: ast.AST, text: str, names: Mapping[str, str], columns: list[str]) -> None:

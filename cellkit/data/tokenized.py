@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -747,6 +747,9 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+_FieldError = Callable[[str, str], DataError]
+
+
 def _check_manifest(m: dict[str, Any], file: Path) -> dict[str, Any]:
     """Types and names of a manifest's fields; a DataError naming the file and field otherwise."""
 
@@ -758,6 +761,17 @@ def _check_manifest(m: dict[str, Any], file: Path) -> dict[str, Any]:
             "cellkit. Write the shards again with cellkit.tokenize(..., output=...)."
         )
 
+    _check_manifest_fields(m, bad)
+    _check_obs_columns(m["obs_columns"], bad)
+    _check_shard_entries(m["shards"], bad)
+    total = sum(info["n_cells"] for info in m["shards"])
+    if m.get("n_cells") != total:
+        raise bad("n_cells", f"the sum of the shards' n_cells ({total})")
+    return m
+
+
+def _check_manifest_fields(m: dict[str, Any], bad: _FieldError) -> None:
+    """The manifest's top-level fields: version, storage, the required objects and the optional ones."""
     if not _count(m.get("version", 1)) or m.get("version", 1) > 1:
         raise bad("version", "1 (a newer cellkit wrote this directory? upgrade cellkit)")
     if m.get("storage", "npy") not in ("npy", "parquet"):
@@ -779,13 +793,21 @@ def _check_manifest(m: dict[str, Any], file: Path) -> dict[str, Any]:
         raise bad("fields", f"a list drawn from {list(FIELDS)}")
     if not isinstance(m.get("notes", []), list):
         raise bad("notes", "a list of strings")
-    for col, cats in m["obs_columns"].items():
+
+
+def _check_obs_columns(obs_columns: dict[str, Any], bad: _FieldError) -> None:
+    """Each obs column name is safe in a file name and maps to a list of category strings."""
+    for col, cats in obs_columns.items():
         if any(c in col for c in "/\\\x00"):  # it becomes part of a file name: obs-<column>.npy
             raise bad(f"obs_columns[{col!r}]", "a column name without '/', '\\' or NUL")
         if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
             raise bad(f"obs_columns[{col!r}]", "a list of category strings")
+
+
+def _check_shard_entries(shards: list[Any], bad: _FieldError) -> None:
+    """Each shard entry is an object with a unique plain name and non-negative cell and token counts."""
     names = set()
-    for i, info in enumerate(m["shards"]):
+    for i, info in enumerate(shards):
         where = f"shards[{i}]"
         if not isinstance(info, dict):
             raise bad(where, "an object with name, n_cells and n_tokens")
@@ -796,10 +818,6 @@ def _check_manifest(m: dict[str, Any], file: Path) -> dict[str, Any]:
         for key in ("n_cells", "n_tokens"):
             if not _count(info.get(key)):
                 raise bad(f"{where}.{key}", "a non-negative integer")
-    total = sum(info["n_cells"] for info in m["shards"])
-    if m.get("n_cells") != total:
-        raise bad("n_cells", f"the sum of the shards' n_cells ({total})")
-    return m
 
 
 def open_shards(path: str | os.PathLike[str]) -> ShardedTokens:

@@ -450,17 +450,36 @@ def _argsort_distinct(keys):  # pragma: no cover - compiled
     smallest key, and each bucket (about one key) is sorted on its own.
     """
     n = keys.shape[0]
-    order = np.empty(n, dtype=np.int64)
+    nb = 1
+    while nb < n:
+        nb *= 2
+    order, start = _bucket_order(keys, nb)
+    for g in range(nb):
+        if start[g + 1] - start[g] > 1:
+            _sort_bucket(order, keys, start[g], start[g + 1])
+    return order, _all_distinct(keys, order)
+
+
+@numba.njit(cache=True)
+def _key_range(keys):  # pragma: no cover - compiled
+    """``(smallest, largest)`` key."""
     kmin = keys[0]
     kmax = keys[0]
-    for t in range(n):
+    for t in range(keys.shape[0]):
         if keys[t] < kmin:
             kmin = keys[t]
         if keys[t] > kmax:
             kmax = keys[t]
-    nb = 1
-    while nb < n:
-        nb *= 2
+    return kmin, kmax
+
+
+@numba.njit(cache=True)
+def _bucket_order(keys, nb):  # pragma: no cover - compiled
+    """``(order, start)``: positions grouped into ``nb`` buckets by their key's offset from the smallest
+    key (monotone in the key; position order within a bucket), and where each bucket starts in ``order``."""
+    n = keys.shape[0]
+    order = np.empty(n, dtype=np.int64)
+    kmin, kmax = _key_range(keys)
     span = np.float64(kmax - kmin)
     scale = (nb - 1) / span if span > 0 else 0.0
     bucket = np.empty(n, dtype=np.int64)
@@ -477,31 +496,37 @@ def _argsort_distinct(keys):  # pragma: no cover - compiled
     for t in range(n):
         order[fill[bucket[t]]] = t
         fill[bucket[t]] += 1
-    for g in range(nb):
-        a = start[g]
-        b = start[g + 1]
-        if b - a <= 1:
-            continue
-        if b - a <= 16:  # insertion sort
-            for j in range(a + 1, b):
-                p = order[j]
-                k = keys[p]
-                m = j - 1
-                while m >= a and keys[order[m]] > k:
-                    order[m + 1] = order[m]
-                    m -= 1
-                order[m + 1] = p
-        else:  # stable, like the insertion sort: equal keys stay in position order
-            sub = order[a:b].copy()
-            perm = np.argsort(keys[sub], kind="mergesort")
-            for j in range(b - a):
-                order[a + j] = sub[perm[j]]
+    return order, start
+
+
+@numba.njit(cache=True)
+def _sort_bucket(order, keys, a, b):  # pragma: no cover - compiled
+    """Sort ``order[a:b]`` by key in place, stably: equal keys stay in position order."""
+    if b - a <= 16:  # insertion sort
+        for j in range(a + 1, b):
+            p = order[j]
+            k = keys[p]
+            m = j - 1
+            while m >= a and keys[order[m]] > k:
+                order[m + 1] = order[m]
+                m -= 1
+            order[m + 1] = p
+    else:  # stable, like the insertion sort
+        sub = order[a:b].copy()
+        perm = np.argsort(keys[sub], kind="mergesort")
+        for j in range(b - a):
+            order[a + j] = sub[perm[j]]
+
+
+@numba.njit(cache=True)
+def _all_distinct(keys, order):  # pragma: no cover - compiled
+    """Whether no two keys are equal (``order`` sorts them, so equal keys are neighbours)."""
     distinct = True
-    for j in range(n - 1):
+    for j in range(keys.shape[0] - 1):
         if keys[order[j]] == keys[order[j + 1]]:
             distinct = False
             break
-    return order, distinct
+    return distinct
 
 
 @numba.njit(parallel=True, cache=True)

@@ -218,56 +218,25 @@ class _Ranker:
 
 def run(ctx: Any) -> Iterator[TokenizedCells]:
     """Tokenize every source of ``ctx`` (see :func:`cellkit.tokenize`)."""
-    from ..tokenize import check_values, model_input_value
+    from ..tokenize import check_values
 
     o = ctx.options
     if o["mode"] not in ("deterministic", "compat"):
         raise DataError(f"mode must be 'deterministic' or 'compat', got {o['mode']!r}.")
     compat = o["mode"] == "compat"
     vocab: GeneVocab = ctx.vocab
-    has_special = "cls" in vocab.specials and "eos" in vocab.specials
-    special = (
-        o["special_token"]
-        if o["special_token"] is not None
-        else bool(model_input_value(ctx.model_input, "special_token", has_special))
-    )
-    if special and not has_special:
-        raise DataError(
-            "special_token=True needs <cls> and <eos> in the vocabulary (Geneformer V2 dictionaries have them)."
-        )
-    size = o["model_input_size"] or model_input_value(
-        ctx.model_input, "model_input_size", 4096 if special else 2048
-    )
-    budget = int(size) - (2 if special else 0)
-    if budget < 1:
-        raise DataError(f"model_input_size={size} leaves no room for genes.")
-    medians = ctx.resources.get("gene_median")
-    if medians is None:
-        raise DataError(
-            "The geneformer scheme needs the gene median dictionary: load the model with its "
-            "gene_median_dictionary*.pkl (cellkit.load_model(path, gene_median_dictionary=...))."
-        )
+    special = _special_token(o, vocab, ctx.model_input)
+    size, budget = _input_size(o, ctx.model_input, special)
+    medians = _gene_medians(ctx.resources)
     specials = ctx.specials()
     target_sum = o["target_sum"]
     ctx.options.update({"model_input_size": int(size), "special_token": bool(special)})
     for src, match in ctx.sources:
         plan, out_tokens = _column_plan(match, bool(o["collapse_gene_ids"]), compat)
-        # without merged genes the plan is an ordered column selection: slice instead of a matmul
-        plan_rows, plan_cols = plan.nonzero()
-        ordered = plan.nnz == plan.shape[1] and np.array_equal(plan_cols, np.arange(plan.shape[1]))
-        selection = plan_rows if ordered and (np.diff(plan_rows) > 0).all() else None
+        selection = _ordered_selection(plan)
         median = np.array([medians[vocab.token(int(t))] for t in out_tokens], dtype=np.float64)
         recip_median = np.divide(1, median)
-        rows = src.rows
-        fp = o["filter_pass_column"]
-        if fp and fp in src.obs.columns:
-            keep = src.obs[fp].to_numpy()[rows] == 1
-            if not keep.all():
-                ctx.notes.append(
-                    f"{int((~keep).sum()):,} cells with {fp} != 1 were skipped (Geneformer's rule)"
-                )
-            rows = rows[keep]
-            src = type(src)(src.matrix, src.var, src.obs, rows, src.name)
+        src = _filter_passed_cells(src, o["filter_pass_column"], ctx.notes)
         n_col = o["n_counts_column"]
         stored = n_col in src.obs.columns
         if not stored:
@@ -275,52 +244,21 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                 f"obs[{n_col!r}] absent: total counts computed from the matrix (all genes) per cell"
             )
         empty: list[str] = []
-        if selection is None:
-            col_map = np.arange(plan.shape[1], dtype=np.int64)  # columns of block @ plan
-        else:
-            col_map = np.full(plan.shape[0], -1, dtype=np.int64)
-            col_map[selection] = np.arange(len(selection))  # ascending: column order is kept
+        col_map = _column_map(plan, selection)
         rank = _Ranker(col_map, recip_median, out_tokens, target_sum, compat, budget, special, specials)
         arrays = csr_arrays(src.matrix) if stored and selection is not None else None
         if arrays is not None:  # in-memory CSR read in place: no block copies
             data, indices, indptr = arrays
-            all_rows = np.ascontiguousarray(rows, dtype=np.int64)
-            step = len(all_rows) if not ctx.streaming else ctx.chunk_size  # one output when in memory
-            blocks = ((all_rows[a : a + step], None) for a in range(0, len(all_rows), max(step, 1)))
-        else:
-            blocks = src.chunks(ctx.chunk_size)
-        with ctx.pbar(len(rows), f"tokenizing ({src.name})") as bar:
+        blocks = _row_blocks(src, arrays is not None, ctx)
+        with ctx.pbar(len(src.rows), f"tokenizing ({src.name})") as bar:
             for idx, block in blocks:
+                if block is not None:
+                    check_values(block.data, where=src.name, counts=True)
+                n_counts = _cell_counts(src, idx, block, n_col, stored, indptr if block is None else None)
                 if block is None:
                     sel = idx
-                    stored_per_row = indptr[sel + 1] - indptr[sel]
-                    n_counts = src.obs[n_col].to_numpy()[idx][:, None]
                 else:
-                    check_values(block.data, where=src.name, counts=True)
-                    stored_per_row = np.diff(block.indptr)
-                    if stored:
-                        n_counts = src.obs[n_col].to_numpy()[idx][:, None]
-                    else:
-                        n_counts = np.asarray(block.sum(1))
-                nonpositive = (np.asarray(n_counts).ravel() <= 0) & (stored_per_row > 0)
-                if nonpositive.any():
-                    bad = np.asarray(src.obs.index[idx])[nonpositive][:3].tolist()
-                    raise DataError(
-                        f"Cells with counts but obs[{n_col!r}] <= 0 cannot be normalised, e.g. {bad}; fix the "
-                        f"{n_col!r} column or drop it to let cellkit compute totals."
-                    )
-                if block is not None:
-                    if selection is None:  # merged genes: sum columns with the plan
-                        x = (
-                            (block @ plan).tocsr()
-                            if plan.shape[1]
-                            else sp.csr_matrix((len(idx), 0), dtype=block.dtype)
-                        )
-                        x = x.astype(block.dtype, copy=False)
-                        x.sort_indices()
-                    else:
-                        x = block
-                    data, indices, indptr = x.data, x.indices, x.indptr
+                    data, indices, indptr = _planned_csr(block, len(idx), plan, selection)
                     sel = np.arange(len(idx), dtype=np.int64)
                 with np.errstate(divide="ignore"):  # empty cells (n_counts 0) have no entries to scale
                     recip_counts = np.divide(1, n_counts).ravel()
@@ -329,25 +267,161 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                 )
                 names = np.asarray(src.obs.index[idx]).astype(str)
                 empty += names[~keep_rows].tolist()
-                sel_rows = np.flatnonzero(keep_rows)
-                obs = ctx.obs_frame(src, idx[sel_rows])
-                part = TokenizedCells(
-                    flat,
-                    offsets,
-                    obs_names=names[sel_rows],
-                    obs=obs,
-                    scheme="geneformer",
-                    options=dict(ctx.options),
-                    specials=specials,
-                    pad_value=0.0,
-                )
-                if o["keep_uncropped_length"]:
-                    obs = part.obs if part.obs is not None else pd.DataFrame(index=np.arange(len(sel_rows)))
-                    obs["length_uncropped"] = full[sel_rows]
-                    part.obs = obs
+                part = _tokenized_part(ctx, src, idx, names, flat, offsets, keep_rows, full, specials)
                 bar.update(len(idx))
                 yield part
         if empty:
             ctx.notes.append(
                 f"{len(empty):,} cells had no expressed gene in the vocabulary and were left out, e.g. {empty[:3]}"
             )
+
+
+def _special_token(o: Mapping[str, Any], vocab: GeneVocab, model_input: Mapping[str, Any]) -> bool:
+    """Whether cells get ``<cls>`` … ``<eos>``: the option, else the model's setting, else the vocabulary's."""
+    from ..tokenize import model_input_value
+
+    has_special = "cls" in vocab.specials and "eos" in vocab.specials
+    special = (
+        o["special_token"]
+        if o["special_token"] is not None
+        else bool(model_input_value(model_input, "special_token", has_special))
+    )
+    if special and not has_special:
+        raise DataError(
+            "special_token=True needs <cls> and <eos> in the vocabulary (Geneformer V2 dictionaries have them)."
+        )
+    return special
+
+
+def _input_size(o: Mapping[str, Any], model_input: Mapping[str, Any], special: bool) -> tuple[Any, int]:
+    """The model input size (option, else the model's, else 4096 / 2048) and the genes it leaves room for."""
+    from ..tokenize import model_input_value
+
+    size = o["model_input_size"] or model_input_value(model_input, "model_input_size", 4096 if special else 2048)
+    budget = int(size) - (2 if special else 0)
+    if budget < 1:
+        raise DataError(f"model_input_size={size} leaves no room for genes.")
+    return size, budget
+
+
+def _gene_medians(resources: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The gene median dictionary the scheme normalises by (a DataError when the model has none)."""
+    medians = resources.get("gene_median")
+    if medians is None:
+        raise DataError(
+            "The geneformer scheme needs the gene median dictionary: load the model with its "
+            "gene_median_dictionary*.pkl (cellkit.load_model(path, gene_median_dictionary=...))."
+        )
+    return medians
+
+
+def _ordered_selection(plan: sp.csr_matrix) -> np.ndarray | None:
+    """The plan's rows when it is an ordered column selection (no merged genes), else ``None``.
+
+    Such a plan is applied by slicing instead of a matrix product.
+    """
+    plan_rows, plan_cols = plan.nonzero()
+    ordered = plan.nnz == plan.shape[1] and np.array_equal(plan_cols, np.arange(plan.shape[1]))
+    return plan_rows if ordered and (np.diff(plan_rows) > 0).all() else None
+
+
+def _column_map(plan: sp.csr_matrix, selection: np.ndarray | None) -> np.ndarray:
+    """Output column of each input column the ranker reads (-1: not a vocabulary gene)."""
+    if selection is None:
+        return np.arange(plan.shape[1], dtype=np.int64)  # columns of block @ plan
+    col_map = np.full(plan.shape[0], -1, dtype=np.int64)
+    col_map[selection] = np.arange(len(selection))  # ascending: column order is kept
+    return col_map
+
+
+def _filter_passed_cells(src: Any, column: str | None, notes: list[str]) -> Any:
+    """``src`` restricted to cells with ``obs[column] == 1`` (Geneformer's filter_pass rule), if it has the column."""
+    if not (column and column in src.obs.columns):
+        return src
+    rows = src.rows
+    keep = src.obs[column].to_numpy()[rows] == 1
+    if not keep.all():
+        notes.append(f"{int((~keep).sum()):,} cells with {column} != 1 were skipped (Geneformer's rule)")
+    return type(src)(src.matrix, src.var, src.obs, rows[keep], src.name)
+
+
+def _row_blocks(src: Any, in_place: bool, ctx: Any) -> Iterator[tuple[np.ndarray, sp.csr_matrix | None]]:
+    """``(rows, block)`` pairs; ``block`` is ``None`` when the in-memory CSR is read in place by row."""
+    if not in_place:
+        return src.chunks(ctx.chunk_size)
+    all_rows = np.ascontiguousarray(src.rows, dtype=np.int64)
+    step = len(all_rows) if not ctx.streaming else ctx.chunk_size  # one output when in memory
+    return ((all_rows[a : a + step], None) for a in range(0, len(all_rows), max(step, 1)))
+
+
+def _cell_counts(
+    src: Any,
+    idx: np.ndarray,
+    block: sp.csr_matrix | None,
+    n_col: str,
+    stored: bool,
+    indptr: np.ndarray | None,
+) -> np.ndarray:
+    """Total counts ``(n, 1)`` of cells ``idx``: ``obs[n_col]`` when stored, else the block's row sums.
+
+    ``indptr`` is the in-place CSR's (when ``block`` is ``None``). Cells with stored entries but a
+    non-positive total cannot be normalised: a DataError names them.
+    """
+    if block is None:
+        stored_per_row = indptr[idx + 1] - indptr[idx]
+        n_counts = src.obs[n_col].to_numpy()[idx][:, None]
+    else:
+        stored_per_row = np.diff(block.indptr)
+        n_counts = src.obs[n_col].to_numpy()[idx][:, None] if stored else np.asarray(block.sum(1))
+    nonpositive = (np.asarray(n_counts).ravel() <= 0) & (stored_per_row > 0)
+    if nonpositive.any():
+        bad = np.asarray(src.obs.index[idx])[nonpositive][:3].tolist()
+        raise DataError(
+            f"Cells with counts but obs[{n_col!r}] <= 0 cannot be normalised, e.g. {bad}; fix the "
+            f"{n_col!r} column or drop it to let cellkit compute totals."
+        )
+    return n_counts
+
+
+def _planned_csr(
+    block: sp.csr_matrix, n_rows: int, plan: sp.csr_matrix, selection: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR arrays of a block with merged genes summed by the plan (the block itself when there are none)."""
+    if selection is None:  # merged genes: sum columns with the plan
+        x = (block @ plan).tocsr() if plan.shape[1] else sp.csr_matrix((n_rows, 0), dtype=block.dtype)
+        x = x.astype(block.dtype, copy=False)
+        x.sort_indices()
+    else:
+        x = block
+    return x.data, x.indices, x.indptr
+
+
+def _tokenized_part(
+    ctx: Any,
+    src: Any,
+    idx: np.ndarray,
+    names: np.ndarray,
+    flat: np.ndarray,
+    offsets: np.ndarray,
+    keep_rows: np.ndarray,
+    full: np.ndarray,
+    specials: dict[str, int],
+) -> TokenizedCells:
+    """The kept cells of one block as TokenizedCells (with ``length_uncropped`` when asked)."""
+    sel_rows = np.flatnonzero(keep_rows)
+    obs = ctx.obs_frame(src, idx[sel_rows])
+    part = TokenizedCells(
+        flat,
+        offsets,
+        obs_names=names[sel_rows],
+        obs=obs,
+        scheme="geneformer",
+        options=dict(ctx.options),
+        specials=specials,
+        pad_value=0.0,
+    )
+    if ctx.options["keep_uncropped_length"]:
+        obs = part.obs if part.obs is not None else pd.DataFrame(index=np.arange(len(sel_rows)))
+        obs["length_uncropped"] = full[sel_rows]
+        part.obs = obs
+    return part

@@ -296,25 +296,12 @@ def _int_or_false(value: Any, name: str) -> int:
 
 def run(ctx: Any) -> Iterator[TokenizedCells]:
     """Tokenize every source of ``ctx`` (see :func:`cellkit.tokenize`)."""
-    from ..tokenize import check_values, model_input_value
-
     o = ctx.options
     mode = o["mode"]
     if mode not in ("deterministic", "compat"):
         raise DataError(f"mode must be 'deterministic' or 'compat', got {mode!r}.")
     compat = mode == "compat"
-    n_bins = o["n_bins"] if o["n_bins"] is not None else model_input_value(ctx.model_input, "n_bins", 51)
-    if n_bins is not False and n_bins and (not isinstance(n_bins, (int, np.integer)) or n_bins < 3):
-        raise DataError(f"n_bins must be an integer >= 3 (or 0 for continuous values), got {n_bins!r}.")
-    pad_value = float(
-        o["pad_value"]
-        if o["pad_value"] is not None
-        else model_input_value(ctx.model_input, "pad_value", -2.0)
-    )
-    if o["cls_value"] is not None:
-        cls_value = float(o["cls_value"])
-    else:
-        cls_value = 0.0 if compat else float(model_input_value(ctx.model_input, "cls_value", pad_value))
+    n_bins, pad_value, cls_value = _value_encoding(o, ctx.model_input, compat=compat)
     max_len = o["max_len"]
     if max_len is not None and (not isinstance(max_len, (int, np.integer)) or max_len < 2):
         raise DataError(f"max_len must be an integer >= 2 or None, got {max_len!r}.")
@@ -324,17 +311,7 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
     min_gene_counts = _int_or_false(o["filter_gene_by_counts"], "filter_gene_by_counts")
     min_cell_counts = _int_or_false(o["filter_cell_by_counts"], "filter_cell_by_counts")
     target = o["normalize_total"]
-    if isinstance(target, bool):
-        raise DataError("normalize_total takes a number (target sum) or None, not a bool.")
-    if o["n_hvg"] and not ctx.in_memory:
-        raise DataError(
-            "n_hvg needs the cells in memory (scanpy's highly_variable_genes); for backed or partitioned data "
-            "select the genes first and pass genes='highly_variable' (a boolean var column)."
-        )
-    if (min_gene_counts or o["n_hvg"]) and len(ctx.sources) > 1:
-        raise DataError(
-            "filter_gene_by_counts and n_hvg work on one matrix; tokenize partitions with genes= instead."
-        )
+    _check_whole_matrix_options(ctx, target, min_gene_counts)
     specials = ctx.specials()
     cls_id = specials.get("cls", -1)
     ctx.options.update({"n_bins": n_bins, "pad_value": pad_value, "cls_value": cls_value})
@@ -346,34 +323,16 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
         cols = match.columns
         if o["genes"] is not None:
             cols = cols[_gene_mask(src, o["genes"])[cols]]
-        rows = src.rows
-        if min_gene_counts or min_cell_counts or (target is not None and compat and isinstance(target, int)):
-            gene_sums = np.zeros(len(cols))
-            for _, block in src.chunks(ctx.chunk_size):
-                check_values(block.data, where=src.name)
-                gene_sums += np.asarray(block[:, cols].sum(0)).ravel()
-            if min_gene_counts:
-                keep = gene_sums >= min_gene_counts
-                ctx.notes.append(
-                    f"filter_gene_by_counts={min_gene_counts}: kept {int(keep.sum()):,} of {len(cols):,} genes"
-                )
-                cols = cols[keep]
-            totals = np.concatenate(
-                [np.asarray(b[:, cols].sum(1)).ravel() for _, b in src.chunks(ctx.chunk_size)]
+        if min_gene_counts or min_cell_counts or _median_target(target, compat):
+            src, cols, target = _filter_by_counts(
+                ctx,
+                src,
+                cols,
+                min_gene_counts=min_gene_counts,
+                min_cell_counts=min_cell_counts,
+                target=target,
+                compat=compat,
             )
-            if min_cell_counts:
-                keep = totals >= min_cell_counts
-                ctx.notes.append(
-                    f"filter_cell_by_counts={min_cell_counts}: kept {int(keep.sum()):,} of {len(rows):,} cells"
-                )
-                rows, totals = rows[keep], totals[keep]
-                src = type(src)(src.matrix, src.var, src.obs, rows, src.name)
-            if target is not None and compat and isinstance(target, int):
-                # scGPT passes an int normalize_total to scanpy as target_sum=None: the median total
-                target = float(np.median(totals[totals > 0]))
-                ctx.notes.append(
-                    f"normalize_total was an int: normalised to the median total ({target:g}), as scGPT does"
-                )
         if target is not None:
             target = float(target)
         tokens = match.token_ids[cols]
@@ -404,62 +363,206 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                 pad_value=pad_value,
             )
             continue
-        done = 0
-        identity_cols = len(cols) == src.var.shape[0] and bool((cols == np.arange(len(cols))).all())
-        # Binning depends only on the order of a cell's values, which normalize_total and log1p
-        # (monotone within a cell) keep: deterministic mode bins the counts directly. compat mode
-        # runs them, because they can round two values into a tie and scGPT's RNG then differs.
-        rank_only = bool(n_bins) and not compat
-        with ctx.pbar(len(src.rows), f"tokenizing ({src.name})") as bar:
-            for idx, block in src.chunks(ctx.chunk_size):
-                check_values(block.data, where=src.name)
-                x = counts = block if identity_cols else block[:, cols]
-                normalized = (target is not None or o["log1p"]) and not rank_only
-                if normalized:
-                    x = _normalize(x, target, bool(o["log1p"]))
-                if hvg_pos is not None:
-                    x, counts = x[:, hvg_pos], counts[:, hvg_pos]
-                x = sp.csr_matrix(x)
-                x.eliminate_zeros()
-                x.sort_indices()
-                counts = sp.csr_matrix(counts)
-                raw = (  # the counts behind each normalised value (same entries): compat bins with them
-                    counts.data
-                    if normalized
-                    and n_bins
-                    and counts.has_canonical_format
-                    and np.array_equal(counts.indptr, x.indptr)
-                    and np.array_equal(counts.indices, x.indices)
-                    else None
-                )
-                local = np.arange(done, done + len(idx))
-                part = _tokens_for_block(
-                    x,
-                    gene_tokens,
-                    n_bins=n_bins,
-                    include_zero=bool(o["include_zero"]),
-                    append_cls=append_cls,
-                    cls_id=cls_id,
-                    cls_value=cls_value,
-                    rng=rng,
-                    keys=None if keys is None else keys[local],
-                    seed=int(o["seed"]),
-                    max_len=None if compat else max_len,
-                    raw=raw,
-                )
-                ctx.stamp(part, src, idx, scheme="scgpt", pad_value=pad_value)
-                done += len(idx)
-                bar.update(len(idx))
-                if compat:
-                    all_parts.append(part)
-                else:
-                    yield part
+        parts = _run_blocks(
+            ctx,
+            src,
+            cols,
+            gene_tokens,
+            hvg_pos,
+            keys,
+            target=target,
+            n_bins=n_bins,
+            append_cls=append_cls,
+            cls_id=cls_id,
+            cls_value=cls_value,
+            rng=rng,
+            max_len=max_len,
+            pad_value=pad_value,
+            compat=compat,
+        )
+        if compat:
+            all_parts.extend(parts)
+        else:
+            yield from parts
     if compat and all_parts:
         cells = TokenizedCells.concat(all_parts)
         if max_len is not None:
             cells = _sample_compat(cells, max_len, rng, cls_appended=append_cls)
         cells.rng = rng
         yield cells
+
+
+def _value_encoding(o: Mapping[str, Any], model_input: Mapping[str, Any], *, compat: bool) -> tuple[Any, float, float]:
+    """``n_bins``, ``pad_value`` and ``cls_value``: each the option, else the model's setting, else scGPT's default."""
+    from ..tokenize import model_input_value
+
+    n_bins = o["n_bins"] if o["n_bins"] is not None else model_input_value(model_input, "n_bins", 51)
+    if n_bins is not False and n_bins and (not isinstance(n_bins, (int, np.integer)) or n_bins < 3):
+        raise DataError(f"n_bins must be an integer >= 3 (or 0 for continuous values), got {n_bins!r}.")
+    pad_value = float(
+        o["pad_value"] if o["pad_value"] is not None else model_input_value(model_input, "pad_value", -2.0)
+    )
+    if o["cls_value"] is not None:
+        cls_value = float(o["cls_value"])
+    else:
+        cls_value = 0.0 if compat else float(model_input_value(model_input, "cls_value", pad_value))
+    return n_bins, pad_value, cls_value
+
+
+def _check_whole_matrix_options(ctx: Any, target: Any, min_gene_counts: int) -> None:
+    """``normalize_total`` is a number; gene filters that need the whole matrix get one in-memory source."""
+    o = ctx.options
+    if isinstance(target, bool):
+        raise DataError("normalize_total takes a number (target sum) or None, not a bool.")
+    if o["n_hvg"] and not ctx.in_memory:
+        raise DataError(
+            "n_hvg needs the cells in memory (scanpy's highly_variable_genes); for backed or partitioned data "
+            "select the genes first and pass genes='highly_variable' (a boolean var column)."
+        )
+    if (min_gene_counts or o["n_hvg"]) and len(ctx.sources) > 1:
+        raise DataError(
+            "filter_gene_by_counts and n_hvg work on one matrix; tokenize partitions with genes= instead."
+        )
+
+
+def _median_target(target: Any, compat: bool) -> bool:
+    """Whether compat mode normalises to the median total (scGPT passes an int normalize_total as None)."""
+    return target is not None and compat and isinstance(target, int)
+
+
+def _filter_by_counts(
+    ctx: Any,
+    src: Any,
+    cols: np.ndarray,
+    *,
+    min_gene_counts: int,
+    min_cell_counts: int,
+    target: Any,
+    compat: bool,
+) -> tuple[Any, np.ndarray, Any]:
+    """Apply ``filter_gene_by_counts`` / ``filter_cell_by_counts`` and compat's median target, as scGPT does.
+
+    Returns the (possibly row-filtered) source, the kept gene columns and the normalisation target.
+    """
+    from ..tokenize import check_values
+
+    gene_sums = np.zeros(len(cols))
+    for _, block in src.chunks(ctx.chunk_size):
+        check_values(block.data, where=src.name)
+        gene_sums += np.asarray(block[:, cols].sum(0)).ravel()
+    if min_gene_counts:
+        keep = gene_sums >= min_gene_counts
+        ctx.notes.append(f"filter_gene_by_counts={min_gene_counts}: kept {int(keep.sum()):,} of {len(cols):,} genes")
+        cols = cols[keep]
+    totals = np.concatenate([np.asarray(b[:, cols].sum(1)).ravel() for _, b in src.chunks(ctx.chunk_size)])
+    if min_cell_counts:
+        rows = src.rows
+        keep = totals >= min_cell_counts
+        ctx.notes.append(
+            f"filter_cell_by_counts={min_cell_counts}: kept {int(keep.sum()):,} of {len(rows):,} cells"
+        )
+        rows, totals = rows[keep], totals[keep]
+        src = type(src)(src.matrix, src.var, src.obs, rows, src.name)
+    if _median_target(target, compat):
+        # scGPT passes an int normalize_total to scanpy as target_sum=None: the median total
+        target = float(np.median(totals[totals > 0]))
+        ctx.notes.append(f"normalize_total was an int: normalised to the median total ({target:g}), as scGPT does")
+    return src, cols, target
+
+
+def _run_blocks(
+    ctx: Any,
+    src: Any,
+    cols: np.ndarray,
+    gene_tokens: np.ndarray,
+    hvg_pos: np.ndarray | None,
+    keys: np.ndarray | None,
+    *,
+    target: float | None,
+    n_bins: Any,
+    append_cls: bool,
+    cls_id: int,
+    cls_value: float,
+    rng: np.random.RandomState | None,
+    max_len: int | None,
+    pad_value: float,
+    compat: bool,
+) -> Iterator[TokenizedCells]:
+    """Tokens of one source block by block in Python (compat mode, zeros kept, hvg or continuous values)."""
+    from ..tokenize import check_values
+
+    o = ctx.options
+    done = 0
+    identity_cols = len(cols) == src.var.shape[0] and bool((cols == np.arange(len(cols))).all())
+    # Binning depends only on the order of a cell's values, which normalize_total and log1p
+    # (monotone within a cell) keep: deterministic mode bins the counts directly. compat mode
+    # runs them, because they can round two values into a tie and scGPT's RNG then differs.
+    rank_only = bool(n_bins) and not compat
+    with ctx.pbar(len(src.rows), f"tokenizing ({src.name})") as bar:
+        for idx, block in src.chunks(ctx.chunk_size):
+            check_values(block.data, where=src.name)
+            x, raw = _block_values(
+                block if identity_cols else block[:, cols],
+                hvg_pos,
+                target=target,
+                log1p=bool(o["log1p"]),
+                normalize=(target is not None or o["log1p"]) and not rank_only,
+                binned=bool(n_bins),
+            )
+            local = np.arange(done, done + len(idx))
+            part = _tokens_for_block(
+                x,
+                gene_tokens,
+                n_bins=n_bins,
+                include_zero=bool(o["include_zero"]),
+                append_cls=append_cls,
+                cls_id=cls_id,
+                cls_value=cls_value,
+                rng=rng,
+                keys=None if keys is None else keys[local],
+                seed=int(o["seed"]),
+                max_len=None if compat else max_len,
+                raw=raw,
+            )
+            ctx.stamp(part, src, idx, scheme="scgpt", pad_value=pad_value)
+            done += len(idx)
+            bar.update(len(idx))
+            yield part
+
+
+def _block_values(
+    counts: Any,
+    hvg_pos: np.ndarray | None,
+    *,
+    target: float | None,
+    log1p: bool,
+    normalize: bool,
+    binned: bool,
+) -> tuple[sp.csr_matrix, np.ndarray | None]:
+    """A block's values as canonical CSR (normalised when asked, hvg columns kept) and the counts behind them.
+
+    The counts are returned only when compat binning needs them: normalised values with the same
+    entries as the counts; otherwise ``None``.
+    """
+    x = counts
+    if normalize:
+        x = _normalize(x, target, log1p)
+    if hvg_pos is not None:
+        x, counts = x[:, hvg_pos], counts[:, hvg_pos]
+    x = sp.csr_matrix(x)
+    x.eliminate_zeros()
+    x.sort_indices()
+    counts = sp.csr_matrix(counts)
+    raw = (  # the counts behind each normalised value (same entries): compat bins with them
+        counts.data
+        if normalize
+        and binned
+        and counts.has_canonical_format
+        and np.array_equal(counts.indptr, x.indptr)
+        and np.array_equal(counts.indices, x.indices)
+        else None
+    )
+    return x, raw
 
 
 def _run_fused(

@@ -349,17 +349,7 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
 
     o = ctx.options
     vocab: GeneVocab = ctx.vocab
-    max_seq_len = o["max_seq_len"]
-    if max_seq_len is None:
-        max_seq_len = next(
-            (
-                ctx.model_input[k]
-                for k in ("max_seq_len", "model_input_size", "max_len")
-                if ctx.model_input.get(k)
-            ),
-            DEFAULT_MAX_SEQ_LEN,
-        )
-    max_seq_len = _int_option(max_seq_len, "max_seq_len", 1)
+    max_seq_len = _max_seq_len(o["max_seq_len"], ctx.model_input)
     add_cls = _flag(o, "add_cls")
     random_genes = _flag(o, "random_genes")
     include_zero = _flag(o, "include_zero_genes")
@@ -368,18 +358,7 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
     if n_bins is not None and continuous:
         raise DataError("bins= and continuous_rank=True are two value encodings; choose one.")
     seed = _int_option(o["gene_seed"], "gene_seed", -(2**63))
-    cls_id = o["cls_token_id"]
-    if add_cls:
-        if cls_id is None:
-            if "cls" not in vocab.specials:
-                raise DataError(
-                    f"add_cls=True but the vocabulary has no <cls> token (specials: {vocab.specials or 'none'}); "
-                    "pass cls_token_id=... or add_cls=False."
-                )
-            cls_id = vocab.cls_id
-        cls_id = _int_option(cls_id, "cls_token_id", 0)
-        if cls_id >= len(vocab):
-            raise DataError(f"cls_token_id={cls_id} is outside the vocabulary (0 … {len(vocab) - 1}).")
+    cls_id = _cls_token_id(o["cls_token_id"], vocab) if add_cls else o["cls_token_id"]
     specs = _annotation_specs(o, ctx.resources, len(vocab))
     n_prefix = int(add_cls) + len(specs)
     budget = max_seq_len - n_prefix
@@ -422,32 +401,8 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
         if add_cls:
             prefix = np.concatenate([np.full((len(selected), 1), cls_id, dtype=np.int64), prefix], axis=1)
         if gene_column is not None:
-            if gene_column not in src.var.columns:
-                raise DataError(
-                    f"gene_id_column {gene_column!r} is not a var column of {src.name}; available: "
-                    f"{list(src.var.columns)}."
-                )
-            match = match_genes(pd.Index(src.var[gene_column].astype(str)), vocab, ctx.resources, o)
-            if not match.coverage.n_matched:
-                raise DataError(
-                    f"None of the genes in var[{gene_column!r}] of {src.name} is in the vocabulary "
-                    f"(e.g. {list(match.coverage.unmatched_examples[:5])}); choose the column with the model's "
-                    "gene identifiers."
-                )
-            ctx.notes.append(f"genes from var[{gene_column!r}]: {match.coverage}")
-        cols = match.columns
-        slot_tokens, slot_of_col = np.unique(match.token_ids[cols], return_inverse=True)
-        # slots in first-column order, so ties between genes keep column order
-        first_col = np.full(len(slot_tokens), np.iinfo(np.int64).max)
-        np.minimum.at(first_col, slot_of_col, cols)
-        slot_order = np.argsort(first_col, kind="stable")
-        rank_of_slot = np.empty_like(slot_order)
-        rank_of_slot[slot_order] = np.arange(len(slot_order))
-        slot_tokens = slot_tokens[slot_order]
-        n_vars = src.var.shape[0]
-        select = sp.csr_matrix(
-            (np.ones(len(cols)), (cols, rank_of_slot[slot_of_col])), shape=(n_vars, len(slot_tokens))
-        )
+            match = _match_gene_column(src, gene_column, ctx)
+        slot_tokens, select = _gene_slots(match, src.var.shape[0])
         medians = _slot_medians(slot_tokens, vocab, medians_table) if medians_table else None
         keys = cell_key(np.asarray(src.obs.index[src.rows]).astype(str))
         done = 0
@@ -481,6 +436,67 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                 done += len(idx)
                 bar.update(len(idx))
                 yield part
+
+
+def _max_seq_len(value: Any, model_input: Mapping[str, Any]) -> int:
+    """The ``max_seq_len`` option, else the model's own maximum length, else the default."""
+    if value is None:
+        value = next(
+            (model_input[k] for k in ("max_seq_len", "model_input_size", "max_len") if model_input.get(k)),
+            DEFAULT_MAX_SEQ_LEN,
+        )
+    return _int_option(value, "max_seq_len", 1)
+
+
+def _cls_token_id(value: Any, vocab: GeneVocab) -> int:
+    """The ``<cls>`` token id for ``add_cls=True``: ``cls_token_id``, else the vocabulary's ``<cls>``."""
+    if value is None:
+        if "cls" not in vocab.specials:
+            raise DataError(
+                f"add_cls=True but the vocabulary has no <cls> token (specials: {vocab.specials or 'none'}); "
+                "pass cls_token_id=... or add_cls=False."
+            )
+        value = vocab.cls_id
+    cls_id = _int_option(value, "cls_token_id", 0)
+    if cls_id >= len(vocab):
+        raise DataError(f"cls_token_id={cls_id} is outside the vocabulary (0 … {len(vocab) - 1}).")
+    return cls_id
+
+
+def _match_gene_column(src: Any, gene_column: str, ctx: Any) -> GeneMatch:
+    """Match the genes of ``src`` named in ``var[gene_id_column]`` (instead of the var index)."""
+    if gene_column not in src.var.columns:
+        raise DataError(
+            f"gene_id_column {gene_column!r} is not a var column of {src.name}; available: "
+            f"{list(src.var.columns)}."
+        )
+    match = match_genes(pd.Index(src.var[gene_column].astype(str)), ctx.vocab, ctx.resources, ctx.options)
+    if not match.coverage.n_matched:
+        raise DataError(
+            f"None of the genes in var[{gene_column!r}] of {src.name} is in the vocabulary "
+            f"(e.g. {list(match.coverage.unmatched_examples[:5])}); choose the column with the model's "
+            "gene identifiers."
+        )
+    ctx.notes.append(f"genes from var[{gene_column!r}]: {match.coverage}")
+    return match
+
+
+def _gene_slots(match: GeneMatch, n_vars: int) -> tuple[np.ndarray, sp.csr_matrix]:
+    """One slot per distinct matched token, in first-column order (so ties keep column order).
+
+    Returns the slots' token ids and the ``(n_vars, n_slots)`` 0/1 matrix that sums columns into slots.
+    """
+    cols = match.columns
+    slot_tokens, slot_of_col = np.unique(match.token_ids[cols], return_inverse=True)
+    first_col = np.full(len(slot_tokens), np.iinfo(np.int64).max)
+    np.minimum.at(first_col, slot_of_col, cols)
+    slot_order = np.argsort(first_col, kind="stable")
+    rank_of_slot = np.empty_like(slot_order)
+    rank_of_slot[slot_order] = np.arange(len(slot_order))
+    select = sp.csr_matrix(
+        (np.ones(len(cols)), (cols, rank_of_slot[slot_of_col])), shape=(n_vars, len(slot_tokens))
+    )
+    return slot_tokens[slot_order], select
 
 
 def _normalise(
