@@ -60,6 +60,9 @@ class OptionSpec:
 
 _MODE = (("deterministic", "deterministic"), ("compat (bit-for-bit with the original)", "compat"))
 _RETRY = (("scheme default", None), ("yes", True), ("no", False))
+#: what a dropdown holds for an option value of None (ipywidgets shows a Dropdown whose value is
+#: None as blank, so the label of the None choice would never be seen)
+_NONE = "\x1fnone"
 #: gene-name retries (cellkit.data.genes.resolve_genes); scGPT's compat mode matches names exactly
 _GENE_RETRIES = (
     OptionSpec("case_fold", "choice", "also match gene names after upper-casing (off in compat mode)", _RETRY),
@@ -743,19 +746,19 @@ class DataPanel(Panel):
                 value="" if default is None else f"{default:g}", placeholder=placeholder, layout=wide
             )
         elif kind == "choice":
-            values = [v for _, v in spec.choices]
-            w = widgets.Dropdown(
-                options=list(spec.choices), value=default if default in values else values[0]
-            )
+            choices = [(label, _NONE if v is None else v) for label, v in spec.choices]
+            values = [v for _, v in choices]
+            default = _NONE if default is None else default
+            w = widgets.Dropdown(options=choices, value=default if default in values else values[0])
         elif kind == "obs_column":
             cols = list(adata.obs.columns) if adata is not None else []
-            w = widgets.Dropdown(options=[("none", None), *[(c, c) for c in cols]], value=None)
+            w = widgets.Dropdown(options=[("none", _NONE), *[(c, c) for c in cols]], value=_NONE)
         elif kind == "obs_columns":
             cols = list(adata.obs.columns) if adata is not None else []
             w = widgets.SelectMultiple(options=cols, value=(), rows=min(6, max(2, len(cols))), layout=wide)
         elif kind == "var_mask":
             w = widgets.Dropdown(
-                options=[("all genes", None), *[(c, c) for c in self._bool_var_columns()]], value=None
+                options=[("all genes", _NONE), *[(c, c) for c in self._bool_var_columns()]], value=_NONE
             )
         else:  # pragma: no cover - a spec kind without a widget is a bug
             raise ValueError(f"unknown option kind {kind!r}")
@@ -787,7 +790,7 @@ class DataPanel(Panel):
         out: dict[str, Any] = {}
         for name, w in self.option_widgets.items():
             spec = self._option_specs[name]
-            value = w.value
+            value = None if w.value == _NONE else w.value
             if spec.kind in ("opt_int", "opt_float"):
                 text = str(value).strip()
                 if not text or text.lower() == "none":

@@ -211,12 +211,18 @@ def test_option_widgets_for_the_demo_model(panel):
     assert opts["normalize_total"] is None  # DEMO_TOKENIZE_OPTIONS: .raw is already normalised
     assert opts["max_len"] is None and opts["n_bins"] is None and opts["include_zero"] is False
     assert opts["mode"] == "deterministic" and opts["seed"] == 0
+    assert opts["case_fold"] is None and opts["strip_versions"] is None  # the scheme decides (mode)
+    assert panel.option_widgets["case_fold"].label == "scheme default"
+    panel.option_widgets["case_fold"].value = False
+    assert panel.options()["case_fold"] is False
+    panel.option_widgets["case_fold"].label = "scheme default"
     assert "51" in panel.option_widgets["n_bins"].placeholder  # the model's n_bins
     # genes= masks come from the matrix read: .raw.var has no boolean column, .var has highly_variable
-    assert [v for _, v in panel.option_widgets["genes"].options] == [None]
+    assert [label for label, _ in panel.option_widgets["genes"].options] == ["all genes"]
+    assert panel.option_widgets["genes"].label == "all genes"  # never a blank dropdown
     assert panel.matrix.options[0][0] == "model default (.raw)"
     panel.matrix.value = "X"
-    assert [v for _, v in panel.option_widgets["genes"].options] == [None, "highly_variable"]
+    assert [label for label, _ in panel.option_widgets["genes"].options] == ["all genes", "highly_variable"]
     panel.matrix.value = "auto"
     panel.option_widgets["max_len"].value = "64"
     panel.option_widgets["normalize_total"].value = "1e4"
