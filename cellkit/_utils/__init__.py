@@ -12,7 +12,7 @@ from ._io import (
     fsync_dir,
     recover_directory,
 )
-from ._json import read_json
+from ._json import parse_json, read_json
 from ._log import get_logger
 from ._optional import require
 
@@ -25,6 +25,7 @@ __all__ = [
     "ensure_writable_dir",
     "fsync_dir",
     "get_logger",
+    "parse_json",
     "read_json",
     "recover_directory",
     "require",

@@ -18,7 +18,7 @@ from typing import Any
 
 from .._errors import CellkitError, DataError
 
-__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "read_json"]
+__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "parse_json", "read_json"]
 
 #: default size limit of a JSON file (bytes); vocabularies of ~100k genes take a few MB
 MAX_JSON_BYTES = 64 * 1024 * 1024
@@ -85,6 +85,37 @@ def read_json(
         raise error(f"Cannot read the {label} ({exc.strerror or exc}).") from None
     if len(raw) > max_bytes:
         raise error(f"The {label} is larger than {max_bytes:,} bytes.")
+    return _parse(raw, label=label, max_depth=max_depth, expect=expect, error=error)
+
+
+def parse_json(
+    data: str | bytes,
+    *,
+    what: str = "JSON text",
+    max_bytes: int = MAX_JSON_BYTES,
+    max_depth: int = MAX_JSON_DEPTH,
+    expect: type | tuple[type, ...] | None = None,
+    error: type[CellkitError] = DataError,
+) -> Any:
+    """Parse JSON text held in memory with the limits and checks of :func:`read_json`.
+
+    For JSON that does not come from a file (a config string, a command-line value); ``what``
+    names it in messages.
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    if len(raw) > max_bytes:
+        raise error(f"The {what} is {len(raw):,} bytes; at most {max_bytes:,} are read.")
+    return _parse(raw, label=what, max_depth=max_depth, expect=expect, error=error)
+
+
+def _parse(
+    raw: bytes,
+    *,
+    label: str,
+    max_depth: int,
+    expect: type | tuple[type, ...] | None,
+    error: type[CellkitError],
+) -> Any:
     depth = _depth(raw)
     if depth > max_depth:
         raise error(

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cellkit._errors import ConfigError
+from cellkit._utils import parse_json
 
 __all__ = ["EncoderConfig", "bert_encoder_config"]
 
@@ -208,14 +209,9 @@ class EncoderConfig:
     @classmethod
     def from_json(cls, text: str) -> EncoderConfig:
         """Inverse of :meth:`to_json` (nesting and size bounded; errors are :class:`cellkit.ConfigError`)."""
-        if len(text) > _MAX_JSON_CHARS:
-            raise ConfigError(f"EncoderConfig JSON of {len(text):,} characters; at most {_MAX_JSON_CHARS:,}.")
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise ConfigError(
-                f"EncoderConfig JSON cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})."
-            ) from None
+        data = parse_json(
+            text, what="EncoderConfig JSON", max_bytes=_MAX_JSON_CHARS, expect=dict, error=ConfigError
+        )
         return cls.from_dict(data)
 
 

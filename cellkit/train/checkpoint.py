@@ -389,7 +389,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, torch
     try:
         state = read_json(p / "state.json", what="checkpoint state", error=CheckpointError)
         tensors = load_file(str(p / "optimizer.safetensors"))
-    except (OSError, ValueError, RecursionError) as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"The checkpoint {p} is unreadable ({type(e).__name__}: {e}).") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"The checkpoint {p}: state.json does not hold a JSON object.")
