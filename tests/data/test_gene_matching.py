@@ -22,6 +22,8 @@ from cellkit import DataError, GeneVocab
 from cellkit.data.collate import scgpt_random_mask_value
 from cellkit.data.genes import matching_options, resolve_genes, rules_report
 
+from .test_tokenize import compat_options
+
 CASE = (
     Path(__file__).resolve().parents[1] / "fixtures" / "tokenize" / "scgpt" / "cases" / "pbmc_mixedcase_vocab"
 )
@@ -46,22 +48,7 @@ def golden():
 
 
 def compat_tokens(case, vocab, adata, **extra):
-    p, t = case["preprocessor_kwargs"], case["tokenize_kwargs"]
-    return cellkit.tokenize(
-        adata,
-        vocab,
-        scheme="scgpt",
-        mode="compat",
-        seed=case["seed"],
-        progress=False,
-        n_bins=p["binning"],
-        include_zero=t["include_zero_gene"],
-        max_len=t["max_len"],
-        pad_value=t["pad_value"],
-        normalize_total=p["normalize_total"],
-        log1p=p["log1p"],
-        **extra,
-    )
+    return cellkit.tokenize(adata, vocab, progress=False, **{**compat_options(case), **extra})
 
 
 # ------------------------------------------------------------------------------ golden case (scGPT 0.2.4)

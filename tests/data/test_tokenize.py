@@ -26,6 +26,26 @@ SCGPT_CASES = sorted(p.name for p in (FIX / "scgpt" / "cases").iterdir() if "_s"
 SPECIALS = {"pad": "<pad>", "cls": "<cls>", "eos": "<eoc>"}
 
 
+
+def compat_options(case: dict) -> dict:
+    """The cellkit tokenize options of a scGPT golden case (its Preprocessor and tokenizer kwargs)."""
+    p, t = case["preprocessor_kwargs"], case["tokenize_kwargs"]
+    return {
+        "scheme": "scgpt",
+        "mode": "compat",
+        "seed": case["seed"],
+        "n_bins": p["binning"],
+        "include_zero": t["include_zero_gene"],
+        "max_len": t["max_len"],
+        "pad_value": t["pad_value"],
+        "normalize_total": p["normalize_total"],
+        "log1p": p["log1p"],
+        "n_hvg": p["subset_hvg"] or None,
+        "hvg_flavor": p["hvg_flavor"],
+        "filter_gene_by_counts": p["filter_gene_by_counts"],
+        "filter_cell_by_counts": p["filter_cell_by_counts"],
+    }
+
 def scgpt_vocab(genes) -> GeneVocab:
     return GeneVocab([*map(str, genes), "<pad>", "<cls>", "<eoc>"], specials=SPECIALS)
 
@@ -60,25 +80,8 @@ def test_scgpt_compat_bit_identical(name):
     adata = ad.read_h5ad(FIX / "scgpt" / case["dataset"])
     snap = snapshot(adata)
     vocab = scgpt_vocab(adata.var_names)
-    p, t = case["preprocessor_kwargs"], case["tokenize_kwargs"]
-    tokens = cellkit.tokenize(
-        adata,
-        vocab,
-        scheme="scgpt",
-        mode="compat",
-        seed=case["seed"],
-        progress=False,
-        n_bins=p["binning"],
-        include_zero=t["include_zero_gene"],
-        max_len=t["max_len"],
-        pad_value=t["pad_value"],
-        normalize_total=p["normalize_total"],
-        log1p=p["log1p"],
-        n_hvg=p["subset_hvg"] or None,
-        hvg_flavor=p["hvg_flavor"],
-        filter_gene_by_counts=p["filter_gene_by_counts"],
-        filter_cell_by_counts=p["filter_cell_by_counts"],
-    )
+    t = case["tokenize_kwargs"]
+    tokens = cellkit.tokenize(adata, vocab, progress=False, **compat_options(case))
     padded = tokens.pad()
     kept = np.array([*exp["var_names"], "<pad>", "<cls>", "<eoc>"])
     # exact: token ids and bins are integers. The float32 steps before binning differ in the last bit between
