@@ -131,7 +131,9 @@ def _gene_ids(model: CellModel, genes: Iterable[str]) -> np.ndarray:
     genes = [str(g) for g in genes]
     for g in genes:
         if g not in model.vocab:
-            raise model.vocab.unknown_gene_error(g, where=f"the model's vocabulary ({len(model.vocab):,} tokens)")
+            raise model.vocab.unknown_gene_error(
+                g, where=f"the model's vocabulary ({len(model.vocab):,} tokens)"
+            )
     if len(set(genes)) != len(genes):
         dup = sorted({g for g in genes if genes.count(g) > 1})
         raise ConfigError(f"genes has duplicates: {dup[:5]}.")
@@ -236,7 +238,9 @@ def _source(
     else:
         positions = select_cells(data.obs, cells, order="input")
         obs = data.obs.iloc[positions]
-    positions, codes = _group_codes_of(obs, positions, groupby=groupby, groups=groups, pool_groups=pool_groups)
+    positions, codes = _group_codes_of(
+        obs, positions, groupby=groupby, groups=groups, pool_groups=pool_groups
+    )
     if len(np.unique(positions)) != len(positions):
         raise DataError("cells selects some cells more than once; pass each cell once.")
     if len(positions) == 0:
@@ -552,23 +556,45 @@ def _grn_map(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return _rank(r, -2).to(torch.float32) / m
 
 
+@dataclass(frozen=True)
+class _MapSpec:
+    """What a gene × gene map is made of: one transformer layer's attention, checked once."""
+
+    hidden_layer: int
+    head: int | None
+    statistic: str
+    genes: Sequence[str] | None
+    include_special: bool
+    max_genes: int
+    batch_size: int
+    attn_backend: str
+    device: str
+
+    @classmethod
+    def checked(
+        cls, model: CellModel, *, hidden_layer: Any, head: Any, genes: Sequence[str] | None, **kw: Any
+    ) -> _MapSpec:
+        """Validate the options shared by :func:`gene_attention` and :func:`attention_difference`."""
+        _check_statistic(kw["statistic"])
+        _check_backend(kw["attn_backend"])
+        if genes is not None:
+            _gene_ids(model, genes)
+        return cls(_resolve_layer(model, hidden_layer), _resolve_head(model, head), genes=genes, **kw)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "statistic": self.statistic,
+            "hidden_layer": self.hidden_layer,
+            "head": -1 if self.head is None else self.head,
+        }
+
+
 def _accumulate(
-    model: CellModel,
-    src: _Source,
-    *,
-    n_groups: int,
-    hidden_layer: int,
-    head: int | None,
-    statistic: str,
-    genes: Sequence[str] | None,
-    include_special: bool,
-    max_genes: int,
-    batch_size: int,
-    attn_backend: str,
-    device: str,
+    model: CellModel, src: _Source, spec: _MapSpec, *, n_groups: int
 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Gene names, ``(n_groups, G, G)`` sums and counts, and cells per group."""
     vocab = model.vocab
+    genes, head, statistic, hidden_layer = spec.genes, spec.head, spec.statistic, spec.hidden_layer
     special = np.zeros(len(vocab), dtype=bool)
     special[list(vocab.special_ids)] = True
     if genes is not None:
@@ -577,27 +603,29 @@ def _accumulate(
         seen = np.zeros(len(vocab), dtype=bool)
         for toks, _ in src.chunks():
             seen[toks.gene_ids] = True
-        if not include_special:
+        if not spec.include_special:
             seen &= ~special
         ids = np.flatnonzero(seen)
     g = len(ids)
-    if g > max_genes:
+    if g > spec.max_genes:
         gb = 2 * n_groups * g * g * 8 / 1e9
         raise ConfigError(
             f"{g:,} genes occur in the selected cells: a {g:,} × {g:,} map needs about {gb:.1f} GB. Pass "
-            f"genes=[...] (e.g. the highly variable genes) or raise max_genes (now {max_genes:,})."
+            f"genes=[...] (e.g. the highly variable genes) or raise max_genes (now {spec.max_genes:,})."
         )
     lut = np.full(len(vocab), -1, dtype=np.int64)
     lut[ids] = np.arange(g)
     sums = counts = None
     n_cells = np.zeros(n_groups, dtype=np.int64)
     attn = model.encoder.layers[hidden_layer].self_attn
-    with _Eval(model, device) as dev:
+    with _Eval(model, spec.device) as dev:
         lut_t = torch.as_tensor(lut, device=dev)
         sums = torch.zeros(n_groups * g * g, dtype=torch.float64, device=dev)
         counts = torch.zeros(n_groups * g * g, dtype=torch.int64, device=dev)
         for toks, codes in src.chunks():
-            for idx, gene_ids, real, x in _batches(model, toks, batch_size, dev, hidden_layer, attn_backend):
+            for idx, gene_ids, real, x in _batches(
+                model, toks, spec.batch_size, dev, hidden_layer, spec.attn_backend
+            ):
                 if statistic == "probability":
                     _, probs = attn(x, ~real, backend="explicit", need_weights=True)  # (B, H, L, L)
                     maps = probs.mean(1) if head is None else probs[:, head]  # (B, L, L)
@@ -713,17 +741,25 @@ def gene_attention(
     ``(G, G)`` float32 DataFrame (index ``query``, columns ``key``; ``attrs`` hold the settings and
     ``n_cells``), and with ``return_counts`` the int64 co-occurrence counts too.
     """
-    _check_statistic(statistic)
-    _check_backend(attn_backend)
-    idx_layer = _resolve_layer(model, hidden_layer)
-    idx_head = _resolve_head(model, head)
-    if genes is not None:
-        _gene_ids(model, genes)
+    spec = _MapSpec.checked(
+        model,
+        hidden_layer=hidden_layer,
+        head=head,
+        genes=genes,
+        statistic=statistic,
+        include_special=include_special,
+        max_genes=max_genes,
+        batch_size=batch_size,
+        attn_backend=attn_backend,
+        device=device,
+    )
     check_adata(adata, what="cellkit.analysis.gene_attention", allow_other=True)
     if key_added is not None and isinstance(adata, TokenizedCells | ShardedTokens):
         raise ConfigError("key_added needs an AnnData; with tokens, keep the returned DataFrame.")
     if key_added is not None:
-        check_keys_free(adata, [("uns", key_added)], overwrite=overwrite, what="cellkit.analysis.gene_attention")
+        check_keys_free(
+            adata, [("uns", key_added)], overwrite=overwrite, what="cellkit.analysis.gene_attention"
+        )
     group_list = None if groups is None else _as_list(groups)
     src = _source(
         adata,
@@ -735,25 +771,10 @@ def gene_attention(
         chunk_size=chunk_size,
         tokenize_kwargs=_tokenize_kwargs(tokenize_options, layer, use_raw, gene_column),
     )
-    names, sums, counts, n_cells = _accumulate(
-        model,
-        src,
-        n_groups=1,
-        hidden_layer=idx_layer,
-        head=idx_head,
-        statistic=statistic,
-        genes=genes,
-        include_special=include_special,
-        max_genes=max_genes,
-        batch_size=batch_size,
-        attn_backend=attn_backend,
-        device=device,
-    )
+    names, sums, counts, n_cells = _accumulate(model, src, spec, n_groups=1)
     df = _mean_frame(names, sums[0], counts[0])
     params = {
-        "statistic": statistic,
-        "hidden_layer": idx_layer,
-        "head": -1 if idx_head is None else idx_head,
+        **spec.params(),
         "n_cells": int(n_cells[0]),
         "groupby": groupby or "",
         "groups": [str(g) for g in group_list or []],
@@ -834,7 +855,9 @@ def top_influenced_genes(
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}.")
     if gene not in df.columns:
-        raise unknown_gene_error(gene, [str(c) for c in df.columns], where=f"this attention map ({df.shape[1]:,} genes)")
+        raise unknown_gene_error(
+            gene, [str(c) for c in df.columns], where=f"this attention map ({df.shape[1]:,} genes)"
+        )
     if min_cells > 1 and counts is None:
         raise ConfigError(
             "min_cells needs the co-occurrence counts: pass counts= (gene_attention(..., return_counts=True)) "
@@ -919,15 +942,23 @@ def attention_difference(
     which both genes occur). ``attrs`` name the labels and settings.
     """
     check_adata(adata, what="cellkit.analysis.attention_difference", allow_other=True)
-    _check_statistic(statistic)
-    _check_backend(attn_backend)
+    spec = _MapSpec.checked(
+        model,
+        hidden_layer=hidden_layer,
+        head=head,
+        genes=genes,
+        statistic=statistic,
+        include_special=include_special,
+        max_genes=max_genes,
+        batch_size=batch_size,
+        attn_backend=attn_backend,
+        device=device,
+    )
     _check_min_cells(min_cells)
-    idx_layer = _resolve_layer(model, hidden_layer)
-    idx_head = _resolve_head(model, head)
     if gene is not None and genes is None and str(gene) not in model.vocab:
-        raise model.vocab.unknown_gene_error(str(gene), where=f"the model's vocabulary ({len(model.vocab):,} tokens)")
-    if genes is not None:
-        _gene_ids(model, genes)
+        raise model.vocab.unknown_gene_error(
+            str(gene), where=f"the model's vocabulary ({len(model.vocab):,} tokens)"
+        )
     if condition == control:
         raise ConfigError(f"condition and control are the same label ({condition!r}).")
     src = _source(
@@ -939,20 +970,7 @@ def attention_difference(
         chunk_size=chunk_size,
         tokenize_kwargs=_tokenize_kwargs(tokenize_options, layer, use_raw, gene_column),
     )
-    names, sums, counts, n_cells = _accumulate(
-        model,
-        src,
-        n_groups=2,
-        hidden_layer=idx_layer,
-        head=idx_head,
-        statistic=statistic,
-        genes=genes,
-        include_special=include_special,
-        max_genes=max_genes,
-        batch_size=batch_size,
-        attn_backend=attn_backend,
-        device=device,
-    )
+    names, sums, counts, n_cells = _accumulate(model, src, spec, n_groups=2)
     cond = _mean_frame(names, sums[0], counts[0])
     ctrl = _mean_frame(names, sums[1], counts[1])
     if gene is not None and gene not in cond.columns:
@@ -982,9 +1000,7 @@ def attention_difference(
     out = out.reset_index(drop=True)
     out.attrs.update(
         {
-            "statistic": statistic,
-            "hidden_layer": idx_layer,
-            "head": -1 if idx_head is None else idx_head,
+            **spec.params(),
             "groupby": groupby,
             "condition": str(condition),
             "control": str(control),
