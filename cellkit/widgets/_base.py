@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import ipywidgets as widgets
 
-from cellkit._errors import CellkitError
+from cellkit import CellkitError
 
 from ._state import StudioState
 
@@ -141,7 +141,7 @@ class Panel(widgets.VBox):
         error message. ``state.busy`` names the job while it runs. :meth:`wait` joins it.
         """
         if self.running:
-            from cellkit._errors import CellkitError as _E
+            from cellkit import CellkitError as _E
 
             raise _E(f"{self.title}: a job is already running; wait for it or stop it first.")
 

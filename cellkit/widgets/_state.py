@@ -109,7 +109,7 @@ class StudioState(traitlets.HasTraits):
         -------
         ``(n,)`` obs names of the selected cells, in ``adata`` order.
         """
-        from cellkit._errors import DataError
+        from cellkit import DataError
 
         name = str(name).strip()
         if not name:
@@ -134,7 +134,7 @@ class StudioState(traitlets.HasTraits):
         ``cells`` is anything :func:`cellkit.data.select_cells` takes — names, positions, a boolean
         mask, a query string — or the name of a stored selection.
         """
-        from cellkit._errors import DataError
+        from cellkit import DataError
         from cellkit.data import select_cells
 
         if self.adata is None:
