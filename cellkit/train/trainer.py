@@ -14,6 +14,12 @@ Ctrl-C) that ends at a step boundary; ``torch.distributed`` (DDP) under torchrun
 
 Determinism: on CPU, a run with the same seed, data and config gives identical weights and
 history, and a run that is stopped and resumed gives the same as one that was not.
+
+The loop runs batches, sums losses, emits events and feeds the objectives' metric objects; the
+rest lives beside it: :mod:`~cellkit.train.config` (settings, lr schedule),
+:mod:`~cellkit.train.state` (:class:`~cellkit.train.TrainerState`, the counters a checkpoint
+saves; :class:`History`), :mod:`~cellkit.train.metrics` (accuracy, macro-F1),
+``_setup`` (optimizer, freezing, loaders, DDP) and ``_guard`` (one run per process, Ctrl-C).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from .checkpoint import (
     read_checkpoint,
     unflatten_optimizer_state,
 )
-from .config import OPTIMIZERS, SCHEDULES, TrainerConfig, lr_factor
+from .config import TrainerConfig, lr_factor
 from .distributed import all_gather_objects, all_reduce_sum, barrier, dist_info
 from .events import Callback, Event, dispatch
 from .metrics import Metric, MetricSet
@@ -61,8 +67,6 @@ from .state import History, TrainerState, TrainResult
 
 __all__ = [
     "FORWARD_KEYS",
-    "OPTIMIZERS",
-    "SCHEDULES",
     "History",
     "TrainResult",
     "Trainer",
