@@ -5,6 +5,7 @@ from __future__ import annotations
 from .checkpoint import CheckpointManager, read_checkpoint
 from .distributed import DistInfo, dist_info, init_distributed
 from .events import EVENT_KINDS, Callback, Event
+from .metrics import Accuracy, MacroF1, Metric, MetricSet
 from .objectives import (
     CCE,
     DAB,
@@ -20,7 +21,8 @@ from .objectives import (
     make_objectives,
 )
 from .sampling import EpochBatchSampler
-from .trainer import FORWARD_KEYS, History, Trainer, TrainerConfig, TrainingError, TrainResult
+from .state import History, TrainerState, TrainResult
+from .trainer import FORWARD_KEYS, Trainer, TrainerConfig, TrainingError
 
 __all__ = [
     "CCE",
@@ -30,6 +32,7 @@ __all__ = [
     "FORWARD_KEYS",
     "MVC",
     "OBJECTIVES",
+    "Accuracy",
     "Callback",
     "CheckpointManager",
     "Classification",
@@ -38,12 +41,16 @@ __all__ = [
     "Event",
     "History",
     "MVCZeroProbNLL",
+    "MacroF1",
     "MaskedTokenLM",
     "MaskedValueMSE",
+    "Metric",
+    "MetricSet",
     "Objective",
     "TrainResult",
     "Trainer",
     "TrainerConfig",
+    "TrainerState",
     "TrainingError",
     "ZeroProbNLL",
     "dist_info",

@@ -321,7 +321,9 @@ class _DirLock:
                     raise self._refuse(previous) from None
                 fd = os.open(self.path, os.O_RDWR | os.O_TRUNC)
         if previous:
-            log.warning("Taking over the lock on %s left by a run that no longer runs (%s).", self.root, previous)
+            log.warning(
+                "Taking over the lock on %s left by a run that no longer runs (%s).", self.root, previous
+            )
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, me.encode("utf-8"))

@@ -36,13 +36,16 @@ import abc
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .._errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from .metrics import Metric
 
 __all__ = [
     "CCE",
@@ -150,6 +153,11 @@ class Objective(abc.ABC):
     def __call__(self, out: Any, batch: Mapping[str, Any], out2: Any = None) -> Tensor:
         """The unweighted scalar loss of a batch (``out2``: the second pass, for ``second_pass``)."""
 
+    def metrics(self) -> list[Metric]:
+        """Fresh :class:`~cellkit.train.metrics.Metric` objects the trainer reports with this
+        term (in its step, epoch and validation records); none by default."""
+        return []
+
 
 @dataclass
 class Classification(Objective):
@@ -180,6 +188,12 @@ class Classification(Objective):
         return F.cross_entropy(
             logits, labels, weight=w, ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing
         )
+
+    def metrics(self) -> list[Metric]:
+        """:class:`~cellkit.train.metrics.Accuracy` and :class:`~cellkit.train.metrics.MacroF1`."""
+        from .metrics import Accuracy, MacroF1
+
+        return [Accuracy(), MacroF1()]
 
 
 @dataclass

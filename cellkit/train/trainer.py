@@ -14,41 +14,56 @@ Ctrl-C) that ends at a step boundary; ``torch.distributed`` (DDP) under torchrun
 
 Determinism: on CPU, a run with the same seed, data and config gives identical weights and
 history, and a run that is stopped and resumed gives the same as one that was not.
+
+The loop runs batches, sums losses, emits events and feeds the objectives' metric objects; the
+rest lives beside it: :mod:`~cellkit.train.config` (settings, lr schedule),
+:mod:`~cellkit.train.state` (:class:`~cellkit.train.TrainerState`, the counters a checkpoint
+saves; :class:`History`), :mod:`~cellkit.train.metrics` (accuracy, macro-F1),
+``_setup`` (optimizer, freezing, loaders, DDP) and ``_guard`` (one run per process, Ctrl-C).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
-from .._errors import CellkitError, ConfigError, DataError
+from .._errors import ConfigError, DataError
 from .._utils import ensure_writable_dir, get_logger
 from .._utils._batch import FORWARD_KEYS  # the collator's contract (cellkit.data.collate)
+from ._guard import SigintToStop, TrainingError, exclusive_training_run
+from ._setup import (
+    apply_freeze,
+    batches_per_epoch,
+    build_optimizer,
+    check_batch,
+    make_loader,
+    resolve_device,
+    wrap_distributed,
+)
 from .checkpoint import (
     CheckpointManager,
     checkpoint_is_intact,
     flatten_optimizer_state,
     load_weights,
     read_checkpoint,
+    unflatten_optimizer_state,
 )
+from .config import TrainerConfig, lr_factor
 from .distributed import all_gather_objects, all_reduce_sum, barrier, dist_info
 from .events import Callback, Event, dispatch
-from .metrics import macro_f1, macro_f1_from_confusion
-from .objectives import IGNORE_INDEX, Objective, make_objectives
-from .sampling import EpochBatchSampler
+from .metrics import Metric, MetricSet
+from .metrics import macro_f1_from_confusion as macro_f1_from_confusion  # re-export (tests, old imports)
+from .objectives import Objective, make_objectives
+from .state import History, TrainerState, TrainResult
 
 __all__ = [
     "FORWARD_KEYS",
@@ -56,305 +71,35 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainerConfig",
+    "TrainerState",
     "TrainingError",
     "exclusive_training_run",
 ]
 
 log = get_logger(__name__)
 
-SCHEDULES = ("constant", "step", "linear", "cosine")
-OPTIMIZERS = ("adamw", "adam")
 STATE_VERSION = 1
-
-
-class TrainingError(CellkitError, RuntimeError):
-    """Training cannot go on (e.g. the loss became NaN)."""
-
-
-_RUN_GUARD = threading.Lock()
-_ACTIVE_RUN: dict[str, Any] | None = None
-
-
-@contextlib.contextmanager
-def exclusive_training_run(what: str = "training run") -> Iterator[None]:
-    """Hold the process's single training slot; a second concurrent run is refused.
-
-    Two runs in one process share torch's process-wide random state (dropout, head
-    initialisation, masking), so each would silently give weights different from its standalone
-    run. :meth:`Trainer.fit` holds the slot for the whole run; :func:`cellkit.finetune`,
-    :func:`cellkit.pretrain` take it before they seed anything. The holding thread may re-enter
-    (a task's fit nested in the task). Other code of the process that draws from torch's global
-    RNG while a run is active (building a model, ``torch.manual_seed`` in a notebook cell) still
-    changes that run's random stream; cellkit cannot guard that.
-
-    Raises
-    ------
-    TrainingError
-        Another thread of this process holds the slot.
-    """
-    global _ACTIVE_RUN
-    me = threading.current_thread()
-    with _RUN_GUARD:
-        active = _ACTIVE_RUN
-        if active is not None and active["thread"] is not me:
-            raise TrainingError(
-                f"Another cellkit training run is active in this process ({active['what']} in thread "
-                f"{active['thread'].name!r}, started {time.strftime('%H:%M:%S', time.localtime(active['since']))}); "
-                "wait for it to finish or stop it (trainer.request_stop(), the studio's Stop button), then start "
-                "this one. Two runs in one process share torch's global random state, so neither would give the "
-                "weights it gives alone."
-            )
-        if active is None:
-            active = _ACTIVE_RUN = {"thread": me, "what": what, "since": time.time(), "depth": 0}
-        active["depth"] += 1
-    try:
-        yield
-    finally:
-        with _RUN_GUARD:
-            active["depth"] -= 1
-            if active["depth"] == 0:
-                _ACTIVE_RUN = None
-
-
-@dataclass
-class TrainerConfig:
-    """Everything that shapes a run (saved in every checkpoint; JSON round-trip).
-
-    Parameters
-    ----------
-    epochs
-        Passes over the training data.
-    batch_size
-        Cells per optimizer micro-step over all processes together (each of ``world_size``
-        processes takes ``batch_size / world_size``).
-    eval_batch_size
-        Cells per validation batch (default ``batch_size``).
-    grad_accum
-        Micro-steps per optimizer step.
-    optimizer
-        ``"adamw"`` or ``"adam"``.
-    lr, weight_decay, betas, eps
-        Optimizer settings (scGPT fine-tuning: Adam, lr 1e-4, eps 1e-4 under AMP).
-    schedule
-        ``"constant"``; ``"step"`` multiplies the lr by ``step_gamma`` after every epoch (scGPT's
-        StepLR); ``"linear"`` / ``"cosine"`` decay to 0 at the last step. All after a linear
-        warm-up of ``warmup_steps`` optimizer steps.
-    step_gamma, warmup_steps
-        See ``schedule``.
-    max_grad_norm
-        Clip the gradient norm (``None``: no clipping).
-    amp
-        ``None``, ``"bf16"`` (CUDA or CPU) or ``"fp16"`` (CUDA, with a grad scaler).
-    seed
-        Seeds the data order and torch's RNG (dropout) at the start of a fresh run.
-    shuffle, drop_last
-        Training-data order.
-    bucket_by_length
-        Batch cells of similar length together (less padding); needs a dataset with ``lengths``.
-    num_workers
-        DataLoader workers.
-    max_steps
-        Stop after this many optimizer steps (``None``: run all epochs).
-    eval_every_steps
-        Also validate every this many steps (validation always runs at the end of each epoch).
-    monitor, monitor_mode
-        Metric for best-model selection and early stopping (``"val/loss"``, ``"val/macro_f1"``,
-        ...; ``"train/loss"`` without validation data) and whether lower (``"min"``) or higher
-        (``"max"``) is better; ``"auto"``: ``min`` for losses, ``max`` otherwise.
-    early_stopping_patience
-        Stop after this many validations without improvement (``None``: never).
-    restore_best
-        At the end, load the weights of the best validation into the model.
-    checkpoint_dir
-        Write resumable checkpoints here (at every epoch end, every ``checkpoint_every_steps``,
-        when stopped and at the end); ``None``: none.
-    checkpoint_every_steps, keep_checkpoints
-        Checkpoint cadence and how many recent ones to keep (plus the best).
-    device
-        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-    attn_backend
-        Attention backend for the forward passes (see :class:`cellkit.core.CellEncoder`).
-    freeze
-        Parameter-name prefixes to keep frozen during the run (e.g. ``"encoder.embeddings"``).
-    progress
-        Show a tqdm progress bar.
-    """
-
-    epochs: int = 10
-    batch_size: int = 32
-    eval_batch_size: int | None = None
-    grad_accum: int = 1
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    schedule: str = "constant"
-    step_gamma: float = 0.9
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    amp: str | None = None
-    seed: int = 0
-    shuffle: bool = True
-    drop_last: bool = False
-    bucket_by_length: bool = False
-    num_workers: int = 0
-    max_steps: int | None = None
-    eval_every_steps: int | None = None
-    monitor: str = "val/loss"
-    monitor_mode: str = "auto"
-    early_stopping_patience: int | None = None
-    restore_best: bool = True
-    checkpoint_dir: str | None = None
-    checkpoint_every_steps: int | None = None
-    keep_checkpoints: int = 2
-    device: str = "auto"
-    attn_backend: str = "sdpa"
-    freeze: tuple[str, ...] = ()
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        self.freeze = tuple(self.freeze)
-        if self.checkpoint_dir is not None:
-            self.checkpoint_dir = str(self.checkpoint_dir)
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"The learning rate must be a positive number, got lr={self.lr!r}.")
-        for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}.")
-        for name in ("eval_batch_size", "max_steps", "eval_every_steps", "checkpoint_every_steps"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{name} must be a positive integer or None, got {v!r}.")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
-            raise ConfigError(
-                f"early_stopping_patience must be >= 1 or None, got {self.early_stopping_patience}."
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
-        if self.amp not in (None, "bf16", "fp16"):
-            raise ConfigError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}.")
-        if self.monitor_mode not in ("auto", "min", "max"):
-            raise ConfigError(f"monitor_mode must be 'auto', 'min' or 'max', got {self.monitor_mode!r}.")
-        if self.weight_decay < 0 or self.warmup_steps < 0 or self.num_workers < 0:
-            raise ConfigError("weight_decay, warmup_steps and num_workers must be >= 0.")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ConfigError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}.")
-        if not 0 < self.step_gamma <= 1:
-            raise ConfigError(f"step_gamma must be in (0, 1], got {self.step_gamma}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"], d["freeze"] = list(self.betas), list(self.freeze)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown trainer option(s) {unknown}; known: {sorted(known)}.")
-        return cls(**data)
-
-    @property
-    def mode(self) -> str:
-        if self.monitor_mode != "auto":
-            return self.monitor_mode
-        return "min" if "loss" in self.monitor.rsplit("/", 1)[-1] or self.monitor.endswith("loss") else "max"
-
-
-class History:
-    """Per-step and per-epoch records of a run.
-
-    Attributes
-    ----------
-    steps
-        ``DataFrame``: ``step``, ``epoch``, ``loss``, ``loss/<objective>``, ``lr``, ``cells``
-        (and ``accuracy``, ``macro_f1`` of the step's batch with a classification objective).
-    epochs
-        ``DataFrame``: ``epoch``, ``step``, ``lr``, ``train/...`` and ``val/...`` metrics.
-    """
-
-    def __init__(self, steps: list[dict[str, Any]] | None = None, epochs: list[dict[str, Any]] | None = None):
-        self.step_records: list[dict[str, Any]] = list(steps or [])
-        self.epoch_records: list[dict[str, Any]] = list(epochs or [])
-
-    @property
-    def steps(self) -> pd.DataFrame:
-        return pd.DataFrame.from_records(self.step_records)
-
-    @property
-    def epochs(self) -> pd.DataFrame:
-        return pd.DataFrame.from_records(self.epoch_records)
-
-    def to_dict(self) -> dict[str, list[dict[str, Any]]]:
-        return {"steps": self.step_records, "epochs": self.epoch_records}
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, History) and self.to_dict() == other.to_dict()
-
-    def __repr__(self) -> str:
-        return f"History({len(self.step_records)} steps, {len(self.epoch_records)} epochs)"
-
-
-@dataclass
-class TrainResult:
-    """What :meth:`Trainer.fit` returns.
-
-    Attributes
-    ----------
-    status
-        ``"completed"``, ``"stopped"`` (stop flag), ``"interrupted"`` (Ctrl-C) or
-        ``"early_stopped"``.
-    history
-        :class:`History`.
-    metrics
-        The last validation's metrics (``val/...``), or the last epoch's training metrics.
-    best_metric, best_step
-        Best value of ``monitor`` and the step it was reached at.
-    checkpoint
-        The last checkpoint written (resume from it), or ``None``.
-    best_checkpoint
-        The checkpoint of the best validation, or ``None``.
-    """
-
-    status: str
-    history: History
-    metrics: dict[str, float] = field(default_factory=dict)
-    best_metric: float | None = None
-    best_step: int | None = None
-    checkpoint: Path | None = None
-    best_checkpoint: Path | None = None
+#: settings a resumed run may change without a warning
+_RESUME_MAY_CHANGE = (
+    "epochs",
+    "max_steps",
+    "checkpoint_dir",
+    "progress",
+    "device",
+    "num_workers",
+    "early_stopping_patience",
+)
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
 
-class _SigintToStop:
-    """While active (main thread only): first Ctrl-C requests a stop, the second one aborts."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer, self.previous = trainer, None
-
-    def __enter__(self) -> _SigintToStop:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.trainer._stop_reason is not None:
-            raise KeyboardInterrupt
-        log.warning("Interrupted: stopping at the end of this step (press Ctrl-C again to abort).")
-        self.trainer.request_stop(reason="interrupted")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+def _batch_cells(batch: Mapping[str, Any]) -> int:
+    for k in ("gene_ids", "input_ids", "labels"):
+        if k in batch and isinstance(batch[k], Tensor):
+            return int(batch[k].shape[0])
+    return 1
 
 
 class Trainer:
@@ -415,14 +160,13 @@ class Trainer:
         self._stop = stop_event if stop_event is not None else threading.Event()
         self._stop_reason: str | None = None
         self.dist = dist_info()
-        self.device = self._resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: Any = None
-        self.state: dict[str, Any] | None = None  # counters of the run in progress (None: fresh)
+        self.state: TrainerState | None = None  # where the run in progress stands (None: fresh)
         self.history = History()
         self._best_weights: dict[str, Tensor] | None = None
-        self._boundary_rng: Tensor | None = None
-        self._boundary_cuda_rng: Tensor | None = None
+        self._total_steps: int | None = None
         self._t0 = time.time()
         self.ckpt = (
             CheckpointManager(config.checkpoint_dir, keep=config.keep_checkpoints)
@@ -438,6 +182,11 @@ class Trainer:
 
         The run writes a checkpoint (when ``checkpoint_dir`` is set) and :meth:`fit` returns
         with ``status`` ``"stopped"``; call :meth:`fit` again with ``resume=True`` to go on.
+
+        Parameters
+        ----------
+        reason
+            The :attr:`TrainResult.status` the run ends with (``"interrupted"`` for Ctrl-C).
         """
         if self._stop_reason is None:
             self._stop_reason = reason
@@ -447,68 +196,32 @@ class Trainer:
     def stop_requested(self) -> bool:
         return self._stop.is_set()
 
-    @staticmethod
-    def _resolve_device(spec: str) -> torch.device:
-        if spec == "auto":
-            if torch.cuda.is_available():
-                return torch.device("cuda", dist_info().local_rank)
-            return torch.device("cpu")
-        dev = torch.device(spec)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device={spec!r} but CUDA is not available here; use device='cpu' or 'auto'.")
-        return dev
+    @property
+    def _state(self) -> TrainerState:
+        """The state of the run in progress (set by :meth:`fit` before the loop runs)."""
+        assert self.state is not None
+        return self.state
 
     # ------------------------------------------------------------------ set-up
-    def _check_batch(self, batch: Mapping[str, Any]) -> None:
-        for o in self.objectives:
-            missing = [k for k in o.batch_keys if k not in batch]
-            if missing:
-                hint = {
-                    "labels": "build the dataset with label_key=...",
-                    "batch_labels": "build the dataset with batch_key=...",
-                    "mlm_labels": "use a Collator with masking='tokens' or 'phenotypic'",
-                    "target_values": "use a Collator with masking='values'",
-                    "mlm_mask": "use a Collator with masking='values'",
-                }.get(missing[0], "")
-                raise DataError(
-                    f"The {o.name!r} objective needs batch key(s) {missing}, which the batches lack; {hint}."
-                )
-
-    def _params(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        c = self.config
-        params = self._params()
-        if not params:
-            raise ConfigError("Nothing to train: every parameter is frozen.")
-        decay = [p for n, p in params if p.ndim >= 2]
-        no_decay = [p for n, p in params if p.ndim < 2]
-        groups = [
-            {"params": decay, "weight_decay": c.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        groups = [g for g in groups if g["params"]]
-        cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
-        opt = cls(groups, lr=c.lr, betas=c.betas, eps=c.eps)
-        for g in opt.param_groups:
-            g["initial_lr"] = c.lr
-        return opt
-
     def lr_factor(self, step: int, epoch: int, total_steps: int | None) -> float:
-        """Learning-rate multiplier for optimizer step ``step`` (0-based) in ``epoch``."""
-        c = self.config
-        if c.warmup_steps and step < c.warmup_steps:
-            return (step + 1) / c.warmup_steps
-        if c.schedule == "constant":
-            return 1.0
-        if c.schedule == "step":
-            return c.step_gamma**epoch
-        if total_steps is None:
-            raise ConfigError(f"schedule={c.schedule!r} needs a known number of steps; set max_steps=... .")
-        span = max(1, total_steps - c.warmup_steps)
-        t = min(1.0, (step - c.warmup_steps) / span)
-        return 1.0 - t if c.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+        """Learning-rate multiplier for optimizer step ``step`` (0-based) in ``epoch``.
+
+        Parameters
+        ----------
+        step, epoch
+            The optimizer step (0-based) and its epoch.
+        total_steps
+            Planned optimizer steps of the run (``None``: unknown).
+        """
+        return lr_factor(self.config, step, epoch, total_steps)
+
+    def new_metrics(self) -> list[Metric]:
+        """Fresh metric objects of the objectives (:meth:`Objective.metrics`), one per name."""
+        found: dict[str, Metric] = {}
+        for o in self.objectives:
+            for m in o.metrics():
+                found.setdefault(m.name, m)
+        return list(found.values())
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         amp = self.config.amp
@@ -519,57 +232,9 @@ class Trainer:
     def _loader(
         self, data: Dataset, *, train: bool, collate_fn: Callable | None, epoch: int, skip: int
     ) -> Any:
-        c = self.config
-        if isinstance(data, IterableDataset):
-            if hasattr(data, "set_epoch"):
-                data.set_epoch(epoch) if train else data.set_epoch(0)
-            loader = DataLoader(
-                data,
-                batch_size=None
-                if getattr(data, "batch_size", None)
-                else (c.batch_size // self.dist.world_size),
-                collate_fn=None if getattr(data, "batch_size", None) else collate_fn,
-                num_workers=c.num_workers,
-                generator=torch.Generator().manual_seed(c.seed + epoch),
-            )
-            it: Iterator[Any] = iter(loader)
-            for _ in range(skip):
-                next(it, None)
-            return it
-        n = len(data)  # type: ignore[arg-type]
-        lengths = getattr(data, "lengths", None) if c.bucket_by_length and train else None
-        if c.bucket_by_length and train and lengths is None:
-            raise ConfigError(
-                "bucket_by_length=True needs a dataset with a `lengths` attribute (CellDataset has one)."
-            )
-        sampler = EpochBatchSampler(
-            n,
-            c.batch_size if train else (c.eval_batch_size or c.batch_size) * self.dist.world_size,
-            shuffle=c.shuffle and train,
-            seed=c.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            drop_last=c.drop_last and train,
-            lengths=lengths,
-            lockstep=train,
+        return make_loader(
+            data, self.config, self.dist, train=train, collate_fn=collate_fn, epoch=epoch, skip=skip
         )
-        sampler.set_epoch(epoch)
-        sampler.skip(skip)
-        return DataLoader(
-            data,
-            batch_sampler=sampler,
-            collate_fn=collate_fn,
-            num_workers=c.num_workers,
-            generator=torch.Generator().manual_seed(c.seed + epoch),
-        )
-
-    def _batches_per_epoch(self, data: Dataset) -> int | None:
-        if isinstance(data, IterableDataset):
-            return None
-        c = self.config
-        return len(
-            EpochBatchSampler(len(data), c.batch_size, world_size=self.dist.world_size, drop_last=c.drop_last)
-        )  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ forward
     def _forward(self, model: nn.Module, batch: Mapping[str, Any], heads: Sequence[str]) -> Any:
@@ -627,14 +292,14 @@ class Trainer:
             self._stop.clear()
             self._stop_reason = None
             self._t0 = time.time()
-            frozen = self._apply_freeze()
+            frozen = apply_freeze(self.model, self.config.freeze)
             try:
                 self.model.to(self.device)
                 if resume:
                     self._resume(resume)
                 else:
                     self._fresh_start()
-                with _SigintToStop(self):
+                with SigintToStop(self):
                     return self._run(train, val, collate_fn, val_collate_fn or collate_fn)
             except BaseException as e:
                 if self.dist.is_main:
@@ -645,61 +310,26 @@ class Trainer:
                     p.requires_grad_(requires_grad=True)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _apply_freeze(self) -> list[nn.Parameter]:
-        frozen = []
-        prefixes = self.config.freeze
-        if prefixes:
-            names = [n for n, _ in self.model.named_parameters()]
-            unknown = [
-                p for p in prefixes if not any(n == p or n.startswith(p.rstrip(".") + ".") for n in names)
-            ]
-            if unknown:
-                raise ConfigError(f"freeze prefix(es) {unknown} match no parameter of the model.")
-            for n, p in self.model.named_parameters():
-                if p.requires_grad and any(n == q or n.startswith(q.rstrip(".") + ".") for q in prefixes):
-                    p.requires_grad_(requires_grad=False)
-                    frozen.append(p)
-        return frozen
+    def _new_scaler(self) -> Any:
+        if self.config.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("amp='fp16' needs CUDA; on CPU use amp='bf16' or None.")
+        return torch.amp.GradScaler(self.device.type) if self.config.amp == "fp16" else None
 
     def _fresh_start(self) -> None:
         torch.manual_seed(self.config.seed + self.dist.rank)
-        self.optimizer = self._build_optimizer()
-        self.scaler = (
-            torch.amp.GradScaler(self.device.type)
-            if self.config.amp == "fp16" and self.device.type == "cuda"
-            else None
-        )
-        if self.config.amp == "fp16" and self.device.type != "cuda":
-            raise ConfigError("amp='fp16' needs CUDA; on CPU use amp='bf16' or None.")
+        self.optimizer = build_optimizer(self.model, self.config)
+        self.scaler = self._new_scaler()
         self.history = History()
         self._best_weights = None
-        self.state = {
-            "epoch": 0,
-            "batch": 0,
-            "step": 0,
-            "best": None,
-            "best_step": None,
-            "bad_evals": 0,
-            "acc": self._new_acc(),
-            "last_metrics": {},
-            "done": False,
-        }
+        self.state = TrainerState.fresh(
+            [o.name for o in self.objectives], MetricSet(self.new_metrics(), prefix="train/")
+        )
         self._snapshot_rng()
 
-    def _new_acc(self) -> dict[str, float]:
-        return {
-            "cells": 0.0,
-            "loss": 0.0,
-            "correct": 0.0,
-            "labelled": 0.0,
-            **{f"loss/{o.name}": 0.0 for o in self.objectives},
-        }
-
     def _snapshot_rng(self) -> None:
-        self._boundary_rng = torch.get_rng_state()
-        self._boundary_cuda_rng = (
-            torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        )
+        s = self._state
+        s.rng_cpu = torch.get_rng_state()
+        s.rng_cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
 
     def _resume(self, resume: bool | str | Path) -> None:
         source: str | Path | None = None
@@ -708,19 +338,27 @@ class Trainer:
         elif self.ckpt is not None and self.ckpt.latest is not None:
             source = self.ckpt.root
         if source is None:
-            if self.state is None:
-                where = f"in {self.ckpt.root}" if self.ckpt is not None else "(no checkpoint_dir was given)"
-                raise ConfigError(
-                    f"Nothing to resume: no intact checkpoint {where} and this trainer has not run yet. "
-                    "Start with resume=False, or point checkpoint_dir at the run's checkpoint directory."
-                )
-            if self.state.get("done"):
-                raise ConfigError("This run has finished; start a new one (resume=False) or raise epochs.")
-            torch.set_rng_state(self._boundary_rng)  # type: ignore[arg-type]
-            if self._boundary_cuda_rng is not None:
-                torch.cuda.set_rng_state(self._boundary_cuda_rng, self.device)
-            return
-        path, tensors, state = read_checkpoint(source)
+            self._resume_in_memory()
+        else:
+            self._resume_from(source)
+
+    def _resume_in_memory(self) -> None:
+        """Go on from where this trainer's last :meth:`fit` stopped (no checkpoint to read)."""
+        s = self.state
+        if s is None:
+            where = f"in {self.ckpt.root}" if self.ckpt is not None else "(no checkpoint_dir was given)"
+            raise ConfigError(
+                f"Nothing to resume: no intact checkpoint {where} and this trainer has not run yet. "
+                "Start with resume=False, or point checkpoint_dir at the run's checkpoint directory."
+            )
+        if s.done:
+            raise ConfigError("This run has finished; start a new one (resume=False) or raise epochs.")
+        torch.set_rng_state(s.rng_cpu)  # type: ignore[arg-type]
+        if s.rng_cuda is not None:
+            torch.cuda.set_rng_state(s.rng_cuda, self.device)
+
+    def _check_resumable(self, path: Path, state: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint of another format or objectives; warn about changed settings."""
         if state.get("version") != STATE_VERSION:
             raise ConfigError(
                 f"The checkpoint {path} was written by an incompatible cellkit (state version {state.get('version')})."
@@ -736,20 +374,7 @@ class Trainer:
                 state["world_size"],
                 self.dist.world_size,
             )
-        saved = {
-            k: v
-            for k, v in state["config"].items()
-            if k
-            not in (
-                "epochs",
-                "max_steps",
-                "checkpoint_dir",
-                "progress",
-                "device",
-                "num_workers",
-                "early_stopping_patience",
-            )
-        }
+        saved = {k: v for k, v in state["config"].items() if k not in _RESUME_MAY_CHANGE}
         now = {k: v for k, v in self.config.to_dict().items() if k in saved}
         changed = sorted(k for k in saved if saved[k] != now[k])
         if changed:
@@ -757,10 +382,13 @@ class Trainer:
                 "resuming with changed settings: %s",
                 ", ".join(f"{k}: {saved[k]!r} → {now[k]!r}" for k in changed),
             )
-        load_weights(self.model, path)
-        self.optimizer = self._build_optimizer()
-        from .checkpoint import unflatten_optimizer_state
 
+    def _resume_from(self, source: str | Path) -> None:
+        """Load weights, optimizer, scaler, RNG, counters and history from a checkpoint."""
+        path, tensors, state = read_checkpoint(source)
+        self._check_resumable(path, state)
+        load_weights(self.model, path)
+        self.optimizer = build_optimizer(self.model, self.config)
         self.optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizer"]))
         self.scaler = None
         if self.config.amp == "fp16" and self.device.type == "cuda":
@@ -768,7 +396,7 @@ class Trainer:
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
         self.history = History(state["history"]["steps"], state["history"]["epochs"])
-        self.state = state["trainer"]
+        self.state = TrainerState.from_dict(state["trainer"], MetricSet(self.new_metrics(), prefix="train/"))
         rank = self.dist.rank
         key = f"rng.cpu.{rank}" if f"rng.cpu.{rank}" in tensors else "rng.cpu.0"
         torch.set_rng_state(tensors[key])
@@ -776,16 +404,16 @@ class Trainer:
             torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"], self.device)
         self._snapshot_rng()
         self._best_weights = None
-        log.info("resumed from %s at epoch %d, step %d", path, self.state["epoch"], self.state["step"])
+        log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ events
     def _event(self, kind: str, **kw: Any) -> Event:
-        s = self.state or {}
+        s = self.state
         return Event(
             kind,
-            step=int(s.get("step", 0)),
-            epoch=int(s.get("epoch", 0)),
-            total_steps=getattr(self, "_total_steps", None),
+            step=s.step if s is not None else 0,
+            epoch=s.epoch if s is not None else 0,
+            total_steps=self._total_steps,
             elapsed=time.time() - self._t0,
             **kw,
         )
@@ -794,18 +422,18 @@ class Trainer:
         if self.dist.is_main:
             dispatch(self.callbacks, self._event(kind, **kw))
 
+    # ------------------------------------------------------------------ the loop
     def _run(self, train: Dataset, val: Dataset | None, collate_fn: Any, val_collate_fn: Any) -> TrainResult:
-        c, s = self.config, self.state
-        assert s is not None
+        c, s = self.config, self._state
         assert self.optimizer is not None
         per_epoch_batches, per_epoch, total = self._plan_steps(train)
         self._total_steps = total
-        model = self._wrapped_model()
+        model = wrap_distributed(self.model, self.device, self.dist)
         self._emit("train_start", metrics={"lr": self.optimizer.param_groups[0]["lr"]})
         status = "completed"
         checked = False
-        while s["epoch"] < c.epochs and not self._max_steps_reached():
-            epoch = s["epoch"]
+        while s.epoch < c.epochs and not self._max_steps_reached():
+            epoch = s.epoch
             early, epoch_done, checked = self._train_epoch(
                 model,
                 train,
@@ -818,31 +446,28 @@ class Trainer:
                 total=total,
                 checked=checked,
             )
-            if early:
+            if early or (epoch_done and self._end_epoch(model, val, val_collate_fn, epoch)):
                 status = "early_stopped"
-            if (
-                epoch_done
-                and status != "early_stopped"
-                and self._end_epoch(model, val, val_collate_fn, epoch)
-            ):
-                status = "early_stopped"
-            if status == "early_stopped":
                 break
             if self._stop.is_set():
                 status = self._stop_reason or "stopped"
                 break
-        s["done"] = status in ("completed", "early_stopped")
+        return self._finish(status)
+
+    def _finish(self, status: str) -> TrainResult:
+        s = self._state
+        s.done = status in ("completed", "early_stopped")
         ckpt_path = self._checkpoint() if self.ckpt is not None else None
-        if s["done"] and self.config.restore_best:
+        if s.done and self.config.restore_best:
             self._restore_best()
         best_ckpt = self.ckpt.best if self.ckpt is not None else None
-        self._emit("finish", status=status, metrics=dict(s["last_metrics"]))
+        self._emit("finish", status=status, metrics=dict(s.last_metrics))
         return TrainResult(
             status=status,
             history=self.history,
-            metrics=dict(s["last_metrics"]),
-            best_metric=s["best"],
-            best_step=s["best_step"],
+            metrics=dict(s.last_metrics),
+            best_metric=s.best,
+            best_step=s.best_step,
             checkpoint=ckpt_path,
             best_checkpoint=best_ckpt,
         )
@@ -850,30 +475,15 @@ class Trainer:
     def _plan_steps(self, train: Dataset) -> tuple[int | None, int | None, int | None]:
         """Batches per epoch, optimizer steps per epoch and total optimizer steps (``None`` where unknown)."""
         c = self.config
-        per_epoch_batches = self._batches_per_epoch(train)
+        per_epoch_batches = batches_per_epoch(train, c, self.dist)
         per_epoch = None if per_epoch_batches is None else math.ceil(per_epoch_batches / c.grad_accum)
         total = None if per_epoch is None else per_epoch * c.epochs
         if c.max_steps is not None:
             total = c.max_steps if total is None else min(total, c.max_steps)
         return per_epoch_batches, per_epoch, total
 
-    def _wrapped_model(self) -> nn.Module:
-        """The model to train: wrapped in ``DistributedDataParallel`` when training is distributed."""
-        model: nn.Module = self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
-            )
-        return model
-
     def _max_steps_reached(self) -> bool:
-        s = self.state
-        assert s is not None
-        return self.config.max_steps is not None and s["step"] >= self.config.max_steps
+        return self.config.max_steps is not None and self._state.step >= self.config.max_steps
 
     def _train_epoch(
         self,
@@ -894,12 +504,11 @@ class Trainer:
         Returns whether validation asked for an early stop, whether the epoch's batches are all
         done, and whether the first batch has been checked.
         """
-        c, s = self.config, self.state
-        assert s is not None
+        c, s = self.config, self._state
         if hasattr(collate_fn, "set_epoch"):
             collate_fn.set_epoch(epoch)
-        loader = self._loader(train, train=True, collate_fn=collate_fn, epoch=epoch, skip=s["batch"])
-        bar = self._progress(per_epoch, epoch, s["step"] - epoch * (per_epoch or 0))
+        loader = self._loader(train, train=True, collate_fn=collate_fn, epoch=epoch, skip=s.batch)
+        bar = self._progress(per_epoch, epoch, s.step - epoch * (per_epoch or 0))
         model.train()
         early = False
         window: list[Any] = []
@@ -908,26 +517,25 @@ class Trainer:
             batch = next(it, None)
             if batch is not None:
                 if not checked:
-                    self._check_batch(batch)
+                    check_batch(self.objectives, batch)
                     checked = True
                 window.append(batch)
-                consumed = s["batch"] + len(window)
+                consumed = s.batch + len(window)
                 last_of_epoch = n_batches is not None and consumed >= n_batches
                 if len(window) < c.grad_accum and not last_of_epoch:
                     continue
             elif not window:
                 break
             self._optimizer_step(model, window, epoch, total)
-            s["batch"] += len(window)
+            s.batch += len(window)
             window = []
             self._update_progress(bar)
-            if self._after_step(model, val, val_collate_fn, epoch):
-                early = True
+            early = self._after_step(model, val, val_collate_fn, epoch)
             if early or self._stop.is_set() or self._max_steps_reached():
                 break
         if bar is not None:
             bar.close()
-        epoch_done = batch is None if n_batches is None else s["batch"] >= n_batches
+        epoch_done = batch is None if n_batches is None else s.batch >= n_batches
         return early, epoch_done, checked
 
     def _update_progress(self, bar: Any) -> None:
@@ -937,13 +545,12 @@ class Trainer:
 
     def _after_step(self, model: nn.Module, val: Dataset | None, val_collate_fn: Any, epoch: int) -> bool:
         """Validation and checkpoint when due after an optimizer step; ``True`` when validation stops early."""
-        c, s = self.config, self.state
-        assert s is not None
+        c, s = self.config, self._state
         early = False
-        due = c.eval_every_steps and s["step"] % c.eval_every_steps == 0 and val is not None
+        due = c.eval_every_steps and s.step % c.eval_every_steps == 0 and val is not None
         if due and self._validate(model, val, val_collate_fn, epoch):
             early = True
-        if c.checkpoint_every_steps and s["step"] % c.checkpoint_every_steps == 0:
+        if c.checkpoint_every_steps and s.step % c.checkpoint_every_steps == 0:
             self._checkpoint()
         return early
 
@@ -957,46 +564,52 @@ class Trainer:
         )
 
     def _optimizer_step(self, model: nn.Module, window: list[Any], epoch: int, total: int | None) -> None:
-        c, s, opt = self.config, self.state, self.optimizer
-        assert s is not None
+        """One optimizer step over ``window`` (``grad_accum`` batches): its record, event and sums."""
+        s, opt = self._state, self.optimizer
         assert opt is not None
-        factor = self.lr_factor(s["step"], epoch, total)
+        factor = self.lr_factor(s.step, epoch, total)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
         opt.zero_grad(set_to_none=True)
-        sums = torch.zeros(4 + len(self.objectives), dtype=torch.float64, device=self.device)
-        confusion: Tensor | None = None
+        # cells, cell-weighted loss, cell-weighted loss of each objective
+        sums = torch.zeros(2 + len(self.objectives), dtype=torch.float64, device=self.device)
+        metrics = MetricSet(self.new_metrics())
         for i, raw in enumerate(window):
             batch = _to_device(raw, self.device)
-            sync = i == len(window) - 1
-            ctx = (
-                model.no_sync()
-                if (self.dist.enabled and not sync and hasattr(model, "no_sync"))
-                else contextlib.nullcontext()
+            loss, terms, out = self._backward(
+                model, batch, sync=i == len(window) - 1, n=len(window), epoch=epoch
             )
-            with ctx:
-                loss, terms, out = self._losses(model, batch)
-                if self.scaler is None and not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"The loss became {loss.item()} at step {s['step']} (epoch {epoch + 1}). Lower the learning "
-                        "rate, enable gradient clipping (max_grad_norm), or check the inputs for NaN/inf."
-                    )
-                scaled = loss / len(window)
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            n = self._batch_cells(batch)
+            n = _batch_cells(batch)
             sums[0] += n
             sums[1] += loss.detach().double() * n
             for j, o in enumerate(self.objectives):
-                sums[4 + j] += terms[o.name].detach().double() * n
-            if "labels" in batch and getattr(out, "class_logits", None) is not None:
-                lab = batch["labels"]
-                ok = lab != IGNORE_INDEX
-                pred = out.class_logits.detach().argmax(-1)
-                sums[2] += (pred[ok] == lab[ok]).sum()
-                sums[3] += ok.sum()
-                k = out.class_logits.shape[-1]
-                cm = torch.bincount(lab[ok] * k + pred[ok], minlength=k * k).reshape(k, k).double()
-                confusion = cm if confusion is None else confusion + cm
+                sums[2 + j] += terms[o.name].detach().double() * n
+            metrics.update(out, batch)
+        self._apply_gradients()
+        s.step += 1
+        sums = all_reduce_sum(sums).cpu()
+        metrics.sync()
+        self._record_step(sums, metrics, epoch)
+
+    def _backward(
+        self, model: nn.Module, batch: Mapping[str, Any], *, sync: bool, n: int, epoch: int
+    ) -> tuple[Tensor, dict[str, Tensor], Any]:
+        """Forward and backward of one micro-batch (gradients synced over ranks on the last, ``sync``)."""
+        no_sync = self.dist.enabled and not sync and hasattr(model, "no_sync")
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            loss, terms, out = self._losses(model, batch)
+            if self.scaler is None and not torch.isfinite(loss):
+                raise TrainingError(
+                    f"The loss became {loss.item()} at step {self._state.step} (epoch {epoch + 1}). Lower the "
+                    "learning rate, enable gradient clipping (max_grad_norm), or check the inputs for NaN/inf."
+                )
+            scaled = loss / n
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss, terms, out
+
+    def _apply_gradients(self) -> None:
+        opt, c = self.optimizer, self.config
+        assert opt is not None
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         if c.max_grad_norm is not None:
@@ -1007,151 +620,132 @@ class Trainer:
             self.scaler.update()
         else:
             opt.step()
-        s["step"] += 1
-        sums = all_reduce_sum(sums).cpu()
-        if confusion is not None:
-            confusion = all_reduce_sum(confusion).cpu()
+
+    def _record_step(self, sums: Tensor, metrics: MetricSet, epoch: int) -> None:
+        """The step's history record and ``step_end`` event; its sums join the epoch's."""
+        s = self._state
         cells = float(sums[0])
         rec: dict[str, Any] = {
-            "step": s["step"],
+            "step": s.step,
             "epoch": epoch,
-            "lr": opt.param_groups[0]["lr"],
+            "lr": self.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
             "cells": int(cells),
         }
         rec["loss"] = float(sums[1] / cells)
         for j, o in enumerate(self.objectives):
-            rec[f"loss/{o.name}"] = float(sums[4 + j] / cells)
-        if sums[3] > 0:
-            rec["accuracy"] = float(sums[2] / sums[3])
-        acc = s["acc"]
-        if confusion is not None:
-            rec["macro_f1"] = macro_f1_from_confusion(confusion.numpy())
-            total = np.asarray(acc.get("confusion") or np.zeros_like(confusion.numpy())) + confusion.numpy()
-            acc["confusion"] = total.tolist()
-        acc["cells"] += cells
-        acc["loss"] += float(sums[1])
-        acc["correct"] += float(sums[2])
-        acc["labelled"] += float(sums[3])
-        for j, o in enumerate(self.objectives):
-            acc[f"loss/{o.name}"] += float(sums[4 + j])
+            rec[f"loss/{o.name}"] = float(sums[2 + j] / cells)
+        rec.update(metrics.compute())
+        losses = {"cells": cells, "loss": float(sums[1])}
+        losses.update({f"loss/{o.name}": float(sums[2 + j]) for j, o in enumerate(self.objectives)})
+        s.add_step(losses, metrics)
         self.history.step_records.append(rec)
         self._snapshot_rng()
         self._emit("step_end", metrics={k: v for k, v in rec.items() if k not in ("step", "epoch")})
 
-    @staticmethod
-    def _batch_cells(batch: Mapping[str, Any]) -> int:
-        for k in ("gene_ids", "input_ids", "labels"):
-            if k in batch and isinstance(batch[k], Tensor):
-                return int(batch[k].shape[0])
-        return 1
-
     def _end_epoch(self, model: nn.Module, val: Dataset | None, val_collate_fn: Any, epoch: int) -> bool:
-        s = self.state
-        assert s is not None
-        acc = s["acc"]
-        rec: dict[str, Any] = {"epoch": epoch, "step": s["step"], "lr": self.optimizer.param_groups[0]["lr"]}  # type: ignore[union-attr]
-        if acc["cells"]:
-            rec["train/loss"] = acc["loss"] / acc["cells"]
-            for o in self.objectives:
-                rec[f"train/loss/{o.name}"] = acc[f"loss/{o.name}"] / acc["cells"]
-        if acc["labelled"]:
-            rec["train/accuracy"] = acc["correct"] / acc["labelled"]
-        if acc.get("confusion") is not None:
-            rec["train/macro_f1"] = macro_f1_from_confusion(np.asarray(acc["confusion"]))
-        stop = False
+        """The epoch record (training sums, validation), best tracking and checkpoint; ``True``: stop early."""
+        s = self._state
+        rec: dict[str, Any] = {"epoch": epoch, "step": s.step, "lr": self.optimizer.param_groups[0]["lr"]}  # type: ignore[union-attr]
+        rec.update(s.epoch_record([o.name for o in self.objectives]))
         if val is not None:
             metrics = self.evaluate(val, collate_fn=val_collate_fn, model=model)
             rec.update(metrics)
             self._emit("validation", metrics=metrics)
-        s["last_metrics"] = {k: v for k, v in rec.items() if k not in ("epoch", "step")}
-        stop = self._track_best(rec)
+        s.last_metrics = {k: v for k, v in rec.items() if k not in ("epoch", "step")}
+        stop, improved = self._track_best(rec)
         self.history.epoch_records.append(rec)
-        self._emit("epoch_end", metrics=dict(s["last_metrics"]))  # event.epoch: the epoch that ended
-        s["epoch"] = epoch + 1
-        s["batch"] = 0
-        s["acc"] = self._new_acc()
+        self._emit("epoch_end", metrics=dict(s.last_metrics))  # event.epoch: the epoch that ended
+        s.epoch = epoch + 1
+        s.batch = 0
+        s.new_epoch([o.name for o in self.objectives])
         if self.ckpt is not None:
-            self._checkpoint(best=s["best_step"] == s["step"] and s.get("_improved", False))
+            self._checkpoint(best=improved)
         return stop
 
     def _validate(self, model: nn.Module, val: Dataset, val_collate_fn: Any, epoch: int) -> bool:
+        """A validation between epochs (``eval_every_steps``); ``True``: stop early."""
+        s = self._state
         metrics = self.evaluate(val, collate_fn=val_collate_fn, model=model)
         self._emit("validation", metrics=metrics)
-        self.state["last_metrics"] = metrics  # type: ignore[index]
-        stop = self._track_best({**metrics, "step": self.state["step"]})  # type: ignore[index]
-        if self.ckpt is not None and self.state.get("_improved"):  # type: ignore[union-attr]
+        s.last_metrics = metrics
+        stop, improved = self._track_best({**metrics, "step": s.step})
+        if self.ckpt is not None and improved:
             self._checkpoint(best=True)
         return stop
 
-    def _track_best(self, rec: Mapping[str, Any]) -> bool:
-        c, s = self.config, self.state
-        assert s is not None
-        s["_improved"] = False
+    def _track_best(self, rec: Mapping[str, Any]) -> tuple[bool, bool]:
+        """Compare ``rec``'s monitored metric with the best so far: ``(stop early, improved)``."""
+        c, s = self.config, self._state
         value = rec.get(c.monitor)
         if value is None:
             if c.monitor == "val/loss" and "train/loss" in rec:
                 value = rec["train/loss"]
             else:
-                return False
-        better = s["best"] is None or (value < s["best"] if c.mode == "min" else value > s["best"])
+                return False, False
+        better = s.best is None or (value < s.best if c.mode == "min" else value > s.best)
         if better:
-            s["best"], s["best_step"], s["bad_evals"], s["_improved"] = float(value), s["step"], 0, True
+            s.best, s.best_step, s.bad_evals = float(value), s.step, 0
             if self.ckpt is None and c.restore_best:
                 self._best_weights = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
-            return False
-        s["bad_evals"] += 1
-        return c.early_stopping_patience is not None and s["bad_evals"] >= c.early_stopping_patience
+            return False, True
+        s.bad_evals += 1
+        return c.early_stopping_patience is not None and s.bad_evals >= c.early_stopping_patience, False
 
     def _restore_best(self) -> None:
-        s = self.state
-        assert s is not None
-        if s["best_step"] is None or s["best_step"] == s["step"]:
+        s = self._state
+        if s.best_step is None or s.best_step == s.step:
             return
         if self._best_weights is not None:
             self.model.load_state_dict(self._best_weights)
         elif self.ckpt is not None:
             # the checkpoint of the best step itself; the pointer only as a fallback
-            by_step = self.ckpt.root / f"step-{s['best_step']:08d}"
+            by_step = self.ckpt.root / f"step-{s.best_step:08d}"
             best = by_step if checkpoint_is_intact(by_step) else self.ckpt.best
             if best is None:
                 return
             load_weights(self.model, best)
         else:
             return
-        log.info(
-            "restored the weights of step %d (best %s = %.4g)", s["best_step"], self.config.monitor, s["best"]
-        )
+        log.info("restored the weights of step %d (best %s = %.4g)", s.best_step, self.config.monitor, s.best)
 
     @torch.no_grad()
     def evaluate(
         self, data: Dataset, *, collate_fn: Callable | None = None, model: nn.Module | None = None
     ) -> dict[str, float]:
-        """Loss terms (and accuracy / macro-F1 with a classification objective) on ``data``.
+        """Loss terms (and the objectives' metrics: accuracy / macro-F1 with a classification
+        objective) on ``data``.
 
         Every rank evaluates its share; the metrics are reduced over ranks. Keys are prefixed
         ``val/``.
+
+        Parameters
+        ----------
+        data
+            A map-style dataset of per-cell items (with ``collate_fn``) or an iterable one.
+        collate_fn
+            Turns a list of items into a batch.
+        model
+            The model to run (default: the trainer's; the loop passes its DDP wrapper).
         """
         model = model or self.model
         was_training = model.training
         model.eval()
+        metric_set = MetricSet(self.new_metrics(), prefix="val/", skip_empty=True)
         try:
             loader = self._loader(data, train=False, collate_fn=collate_fn, epoch=0, skip=0)
             sums = torch.zeros(1 + len(self.objectives), dtype=torch.float64, device=self.device)
-            preds: list[np.ndarray] = []
-            labels: list[np.ndarray] = []
             for raw in loader:
                 batch = _to_device(raw, self.device)
                 _, terms, out = self._losses(model, batch)
-                n = self._batch_cells(batch)
+                n = _batch_cells(batch)
                 sums[0] += n
                 for j, o in enumerate(self.objectives):
                     sums[1 + j] += terms[o.name].double() * n
-                if "labels" in batch and getattr(out, "class_logits", None) is not None:
-                    preds.append(out.class_logits.argmax(-1).cpu().numpy())
-                    labels.append(batch["labels"].cpu().numpy())
+                metric_set.update(out, batch)
         finally:
             model.train(was_training)
         sums = all_reduce_sum(sums).cpu()
+        metric_set.sync()
         cells = float(sums[0])
         metrics: dict[str, float] = {}
         if cells:
@@ -1160,36 +754,27 @@ class Trainer:
             )
             for j, o in enumerate(self.objectives):
                 metrics[f"val/loss/{o.name}"] = float(sums[1 + j] / cells)
-        if preds or self.dist.enabled:
-            parts = all_gather_objects(
-                (
-                    np.concatenate(preds) if preds else np.zeros(0, int),
-                    np.concatenate(labels) if labels else np.zeros(0, int),
-                )
-            )
-            p = np.concatenate([a for a, _ in parts])
-            y = np.concatenate([b for _, b in parts])
-            ok = y != IGNORE_INDEX
-            if ok.any():
-                metrics["val/accuracy"] = float((p[ok] == y[ok]).mean())
-                metrics["val/macro_f1"] = macro_f1(y[ok], p[ok])
+        metrics.update(metric_set.compute())
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
+    def _rng_tensors(self) -> dict[str, Tensor]:
+        """Every rank's RNG states at the last step boundary (a collective: every rank calls it)."""
+        s, tensors = self._state, {}
+        for r, b in enumerate(all_gather_objects(s.rng_cpu.numpy().tobytes())):  # type: ignore[union-attr]
+            tensors[f"rng.cpu.{r}"] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+        if s.rng_cuda is not None:
+            for r, b in enumerate(all_gather_objects(s.rng_cuda.cpu().numpy().tobytes())):
+                tensors[f"rng.cuda.{r}"] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+        return tensors
+
     def _checkpoint(self, *, best: bool = False) -> Path | None:
         if self.ckpt is None:
             return None
-        s, opt = self.state, self.optimizer
-        assert s is not None
+        s, opt = self._state, self.optimizer
         assert opt is not None
         tensors, opt_meta = flatten_optimizer_state(opt.state_dict())
-        rng = all_gather_objects(self._boundary_rng.numpy().tobytes())  # type: ignore[union-attr]
-        for r, b in enumerate(rng):
-            tensors[f"rng.cpu.{r}"] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
-        if self._boundary_cuda_rng is not None:
-            crng = all_gather_objects(self._boundary_cuda_rng.cpu().numpy().tobytes())
-            for r, b in enumerate(crng):
-                tensors[f"rng.cuda.{r}"] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+        tensors.update(self._rng_tensors())
         path = None
         if self.dist.is_main:
             state = {
@@ -1199,11 +784,11 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "optimizer": opt_meta,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "trainer": s,
+                "trainer": s.to_dict(),
                 "history": self.history.to_dict(),
             }
             path = self.ckpt.save(
-                f"step-{s['step']:08d}", model=self.model, tensors=tensors, state=state, best=best
+                f"step-{s.step:08d}", model=self.model, tensors=tensors, state=state, best=best
             )
             self._emit("checkpoint", path=str(path))
         barrier()
