@@ -152,9 +152,11 @@ class InSilicoPanel(JobPanel):
         self.run_button.add_class("cellkit-perturb-run")
         self.summary_html = widgets.HTML()
         self.summary_html.add_class("cellkit-perturb-summary")
-        self.shift_fig = go.FigureWidget(layout=_FIGURE_SIZE)
+        self.shift_fig = go.FigureWidget(
+            layout={"title": "Mean embedding shift (1 − cosine)", **_FIGURE_SIZE}
+        )
         self.shift_fig.add_class("cellkit-perturb-shift")
-        self.cells_fig = go.FigureWidget(layout=_FIGURE_SIZE)
+        self.cells_fig = go.FigureWidget(layout={"title": "Per-cell shift", **_FIGURE_SIZE})
         self.cells_fig.add_class("cellkit-perturb-cells")
         self.export_path = widgets.Text(placeholder="perturbation.csv", layout=widgets.Layout(width="320px"))
         self.export_button = widgets.Button(description="Export table (CSV)", icon="save")

@@ -104,7 +104,7 @@ class PerturbationResponsePanel(JobPanel):
     >>> panel.predict("G0001+G0002")  # doctest: +SKIP
     """
 
-    title = "Response model"
+    title = "Response"
 
     def __init__(self, state: StudioState | None = None, **kwargs: Any) -> None:
         super().__init__(state, **kwargs)
@@ -149,7 +149,9 @@ class PerturbationResponsePanel(JobPanel):
         self.top_k = widgets.BoundedIntText(value=20, min=1, max=10_000, layout=small)
         self.predict_button = widgets.Button(description="Predict", icon="magic", disabled=True)
         self.predict_button.add_class("cellkit-perturb-predict")
-        self.response_fig = go.FigureWidget(layout={"height": 360, "width": 760})
+        self.response_fig = go.FigureWidget(
+            layout={"title": "Predicted expression change", "height": 360, "width": 760}
+        )
         self.response_fig.add_class("cellkit-perturb-response")
         self.response_html = widgets.HTML()
         self.response_html.add_class("cellkit-perturb-response-table")

@@ -47,7 +47,7 @@ class Studio(widgets.VBox):
     model_panel, data_panel, finetune_panel, embedding_panel, gene_panel, attention_panel, insilico_panel, response_panel
         The panels (each also usable alone): ``insilico_panel`` perturbs genes in the model's cells
         (tab "In silico"), ``response_panel`` trains and queries a perturbation-response model
-        (tab "Response model").
+        (tab "Response").
 
     Examples
     --------

@@ -114,7 +114,7 @@ def test_every_tab_renders(page):
         "Genes",
         "Attention",
         "In silico",
-        "Response model",
+        "Response",
     ):
         panel = tab(page, title)
         assert panel.is_visible()
@@ -346,7 +346,7 @@ def test_perturbation_in_silico_panel_runs_on_the_selection(page):
 def test_perturbation_response_panel_is_its_own_tab(page):
     """The response tool is a second tab: its controls render and "Train" answers in its own message line
     (the PBMCs have no condition column, so the panel asks for one instead of training)."""
-    tab(page, "Response model")
+    tab(page, "Response")
     assert visible(page, "button.cellkit-perturb-train").is_enabled()
     assert visible(page, "button.cellkit-perturb-stop").is_disabled()
     assert visible(page, "button.cellkit-perturb-predict").is_disabled()

@@ -76,7 +76,7 @@ def _unseen_double(result) -> str:
 def test_controls_follow_state(pbmc):
     state = StudioState(adata=pbmc)
     panel = PerturbationResponsePanel(state)
-    assert panel.title == "Response model"
+    assert panel.title == "Response"
     assert panel.loss_fig._dom_classes == ("cellkit-perturb-loss",)
     assert panel.response_fig._dom_classes == ("cellkit-perturb-response",)
     assert panel.condition_key.value == ""  # PBMCs have no condition column

@@ -122,11 +122,11 @@ def test_studio_composes_every_panel(pbmc, demo):
         "Genes",
         "Attention",
         "In silico",
-        "Response model",
+        "Response",
     ]
     assert [studio.tabs.get_title(i) for i in range(8)] == list(studio.panels)
     assert studio.insilico_panel is studio.panels["In silico"]
-    assert studio.response_panel is studio.panels["Response model"]
+    assert studio.response_panel is studio.panels["Response"]
     # one shared state
     assert all(p.state is studio.state for p in studio.panels.values())
     assert studio.state.model is demo and studio.state.adata is pbmc
