@@ -81,10 +81,9 @@ def main() -> None:
     t0 = time.perf_counter()
     result = cellkit.fit_perturbation_model(
         train,
-        d_model=args.d_model,
-        n_heads=4,
-        n_layers=args.n_layers,
-        d_ff=2 * args.d_model,
+        architecture=cellkit.PerturbationArchitecture(
+            d_model=args.d_model, n_heads=4, n_layers=args.n_layers, d_ff=2 * args.d_model
+        ),
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data.tokenized import TokenizedCells, open_shards
     from .model import CellModel, CellModelConfig, CellModelOutput, inspect_checkpoint, load_model
     from .perturbation import (
+        PerturbationArchitecture,
         PerturbationModel,
         evaluate_perturbation,
         fit_perturbation_model,
@@ -67,6 +68,7 @@ _LAZY = {
     "load_perturbation_model": "cellkit.perturbation",
     "parse_condition": "cellkit.perturbation",
     "PerturbationModel": "cellkit.perturbation",
+    "PerturbationArchitecture": "cellkit.perturbation",
     "Trainer": "cellkit.train",
     "TrainerConfig": "cellkit.train",
     "Callback": "cellkit.train",
@@ -110,6 +112,7 @@ __all__ = [
     "GeneVocab",
     "History",
     "MissingDependencyError",
+    "PerturbationArchitecture",
     "PerturbationModel",
     "PretrainResult",
     "Studio",

@@ -73,8 +73,10 @@ __all__ = [
     "FLAG_NOT_PERTURBED",
     "FLAG_PAD",
     "FLAG_PERTURBED",
+    "PerturbationArchitecture",
     "PerturbationCollator",
     "PerturbationModel",
+    "check_conditions",
     "evaluate_perturbation",
     "fit_perturbation_model",
     "load_perturbation_model",
@@ -380,10 +382,98 @@ def _enable_flags(model: CellModel) -> None:
     }
 
 
-def _new_model(genes: list[str], arch: Mapping[str, Any], seed: int) -> CellModel:
-    from .presets import build_model
+@dataclass(frozen=True)
+class PerturbationArchitecture:
+    """The shape of a fresh perturbation-response model (an scGPT-style transformer).
 
-    return build_model(genes, family="scgpt", mvc=False, seed=seed, **arch)
+    :func:`fit_perturbation_model` builds it with :func:`cellkit.presets.build_model`
+    (``family="scgpt"``, no MVC decoder) when no ``model`` is given; training options are
+    separate keywords of :func:`fit_perturbation_model`.
+
+    Parameters
+    ----------
+    d_model
+        Width of the token states.
+    n_heads
+        Attention heads (must divide ``d_model``).
+    n_layers
+        Transformer layers.
+    d_ff
+        Width of the feed-forward block.
+    dropout
+        Dropout probability in the transformer.
+
+    Examples
+    --------
+    >>> arch = PerturbationArchitecture(d_model=32, n_heads=2, n_layers=1, d_ff=64)
+    >>> fit_perturbation_model(adata, architecture=arch, epochs=5)  # doctest: +SKIP
+    """
+
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_heads", "n_layers", "d_ff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ConfigError(
+                    f"PerturbationArchitecture: {name} must be a positive integer, got {value!r}."
+                )
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"PerturbationArchitecture: n_heads={self.n_heads} must divide d_model={self.d_model}."
+            )
+        if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
+            raise ConfigError(f"PerturbationArchitecture: dropout must be in [0, 1), got {self.dropout!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (the keywords of :func:`cellkit.presets.scgpt_config`)."""
+        return {
+            "d_model": int(self.d_model),
+            "n_heads": int(self.n_heads),
+            "n_layers": int(self.n_layers),
+            "d_ff": int(self.d_ff),
+            "dropout": float(self.dropout),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PerturbationArchitecture:
+        """Build from a dict of the fields (missing ones take their defaults).
+
+        Parameters
+        ----------
+        data
+            ``{"d_model": ..., "n_heads": ..., ...}``.
+
+        Raises
+        ------
+        ConfigError
+            For a key that is not a field, or an invalid value.
+        """
+        unknown = sorted(set(data) - {"d_model", "n_heads", "n_layers", "d_ff", "dropout"})
+        if unknown:
+            raise ConfigError(
+                f"Unknown architecture option(s) {unknown}; a PerturbationArchitecture has d_model, n_heads, "
+                "n_layers, d_ff and dropout."
+            )
+        return cls(**dict(data))
+
+    def build(self, genes: Sequence[str], *, seed: int = 0) -> CellModel:
+        """A fresh, seeded scGPT-style model over ``genes`` with this shape (no flags yet).
+
+        Parameters
+        ----------
+        genes
+            The model's genes.
+        seed
+            Seed of the initial weights.
+        """
+        from .presets import build_model
+
+        return build_model(list(genes), family="scgpt", mvc=False, seed=seed, **self.to_dict())
 
 
 # ============================================================================== result
@@ -438,22 +528,140 @@ class PerturbationModel:
         )
 
     # ------------------------------------------------------------------ predict
-    def _check_perturbations(self, perturbations: Sequence[str], allow_unseen: bool) -> list[tuple[str, ...]]:
+    def check_perturbations(
+        self, perturbations: str | Sequence[str], *, allow_unseen: bool = False
+    ) -> list[tuple[str, ...]]:
+        """The genes of each perturbation, checked to be predictable (what :meth:`predict` checks first).
+
+        Parameters
+        ----------
+        perturbations
+            Condition labels (``"A+ctrl"``, ``"A+B"``), or one label.
+        allow_unseen
+            Accept genes never perturbed in training.
+
+        Returns
+        -------
+        One tuple of genes per label (``()`` for the control label).
+
+        Raises
+        ------
+        DataError
+            For a label that does not parse, a gene outside :attr:`genes` (the message names close
+            matches) or a gene never perturbed in training (unless ``allow_unseen``).
+        """
+        from .data.vocab import unknown_gene_error
+
+        if isinstance(perturbations, str):
+            perturbations = [perturbations]
         parsed = [parse_condition(p, control=self.control) for p in perturbations]
         known, seen = set(self.genes), set(self.seen_genes)
-        missing = sorted({g for gs in parsed for g in gs if g not in known})
+        missing = list(dict.fromkeys(g for gs in parsed for g in gs if g not in known))
         if missing:
-            raise DataError(
-                f"Gene(s) {missing} are not among the model's {len(self.genes)} genes, so they cannot be flagged."
+            err = unknown_gene_error(
+                missing, self.genes, where=f"the response model's {len(self.genes)} genes"
             )
-        unseen = sorted({g for gs in parsed for g in gs if g not in seen})
+            raise DataError(f"{err} They cannot be flagged.") from None
+        unseen = list(dict.fromkeys(g for gs in parsed for g in gs if g not in seen))
         if unseen and not allow_unseen:
+            shown = ", ".join(self.seen_genes[:10]) + (" …" if len(seen) > 10 else "")
             raise DataError(
-                f"Gene(s) {unseen} were never perturbed in training; the model has learned no effect for them. "
-                f"Perturbations of the {len(seen)} seen genes (and new combinations of them) are supported; pass "
-                "allow_unseen=True to predict anyway."
+                f"Gene(s) {unseen[:10]} were never perturbed in training; the model has learned no effect for them. "
+                f"Perturbations of the {len(seen)} seen genes ({shown}) and new combinations of them are supported; "
+                "pass allow_unseen=True to predict anyway."
             )
         return parsed
+
+    def changes(
+        self,
+        prediction: pd.DataFrame,
+        adata: AnnData | None = None,
+        *,
+        condition_key: str | None = None,
+        layer: str | None = None,
+    ) -> pd.DataFrame:
+        """The predicted change of every gene against the control cells, and the observed one where known.
+
+        Parameters
+        ----------
+        prediction
+            A :meth:`predict` frame (genes × perturbations).
+        adata
+            Observed cells (GEARS layout): for each predicted perturbation with cells there (``"A+B"``
+            and ``"B+A"`` match), the observed change is their mean minus the mean of its control cells.
+        condition_key
+            The obs column of ``adata`` with the conditions (default :attr:`condition_key`).
+        layer
+            Read ``adata`` expression from this layer instead of ``.X``.
+
+        Returns
+        -------
+        Long :class:`pandas.DataFrame`, per perturbation its genes by decreasing ``|predicted_change|``:
+        ``perturbation``, ``gene``, ``control_mean`` (mean of :attr:`control_cells`),
+        ``predicted_mean``, ``predicted_change`` and ``observed_change`` (NaN where ``adata`` has no
+        cell of the perturbation, or lacks the gene).
+
+        Raises
+        ------
+        DataError
+            When ``adata``'s condition column is missing, holds labels that do not parse, or has no
+            control cells.
+        """
+        import pandas as pd
+
+        genes = [str(g) for g in prediction.index]
+        col = {g: i for i, g in enumerate(self.genes)}
+        ctrl_mean = np.asarray(self.control_cells, dtype=np.float64).mean(axis=0)
+        control_mean = np.asarray([ctrl_mean[col[g]] if g in col else np.nan for g in genes])
+        observed = {} if adata is None else self._observed_changes(prediction, adata, condition_key, layer)
+        frames = []
+        for p in prediction.columns:
+            f = pd.DataFrame(
+                {
+                    "perturbation": str(p),
+                    "gene": genes,
+                    "control_mean": control_mean,
+                    "predicted_mean": prediction[p].to_numpy(dtype=np.float64),
+                }
+            )
+            f["predicted_change"] = f["predicted_mean"] - f["control_mean"]
+            obs = observed.get(str(p))
+            f["observed_change"] = (
+                obs.reindex(genes).to_numpy(dtype=np.float64) if obs is not None else np.nan
+            )
+            order = np.argsort(-np.abs(f["predicted_change"].to_numpy()), kind="stable")
+            frames.append(f.iloc[order])
+        return pd.concat(frames, ignore_index=True)
+
+    def _observed_changes(
+        self, prediction: pd.DataFrame, adata: AnnData, condition_key: str | None, layer: str | None
+    ) -> dict[str, pd.Series]:
+        """Perturbation → observed mean change (a Series over the genes ``adata`` has)."""
+        import pandas as pd
+
+        check_adata(adata, what="PerturbationModel.changes")
+        key = self.condition_key if condition_key is None else condition_key
+        labels = _check_column(adata, key)
+        genes_of = _condition_genes(labels, self.control)
+        by_genes = {frozenset(gs): lab for lab, gs in genes_of.items() if gs}
+        ctrl_rows = np.flatnonzero(labels == self.control)
+        if not len(ctrl_rows):
+            raise DataError(f"adata has no control cells ({key} == {self.control!r}).")
+        genes = [str(g) for g in prediction.index if str(g) in adata.var_names]
+        matched = {}
+        for p in map(str, prediction.columns):
+            gs = frozenset(parse_condition(p, control=self.control))
+            if gs and gs in by_genes:
+                matched[p] = by_genes[gs]
+        if not matched or not genes:
+            return {}
+        x = _expression(adata, genes, layer)
+        ctrl = np.asarray(x[ctrl_rows].mean(axis=0), dtype=np.float64).reshape(-1)
+        out = {}
+        for p, lab in matched.items():
+            mean = np.asarray(x[np.flatnonzero(labels == lab)].mean(axis=0), dtype=np.float64).reshape(-1)
+            out[p] = pd.Series(mean - ctrl, index=pd.Index(genes))
+        return out
 
     def _controls(self, control_cells: Any) -> np.ndarray:
         from anndata import AnnData
@@ -547,7 +755,7 @@ class PerturbationModel:
         if isinstance(perturbations, str):
             perturbations = [perturbations]
         perturbations = list(perturbations)
-        parsed = self._check_perturbations(perturbations, allow_unseen)
+        parsed = self.check_perturbations(perturbations, allow_unseen=allow_unseen)
         x = self._controls(control_cells)
         rng = np.random.default_rng(seed)
         if n_cells is not None:
@@ -645,7 +853,9 @@ class PerturbationModel:
             "history": self.history.to_dict(),
         }
         text = json.dumps(doc, indent=2, default=_json_default)
-        with atomic_directory(path, may_replace=_is_saved_perturbation_model, what="perturbation model") as tmp:
+        with atomic_directory(
+            path, may_replace=_is_saved_perturbation_model, what="perturbation model"
+        ) as tmp:
             self.model.save(tmp / MODEL_DIR)
             save_file(
                 {"control_cells": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))},
@@ -729,19 +939,125 @@ def load_perturbation_model(
 
 
 # ============================================================================== fit
+#: the architecture keywords of earlier versions of :func:`fit_perturbation_model`
+_ARCH_KEYS = ("d_model", "n_heads", "n_layers", "d_ff", "dropout")
+
+
+def check_conditions(adata: AnnData, *, condition_key: str = "condition", control: str = "ctrl") -> pd.Series:
+    """Check an AnnData's perturbation conditions before training on it.
+
+    Parameters
+    ----------
+    adata
+        Perturb-seq cells with GEARS labels in ``obs[condition_key]`` (``"ctrl"``, ``"A+ctrl"``,
+        ``"A+B"``).
+    condition_key
+        The obs column with the conditions.
+    control
+        The label of control cells.
+
+    Returns
+    -------
+    :class:`pandas.Series`: the number of cells per condition label, the control label first.
+
+    Raises
+    ------
+    DataError
+        For a missing column, cells without a label, labels that do not parse, no control cells,
+        or only control cells.
+
+    Examples
+    --------
+    >>> counts = check_conditions(adata)  # doctest: +SKIP
+    >>> counts["ctrl"], counts.sum() - counts["ctrl"]  # control and perturbed cells  # doctest: +SKIP
+    """
+    import pandas as pd
+
+    if not isinstance(control, str) or not control.strip():
+        raise ConfigError(f"control must be the label of the control cells (e.g. 'ctrl'), got {control!r}.")
+    labels = _check_column(adata, condition_key)
+    _condition_genes(labels, control)
+    counts = pd.Series(labels).value_counts(sort=False)
+    if control not in counts.index:
+        found = list(dict.fromkeys(labels.tolist()))[:8]
+        raise DataError(
+            f"No control cells: no {condition_key!r} value equals {control!r} (found e.g. {found}). Pass control=... "
+            "with the label of the unperturbed cells."
+        )
+    if counts[control] == len(labels):
+        raise DataError(f"Every cell is a control ({control!r}); there is no perturbation to learn from.")
+    order = [control, *[lab for lab in counts.index if lab != control]]
+    return counts.reindex(order).rename("n_cells").rename_axis(condition_key)
+
+
+def _model_genes(adata: AnnData, model: CellModel | None, genes: Sequence[str] | None) -> list[str]:
+    """The genes to model, checked against the data and the model's vocabulary."""
+    if genes is None:
+        genes = [str(g) for g in adata.var_names if model is None or g in model.vocab]
+    else:
+        genes = [str(g) for g in genes]
+        absent = [g for g in genes if g not in adata.var_names]
+        if absent:
+            raise DataError(f"{len(absent)} of genes= are not in adata.var_names, e.g. {absent[:5]}.")
+        if model is not None:
+            unknown = [g for g in genes if g not in model.vocab]
+            if unknown:
+                raise DataError(
+                    f"{len(unknown)} of genes= are not in the model's vocabulary, e.g. {unknown[:5]}."
+                )
+    if len(set(genes)) != len(genes):
+        raise DataError("The genes are not unique; make var_names unique (adata.var_names_make_unique()).")
+    if not genes:
+        raise DataError("No genes to model (none of the data's genes is in the model's vocabulary).")
+    return genes
+
+
+def _architecture(
+    model: CellModel | None,
+    architecture: PerturbationArchitecture | Mapping[str, Any] | None,
+    options: Mapping[str, Any],
+) -> PerturbationArchitecture | None:
+    """The architecture of a fresh model (``None`` with a given ``model``), checked."""
+    old = [k for k in _ARCH_KEYS if k in options]
+    if old:
+        raise ConfigError(
+            f"{old} describe the architecture: pass architecture=PerturbationArchitecture("
+            + ", ".join(f"{k}={options[k]!r}" for k in old)
+            + ") instead."
+        )
+    if model is not None and architecture is not None:
+        raise ConfigError(
+            "Pass either model= (a model to fine-tune) or architecture= (the shape of a fresh model), not both."
+        )
+    if model is not None:
+        return None
+    if architecture is None:
+        return PerturbationArchitecture()
+    if isinstance(architecture, Mapping):
+        return PerturbationArchitecture.from_dict(architecture)
+    if not isinstance(architecture, PerturbationArchitecture):
+        raise ConfigError(
+            f"architecture must be a PerturbationArchitecture (or a dict of its fields), got {type(architecture).__name__}."
+        )
+    return architecture
+
+
+def _split(labels: np.ndarray, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, validation rows): a random split over cells, seeded."""
+    perm = np.random.default_rng(seed + 1).permutation(len(labels))
+    n_val = round(len(labels) * val_size)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
 def fit_perturbation_model(
     adata: AnnData,
     model: CellModel | None = None,
     *,
+    architecture: PerturbationArchitecture | Mapping[str, Any] | None = None,
     condition_key: str = "condition",
     control: str = "ctrl",
     genes: Sequence[str] | None = None,
     layer: str | None = None,
-    d_model: int = 64,
-    n_heads: int = 4,
-    n_layers: int = 2,
-    d_ff: int = 128,
-    dropout: float = 0.0,
     epochs: int = 15,
     lr: float = 3e-3,
     batch_size: int = 16,
@@ -757,6 +1073,9 @@ def fit_perturbation_model(
 ) -> PerturbationModel:
     """Train a model to predict expression after perturbing genes (scGPT's perturbation recipe).
 
+    The model is either given (``model=``, fine-tuned) or built fresh from an ``architecture``;
+    every other keyword is a training option.
+
     Parameters
     ----------
     adata
@@ -766,18 +1085,20 @@ def fit_perturbation_model(
     model
         A model to fine-tune (e.g. a pretrained scGPT-family model with a continuous value
         encoder); it gets the flag embedding and an ``expression`` head when it lacks them and is
-        trained in place (``copy_model=True``: a copy). ``None``: a fresh scGPT-style model for
-        the genes, sized by ``d_model`` … ``dropout`` and seeded by ``seed``, whose expression
-        decoder's output bias starts at the mean expression of the training cells.
+        trained in place (``copy_model=True``: a copy). ``None``: a fresh model of ``architecture``.
+    architecture
+        The shape of a fresh scGPT-style model (:class:`PerturbationArchitecture`, or a dict of its
+        fields; default ``PerturbationArchitecture()``), seeded by ``seed``, whose expression
+        decoder's output bias starts at the mean expression of the training cells. Only without
+        ``model``.
     condition_key, control
-        The obs column with the conditions and the label of control cells.
+        The obs column with the conditions and the label of control cells (checked with
+        :func:`check_conditions`).
     genes
         Genes to model (default: every gene of ``adata`` — that the model's vocabulary knows,
         when ``model`` is given). Every perturbed gene must be among them.
     layer
         Read expression from this layer instead of ``.X``.
-    d_model, n_heads, n_layers, d_ff, dropout
-        Architecture of a fresh model.
     epochs, lr, batch_size
         Training length, learning rate, cells per step. The defaults suit a small model trained
         from scratch (a cosine schedule; see ``**trainer_options``); scGPT fine-tunes its
@@ -811,13 +1132,21 @@ def fit_perturbation_model(
         For a condition label that does not parse, no control cells, no perturbed cells, a
         perturbed gene outside ``genes``, or negative / non-finite expression.
     ConfigError
-        For invalid settings, or a ``model`` that cannot take continuous values or flags.
+        For invalid settings, both ``model`` and ``architecture``, architecture keywords
+        (``d_model=`` …) outside ``architecture``, or a ``model`` that cannot take continuous
+        values or flags.
+
+    Examples
+    --------
+    >>> fit = fit_perturbation_model(adata, architecture=PerturbationArchitecture(d_model=32, n_heads=2),
+    ...                              epochs=5)  # doctest: +SKIP
     """
     from anndata import AnnData
 
     if not isinstance(adata, AnnData):
         raise DataError(f"fit_perturbation_model takes an AnnData, got {type(adata).__name__}.")
     check_adata(adata, what="cellkit.fit_perturbation_model")
+    arch = _architecture(model, architecture, trainer_options)
     config = TrainerConfig.from_dict(
         {
             "epochs": epochs,
@@ -838,25 +1167,10 @@ def fit_perturbation_model(
         raise ConfigError(f"max_genes must be a positive integer or None, got {max_genes!r}.")
 
     # -- conditions and genes
+    check_conditions(adata, condition_key=condition_key, control=control)
     labels = _check_column(adata, condition_key)
     genes_of = _condition_genes(labels, control)
-    if genes is None:
-        genes = [str(g) for g in adata.var_names if model is None or g in model.vocab]
-    else:
-        genes = [str(g) for g in genes]
-        absent = [g for g in genes if g not in adata.var_names]
-        if absent:
-            raise DataError(f"{len(absent)} of genes= are not in adata.var_names, e.g. {absent[:5]}.")
-        if model is not None:
-            unknown = [g for g in genes if g not in model.vocab]
-            if unknown:
-                raise DataError(
-                    f"{len(unknown)} of genes= are not in the model's vocabulary, e.g. {unknown[:5]}."
-                )
-    if len(set(genes)) != len(genes):
-        raise DataError("The genes are not unique; make var_names unique (adata.var_names_make_unique()).")
-    if not genes:
-        raise DataError("No genes to model (none of the data's genes is in the model's vocabulary).")
+    genes = _model_genes(adata, model, genes)
     col = {g: i for i, g in enumerate(genes)}
     outside = sorted({g for gs in genes_of.values() for g in gs if g not in col})
     if outside:
@@ -866,18 +1180,11 @@ def fit_perturbation_model(
         )
     pairs = pair_controls(labels, control=control, seed=seed)
     is_ctrl = labels == control
-    if is_ctrl.all():
-        raise DataError(f"Every cell is a control ({control!r}); there is no perturbation to learn from.")
     perturbed = [np.sort(np.asarray([col[g] for g in genes_of[lab]], dtype=np.int64)) for lab in labels]
 
     # -- split (random over cells, seeded)
-    rng = np.random.default_rng(seed + 1)
-    n = len(labels)
-    perm = rng.permutation(n)
-    n_val = round(n * val_size)
-    val_rows, train_rows = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    train_labels = labels[train_rows]
-    train_conditions = sorted({lab for lab in train_labels if lab != control})
+    train_rows, val_rows = _split(labels, val_size, seed)
+    train_conditions = sorted({lab for lab in labels[train_rows] if lab != control})
     seen = {g for lab in train_conditions for g in genes_of[lab]}
     seen_genes = [g for g in genes if g in seen]
     if not seen_genes:
@@ -885,16 +1192,12 @@ def fit_perturbation_model(
 
     # -- model
     x = _expression(adata, genes, layer)
-    if model is None:
-        model_ = _new_model(
-            genes,
-            {"d_model": d_model, "n_heads": n_heads, "n_layers": n_layers, "d_ff": d_ff, "dropout": dropout},
-            seed,
-        )
+    if arch is not None:
+        model_ = arch.build(genes, seed=seed)
     else:
         model_ = _copy.deepcopy(model) if copy_model else model
     _enable_flags(model_)
-    if model is None:
+    if arch is not None:
         # start the fresh decoder at the mean expression (else Adam needs ~mean/lr steps to get there)
         with torch.no_grad():
             model_.heads["expression"].fc[-1].bias.fill_(_mean_value(x, train_rows))
@@ -906,7 +1209,7 @@ def fit_perturbation_model(
         model_.vocab.lookup(genes), pad_id=model_.vocab.pad_id, max_genes=max_genes, seed=seed
     )
     train_ds = _PairedCells(x, train_rows, pairs, perturbed)
-    val_ds = _PairedCells(x, val_rows, pairs, perturbed) if n_val else None
+    val_ds = _PairedCells(x, val_rows, pairs, perturbed) if len(val_rows) else None
     trainer = Trainer(model_, [MaskedValueMSE()], config, callbacks=callbacks, stop_event=stop_event)
     fit = trainer.fit(train_ds, val_ds, collate_fn=collate, val_collate_fn=_copy.deepcopy(collate))
     model_.eval()

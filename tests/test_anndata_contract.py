@@ -35,7 +35,7 @@ from cellkit.analysis import (
 )
 from cellkit.cli import main as cli_main
 from cellkit.datasets import synthetic_perturbation
-from cellkit.perturbation import evaluate_perturbation, fit_perturbation_model
+from cellkit.perturbation import PerturbationArchitecture, evaluate_perturbation, fit_perturbation_model
 
 from .test_finetune import make_adata, make_model
 
@@ -168,10 +168,16 @@ ENTRY_POINTS: dict[str, Callable[..., Any]] = {
     "tokenize": lambda a, m, c: cellkit.tokenize(a, m, progress=False),
     "embed_cells": lambda a, m, c: embed_cells(a, m, key_added="X_new", progress=False),
     "predict": lambda a, m, c: cellkit.predict(a, c, progress=False),
-    "finetune": lambda a, m, c: cellkit.finetune(a, m, label_key="cell_type", epochs=1, copy_model=True, progress=False),
+    "finetune": lambda a, m, c: cellkit.finetune(
+        a, m, label_key="cell_type", epochs=1, copy_model=True, progress=False
+    ),
     "pretrain": lambda a, m, c: cellkit.pretrain(a, make_model(), epochs=1, progress=False),
-    "transfer_labels (query)": lambda a, m, c: transfer_labels(a, rich_adata(), label_key="cell_type", key_added="t"),
-    "transfer_labels (reference)": lambda a, m, c: transfer_labels(rich_adata(), a, label_key="cell_type", key_added="t"),
+    "transfer_labels (query)": lambda a, m, c: transfer_labels(
+        a, rich_adata(), label_key="cell_type", key_added="t"
+    ),
+    "transfer_labels (reference)": lambda a, m, c: transfer_labels(
+        rich_adata(), a, label_key="cell_type", key_added="t"
+    ),
     "embedding_metrics": lambda a, m, c: embedding_metrics(a, label_key="cell_type"),
     "umap": lambda a, m, c: umap(a, use_rep="X_cellkit", key_added="X_new_umap"),
     "contextual_gene_embeddings": lambda a, m, c: contextual_gene_embeddings(a, m, progress=False),
@@ -227,7 +233,11 @@ def test_duplicate_obs_names_refused_by_perturbation_functions(screen, which):
     def call():
         if which == "fit_perturbation_model":
             return fit_perturbation_model(
-                a, epochs=1, d_model=8, n_heads=2, n_layers=1, d_ff=8, progress=False, device="cpu"
+                a,
+                epochs=1,
+                architecture=PerturbationArchitecture(d_model=8, n_heads=2, n_layers=1, d_ff=8),
+                progress=False,
+                device="cpu",
             )
         return evaluate_perturbation(a, pred)
 
@@ -418,7 +428,9 @@ def test_on_empty_nan_is_still_the_documented_exception(model):
     assert np.isnan(emb[0]).all() and np.isfinite(emb[1:]).all()
 
 
-@pytest.mark.parametrize("case", ["query all NaN", "reference all NaN", "query inf", "reference inf", "partly NaN"])
+@pytest.mark.parametrize(
+    "case", ["query all NaN", "reference all NaN", "query inf", "reference inf", "partly NaN"]
+)
 def test_transfer_labels_non_finite_input(case):
     query, reference = rich_adata(), rich_adata()
     target = query if case.startswith(("query", "partly")) else reference
@@ -456,7 +468,13 @@ def test_infinite_embeddings_refused_by_readers(which):
 
 @pytest.mark.parametrize(
     ("spec", "named"),
-    [("cls,gep=abc", "'abc'"), ("cls,gep=nan", "'nan'"), ("cls,gep=-1", "'-1'"), ("cls,,gep", "empty"), ("cls,cls", "twice")],
+    [
+        ("cls,gep=abc", "'abc'"),
+        ("cls,gep=nan", "'nan'"),
+        ("cls,gep=-1", "'-1'"),
+        ("cls,,gep", "empty"),
+        ("cls,cls", "twice"),
+    ],
 )
 def test_cli_bad_objectives_are_a_usage_error(spec, named, capsys):
     with pytest.raises(SystemExit) as e:
@@ -497,9 +515,13 @@ ZERO_CELL_CALLS: dict[str, Callable[..., Any]] = {
         a[:0].copy(), m, label_key="cell_type", copy_model=True, progress=False
     ),
     "pretrain": lambda a, m, c: cellkit.pretrain(a, make_model(), cells=_none(a), progress=False),
-    "contextual_gene_embeddings": lambda a, m, c: contextual_gene_embeddings(a, m, cells=_none(a), progress=False),
+    "contextual_gene_embeddings": lambda a, m, c: contextual_gene_embeddings(
+        a, m, cells=_none(a), progress=False
+    ),
     "gene_attention": lambda a, m, c: gene_attention(a, m, cells=_none(a)),
-    "in_silico_perturb": lambda a, m, c: in_silico_perturb(a, m, genes=["G1"], cells=_none(a), progress=False),
+    "in_silico_perturb": lambda a, m, c: in_silico_perturb(
+        a, m, genes=["G1"], cells=_none(a), progress=False
+    ),
 }
 
 
@@ -524,7 +546,11 @@ def test_zero_cell_h5ad_path_says_so(tmp_path, model):
 
 def test_perturbation_model_predict_checks_inputs_and_outputs(screen):
     fitted = fit_perturbation_model(
-        screen, epochs=1, d_model=8, n_heads=2, n_layers=1, d_ff=8, progress=False, device="cpu"
+        screen,
+        epochs=1,
+        architecture=PerturbationArchitecture(d_model=8, n_heads=2, n_layers=1, d_ff=8),
+        progress=False,
+        device="cpu",
     )
     perturbation = fitted.train_conditions[0]
     dup = with_duplicates(screen.copy())
@@ -550,7 +576,9 @@ def test_zero_cell_tokens_say_so(tmp_path, model):
     with pytest.raises(DataError, match=NO_CELLS):
         cellkit.tokenize(empty, model, output=tmp_path / "shards", obs_columns=["cell_type"], progress=False)
     assert not (tmp_path / "shards").exists()
-    shards = cellkit.tokenize(make_adata(n_per_class=4), model, obs_columns=["cell_type"], progress=False).subset([])
+    shards = cellkit.tokenize(
+        make_adata(n_per_class=4), model, obs_columns=["cell_type"], progress=False
+    ).subset([])
     assert len(shards) == 0
     for call in (
         lambda: cellkit.finetune(shards, model, label_key="cell_type", copy_model=True, progress=False),

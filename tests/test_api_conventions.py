@@ -223,6 +223,8 @@ def test_key_added_copy_and_return_type(name):
             f"{name} stores into uns by default (key_added={params['key_added'].default!r}); nothing lands "
             "in uns unless asked"
         )
+        assert "copy" not in params, f"{name} returns its table; storing it needs no copy of the AnnData"
+        assert "AnnData" not in ret, f"{name} returns {ret}: one return type, the table (or result object)"
 
 
 def _keys(a: ad.AnnData) -> set[tuple[str, str]]:
@@ -299,8 +301,8 @@ def test_writers_return_none_and_write_only_under_key_added(name, model, clf_mod
 
 TABLE_CALLS: dict[str, Callable[..., Any]] = {
     "gene_attention": lambda a, m, **kw: cellkit.analysis.gene_attention(a, m, cells=[0, 1, 2], **kw),
-    "in_silico_perturb": lambda a, m, **kw: cellkit.analysis.in_silico_perturb(
-        a, m, genes=["G1"], cells=[0, 1, 2], progress=False, **kw
+    "in_silico_perturb": lambda a, m, **kw: (
+        cellkit.analysis.in_silico_perturb(a, m, genes=["G1"], cells=[0, 1, 2], progress=False, **kw).summary
     ),
 }
 
@@ -382,7 +384,9 @@ def _parameters_section(fn: Callable[..., Any]) -> dict[str, str]:
             if not line.strip():
                 continue
             if not line.startswith((" ", "\t")):
-                names = [n.strip().lstrip("*").split(" : ")[0].strip() for n in line.split(" : ")[0].split(",")]
+                names = [
+                    n.strip().lstrip("*").split(" : ")[0].strip() for n in line.split(" : ")[0].split(",")
+                ]
                 for n in names:
                     out[n] = ""
             else:

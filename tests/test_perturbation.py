@@ -15,7 +15,9 @@ from cellkit.perturbation import (
     FLAG_NOT_PERTURBED,
     FLAG_PAD,
     FLAG_PERTURBED,
+    PerturbationArchitecture,
     PerturbationCollator,
+    check_conditions,
     evaluate_perturbation,
     fit_perturbation_model,
     load_perturbation_model,
@@ -27,6 +29,7 @@ from cellkit.presets import build_model
 pytestmark = pytest.mark.timeout(300)
 
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32}
+ARCH = PerturbationArchitecture(**TINY)
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +61,7 @@ def fitted(screen):
     held = _doubles(screen)[:1]
     result = fit_perturbation_model(
         _split(screen, held),
-        **TINY,
+        architecture=ARCH,
         epochs=6,
         lr=1e-2,
         batch_size=16,
@@ -299,15 +302,19 @@ def test_predict_refuses_unseen_genes_and_missing_controls(fitted, screen):
 def test_fit_refuses_bad_data(screen):
     no_ctrl = screen[screen.obs["condition"] != "ctrl"].copy()
     with pytest.raises(DataError, match="No control cells"):
-        fit_perturbation_model(no_ctrl, **TINY, epochs=1, progress=False)
+        fit_perturbation_model(no_ctrl, architecture=ARCH, epochs=1, progress=False)
     bad = screen.copy()
     bad.obs["condition"] = bad.obs["condition"].astype(str).replace({"ctrl": "ctrl+"})
     with pytest.raises(DataError, match="do not parse"):
-        fit_perturbation_model(bad, **TINY, epochs=1, progress=False)
+        fit_perturbation_model(bad, architecture=ARCH, epochs=1, progress=False)
     with pytest.raises(DataError, match="not among the modelled genes"):
-        fit_perturbation_model(screen, genes=list(screen.var_names[-5:]), **TINY, epochs=1, progress=False)
+        fit_perturbation_model(
+            screen, genes=list(screen.var_names[-5:]), architecture=ARCH, epochs=1, progress=False
+        )
     with pytest.raises(DataError, match="condition_key"):
-        fit_perturbation_model(screen, condition_key="perturbation", **TINY, epochs=1, progress=False)
+        fit_perturbation_model(
+            screen, condition_key="perturbation", architecture=ARCH, epochs=1, progress=False
+        )
 
 
 def test_fit_takes_an_existing_model_and_copies_it_on_request(screen):
@@ -406,10 +413,7 @@ def test_model_beats_the_mean_baseline_on_held_out_doubles_of_an_easy_screen():
     held = _doubles(adata)[:2]
     result = fit_perturbation_model(
         _split(adata, held),
-        d_model=32,
-        n_heads=4,
-        n_layers=2,
-        d_ff=64,
+        architecture=PerturbationArchitecture(d_model=32, n_heads=4, n_layers=2, d_ff=64),
         epochs=20,
         lr=1e-2,
         batch_size=16,
@@ -427,9 +431,81 @@ def test_sparse_expression_gives_the_same_batches_and_scores(screen):
 
     sparse = screen.copy()
     sparse.X = sp.csr_matrix(sparse.X)
-    kw = {**TINY, "epochs": 1, "max_steps": 2, "val_size": 0.2, "progress": False, "device": "cpu"}
+    kw = {
+        "architecture": ARCH,
+        "epochs": 1,
+        "max_steps": 2,
+        "val_size": 0.2,
+        "progress": False,
+        "device": "cpu",
+    }
     dense_fit, sparse_fit = fit_perturbation_model(screen, **kw), fit_perturbation_model(sparse, **kw)
     pd.testing.assert_frame_equal(dense_fit.history.epochs, sparse_fit.history.epochs)
     np.testing.assert_array_equal(dense_fit.control_cells, sparse_fit.control_cells)
     pred = dense_fit.predict(dense_fit.train_conditions[:2], n_cells=5)
     pd.testing.assert_frame_equal(evaluate_perturbation(screen, pred), evaluate_perturbation(sparse, pred))
+
+
+def test_architecture_is_apart_from_the_training_options(screen):
+    arch = PerturbationArchitecture(d_model=8, n_heads=2, n_layers=1, d_ff=8)
+    assert PerturbationArchitecture.from_dict(arch.to_dict()) == arch
+    kw = {"epochs": 1, "max_steps": 1, "val_size": 0.0, "progress": False, "device": "cpu"}
+    fit = fit_perturbation_model(screen, architecture=arch.to_dict(), **kw)  # a dict of the fields works too
+    enc = fit.model.config.encoder
+    assert (enc.d_model, enc.n_layers) == (8, 1)
+    with pytest.raises(ConfigError, match=r"architecture=PerturbationArchitecture\(d_model=8\)"):
+        fit_perturbation_model(screen, d_model=8, **kw)
+    with pytest.raises(ConfigError, match="not both"):
+        fit_perturbation_model(screen, fit.model, architecture=arch, **kw)
+    with pytest.raises(ConfigError, match="must divide"):
+        PerturbationArchitecture(d_model=10, n_heads=4)
+    with pytest.raises(ConfigError, match="Unknown architecture"):
+        PerturbationArchitecture.from_dict({"width": 3})
+    with pytest.raises(ConfigError, match="architecture must be"):
+        fit_perturbation_model(screen, architecture=64, **kw)
+
+
+def test_check_conditions_counts_the_cells_and_refuses_bad_labels(screen):
+    counts = check_conditions(screen)
+    assert counts.index[0] == "ctrl" and counts.sum() == screen.n_obs
+    assert counts["ctrl"] == int((screen.obs["condition"] == "ctrl").sum())
+    with pytest.raises(DataError, match="No control cells"):
+        check_conditions(screen, control="control")
+    with pytest.raises(DataError, match="condition_key"):
+        check_conditions(screen, condition_key="nope")
+    only = screen[screen.obs["condition"] == "ctrl"].copy()
+    with pytest.raises(DataError, match="Every cell is a control"):
+        check_conditions(only)
+
+
+def test_check_perturbations_and_changes(fitted, screen):
+    fitted, _ = fitted
+    seen = fitted.seen_genes[0]
+    assert fitted.check_perturbations(f"{seen}+ctrl") == [(seen,)]
+    with pytest.raises(DataError, match="'NOTAGENE'"):
+        fitted.check_perturbations(["NOTAGENE+ctrl"])
+    label = fitted.train_conditions[0]
+    pred = fitted.predict([label, "ctrl"], device="cpu")
+    table = fitted.changes(pred, screen)
+    assert list(table.columns) == [
+        "perturbation",
+        "gene",
+        "control_mean",
+        "predicted_mean",
+        "predicted_change",
+        "observed_change",
+    ]
+    one = table[table["perturbation"] == label]
+    assert len(one) == len(fitted.genes)
+    assert (np.diff(np.abs(one["predicted_change"].to_numpy())) <= 1e-12).all()  # largest change first
+    np.testing.assert_allclose(one["predicted_change"], one["predicted_mean"] - one["control_mean"])
+    rows = (screen.obs["condition"] == label).to_numpy()
+    ctrl = (screen.obs["condition"] == "ctrl").to_numpy()
+    g = one["gene"].iloc[0]
+    j = list(screen.var_names).index(g)
+    x = np.asarray(screen.X[:, j].todense() if hasattr(screen.X, "todense") else screen.X[:, j]).ravel()
+    assert one["observed_change"].iloc[0] == pytest.approx(x[rows].mean() - x[ctrl].mean(), abs=1e-5)
+    assert (
+        table[table["perturbation"] == "ctrl"]["observed_change"].isna().all()
+    )  # control: no change to observe
+    assert fitted.changes(pred)["observed_change"].isna().all()  # no data: nothing observed

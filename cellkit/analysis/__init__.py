@@ -6,6 +6,7 @@ keeps the input cell order. Figures live in :mod:`cellkit.viz` (arrays in, plotl
 
 from __future__ import annotations
 
+from ._io import write_csv
 from .attention import (
     CellAttention,
     attention_difference,
@@ -24,10 +25,11 @@ from .genes import (
     similar_genes,
 )
 from .mapping import embedding_metrics, transfer_labels
-from .perturb import in_silico_perturb, perturb_tokens
+from .perturb import InSilicoResult, in_silico_perturb, perturb_tokens
 
 __all__ = [
     "CellAttention",
+    "InSilicoResult",
     "attention_difference",
     "attention_maps",
     "cell_embeddings",
@@ -47,4 +49,5 @@ __all__ = [
     "top_influenced_genes",
     "transfer_labels",
     "umap",
+    "write_csv",
 ]

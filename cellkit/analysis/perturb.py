@@ -81,7 +81,7 @@ from .embeddings import pooled_embedding
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
-__all__ = ["PERTURB_MODES", "RULES", "in_silico_perturb", "perturb_tokens"]
+__all__ = ["PERTURB_MODES", "RULES", "InSilicoResult", "in_silico_perturb", "perturb_tokens"]
 
 log = get_logger(__name__)
 
@@ -584,6 +584,103 @@ def _mean(x: np.ndarray, mask: np.ndarray) -> float:
     return float(x[mask].mean()) if mask.any() else np.nan
 
 
+# ====================================================================================== result
+#: the tables of an :class:`InSilicoResult`, in the order of its dict form
+RESULT_TABLES = ("summary", "cells", "null", "gene_shifts")
+
+
+@dataclass
+class InSilicoResult:
+    """What :func:`in_silico_perturb` returns: its tables and the settings of the run.
+
+    Attributes
+    ----------
+    summary
+        One row per perturbation (and group): ``perturbation`` (genes joined by ``+``), ``genes``
+        (comma-separated), ``mode``, [``group``], ``n_cells`` (cells counted: delete → the cells
+        carrying all its genes), ``mean_shift``, ``median_shift`` (cosine shift), ``mean_cosine``,
+        [``goal_shift``], ``null_mean``, ``null_std``, ``z``, ``p`` [and ``goal_null_mean``,
+        ``goal_null_std``, ``goal_z``, ``goal_p``] (NaN without a null).
+    cells
+        One row per perturbation and cell: ``perturbation``, ``cell``, [``group``],
+        ``n_present``, ``counted``, ``cosine``, ``shift``, [``goal_shift``].
+    null
+        One row per random perturbation: ``perturbation``, ``draw``, its ``genes``, [``group``],
+        ``n_cells``, ``mean_shift``, [``goal_shift``] (empty with ``n_null=0``).
+    params
+        The settings and counts of the run (plain values: ``mode``, ``perturbations``, ``rule``,
+        ``scheme``, ``max_len``, ``pooling``, ``hidden_layer``, ``goal``, ``groupby``,
+        ``n_null``, ``null_bins``, ``seed``, ``max_cells``, ``n_cells_selected``, ``n_cells``,
+        ``n_cells_without_genes``; ``-1`` / ``""`` for "none").
+    gene_shifts
+        With ``gene_shifts=True``: per perturbation, the other genes' mean state shift
+        (``perturbation``, ``gene``, ``n_cells``, ``mean_shift``), else ``None``.
+
+    Examples
+    --------
+    >>> res = in_silico_perturb(adata, model, genes=["CD3E"], key_added="perturb")  # doctest: +SKIP
+    >>> res.summary  # doctest: +SKIP
+    >>> InSilicoResult.from_dict(adata.uns["perturb"]).cells  # doctest: +SKIP
+    """
+
+    summary: pd.DataFrame
+    cells: pd.DataFrame
+    null: pd.DataFrame
+    params: dict[str, Any]
+    gene_shifts: pd.DataFrame | None = None
+
+    def __repr__(self) -> str:
+        shifts = "" if self.gene_shifts is None else f", gene_shifts {len(self.gene_shifts)} rows"
+        return (
+            f"InSilicoResult({self.params.get('mode', '?')}: {len(self.summary)} summary rows, "
+            f"{len(self.cells)} cell rows, {len(self.null)} null rows{shifts})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict stored in ``adata.uns[key_added]``: ``"summary"``, ``"cells"``, ``"null"``,
+        ``"gene_shifts"`` (only when computed) and ``"params"``."""
+        out: dict[str, Any] = {"summary": self.summary, "cells": self.cells, "null": self.null}
+        if self.gene_shifts is not None:
+            out["gene_shifts"] = self.gene_shifts
+        out["params"] = dict(self.params)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InSilicoResult:
+        """Read the dict of :meth:`to_dict` back, e.g. ``InSilicoResult.from_dict(adata.uns[key])``.
+
+        Parameters
+        ----------
+        data
+            A mapping with the frames ``"summary"``, ``"cells"``, ``"null"``, optionally
+            ``"gene_shifts"``, and ``"params"``.
+
+        Raises
+        ------
+        DataError
+            When a table is missing or is not a DataFrame.
+        """
+        if not isinstance(data, Mapping):
+            raise DataError(
+                f"An in-silico perturbation result is a dict of tables; got {type(data).__name__}."
+            )
+        missing = [k for k in ("summary", "cells", "null", "params") if k not in data]
+        if missing:
+            raise DataError(
+                f"This is not a stored in-silico perturbation result: it lacks {missing} (it has {sorted(data)})."
+            )
+        for k in RESULT_TABLES:
+            if data.get(k) is not None and not isinstance(data[k], pd.DataFrame):
+                raise DataError(f"{k!r} of an in-silico perturbation result must be a DataFrame.")
+        return cls(
+            summary=data["summary"],
+            cells=data["cells"],
+            null=data["null"],
+            params=dict(data["params"]),
+            gene_shifts=data.get("gene_shifts"),
+        )
+
+
 # ====================================================================================== entry point
 def in_silico_perturb(
     adata: AnnData,
@@ -594,6 +691,7 @@ def in_silico_perturb(
     combos: bool | Sequence[Sequence[str]] = False,
     cells: Any = None,
     goal: Any = None,
+    max_cells: int | None = None,
     groupby: str | None = None,
     n_null: int = 0,
     null_bins: int = 10,
@@ -603,20 +701,21 @@ def in_silico_perturb(
     batch_size: int = 64,
     device: str = "auto",
     key_added: str | None = None,
-    return_cells: bool = False,
     tokenize_options: Mapping[str, Any] | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
     gene_column: str | None = None,
     seed: int = 0,
-    copy: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame] | AnnData:
+) -> InSilicoResult:
     """Delete or overexpress genes in the cells' tokens and measure how the cell embeddings move.
 
     Geneformer's in-silico perturbation (``InSilicoPerturber`` + ``InSilicoPerturberStats``) for
-    any loaded model; the per-family token rules are in :mod:`cellkit.analysis.perturb`.
+    any loaded model; the per-family token rules are in :mod:`cellkit.analysis.perturb`. Three
+    stages: *plan* (check the perturbations, select and tokenize the cells), *embed* (the
+    original cells, the perturbed ones and their random expression-matched counterparts) and
+    *summarise* (the tables of :class:`InSilicoResult`).
 
     Parameters
     ----------
@@ -638,6 +737,9 @@ def in_silico_perturb(
     goal
         Cells of a target state (same kinds of selection); adds the shift toward their mean
         embedding, ``cos(perturbed, goal) - cos(original, goal)``.
+    max_cells
+        Use at most this many of the selected cells, and of the goal cells: a random subsample
+        (seeded by ``seed``, obs order kept); ``None``: all of them.
     groupby
         An ``obs`` column: the summary gets one row per perturbation and group.
     n_null
@@ -654,17 +756,12 @@ def in_silico_perturb(
     batch_size, device
         Inference settings. Results do not depend on the batch size.
     key_added
-        Also store the results in ``adata.uns[key_added]`` (see Returns); default ``None``: nothing
-        is written into ``adata``, the table is only returned.
-    return_cells
-        Also return the per-cell frame.
+        Also store the result in ``adata.uns[key_added]`` as the plain dict of
+        :meth:`InSilicoResult.to_dict`; default ``None``: nothing is written into ``adata``.
     tokenize_options, layer, use_raw, gene_column
         Passed to :func:`cellkit.tokenize`.
     seed
-        Seed of the random null genes.
-    copy
-        With ``key_added``: write into a copy of ``adata`` and return it (the caller's object is not
-        touched).
+        Seed of the random null genes and of the ``max_cells`` subsample.
     overwrite
         Replace ``uns[key_added]`` even when cellkit did not write it.
     progress
@@ -672,26 +769,17 @@ def in_silico_perturb(
 
     Returns
     -------
-    The summary ``DataFrame``, one row per perturbation (and group): ``perturbation`` (genes joined
-    by ``+``), ``genes`` (comma-separated), ``mode``, [``group``], ``n_cells`` (cells counted:
-    delete → the cells carrying all its genes), ``mean_shift``, ``median_shift`` (cosine shift),
-    ``mean_cosine``, [``goal_shift``], ``null_mean``, ``null_std``, ``z``, ``p`` [and
-    ``goal_null_mean``, ``goal_null_std``, ``goal_z``, ``goal_p``] (NaN without a null). With
-    ``return_cells`` also the per-cell frame (``perturbation``, ``cell``, [``group``],
-    ``n_present``, ``counted``, ``cosine``, ``shift``, [``goal_shift``]). With ``copy=True`` the
-    modified copy of ``adata`` instead. With ``key_added``, ``adata.uns[key_added]`` is a dict of plain frames:
-    ``"summary"``, ``"cells"`` (the per-cell frame), ``"null"`` (one row per random perturbation:
-    its genes, ``n_cells``, ``mean_shift``, [``goal_shift``]), ``"gene_shifts"`` (when asked:
-    ``perturbation``, ``gene``, ``n_cells``, ``mean_shift``) and ``"params"``; nothing else of
-    ``adata`` is written.
+    :class:`InSilicoResult`: ``.summary`` (one row per perturbation and group), ``.cells`` (per
+    cell), ``.null`` (per random perturbation), ``.gene_shifts`` (when asked) and ``.params``.
+    With ``key_added`` the same tables are in ``adata.uns[key_added]``; nothing else of ``adata``
+    is written.
 
     Examples
     --------
     >>> res = in_silico_perturb(adata, model, genes=["CD3E", "LYZ"], mode="delete", n_null=20,
     ...                         goal="bulk_labels == 'CD14+ Monocyte'")
-    >>> res.sort_values("mean_shift", ascending=False)
+    >>> res.summary.sort_values("mean_shift", ascending=False)
     """
-    # ---------------------------------------------------------------- plan: options, cells, tokens, keys
     pooling = _checked_options(
         adata,
         model,
@@ -701,7 +789,7 @@ def in_silico_perturb(
         n_null=n_null,
         null_bins=null_bins,
         batch_size=batch_size,
-        copy=copy,
+        max_cells=max_cells,
         pooling=pooling,
     )
     from .embeddings import resolve_hidden_layer
@@ -714,6 +802,8 @@ def in_silico_perturb(
         combos=combos,
         cells=cells,
         goal=goal,
+        max_cells=max_cells,
+        seed=seed,
         groupby=groupby,
         mode=mode,
         tokenize_options=dict(tokenize_options or {}),
@@ -721,76 +811,34 @@ def in_silico_perturb(
         use_raw=use_raw,
         gene_column=gene_column,
     )
-
-    # ---------------------------------------------------------------- embed: originals, null genes, perturbed
-    embed = _embedder(model, pooling=pooling, idx=idx, batch_size=batch_size, device=device)
-    d_model = model.config.encoder.d_model if gene_shifts else None
-    orig, states = _original_embeddings(plan, embed, d_model=d_model)
-    goal_mean, orig_goal = _goal_embedding(plan, embed, orig, goal)
-    rng = np.random.default_rng(seed)
-    null_keys = (
-        _null_draws(
-            plan.pert_keys,
-            plan.tokens,
-            plan.lay,
-            n_null=n_null,
-            null_bins=null_bins,
-            rng=rng,
-            name_of=plan.name_of,
-        )
-        if n_null
-        else [np.zeros((0, len(k)), dtype=np.int64) for k in plan.pert_keys]
-    )
-    n_keys = (
-        (plan.tokens.options.get("gene_type_offset", 1) + len(plan.space.names))
-        if plan.space.perturbgene
-        else len(model.vocab)
-    )
-    shifts = _Shifts(
+    shifts, null_keys = _embed(
         plan,
-        embed,
-        orig,
-        states,
-        goal_mean,
-        orig_goal,
-        n_null=n_null,
-        n_keys=n_keys,
+        model,
+        pooling=pooling,
+        idx=idx,
+        batch_size=batch_size,
+        device=device,
         gene_shifts=gene_shifts,
-        chunk_cells=max(8 * batch_size, 256),
+        n_null=n_null,
+        null_bins=null_bins,
+        seed=seed,
+        mode=mode,
+        progress=progress,
     )
-    _embed_perturbations(plan, shifts, null_keys, mode=mode, progress=progress)
-
-    # ---------------------------------------------------------------- summarise: tables, params, output
-    summary, null_frame = _summary_frames(plan, shifts, null_keys, mode=mode, groupby=groupby)
-    cells_frame = _cells_frame(plan, shifts, groupby=groupby)
-    result: dict[str, Any] = {"summary": summary, "cells": cells_frame, "null": null_frame}
-    if gene_shifts:
-        result["gene_shifts"] = _gene_shifts_frame(plan, shifts)
-    result["params"] = {
-        "mode": mode,
-        "perturbations": ["+".join(c) for c in plan.perts],
-        "rule": plan.rule,
-        "scheme": plan.tokens.scheme,
-        "max_len": -1 if plan.max_len is None else int(plan.max_len),
+    settings = {
         "pooling": pooling,
         "hidden_layer": -1 if hidden_layer is None else int(hidden_layer),
         "goal": "" if goal is None else (goal if isinstance(goal, str) else f"{len(plan.goal_rows)} cells"),
-        "groupby": groupby or "",
         "n_null": int(n_null),
         "null_bins": int(null_bins),
         "seed": int(seed),
-        "n_cells": int(plan.n),
-        "n_cells_without_genes": int(plan.n_without),
+        "max_cells": -1 if max_cells is None else int(max_cells),
     }
+    result = _summarise(plan, shifts, null_keys, mode=mode, groupby=groupby, settings=settings)
     if key_added is not None:
-        target = adata.copy() if copy else adata
-        target.uns[key_added] = result
-        record_written(target, [("uns", key_added)])
-        if copy:
-            return target
-    if return_cells:
-        return summary, cells_frame
-    return summary
+        adata.uns[key_added] = result.to_dict()
+        record_written(adata, [("uns", key_added)])
+    return result
 
 
 # ---------------------------------------------------------------- in_silico_perturb: plan
@@ -804,7 +852,7 @@ def _checked_options(
     n_null: int,
     null_bins: int,
     batch_size: int,
-    copy: bool,
+    max_cells: int | None,
     pooling: str | None,
 ) -> str:
     """Check the options that need no tokens; returns the pooling (default the model's)."""
@@ -822,8 +870,10 @@ def _checked_options(
     ):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
             raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
-    if copy and key_added is None:
-        raise ConfigError("copy=True returns the AnnData with the results under key_added; pass a key.")
+    if max_cells is not None and (
+        isinstance(max_cells, bool) or not isinstance(max_cells, int | np.integer) or max_cells < 1
+    ):
+        raise ConfigError(f"max_cells must be a positive integer or None (all cells), got {max_cells!r}.")
     pooling = pooling or model.config.pooling
     if pooling not in POOLING_MODES:
         raise ConfigError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}.")
@@ -842,6 +892,7 @@ class _Plan:
     rule: str
     lay: _Layout
     names: np.ndarray
+    n_selected: int
     n_without: int
     max_len: int | None
     top_token: int | None
@@ -865,6 +916,13 @@ def _perturb_scheme(model: CellModel, opts: Mapping[str, Any]) -> str:
             f"tokenize_options={{'scheme': ...}} with one of {sorted(_RULE_OF_SCHEME)}."
         )
     return scheme
+
+
+def _subsample(rows: np.ndarray, max_cells: int | None, seed: int) -> np.ndarray:
+    """At most ``max_cells`` of ``rows``: a seeded random subsample in the original order."""
+    if max_cells is None or len(rows) <= max_cells:
+        return rows
+    return rows[np.sort(np.random.default_rng(seed).choice(len(rows), size=int(max_cells), replace=False))]
 
 
 def _selected_rows(adata: AnnData, cells: Any, goal: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -958,6 +1016,8 @@ def _plan(
     combos: Any,
     cells: Any,
     goal: Any,
+    max_cells: int | None,
+    seed: int,
     groupby: str | None,
     mode: str,
     tokenize_options: dict[str, Any],
@@ -973,6 +1033,10 @@ def _plan(
     if groupby is not None and groupby not in adata.obs.columns:
         raise DataError(f"groupby={groupby!r} is not an obs column; available: {list(adata.obs.columns)}.")
     positions, goal_rows = _selected_rows(adata, cells, goal)
+    n_selected = len(positions)
+    positions = _subsample(positions, max_cells, seed)
+    if goal_rows is not None:
+        goal_rows = _subsample(goal_rows, max_cells, seed)
     tok = _row_tokenizer(adata, model, opts, layer=layer, use_raw=use_raw, gene_column=gene_column)
     tokens, rule, lay, n_without = _cells_with_genes(tok, positions)
     names = np.asarray(tokens.obs_names).astype(str)
@@ -990,6 +1054,7 @@ def _plan(
         rule=rule,
         lay=lay,
         names=names,
+        n_selected=n_selected,
         n_without=n_without,
         max_len=max_len,
         top_token=top_token,
@@ -1002,6 +1067,63 @@ def _plan(
 
 
 # ---------------------------------------------------------------- in_silico_perturb: embed
+def _embed(
+    plan: _Plan,
+    model: CellModel,
+    *,
+    pooling: str,
+    idx: int | None,
+    batch_size: int,
+    device: str,
+    gene_shifts: bool,
+    n_null: int,
+    null_bins: int,
+    seed: int,
+    mode: str,
+    progress: bool,
+) -> tuple[_Shifts, list[np.ndarray]]:
+    """Embed the original cells, draw the random null genes, embed every perturbation and draw.
+
+    Returns the recorded shifts and, per perturbation, its ``(n_null, k)`` random gene keys.
+    """
+    embed = _embedder(model, pooling=pooling, idx=idx, batch_size=batch_size, device=device)
+    d_model = model.config.encoder.d_model if gene_shifts else None
+    orig, states = _original_embeddings(plan, embed, d_model=d_model)
+    goal_mean, orig_goal = _goal_embedding(plan, embed, orig)
+    null_keys = (
+        _null_draws(
+            plan.pert_keys,
+            plan.tokens,
+            plan.lay,
+            n_null=n_null,
+            null_bins=null_bins,
+            rng=np.random.default_rng(seed),
+            name_of=plan.name_of,
+        )
+        if n_null
+        else [np.zeros((0, len(k)), dtype=np.int64) for k in plan.pert_keys]
+    )
+    n_keys = (
+        (plan.tokens.options.get("gene_type_offset", 1) + len(plan.space.names))
+        if plan.space.perturbgene
+        else len(model.vocab)
+    )
+    shifts = _Shifts(
+        plan,
+        embed,
+        orig,
+        states,
+        goal_mean,
+        orig_goal,
+        n_null=n_null,
+        n_keys=n_keys,
+        gene_shifts=gene_shifts,
+        chunk_cells=max(8 * batch_size, 256),
+    )
+    _embed_perturbations(plan, shifts, null_keys, mode=mode, progress=progress)
+    return shifts, null_keys
+
+
 def _original_embeddings(
     plan: _Plan, embed: Callable[..., np.ndarray], *, d_model: int | None
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -1024,7 +1146,7 @@ def _original_embeddings(
 
 
 def _goal_embedding(
-    plan: _Plan, embed: Callable[..., np.ndarray], orig: np.ndarray, goal: Any
+    plan: _Plan, embed: Callable[..., np.ndarray], orig: np.ndarray
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The goal cells' mean embedding and the original cells' cosine to it (``None`` without a goal)."""
     if plan.goal_rows is None:
@@ -1033,7 +1155,9 @@ def _goal_embedding(
     goal_lay = _layout(goal_tokens, plan.rule)
     ok = goal_lay.n_genes > 0
     if not ok.any():
-        raise DataError(f"No cell of the goal group (goal={goal!r}) has a gene in the model's vocabulary.")
+        raise DataError(
+            f"No cell of the goal group ({len(plan.goal_rows)} cells) has a gene in the model's vocabulary."
+        )
     goal_mean = embed(goal_tokens.subset(np.flatnonzero(ok))).mean(axis=0)
     return goal_mean, _cosine(orig, goal_mean[None, :])
 
@@ -1165,6 +1289,38 @@ def _embed_perturbations(
 
 
 # ---------------------------------------------------------------- in_silico_perturb: summarise
+def _summarise(
+    plan: _Plan,
+    shifts: _Shifts,
+    null_keys: list[np.ndarray],
+    *,
+    mode: str,
+    groupby: str | None,
+    settings: Mapping[str, Any],
+) -> InSilicoResult:
+    """The tables of the recorded shifts and the run's parameters (``settings`` plus the plan's counts)."""
+    summary, null_frame = _summary_frames(plan, shifts, null_keys, mode=mode, groupby=groupby)
+    params = {
+        "mode": mode,
+        "perturbations": ["+".join(c) for c in plan.perts],
+        "rule": plan.rule,
+        "scheme": plan.tokens.scheme,
+        "max_len": -1 if plan.max_len is None else int(plan.max_len),
+        "groupby": groupby or "",
+        **settings,
+        "n_cells_selected": int(plan.n_selected),
+        "n_cells": int(plan.n),
+        "n_cells_without_genes": int(plan.n_without),
+    }
+    return InSilicoResult(
+        summary=summary,
+        cells=_cells_frame(plan, shifts, groupby=groupby),
+        null=null_frame,
+        params=params,
+        gene_shifts=_gene_shifts_frame(plan, shifts) if shifts.gene_shifts else None,
+    )
+
+
 def _summary_row(
     shifts: _Shifts,
     p: int,

@@ -12,6 +12,9 @@ figure with ``fig.show()`` (notebook or script), save it with :func:`save_html` 
 - :func:`program_heatmap` — gene-program scores per cell type, scaled and clustered.
 - :func:`training_curves` — loss/lr per step, metrics per epoch (``cellkit.train.History``).
 - :func:`confusion_matrix` — true × predicted classes, normalised per true class.
+- :func:`perturbation_shifts`, :func:`perturbation_cells` — in-silico perturbation: mean embedding
+  shift per perturbation (with its random-gene null), per-cell shift violins.
+- :func:`perturbation_response` — predicted (and observed) expression changes of a response model.
 
 Static figures for papers (matplotlib, PDF / SVG / PNG without a browser), with the same inputs:
 :func:`static_embedding`, :func:`static_attention_heatmap`, :func:`static_confusion_matrix` (counts
@@ -31,6 +34,7 @@ from ._embedding import embedding
 from ._heatmaps import attention_heatmap, confusion_matrix, program_heatmap
 from ._network import gene_network
 from ._palettes import default_palette
+from ._perturbation import perturbation_cells, perturbation_response, perturbation_shifts
 from ._training import training_curves
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,6 +64,9 @@ __all__ = [
     "default_palette",
     "embedding",
     "gene_network",
+    "perturbation_cells",
+    "perturbation_response",
+    "perturbation_shifts",
     "program_heatmap",
     "save_figure",
     "save_html",

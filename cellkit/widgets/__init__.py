@@ -23,8 +23,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._embedding import EmbeddingPanel
     from ._finetune import FinetunePanel
     from ._genes import GenePanel
+    from ._insilico import InSilicoPanel
     from ._model import ModelPanel
-    from ._perturb import PerturbationPanel
+    from ._response import PerturbationResponsePanel
     from ._studio import Studio
 
 _LAZY = {
@@ -34,7 +35,8 @@ _LAZY = {
     "EmbeddingPanel": "._embedding",
     "GenePanel": "._genes",
     "AttentionPanel": "._attention",
-    "PerturbationPanel": "._perturb",
+    "InSilicoPanel": "._insilico",
+    "PerturbationResponsePanel": "._response",
     "Studio": "._studio",
 }
 
@@ -44,9 +46,10 @@ __all__ = [
     "EmbeddingPanel",
     "FinetunePanel",
     "GenePanel",
+    "InSilicoPanel",
     "ModelPanel",
     "Panel",
-    "PerturbationPanel",
+    "PerturbationResponsePanel",
     "Studio",
     "StudioState",
     "guarded",

@@ -19,7 +19,8 @@ PANELS: tuple[tuple[str, str], ...] = (
     ("embedding_panel", "EmbeddingPanel"),
     ("gene_panel", "GenePanel"),
     ("attention_panel", "AttentionPanel"),
-    ("perturb_panel", "PerturbationPanel"),
+    ("insilico_panel", "InSilicoPanel"),
+    ("response_panel", "PerturbationResponsePanel"),
 )
 
 
@@ -43,8 +44,10 @@ class Studio(widgets.VBox):
     state
         The shared state: ``studio.state.model``, ``.adata``, ``.tokens``, ``.selections``,
         ``.finetune_result``.
-    model_panel, data_panel, finetune_panel, embedding_panel, gene_panel, attention_panel, perturb_panel
-        The panels (each also usable alone).
+    model_panel, data_panel, finetune_panel, embedding_panel, gene_panel, attention_panel, insilico_panel, response_panel
+        The panels (each also usable alone): ``insilico_panel`` perturbs genes in the model's cells
+        (tab "In silico"), ``response_panel`` trains and queries a perturbation-response model
+        (tab "Response").
 
     Examples
     --------

@@ -11,7 +11,7 @@ import torch
 
 import cellkit
 from cellkit import ConfigError, DataError, UnknownGeneError
-from cellkit.analysis import cell_embeddings, in_silico_perturb, perturb_tokens
+from cellkit.analysis import InSilicoResult, cell_embeddings, in_silico_perturb, perturb_tokens
 from cellkit.data import TokenizedCells
 from cellkit.presets import build_model
 
@@ -167,9 +167,10 @@ def test_perturb_tokens_checks():
 def test_shift_and_goal_shift_match_a_hand_computation():
     adata, model = counts_adata(12), tiny("scgpt")
     gene = GENES[2]
-    summary, per_cell = in_silico_perturb(
-        adata, model, genes=gene, mode="overexpress", goal="cell_type == 'T cell'", return_cells=True, **QUIET
+    res = in_silico_perturb(
+        adata, model, genes=gene, mode="overexpress", goal="cell_type == 'T cell'", **QUIET
     )
+    summary, per_cell = res.summary, res.cells
     tokens = quiet_tokenize(adata, model)
     orig = cell_embeddings(model, tokens, progress=False).astype(np.float64)
     pert = cell_embeddings(
@@ -224,9 +225,8 @@ def test_delete_of_an_absent_gene_is_exactly_zero(family):
     adata, model = counts_adata(12), tiny(family)
     options = PG_OPTIONS if family == "perturbgene" else {}
     gene = GENES[1]
-    summary, per_cell = in_silico_perturb(
-        adata, model, genes=[gene, GENES[4]], tokenize_options=options, return_cells=True, **QUIET
-    )
+    res = in_silico_perturb(adata, model, genes=[gene, GENES[4]], tokenize_options=options, **QUIET)
+    summary, per_cell = res.summary, res.cells
     rows = per_cell[per_cell["perturbation"] == gene]
     absent = rows["n_present"] == 0
     assert absent.any() and (~absent).any()
@@ -254,10 +254,8 @@ def test_results_do_not_depend_on_batch_size():
             null_bins=3,
             gene_shifts=True,
             batch_size=bs,
-            key_added="p",
-            copy=True,
             **QUIET,
-        ).uns["p"]
+        ).to_dict()
         for bs in (1, 3, 8)
     ]
     for other in runs[1:]:
@@ -277,8 +275,8 @@ def test_null_distribution_shapes_and_seed():
 
     def run(seed):
         return in_silico_perturb(
-            adata, model, genes=genes, n_null=3, null_bins=4, seed=seed, key_added="p", copy=True, **QUIET
-        ).uns["p"]
+            adata, model, genes=genes, n_null=3, null_bins=4, seed=seed, **QUIET
+        ).to_dict()
 
     a, b, c = run(0), run(0), run(1)
     null = a["null"]
@@ -301,7 +299,7 @@ def test_null_distribution_shapes_and_seed():
 
 def test_combos_groupby_and_gene_shifts():
     adata, model = counts_adata(16), tiny("perturbgene")
-    summary = in_silico_perturb(
+    res = in_silico_perturb(
         adata,
         model,
         combos=[(GENES[1], GENES[5]), (GENES[7],)],
@@ -312,6 +310,8 @@ def test_combos_groupby_and_gene_shifts():
         key_added="p",
         **QUIET,
     )
+    summary = res.summary
+    pd.testing.assert_frame_equal(res.gene_shifts, adata.uns["p"]["gene_shifts"])
     assert list(summary["perturbation"]) == [f"{GENES[1]}+{GENES[5]}"] * 2 + [GENES[7]] * 2
     assert summary["genes"].iloc[0] == f"{GENES[1]},{GENES[5]}"
     assert list(summary["group"]) == ["B cell", "T cell"] * 2
@@ -331,7 +331,8 @@ def test_combos_groupby_and_gene_shifts():
         key_added=None,
         **QUIET,
     )
-    assert list(together["perturbation"]) == [f"{GENES[1]}+{GENES[5]}"]
+    assert list(together.summary["perturbation"]) == [f"{GENES[1]}+{GENES[5]}"]
+    assert together.gene_shifts is None
 
 
 def test_results_go_to_uns_only(tmp_path):
@@ -341,20 +342,29 @@ def test_results_go_to_uns_only(tmp_path):
     out = in_silico_perturb(
         adata, model, genes=GENES[3], goal=[0, 1], n_null=1, null_bins=2, key_added="isp", **QUIET
     )
-    assert isinstance(out, pd.DataFrame)
-    assert set(adata.uns) == {"isp", "cellkit"} and set(adata.uns["isp"]) == {"summary", "cells", "null", "params"}
+    assert isinstance(out, InSilicoResult) and out.gene_shifts is None
+    assert set(adata.uns) == {"isp", "cellkit"} and set(adata.uns["isp"]) == {
+        "summary",
+        "cells",
+        "null",
+        "params",
+    }
     assert adata.uns["isp"]["params"]["mode"] == "delete"
-    pd.testing.assert_frame_equal(adata.uns["isp"]["summary"], out)
+    for name in ("summary", "cells", "null"):
+        pd.testing.assert_frame_equal(adata.uns["isp"][name], getattr(out, name))
+    back = InSilicoResult.from_dict(adata.uns["isp"])
+    pd.testing.assert_frame_equal(back.cells, out.cells)
+    assert back.params == out.params
     pd.testing.assert_frame_equal(adata.obs, before.obs)
     pd.testing.assert_frame_equal(adata.var, before.var)
     assert set(adata.obsm) == {"X_keep"} and not adata.layers and adata.raw is None
     assert (adata.X != before.X).nnz == 0
     adata.write_h5ad(tmp_path / "a.h5ad")  # plain frames and values: writable
     fresh = counts_adata(10)
-    copied = in_silico_perturb(fresh, model, genes=GENES[3], key_added="isp", copy=True, **QUIET)
-    assert "isp" in copied.uns and not fresh.uns
     assert in_silico_perturb(fresh, model, genes=GENES[3], key_added=None, **QUIET) is not None
     assert not fresh.uns
+    with pytest.raises(DataError, match="lacks"):
+        InSilicoResult.from_dict({"summary": out.summary})
 
 
 def test_bad_inputs():
@@ -386,13 +396,39 @@ def test_bad_inputs():
     assert not adata.uns
 
 
+def test_max_cells_is_a_seeded_subsample_of_the_cells_and_the_goal():
+    adata, model = counts_adata(16), tiny("scgpt")
+    run = {
+        seed: in_silico_perturb(
+            adata, model, genes=GENES[3], goal="cell_type == 'T cell'", max_cells=5, seed=seed, **QUIET
+        )
+        for seed in (0, 1)
+    }
+    res = run[0]
+    cells = list(res.cells["cell"])
+    assert len(cells) == 5 and cells == [c for c in adata.obs_names if c in set(cells)]  # obs order kept
+    assert cells != list(run[1].cells["cell"])
+    assert (
+        res.params["max_cells"] == 5 and res.params["n_cells_selected"] == 16 and res.params["n_cells"] == 5
+    )
+    assert res.params["goal"] == "cell_type == 'T cell'"
+    again = in_silico_perturb(
+        adata, model, genes=GENES[3], goal="cell_type == 'T cell'", max_cells=5, **QUIET
+    )
+    pd.testing.assert_frame_equal(again.cells, res.cells)
+    everything = in_silico_perturb(adata, model, genes=GENES[3], **QUIET)
+    assert everything.params["max_cells"] == -1 and len(everything.cells) == 16
+    with pytest.raises(ConfigError, match="max_cells"):
+        in_silico_perturb(adata, model, genes=GENES[3], max_cells=0, **QUIET)
+
+
 # ================================================================================ demo model
 def test_demo_model_overexpressing_monocyte_markers_moves_t_cells_toward_monocytes():
     from cellkit.datasets import demo_model, pbmc_demo
 
     adata, model = pbmc_demo(), demo_model()
     t_cells = np.flatnonzero(adata.obs["bulk_labels"].str.startswith("CD4+").to_numpy())[:20]
-    summary = in_silico_perturb(
+    res = in_silico_perturb(
         adata,
         model,
         genes=["S100A8", "LYZ", "CST3"],
@@ -405,7 +441,7 @@ def test_demo_model_overexpressing_monocyte_markers_moves_t_cells_toward_monocyt
         key_added=None,
         **QUIET,
     )
-    row = summary.iloc[0]
+    row = res.summary.iloc[0]
     assert row["n_cells"] == 20
     assert row["goal_shift"] > 0 and row["goal_shift"] > row["goal_null_mean"]
     assert row["mean_shift"] > 0

@@ -106,11 +106,20 @@ def no_widget_errors(page) -> None:
 
 
 def test_every_tab_renders(page):
-    for title in ("Model", "Data", "Fine-tune", "Embeddings", "Genes", "Attention", "Perturb"):
+    for title in (
+        "Model",
+        "Data",
+        "Fine-tune",
+        "Embeddings",
+        "Genes",
+        "Attention",
+        "In silico",
+        "Response",
+    ):
         panel = tab(page, title)
         assert panel.is_visible()
         no_widget_errors(page)
-        shot(page, f"0-{title.lower()}")
+        shot(page, f"0-{title.lower().replace(' ', '-')}")
     assert page.locator(f"{ACTIVE} .cellkit-studio-header").inner_text().startswith("cellkit studio")
 
 
@@ -309,8 +318,15 @@ def test_gene_search_draws_neighbours(page):
     shot(page, "7-genes")
 
 
-def test_perturbation_panel_runs_on_the_selection(page):
-    tab(page, "Perturb")
+def _demo_model_loaded(page) -> None:
+    """Load the demo model unless an earlier test did (so that ``-k perturb`` runs on its own)."""
+    if "scgpt model (demo)" not in page.locator(f"{ACTIVE} .cellkit-studio-header").inner_text():
+        test_load_demo_model(page)
+
+
+def test_perturbation_in_silico_panel_runs_on_the_selection(page):
+    _demo_model_loaded(page)
+    tab(page, "In silico")
     visible(page, ".cellkit-perturb-genes input").fill("LYZ, CST3")
     visible(page, ".cellkit-perturb-max-cells input").fill("30")
     visible(page, "button.cellkit-perturb-run").click()
@@ -325,3 +341,19 @@ def test_perturbation_panel_runs_on_the_selection(page):
     assert "perturbation" in visible(page, ".cellkit-perturb-summary").inner_text()
     no_widget_errors(page)
     shot(page, "8-perturb")
+
+
+def test_perturbation_response_panel_is_its_own_tab(page):
+    """The response tool is a second tab: its controls render and "Train" answers in its own message line
+    (the PBMCs have no condition column, so the panel asks for one instead of training)."""
+    tab(page, "Response")
+    assert visible(page, "button.cellkit-perturb-train").is_enabled()
+    assert visible(page, "button.cellkit-perturb-stop").is_disabled()
+    assert visible(page, "button.cellkit-perturb-predict").is_disabled()
+    assert page.locator(f"{ACTIVE} .cellkit-tabs .cellkit-panel:visible .cellkit-perturb-shift").count() == 0
+    visible(page, "button.cellkit-perturb-train").click()
+    visible(page, ".cellkit-message .cellkit-error").wait_for(state="visible", timeout=30_000)
+    assert "condition column" in visible(page, ".cellkit-message").inner_text()
+    assert plot_data(page, "cellkit-perturb-loss", "gd.data.length") == 2  # loss and val/loss, still empty
+    no_widget_errors(page)
+    shot(page, "9-response")

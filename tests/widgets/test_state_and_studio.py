@@ -121,9 +121,12 @@ def test_studio_composes_every_panel(pbmc, demo):
         "Embeddings",
         "Genes",
         "Attention",
-        "Perturb",
+        "In silico",
+        "Response",
     ]
-    assert [studio.tabs.get_title(i) for i in range(7)] == list(studio.panels)
+    assert [studio.tabs.get_title(i) for i in range(8)] == list(studio.panels)
+    assert studio.insilico_panel is studio.panels["In silico"]
+    assert studio.response_panel is studio.panels["Response"]
     # one shared state
     assert all(p.state is studio.state for p in studio.panels.values())
     assert studio.state.model is demo and studio.state.adata is pbmc
@@ -163,7 +166,8 @@ def test_panels_work_alone(pbmc, demo):
         "EmbeddingPanel",
         "GenePanel",
         "AttentionPanel",
-        "PerturbationPanel",
+        "InSilicoPanel",
+        "PerturbationResponsePanel",
     ):
         panel = getattr(widgets, name)()
         assert isinstance(panel, Panel) and isinstance(panel.state, StudioState)
@@ -191,6 +195,8 @@ def test_new_obs_columns_reach_every_panel(pbmc, demo):
     assert "my_pred" in studio.finetune_panel.label_key.options
     assert "my_pred" in [v for _, v in studio.embedding_panel.color_dropdown.options]
     assert "my_pred" in studio.gene_panel.groupby_dropdown.options
+    assert "my_pred" in studio.insilico_panel.goal_column.options
+    assert "my_pred" in [v for _, v in studio.response_panel.condition_key.options]
 
 
 def test_live_figures_can_be_built():

@@ -1,0 +1,663 @@
+"""The Response panel: train (or load) a perturbation-response model and predict perturbations.
+
+Controls → :mod:`cellkit.perturbation` (on a GEARS-shaped AnnData in ``state.adata``:
+``obs[condition]`` = ``"ctrl"``, ``"A+ctrl"``, ``"A+B"``; independent of the studio's model) →
+:func:`cellkit.viz.perturbation_response`. Training runs in a background thread with a live loss
+curve (**Stop** ends it at the next step); a saved model can be loaded instead. Predictions are
+typed as condition labels; :meth:`cellkit.PerturbationModel.changes` gives the predicted change
+of every gene (predicted mean − mean of the model's control cells) and, where the data hold cells
+of that condition, the observed one; :func:`cellkit.evaluate_perturbation` gives the Pearson delta.
+
+Every action is a plain method (``train``, ``stop``, ``load``, ``save``, ``predict``, ``export``)
+that tests call directly; the buttons call them.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+import pandas as pd
+import plotly.graph_objects as go
+
+from cellkit import CellkitError, ConfigError, DataError
+
+from ._base import guarded, html_table, labelled, line_figure
+from ._jobs import JobPanel
+from ._state import StudioState
+
+__all__ = ["PerturbationResponsePanel"]
+
+#: default seconds between two live loss-plot pushes (epoch ends and the finish always push)
+UPDATE_INTERVAL = 0.3
+_NONE = ""
+
+
+def _split_conditions(text: str) -> list[str]:
+    """Condition labels typed in a box: ``"A+B, C+ctrl"`` (spaces around ``+`` allowed)."""
+    text = re.sub(r"\s*\+\s*", "+", str(text))
+    return list(dict.fromkeys(p for p in re.split(r"[,;\s]+", text) if p))
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
+def _plain(v: Any) -> float | None:
+    """A float for plotly (``None`` for missing / NaN)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class PerturbationResponsePanel(JobPanel):
+    """Train, load, save and query a perturbation-response model (:func:`cellkit.fit_perturbation_model`).
+
+    Parameters
+    ----------
+    state
+        The shared :class:`StudioState` (a fresh one when the panel is used alone).
+
+    Attributes
+    ----------
+    condition_key, control, epochs, lr, batch_size, max_genes, response_seed
+        Training controls (``max_genes`` 0: every gene).
+    train_button, stop_button, model_path, load_button, save_button
+        "Train response model" (``cellkit-perturb-train``), "Stop" (``cellkit-perturb-stop``),
+        the path box, "Load response model" (``cellkit-perturb-load``) and "Save response model"
+        (``cellkit-perturb-save``).
+    loss_fig
+        Live loss per step (class ``cellkit-perturb-loss``; trace 0 ``loss``, trace 1 ``val/loss``
+        at each epoch end).
+    perturbations, top_k, predict_button, response_fig, response_html
+        The perturbations box, genes shown, "Predict" (``cellkit-perturb-predict``),
+        :func:`cellkit.viz.perturbation_response` (class ``cellkit-perturb-response``) and the tables.
+    prediction_path, prediction_export_button
+        "Export prediction (CSV)" (``cellkit-perturb-export-prediction``).
+    response_model
+        The current :class:`cellkit.PerturbationModel` (trained, stopped or loaded), or ``None``.
+    prediction
+        The last :meth:`cellkit.PerturbationModel.predict` frame (genes × perturbations).
+    response_table
+        :meth:`cellkit.PerturbationModel.changes` of the last prediction.
+    evaluation
+        :func:`cellkit.evaluate_perturbation` of the perturbations with observed cells (or ``None``).
+    extra_callbacks
+        More training callbacks (after the panel's own).
+    update_interval
+        Seconds between two live-plot pushes.
+
+    Examples
+    --------
+    >>> panel = PerturbationResponsePanel(StudioState(adata=screen))  # doctest: +SKIP
+    >>> panel.train(epochs=5)  # doctest: +SKIP
+    >>> panel.predict("G0001+G0002")  # doctest: +SKIP
+    """
+
+    title = "Response"
+
+    def __init__(self, state: StudioState | None = None, **kwargs: Any) -> None:
+        super().__init__(state, **kwargs)
+        self.add_class("cellkit-response-panel")
+        self.response_model: Any = None
+        self.prediction: pd.DataFrame | None = None
+        self.response_table: pd.DataFrame | None = None
+        self.evaluation: pd.DataFrame | None = None
+        self.extra_callbacks: list[Any] = []
+        self.update_interval: float = UPDATE_INTERVAL
+        self._stop = threading.Event()
+        small = widgets.Layout(width="100px")
+        self.condition_key = widgets.Dropdown(options=[("(choose a column)", _NONE)], value=_NONE)
+        self.condition_key.layout.width = "200px"
+        self.control = widgets.Text(value="ctrl", layout=widgets.Layout(width="120px"))
+        self.epochs = widgets.BoundedIntText(value=10, min=1, max=10_000, layout=small)
+        self.lr = widgets.FloatText(value=3e-3, step=1e-4, layout=small)
+        self.batch_size = widgets.BoundedIntText(value=16, min=1, max=100_000, layout=small)
+        self.max_genes = widgets.BoundedIntText(
+            value=1536, min=0, max=1_000_000, layout=small, tooltip="genes per cell and step (0: every gene)"
+        )
+        self.response_seed = widgets.IntText(value=0, layout=small)
+        self.train_button = widgets.Button(
+            description="Train response model", button_style="primary", icon="play"
+        )
+        self.train_button.add_class("cellkit-perturb-train")
+        self.stop_button = widgets.Button(
+            description="Stop", button_style="warning", icon="stop", disabled=True
+        )
+        self.stop_button.add_class("cellkit-perturb-stop")
+        self.model_path = widgets.Text(
+            placeholder="directory of a saved response model", layout=widgets.Layout(width="320px")
+        )
+        self.load_button = widgets.Button(description="Load response model", icon="folder-open")
+        self.load_button.add_class("cellkit-perturb-load")
+        self.save_button = widgets.Button(description="Save response model", icon="save", disabled=True)
+        self.save_button.add_class("cellkit-perturb-save")
+        self.perturbations = widgets.Text(
+            placeholder="e.g. G0001+G0002, G0003+ctrl", layout=widgets.Layout(width="420px")
+        )
+        self.perturbations.add_class("cellkit-perturb-conditions")
+        self.top_k = widgets.BoundedIntText(value=20, min=1, max=10_000, layout=small)
+        self.predict_button = widgets.Button(description="Predict", icon="magic", disabled=True)
+        self.predict_button.add_class("cellkit-perturb-predict")
+        self.response_fig = go.FigureWidget(
+            layout={"title": "Predicted expression change", "height": 360, "width": 760}
+        )
+        self.response_fig.add_class("cellkit-perturb-response")
+        self.response_html = widgets.HTML()
+        self.response_html.add_class("cellkit-perturb-response-table")
+        self.prediction_path = widgets.Text(
+            placeholder="prediction.csv", layout=widgets.Layout(width="320px")
+        )
+        self.prediction_export_button = widgets.Button(description="Export prediction (CSV)", icon="save")
+        self.prediction_export_button.add_class("cellkit-perturb-export-prediction")
+        live = self._build_live_view()
+
+        self.train_button.on_click(lambda _b: self.train(background=True))
+        self.stop_button.on_click(lambda _b: self.stop())
+        self.load_button.on_click(lambda _b: self.load())
+        self.save_button.on_click(lambda _b: self.save())
+        self.predict_button.on_click(lambda _b: self.predict(background=True))
+        self.prediction_export_button.on_click(lambda _b: self.export())
+        self.children = [
+            self.message,
+            widgets.HTML(
+                "<b>Response prediction</b> (GEARS-style data: obs condition ‘ctrl’, ‘A+ctrl’, ‘A+B’)"
+            ),
+            widgets.HBox(
+                [labelled("Condition column", self.condition_key), labelled("Control", self.control, "60px")]
+            ),
+            widgets.HBox(
+                [
+                    labelled("Epochs", self.epochs, "55px"),
+                    labelled("lr", self.lr, "25px"),
+                    labelled("Batch", self.batch_size, "45px"),
+                    labelled("Max genes", self.max_genes, "75px"),
+                    labelled("Seed", self.response_seed, "40px"),
+                ]
+            ),
+            widgets.HBox([self.train_button, self.stop_button]),
+            live,
+            widgets.HBox([self.model_path, self.load_button, self.save_button]),
+            widgets.HBox([labelled("Perturbations", self.perturbations, "95px")]),
+            widgets.HBox([labelled("Top genes", self.top_k, "75px"), self.predict_button]),
+            self.response_fig,
+            self.response_html,
+            widgets.HBox([self.prediction_path, self.prediction_export_button]),
+        ]
+        self.state.observe(self._on_adata, names="adata")
+        self.state.observe(self._on_obs_changed, names="obs_version")
+        self._on_adata()
+        self._set_phase("idle")
+
+    # ============================================================================ state → controls
+    def _update_buttons(self) -> None:
+        busy, have = self.phase != "idle", self.response_model is not None
+        self.train_button.disabled = busy
+        self.load_button.disabled = busy
+        self.stop_button.disabled = self.phase != "training"
+        self.save_button.disabled = busy or not have
+        self.predict_button.disabled = busy or not have
+
+    def _columns(self) -> list[str]:
+        obs = self.state.adata.obs
+        return [
+            str(c)
+            for c in obs.columns
+            if isinstance(obs[c].dtype, pd.CategoricalDtype) or obs[c].dtype == object
+        ]
+
+    def _on_adata(self, _change: Any = None) -> None:
+        adata = self.state.adata
+        cols = self._columns() if adata is not None else []
+        old = self.condition_key.value
+        self.condition_key.options = [("(choose a column)", _NONE), *[(c, c) for c in cols]]
+        if old in cols:
+            self.condition_key.value = old
+        elif "condition" in cols:
+            self.condition_key.value = "condition"
+        else:  # a column holding the control label
+            ctrl = str(self.control.value)
+            hit = [c for c in cols if (adata.obs[c].astype(str) == ctrl).any()] if adata is not None else []
+            self.condition_key.value = hit[0] if hit else _NONE
+
+    def _on_obs_changed(self, _change: Any = None) -> None:
+        if self.state.adata is None:
+            return
+        cols = self._columns()
+        options = [("(choose a column)", _NONE), *[(c, c) for c in cols]]
+        if list(self.condition_key.options) != options:
+            current = self.condition_key.value
+            self.condition_key.options = options
+            self.condition_key.value = current if current in cols else _NONE
+
+    # ============================================================================ live training view
+    # (the loss plot, progress bar and status line; kept in these few methods so that a shared
+    # live-training view can replace them)
+    def _build_live_view(self) -> widgets.Widget:
+        self._lock = threading.Lock()
+        self._steps: list[int] = []
+        self._loss: list[float | None] = []
+        self._val_x: list[int] = []
+        self._val: list[float | None] = []
+        self._last_push = 0.0
+        self._total: int | None = None
+        self._train_epochs: Any = "?"
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="300px"))
+        self.progress.add_class("cellkit-perturb-progress")
+        self.status_html = widgets.HTML("no response model")
+        self.status_html.add_class("cellkit-perturb-status")
+        self.loss_fig = line_figure(
+            "Response-model training loss",
+            traces=("loss", "val/loss"),
+            y_title="MSE",
+            css_class="cellkit-perturb-loss",
+            width=480,
+            height=300,
+        )
+        return widgets.VBox([self.progress, self.status_html, self.loss_fig])
+
+    def _live_start(self, epochs: Any) -> None:
+        """Clear the live view for a new run of ``epochs`` epochs."""
+        with self._lock:
+            self._steps, self._loss, self._val_x, self._val = [], [], [], []
+            self._total = None
+        self._train_epochs = epochs
+        with self.loss_fig.batch_update():
+            for tr in self.loss_fig.data:
+                tr.x, tr.y = (), ()
+        self.progress.value, self.progress.max, self.progress.bar_style = 0, 1, "info"
+        self.status_html.value = "preparing…"
+
+    def _on_event(self, event: Any) -> None:
+        """Training-thread callback: record the losses, push to the plot when due."""
+        kind = event.kind
+        with self._lock:
+            if kind == "train_start":
+                self._total = event.total_steps
+            elif kind == "step_end":
+                self._steps.append(int(event.step))
+                self._loss.append(_plain(event.metrics.get("loss")))
+            elif kind == "epoch_end" and "val/loss" in event.metrics:
+                self._val_x.append(int(event.step))
+                self._val.append(_plain(event.metrics.get("val/loss")))
+        due = time.monotonic() - self._last_push >= self.update_interval
+        if due or kind in ("train_start", "epoch_end", "finish"):
+            self._push(event)
+
+    def _push(self, event: Any) -> None:
+        with self._lock:
+            steps, loss = tuple(self._steps), tuple(self._loss)
+            val_x, val = tuple(self._val_x), tuple(self._val)
+            total = self._total
+        with self.loss_fig.batch_update():
+            self.loss_fig.data[0].x, self.loss_fig.data[0].y = steps, loss
+            self.loss_fig.data[1].x, self.loss_fig.data[1].y = val_x, val
+        step = int(event.step)
+        top = max(int(total or 0), step, 1)
+        self.progress.max = top
+        self.progress.value = min(step, top)
+        last = next((v for v in reversed(loss) if v is not None), None)
+        epochs = self._train_epochs
+        parts = [
+            f"epoch {min(int(event.epoch) + 1, epochs) if isinstance(epochs, int) else '?'}/{epochs}",
+            f"step {step}/{total if total is not None else '?'}",
+        ]
+        if last is not None:
+            parts.append(f"loss {last:.4f}")
+        if val:
+            parts.append(f"val/loss {val[-1]:.4f}" if val[-1] is not None else "val/loss ?")
+        self.status_html.value = " · ".join(html.escape(p) for p in parts)
+        self._last_push = time.monotonic()
+
+    def _live_history(self, history: Any, status: str) -> None:
+        """Show a finished (or loaded) model's loss per step and a status line."""
+        steps = [r.get("step") for r in history.step_records]
+        loss = [_plain(r.get("loss")) for r in history.step_records]
+        with self.loss_fig.batch_update():
+            self.loss_fig.data[0].x, self.loss_fig.data[0].y = tuple(steps), tuple(loss)
+            self.loss_fig.data[1].x, self.loss_fig.data[1].y = (), ()
+        self.status_html.value = html.escape(status)
+
+    def _live_end(self, style: str, status: str) -> None:
+        """Colour the progress bar (``success``, ``warning``, ``danger``) and set the status line."""
+        self.progress.bar_style = style
+        self.status_html.value = html.escape(status)
+
+    # ============================================================================ training
+    def _settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        max_genes = int(self.max_genes.value)
+        kw: dict[str, Any] = {
+            "condition_key": self.condition_key.value,
+            "control": str(self.control.value).strip(),
+            "epochs": int(self.epochs.value),
+            "lr": float(self.lr.value),
+            "batch_size": int(self.batch_size.value),
+            "max_genes": max_genes if max_genes > 0 else None,
+            "seed": int(self.response_seed.value),
+        }
+        kw.update(overrides)
+        for name in ("callbacks", "stop_event", "progress"):
+            if name in kw:
+                raise ConfigError(f"{name}= is set by the panel; leave it out.")
+        return kw
+
+    @guarded
+    def train(self, background: bool = False, **overrides: Any) -> Any:
+        """Train a perturbation-response model on ``state.adata`` (:func:`cellkit.fit_perturbation_model`).
+
+        Parameters
+        ----------
+        background
+            Train in a background thread (the button does; :meth:`wait` joins it, :meth:`stop`
+            ends it at the next step).
+        **overrides
+            Any :func:`cellkit.fit_perturbation_model` keyword over the controls' values, e.g.
+            ``epochs=1, val_size=0.1, architecture=cellkit.PerturbationArchitecture(d_model=16, n_heads=2)``.
+
+        Returns
+        -------
+        The :class:`cellkit.PerturbationModel` (``None`` in the background or on error); also
+        :attr:`response_model`.
+        """
+        import cellkit
+        from cellkit.perturbation import check_conditions
+
+        self._check_idle()
+        adata = self.state.adata
+        if adata is None:
+            raise DataError(
+                "No data loaded: pick a perturb-seq AnnData (GEARS layout) in the Data panel first."
+            )
+        kw = self._settings(overrides)
+        if not kw["condition_key"]:
+            raise DataError(
+                "Choose the condition column (the obs column with GEARS labels such as ‘ctrl’, ‘A+ctrl’, ‘A+B’); "
+                "this data has no ‘condition’ column."
+            )
+        counts = check_conditions(adata, condition_key=kw["condition_key"], control=kw["control"])
+        n_ctrl = int(counts[kw["control"]])
+        self._stop.clear()
+        self._live_start(kw["epochs"])
+        self.show_message(
+            f"Training a response model on {n_ctrl:,} control and {int(counts.sum()) - n_ctrl:,} perturbed cells "
+            f"({kw['epochs']} epochs)…",
+            "info",
+        )
+        t0 = time.time()
+        callbacks = [self._on_event, *self.extra_callbacks]
+
+        def compute() -> Any:
+            return cellkit.fit_perturbation_model(
+                adata, **kw, callbacks=callbacks, stop_event=self._stop, progress=False
+            )
+
+        def done(result: Any) -> None:
+            self._finish_training(result, time.time() - t0)
+
+        if background:
+            self._in_background(
+                compute,
+                name="perturbation-response",
+                phase="training",
+                on_done=done,
+                on_error=self._training_failed,
+            )
+            return None
+        self._set_phase("training")
+        try:
+            result = compute()
+        except BaseException:
+            self._training_failed()
+            raise
+        done(result)
+        return result
+
+    def _training_failed(self) -> None:
+        self._live_end("danger", "training failed; the previous response model (if any) is kept")
+        self._set_phase("idle")
+
+    def _finish_training(self, result: Any, took: float) -> None:
+        self.response_model = result
+        self.prediction = self.response_table = self.evaluation = None
+        n_steps = len(result.history.step_records)
+        seen = ", ".join(result.seen_genes[:8]) + (" …" if len(result.seen_genes) > 8 else "")
+        self._set_phase("idle")
+        if result.status in ("completed", "early_stopped"):
+            self._live_end(
+                "success",
+                f"{result.status} · {_n(n_steps, 'step')} · {len(result.genes)} genes · "
+                f"{len(result.seen_genes)} perturbable genes",
+            )
+            self.show_message(
+                f"Trained the response model: {_n(n_steps, 'step')} in {took:.1f} s; it can predict perturbations "
+                f"of the {len(result.seen_genes)} genes seen in training ({seen}) and new combinations of them. "
+                "Type perturbations and click “Predict”.",
+                "ok",
+            )
+        else:
+            self._live_end("warning", f"{result.status} after {_n(n_steps, 'step')}")
+            self.show_message(
+                f"Training {result.status} after {_n(n_steps, 'step')}; the partly trained model is kept "
+                "(Predict and Save work; click “Train response model” to train again).",
+                "warning",
+            )
+
+    @guarded
+    def stop(self) -> None:
+        """Stop the response-model training at the end of the current step."""
+        if not self.running or self.phase not in ("training", "stopping"):
+            raise ConfigError("Nothing to stop: no response model is training.")
+        self._stop.set()
+        self.phase = "stopping"
+        self.stop_button.disabled = True
+        self.show_message("Stopping at the end of this step…", "info")
+
+    # ============================================================================ load / save
+    def _path(self, path: str | os.PathLike[str] | None, what: str) -> Path:
+        text = str(self.model_path.value if path is None else path).strip()
+        if not text:
+            raise ConfigError(f"Enter the directory {what}.")
+        return Path(text).expanduser()
+
+    @guarded
+    def load(self, path: str | os.PathLike[str] | None = None) -> Any:
+        """Load a response model saved with :meth:`save` (:func:`cellkit.load_perturbation_model`).
+
+        Parameters
+        ----------
+        path
+            The directory; default the path box.
+
+        Returns
+        -------
+        The :class:`cellkit.PerturbationModel` (``None`` on error).
+        """
+        from cellkit.perturbation import load_perturbation_model
+
+        self._check_idle()
+        where = self._path(path, "of a saved response model")
+        if not where.exists():
+            raise DataError(f"{where} does not exist; enter the directory written by “Save response model”.")
+        result = load_perturbation_model(where)
+        self.response_model = result
+        self.prediction = self.response_table = self.evaluation = None
+        self.model_path.value = str(where)
+        self._live_history(
+            result.history, f"loaded · {len(result.genes)} genes · {len(result.seen_genes)} perturbable genes"
+        )
+        self._set_phase("idle")
+        self.show_message(
+            f"Loaded the response model from {where}: {len(result.genes)} genes, {len(result.seen_genes)} "
+            f"perturbable genes ({', '.join(result.seen_genes[:8])}{' …' if len(result.seen_genes) > 8 else ''}).",
+            "ok",
+        )
+        return result
+
+    @guarded
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path | None:
+        """Save the response model to a directory (:meth:`cellkit.PerturbationModel.save`).
+
+        A directory that exists, is not empty and does not hold a saved response model is refused
+        (by the API).
+
+        Parameters
+        ----------
+        path
+            The directory; default the path box.
+
+        Returns
+        -------
+        The directory written (``None`` on error).
+        """
+        if self.response_model is None:
+            raise ConfigError("No response model to save: train or load one first.")
+        self._check_idle()
+        written = Path(self.response_model.save(self._path(path, "to save the response model to")))
+        self.model_path.value = str(written)
+        self.show_message(
+            f"Saved the response model to {written}. Load it later with “Load response model” or "
+            f"cellkit.load_perturbation_model({str(written)!r}).",
+            "ok",
+        )
+        return written
+
+    # ============================================================================ prediction
+    @guarded
+    def predict(self, perturbations: str | Sequence[str] | None = None, *, background: bool = False) -> Any:
+        """Predict the mean expression after each perturbation with the response model.
+
+        Parameters
+        ----------
+        perturbations
+            Condition labels (``"A+B"``, ``"A+ctrl"``), a list or one string
+            (``"G0001+G0002, G0003+ctrl"``); default the perturbations box.
+        background
+            Run in a background thread (the button does).
+
+        Returns
+        -------
+        :attr:`prediction`, genes × perturbations (``None`` in the background or on error).
+        """
+        self._check_idle()
+        result = self.response_model
+        if result is None:
+            raise ConfigError("No response model: click “Train response model” or load a saved one first.")
+        typed = self.perturbations.value if perturbations is None else perturbations
+        labels = (
+            _split_conditions(typed)
+            if isinstance(typed, str)
+            else list(dict.fromkeys(str(p).strip() for p in typed if str(p).strip()))
+        )
+        if not labels:
+            raise ConfigError("Type at least one perturbation, e.g. ‘G0001+ctrl’ or ‘G0001+G0002’.")
+        result.check_perturbations(labels)
+        top_k = int(self.top_k.value)
+        self.show_message(f"Predicting {_n(len(labels), 'perturbation')}…", "info")
+
+        def compute() -> dict[str, Any]:
+            return self._with_observed(result, result.predict(labels))
+
+        if background:
+            self._in_background(
+                compute,
+                name="predict-response",
+                phase="predicting",
+                on_done=lambda out: self._show(out, top_k),
+            )
+            return None
+        self._show(compute(), top_k)
+        return self.prediction
+
+    def _with_observed(self, result: Any, pred: pd.DataFrame) -> dict[str, Any]:
+        """The changes against control (observed ones where the data have the cells) and their scores."""
+        import cellkit
+
+        adata, key = self.state.adata, result.condition_key
+        if adata is not None and key not in adata.obs.columns and self.condition_key.value:
+            key = self.condition_key.value
+        if adata is None or key not in adata.obs.columns:
+            return {"prediction": pred, "table": result.changes(pred), "evaluation": None, "note": ""}
+        try:
+            table = result.changes(pred, adata, condition_key=key)
+            observed = [
+                p
+                for p in pred.columns
+                if table.loc[table["perturbation"] == p, "observed_change"].notna().any()
+            ]
+            evaluation = (
+                cellkit.evaluate_perturbation(
+                    adata, pred[observed], condition_key=key, control=result.control
+                )
+                if observed
+                else None
+            )
+            return {"prediction": pred, "table": table, "evaluation": evaluation, "note": ""}
+        except CellkitError as exc:
+            note = f"Observed changes not computed: {exc}"
+            return {"prediction": pred, "table": result.changes(pred), "evaluation": None, "note": note}
+
+    def _show(self, out: dict[str, Any], top_k: int) -> None:
+        """Put a prediction in the chart, the tables and the message line."""
+        import cellkit.viz as cv
+
+        pred, table, evaluation = out["prediction"], out["table"], out["evaluation"]
+        self.prediction, self.response_table, self.evaluation = pred, table, evaluation
+        fig = cv.perturbation_response(table, top_k=top_k)
+        with self.response_fig.batch_update():
+            self.response_fig.data = ()
+            self.response_fig.layout = fig.layout
+            self.response_fig.layout.update(height=360, width=760)
+            self.response_fig.add_traces(fig.data)
+        labels = [str(c) for c in pred.columns]
+        top = table.groupby("perturbation", sort=False).head(top_k)
+        body = "<b>Top predicted changes</b>" + html_table(top, max_rows=max(50, top_k * len(labels)))
+        if evaluation is not None:
+            body = "<b>Against the observed cells</b>" + html_table(evaluation) + body
+        self.response_html.value = body
+        parts = [
+            f"Predicted {_n(len(labels), 'perturbation')} (mean over "
+            f"{_n(len(self.response_model.control_cells), 'control cell')})"
+        ]
+        scored = [] if evaluation is None else [p for p in evaluation.index if p != "mean"]
+        if scored:
+            scores = ", ".join(f"{p}: Pearson delta {evaluation.loc[p, 'pearson_delta']:.3f}" for p in scored)
+            parts.append(f"observed cells in the data for {scores}")
+        missing = [p for p in labels if p not in scored]
+        if missing and self.state.adata is not None:
+            parts.append(f"no observed cells for {', '.join(missing[:5])}")
+        text = "; ".join(parts) + "."
+        if out["note"]:
+            text += " " + out["note"]
+        self.show_message(text, "warning" if out["note"] else "ok")
+
+    @guarded
+    def export(self, path: str | os.PathLike[str] | None = None) -> Path | None:
+        """Write :attr:`response_table` to a CSV file (:func:`cellkit.analysis.write_csv`, atomic).
+
+        Parameters
+        ----------
+        path
+            The file; default the path box.
+
+        Returns
+        -------
+        The file written (``None`` on error).
+        """
+        import cellkit.analysis as ca
+
+        if self.response_table is None:
+            raise ConfigError("Nothing to export yet — no prediction: click “Predict” first.")
+        where = ca.write_csv(self.response_table, self.prediction_path.value if path is None else path)
+        self.prediction_path.value = str(where)
+        self.show_message(f"Wrote {len(self.response_table):,} rows to {where}.", "ok")
+        return where
