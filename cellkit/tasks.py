@@ -45,6 +45,7 @@ __all__ = [
     "PretrainResult",
     "check_finetune_options",
     "finetune",
+    "objective_support",
     "predict",
     "pretrain",
     "stratified_split",
@@ -778,15 +779,47 @@ def _finetune_plan(
     return config, objs
 
 
+def objective_support(model: CellModel) -> dict[str, str | None]:
+    """Which objectives ``model`` can be trained with: ``{name: None}`` when usable, else why not.
+
+    ``cls`` and ``dab`` create their heads; the masked-value objectives need the model's
+    ``expression`` / ``mvc`` heads (with explicit zero probabilities for the ``*zero_nll`` terms)
+    and ``mlm`` an ``mlm`` head. The reason is the message :func:`finetune` / :func:`pretrain`
+    would raise.
+
+    Parameters
+    ----------
+    model
+        A :class:`cellkit.CellModel` (only its ``config.heads`` is read).
+
+    Returns
+    -------
+    dict
+        One entry per name of :data:`cellkit.train.OBJECTIVES`.
+    """
+    from .train.objectives import OBJECTIVES
+
+    out: dict[str, str | None] = {}
+    for name in OBJECTIVES:
+        try:
+            _ensure_heads_possible(model, {name})
+        except ConfigError as e:
+            out[name] = str(e)
+        else:
+            out[name] = None
+    return out
+
+
 def _ensure_heads_possible(model: CellModel, names: set[str]) -> None:
     """The heads the masked-value / MLM objectives need must exist (``cls`` and ``dab`` create theirs)."""
+    heads = model.config.heads
     for name, head in _HEAD_NEEDS.items():
-        if name in names and head not in model.heads:
+        if name in names and head not in heads:
             raise ConfigError(
-                f"The {name!r} objective needs the model's {head!r} head, which it lacks (heads: {sorted(model.heads)})."
+                f"The {name!r} objective needs the model's {head!r} head, which it lacks (heads: {sorted(heads)})."
             )
     for name, head in (("zero_nll", "expression"), ("mvc_zero_nll", "mvc")):
-        if name in names and not model.config.heads[head].get("explicit_zero_prob"):
+        if name in names and not (heads[head] or {}).get("explicit_zero_prob"):
             raise ConfigError(
                 f"The {name!r} objective needs the {head!r} head with explicit_zero_prob=True; this model's has none."
             )

@@ -371,3 +371,23 @@ def test_check_finetune_options_returns_the_trainer_config_and_touches_nothing(t
 def test_pretrain_checks_val_size_before_tokenizing():
     with pytest.raises(ConfigError, match="val_size"):
         pretrain(make_adata(), make_model(), val_size=1.5, **FAST)
+
+
+def test_objective_support_says_why_in_finetunes_words():
+    model = make_model()  # scGPT-style: expression + mvc heads, no zero probabilities, no MLM head
+    support = cellkit.tasks.objective_support(model)
+    assert set(support) == set(cellkit.train.OBJECTIVES)
+    assert support["cls"] is None and support["dab"] is None
+    usable = [name for name, why in support.items() if why is None]
+    for name in ("mlm", "zero_nll"):
+        if support[name] is None:
+            continue
+        with pytest.raises(ConfigError) as err:
+            cellkit.tasks.check_finetune_options(
+                make_adata(), model, label_key="cell_type", objectives=[name]
+            )
+        assert str(err.value) == support[name]
+    for name in usable:
+        cellkit.tasks.check_finetune_options(
+            make_adata(), model, label_key="cell_type", objectives=[name], batch_key="batch"
+        )

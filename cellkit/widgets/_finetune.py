@@ -69,39 +69,22 @@ DEMO_PANEL_EPOCHS = 10
 MONITORS: tuple[str, ...] = ("val/loss", "val/macro_f1", "val/accuracy")
 #: obs column name fragments that suggest cell-type labels (first match is preselected)
 _LABEL_HINTS = ("cell_type", "celltype", "cell type", "label", "annotation", "type")
-#: the head each objective needs, and the objectives that need explicit zero probabilities
-_HEAD_NEEDS = {
-    "gep": "expression",
-    "zero_nll": "expression",
-    "mvc": "mvc",
-    "mvc_zero_nll": "mvc",
-    "mlm": "mlm",
-}
-_ZERO_PROB = {"zero_nll": "expression", "mvc_zero_nll": "mvc"}
 _NONE = ""
 
 
 # ------------------------------------------------------------------------------------- helpers
 def objective_support(model: Any) -> dict[str, str | None]:
-    """Which objectives ``model`` can train: ``{name: None}`` when usable, else the reason why not.
+    """Which objectives ``model`` can train, in display order: ``{name: None}`` when usable, else why not.
 
-    ``cls`` and ``dab`` create their heads; the masked-value objectives need the model's
-    ``expression`` / ``mvc`` heads (and explicit zero probabilities for the ``*zero_nll`` terms),
-    ``mlm`` needs an ``mlm`` head.
+    The answer of :func:`cellkit.tasks.objective_support` (every objective is offered while there
+    is no model).
     """
-    heads = dict(model.config.heads) if model is not None else {}
-    out: dict[str, str | None] = {}
-    for name in OBJECTIVE_ORDER:
-        reason = None
-        head = _HEAD_NEEDS.get(name)
-        if model is not None and head is not None and head not in heads:
-            reason = f"this model has no {head!r} head"
-        elif model is not None and name in _ZERO_PROB:
-            cfg = heads.get(_ZERO_PROB[name]) or {}
-            if not cfg.get("explicit_zero_prob"):
-                reason = f"this model's {_ZERO_PROB[name]!r} head predicts no zero probability"
-        out[name] = reason
-    return out
+    if model is None:
+        return dict.fromkeys(OBJECTIVE_ORDER)
+    import cellkit.tasks
+
+    support = cellkit.tasks.objective_support(model)
+    return {name: support.get(name) for name in OBJECTIVE_ORDER}
 
 
 def _default_weight(name: str) -> float:
