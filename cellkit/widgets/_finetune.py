@@ -268,7 +268,8 @@ class FinetunePanel(Panel):
             css_prefix="cellkit-finetune",
             loss_class="cellkit-loss-plot",
             epoch_class="cellkit-val-plot",
-            buttons=(self.start_button, self.resume_button),
+            buttons=(self.start_button,),
+            buttons_after=(self.resume_button,),
             on_stop=self.stop,
         )
         self.stop_button = self.live.stop_button

@@ -91,8 +91,8 @@ class LiveTraining(widgets.VBox):
         ``<prefix>-status`` (browser tests find them by these).
     loss_class, epoch_class
         CSS classes of the two figures (default ``<prefix>-loss`` and ``<prefix>-epochs``).
-    buttons
-        The panel's own buttons (Start, Resume, ...), shown before Stop in the control row.
+    buttons, buttons_after
+        The panel's own buttons shown before and after Stop in the control row (Start; Resume).
     on_stop
         Called by the Stop button (a panel's ``stop()`` that also updates its own state and
         then calls :meth:`request_stop`); default :meth:`request_stop`.
@@ -134,6 +134,7 @@ class LiveTraining(widgets.VBox):
         loss_class: str | None = None,
         epoch_class: str | None = None,
         buttons: Sequence[widgets.Widget] = (),
+        buttons_after: Sequence[widgets.Widget] = (),
         on_stop: Callable[[], Any] | None = None,
         update_interval: float = UPDATE_INTERVAL,
         width: int = 470,
@@ -184,7 +185,7 @@ class LiveTraining(widgets.VBox):
         self.status_html = widgets.HTML("idle")
         self.status_html.add_class(f"{css_prefix}-status")
         self.children = [
-            widgets.HBox([*buttons, self.stop_button, self.progress]),
+            widgets.HBox([*buttons, self.stop_button, *buttons_after, self.progress]),
             self.status_html,
             widgets.HBox(figures, layout=widgets.Layout(flex_flow="row wrap")),
         ]

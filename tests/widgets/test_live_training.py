@@ -121,9 +121,9 @@ def test_on_stop_handler_and_buttons():
     from ipywidgets import Button
 
     calls = []
-    start = Button(description="Start")
-    live = LiveTraining(buttons=(start,), on_stop=lambda: calls.append("stop"))
-    assert live.children[0].children[:2] == (start, live.stop_button)
+    start, resume = Button(description="Start"), Button(description="Resume")
+    live = LiveTraining(buttons=(start,), buttons_after=(resume,), on_stop=lambda: calls.append("stop"))
+    assert live.children[0].children == (start, live.stop_button, resume, live.progress)
     assert live.epoch_fig is None
     live.reset()
     live.stop_button.click()
