@@ -40,7 +40,16 @@ from .train.trainer import History, Trainer, TrainerConfig, exclusive_training_r
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
-__all__ = ["FinetuneResult", "PretrainResult", "finetune", "predict", "pretrain", "stratified_split"]
+__all__ = [
+    "FinetuneResult",
+    "PretrainResult",
+    "check_finetune_options",
+    "finetune",
+    "objective_support",
+    "predict",
+    "pretrain",
+    "stratified_split",
+]
 
 log = get_logger(__name__)
 
@@ -62,6 +71,14 @@ def _one_run(fn: _F) -> _F:
 
 Tokens = TokenizedCells | ShardedTokens
 _VALUE_OBJECTIVES = {"gep", "zero_nll", "mvc", "mvc_zero_nll"}
+#: the model head each objective needs (``cls`` and ``dab`` create theirs)
+_HEAD_NEEDS = {
+    "gep": "expression",
+    "zero_nll": "expression",
+    "mvc": "mvc",
+    "mvc_zero_nll": "mvc",
+    "mlm": "mlm",
+}
 
 
 # ============================================================================== results
@@ -142,13 +159,7 @@ def stratified_split(
 
     labels = np.asarray(labels).astype(str)
     n = len(labels)
-    for name, frac in (("val_size", val_size), ("test_size", test_size)):
-        if not 0 <= frac < 1:
-            raise ConfigError(f"{name} must be a fraction in [0, 1), got {frac}.")
-    if val_size + test_size >= 1:
-        raise ConfigError(
-            f"val_size + test_size must leave cells for training (got {val_size} + {test_size})."
-        )
+    _check_fractions(val_size, test_size)
     counts = pd.Series(labels).value_counts()
     parts = 1 + (val_size > 0) + (test_size > 0)
     small = counts[counts < parts]
@@ -176,6 +187,17 @@ def stratified_split(
             f"with stratification: {e}. Use larger fractions, fewer classes, or split_key=... ."
         ) from None
     return out
+
+
+def _check_fractions(val_size: float, test_size: float) -> None:
+    """The held-out fractions: each in [0, 1), together leaving cells for training."""
+    for name, frac in (("val_size", val_size), ("test_size", test_size)):
+        if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 <= frac < 1:
+            raise ConfigError(f"{name} must be a fraction in [0, 1), got {frac!r}.")
+    if val_size + test_size >= 1:
+        raise ConfigError(
+            f"val_size + test_size must leave cells for training (got {val_size} + {test_size})."
+        )
 
 
 def _check_label_column(obs: pd.DataFrame, key: str, what: str) -> pd.Series:
@@ -361,24 +383,18 @@ def _ensure_heads(
             if existing is not None:
                 model.remove_head("adversarial")
             model.add_head("adversarial", n_batches=n_batches)
-    needs = {"gep": "expression", "zero_nll": "expression", "mvc": "mvc", "mvc_zero_nll": "mvc", "mlm": "mlm"}
-    for name, head in needs.items():
-        if name in names and head not in model.heads:
-            raise ConfigError(
-                f"The {name!r} objective needs the model's {head!r} head, which it lacks (heads: {sorted(model.heads)})."
-            )
-    for name, head in (("zero_nll", "expression"), ("mvc_zero_nll", "mvc")):
-        if name in names and not model.config.heads[head].get("explicit_zero_prob"):
-            raise ConfigError(
-                f"The {name!r} objective needs the {head!r} head with explicit_zero_prob=True; this model's has none."
-            )
+    _ensure_heads_possible(model, names)
 
 
 def _freeze_prefixes(model: CellModel, freeze_embeddings: bool, freeze_layers: int) -> tuple[str, ...]:
     n_layers = model.config.encoder.n_layers
-    if not 0 <= freeze_layers <= n_layers:
+    if (
+        isinstance(freeze_layers, bool)
+        or not isinstance(freeze_layers, int)
+        or not 0 <= freeze_layers <= n_layers
+    ):
         raise ConfigError(
-            f"freeze_layers must be between 0 and the model's {n_layers} layers, got {freeze_layers}."
+            f"freeze_layers must be between 0 and {n_layers} (this model's layers), got {freeze_layers!r}."
         )
     out = ["encoder.embeddings"] if freeze_embeddings else []
     out += [f"encoder.layers.{i}" for i in range(freeze_layers)]
@@ -391,14 +407,18 @@ def _class_weights(
     if mode is None:
         return None
     if isinstance(mode, str):
-        if mode != "balanced":
-            raise ConfigError(f"class_weight must be None, 'balanced' or a list of weights, got {mode!r}.")
+        _check_class_weight(mode)
         counts = np.bincount(codes[codes >= 0], minlength=n_classes).astype(float)
         return (len(codes) / (n_classes * np.maximum(counts, 1))).tolist()
     weights = [float(w) for w in mode]
     if len(weights) != n_classes:
         raise ConfigError(f"class_weight has {len(weights)} entries for {n_classes} classes.")
     return weights
+
+
+def _check_class_weight(mode: Any) -> None:
+    if isinstance(mode, str) and mode != "balanced":
+        raise ConfigError(f"class_weight must be None, 'balanced' or a list of weights, got {mode!r}.")
 
 
 def _trainer_config(options: dict[str, Any], defaults: dict[str, Any]) -> TrainerConfig:
@@ -506,30 +526,31 @@ def finetune(
     >>> result.metrics["macro_f1"], result.confusion  # doctest: +SKIP
     """
     # -- everything that can be checked before any work
-    config = _trainer_config(
-        {**trainer_options, "checkpoint_dir": checkpoint_dir},
-        {
+    config, objs = _finetune_plan(
+        adata,
+        model,
+        label_key=label_key,
+        batch_key=batch_key,
+        cells=cells,
+        objectives=objectives,
+        val_size=val_size,
+        test_size=test_size,
+        split_key=split_key,
+        class_weight=class_weight,
+        freeze_embeddings=freeze_embeddings,
+        freeze_layers=freeze_layers,
+        tokenize_options=tokenize_options,
+        trainer_options={
+            **trainer_options,
+            "checkpoint_dir": checkpoint_dir,
             "epochs": epochs,
             "lr": lr,
             "batch_size": batch_size,
             "seed": seed,
-            "schedule": "step",
-            "step_gamma": 0.9,
             "progress": progress,
         },
     )
-    if config.checkpoint_dir:  # an unwritable output fails now, not after the training
-        ensure_writable_dir(config.checkpoint_dir, what="checkpoint_dir")
-    objs = make_objectives(objectives)
     names = {o.name for o in objs}
-    if "dab" in names and batch_key is None:
-        raise ConfigError("The 'dab' objective needs batch_key=... (the obs column with batches).")
-    freeze = _freeze_prefixes(model, freeze_embeddings, freeze_layers)
-    if freeze:
-        config.freeze = tuple(dict.fromkeys((*config.freeze, *freeze)))
-    is_tokens = isinstance(adata, TokenizedCells | ShardedTokens)
-    if not is_tokens and not isinstance(adata, str):
-        _check_finetune_columns(adata, cells, label_key=label_key, batch_key=batch_key, split_key=split_key)
 
     # -- tokens, split, datasets
     columns = [c for c in dict.fromkeys([label_key, batch_key, split_key]) if c is not None]
@@ -614,6 +635,196 @@ def finetune(
     )
 
 
+def check_finetune_options(
+    adata: AnnData | Tokens | str,
+    model: CellModel,
+    *,
+    label_key: str,
+    batch_key: str | None = None,
+    cells: Any = None,
+    objectives: Any = ("cls",),
+    val_size: float = 0.1,
+    test_size: float = 0.1,
+    split_key: str | None = None,
+    seed: int = 0,
+    epochs: int = 10,
+    lr: float = 1e-4,
+    batch_size: int = 32,
+    class_weight: str | Sequence[float] | None = None,
+    freeze_embeddings: bool = False,
+    freeze_layers: int = 0,
+    tokenize_options: Mapping[str, Any] | None = None,
+    checkpoint_dir: str | None = None,
+    **trainer_options: Any,
+) -> TrainerConfig:
+    """Check :func:`finetune`'s options without training: what it would refuse before any work.
+
+    The same checks, in the same words, that :func:`finetune` runs first (it calls this); a UI or
+    a script calls it to answer a bad setting at once instead of from a background thread. It
+    reads only ``obs`` (the label, batch and split columns of the selected cells) and the model's
+    configuration; what needs the tokens (a class too small to split, a single class after
+    tokenization) is only found by :func:`finetune` itself.
+
+    Parameters
+    ----------
+    adata
+        As in :func:`finetune` (an AnnData's columns are checked; paths and tokens are not opened).
+    model
+        The model to fine-tune.
+    label_key, batch_key, cells, objectives, val_size, test_size, split_key
+        As in :func:`finetune`: the columns must exist and hold a value for every selected cell,
+        ``batch_key`` must differ from ``label_key`` and is needed by ``"dab"``, the objectives must
+        be known and usable with the model's heads, the fractions must leave training cells.
+    seed, epochs, lr, batch_size
+        As in :func:`finetune` (checked as :class:`cellkit.train.TrainerConfig` fields).
+    class_weight
+        ``None``, ``"balanced"`` or one weight per class.
+    freeze_embeddings, freeze_layers
+        ``freeze_layers`` must be between 0 and the model's number of layers.
+    tokenize_options
+        Option names are checked against the model's tokenization scheme.
+    checkpoint_dir
+        Must be a writable directory (created if missing).
+    **trainer_options
+        Any :class:`cellkit.train.TrainerConfig` field, checked by name and value.
+
+    Returns
+    -------
+    :class:`cellkit.train.TrainerConfig`
+        The training configuration :func:`finetune` would use.
+
+    Raises
+    ------
+    ConfigError
+        A bad option value or combination.
+    DataError
+        A missing or incomplete obs column, an AnnData with duplicate cell names.
+
+    Examples
+    --------
+    >>> cellkit.tasks.check_finetune_options(adata, model, label_key="bulk_labels", lr=0)  # doctest: +SKIP
+    Traceback (most recent call last):
+    ConfigError: The learning rate must be a positive number, got lr=0.
+    """
+    config, _ = _finetune_plan(
+        adata,
+        model,
+        label_key=label_key,
+        batch_key=batch_key,
+        cells=cells,
+        objectives=objectives,
+        val_size=val_size,
+        test_size=test_size,
+        split_key=split_key,
+        class_weight=class_weight,
+        freeze_embeddings=freeze_embeddings,
+        freeze_layers=freeze_layers,
+        tokenize_options=tokenize_options,
+        trainer_options={
+            **trainer_options,
+            "checkpoint_dir": checkpoint_dir,
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seed": seed,
+        },
+    )
+    return config
+
+
+def _finetune_plan(
+    adata: Any,
+    model: CellModel,
+    *,
+    label_key: Any,
+    batch_key: str | None,
+    cells: Any,
+    objectives: Any,
+    val_size: float,
+    test_size: float,
+    split_key: str | None,
+    class_weight: Any,
+    freeze_embeddings: bool,
+    freeze_layers: int,
+    tokenize_options: Mapping[str, Any] | None,
+    trainer_options: dict[str, Any],
+) -> tuple[TrainerConfig, list[Objective]]:
+    """Every check :func:`finetune` makes before any work; its trainer config and objectives."""
+    config = _trainer_config(trainer_options, {"schedule": "step", "step_gamma": 0.9})
+    objs = make_objectives(objectives)
+    names = {o.name for o in objs}
+    if not objs:
+        raise ConfigError(
+            "No objective: pass at least one, e.g. objectives=('cls',) (trains the classifier)."
+        )
+    if not isinstance(label_key, str) or not label_key:
+        raise DataError(f"label_key must name the obs column with the cell types, got {label_key!r}.")
+    if "dab" in names and batch_key is None:
+        raise ConfigError("The 'dab' objective needs batch_key=... (the obs column with batches).")
+    if batch_key is not None and batch_key == label_key:
+        raise ConfigError(f"batch_key must differ from label_key (both are {label_key!r}).")
+    if split_key is None:
+        _check_fractions(val_size, test_size)
+    _check_class_weight(class_weight)
+    _ensure_heads_possible(model, names)
+    freeze = _freeze_prefixes(model, freeze_embeddings, freeze_layers)
+    if freeze:
+        config.freeze = tuple(dict.fromkeys((*config.freeze, *freeze)))
+    if config.checkpoint_dir:  # an unwritable output fails now, not after the training
+        ensure_writable_dir(config.checkpoint_dir, what="checkpoint_dir")
+    if not isinstance(adata, TokenizedCells | ShardedTokens):
+        _check_tokenize_options(model, tokenize_options)
+    if not isinstance(adata, TokenizedCells | ShardedTokens | str):
+        _check_finetune_columns(adata, cells, label_key=label_key, batch_key=batch_key, split_key=split_key)
+    return config, objs
+
+
+def objective_support(model: CellModel) -> dict[str, str | None]:
+    """Which objectives ``model`` can be trained with: ``{name: None}`` when usable, else why not.
+
+    ``cls`` and ``dab`` create their heads; the masked-value objectives need the model's
+    ``expression`` / ``mvc`` heads (with explicit zero probabilities for the ``*zero_nll`` terms)
+    and ``mlm`` an ``mlm`` head. The reason is the message :func:`finetune` / :func:`pretrain`
+    would raise.
+
+    Parameters
+    ----------
+    model
+        A :class:`cellkit.CellModel` (only its ``config.heads`` is read).
+
+    Returns
+    -------
+    dict
+        One entry per name of :data:`cellkit.train.OBJECTIVES`.
+    """
+    from .train.objectives import OBJECTIVES
+
+    out: dict[str, str | None] = {}
+    for name in OBJECTIVES:
+        try:
+            _ensure_heads_possible(model, {name})
+        except ConfigError as e:
+            out[name] = str(e)
+        else:
+            out[name] = None
+    return out
+
+
+def _ensure_heads_possible(model: CellModel, names: set[str]) -> None:
+    """The heads the masked-value / MLM objectives need must exist (``cls`` and ``dab`` create theirs)."""
+    heads = model.config.heads
+    for name, head in _HEAD_NEEDS.items():
+        if name in names and head not in heads:
+            raise ConfigError(
+                f"The {name!r} objective needs the model's {head!r} head, which it lacks (heads: {sorted(heads)})."
+            )
+    for name, head in (("zero_nll", "expression"), ("mvc_zero_nll", "mvc")):
+        if name in names and not (heads[head] or {}).get("explicit_zero_prob"):
+            raise ConfigError(
+                f"The {name!r} objective needs the {head!r} head with explicit_zero_prob=True; this model's has none."
+            )
+
+
 def _check_finetune_columns(
     adata: AnnData, cells: Any, *, label_key: str, batch_key: str | None, split_key: str | None
 ) -> None:
@@ -659,7 +870,9 @@ def _finetune_datasets(
 ) -> tuple[CellDataset, CellDataset | None, CellDataset | None]:
     """The train / validation / test datasets (``None`` for an empty part), sharing the train classes."""
     train_idx, val_idx, test_idx = parts
-    train_ds = CellDataset(_subset(tokens, train_idx), label_key=label_key, batch_key=batch_key, classes=classes)
+    train_ds = CellDataset(
+        _subset(tokens, train_idx), label_key=label_key, batch_key=batch_key, classes=classes
+    )
 
     def held_out(idx: np.ndarray) -> CellDataset | None:
         if not len(idx):
@@ -704,7 +917,9 @@ def _held_out_evaluation(
     confusion = pd.DataFrame()
     if held is not None and with_cls and fit.status in ("completed", "early_stopped"):
         part = _subset(tokens, part_idx)
-        probs = _class_probabilities(model, part, batch_size=max(batch_size, 64), progress=False, device=device)
+        probs = _class_probabilities(
+            model, part, batch_size=max(batch_size, 64), progress=False, device=device
+        )
         y_true = np.asarray([held[i]["labels"] for i in range(len(held))])
         y_pred = probs.argmax(1)
         metrics.update(_classification_metrics(y_true, y_pred, classes))
@@ -943,6 +1158,11 @@ def pretrain(
         raise ConfigError(
             "pretrain is self-supervised; use finetune(...) for the 'cls' and 'dab' objectives."
         )
+    if not objs:
+        raise ConfigError(
+            "No objective: pass at least one (e.g. objectives={'gep': 1.0}) or None for the default."
+        )
+    _check_fractions(val_size, 0.0)
     _ensure_heads(model, objs, n_classes=None, classes=None, n_batches=None)
     check_adata(adata, what="cellkit.pretrain", allow_other=True)
     tokens = _tokens_for(
@@ -957,8 +1177,6 @@ def pretrain(
         progress=progress,
     )
     n = len(tokens)
-    if not 0 <= val_size < 1:
-        raise ConfigError(f"val_size must be a fraction in [0, 1), got {val_size}.")
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
     n_val = round(n * val_size)

@@ -316,3 +316,78 @@ def test_reported_validation_metrics_are_the_kept_epochs():
     assert best.name != epochs.index[-1], "the test needs a run whose last epoch is not its best"
     assert result.metrics["val/loss"] == pytest.approx(best["val/loss"], abs=0)
     assert result.metrics["val/accuracy"] == pytest.approx(best["val/accuracy"], abs=0)
+
+
+# ------------------------------------------------------------------ check_finetune_options
+@pytest.mark.parametrize(
+    ("opts", "exc", "match"),
+    [
+        ({"lr": 0.0}, ConfigError, "learning rate"),
+        ({"epochs": 0}, ConfigError, "epochs"),
+        ({"objectives": {}}, ConfigError, "No objective"),
+        ({"objectives": ["cls", "dab"]}, ConfigError, "needs batch_key"),
+        ({"objectives": ["mlm"]}, ConfigError, "'mlm' head"),
+        ({"batch_key": "cell_type"}, ConfigError, "must differ"),
+        ({"val_size": 0.6, "test_size": 0.5}, ConfigError, "val_size \\+ test_size"),
+        ({"test_size": 1.5}, ConfigError, "test_size must be a fraction"),
+        ({"class_weight": "inverse"}, ConfigError, "class_weight"),
+        ({"freeze_layers": 3}, ConfigError, "between 0 and 2"),
+        ({"tokenize_options": {"max_lenght": 8}}, ConfigError, "max_len"),
+        ({"learning_rate": 1e-3}, ConfigError, "Unknown option"),
+        ({"label_key": ""}, DataError, "label_key"),
+        ({"label_key": "celltype"}, DataError, "not an obs column"),
+        ({"batch_key": "donor"}, DataError, "batch_key='donor'"),
+    ],
+)
+def test_check_finetune_options_refuses_what_finetune_refuses(opts, exc, match):
+    a, model = make_adata(), make_model()
+    kw = {"label_key": "cell_type", **opts}
+    with pytest.raises(exc, match=match) as checked:
+        cellkit.tasks.check_finetune_options(a, model, **kw)
+    with pytest.raises(exc) as trained:  # the same check, in the same words, before any work
+        finetune(a, model, **{**FAST, **kw})
+    assert str(trained.value) == str(checked.value)
+    assert "classifier" not in model.heads
+
+
+def test_check_finetune_options_returns_the_trainer_config_and_touches_nothing(tmp_path):
+    a, model = make_adata(), make_model()
+    snap = snapshot(a)
+    config = cellkit.tasks.check_finetune_options(
+        a,
+        model,
+        label_key="cell_type",
+        epochs=3,
+        lr=1e-3,
+        freeze_layers=1,
+        checkpoint_dir=str(tmp_path / "ck"),
+    )
+    assert (config.epochs, config.lr, config.schedule) == (3, 1e-3, "step")
+    assert "encoder.layers.0" in config.freeze
+    assert_unchanged(a, snap)
+    assert "classifier" not in model.heads
+
+
+def test_pretrain_checks_val_size_before_tokenizing():
+    with pytest.raises(ConfigError, match="val_size"):
+        pretrain(make_adata(), make_model(), val_size=1.5, **FAST)
+
+
+def test_objective_support_says_why_in_finetunes_words():
+    model = make_model()  # scGPT-style: expression + mvc heads, no zero probabilities, no MLM head
+    support = cellkit.tasks.objective_support(model)
+    assert set(support) == set(cellkit.train.OBJECTIVES)
+    assert support["cls"] is None and support["dab"] is None
+    usable = [name for name, why in support.items() if why is None]
+    for name in ("mlm", "zero_nll"):
+        if support[name] is None:
+            continue
+        with pytest.raises(ConfigError) as err:
+            cellkit.tasks.check_finetune_options(
+                make_adata(), model, label_key="cell_type", objectives=[name]
+            )
+        assert str(err.value) == support[name]
+    for name in usable:
+        cellkit.tasks.check_finetune_options(
+            make_adata(), model, label_key="cell_type", objectives=[name], batch_key="batch"
+        )

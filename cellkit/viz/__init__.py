@@ -11,6 +11,8 @@ figure with ``fig.show()`` (notebook or script), save it with :func:`save_html` 
 - :func:`attention_heatmap` — query genes × key genes.
 - :func:`program_heatmap` — gene-program scores per cell type, scaled and clustered.
 - :func:`training_curves` — loss/lr per step, metrics per epoch (``cellkit.train.History``).
+- :func:`loss_figure`, :func:`epoch_figure` — compact loss-per-step and metrics-per-epoch figures that
+  a live view fills as training events arrive (:func:`fill_training_figure`; the studio does).
 - :func:`confusion_matrix` — true × predicted classes, normalised per true class.
 - :func:`perturbation_shifts`, :func:`perturbation_cells` — in-silico perturbation: mean embedding
   shift per perturbation (with its random-gene null), per-cell shift violins.
@@ -35,7 +37,7 @@ from ._heatmaps import attention_heatmap, confusion_matrix, program_heatmap
 from ._network import gene_network
 from ._palettes import default_palette
 from ._perturbation import perturbation_cells, perturbation_response, perturbation_shifts
-from ._training import training_curves
+from ._training import epoch_figure, fill_training_figure, loss_figure, training_curves
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._static import (
@@ -63,7 +65,10 @@ __all__ = [
     "confusion_matrix",
     "default_palette",
     "embedding",
+    "epoch_figure",
+    "fill_training_figure",
     "gene_network",
+    "loss_figure",
     "perturbation_cells",
     "perturbation_response",
     "perturbation_shifts",

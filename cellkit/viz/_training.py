@@ -1,7 +1,13 @@
-"""Loss and metric curves of a training run (``cellkit.train.History`` frames)."""
+"""Loss and metric curves of a training run (``cellkit.train.History`` frames), static and live.
+
+:func:`training_curves` draws a whole run. :func:`loss_figure` and :func:`epoch_figure` are the
+compact figures a live view streams into: it keeps the records of the training events and calls
+:func:`fill_training_figure`, which sets every trace from them (the studio's ``LiveTraining``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +20,14 @@ from plotly.subplots import make_subplots
 from .._errors import DataError
 from ._common import TEMPLATE
 
-__all__ = ["training_curves"]
+__all__ = [
+    "EPOCH_METRICS",
+    "LIVE_SOURCES",
+    "epoch_figure",
+    "fill_training_figure",
+    "loss_figure",
+    "training_curves",
+]
 
 _LR_COLOR = "#7f7f7f"
 #: titles of the two panels: losses (and lr) per step, metrics per epoch
@@ -236,3 +249,224 @@ def _metric_columns(epochs: pd.DataFrame, metrics: Sequence[str] | None) -> dict
     if missing:
         raise DataError(f"metrics {missing} are not in the epoch history; available columns: {cols}.")
     return out
+
+
+# ============================================================================ live figures
+#: where a trace of :func:`loss_figure` / :func:`epoch_figure` takes its points (``trace.meta["source"]``):
+#: ``"steps"`` (x: the step), ``"validations"`` (x: the step the validation ran at; from the epoch
+#: records when no validation records are given) and ``"epochs"`` (x: the epoch, counted from 1)
+LIVE_SOURCES = ("steps", "validations", "epochs")
+#: validation metrics :func:`epoch_figure` draws by default
+EPOCH_METRICS = ("val/loss", "val/accuracy", "val/macro_f1")
+
+
+def loss_figure(
+    history_steps: pd.DataFrame | Any | None = None,
+    history_epochs: pd.DataFrame | Sequence[Any] | None = None,
+    *,
+    losses: Sequence[str] = ("loss",),
+    val_losses: Sequence[str] = ("val/loss",),
+    title: str = "Training loss",
+    y_title: str = "loss",
+    log_loss: bool = False,
+    width: int = 470,
+    height: int = 320,
+) -> go.Figure:
+    """Losses against the optimizer step: one line per training loss, validation losses dotted.
+
+    The figure a live training view streams into (``go.FigureWidget(loss_figure(...))`` then
+    :func:`fill_training_figure` as records arrive), and a compact static plot of a finished run.
+    Every trace's ``name`` is its column (``"loss"``, ``"loss/gep"``, ``"val/loss"``) and its
+    ``meta["source"]`` says where its points come from (see :data:`LIVE_SOURCES`).
+
+    Parameters
+    ----------
+    history_steps
+        Per-step records (a ``History.steps`` frame or a list of dicts with ``step`` and the loss
+        columns), a ``History``, or ``None`` for an empty figure.
+    history_epochs
+        Per-epoch records (``History.epochs``); validation losses are drawn at their ``step``.
+    losses
+        Per-step loss columns, one line each.
+    val_losses
+        Validation loss columns, one dotted line each (at the step each validation ran).
+    title, y_title
+        Figure and y-axis titles.
+    log_loss
+        Log-scale loss axis.
+    width, height
+        Size in pixels.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
+    fig = go.Figure(
+        layout=go.Layout(
+            template=TEMPLATE,
+            title={"text": title},
+            xaxis_title="step",
+            yaxis={"title": y_title, "type": "log" if log_loss else "linear"},
+            width=width,
+            height=height,
+            margin={"l": 55, "r": 10, "t": 40, "b": 40},
+            legend={"orientation": "h", "y": -0.28},
+        )
+    )
+    for k, name in enumerate(losses):
+        fig.add_trace(_live_trace(name, "steps", _color(k), width=2 if k == 0 else 1.2, size=4))
+    for k, name in enumerate(val_losses):
+        fig.add_trace(_live_trace(name, "validations", _color(k), dash="dot", size=6))
+    return fill_training_figure(fig, history_steps, history_epochs)
+
+
+def epoch_figure(
+    history_epochs: pd.DataFrame | Sequence[Any] | None = None,
+    *,
+    metrics: Sequence[str] = EPOCH_METRICS,
+    title: str = "Validation per epoch",
+    width: int = 470,
+    height: int = 320,
+) -> go.Figure:
+    """Metrics per epoch (counted from 1): losses on the left axis, scores in [0, 1] on the right.
+
+    Parameters
+    ----------
+    history_epochs
+        Per-epoch records (``History.epochs`` or a list of dicts with ``epoch``, 0-based as the
+        trainer counts, and the metric columns), a ``History``, or ``None`` for an empty figure.
+    metrics
+        Columns to draw; those with ``loss`` in their name go on the left axis, the others
+        (accuracy, F1, ...) on the right one.
+    title
+        Figure title.
+    width, height
+        Size in pixels.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        Each trace's ``name`` is its column and its ``meta["source"]`` is ``"epochs"``.
+    """
+    losses = [m for m in metrics if "loss" in m]
+    fig = go.Figure(
+        layout=go.Layout(
+            template=TEMPLATE,
+            title={"text": title},
+            xaxis={"title": "epoch", "tickmode": "linear", "tick0": 1, "dtick": 1},
+            yaxis={"title": losses[0] if losses else ""},
+            yaxis2={
+                "title": "score",
+                "overlaying": "y",
+                "side": "right",
+                "range": [0, 1.02],
+                "tickmode": "linear",
+                "tick0": 0,
+                "dtick": 0.2,
+                "showgrid": False,
+            },
+            width=width,
+            height=height,
+            margin={"l": 50, "r": 50, "t": 40, "b": 40},
+            legend={"orientation": "h", "y": -0.25},
+        )
+    )
+    for k, name in enumerate(metrics):
+        trace = _live_trace(name, "epochs", _color(k), size=6)
+        trace.yaxis = "y" if name in losses else "y2"
+        fig.add_trace(trace)
+    return fill_training_figure(fig, None, history_epochs)
+
+
+def fill_training_figure(
+    fig: Any,
+    history_steps: pd.DataFrame | Any | None = None,
+    history_epochs: pd.DataFrame | Sequence[Any] | None = None,
+    *,
+    validations: pd.DataFrame | Sequence[Any] | None = None,
+) -> Any:
+    """Set every trace of a :func:`loss_figure` / :func:`epoch_figure` from training records.
+
+    Works on a ``go.Figure`` and on a ``go.FigureWidget`` (one message per call: the update runs
+    in ``batch_update()``), so a live view only records events and calls this. Each trace takes
+    the points of its column (its ``name``) whose value is finite; traces of other figures (no
+    ``meta["source"]``) are left alone.
+
+    Parameters
+    ----------
+    fig
+        The figure to update in place.
+    history_steps
+        Per-step records (DataFrame or list of dicts with ``step``), or a ``History``.
+    history_epochs
+        Per-epoch records (``epoch`` 0-based, ``step``); drawn at ``epoch + 1``.
+    validations
+        Validation records (dicts with ``step`` and ``val/...``), e.g. from ``validation``
+        events; default: the validation columns of ``history_epochs`` at their ``step``.
+
+    Returns
+    -------
+    The same figure.
+    """
+    if history_epochs is None and hasattr(history_steps, "steps") and hasattr(history_steps, "epochs"):
+        history_steps, history_epochs = history_steps.steps, history_steps.epochs
+    sources = {
+        "steps": (history_steps, "step", 0),
+        "validations": (history_epochs if validations is None else validations, "step", 0),
+        "epochs": (history_epochs, "epoch", 1),
+    }
+    points = {}
+    for trace in fig.data:
+        source = (trace.meta or {}).get("source") if isinstance(trace.meta, dict) else None
+        if source in sources:
+            records, x_key, offset = sources[source]
+            points[id(trace)] = _points(records, x_key, str(trace.name), offset)
+    batch = fig.batch_update() if hasattr(fig, "batch_update") else contextlib.nullcontext()
+    with batch:
+        for trace in fig.data:
+            if id(trace) in points:
+                trace.x, trace.y = points[id(trace)]
+    return fig
+
+
+def _live_trace(
+    name: str, source: str, color: str, *, width: float = 1.6, dash: str | None = None, size: int = 4
+) -> go.Scatter:
+    return go.Scatter(
+        x=(),
+        y=(),
+        name=name,
+        mode="lines+markers",
+        meta={"source": source},
+        line={"color": color, "width": width, "dash": dash},
+        marker={"size": size},
+        hovertemplate=f"{name}: %{{y:.4g}}<extra></extra>",
+    )
+
+
+def _points(records: Any, x_key: str, y_key: str, offset: int) -> tuple[tuple[Any, ...], tuple[float, ...]]:
+    """``(x, y)`` of the records with a finite ``y_key`` value (python numbers, for plotly)."""
+    if records is None:
+        return (), ()
+    if isinstance(records, pd.DataFrame):
+        if y_key not in records.columns or x_key not in records.columns:
+            return (), ()
+        pairs = zip(records[x_key].tolist(), records[y_key].tolist(), strict=True)
+    else:
+        pairs = ((r.get(x_key), r.get(y_key)) for r in records)
+    xs: list[Any] = []
+    ys: list[float] = []
+    for x, y in pairs:
+        try:
+            value = float(y)
+        except (TypeError, ValueError):
+            continue
+        if x is None or not np.isfinite(value):
+            continue
+        xs.append(int(x) + offset if offset else _plain_number(x))
+        ys.append(value)
+    return tuple(xs), tuple(ys)
+
+
+def _plain_number(x: Any) -> Any:
+    return x.item() if isinstance(x, np.generic) else x

@@ -176,25 +176,22 @@ def line_figure(
     width: int = 470,
     height: int = 320,
 ) -> Any:
-    """An empty live line plot (plotly ``FigureWidget``): one ``lines+markers`` trace per name.
+    """An empty live line plot: ``go.FigureWidget(cellkit.viz.loss_figure(...))``, one trace per name.
 
-    Panels append points with ``fig.batch_update()`` and tuple re-assignment (ui-testing.md §6).
+    Kept for panels not yet on :class:`~cellkit.widgets._live.LiveTraining` (which records the
+    training events and fills the same figure itself); panels set ``fig.data[i].x`` / ``.y`` in
+    ``fig.batch_update()`` (ui-testing.md §6).
     """
     import plotly.graph_objects as go
 
+    import cellkit.viz
+
     fig = go.FigureWidget(
-        layout=go.Layout(
-            title=title,
-            xaxis_title=x_title,
-            yaxis_title=y_title,
-            height=height,
-            width=width,
-            margin=dict(l=55, r=10, t=40, b=40),
-            legend=dict(orientation="h", y=-0.28),
+        cellkit.viz.loss_figure(
+            losses=traces, val_losses=(), title=title, y_title=y_title, width=width, height=height
         )
     )
-    for name in traces:
-        fig.add_scatter(x=(), y=(), name=name, mode="lines+markers", marker=dict(size=4))
+    fig.update_xaxes(title_text=x_title)
     fig.add_class(css_class)
     return fig
 

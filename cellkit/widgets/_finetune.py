@@ -1,10 +1,13 @@
 """The Fine-tune panel: train a cell-type classifier with live curves, then use, save or apply it.
 
 The panel calls :func:`cellkit.finetune` in a background thread (on a copy of the studio's model,
-with resumable checkpoints in a temporary directory per run) and listens to its training
-:class:`~cellkit.train.Event`\\ s: losses per step and validation metrics per epoch stream into two
-plotly ``FigureWidget``\\ s, a progress bar and a status line. **Stop** ends the run at the next
-step with a checkpoint; **Resume** goes on from it with the same settings.
+with resumable checkpoints in a temporary directory per run); the shared live view
+(:class:`~cellkit.widgets._live.LiveTraining`) listens to its training :class:`~cellkit.train.Event`\\ s:
+losses per step and validation metrics per epoch stream into two plotly ``FigureWidget``\\ s, a
+progress bar and a status line. **Stop** ends the run at the next step with a checkpoint;
+**Resume** goes on from it with the same settings. Settings are checked by
+:func:`cellkit.tasks.check_finetune_options` before the thread starts, so a bad one answers at
+once with the API's own message.
 
 At the end the panel shows the held-out accuracy / macro-F1, the confusion matrix
 (:func:`cellkit.viz.confusion_matrix`) and the per-class scores, and sets
@@ -18,16 +21,12 @@ studio's ``state.tokens`` are reused instead when they hold exactly those cells 
 (and batch) column. "Max genes / cell" sets the ``max_len`` tokenize option (CPU runs on long
 cells are slow).
 
-Events arrive on the training thread. They are appended to lists under a lock and pushed to the
-figures from that thread (ipywidgets comm messages from a background thread reach the browser),
-at most every :attr:`FinetunePanel.update_interval` seconds plus at every epoch end and at the
-finish.
+Throttling and thread safety of the live view: see :class:`~cellkit.widgets._live.LiveTraining`.
 """
 
 from __future__ import annotations
 
 import html
-import math
 import shutil
 import tempfile
 import threading
@@ -44,7 +43,8 @@ import plotly.graph_objects as go
 from cellkit import ConfigError, DataError
 from cellkit.data.schemes import MAX_LENGTH_OPTION
 
-from ._base import Panel, guarded, html_table, labelled, line_figure
+from ._base import Panel, guarded, html_table, labelled
+from ._live import DONE_STATUSES, LiveTraining, seconds_text
 from ._state import StudioState
 
 __all__ = ["FinetunePanel", "objective_support"]
@@ -63,48 +63,28 @@ OBJECTIVE_ORDER: tuple[str, ...] = (
 )
 #: validation metrics plotted per epoch
 VAL_METRICS: tuple[str, ...] = ("val/loss", "val/accuracy", "val/macro_f1")
-#: monitors offered for best-epoch selection / early stopping
 #: epochs the panel proposes for the shipped demo model (its full recipe, ``DEMO_FINETUNE``, runs 40)
 DEMO_PANEL_EPOCHS = 10
+#: monitors offered for best-epoch selection / early stopping
 MONITORS: tuple[str, ...] = ("val/loss", "val/macro_f1", "val/accuracy")
-#: default seconds between two live-plot pushes (epoch ends and the finish always push)
-UPDATE_INTERVAL = 0.3
 #: obs column name fragments that suggest cell-type labels (first match is preselected)
 _LABEL_HINTS = ("cell_type", "celltype", "cell type", "label", "annotation", "type")
-#: the head each objective needs, and the objectives that need explicit zero probabilities
-_HEAD_NEEDS = {
-    "gep": "expression",
-    "zero_nll": "expression",
-    "mvc": "mvc",
-    "mvc_zero_nll": "mvc",
-    "mlm": "mlm",
-}
-_ZERO_PROB = {"zero_nll": "expression", "mvc_zero_nll": "mvc"}
-_DONE = ("completed", "early_stopped")
 _NONE = ""
 
 
 # ------------------------------------------------------------------------------------- helpers
 def objective_support(model: Any) -> dict[str, str | None]:
-    """Which objectives ``model`` can train: ``{name: None}`` when usable, else the reason why not.
+    """Which objectives ``model`` can train, in display order: ``{name: None}`` when usable, else why not.
 
-    ``cls`` and ``dab`` create their heads; the masked-value objectives need the model's
-    ``expression`` / ``mvc`` heads (and explicit zero probabilities for the ``*zero_nll`` terms),
-    ``mlm`` needs an ``mlm`` head.
+    The answer of :func:`cellkit.tasks.objective_support` (every objective is offered while there
+    is no model).
     """
-    heads = dict(model.config.heads) if model is not None else {}
-    out: dict[str, str | None] = {}
-    for name in OBJECTIVE_ORDER:
-        reason = None
-        head = _HEAD_NEEDS.get(name)
-        if model is not None and head is not None and head not in heads:
-            reason = f"this model has no {head!r} head"
-        elif model is not None and name in _ZERO_PROB:
-            cfg = heads.get(_ZERO_PROB[name]) or {}
-            if not cfg.get("explicit_zero_prob"):
-                reason = f"this model's {_ZERO_PROB[name]!r} head predicts no zero probability"
-        out[name] = reason
-    return out
+    if model is None:
+        return dict.fromkeys(OBJECTIVE_ORDER)
+    import cellkit.tasks
+
+    support = cellkit.tasks.objective_support(model)
+    return {name: support.get(name) for name in OBJECTIVE_ORDER}
 
 
 def _default_weight(name: str) -> float:
@@ -137,30 +117,15 @@ def _guess_label(columns: list[str]) -> str | None:
     return columns[0] if columns else None
 
 
-def _seconds(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = max(0.0, s)
-    if s < 60:
-        return f"{s:.1f} s"
-    m, sec = divmod(round(s), 60)
-    if m < 60:
-        return f"{m} min {sec:02d} s"
-    h, m = divmod(m, 60)
-    return f"{h} h {m:02d} min"
-
-
 def _n(count: int, word: str) -> str:
     return f"{count:,} {word}{'' if count == 1 else 's'}"
 
 
-def _plain(v: Any) -> float | None:
-    """A float for plotly (``None`` for missing / NaN so lines break instead of failing)."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
+def _loss_columns(objectives: dict[str, float]) -> tuple[str, ...]:
+    """The loss lines of a run: the total, plus one per objective when several are weighted."""
+    if len(objectives) > 1 or any(w != 1.0 for w in objectives.values()):
+        return ("loss", *(f"loss/{name}" for name in objectives))
+    return ("loss",)
 
 
 def _remove_dir(path: str | None) -> None:
@@ -187,14 +152,17 @@ class FinetunePanel(Panel):
     max_genes, patience, monitor
         Advanced: genes per cell kept by the tokenizer (``0``: all; the ``max_len`` tokenize option),
         early-stopping patience in epochs (``0``: off) and the monitored validation metric.
+    live
+        The live training view (:class:`~cellkit.widgets._live.LiveTraining`): curves, progress,
+        status line and Stop; the names below are its parts.
     start_button, stop_button, resume_button
         "Start", "Stop", "Resume".
     progress, status_html
         Step progress bar and the status line (epoch, step, loss, elapsed, ETA).
     loss_fig, val_fig
         Live ``FigureWidget``\\ s (CSS classes ``cellkit-loss-plot`` and ``cellkit-val-plot``): one
-        line per loss term against the step; ``val/loss``, ``val/accuracy``, ``val/macro_f1``
-        per epoch.
+        line per loss term against the step (and ``val/loss`` at each validation); ``val/loss``,
+        ``val/accuracy``, ``val/macro_f1`` per epoch.
     confusion_fig
         The held-out confusion matrix (CSS class ``cellkit-confusion``) after a completed run.
     use_button, save_path, overwrite, save_button, key_added, predict_button
@@ -221,25 +189,11 @@ class FinetunePanel(Panel):
     def __init__(self, state: StudioState | None = None, **kwargs: Any) -> None:
         super().__init__(state, **kwargs)
         self.add_class("cellkit-finetune-panel")
-        self.update_interval: float = UPDATE_INTERVAL
         self.extra_callbacks: list[Any] = []
         self.result: Any = None
         self.phase = "idle"
-        self._stop = threading.Event()
-        self._stop_requested = False
-        self._lock = threading.Lock()
         self._run: dict[str, Any] | None = None
-        self._last_push = 0.0
         self._t_launch = 0.0
-        self._first_step = 0
-        self._step_epoch: int | None = None
-        self._total: int | None = None
-        self._last_event: Any = None
-        self._loss_keys: list[str] = ["loss"]
-        self._steps: list[int] = []
-        self._loss: dict[str, list[float | None]] = {"loss": []}
-        self._epoch_x: list[int] = []
-        self._val: dict[str, list[float | None]] = {k: [] for k in VAL_METRICS}
 
         # -- data and cells
         self.label_key = widgets.Dropdown(options=[], layout=widgets.Layout(width="240px"))
@@ -302,46 +256,27 @@ class FinetunePanel(Panel):
 
         # -- run controls
         self.start_button = widgets.Button(description="Start", button_style="primary", icon="play")
-        self.stop_button = widgets.Button(
-            description="Stop", button_style="warning", icon="stop", disabled=True
-        )
         self.resume_button = widgets.Button(description="Resume", icon="forward", disabled=True)
         self.start_button.add_class("cellkit-finetune-start")
-        self.stop_button.add_class("cellkit-finetune-stop")
         self.resume_button.add_class("cellkit-finetune-resume")
-        self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="420px"))
-        self.progress.add_class("cellkit-finetune-progress")
-        self.status_html = widgets.HTML("idle")
-        self.status_html.add_class("cellkit-finetune-status")
 
-        # -- live figures
-        self.loss_fig = line_figure("Training loss", traces=("loss",), css_class="cellkit-loss-plot")
-        self.val_fig = go.FigureWidget(
-            layout=go.Layout(
-                title="Validation per epoch",
-                xaxis=dict(title="epoch", tickmode="linear", tick0=1, dtick=1),
-                yaxis=dict(title="val/loss"),
-                yaxis2=dict(
-                    title="accuracy / macro-F1",
-                    overlaying="y",
-                    side="right",
-                    range=[0, 1.02],
-                    tickmode="linear",
-                    tick0=0,
-                    dtick=0.2,
-                    showgrid=False,
-                ),
-                height=320,
-                width=470,
-                margin=dict(l=50, r=50, t=40, b=40),
-                legend=dict(orientation="h", y=-0.25),
-            )
+        # -- the live view: curves, progress, status, Stop
+        self.live = LiveTraining(
+            losses=("loss",),
+            val_losses=(),
+            epoch_metrics=VAL_METRICS,
+            css_prefix="cellkit-finetune",
+            loss_class="cellkit-loss-plot",
+            epoch_class="cellkit-val-plot",
+            buttons=(self.start_button,),
+            buttons_after=(self.resume_button,),
+            on_stop=self.stop,
         )
-        for key in VAL_METRICS:
-            self.val_fig.add_scatter(
-                x=(), y=(), name=key, mode="lines+markers", yaxis="y" if key == "val/loss" else "y2"
-            )
-        self.val_fig.add_class("cellkit-val-plot")
+        self.stop_button = self.live.stop_button
+        self.progress = self.live.progress
+        self.status_html = self.live.status_html
+        self.loss_fig = self.live.loss_fig
+        self.val_fig = self.live.epoch_fig
 
         # -- results and the trained model
         self.summary_html = widgets.HTML()
@@ -370,7 +305,6 @@ class FinetunePanel(Panel):
         )
 
         self.start_button.on_click(lambda _b: self.start())
-        self.stop_button.on_click(lambda _b: self.stop())
         self.resume_button.on_click(lambda _b: self.resume())
         self.use_button.on_click(lambda _b: self.use_trained_model())
         self.save_button.on_click(lambda _b: self.save())
@@ -411,9 +345,7 @@ class FinetunePanel(Panel):
             widgets.HTML("<b>Objectives</b> (weight)"),
             objectives,
             settings,
-            widgets.HBox([self.start_button, self.stop_button, self.resume_button, self.progress]),
-            self.status_html,
-            widgets.HBox([self.loss_fig, self.val_fig], layout=widgets.Layout(flex_flow="row wrap")),
+            self.live,
             self.summary_html,
             widgets.HBox([self.confusion_box, self.report_html]),
             widgets.HBox([self.use_button]),
@@ -507,7 +439,6 @@ class FinetunePanel(Panel):
         self.phase = phase
         busy = phase in ("running", "stopping")
         self.start_button.disabled = busy
-        self.stop_button.disabled = phase != "running"
         self.resume_button.disabled = phase != "stopped"
         done = (not busy) and self._completed() is not None
         for b in (self.use_button, self.save_button, self.predict_button):
@@ -515,7 +446,16 @@ class FinetunePanel(Panel):
 
     def _completed(self) -> Any:
         r = self.result
-        return r if r is not None and r.status in _DONE else None
+        return r if r is not None and r.status in DONE_STATUSES else None
+
+    @property
+    def update_interval(self) -> float:
+        """Seconds between two live-plot pushes (epoch ends and the finish always push)."""
+        return self.live.update_interval
+
+    @update_interval.setter
+    def update_interval(self, value: float) -> None:
+        self.live.update_interval = float(value)
 
     # ------------------------------------------------------------------ settings
     def _cells(self) -> np.ndarray | None:
@@ -559,34 +499,6 @@ class FinetunePanel(Panel):
             out["early_stopping_patience"] = int(self.patience.value)
         return out
 
-    def _preflight(self, model: Any, kw: dict[str, Any]) -> None:
-        """Checks that need no data work, so a bad setting answers at once (not from the thread)."""
-        from cellkit.train import TrainerConfig, make_objectives
-
-        if not kw["label_key"]:
-            raise DataError("Choose the label column (the obs column with the cell types) first.")
-        if not kw["objectives"]:
-            raise ConfigError("Tick at least one objective (cls trains the classifier).")
-        if "dab" in kw["objectives"] and kw["batch_key"] is None:
-            raise ConfigError("The 'dab' objective needs a batch column: choose one or untick dab.")
-        if "tokenize_options" in kw and min(kw["tokenize_options"].values()) < 2:
-            raise ConfigError("Max genes / cell must be at least 2 (or 0 for every expressed gene).")
-        if kw["label_key"] == kw["batch_key"]:
-            raise ConfigError("The batch column must differ from the label column.")
-        TrainerConfig.from_dict(
-            {
-                k: kw[k]
-                for k in ("epochs", "lr", "batch_size", "seed", "monitor", "early_stopping_patience")
-                if k in kw
-            }
-        )
-        make_objectives(kw["objectives"])
-        n_layers = int(model.config.encoder.n_layers)
-        if not 0 <= kw["freeze_layers"] <= n_layers:
-            raise ConfigError(
-                f"Freeze first N layers must be between 0 and {n_layers} (this model's layers)."
-            )
-
     def _data_for(self, adata: Any, kw: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
         """The studio's tokens when they fit this run (same cells, labels carried), else the AnnData."""
         import cellkit
@@ -626,6 +538,8 @@ class FinetunePanel(Panel):
         -------
         The training thread (``panel.wait()`` joins it), or ``None`` on a bad setting (see the message).
         """
+        import cellkit.tasks
+
         if self.running:
             raise ConfigError("A job of this panel is still running; stop it or wait for it first.")
         model, adata = self.state.model, self.state.adata
@@ -634,7 +548,7 @@ class FinetunePanel(Panel):
         if adata is None:
             raise DataError("No data: pick an AnnData in the Data panel first.")
         kw = self.settings()
-        self._preflight(model, kw)
+        cellkit.tasks.check_finetune_options(adata, model, **kw)  # a bad setting answers now
         data, kw, source = self._data_for(adata, kw)
         if data is not adata:
             n_cells = len(data)
@@ -651,7 +565,6 @@ class FinetunePanel(Panel):
         self.report_html.value = ""
         self.confusion_box.children = ()
         self.confusion_fig = None
-        self._reset_live(kw)
         name = self.state.active_selection
         where = f"selection {name!r}" if name else "all cells"
         return self._launch(resume=False, what=f"Fine-tuning on {n_cells:,} cells ({where}, from {source})")
@@ -661,8 +574,7 @@ class FinetunePanel(Panel):
         """Ask the run to stop at the end of the current step (a resumable checkpoint is written)."""
         if not self.running or self.phase not in ("running", "stopping"):
             raise ConfigError("Nothing to stop: no fine-tune is running.")
-        self._stop_requested = True
-        self._stop.set()
+        self.live.request_stop()
         self._set_phase("stopping")
         self.show_message("Stopping at the end of this step…", "info")
 
@@ -777,14 +689,12 @@ class FinetunePanel(Panel):
 
         run = self._run
         assert run is not None
-        self._stop.clear()
-        self._stop_requested = False
+        kw = run["kwargs"]
         self._t_launch = time.time()
+        self.live.reset(epochs=kw["epochs"], losses=_loss_columns(kw["objectives"]), keep=resume)
         self._set_phase("running")
-        self.progress.bar_style = "info"
-        self.status_html.value = "preparing (tokenizing, splitting)…"
         self.show_message(f"{what}…", "info")
-        callbacks = [self._on_event, *self.extra_callbacks]
+        callbacks = [self.live.on_event, *self.extra_callbacks]
 
         def work() -> Any:
             try:
@@ -795,7 +705,7 @@ class FinetunePanel(Panel):
                     copy_model=True,
                     checkpoint_dir=run["checkpoint_dir"],
                     resume=resume,
-                    stop_event=self._stop,
+                    stop_event=self.live.stop_event,
                     callbacks=callbacks,
                     progress=False,
                 )
@@ -806,112 +716,13 @@ class FinetunePanel(Panel):
         try:
             return self.run_in_background(work, name="finetune", on_done=self._finish)
         except BaseException:
-            self._set_phase("failed")
+            self._failed()
             raise
 
     def _failed(self) -> None:
-        ev = self._last_event
-        self.progress.bar_style = "danger"
-        where = f" at epoch {ev.epoch + 1}, step {ev.step}" if ev is not None else " before training started"
-        self.status_html.value = f"failed{where}; the studio's model and state are unchanged"
+        self.live.fail("the studio's model and state are unchanged")
         _remove_dir((self._run or {}).get("checkpoint_dir"))
         self._set_phase("failed")
-
-    def _reset_live(self, kw: dict[str, Any]) -> None:
-        objectives = kw["objectives"]
-        keys = ["loss"]
-        if len(objectives) > 1 or any(w != 1.0 for w in objectives.values()):
-            keys += [f"loss/{name}" for name in objectives]
-        with self._lock:
-            self._loss_keys = keys
-            self._steps = []
-            self._loss = {k: [] for k in keys}
-            self._epoch_x = []
-            self._val = {k: [] for k in VAL_METRICS}
-            self._last_event = None
-            self._total = None
-            self._first_step = 0
-        self.loss_fig.data = ()
-        for k in keys:
-            self.loss_fig.add_scatter(x=(), y=(), name=k, mode="lines+markers", marker=dict(size=4))
-        with self.val_fig.batch_update():
-            for tr in self.val_fig.data:
-                tr.x, tr.y = (), ()
-        self.progress.value = 0
-        self.progress.max = 1
-
-    def _on_event(self, event: Any) -> None:
-        """Training-thread callback: record the event, push to the widgets when due."""
-        kind = event.kind
-        with self._lock:
-            self._last_event = event
-            if kind == "train_start":
-                self._step_epoch = None
-                self._first_step = int(event.step)
-                self._total = event.total_steps
-                # a resumed run goes on from its checkpoint: forget anything recorded after it
-                keep = [i for i, s in enumerate(self._steps) if s <= event.step]
-                self._steps = [self._steps[i] for i in keep]
-                self._loss = {k: [v[i] for i in keep] for k, v in self._loss.items()}
-                keep_e = [i for i, e in enumerate(self._epoch_x) if e <= event.epoch]
-                self._epoch_x = [self._epoch_x[i] for i in keep_e]
-                self._val = {k: [v[i] for i in keep_e] for k, v in self._val.items()}
-            elif kind == "step_end":
-                self._step_epoch = int(event.epoch)
-                self._steps.append(int(event.step))
-                for k in self._loss_keys:
-                    self._loss[k].append(_plain(event.metrics.get(k)))
-            elif kind == "epoch_end":
-                # the epoch that just ended, 1-based: taken from its steps (the trainer has already
-                # advanced its epoch counter when it emits epoch_end)
-                ended = self._step_epoch if self._step_epoch is not None else int(event.epoch)
-                self._epoch_x.append(ended + 1)
-                for k in VAL_METRICS:
-                    self._val[k].append(_plain(event.metrics.get(k)))
-        if kind == "train_start" and self._stop_requested:
-            self._stop.set()  # Stop was pressed while the data were being prepared
-        due = time.monotonic() - self._last_push >= self.update_interval
-        if due or kind in ("train_start", "epoch_end", "finish", "error"):
-            self._push(event)
-
-    def _push(self, event: Any) -> None:
-        with self._lock:
-            steps = tuple(self._steps)
-            losses = {k: tuple(v) for k, v in self._loss.items()}
-            epochs = tuple(self._epoch_x)
-            vals = {k: tuple(v) for k, v in self._val.items()}
-            total = self._total
-            first = self._first_step
-        with self.loss_fig.batch_update():
-            for tr in self.loss_fig.data:
-                tr.x = steps
-                tr.y = losses.get(tr.name, ())
-        with self.val_fig.batch_update():
-            for tr in self.val_fig.data:
-                tr.x = epochs
-                tr.y = vals.get(tr.name, ())
-        step = int(event.step)
-        top = max(int(total or 0), step, 1)
-        self.progress.max = top
-        self.progress.value = min(step, top)
-        self.status_html.value = self._status_text(event, total, first, losses.get("loss", ()))
-        self._last_push = time.monotonic()
-
-    def _status_text(self, event: Any, total: int | None, first: int, loss: tuple[Any, ...]) -> str:
-        run = self._run or {}
-        n_epochs = run.get("kwargs", {}).get("epochs", "?")
-        parts = [
-            f"epoch {min(event.epoch + 1, n_epochs) if isinstance(n_epochs, int) else event.epoch + 1}/{n_epochs}"
-        ]
-        parts.append(f"step {event.step}/{total if total is not None else '?'}")
-        last = next((v for v in reversed(loss) if v is not None), None)
-        if last is not None:
-            parts.append(f"loss {last:.4f}")
-        parts.append(f"{_seconds(event.elapsed)} elapsed")
-        done = event.step - first
-        if total is not None and done > 0 and event.kind != "finish":
-            parts.append(f"ETA {_seconds((total - event.step) * event.elapsed / done)}")
-        return " · ".join(html.escape(str(p)) for p in parts)
 
     def _finish(self, result: Any) -> None:
         """Runs on the training thread after :func:`cellkit.finetune` returned."""
@@ -919,9 +730,9 @@ class FinetunePanel(Panel):
         m = result.metrics
         n_epochs = len(result.history.epoch_records)
         n_steps = len(result.history.step_records)
-        took = _seconds(time.time() - self._t_launch)
-        if result.status in _DONE:
-            self.progress.bar_style = "success"
+        took = seconds_text(time.time() - self._t_launch)
+        status = self.live.finish(result, note="checkpoint kept")
+        if status in DONE_STATUSES:
             self._set_phase("done")
             _remove_dir((self._run or {}).get("checkpoint_dir"))
             self._show_result(result)
@@ -942,11 +753,8 @@ class FinetunePanel(Panel):
                 "ok",
             )
         else:
-            self.progress.bar_style = "warning"
             self._set_phase("stopped")
-            ev = self._last_event
-            where = f" at epoch {ev.epoch + 1}, step {ev.step}" if ev is not None else ""
-            self.status_html.value = f"{result.status}{html.escape(where)} · checkpoint kept"
+            where = self.live.where()
             self.show_message(
                 f"Stopped{where} ({_n(n_steps, 'step')} done). Click “Resume” to go on from the checkpoint, "
                 "or “Start” for a new run.",

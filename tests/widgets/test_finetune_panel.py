@@ -236,14 +236,35 @@ def test_bad_settings_answer_at_once(state):
     assert panel.start() is None and "objective" in panel.message_text
     panel.objective_boxes["cls"].value = True
     panel.objective_boxes["dab"].value = True
-    assert panel.start() is None and "batch column" in panel.message_text
+    assert panel.start() is None and isinstance(panel.last_error, ConfigError)
+    assert "'dab'" in panel.message_text and "batch_key" in panel.message_text  # the API's own words
     panel.objective_boxes["dab"].value = False
     panel.freeze_layers.value = 9
     assert panel.start() is None and "between 0 and 2" in panel.message_text
     panel.freeze_layers.value = 0
     panel.epochs.value = 0
     assert panel.start() is None and "epochs" in panel.message_text
+    panel.epochs.value = 2
+    panel.batch_key.value = LABEL
+    assert panel.start() is None and isinstance(panel.last_error, ConfigError)
+    assert "batch_key" in panel.message_text
+    panel.batch_key.value = ""
+    panel.val_size.value, panel.test_size.value = 0.6, 0.5
+    assert panel.start() is None and "val_size + test_size" in panel.message_text
     _untouched(panel, state, model)
+    assert panel.phase == "idle" and panel.progress.value == 0
+
+
+def test_the_panel_shows_the_apis_own_error(state):
+    """No check of its own: the panel's message is the one cellkit.tasks.check_finetune_options raises."""
+    import cellkit.tasks
+
+    panel = _panel(state)
+    panel.lr.value = -1.0
+    panel.start()
+    with pytest.raises(ConfigError) as api:
+        cellkit.tasks.check_finetune_options(state.adata, state.model, **panel.settings())
+    assert panel.message_text == str(api.value)
 
 
 @pytest.mark.parametrize("case", ["missing", "nan", "one class"])
@@ -264,11 +285,15 @@ def test_bad_labels_show_a_message(state, case):
     else:
         state.add_selection("dendritic", np.flatnonzero(adata.obs[LABEL] == "Dendritic")[:30])
         expected = "single class"
-    panel.start()
+    thread = panel.start()
     _finish(panel)
     assert isinstance(panel.last_error, DataError), panel.last_error
     assert expected in panel.message_text
-    assert panel.phase == "failed" and panel.result is None
+    assert panel.result is None
+    if case == "one class":  # found by finetune after tokenizing, in the thread
+        assert thread is not None and panel.phase == "failed" and panel.progress.bar_style == "danger"
+    else:  # obs columns are checked before the thread starts
+        assert thread is None and panel.phase == "idle"
     _untouched(panel, state, model)
 
 
