@@ -166,36 +166,6 @@ class Panel(widgets.VBox):
             self._job.join(timeout)
 
 
-def line_figure(
-    title: str,
-    *,
-    traces: tuple[str, ...],
-    x_title: str = "step",
-    y_title: str = "loss",
-    css_class: str,
-    width: int = 470,
-    height: int = 320,
-) -> Any:
-    """An empty live line plot: ``go.FigureWidget(cellkit.viz.loss_figure(...))``, one trace per name.
-
-    Kept for panels not yet on :class:`~cellkit.widgets._live.LiveTraining` (which records the
-    training events and fills the same figure itself); panels set ``fig.data[i].x`` / ``.y`` in
-    ``fig.batch_update()`` (ui-testing.md §6).
-    """
-    import plotly.graph_objects as go
-
-    import cellkit.viz
-
-    fig = go.FigureWidget(
-        cellkit.viz.loss_figure(
-            losses=traces, val_losses=(), title=title, y_title=y_title, width=width, height=height
-        )
-    )
-    fig.update_xaxes(title_text=x_title)
-    fig.add_class(css_class)
-    return fig
-
-
 def labelled(text: str, widget: widgets.Widget, width: str = "130px") -> widgets.HBox:
     """``text`` to the left of ``widget`` (a compact form row)."""
     return widgets.HBox([widgets.Label(text, layout=widgets.Layout(width=width)), widget])

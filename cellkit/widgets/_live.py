@@ -296,6 +296,29 @@ class LiveTraining(widgets.VBox):
         where = self.where() or " before training started"
         self.status_html.value = html.escape(f"failed{where}" + (f"; {note}" if note else ""))
 
+    def show_history(self, history: Any, status: str) -> None:
+        """Show a finished or loaded run's records (a :class:`~cellkit.train.History`) with a status.
+
+        Parameters
+        ----------
+        history
+            The run's history (``step_records`` and ``epoch_records``); validation losses are read
+            from the epoch records.
+        status
+            The status line, e.g. ``"loaded · 30 genes"``.
+        """
+        epochs = [dict(r) for r in history.epoch_records]
+        with self._lock:
+            self.steps = [dict(r) for r in history.step_records]
+            self.epochs = epochs
+            self.validations = [r for r in epochs if any(k in r for k in self._val_losses)]
+            self.last_event = None
+            self.status = "completed"
+        self.stop_button.disabled = True
+        self.push()
+        self.progress.value, self.progress.max, self.progress.bar_style = 1, 1, "success"
+        self.status_html.value = html.escape(status)
+
     # ------------------------------------------------------------------ what is shown
     @property
     def step(self) -> int:

@@ -15,10 +15,8 @@ that tests call directly; the buttons call them.
 from __future__ import annotations
 
 import html
-import math
 import os
 import re
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,14 +28,13 @@ import plotly.graph_objects as go
 
 from cellkit import CellkitError, ConfigError, DataError
 
-from ._base import guarded, html_table, labelled, line_figure
+from ._base import guarded, html_table, labelled
 from ._jobs import JobPanel
+from ._live import DONE_STATUSES, LiveTraining
 from ._state import StudioState
 
 __all__ = ["PerturbationResponsePanel"]
 
-#: default seconds between two live loss-plot pushes (epoch ends and the finish always push)
-UPDATE_INTERVAL = 0.3
 _NONE = ""
 
 
@@ -49,15 +46,6 @@ def _split_conditions(text: str) -> list[str]:
 
 def _n(count: int, word: str) -> str:
     return f"{count:,} {word}{'' if count == 1 else 's'}"
-
-
-def _plain(v: Any) -> float | None:
-    """A float for plotly (``None`` for missing / NaN)."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 class PerturbationResponsePanel(JobPanel):
@@ -114,8 +102,6 @@ class PerturbationResponsePanel(JobPanel):
         self.response_table: pd.DataFrame | None = None
         self.evaluation: pd.DataFrame | None = None
         self.extra_callbacks: list[Any] = []
-        self.update_interval: float = UPDATE_INTERVAL
-        self._stop = threading.Event()
         small = widgets.Layout(width="100px")
         self.condition_key = widgets.Dropdown(options=[("(choose a column)", _NONE)], value=_NONE)
         self.condition_key.layout.width = "200px"
@@ -131,10 +117,6 @@ class PerturbationResponsePanel(JobPanel):
             description="Train response model", button_style="primary", icon="play"
         )
         self.train_button.add_class("cellkit-perturb-train")
-        self.stop_button = widgets.Button(
-            description="Stop", button_style="warning", icon="stop", disabled=True
-        )
-        self.stop_button.add_class("cellkit-perturb-stop")
         self.model_path = widgets.Text(
             placeholder="directory of a saved response model", layout=widgets.Layout(width="320px")
         )
@@ -160,10 +142,25 @@ class PerturbationResponsePanel(JobPanel):
         )
         self.prediction_export_button = widgets.Button(description="Export prediction (CSV)", icon="save")
         self.prediction_export_button.add_class("cellkit-perturb-export-prediction")
-        live = self._build_live_view()
+        # -- the live view: loss curve, progress, status, Stop (shared with the fine-tune panel)
+        self.live = LiveTraining(
+            losses=("loss",),
+            val_losses=("val/loss",),
+            title="Response-model training loss",
+            y_title="MSE",
+            css_prefix="cellkit-perturb",
+            buttons=(self.train_button,),
+            on_stop=self.stop,
+            width=480,
+            height=300,
+        )
+        self.live.status_html.value = "no response model"
+        self.stop_button = self.live.stop_button
+        self.progress = self.live.progress
+        self.status_html = self.live.status_html
+        self.loss_fig = self.live.loss_fig
 
         self.train_button.on_click(lambda _b: self.train(background=True))
-        self.stop_button.on_click(lambda _b: self.stop())
         self.load_button.on_click(lambda _b: self.load())
         self.save_button.on_click(lambda _b: self.save())
         self.predict_button.on_click(lambda _b: self.predict(background=True))
@@ -185,8 +182,7 @@ class PerturbationResponsePanel(JobPanel):
                     labelled("Seed", self.response_seed, "40px"),
                 ]
             ),
-            widgets.HBox([self.train_button, self.stop_button]),
-            live,
+            self.live,
             widgets.HBox([self.model_path, self.load_button, self.save_button]),
             widgets.HBox([labelled("Perturbations", self.perturbations, "95px")]),
             widgets.HBox([labelled("Top genes", self.top_k, "75px"), self.predict_button]),
@@ -240,98 +236,14 @@ class PerturbationResponsePanel(JobPanel):
             self.condition_key.options = options
             self.condition_key.value = current if current in cols else _NONE
 
-    # ============================================================================ live training view
-    # (the loss plot, progress bar and status line; kept in these few methods so that a shared
-    # live-training view can replace them)
-    def _build_live_view(self) -> widgets.Widget:
-        self._lock = threading.Lock()
-        self._steps: list[int] = []
-        self._loss: list[float | None] = []
-        self._val_x: list[int] = []
-        self._val: list[float | None] = []
-        self._last_push = 0.0
-        self._total: int | None = None
-        self._train_epochs: Any = "?"
-        self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="300px"))
-        self.progress.add_class("cellkit-perturb-progress")
-        self.status_html = widgets.HTML("no response model")
-        self.status_html.add_class("cellkit-perturb-status")
-        self.loss_fig = line_figure(
-            "Response-model training loss",
-            traces=("loss", "val/loss"),
-            y_title="MSE",
-            css_class="cellkit-perturb-loss",
-            width=480,
-            height=300,
-        )
-        return widgets.VBox([self.progress, self.status_html, self.loss_fig])
+    @property
+    def update_interval(self) -> float:
+        """Seconds between two live-plot pushes (epoch ends and the finish always push)."""
+        return self.live.update_interval
 
-    def _live_start(self, epochs: Any) -> None:
-        """Clear the live view for a new run of ``epochs`` epochs."""
-        with self._lock:
-            self._steps, self._loss, self._val_x, self._val = [], [], [], []
-            self._total = None
-        self._train_epochs = epochs
-        with self.loss_fig.batch_update():
-            for tr in self.loss_fig.data:
-                tr.x, tr.y = (), ()
-        self.progress.value, self.progress.max, self.progress.bar_style = 0, 1, "info"
-        self.status_html.value = "preparing…"
-
-    def _on_event(self, event: Any) -> None:
-        """Training-thread callback: record the losses, push to the plot when due."""
-        kind = event.kind
-        with self._lock:
-            if kind == "train_start":
-                self._total = event.total_steps
-            elif kind == "step_end":
-                self._steps.append(int(event.step))
-                self._loss.append(_plain(event.metrics.get("loss")))
-            elif kind == "epoch_end" and "val/loss" in event.metrics:
-                self._val_x.append(int(event.step))
-                self._val.append(_plain(event.metrics.get("val/loss")))
-        due = time.monotonic() - self._last_push >= self.update_interval
-        if due or kind in ("train_start", "epoch_end", "finish"):
-            self._push(event)
-
-    def _push(self, event: Any) -> None:
-        with self._lock:
-            steps, loss = tuple(self._steps), tuple(self._loss)
-            val_x, val = tuple(self._val_x), tuple(self._val)
-            total = self._total
-        with self.loss_fig.batch_update():
-            self.loss_fig.data[0].x, self.loss_fig.data[0].y = steps, loss
-            self.loss_fig.data[1].x, self.loss_fig.data[1].y = val_x, val
-        step = int(event.step)
-        top = max(int(total or 0), step, 1)
-        self.progress.max = top
-        self.progress.value = min(step, top)
-        last = next((v for v in reversed(loss) if v is not None), None)
-        epochs = self._train_epochs
-        parts = [
-            f"epoch {min(int(event.epoch) + 1, epochs) if isinstance(epochs, int) else '?'}/{epochs}",
-            f"step {step}/{total if total is not None else '?'}",
-        ]
-        if last is not None:
-            parts.append(f"loss {last:.4f}")
-        if val:
-            parts.append(f"val/loss {val[-1]:.4f}" if val[-1] is not None else "val/loss ?")
-        self.status_html.value = " · ".join(html.escape(p) for p in parts)
-        self._last_push = time.monotonic()
-
-    def _live_history(self, history: Any, status: str) -> None:
-        """Show a finished (or loaded) model's loss per step and a status line."""
-        steps = [r.get("step") for r in history.step_records]
-        loss = [_plain(r.get("loss")) for r in history.step_records]
-        with self.loss_fig.batch_update():
-            self.loss_fig.data[0].x, self.loss_fig.data[0].y = tuple(steps), tuple(loss)
-            self.loss_fig.data[1].x, self.loss_fig.data[1].y = (), ()
-        self.status_html.value = html.escape(status)
-
-    def _live_end(self, style: str, status: str) -> None:
-        """Colour the progress bar (``success``, ``warning``, ``danger``) and set the status line."""
-        self.progress.bar_style = style
-        self.status_html.value = html.escape(status)
+    @update_interval.setter
+    def update_interval(self, value: float) -> None:
+        self.live.update_interval = float(value)
 
     # ============================================================================ training
     def _settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -386,19 +298,18 @@ class PerturbationResponsePanel(JobPanel):
             )
         counts = check_conditions(adata, condition_key=kw["condition_key"], control=kw["control"])
         n_ctrl = int(counts[kw["control"]])
-        self._stop.clear()
-        self._live_start(kw["epochs"])
+        self.live.reset(epochs=kw["epochs"])
         self.show_message(
             f"Training a response model on {n_ctrl:,} control and {int(counts.sum()) - n_ctrl:,} perturbed cells "
             f"({kw['epochs']} epochs)…",
             "info",
         )
         t0 = time.time()
-        callbacks = [self._on_event, *self.extra_callbacks]
+        callbacks = [self.live.on_event, *self.extra_callbacks]
 
         def compute() -> Any:
             return cellkit.fit_perturbation_model(
-                adata, **kw, callbacks=callbacks, stop_event=self._stop, progress=False
+                adata, **kw, callbacks=callbacks, stop_event=self.live.stop_event, progress=False
             )
 
         def done(result: Any) -> None:
@@ -423,7 +334,7 @@ class PerturbationResponsePanel(JobPanel):
         return result
 
     def _training_failed(self) -> None:
-        self._live_end("danger", "training failed; the previous response model (if any) is kept")
+        self.live.fail("the previous response model (if any) is kept")
         self._set_phase("idle")
 
     def _finish_training(self, result: Any, took: float) -> None:
@@ -432,11 +343,11 @@ class PerturbationResponsePanel(JobPanel):
         n_steps = len(result.history.step_records)
         seen = ", ".join(result.seen_genes[:8]) + (" …" if len(result.seen_genes) > 8 else "")
         self._set_phase("idle")
-        if result.status in ("completed", "early_stopped"):
-            self._live_end(
-                "success",
-                f"{result.status} · {_n(n_steps, 'step')} · {len(result.genes)} genes · "
-                f"{len(result.seen_genes)} perturbable genes",
+        status = self.live.finish(result, note="the partly trained model is kept")
+        if status in DONE_STATUSES:
+            self.status_html.value = html.escape(
+                f"{status} · {_n(n_steps, 'step')} · {len(result.genes)} genes · "
+                f"{len(result.seen_genes)} perturbable genes"
             )
             self.show_message(
                 f"Trained the response model: {_n(n_steps, 'step')} in {took:.1f} s; it can predict perturbations "
@@ -445,7 +356,6 @@ class PerturbationResponsePanel(JobPanel):
                 "ok",
             )
         else:
-            self._live_end("warning", f"{result.status} after {_n(n_steps, 'step')}")
             self.show_message(
                 f"Training {result.status} after {_n(n_steps, 'step')}; the partly trained model is kept "
                 "(Predict and Save work; click “Train response model” to train again).",
@@ -457,9 +367,8 @@ class PerturbationResponsePanel(JobPanel):
         """Stop the response-model training at the end of the current step."""
         if not self.running or self.phase not in ("training", "stopping"):
             raise ConfigError("Nothing to stop: no response model is training.")
-        self._stop.set()
+        self.live.request_stop()
         self.phase = "stopping"
-        self.stop_button.disabled = True
         self.show_message("Stopping at the end of this step…", "info")
 
     # ============================================================================ load / save
@@ -492,7 +401,7 @@ class PerturbationResponsePanel(JobPanel):
         self.response_model = result
         self.prediction = self.response_table = self.evaluation = None
         self.model_path.value = str(where)
-        self._live_history(
+        self.live.show_history(
             result.history, f"loaded · {len(result.genes)} genes · {len(result.seen_genes)} perturbable genes"
         )
         self._set_phase("idle")

@@ -172,6 +172,10 @@ def test_save_load_round_trip(trained, tmp_path):
     _ok(other)
     assert loaded.status == "loaded" and loaded.seen_genes == result.seen_genes
     assert list(other.loss_fig.data[0].x) == [r["step"] for r in result.history.step_records]
+    # the loaded run's validation losses too, and a finished (not running) view
+    assert len(other.loss_fig.data[1].x) == len(panel.loss_fig.data[1].x) == 2
+    assert other.live.status == "completed" and other.stop_button.disabled
+    assert other.progress.bar_style == "success"
     labels = [_seen_single(result), _unseen_double(result)]
     pd.testing.assert_frame_equal(other.predict(labels), result.predict(labels), atol=1e-5)
     assert other.evaluation is None and other.response_table["observed_change"].isna().all()
