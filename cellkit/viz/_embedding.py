@@ -96,7 +96,7 @@ def embedding(
         Read gene values from ``adata.layers[layer]``.
     use_raw
         Read gene values from ``adata.raw``. ``None`` (default, as scanpy): from ``adata.raw`` when it
-        exists and has the gene, else from ``adata.X``.
+        exists and has the gene (and the ``gene_symbols`` column, if given), else from ``adata.X``.
     gene_symbols
         A ``var`` column to match gene names against instead of ``var_names`` (e.g. symbols
         when ``var_names`` are Ensembl ids).
@@ -508,7 +508,10 @@ def _gene_values(
         raw = getattr(adata, "raw", None)
         if use_raw and raw is None:
             raise DataError("use_raw=True but adata.raw is None; pass use_raw=False to read adata.X.")
-        from_raw = [(raw.X, raw.var_names, raw.var)] if raw is not None and use_raw is not False else []
+        # by default (use_raw=None) a raw without the gene_symbols column is passed over, not an error
+        no_symbols = raw is not None and gene_symbols is not None and gene_symbols not in raw.var.columns
+        read_raw = raw is not None and (use_raw or (use_raw is None and not no_symbols))
+        from_raw = [(raw.X, raw.var_names, raw.var)] if read_raw else []
         from_x = [] if use_raw else [(adata.X, adata.var_names, adata.var)]
         sources = from_raw + from_x
     for matrix, var_names, var in sources:

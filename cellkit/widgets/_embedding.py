@@ -463,10 +463,15 @@ class EmbeddingPanel(Panel):
             self.set_basis(self.basis)
 
     def _on_gene_source_widget(self, _change: Any) -> None:
-        if not self._syncing and self.color_key:
+        if self._syncing or self.state.adata is None:
+            return
+        self._syncing = True
+        try:
+            self._refresh_gene_options(self.state.adata)  # the gene box lists the chosen column's names
+        finally:
+            self._syncing = False
+        if self.color_key:
             self.color_by(self.color_key)
-        elif not self._syncing:
-            self._refresh_options()  # the gene box lists the names of the chosen var column
 
     # ------------------------------------------------------------------ internals: data
 

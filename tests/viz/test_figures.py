@@ -121,6 +121,19 @@ def test_embedding_gene_from_raw_then_x_and_layers():
         cv.embedding(adata, color="ENSG0002", layer="nope")
 
 
+def test_embedding_gene_symbols_pass_over_a_raw_without_that_column():
+    adata = _adata()
+    raw = adata.copy()
+    raw.X = raw.X * 10
+    raw.var = raw.var.drop(columns="symbol")
+    adata.raw = raw
+    fig = cv.embedding(adata, color="SYM2", gene_symbols="symbol", sort_order=False)  # from X, not raw
+    x = np.asarray(adata.X[:, 2].toarray()).ravel()
+    np.testing.assert_allclose(fig.data[0].marker.color, x)
+    with pytest.raises(DataError, match="not a var column"):
+        cv.embedding(adata, color="SYM2", gene_symbols="symbol", use_raw=True)
+
+
 def test_embedding_nan_coordinates_are_dropped_with_a_note():
     adata = _adata()
     adata.obsm["X_cellkit_umap"][[3, 10, 11]] = np.nan
