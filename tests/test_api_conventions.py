@@ -126,6 +126,7 @@ FIRST_NAME_EXCEPTIONS = {
     # not AnnData methods
     "embedding": "data",
     "static_embedding": "data",
+    "embedding_selection": "data",
     "program_heatmap": "scores",
 }
 
@@ -154,6 +155,8 @@ POSITIONAL_EXCEPTIONS = {
     # viz: the data being drawn (and for the heatmap its rows / grouping) come first
     "embedding": ("data",),
     "static_embedding": ("data",),
+    # the shape drawn on the figure is what the question is about ("which cells are in it?")
+    "embedding_selection": ("data", "selector"),
     "program_heatmap": ("scores", "programs", "groupby"),
 }
 
@@ -335,7 +338,11 @@ SYNONYMS = {
 }
 #: viz.embedding names the var column of gene symbols after scanpy's plotting (``gene_symbols``):
 #: it colours by a symbol, it does not tokenize
-SYNONYM_EXCEPTIONS = {("embedding", "gene_symbols"), ("static_embedding", "gene_symbols")}
+SYNONYM_EXCEPTIONS = {
+    ("embedding", "gene_symbols"),
+    ("static_embedding", "gene_symbols"),
+    ("embedding_selection", "gene_symbols"),
+}
 
 
 @pytest.mark.parametrize("name", sorted(ADATA_FUNCTIONS))

@@ -6,7 +6,9 @@ figure with ``fig.show()`` (notebook or script), save it with :func:`save_html` 
 ``fig.write_html(path)``, or hand it to a ``go.FigureWidget`` for live updates (the studio does).
 
 - :func:`embedding` — WebGL scatter of a UMAP/PCA, coloured by an obs column or a gene;
-  ``fig.data[i].customdata[:, 0]`` are obs positions (map lasso selections back to cells).
+  ``fig.data[i].customdata[:, 0]`` are obs positions (map lasso selections back to cells);
+  ``figure=`` updates an on-screen ``go.FigureWidget`` in place, sending only what changed.
+- :func:`embedding_selection` — every cell inside a lasso / box, also those a subsample left out.
 - :func:`gene_network` — genes joined by similarity above a threshold (networkx spring layout).
 - :func:`attention_heatmap` — query genes × key genes.
 - :func:`program_heatmap` — gene-program scores per cell type, scaled and clustered.
@@ -32,7 +34,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._common import save_html
-from ._embedding import embedding
+from ._embedding import embedding, embedding_selection
 from ._heatmaps import attention_heatmap, confusion_matrix, program_heatmap
 from ._network import gene_network
 from ._palettes import default_palette
@@ -65,6 +67,7 @@ __all__ = [
     "confusion_matrix",
     "default_palette",
     "embedding",
+    "embedding_selection",
     "epoch_figure",
     "fill_training_figure",
     "gene_network",

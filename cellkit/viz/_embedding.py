@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -12,13 +13,13 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from .._errors import ConfigError, DataError
-from ._common import TEMPLATE, add_note, is_anndata
+from ._common import TEMPLATE, add_note, draw_into, is_anndata
 from ._palettes import NA_COLOR, default_palette
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
-__all__ = ["embedding"]
+__all__ = ["embedding", "embedding_selection"]
 
 _AXIS_NAMES = {"umap": "UMAP", "tsne": "tSNE", "pca": "PC", "draw_graph_fa": "FA", "phate": "PHATE"}
 _DEFAULT_HOVER = 3
@@ -28,6 +29,8 @@ PLAIN_COLOR = "#1f77b4"
 DEFAULT_SCALE = "Viridis"
 #: opacity of the cells outside ``selected``
 UNSELECTED_OPACITY = 0.12
+#: most categories a categorical colour may have among the drawn cells (one trace each)
+MAX_CATEGORIES = 200
 
 
 def embedding(
@@ -47,6 +50,8 @@ def embedding(
     palette: str | Sequence[str] | Mapping[str, str] | None = None,
     selected: np.ndarray | Sequence[bool] | Sequence[int] | None = None,
     seed: int = 0,
+    sort_order: bool = True,
+    figure: go.Figure | None = None,
 ) -> go.Figure:
     """Scatter plot of a 2-D embedding of cells, drawn with WebGL (``go.Scattergl``).
 
@@ -56,11 +61,17 @@ def embedding(
     coordinates are NaN (e.g. cells that were not embedded) are left out; cells with a missing
     colour value are drawn in light grey (trace ``"NaN"``).
 
-    **Mapping points back to cells.** Every trace's ``customdata`` is an ``(n_points, 1)`` integer
-    array whose column 0 holds each point's *obs position* (row number in ``adata`` / ``coords``),
-    also after subsampling and sorting. A lasso or box selection reports ``pointIndex`` per trace;
-    ``fig.data[i].customdata[point_indices, 0]`` are the selected cells' positions, so
-    ``adata[positions]`` is the selection.
+    **Mapping points back to cells.** Every trace's ``customdata`` is an ``(n_points, 2 + n_hover)``
+    array: column 0 holds each point's *obs position* (row number in ``adata`` / ``coords``, also
+    after subsampling and sorting), column 1 the cell name, then the ``hover`` columns' values as
+    text; the ``hovertemplate`` reads them (no per-point ``text``). A lasso or box selection reports
+    point indices per trace; ``fig.data[i].customdata[point_indices, 0]`` are the selected cells'
+    positions, so ``adata[positions]`` is the selection. With ``max_points``,
+    :func:`embedding_selection` also finds the cells inside the shape that are not drawn.
+
+    **What was drawn** is recorded in ``fig.layout.meta``: ``basis``, ``color`` (the colour label),
+    ``kind`` (``"none"``, ``"categorical"`` or ``"continuous"``), ``hover`` (the hover columns, also
+    the default ones), ``n_cells``, ``n_valid`` (cells with coordinates), ``n_shown`` and ``notes``.
 
     Parameters
     ----------
@@ -79,12 +90,13 @@ def embedding(
         its columns. Ignored for AnnData input (its own ``obs`` is used).
     hover
         obs columns shown on hover, after the cell name and the colour value. Default: up to 3
-        categorical obs columns. ``[]``: only the cell name and colour value.
+        categorical (or boolean) obs columns besides ``color``. ``[]``: only the cell name and colour
+        value.
     layer
         Read gene values from ``adata.layers[layer]``.
     use_raw
         Read gene values from ``adata.raw``. ``None`` (default, as scanpy): from ``adata.raw`` when it
-        exists and has the gene, else from ``adata.X``.
+        exists and has the gene (and the ``gene_symbols`` column, if given), else from ``adata.X``.
     gene_symbols
         A ``var`` column to match gene names against instead of ``var_names`` (e.g. symbols
         when ``var_names`` are Ensembl ids).
@@ -107,6 +119,15 @@ def embedding(
         cells are dimmed (plotly ``selectedpoints``).
     seed
         Seed of the subsample.
+    sort_order
+        Continuous colours: draw higher values on top (points sorted by value, as scanpy's
+        ``sort_order``). ``False`` keeps obs order, so that a change between two continuous colours
+        changes only the colours — what an on-screen ``figure`` updated in place wants.
+    figure
+        Draw into this figure (typically a ``go.FigureWidget`` on screen) instead of a new one, and
+        return it. When it shows as many traces of the same type, only the properties that changed
+        are sent (a new colour array, a new selection); otherwise its traces are replaced. Its other
+        layout settings (height, drag mode, zoom) are kept.
 
     Returns
     -------
@@ -116,8 +137,9 @@ def embedding(
     Raises
     ------
     DataError
-        Missing ``basis``, unknown ``color``/``hover`` key (the message lists what exists), or
-        arrays whose length does not match the number of cells.
+        Missing ``basis``, unknown ``color``/``hover`` key (the message lists what exists), arrays
+        whose length does not match the number of cells, or a categorical ``color`` with more than
+        ``MAX_CATEGORIES`` (200) categories among the drawn cells (one trace each).
     """
     pts = prepare_points(
         data,
@@ -134,21 +156,18 @@ def embedding(
         seed=seed,
     )
     hover_cols = _hover_columns(hover, pts.obs, pts.label if isinstance(color, str) else None)
-    text = _hover_text(pts.names, pts.obs, hover_cols, pts.values, pts.label, pts.positions)
-    fig = go.Figure()
-    common = {"mode": "markers", "hovertemplate": "%{text}<extra></extra>"}
+    custom = _hover_data(pts, hover_cols)
     if pts.values is None:
-        traces = [
-            _trace(pts, pts.positions, text, name="cells", color=PLAIN_COLOR, order=None, **common)
-        ]
+        kind = "none"
+        tip = _hovertemplate(hover_cols)
+        traces = [_trace(pts, slice(None), custom, name="cells", color=PLAIN_COLOR, hovertemplate=tip)]
     elif pts.categorical:
-        traces = [
-            _trace(pts, pts.positions[rows], text, name=name, color=col, order=rows, **common)
-            for name, rows, col in category_groups(pts, palette=palette, key=color)
-        ]
+        kind = "categorical"
+        traces = _categorical_traces(pts, custom, hover_cols, palette=palette, key=color)
     else:
-        traces = _continuous_traces(pts, text, palette=palette, **common)
-    fig.add_traces(traces)
+        kind = "continuous"
+        traces = _continuous_traces(pts, custom, hover_cols, palette=palette, sort_order=sort_order)
+    fig = go.Figure(data=traces)
     fig.update_layout(
         template=TEMPLATE,
         title={"text": title if title is not None else (pts.label or "")},
@@ -158,10 +177,98 @@ def embedding(
         yaxis={"title": {"text": pts.axis_titles[1]}, "showticklabels": False, "ticks": ""},
         margin={"b": 50},
         uirevision=basis,
+        meta={
+            "basis": basis if pts.adata is not None else None,
+            "color": pts.label,
+            "kind": kind,
+            "hover": hover_cols,
+            "n_cells": len(pts.coords),
+            "n_valid": pts.n_valid,
+            "n_shown": len(pts.positions),
+            "notes": list(pts.notes),
+        },
     )
     if pts.notes:
         add_note(fig, "; ".join(pts.notes))
-    return fig
+    if figure is None:
+        return fig
+    return draw_into(figure, fig)
+
+
+def embedding_selection(
+    data: AnnData | np.ndarray | pd.DataFrame,
+    selector: Any,
+    *,
+    basis: str = "X_cellkit_umap",
+    dims: tuple[int, int] = (0, 1),
+    color: str | Sequence[Any] | np.ndarray | pd.Series | None = None,
+    obs: pd.DataFrame | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_symbols: str | None = None,
+    hidden: Sequence[str] = (),
+) -> np.ndarray:
+    """Obs positions of every cell inside a lasso or box drawn on an :func:`embedding` figure.
+
+    Cells left out of the drawing by ``max_points`` count too (the shape is tested against all
+    coordinates), so a selection on a subsampled figure picks every cell in the shape. Cells
+    without coordinates never do.
+
+    Parameters
+    ----------
+    data
+        The AnnData (or coordinates) the figure was drawn from, as in :func:`embedding`.
+    selector
+        The shape: the ``selector`` a ``go.FigureWidget`` trace's ``on_selection`` callback
+        receives (``plotly.callbacks.BoxSelector`` / ``LassoSelector``), or a dict with the same
+        fields: ``{"type": "box", "xrange": (x0, x1), "yrange": (y0, y1)}`` or
+        ``{"type": "lasso", "xs": [...], "ys": [...]}`` (data coordinates).
+    basis
+        ``obsm`` key of the coordinates (AnnData input only).
+    dims
+        The two coordinate columns the figure plots.
+    color
+        The figure's colour key; needed only with ``hidden``.
+    obs
+        Per-cell annotations for array input (as in :func:`embedding`).
+    layer
+        As in :func:`embedding` (a gene ``color``).
+    use_raw
+        As in :func:`embedding` (a gene ``color``).
+    gene_symbols
+        As in :func:`embedding` (a gene ``color``).
+    hidden
+        Trace names whose cells are not selected, e.g. the categories hidden by a click on the
+        legend (``[t.name for t in fig.data if t.visible == "legendonly"]``); ``"NaN"`` stands for
+        cells without a colour value.
+
+    Returns
+    -------
+    numpy.ndarray
+        Sorted int64 obs positions.
+
+    Raises
+    ------
+    ConfigError
+        A selector that is neither a box nor a lasso.
+    DataError
+        As :func:`embedding` for ``basis`` / ``color``.
+    """
+    coords, obs_frame, _names, adata = _coords(data, basis=basis, obs=obs, dims=dims)
+    ok = _inside(selector, coords[:, 0], coords[:, 1]) & np.isfinite(coords).all(axis=1)
+    hidden = [str(h) for h in ([hidden] if isinstance(hidden, str) else hidden)]
+    if hidden:
+        values, label = _color_values(
+            color,
+            adata=adata,
+            obs=obs_frame,
+            n=len(coords),
+            layer=layer,
+            use_raw=use_raw,
+            gene_symbols=gene_symbols,
+        )
+        ok &= ~np.isin(_trace_names(values, label), hidden)
+    return np.flatnonzero(ok).astype(np.int64)
 
 
 # -- what is drawn (shared with the static figures) ---------------------------------------------
@@ -186,6 +293,7 @@ class Points:
     size: float
     mask: np.ndarray | None
     axis_titles: tuple[str, str]
+    n_valid: int = 0
 
     @property
     def categorical(self) -> bool:
@@ -238,6 +346,7 @@ def prepare_points(
         size=point_size if point_size is not None else _auto_size(len(positions)),
         mask=_selection(selected, n),
         axis_titles=(f"{ax}{dims[0] + 1}", f"{ax}{dims[1] + 1}"),
+        n_valid=int(valid.sum()),
     )
 
 
@@ -248,15 +357,7 @@ def category_groups(pts: Points, *, palette: Any, key: Any) -> list[tuple[str, n
     scanpy's default palette.
     """
     assert pts.values is not None
-    values = pts.values
-    if isinstance(values.dtype, pd.CategoricalDtype):
-        cat = values.cat
-        categories = [str(c) for c in cat.categories]
-        codes = cat.codes.to_numpy()
-    else:
-        c = pd.Categorical(values.astype(object).where(values.notna(), None))
-        categories = [str(x) for x in c.categories]
-        codes = np.asarray(c.codes)
+    categories, codes = _codes(pts.values)
     uns_colors = None
     if pts.adata is not None and isinstance(key, str):
         uns_colors = pts.adata.uns.get(f"{key}_colors") if hasattr(pts.adata, "uns") else None
@@ -266,20 +367,45 @@ def category_groups(pts: Points, *, palette: Any, key: Any) -> list[tuple[str, n
     order = np.argsort(shown, kind="stable")
     bounds = np.searchsorted(shown[order], np.arange(-1, len(categories) + 1))
     groups = [("NaN", order[bounds[0] : bounds[1]], NA_COLOR)]
-    groups += [(categories[k], order[bounds[k + 1] : bounds[k + 2]], colors[k]) for k in range(len(categories))]
+    groups += [
+        (categories[k], order[bounds[k + 1] : bounds[k + 2]], colors[k]) for k in range(len(categories))
+    ]
     return [g for g in groups if len(g[1])]
 
 
-def continuous_order(pts: Points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(values of the drawn cells, rows with a missing value, rows with a value sorted ascending)``.
+def continuous_order(pts: Points, *, sort: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(values of the drawn cells, rows with a missing value, rows with a value)``.
 
-    Rows index ``pts.positions``; drawing them in this order puts high values on top.
+    Rows index ``pts.positions``; with ``sort`` the rows with a value are sorted ascending, so that
+    drawing them in this order puts high values on top (else they stay in obs order).
     """
     assert pts.values is not None
     v = pts.values.to_numpy(dtype=np.float64, na_value=np.nan)[pts.positions]
     finite = np.isfinite(v)
+    if not sort:
+        return v, np.flatnonzero(~finite), np.flatnonzero(finite)
     order_all = np.argsort(np.where(finite, v, -np.inf), kind="stable")
     return v, order_all[~finite[order_all]], order_all[finite[order_all]]
+
+
+def _codes(values: pd.Series) -> tuple[list[str], np.ndarray]:
+    """``(category names, code per cell)`` of categorical colour values; code ``-1``: missing."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        cat = values.cat
+        return [str(c) for c in cat.categories], cat.codes.to_numpy()
+    c = pd.Categorical(values.astype(object).where(values.notna(), None))
+    return [str(x) for x in c.categories], np.asarray(c.codes)
+
+
+def _trace_names(values: pd.Series | None, label: str | None) -> np.ndarray:
+    """Per cell, the name of the :func:`embedding` trace that draws it."""
+    if values is None:
+        return np.full(1, "cells", dtype=object)  # broadcasts over every cell
+    if _is_categorical(values):
+        categories, codes = _codes(values)
+        return np.asarray([*categories, "NaN"], dtype=object)[codes]  # code -1: the last, "NaN"
+    finite = np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
+    return np.where(finite, label or "color", "NaN").astype(object)
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -314,7 +440,9 @@ def _coords(
     arr = raw.to_numpy() if isinstance(raw, pd.DataFrame) else np.asarray(raw)
     where = f"obsm[{basis!r}]" if adata is not None else "the coordinates"
     if arr.ndim != 2 or arr.shape[1] < 2:
-        raise DataError(f"{where} must have shape (n_cells, >= 2); got {arr.shape}.")
+        raise DataError(
+            f"{where} must have shape (n_cells, >= 2), numbers in at least 2 columns; got {arr.shape}."
+        )
     if len(dims) != 2 or max(dims) >= arr.shape[1] or min(dims) < 0:
         raise ConfigError(f"dims={dims} must be two column indices below {arr.shape[1]} ({where}).")
     try:
@@ -380,7 +508,10 @@ def _gene_values(
         raw = getattr(adata, "raw", None)
         if use_raw and raw is None:
             raise DataError("use_raw=True but adata.raw is None; pass use_raw=False to read adata.X.")
-        from_raw = [(raw.X, raw.var_names, raw.var)] if raw is not None and use_raw is not False else []
+        # by default (use_raw=None) a raw without the gene_symbols column is passed over, not an error
+        no_symbols = raw is not None and gene_symbols is not None and gene_symbols not in raw.var.columns
+        read_raw = raw is not None and (use_raw or (use_raw is None and not no_symbols))
+        from_raw = [(raw.X, raw.var_names, raw.var)] if read_raw else []
         from_x = [] if use_raw else [(adata.X, adata.var_names, adata.var)]
         sources = from_raw + from_x
     for matrix, var_names, var in sources:
@@ -428,7 +559,7 @@ def _unknown_color_message(color: str, adata: Any, obs: pd.DataFrame, gene_symbo
         genes.extend(str(g) for g in names)
     genes = list(dict.fromkeys(genes))
     lower = {g.lower(): g for g in genes}
-    close = [lower[color.lower()]] if color.lower() in lower else difflib.get_close_matches(color, genes, n=3)
+    close = [lower[color.lower()]] if color.lower() in lower else _close(color, genes, n=4)
     close += difflib.get_close_matches(color, cols, n=2)
     hint = f" Did you mean {close}?" if close else ""
     where = "adata.raw, adata.X" if getattr(adata, "raw", None) is not None else "adata.X"
@@ -436,6 +567,13 @@ def _unknown_color_message(color: str, adata: Any, obs: pd.DataFrame, gene_symbo
         f"{msg} nor a gene in {where} (var_names{' / var[' + repr(gene_symbols) + ']' if gene_symbols else ''})."
         f"{hint} obs columns: {cols[:30]}; genes ({len(genes)}) start with {genes[:10]}."
     )
+
+
+def _close(name: str, options: list[str], *, n: int) -> list[str]:
+    """Names that start with ``name`` (any case, shortest first), then difflib's close matches."""
+    low = name.lower()
+    prefix = sorted((o for o in options if o.lower().startswith(low)), key=lambda o: (len(o), o))
+    return list(dict.fromkeys([*prefix, *difflib.get_close_matches(name, options, n=n)]))[:n]
 
 
 def _hover_columns(hover: Sequence[str] | None, obs: pd.DataFrame, color_key: str | None) -> list[str]:
@@ -496,48 +634,74 @@ def _fmt(values: pd.Series) -> pd.Series:
     return values.astype(str)
 
 
-def _hover_text(
-    names: np.ndarray,
-    obs: pd.DataFrame,
-    cols: list[str],
-    values: pd.Series | None,
-    label: str | None,
-    positions: np.ndarray,
-) -> np.ndarray:
-    text = "<b>" + pd.Series(names[positions], dtype=object).astype(str) + "</b>"
-    if values is not None:
-        text = text + f"<br>{label}: " + _fmt(values.iloc[positions].reset_index(drop=True))
-    for c in cols:
-        text = text + f"<br>{c}: " + _fmt(obs[c].iloc[positions].reset_index(drop=True))
-    return text.to_numpy(dtype=object)
+def _hover_data(pts: Points, cols: list[str]) -> np.ndarray:
+    """``(n_shown, 2 + len(cols))`` object array: obs position, cell name, hover columns as text."""
+    pos = pts.positions
+    out = np.empty((len(pos), 2 + len(cols)), dtype=object)
+    out[:, 0] = pos.astype(np.int64)
+    out[:, 1] = pts.names[pos].astype(str)
+    for j, c in enumerate(cols, start=2):
+        out[:, j] = _fmt(pts.obs[c].iloc[pos].reset_index(drop=True)).to_numpy(dtype=object)
+    return out
+
+
+def _esc(text: Any) -> str:
+    """Text for a hovertemplate: HTML-escaped, with ``%{`` / ``}`` neutralised."""
+    return html.escape(str(text)).replace("%{", "%&#123;").replace("}", "&#125;")
+
+
+def _hovertemplate(cols: list[str], value: str | None = None) -> str:
+    """Cell name (customdata column 1), the colour ``value`` line, then the hover columns."""
+    parts = ["<b>%{customdata[1]}</b>"]
+    if value is not None:
+        parts.append(value)
+    parts += [f"{_esc(c)}: %{{customdata[{j}]}}" for j, c in enumerate(cols, start=2)]
+    return "<br>".join(parts) + "<extra></extra>"
 
 
 def _trace(
-    pts: Points,
-    idx: np.ndarray,
-    text: np.ndarray,
-    *,
-    name: str,
-    color: Any,
-    order: np.ndarray | None,
-    **kwargs: Any,
+    pts: Points, rows: Any, custom: np.ndarray, *, name: str, color: Any, hovertemplate: str
 ) -> go.Scattergl:
-    """One Scattergl of the cells at obs positions ``idx`` (``text`` aligned to ``order`` rows)."""
-    rows = order if order is not None else slice(None)
+    """One Scattergl of the drawn cells ``pts.positions[rows]`` (``custom`` rows aligned to positions)."""
+    idx = pts.positions[rows]
     trace = go.Scattergl(
         x=pts.coords[idx, 0],
         y=pts.coords[idx, 1],
-        customdata=idx.astype(np.int64).reshape(-1, 1),
-        text=text[rows],
+        mode="markers",
+        customdata=custom[rows],
+        hovertemplate=hovertemplate,
         name=name,
         marker={"size": pts.size, "color": color, "line": {"width": 0}},
-        **kwargs,
     )
     if pts.mask is not None:
         trace.selectedpoints = np.flatnonzero(pts.mask[idx])
         trace.selected = {"marker": {"opacity": 1.0}}
         trace.unselected = {"marker": {"opacity": UNSELECTED_OPACITY}}
     return trace
+
+
+def _categorical_traces(
+    pts: Points, custom: np.ndarray, cols: list[str], *, palette: Any, key: Any
+) -> list[go.Scattergl]:
+    groups = category_groups(pts, palette=palette, key=key)
+    if len(groups) > MAX_CATEGORIES:
+        raise DataError(
+            f"{pts.label!r} has {len(groups):,} categories among the drawn cells; a categorical colour "
+            f"draws one trace (legend entry) each, at most {MAX_CATEGORIES}. Colour by a column with "
+            "fewer categories, or group the rare ones first."
+        )
+    label = _esc(pts.label)
+    return [
+        _trace(
+            pts,
+            rows,
+            custom,
+            name=name,
+            color=col,
+            hovertemplate=_hovertemplate(cols, f"{label}: {_esc(name)}"),
+        )
+        for name, rows, col in groups
+    ]
 
 
 def _category_colors(categories: list[str], palette: Any, uns_colors: Any) -> list[str]:
@@ -575,18 +739,19 @@ def check_continuous_palette(palette: Any, label: str | None) -> None:
         )
 
 
-def _continuous_traces(pts: Points, text: np.ndarray, *, palette: Any, **kwargs: Any) -> list[go.Scattergl]:
+def _continuous_traces(
+    pts: Points, custom: np.ndarray, cols: list[str], *, palette: Any, sort_order: bool
+) -> list[go.Scattergl]:
     check_continuous_palette(palette, pts.label)
-    v, na_rows, rows = continuous_order(pts)
+    v, na_rows, rows = continuous_order(pts, sort=sort_order)
+    label = _esc(pts.label or "color")
     traces = []
     if len(na_rows):
-        traces.append(
-            _trace(pts, pts.positions[na_rows], text, name="NaN", color=NA_COLOR, order=na_rows, **kwargs)
-        )
+        tip = _hovertemplate(cols, f"{label}: NaN")
+        traces.append(_trace(pts, na_rows, custom, name="NaN", color=NA_COLOR, hovertemplate=tip))
     marker_color = v[rows]
-    trace = _trace(
-        pts, pts.positions[rows], text, name=pts.label or "color", color=marker_color, order=rows, **kwargs
-    )
+    tip = _hovertemplate(cols, f"{label}: %{{marker.color:.4~g}}")
+    trace = _trace(pts, rows, custom, name=pts.label or "color", color=marker_color, hovertemplate=tip)
     trace.marker.colorscale = palette or DEFAULT_SCALE
     trace.marker.showscale = True
     trace.marker.colorbar = {"title": {"text": pts.label or ""}, "thickness": 14}
@@ -595,6 +760,46 @@ def _continuous_traces(pts: Points, text: np.ndarray, *, palette: Any, **kwargs:
         trace.marker.cmax = float(marker_color.max())
     traces.append(trace)
     return traces
+
+
+# -- selections drawn on a figure --------------------------------------------------------------
+
+
+def _inside(selector: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Which points ``(x, y)`` lie inside a plotly box / lasso selector (or a dict of its fields)."""
+
+    def get(key: str) -> Any:
+        return selector.get(key) if isinstance(selector, Mapping) else getattr(selector, key, None)
+
+    kind = get("type")
+    try:
+        if kind == "box":
+            (x0, x1), (y0, y1) = sorted(map(float, get("xrange"))), sorted(map(float, get("yrange")))
+            return (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+        if kind == "lasso":
+            return _in_polygon(x, y, np.asarray(get("xs"), dtype=float), np.asarray(get("ys"), dtype=float))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"selector of type {kind!r} has unreadable coordinates ({exc}).") from exc
+    raise ConfigError(
+        f"selector must be a box or a lasso (type 'box' with xrange/yrange, or 'lasso' with xs/ys); got type {kind!r}."
+    )
+
+
+def _in_polygon(x: np.ndarray, y: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """Even-odd rule: which points ``(x, y)`` lie inside the polygon ``(px, py)``."""
+    inside = np.zeros(len(x), dtype=bool)
+    n = len(px)
+    if n < 3 or len(py) != n:
+        return inside
+    j = n - 1
+    for i in range(n):
+        xi, yi, xj, yj = px[i], py[i], px[j], py[j]
+        crosses = (yi > y) != (yj > y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x_at = (xj - xi) * (y - yi) / (yj - yi) + xi
+        inside ^= crosses & (x < x_at)
+        j = i
+    return inside
 
 
 def _axis_name(basis: str) -> str:

@@ -121,6 +121,19 @@ def test_embedding_gene_from_raw_then_x_and_layers():
         cv.embedding(adata, color="ENSG0002", layer="nope")
 
 
+def test_embedding_gene_symbols_pass_over_a_raw_without_that_column():
+    adata = _adata()
+    raw = adata.copy()
+    raw.X = raw.X * 10
+    raw.var = raw.var.drop(columns="symbol")
+    adata.raw = raw
+    fig = cv.embedding(adata, color="SYM2", gene_symbols="symbol", sort_order=False)  # from X, not raw
+    x = np.asarray(adata.X[:, 2].toarray()).ravel()
+    np.testing.assert_allclose(fig.data[0].marker.color, x)
+    with pytest.raises(DataError, match="not a var column"):
+        cv.embedding(adata, color="SYM2", gene_symbols="symbol", use_raw=True)
+
+
 def test_embedding_nan_coordinates_are_dropped_with_a_note():
     adata = _adata()
     adata.obsm["X_cellkit_umap"][[3, 10, 11]] = np.nan
@@ -146,25 +159,140 @@ def test_embedding_subsample_keeps_customdata_consistent():
         np.testing.assert_allclose(t.x, coords[idx, 0], rtol=1e-6)
         np.testing.assert_allclose(t.y, coords[idx, 1], rtol=1e-6)
         assert (labels[idx] == t.name).all()
-        assert all(str(adata.obs_names[i]) in str(txt) for i, txt in zip(idx, t.text))
+        assert list(np.asarray(t.customdata)[:, 1]) == list(adata.obs_names[idx])
     assert any("100 of 500" in a.text for a in fig.layout.annotations)
     again = cv.embedding(adata, color="cell_type", max_points=100, seed=3)
     assert np.array_equal(_positions(again), pos)
 
 
-def test_embedding_hover_text_and_default_hover_columns():
+def test_embedding_hover_reads_customdata_and_default_hover_columns():
     adata = _adata()
     fig = cv.embedding(adata, color="n_counts", hover=["donor"])
     t = fig.data[0]
-    i = int(np.asarray(t.customdata)[0, 0])
-    assert f"<b>{adata.obs_names[i]}</b>" in t.text[0]
-    assert f"donor: {adata.obs['donor'].iloc[i]}" in t.text[0]
-    assert "n_counts: " in t.text[0]
+    assert t.text is None  # no per-point strings: the hovertemplate reads customdata
+    cd = np.asarray(t.customdata)
+    idx = cd[:, 0].astype(int)
+    assert cd.shape == (adata.n_obs, 3)
+    assert list(cd[:, 1]) == list(adata.obs_names[idx])
+    assert list(cd[:, 2]) == list(adata.obs["donor"].iloc[idx])
+    assert "%{customdata[1]}" in t.hovertemplate and "donor: %{customdata[2]}" in t.hovertemplate
+    assert "n_counts: %{marker.color" in t.hovertemplate
+    assert fig.layout.meta["hover"] == ["donor"]
     default = cv.embedding(adata, color="n_counts")
-    assert "cell_type: " in default.data[0].text[0]
-    assert "batch: " in default.data[0].text[0]
+    assert default.layout.meta["hover"] == ["cell_type", "batch"]  # categorical columns
+    assert np.asarray(default.data[0].customdata).shape == (adata.n_obs, 4)
+    cat = cv.embedding(adata, color="cell_type")
+    assert cat.layout.meta["hover"] == ["batch"]  # not the colour key itself
+    assert all(f"cell_type: {t.name}" in t.hovertemplate for t in cat.data)
     with pytest.raises(DataError, match="hover columns"):
         cv.embedding(adata, hover=["nope"])
+
+
+def test_embedding_meta_records_what_is_drawn():
+    adata = _adata(50)
+    adata.obsm["X_cellkit_umap"][:4] = np.nan
+    fig = cv.embedding(adata, color="cell_type", max_points=20)
+    meta = fig.layout.meta
+    assert meta["basis"] == "X_cellkit_umap" and meta["color"] == "cell_type"
+    assert meta["kind"] == "categorical"
+    assert (meta["n_cells"], meta["n_valid"], meta["n_shown"]) == (50, 46, 20)
+    assert len(meta["notes"]) == 2
+    assert cv.embedding(adata, color="n_counts").layout.meta["kind"] == "continuous"
+    assert cv.embedding(adata).layout.meta["kind"] == "none"
+    assert cv.embedding(np.zeros((3, 2))).layout.meta["basis"] is None
+
+
+def test_embedding_sort_order_false_keeps_obs_order():
+    adata = _adata()
+    fig = cv.embedding(adata, color="n_counts", sort_order=False)
+    idx = np.asarray(fig.data[0].customdata)[:, 0].astype(int)
+    np.testing.assert_array_equal(idx, np.arange(adata.n_obs))
+    np.testing.assert_allclose(fig.data[0].marker.color, adata.obs["n_counts"].to_numpy())
+    sorted_fig = cv.embedding(adata, color="n_counts")
+    assert np.all(np.diff(np.asarray(sorted_fig.data[0].marker.color)) >= 0)
+
+
+def test_embedding_too_many_categories_is_refused():
+    adata = _adata(300)
+    adata.obs["barcode"] = pd.Categorical(adata.obs_names)
+    with pytest.raises(DataError, match="300 categories"):
+        cv.embedding(adata, color="barcode")
+    # only the categories of the drawn cells count
+    assert len(cv.embedding(adata, color="barcode", max_points=150).data) == 150
+
+
+def test_embedding_figure_is_updated_in_place_sending_only_changes():
+    adata = _adata()
+    adata.obs["n2"] = adata.obs["n_counts"] * 2
+    target = go.FigureWidget(layout={"height": 321, "dragmode": "lasso"})
+    out = cv.embedding(adata, color="n_counts", sort_order=False, figure=target)
+    assert out is target and len(target.data) == 1
+    assert target.layout.meta["color"] == "n_counts"
+    trace = target.data[0]
+    sent = []
+    orig = target._send_update_msg
+    target._send_update_msg = lambda *a, **k: (sent.append(k or a), orig(*a, **k))[1]
+    cv.embedding(adata, color="n2", sort_order=False, figure=target)
+    assert target.data[0] is trace  # the same trace object, updated
+    assert len(sent) == 1  # one message for the whole change
+    restyle = sent[0]["restyle_data"]
+    arrays = [k for k, v in restyle.items() if isinstance(v[0], np.ndarray | list | tuple) and len(v[0]) > 1]
+    assert arrays == ["marker.color"]
+    np.testing.assert_allclose(trace.marker.color, adata.obs["n2"].to_numpy())
+    assert target.layout.meta["color"] == "n2" and trace.marker.colorbar.title.text == "n2"
+    # layout the function does not set is kept
+    assert target.layout.height == 321 and target.layout.dragmode == "lasso"
+    # a selection only adds selectedpoints; removing it removes them
+    cv.embedding(adata, color="n2", sort_order=False, figure=target, selected=np.arange(5))
+    assert target.data[0] is trace and list(trace.selectedpoints) == list(range(5))
+    cv.embedding(adata, color="n2", sort_order=False, figure=target)
+    assert trace.selectedpoints is None
+    # another trace structure replaces the traces; the note comes and goes with the subsample
+    cv.embedding(adata, color="cell_type", figure=target, max_points=30)
+    assert [t.name for t in target.data] == [
+        t.name for t in cv.embedding(adata, color="cell_type", max_points=30).data
+    ]
+    assert len(target.layout.annotations) == 1
+    cv.embedding(adata, color="cell_type", figure=target)
+    assert len(target.layout.annotations) == 0 and target.layout.meta["n_shown"] == adata.n_obs
+    # bad input leaves the figure as it was
+    with pytest.raises(DataError):
+        cv.embedding(adata, color="nope", figure=target)
+    assert target.layout.meta["color"] == "cell_type"
+
+
+def test_embedding_figure_keeps_a_legend_hidden_category_hidden():
+    adata = _adata()
+    target = go.FigureWidget()
+    cv.embedding(adata, color="cell_type", figure=target)
+    target.data[0].visible = "legendonly"  # what a click on the legend does
+    cv.embedding(adata, color="cell_type", figure=target, selected=np.arange(3))
+    assert target.data[0].visible == "legendonly"
+
+
+def test_embedding_selection_box_lasso_subsample_and_hidden():
+    adata = _adata(400)
+    xy = adata.obsm["X_cellkit_umap"].astype(np.float64)
+    box = {"type": "box", "xrange": (0.5, -0.5), "yrange": (-0.5, 0.5)}  # either order
+    inside = (np.abs(xy[:, 0]) <= 0.5) & (np.abs(xy[:, 1]) <= 0.5)
+    np.testing.assert_array_equal(cv.embedding_selection(adata, box), np.flatnonzero(inside))
+    lasso = {"type": "lasso", "xs": [-0.5, 0.5, 0.5, -0.5], "ys": [-0.5, -0.5, 0.5, 0.5]}
+    np.testing.assert_array_equal(cv.embedding_selection(adata, lasso), np.flatnonzero(inside))
+    # plotly's selector objects work as they come to on_selection callbacks
+    from plotly.callbacks import BoxSelector
+
+    sel = BoxSelector(xrange=[-0.5, 0.5], yrange=[-0.5, 0.5])
+    np.testing.assert_array_equal(cv.embedding_selection(adata, sel), np.flatnonzero(inside))
+    # cells of a hidden category (trace name) are left out; NaN coordinates never count
+    adata.obsm["X_cellkit_umap"][np.flatnonzero(inside)[:2]] = np.nan
+    got = cv.embedding_selection(adata, box, color="cell_type", hidden=["NK"])
+    ok = inside & np.isfinite(adata.obsm["X_cellkit_umap"]).all(axis=1)
+    np.testing.assert_array_equal(got, np.flatnonzero(ok & (adata.obs["cell_type"] != "NK").to_numpy()))
+    # it finds cells a subsampled figure does not draw
+    fig = cv.embedding(adata, color="cell_type", max_points=50)
+    assert len(got) > sum(np.isin(np.asarray(t.customdata)[:, 0].astype(int), got).sum() for t in fig.data)
+    with pytest.raises(ConfigError, match="box or a lasso"):
+        cv.embedding_selection(adata, {"type": "circle"})
 
 
 def test_embedding_selected_highlights_through_selectedpoints():

@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 import pandas as pd
 
-from cellkit import ConfigError, DataError
+from cellkit import DataError
 from cellkit.widgets import EmbeddingPanel, StudioState
 
 
@@ -25,9 +25,9 @@ def _spy(fig):
     return sent
 
 
-def _positions(fig, panel):
-    """obs positions drawn, per trace (from the panel's bookkeeping)."""
-    return [np.asarray(p) for p in panel._trace_pos]
+def _positions(fig, panel=None):
+    """obs positions drawn, per trace (column 0 of each trace's customdata, as viz.embedding writes it)."""
+    return [np.asarray(t.customdata)[:, 0].astype(np.int64) for t in fig.data]
 
 
 def _box_event(fig, xr, yr):
@@ -70,7 +70,7 @@ def test_bases_listed_and_reused_without_recomputation(state):
     assert panel.last_error is None
     assert panel.figure is fig and state.embedding_key == "X_pca"
     assert set(adata.obsm) == keys_before  # nothing computed, nothing written
-    pos = panel._trace_pos[0]
+    pos = _positions(fig)[0]
     np.testing.assert_allclose(fig.data[0].y, adata.obsm["X_pca"][pos, 1], rtol=1e-6)
     assert "PC1" in fig.layout.xaxis.title.text
     # the dropdown drives the same method
@@ -138,7 +138,7 @@ def test_color_by_categorical_numeric_gene_and_predictions(state):
 
     panel.color_by("n_counts")
     assert len(fig.data) == 1 and fig.data[0].type == "scattergl"
-    pos = panel._trace_pos[0]
+    pos = _positions(fig)[0]
     np.testing.assert_allclose(fig.data[0].marker.color, adata.obs["n_counts"].to_numpy()[pos])
     assert fig.data[0].marker.showscale is True
     assert fig.data[0].marker.colorbar.title.text == "n_counts"
@@ -177,21 +177,57 @@ def test_color_by_categorical_numeric_gene_and_predictions(state):
     assert len(fig.data) == 1 and fig.layout.showlegend is False
 
 
+def test_gene_colour_reads_layer_and_gene_symbols(state):
+    adata = state.adata
+    adata.layers["doubled"] = np.asarray(adata.X) * 2
+    adata.var["symbol"] = [f"s_{g}" for g in adata.var_names]
+    panel = EmbeddingPanel(state)
+    fig = panel.figure
+    assert "doubled" in [v for _, v in panel.layer_dropdown.options]
+    assert "symbol" in [v for _, v in panel.symbols_dropdown.options]
+    gene = str(adata.var_names[3])
+    expected = np.asarray(adata.X)[:, 3] * 2
+
+    panel.color_by(gene, layer="doubled")
+    assert panel.last_error is None, panel.message_text
+    assert panel.layer_dropdown.value == "doubled"
+    np.testing.assert_allclose(fig.data[0].marker.color, expected[_positions(fig)[0]], rtol=1e-5)
+
+    # the dropdown picks the var column; the gene box then offers those names
+    panel.symbols_dropdown.value = "symbol"
+    assert f"s_{gene}" in panel.gene_box.options and gene not in panel.gene_box.options
+    panel.gene_box.value = f"s_{gene}"
+    assert panel.last_error is None, panel.message_text
+    assert fig.layout.meta["color"] == f"s_{gene}"
+    np.testing.assert_allclose(fig.data[0].marker.color, expected[_positions(fig)[0]], rtol=1e-5)
+
+    panel.color_by(gene, layer="nope")  # checked by viz.embedding; the view stays
+    assert isinstance(panel.last_error, DataError) and fig.layout.meta["color"] == f"s_{gene}"
+
+
 def test_hover_uses_customdata_not_text(state):
     adata = state.adata
     panel = EmbeddingPanel(state)
+    fig = panel.figure
+    # the default hover columns (viz.embedding's) are shown in the hover box
+    assert list(panel.hover_select.value) == fig.layout.meta["hover"] != []
     panel.set_hover(["phase", "n_genes"])
-    for trace, pos in zip(panel.figure.data, panel._trace_pos, strict=True):
+    assert panel.hover_select.value == ("phase", "n_genes") and fig.layout.meta["hover"] == [
+        "phase",
+        "n_genes",
+    ]
+    for trace, pos in zip(fig.data, _positions(fig), strict=True):
         assert trace.text is None
         cd = np.asarray(trace.customdata)
-        assert cd.shape == (len(pos), 3)
-        assert list(cd[:, 0]) == list(adata.obs_names[pos])
-        assert list(cd[:, 1]) == list(adata.obs["phase"].iloc[pos].astype(str))
-        assert "%{customdata[0]}" in trace.hovertemplate and "phase: %{customdata[1]}" in trace.hovertemplate
+        assert cd.shape == (len(pos), 4)
+        assert list(cd[:, 1]) == list(adata.obs_names[pos])
+        assert list(cd[:, 2]) == list(adata.obs["phase"].iloc[pos].astype(str))
+        assert "%{customdata[1]}" in trace.hovertemplate and "phase: %{customdata[2]}" in trace.hovertemplate
     panel.color_by("n_counts")
-    assert "n_counts: %{marker.color" in panel.figure.data[0].hovertemplate
+    assert "n_counts: %{marker.color" in fig.data[0].hovertemplate
     panel.set_hover(["nope"])
-    assert isinstance(panel.last_error, DataError) and "not obs columns" in panel.message_text
+    assert isinstance(panel.last_error, DataError)
+    assert fig.layout.meta["hover"] == ["phase", "n_genes"]  # the view is unchanged
 
 
 def test_box_selection_through_plotly_callback_reaches_state(state):
@@ -300,7 +336,8 @@ def test_bad_inputs_show_messages_and_leave_data_alone(state):
 
     adata.obsm["X_bad"] = np.zeros((adata.n_obs, 1))
     panel.set_basis("X_bad")
-    assert isinstance(panel.last_error, DataError) and "at least 2 columns" in panel.message_text
+    assert isinstance(panel.last_error, DataError) and "X_bad" in panel.message_text
+    assert panel.basis == "X_umap" and len(fig.data) == n_traces
     del adata.obsm["X_bad"]
 
     panel.color_by("CD3")
@@ -320,8 +357,8 @@ def test_bad_inputs_show_messages_and_leave_data_alone(state):
     panel.select_points([10**6])
     assert isinstance(panel.last_error, DataError)
 
-    panel.compute("  ")
-    assert isinstance(panel.last_error, ConfigError)
+    panel.compute("  ")  # embed_cells refuses an empty key_added
+    assert isinstance(panel.last_error, DataError) and "key_added" in panel.message_text
 
     assert set(adata.obsm) == obsm_before
     pd.testing.assert_frame_equal(adata.obs, obs_before)
