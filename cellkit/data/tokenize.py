@@ -22,6 +22,7 @@ from .._anndata import check_adata
 from .._errors import DataError
 from .._utils import get_logger
 from .genes import GeneMatch, require_overlap, resolve_genes, rules_report
+from .input_spec import InputSpec
 from .sources import MatrixSource, anndata_source, h5ad_sources, scbank_sources
 from .tokenized import ShardedTokens, ShardWriter, TokenizedCells
 from .vocab import Coverage, GeneVocab
@@ -34,18 +35,21 @@ __all__ = ["SCHEMES", "TokenizeContext", "tokenize"]
 log = get_logger(__name__)
 
 SCHEMES = ("scgpt", "geneformer", "teddy", "perturbgene")
-#: scheme options a model may fix in ``config.input`` (how its training data was preprocessed)
-_MODEL_CONVENTIONS = ("normalize_total", "log1p")
 
 
 @dataclass
 class TokenizeContext:
-    """Everything a scheme needs (built by :func:`tokenize`; schemes never see AnnData)."""
+    """Everything a scheme needs (built by :func:`tokenize`; schemes never see AnnData).
+
+    ``options`` are the scheme's options (the caller's over the defaults); ``input_spec`` is the
+    model's :class:`~cellkit.InputSpec` (an empty one for a bare vocabulary), whose stated fields
+    a scheme uses where the caller left an option at ``None``.
+    """
 
     sources: list[tuple[MatrixSource, GeneMatch]]
     vocab: GeneVocab
     options: dict[str, Any]
-    model_input: dict[str, Any]
+    input_spec: InputSpec
     resources: dict[str, Any]
     obs_columns: list[str]
     chunk_size: int
@@ -98,15 +102,16 @@ class TokenizeContext:
         return tqdm(total=total, desc=desc, unit="cell", disable=not self.progress, leave=False)
 
 
-def _model_parts(model: Any) -> tuple[GeneVocab, str | None, dict[str, Any], dict[str, Any]]:
+def _model_parts(model: Any) -> tuple[GeneVocab, str | None, InputSpec, dict[str, Any]]:
     """(vocab, family, input conventions, resources) of a CellModel or a bare GeneVocab."""
     if isinstance(model, GeneVocab):
-        return model, None, {}, {}
+        return model, None, InputSpec(), {}
     vocab = getattr(model, "vocab", None)
     config = getattr(model, "config", None)
     if not isinstance(vocab, GeneVocab) or config is None:
         raise DataError(f"Expected a cellkit model or a GeneVocab, got {type(model).__name__}.")
-    return vocab, config.family, dict(config.input), dict(getattr(model, "resources", {}) or {})
+    spec = config.input if isinstance(config.input, InputSpec) else InputSpec.from_dict(config.input)
+    return vocab, config.family, spec, dict(getattr(model, "resources", {}) or {})
 
 
 def _open_sources(
@@ -189,7 +194,7 @@ def tokenize(
         ``not``; never evaluated as code). Cells come out in the order of the AnnData (obs order), whatever the order of ``cells``.
     layer, use_raw
         Expression matrix to read (default ``.X``; ``use_raw=None`` follows the model's input
-        convention, ``config.input["use_raw"]``, else ``False``). Counts are expected for
+        convention, ``config.input.use_raw``, else ``False``). Counts are expected for
         ``geneformer``.
     gene_column
         ``var`` column with the gene identifiers (default ``var_names``; ``geneformer`` uses
@@ -226,16 +231,13 @@ def tokenize(
     >>> print(tokens.summary())
     """
     check_adata(adata, what="cellkit.tokenize", allow_other=True)
-    vocab, family, model_input, model_resources = _model_parts(model)
+    vocab, family, spec, model_resources = _model_parts(model)
     resources = dict(model_resources if resources is None else resources)
     scheme = scheme or family
     impl = _checked_scheme(scheme, options, chunk_size=chunk_size)
-    # the model's own preprocessing conventions are defaults the caller can override
-    for key in _MODEL_CONVENTIONS:
-        if key in model_input and key in impl.OPTIONS and key not in options:
-            options[key] = model_input[key]
+    options.update(_preprocessing_defaults(spec, impl.OPTIONS, options))
     if use_raw is None:
-        use_raw = bool(model_input.get("use_raw", False))
+        use_raw = bool(spec.use_raw)
 
     sources, in_memory = _open_sources(adata, cells=cells, layer=layer, use_raw=use_raw)
     obs_columns = list(obs_columns)
@@ -252,7 +254,7 @@ def tokenize(
             ctx_sources,
             vocab,
             {**impl.OPTIONS, **options},
-            model_input,
+            spec,
             resources,
             obs_columns,
             chunk_size,
@@ -410,7 +412,17 @@ def check_values(data: np.ndarray, *, where: str, counts: bool = False) -> None:
         )
 
 
-def model_input_value(model_input: Mapping[str, Any], key: str, default: Any) -> Any:
-    """A model's input convention, or ``default`` when the model does not state it."""
-    value = model_input.get(key)
-    return default if value is None else value
+def _preprocessing_defaults(
+    spec: InputSpec, scheme_options: Mapping[str, Any], options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The scheme options the model's preprocessing conventions set where the caller did not.
+
+    ``normalize_total`` and ``log1p`` (how the model's training data was preprocessed), for a
+    scheme that has these options; ``normalize_total=False`` in the spec is the option's ``None``.
+    """
+    stated = {"normalize_total": spec.normalize_total, "log1p": spec.log1p}
+    return {
+        key: (None if value is False and key == "normalize_total" else value)
+        for key, value in stated.items()
+        if value is not None and key in scheme_options and key not in options
+    }
