@@ -182,9 +182,10 @@ def tokenize(
         An AnnData (in memory or ``backed="r"``), the path of an ``.h5ad`` file (opened backed),
         a list of ``.h5ad`` partitions, or an scGPT scBank directory.
     model
-        A loaded :class:`cellkit.CellModel` (its family picks the scheme and its input conventions
-        — ``n_bins``, ``pad_value``, ``<cls>`` value, input size — become the defaults) or a
-        :class:`cellkit.GeneVocab` (then pass ``scheme=``).
+        A loaded :class:`cellkit.CellModel` (its family picks the scheme and its input conventions,
+        ``config.input`` — a :class:`cellkit.InputSpec`: ``max_length``, ``n_bins``,
+        ``pad_value``, ``<cls>`` value, preprocessing — become the defaults of the scheme options
+        left at ``None``) or a :class:`cellkit.GeneVocab` (then pass ``scheme=``).
     scheme
         ``"scgpt"`` (value binning), ``"geneformer"`` (rank encoding), ``"teddy"`` or
         ``"perturbgene"``. Default: the model's family.
