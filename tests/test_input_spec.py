@@ -249,3 +249,31 @@ def test_shards_report_max_length(tmp_path):
     shards = quiet_tokenize(counts_adata(), gf, output=tmp_path / "shards")
     assert shards.max_length == 7
     assert cellkit.open_shards(tmp_path / "shards").max_length == 7
+
+
+def test_max_length_is_an_option_of_every_scheme():
+    """``max_length`` means the same in every scheme; the upstream name is the same option."""
+    adata = counts_adata()
+    scgpt = cellkit.presets.build_model(GENES, family="scgpt", seed=0, **TINY)
+    gf = cellkit.presets.build_model(
+        GENES,
+        family="geneformer",
+        seed=0,
+        version="V2",
+        max_len=12,
+        resources={"gene_median": MEDIANS},
+        **TINY,
+    )
+    for model, scheme, own in (
+        (scgpt, "scgpt", "max_len"),
+        (gf, "geneformer", "model_input_size"),
+        (gf, "teddy", "max_seq_len"),
+    ):
+        a = quiet_tokenize(adata, model, scheme=scheme, max_length=6)
+        b = quiet_tokenize(adata, model, scheme=scheme, **{own: 6})
+        np.testing.assert_array_equal(a.gene_ids, b.gene_ids)
+        np.testing.assert_array_equal(a.offsets, b.offsets)
+        assert a.max_length == b.max_length == a.options[own] == 6
+        assert quiet_tokenize(adata, model, scheme=scheme, max_length=6, **{own: 6}).max_length == 6
+        with pytest.raises(cellkit.DataError, match=rf"{own}=5 and max_length=6"):
+            quiet_tokenize(adata, model, scheme=scheme, max_length=6, **{own: 5})

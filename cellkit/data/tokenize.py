@@ -413,6 +413,21 @@ def check_values(data: np.ndarray, *, where: str, counts: bool = False) -> None:
         )
 
 
+def max_length_option(options: Mapping[str, Any], name: str) -> Any:
+    """The maximum tokens per cell a caller asked for: the scheme's own option ``name`` or ``max_length``.
+
+    Every scheme takes ``max_length`` as well as its upstream name for the same thing (``scgpt``:
+    ``max_len``, ``geneformer``: ``model_input_size``, ``teddy``: ``max_seq_len``); given both,
+    they must agree. ``None``: neither was given.
+    """
+    own, uniform = options.get(name), options.get("max_length")
+    if own is not None and uniform is not None and own != uniform:
+        raise DataError(
+            f"{name}={own!r} and max_length={uniform!r} are the same option and disagree; pass one."
+        )
+    return own if own is not None else uniform
+
+
 def _preprocessing_defaults(
     spec: InputSpec, scheme_options: Mapping[str, Any], options: Mapping[str, Any]
 ) -> dict[str, Any]:

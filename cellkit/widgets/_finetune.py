@@ -15,7 +15,7 @@ Cells: the studio's active selection, else every cell. The AnnData is passed as 
 :func:`cellkit.finetune` tokenizes it with the model's own conventions (``config.input``:
 ``use_raw``, ``normalize_total``, ``log1p`` — so the demo model needs no extra options); the
 studio's ``state.tokens`` are reused instead when they hold exactly those cells and carry the label
-(and batch) column. "Max genes / cell" sets the ``max_len`` tokenize option (CPU runs on long
+(and batch) column. "Max genes / cell" sets the ``max_length`` tokenize option (CPU runs on long
 cells are slow).
 
 Events arrive on the training thread. They are appended to lists under a lock and pushed to the
@@ -42,7 +42,6 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from cellkit import ConfigError, DataError
-from cellkit.data.schemes import MAX_LENGTH_OPTION
 
 from ._base import Panel, guarded, html_table, labelled, line_figure
 from ._state import StudioState
@@ -185,7 +184,7 @@ class FinetunePanel(Panel):
     epochs, lr, batch_size, val_size, test_size, seed, freeze_embeddings, freeze_layers, class_weight
         Training controls (see :func:`cellkit.finetune`).
     max_genes, patience, monitor
-        Advanced: genes per cell kept by the tokenizer (``0``: all; the ``max_len`` tokenize option),
+        Advanced: genes per cell kept by the tokenizer (``0``: all; the ``max_length`` tokenize option),
         early-stopping patience in epochs (``0``: off) and the monitored validation metric.
     start_button, stop_button, resume_button
         "Start", "Stop", "Resume".
@@ -283,7 +282,7 @@ class FinetunePanel(Panel):
         self.freeze_layers = widgets.IntText(value=0, layout=small)
         self.class_weight = widgets.Dropdown(options=["none", "balanced"], value="none", layout=small)
         self.max_genes = widgets.IntText(
-            value=0, layout=small, tooltip="tokenize option max_len (0: every expressed gene)"
+            value=0, layout=small, tooltip="tokenize option max_length (0: every expressed gene)"
         )
         self.patience = widgets.IntText(value=0, layout=small)
         self.monitor = widgets.Dropdown(
@@ -553,8 +552,7 @@ class FinetunePanel(Panel):
             "monitor": self.monitor.value,
         }
         if int(self.max_genes.value) != 0:
-            family = getattr(getattr(self.state.model, "config", None), "family", "scgpt")
-            out["tokenize_options"] = {MAX_LENGTH_OPTION.get(family, "max_len"): int(self.max_genes.value)}
+            out["tokenize_options"] = {"max_length": int(self.max_genes.value)}  # every scheme's option
         if int(self.patience.value) != 0:
             out["early_stopping_patience"] = int(self.patience.value)
         return out

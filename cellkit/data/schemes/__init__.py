@@ -9,12 +9,13 @@
 ``perturbgene`` PerturbGene's bin tokens with gene identity as token type, plus phenotype tokens
 =============== ==================================================================================
 
-Each scheme names its option for the maximum tokens per cell as the upstream tool does
-(``scgpt``: ``max_len``, ``geneformer``: ``model_input_size``, ``teddy``: ``max_seq_len``,
-``perturbgene``: ``max_length``); left at ``None`` it takes the model's
-:attr:`InputSpec.max_length <cellkit.InputSpec.max_length>` (``scgpt`` excepted: no limit, as
-scGPT's tokenizer), and every scheme records the effective value as ``options["max_length"]``
-(:attr:`TokenizedCells.max_length <cellkit.TokenizedCells.max_length>`).
+The maximum tokens per cell (special tokens included) is the option ``max_length`` in every
+scheme; each also takes the upstream tool's name for it (``scgpt``: ``max_len``, ``geneformer``:
+``model_input_size``, ``teddy``: ``max_seq_len``), and the two must agree when both are given.
+Left at ``None`` it is the model's :attr:`InputSpec.max_length <cellkit.InputSpec.max_length>`
+(``scgpt`` excepted: no limit, as scGPT's tokenizer), and every scheme records the effective
+value as ``options["max_length"]`` (:attr:`TokenizedCells.max_length
+<cellkit.TokenizedCells.max_length>`).
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ __all__ = ["OPTIONS", "match_genes", "run"]
 
 OPTIONS: dict[str, Any] = {
     "mode": "deterministic",  # or "compat": also drop versioned ids, exactly as Geneformer
-    "model_input_size": None,  # model's, else 4096 (V2) / 2048 (V1)
+    "model_input_size": None,  # model's max_length, else 4096 (V2) / 2048 (V1)
+    "max_length": None,  # the same as model_input_size (every scheme takes max_length)
     "special_token": None,  # model's / vocabulary's (<cls> and <eos> present) convention
     "target_sum": 10_000,
     "collapse_gene_ids": True,
@@ -295,7 +296,9 @@ def _special_token(o: Mapping[str, Any], vocab: GeneVocab, spec: InputSpec) -> b
 
 def _input_size(o: Mapping[str, Any], spec: InputSpec, special: bool) -> tuple[Any, int]:
     """The model input size (option, else the model's ``max_length``, else 4096 / 2048) and the genes it leaves room for."""
-    size = o["model_input_size"] or spec.max_length or (4096 if special else 2048)
+    from ..tokenize import max_length_option
+
+    size = max_length_option(o, "model_input_size") or spec.max_length or (4096 if special else 2048)
     budget = int(size) - (2 if special else 0)
     if budget < 1:
         raise DataError(f"model_input_size={size} leaves no room for genes.")

@@ -209,6 +209,7 @@ OPTIONS: dict[str, Any] = {
     "pad_value": None,  # model's pad_value, else -2
     "max_len": None,  # longer cells are sampled (CLS kept); None = no limit (not the model's max_length:
     # scGPT's tokenizer keeps every gene, its training samples max_seq_len per batch)
+    "max_length": None,  # the same as max_len (every scheme takes max_length)
     "normalize_total": 1e4,  # scGPT Preprocessor: float target sum; int = median (scGPT quirk, compat)
     "log1p": False,
     "n_hvg": None,  # highly variable genes via scanpy (in-memory data)
@@ -304,7 +305,9 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
         raise DataError(f"mode must be 'deterministic' or 'compat', got {mode!r}.")
     compat = mode == "compat"
     n_bins, pad_value, cls_value = _value_encoding(o, ctx.input_spec, compat=compat)
-    max_len = o["max_len"]
+    from ..tokenize import max_length_option
+
+    max_len = max_length_option(o, "max_len")
     if max_len is not None and (not isinstance(max_len, (int, np.integer)) or max_len < 2):
         raise DataError(f"max_len must be an integer >= 2 or None, got {max_len!r}.")
     append_cls = bool(o["append_cls"])
@@ -321,6 +324,7 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
             "n_bins": n_bins,
             "pad_value": pad_value,
             "cls_value": cls_value,
+            "max_len": None if max_len is None else int(max_len),
             "max_length": None if max_len is None else int(max_len),
         }
     )

@@ -69,6 +69,7 @@ __all__ = ["ANNOTATIONS", "GENE_COLUMN_OPTION", "OPTIONS", "match_genes", "quant
 #: options of the ``teddy`` scheme (defaults)
 OPTIONS: dict[str, Any] = {
     "max_seq_len": None,  # total length incl. <cls>/annotations; None = the model's, else 2048
+    "max_length": None,  # the same as max_seq_len (every scheme takes max_length)
     "add_cls": True,
     "cls_token_id": None,  # None = the vocabulary's <cls>
     "random_genes": False,  # True: seeded random subset of the expressed genes, in rank order
@@ -346,11 +347,11 @@ def _annotation_tokens(
 # ================================================================================ the scheme
 def run(ctx: Any) -> Iterator[TokenizedCells]:
     """Tokenize every source of ``ctx`` (see :func:`cellkit.tokenize` and the module docstring)."""
-    from cellkit.data.tokenize import check_values
+    from cellkit.data.tokenize import check_values, max_length_option
 
     o = ctx.options
     vocab: GeneVocab = ctx.vocab
-    max_seq_len = _max_seq_len(o["max_seq_len"], ctx.input_spec)
+    max_seq_len = _max_seq_len(max_length_option(o, "max_seq_len"), ctx.input_spec)
     add_cls = _flag(o, "add_cls")
     random_genes = _flag(o, "random_genes")
     include_zero = _flag(o, "include_zero_genes")
