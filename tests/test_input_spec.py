@@ -277,3 +277,8 @@ def test_max_length_is_an_option_of_every_scheme():
         assert quiet_tokenize(adata, model, scheme=scheme, max_length=6, **{own: 6}).max_length == 6
         with pytest.raises(cellkit.DataError, match=rf"{own}=5 and max_length=6"):
             quiet_tokenize(adata, model, scheme=scheme, max_length=6, **{own: 5})
+
+
+def test_repr_shows_the_stated_fields():
+    assert repr(InputSpec(n_bins=51, use_raw=True)) == "InputSpec(n_bins=51, use_raw=True)"
+    assert repr(InputSpec()) == "InputSpec()"

@@ -75,7 +75,7 @@ def _edges(value: Any) -> tuple[float, ...]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class InputSpec:
     """How a model's cells are tokenized: the conventions its tokenizer scheme takes as defaults.
 
@@ -172,6 +172,10 @@ class InputSpec:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, check(value))
+
+    def __repr__(self) -> str:
+        """Only the stated fields (``InputSpec(n_bins=51, pad_value=-2.0)``)."""
+        return f"InputSpec({', '.join(f'{k}={v!r}' for k, v in self.stated().items())})"
 
     def stated(self) -> dict[str, Any]:
         """The fields the model states (not ``None``), as Python values (``bin_edges`` a tuple)."""
