@@ -282,3 +282,15 @@ def test_max_length_is_an_option_of_every_scheme():
 def test_repr_shows_the_stated_fields():
     assert repr(InputSpec(n_bins=51, use_raw=True)) == "InputSpec(n_bins=51, use_raw=True)"
     assert repr(InputSpec()) == "InputSpec()"
+
+
+def test_preprocessing_options_are_scheme_option_values():
+    assert InputSpec().preprocessing_options() == {}
+    assert InputSpec(normalize_total=False, log1p=False).preprocessing_options() == {
+        "normalize_total": None,  # the scheme's "no normalisation"
+        "log1p": False,
+    }
+    assert InputSpec(normalize_total=1e4, log1p=True).preprocessing_options() == {
+        "normalize_total": 1e4,
+        "log1p": True,
+    }

@@ -177,6 +177,20 @@ class InputSpec:
         """Only the stated fields (``InputSpec(n_bins=51, pad_value=-2.0)``)."""
         return f"InputSpec({', '.join(f'{k}={v!r}' for k, v in self.stated().items())})"
 
+    def preprocessing_options(self) -> dict[str, Any]:
+        """The stated preprocessing conventions as scheme option values (``normalize_total``, ``log1p``).
+
+        :func:`cellkit.tokenize` (and the studio's data panel) use them as the defaults of a
+        scheme that has these options; ``normalize_total=False`` is the option's ``None`` (no
+        normalisation). Unstated conventions are left out.
+        """
+        out: dict[str, Any] = {}
+        if self.normalize_total is not None:
+            out["normalize_total"] = None if self.normalize_total is False else self.normalize_total
+        if self.log1p is not None:
+            out["log1p"] = self.log1p
+        return out
+
     def stated(self) -> dict[str, Any]:
         """The fields the model states (not ``None``), as Python values (``bin_edges`` a tuple)."""
         return {

@@ -236,7 +236,10 @@ def tokenize(
     resources = dict(model_resources if resources is None else resources)
     scheme = scheme or family
     impl = _checked_scheme(scheme, options, chunk_size=chunk_size)
-    options.update(_preprocessing_defaults(spec, impl.OPTIONS, options))
+    # the model's preprocessing conventions are defaults the caller can override
+    options.update(
+        {k: v for k, v in spec.preprocessing_options().items() if k in impl.OPTIONS and k not in options}
+    )
     if use_raw is None:
         use_raw = bool(spec.use_raw)
 
@@ -426,19 +429,3 @@ def max_length_option(options: Mapping[str, Any], name: str) -> Any:
             f"{name}={own!r} and max_length={uniform!r} are the same option and disagree; pass one."
         )
     return own if own is not None else uniform
-
-
-def _preprocessing_defaults(
-    spec: InputSpec, scheme_options: Mapping[str, Any], options: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The scheme options the model's preprocessing conventions set where the caller did not.
-
-    ``normalize_total`` and ``log1p`` (how the model's training data was preprocessed), for a
-    scheme that has these options; ``normalize_total=False`` in the spec is the option's ``None``.
-    """
-    stated = {"normalize_total": spec.normalize_total, "log1p": spec.log1p}
-    return {
-        key: (None if value is False and key == "normalize_total" else value)
-        for key, value in stated.items()
-        if value is not None and key in scheme_options and key not in options
-    }

@@ -715,10 +715,8 @@ class DataPanel(Panel):
         defaults = _scheme_defaults(scheme)
         model = self.state.model
         if model is not None:
-            spec = model.config.input
-            for key, value in (("normalize_total", spec.normalize_total), ("log1p", spec.log1p)):
-                if value is not None and key in defaults:
-                    defaults[key] = None if value is False and key == "normalize_total" else value
+            conventions = model.config.input.preprocessing_options()
+            defaults.update({k: v for k, v in conventions.items() if k in defaults})
             if self.state.has_demo_model():
                 defaults.update(
                     {k: v for k, v in cellkit.datasets.DEMO_TOKENIZE_OPTIONS.items() if k in defaults}
