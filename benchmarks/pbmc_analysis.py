@@ -84,7 +84,7 @@ def untrained_like(model: Any) -> Any:
     genes = [t for t in model.vocab.tokens if t not in set(model.vocab.specials.values())]
     fresh = build_model(genes, family="scgpt", seed=0, **arch)
     fresh.config.pooling = pooling
-    fresh.config.input.update(model.config.input)
+    fresh.config.input = model.config.input
     return fresh.eval()
 
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .analysis import embed_cells, embedding_metrics, transfer_labels
     from .core import CellEncoder, EncoderConfig, EncoderOutput
     from .data import Coverage, GeneVocab
+    from .data.input_spec import InputSpec
     from .data.selection import select_cells
     from .data.tokenize import tokenize
     from .data.tokenized import TokenizedCells, open_shards
@@ -49,6 +50,7 @@ _LAZY = {
     "EncoderOutput": "cellkit.core",
     "GeneVocab": "cellkit.data",
     "Coverage": "cellkit.data",
+    "InputSpec": "cellkit.data.input_spec",
     "CellModel": "cellkit.model",
     "CellModelConfig": "cellkit.model",
     "CellModelOutput": "cellkit.model",
@@ -111,6 +113,7 @@ __all__ = [
     "FinetuneResult",
     "GeneVocab",
     "History",
+    "InputSpec",
     "MissingDependencyError",
     "PerturbationArchitecture",
     "PerturbationModel",

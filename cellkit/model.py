@@ -28,6 +28,7 @@ from .checkpoints import (
     write_native,
 )
 from .core import CellEncoder, EncoderConfig
+from .data.input_spec import InputSpec
 from .data.vocab import GeneVocab
 from .heads import (
     POOLING_MODES,
@@ -80,8 +81,10 @@ class CellModelConfig:
     specials
         Special-token role → token (e.g. ``{"pad": "<pad>", "cls": "<cls>"}``).
     input
-        Input conventions the tokenizer must follow (e.g. ``pad_value``, ``cls_value``,
-        ``mask_value``, ``n_bins``, ``max_len``).
+        The tokenization conventions the model states (:class:`~cellkit.InputSpec`: maximum
+        length, bins, pad / ``<cls>`` / mask values, preprocessing, ...); a dict of its fields is
+        read with :meth:`InputSpec.from_dict <cellkit.InputSpec.from_dict>` (including the key
+        spellings of earlier cellkit versions).
     metadata
         Free-form provenance (source checkpoint, training data, ...).
     """
@@ -91,7 +94,7 @@ class CellModelConfig:
     pooling: str = "cls"
     family: str = "cellkit"
     specials: dict[str, str] = field(default_factory=dict)
-    input: dict[str, Any] = field(default_factory=dict)
+    input: InputSpec = field(default_factory=InputSpec)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -101,7 +104,14 @@ class CellModelConfig:
             raise ConfigError(f"encoder must be an EncoderConfig or its dict, got {type(self.encoder).__name__}.")
         if not isinstance(self.heads, dict):
             raise ConfigError(f"heads must map head names to options, got {type(self.heads).__name__}.")
-        for name, kind in (("specials", dict), ("input", dict), ("metadata", dict)):
+        if isinstance(self.input, dict):
+            try:
+                self.input = InputSpec.from_dict(self.input)
+            except ConfigError as exc:
+                raise ConfigError(f"Field 'input': {exc}") from None
+        if not isinstance(self.input, InputSpec):
+            raise ConfigError(f"input must be an InputSpec or its dict, got {type(self.input).__name__}.")
+        for name, kind in (("specials", dict), ("metadata", dict)):
             if not isinstance(getattr(self, name), kind):
                 raise ConfigError(f"{name} must be an object (dict), got {type(getattr(self, name)).__name__}.")
         bad = {k: v for k, v in self.specials.items() if not isinstance(k, str) or not isinstance(v, str)}
@@ -116,6 +126,7 @@ class CellModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["encoder"] = self.encoder.to_dict()
+        d["input"] = self.input.to_dict()
         return d
 
     @classmethod

@@ -2,8 +2,9 @@
 
 The ``*_config`` functions turn a vocabulary and a few architecture numbers into a
 :class:`~cellkit.CellModelConfig` that follows one family's conventions, including the input
-conventions its tokenizer scheme reads (``config.input``); :func:`build_model` builds a fresh,
-randomly initialised model for pretraining from scratch out of a list of gene names.
+conventions its tokenizer scheme reads (``config.input``, an :class:`~cellkit.InputSpec`);
+:func:`build_model` builds a fresh, randomly initialised model for pretraining from scratch out
+of a list of gene names.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from ._errors import ConfigError, VocabError
 from .checkpoints.scgpt import encoder_config
 from .core.config import bert_encoder_config
+from .data.input_spec import InputSpec
 from .data.vocab import GeneVocab
 from .model import CellModel, CellModelConfig
 
@@ -76,7 +78,7 @@ def scgpt_config(
         pooling="cls",
         family="scgpt",
         specials=vocab.specials,
-        input={"n_bins": n_bins, "pad_value": pad_value, "cls_value": cls_value, "mask_value": -1.0},
+        input=InputSpec(n_bins=n_bins, pad_value=pad_value, cls_value=cls_value, mask_value=-1.0),
     )
 
 
@@ -99,7 +101,7 @@ def geneformer_config(
     Learned absolute position embeddings (the position is the gene's rank), two token types as in
     BERT (always type 0), LayerNorm + dropout on the summed embeddings, post-norm layers, no
     expression values, and a tied masked-LM head. The input conventions
-    (``version``, ``model_input_size``, ``special_token``) are those a Geneformer checkpoint gets,
+    (``version``, ``max_length``, ``special_token``) are those a Geneformer checkpoint gets,
     so :func:`cellkit.tokenize` applies the ``geneformer`` scheme the same way.
 
     Parameters
@@ -168,7 +170,7 @@ def geneformer_config(
         pooling=pooling,
         family="geneformer",
         specials=vocab.specials,
-        input={"version": version, "model_input_size": max_len, "special_token": special},
+        input=InputSpec(version=version, max_length=max_len, special_token=special),
     )
 
 
@@ -209,8 +211,8 @@ def perturbgene_config(
         DistilBERT's ``dim``, ``n_heads``, ``n_layers``, ``hidden_dim`` and dropout (used for
         attention too).
     bin_edges
-        The shared expression bin edges the model is trained with (recorded in ``config.input``
-        so tokenization uses them by default); ``len(bin_edges)`` bins above ``bin_0`` must be in
+        The shared expression bin edges the model is trained with (recorded as
+        ``config.input.bin_edges`` so tokenization uses them by default); ``len(bin_edges)`` bins above ``bin_0`` must be in
         the vocabulary.
     max_length
         Default longest sequence (``[CLS]``, phenotypes and ``[EOS]`` included) the tokenizer
@@ -240,7 +242,7 @@ def perturbgene_config(
             "cellkit.data.schemes.perturbgene.perturbgene_vocab(phenotypes, n_bins) or build_model(..., "
             "family='perturbgene')."
         )
-    model_input: dict[str, Any] = {"gene_type_offset": 1 + n_categories, "n_gene_types": n_gene_types}
+    edges = None
     if bin_edges is not None:
         edges = _bin_edges(bin_edges)
         if len(edges) > n_bins:
@@ -248,14 +250,13 @@ def perturbgene_config(
                 f"{len(edges)} bin edges make bins 1 … {len(edges)}, but the vocabulary stops at bin_{n_bins}; "
                 f"use at most {n_bins} edges or a vocabulary with more bins."
             )
-        model_input["bin_edges"] = edges
-    if max_length is not None:
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2 + n_categories:
-            raise ConfigError(
-                f"max_length must be an integer >= {2 + n_categories} ([CLS], up to {n_categories} phenotype "
-                f"token(s), [EOS]) or None, got {max_length!r}."
-            )
-        model_input["max_length"] = max_length
+    if max_length is not None and (
+        isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2 + n_categories
+    ):
+        raise ConfigError(
+            f"max_length must be an integer >= {2 + n_categories} ([CLS], up to {n_categories} phenotype "
+            f"token(s), [EOS]) or None, got {max_length!r}."
+        )
     encoder = bert_encoder_config(
         len(vocab),
         d_model=d_model,
@@ -274,7 +275,12 @@ def perturbgene_config(
         pooling="cls",
         family="perturbgene",
         specials=vocab.specials,
-        input=model_input,
+        input=InputSpec(
+            gene_type_offset=1 + n_categories,
+            n_gene_types=n_gene_types,
+            bin_edges=edges,
+            max_length=max_length,
+        ),
     )
 
 
@@ -335,7 +341,7 @@ def build_model(
     --------
     >>> model = build_model([f"G{i}" for i in range(100)], family="geneformer", d_model=32, n_heads=2,
     ...                     n_layers=2, d_ff=64, seed=0)
-    >>> model.vocab.tokens[:3], model.config.input["model_input_size"]
+    >>> model.vocab.tokens[:3], model.config.input.max_length
     (['<pad>', '<mask>', 'G0'], 2048)
     """
     if family not in _BUILDERS:

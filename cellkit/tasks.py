@@ -337,14 +337,15 @@ def _collator(
     if names & _VALUE_OBJECTIVES:
         kw["masking"] = "values"
         kw["mask_ratio"] = 0.4 if mask_ratio is None else mask_ratio
-        kw["mask_value"] = float(model.config.input.get("mask_value", -1.0))
+        mask_value = model.config.input.mask_value
+        kw["mask_value"] = -1.0 if mask_value is None else float(mask_value)
     if "mlm" in names:
         kw["masking"] = "phenotypic" if tokens.scheme == "perturbgene" else "tokens"
         if mask_ratio is not None:
             kw["gene_mask_prob" if kw["masking"] == "phenotypic" else "mlm_probability"] = mask_ratio
         if kw["masking"] == "tokens":
             kw.setdefault("vocab_size", len(model.vocab))
-    max_len = model.config.input.get("max_len")
+    max_len = model.config.input.max_length  # the most tokens per cell the model takes
     if max_len:
         kw["max_len"] = int(max_len)
     return Collator.for_tokens(tokens, **kw)

@@ -36,7 +36,7 @@ def test_demo_model_loads_with_one_call_and_is_small():
     assert meta["labels_seen"] is False
     assert meta["seed"] == 0
     assert meta["date"]
-    assert model.config.input["use_raw"] is True
+    assert model.config.input.use_raw is True
     assert demo_model() is not model  # a fresh object every time
 
 
@@ -63,7 +63,7 @@ def test_tokenize_pbmc_with_the_demo_model():
     lengths = tokens.lengths
     assert lengths.min() > 100
     assert lengths.max() <= 766
-    assert tokens.values.max() == model.config.input["n_bins"] - 1
+    assert tokens.values.max() == model.config.input.n_bins - 1
     # the default normalize_total rescales cells, which leaves per-cell quantile bins unchanged
     plain = cellkit.tokenize(adata, model, use_raw=True, progress=False)
     np.testing.assert_array_equal(plain.values, tokens.values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import anndata as ad
@@ -288,7 +289,7 @@ def test_model_input_conventions_are_tokenizer_defaults():
     model = make_model()
     with pytest.raises(DataError, match="use_raw=True"):
         cellkit.tokenize(adata, model, progress=False)
-    model.config.input.update({"use_raw": True, "normalize_total": None})
+    model.config.input = dataclasses.replace(model.config.input, use_raw=True, normalize_total=False)
     tokens = cellkit.tokenize(adata, model, progress=False)
     assert tokens.options["normalize_total"] is None
     explicit = cellkit.tokenize(adata, model, use_raw=True, normalize_total=None, progress=False)

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import torch
 
 import cellkit
-from cellkit import CellModel, ConfigError, GeneVocab, VocabError, load_model
+from cellkit import CellModel, ConfigError, GeneVocab, InputSpec, VocabError, load_model
 from cellkit.data import CellDataset, Collator
 from cellkit.data.schemes.perturbgene import perturbgene_vocab
 from cellkit.data.synthetic import synthetic_batch, synthetic_vocab
@@ -102,7 +102,7 @@ def test_geneformer_config_is_a_bert(version):
     assert e.pad_token_id == model.vocab.pad_id == 0
     assert c.heads["mlm"]["activation"] == e.activation
     assert c.heads["mlm"]["tied"]
-    assert c.input == {"version": version, "model_input_size": 24, "special_token": v2}
+    assert c.input == InputSpec(version=version, max_length=24, special_token=v2)
     specials = ["<pad>", "<mask>", *(["<cls>", "<eos>"] if v2 else [])]
     assert model.vocab.tokens == specials + GENES  # Geneformer's layout: specials first
     assert model.heads["mlm"].decoder.weight is model.encoder.embeddings.gene.weight
@@ -174,7 +174,7 @@ def test_geneformer_config_needs_its_special_tokens():
     with pytest.raises(ConfigError, match=r"'mask' \(<mask>\).*with_specials"):
         geneformer_config(no_mask)
     v1 = synthetic_vocab(10, specials=("<pad>", "<mask>"))
-    assert geneformer_config(v1).input["special_token"] is False
+    assert geneformer_config(v1).input.special_token is False
     with pytest.raises(ConfigError, match=r"'cls' \(<cls>\), 'eos' \(<eos>\)"):
         geneformer_config(v1, version="V2")
     with pytest.raises(ConfigError, match="version"):
@@ -207,7 +207,7 @@ def test_perturbgene_config_is_genebert():
     assert (e.embedding_norm, e.embedding_dropout, e.dropout, e.attention_dropout) == (True, True, 0.1, 0.1)
     assert c.heads["mlm"]["activation"] == "gelu"
     assert c.heads["mlm"]["tied"]
-    assert c.input == {"gene_type_offset": 3, "n_gene_types": 40, "bin_edges": EDGES, "max_length": 20}
+    assert c.input == InputSpec(gene_type_offset=3, n_gene_types=40, bin_edges=tuple(EDGES), max_length=20)
     assert model.vocab == perturbgene_vocab(PHENOTYPES, len(EDGES))
     assert model.resources == {"genes": GENES, "phenotypes": PHENOTYPES}
 
@@ -217,8 +217,8 @@ def test_perturbgene_tokens_collate_and_mlm():
     adata = counts_adata()
     tokens = tokenize(adata, model, phenotype_columns=["cell_type", "sex"])
     # the scheme's layout agrees with the model's type vocabulary
-    assert tokens.options["gene_type_offset"] == model.config.input["gene_type_offset"]
-    assert tokens.options["n_gene_types"] == model.config.input["n_gene_types"]
+    assert tokens.options["gene_type_offset"] == model.config.input.gene_type_offset
+    assert tokens.options["n_gene_types"] == model.config.input.n_gene_types
     assert tokens.options["bin_edges"] == EDGES
     assert tokens.lengths.max() <= 20
     assert tokens.gene_ids.max() < len(model.vocab)
@@ -260,7 +260,7 @@ def test_perturbgene_config_checks():
     vocab = perturbgene_vocab(PHENOTYPES, 2)
     cfg = perturbgene_config(vocab, n_gene_types=7, n_categories=2)
     assert cfg.encoder.type_vocab_size == 10
-    assert "bin_edges" not in cfg.input
+    assert cfg.input.bin_edges is None
     with pytest.raises(ConfigError, match=r"'cls' \(\[CLS\]\)"):
         perturbgene_config(vocab.with_specials({"pad": "[PAD]", "mask": "[MASK]"}), n_gene_types=3)
     with pytest.raises(ConfigError, match="bin_2"):

@@ -69,7 +69,6 @@ from .._anndata import check_adata, check_finite_rows, check_keys_free, record_w
 from .._errors import ConfigError, DataError
 from .._inference import run_inference
 from .._utils import get_logger
-from ..data.schemes import MAX_LENGTH_OPTION
 from ..data.sources import select_rows
 from ..data.tokenize import tokenize
 from ..data.tokenized import TokenizedCells
@@ -162,8 +161,7 @@ def _layout(tokens: TokenizedCells, rule: str) -> _Layout:
 
 
 def _default_max_len(tokens: TokenizedCells) -> int | None:
-    value = tokens.options.get(MAX_LENGTH_OPTION.get(tokens.scheme, ""))
-    return None if value is None else int(value)
+    return tokens.max_length
 
 
 def _top_token(tokens: TokenizedCells) -> int:

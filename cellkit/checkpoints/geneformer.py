@@ -48,6 +48,7 @@ from cellkit._errors import CellkitError, CheckpointError, ConfigError, VocabErr
 from cellkit._utils import get_logger, read_json
 from cellkit.core import EncoderConfig
 from cellkit.core.config import bert_encoder_config
+from cellkit.data.input_spec import InputSpec
 from cellkit.data.vocab import GeneVocab
 
 from .report import ForeignCheckpoint, LoadReport
@@ -327,11 +328,10 @@ def read(
         "pooling": "cls" if v2 else "mean",
         "family": "geneformer",
         "specials": vocab.specials,
-        "input": {
-            "version": version,
-            "model_input_size": encoder.max_position_embeddings,
-            "special_token": v2,
-        },
+        # the position embeddings bound the tokens per cell (0: no positions, the scheme's default applies)
+        "input": InputSpec(
+            version=version, max_length=encoder.max_position_embeddings or None, special_token=v2
+        ),
         "metadata": {"source": str(path), "hf_config": hf},
     }
     architecture = {

@@ -36,6 +36,7 @@ import torch
 from cellkit._errors import CheckpointError, ConfigError, VocabError
 from cellkit._utils import atomic_directory, get_logger, read_json
 from cellkit.core import EncoderConfig
+from cellkit.data.input_spec import InputSpec
 from cellkit.data.vocab import GeneVocab
 
 from .report import ForeignCheckpoint, LoadReport
@@ -226,6 +227,18 @@ def encoder_config(
     )
 
 
+def _input_spec(
+    path: Path, max_len: int | None, n_bins: int, pad_value: float, mask_value: float, cls_value: float
+) -> InputSpec:
+    """The model's tokenization conventions from ``args.json`` (``max_seq_len`` is ``max_length``)."""
+    try:
+        return InputSpec(
+            max_length=max_len, n_bins=n_bins, pad_value=pad_value, mask_value=mask_value, cls_value=cls_value
+        )
+    except ConfigError as exc:
+        raise CheckpointError(f"{path / ARGS}: {exc}") from None
+
+
 def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> ForeignCheckpoint:
     """Read an scGPT model directory.
 
@@ -281,7 +294,8 @@ def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> For
     if n_bins < 1:
         raise CheckpointError(f"{path / ARGS}: n_bins={n_bins} must be a positive integer.")
     max_len = _num_arg(args, "max_seq_len", None, path, integer=True, optional=True)
-    n_layers_cls = _num_arg(args, "n_layers_cls", 3, path, integer=True)
+    # checked here; the scGPT export reads it back from metadata["scgpt_args"]
+    _num_arg(args, "n_layers_cls", 3, path, integer=True)
     dropout = _num_arg(args, "dropout", 0.2, path)
     pad_token = args.get("pad_token", "<pad>")
     if not isinstance(pad_token, str) or not pad_token:
@@ -333,15 +347,9 @@ def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> For
         "pooling": pooling,
         "family": "scgpt",
         "specials": vocab.specials,
-        "input": {
-            "n_bins": n_bins,
-            "pad_value": pad_value,
-            "mask_value": mask_value,
-            "cls_value": pad_value if cls_value is None else cls_value,
-            "input_style": input_style,
-            "max_len": max_len,
-            "n_layers_cls": n_layers_cls,
-        },
+        "input": _input_spec(
+            path, max_len, n_bins, pad_value, mask_value, pad_value if cls_value is None else cls_value
+        ),
         "metadata": {"source": str(path), "scgpt_args": args},
     }
     report.architecture = {
@@ -564,7 +572,7 @@ def write(
         "MVC": "mvc" in heads,
         "fast_transformer": True,
         "pre_norm": False,
-        "n_layers_cls": heads.get("classifier", {}).get("n_layers", inp.get("n_layers_cls", 3)),
+        "n_layers_cls": heads.get("classifier", {}).get("n_layers", meta_args.get("n_layers_cls", 3)),
     }
     if "mvc" in heads:
         args["mvc_decoder_style"] = "inner product, detach" if heads["mvc"]["detach"] else "inner product"

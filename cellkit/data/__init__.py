@@ -11,6 +11,7 @@ from typing import Any
 from .vocab import SPECIAL_ROLES, Coverage, GeneVocab, unknown_gene_error
 
 _LAZY = {
+    "InputSpec": "cellkit.data.input_spec",
     "TokenizedCells": "cellkit.data.tokenized",
     "ShardedTokens": "cellkit.data.tokenized",
     "ShardWriter": "cellkit.data.tokenized",

@@ -22,6 +22,7 @@ from .._anndata import check_adata
 from .._errors import DataError
 from .._utils import get_logger
 from .genes import GeneMatch, require_overlap, resolve_genes, rules_report
+from .input_spec import InputSpec
 from .sources import MatrixSource, anndata_source, h5ad_sources, scbank_sources
 from .tokenized import ShardedTokens, ShardWriter, TokenizedCells
 from .vocab import Coverage, GeneVocab
@@ -34,18 +35,21 @@ __all__ = ["SCHEMES", "TokenizeContext", "tokenize"]
 log = get_logger(__name__)
 
 SCHEMES = ("scgpt", "geneformer", "teddy", "perturbgene")
-#: scheme options a model may fix in ``config.input`` (how its training data was preprocessed)
-_MODEL_CONVENTIONS = ("normalize_total", "log1p")
 
 
 @dataclass
 class TokenizeContext:
-    """Everything a scheme needs (built by :func:`tokenize`; schemes never see AnnData)."""
+    """Everything a scheme needs (built by :func:`tokenize`; schemes never see AnnData).
+
+    ``options`` are the scheme's options (the caller's over the defaults); ``input_spec`` is the
+    model's :class:`~cellkit.InputSpec` (an empty one for a bare vocabulary), whose stated fields
+    a scheme uses where the caller left an option at ``None``.
+    """
 
     sources: list[tuple[MatrixSource, GeneMatch]]
     vocab: GeneVocab
     options: dict[str, Any]
-    model_input: dict[str, Any]
+    input_spec: InputSpec
     resources: dict[str, Any]
     obs_columns: list[str]
     chunk_size: int
@@ -98,15 +102,16 @@ class TokenizeContext:
         return tqdm(total=total, desc=desc, unit="cell", disable=not self.progress, leave=False)
 
 
-def _model_parts(model: Any) -> tuple[GeneVocab, str | None, dict[str, Any], dict[str, Any]]:
+def _model_parts(model: Any) -> tuple[GeneVocab, str | None, InputSpec, dict[str, Any]]:
     """(vocab, family, input conventions, resources) of a CellModel or a bare GeneVocab."""
     if isinstance(model, GeneVocab):
-        return model, None, {}, {}
+        return model, None, InputSpec(), {}
     vocab = getattr(model, "vocab", None)
     config = getattr(model, "config", None)
     if not isinstance(vocab, GeneVocab) or config is None:
         raise DataError(f"Expected a cellkit model or a GeneVocab, got {type(model).__name__}.")
-    return vocab, config.family, dict(config.input), dict(getattr(model, "resources", {}) or {})
+    spec = config.input if isinstance(config.input, InputSpec) else InputSpec.from_dict(config.input)
+    return vocab, config.family, spec, dict(getattr(model, "resources", {}) or {})
 
 
 def _open_sources(
@@ -177,9 +182,10 @@ def tokenize(
         An AnnData (in memory or ``backed="r"``), the path of an ``.h5ad`` file (opened backed),
         a list of ``.h5ad`` partitions, or an scGPT scBank directory.
     model
-        A loaded :class:`cellkit.CellModel` (its family picks the scheme and its input conventions
-        — ``n_bins``, ``pad_value``, ``<cls>`` value, input size — become the defaults) or a
-        :class:`cellkit.GeneVocab` (then pass ``scheme=``).
+        A loaded :class:`cellkit.CellModel` (its family picks the scheme and its input conventions,
+        ``config.input`` — a :class:`cellkit.InputSpec`: ``max_length``, ``n_bins``,
+        ``pad_value``, ``<cls>`` value, preprocessing — become the defaults of the scheme options
+        left at ``None``) or a :class:`cellkit.GeneVocab` (then pass ``scheme=``).
     scheme
         ``"scgpt"`` (value binning), ``"geneformer"`` (rank encoding), ``"teddy"`` or
         ``"perturbgene"``. Default: the model's family.
@@ -189,7 +195,7 @@ def tokenize(
         ``not``; never evaluated as code). Cells come out in the order of the AnnData (obs order), whatever the order of ``cells``.
     layer, use_raw
         Expression matrix to read (default ``.X``; ``use_raw=None`` follows the model's input
-        convention, ``config.input["use_raw"]``, else ``False``). Counts are expected for
+        convention, ``config.input.use_raw``, else ``False``). Counts are expected for
         ``geneformer``.
     gene_column
         ``var`` column with the gene identifiers (default ``var_names``; ``geneformer`` uses
@@ -226,16 +232,16 @@ def tokenize(
     >>> print(tokens.summary())
     """
     check_adata(adata, what="cellkit.tokenize", allow_other=True)
-    vocab, family, model_input, model_resources = _model_parts(model)
+    vocab, family, spec, model_resources = _model_parts(model)
     resources = dict(model_resources if resources is None else resources)
     scheme = scheme or family
     impl = _checked_scheme(scheme, options, chunk_size=chunk_size)
-    # the model's own preprocessing conventions are defaults the caller can override
-    for key in _MODEL_CONVENTIONS:
-        if key in model_input and key in impl.OPTIONS and key not in options:
-            options[key] = model_input[key]
+    # the model's preprocessing conventions are defaults the caller can override
+    options.update(
+        {k: v for k, v in spec.preprocessing_options().items() if k in impl.OPTIONS and k not in options}
+    )
     if use_raw is None:
-        use_raw = bool(model_input.get("use_raw", False))
+        use_raw = bool(spec.use_raw)
 
     sources, in_memory = _open_sources(adata, cells=cells, layer=layer, use_raw=use_raw)
     obs_columns = list(obs_columns)
@@ -252,7 +258,7 @@ def tokenize(
             ctx_sources,
             vocab,
             {**impl.OPTIONS, **options},
-            model_input,
+            spec,
             resources,
             obs_columns,
             chunk_size,
@@ -410,7 +416,16 @@ def check_values(data: np.ndarray, *, where: str, counts: bool = False) -> None:
         )
 
 
-def model_input_value(model_input: Mapping[str, Any], key: str, default: Any) -> Any:
-    """A model's input convention, or ``default`` when the model does not state it."""
-    value = model_input.get(key)
-    return default if value is None else value
+def max_length_option(options: Mapping[str, Any], name: str) -> Any:
+    """The maximum tokens per cell a caller asked for: the scheme's own option ``name`` or ``max_length``.
+
+    Every scheme takes ``max_length`` as well as its upstream name for the same thing (``scgpt``:
+    ``max_len``, ``geneformer``: ``model_input_size``, ``teddy``: ``max_seq_len``); given both,
+    they must agree. ``None``: neither was given.
+    """
+    own, uniform = options.get(name), options.get("max_length")
+    if own is not None and uniform is not None and own != uniform:
+        raise DataError(
+            f"{name}={own!r} and max_length={uniform!r} are the same option and disagree; pass one."
+        )
+    return own if own is not None else uniform

@@ -73,7 +73,9 @@ class TokenizedCells:
     scheme
         ``"scgpt"``, ``"geneformer"``, ``"teddy"`` or ``"perturbgene"``.
     options
-        The resolved scheme options (JSON-able), for provenance and the studio.
+        The resolved scheme options (JSON-able), for provenance and the studio. Every scheme
+        records the effective maximum tokens per cell as ``options["max_length"]`` (see
+        :attr:`max_length`), whatever its own option for it is called.
     specials
         Role → token id of the special tokens (``pad``, ``cls``, ``eos``, ``mask`` …).
     pad_value
@@ -116,6 +118,17 @@ class TokenizedCells:
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def max_length(self) -> int | None:
+        """The maximum tokens per cell the tokenization allowed, special tokens included.
+
+        The scheme's option (``scgpt``'s ``max_len``, ``geneformer``'s ``model_input_size``,
+        ``teddy``'s ``max_seq_len``, ``perturbgene``'s ``max_length``) or the model's
+        ``InputSpec.max_length`` it defaulted to, recorded as ``options["max_length"]``;
+        ``None``: no limit (or tokens written before cellkit recorded it).
+        """
+        return _max_length(self.options)
 
     @property
     def n_tokens(self) -> int:
@@ -585,6 +598,11 @@ class ShardedTokens:
     def pad_value(self) -> float:
         return float(self.manifest["pad_value"])
 
+    @property
+    def max_length(self) -> int | None:
+        """The maximum tokens per cell the tokenization allowed (see :attr:`TokenizedCells.max_length`)."""
+        return _max_length(self.manifest["options"])
+
     def shard(self, k: int, *, cache: bool = True) -> TokenizedCells:
         """Shard ``k`` as a :class:`TokenizedCells` backed by memory-mapped arrays.
 
@@ -730,6 +748,11 @@ class ShardedTokens:
 
     def __repr__(self) -> str:
         return f"ShardedTokens({self.path}, {len(self):,} cells in {self.n_shards} shards, scheme={self.scheme!r})"
+
+
+def _max_length(options: dict[str, Any]) -> int | None:
+    value = options.get("max_length")
+    return None if value is None else int(value)
 
 
 def _length_text(lengths: np.ndarray) -> str:

@@ -25,6 +25,7 @@ not a foundation model: it knows 765 genes and has seen 700 cells.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import time
 from pathlib import Path
@@ -127,7 +128,9 @@ def train(seed: int = 0, *, epochs: int | None = None, progress: bool = False) -
     )
     wall = time.perf_counter() - start
     last = result.history.epoch_records[-1] if result.history.epoch_records else {}
-    model.config.input.update({"use_raw": True, "normalize_total": None, "log1p": False})
+    model.config.input = dataclasses.replace(
+        model.config.input, use_raw=True, normalize_total=False, log1p=False
+    )
     model.config.metadata = {
         "name": "cellkit demo model",
         "what": (

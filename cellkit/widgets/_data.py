@@ -715,10 +715,8 @@ class DataPanel(Panel):
         defaults = _scheme_defaults(scheme)
         model = self.state.model
         if model is not None:
-            conventions = dict(model.config.input)
-            for key in ("normalize_total", "log1p"):
-                if key in conventions and key in defaults:
-                    defaults[key] = conventions[key]
+            conventions = model.config.input.preprocessing_options()
+            defaults.update({k: v for k, v in conventions.items() if k in defaults})
             if self.state.has_demo_model():
                 defaults.update(
                     {k: v for k, v in cellkit.datasets.DEMO_TOKENIZE_OPTIONS.items() if k in defaults}
@@ -740,8 +738,8 @@ class DataPanel(Panel):
         elif kind in ("opt_int", "opt_float"):
             placeholder = spec.help
             model = self.state.model
-            if spec.name == "n_bins" and model is not None and model.config.input.get("n_bins"):
-                placeholder = f"blank: the model's ({model.config.input['n_bins']})"
+            if spec.name == "n_bins" and model is not None and model.config.input.n_bins:
+                placeholder = f"blank: the model's ({model.config.input.n_bins})"
             w = widgets.Text(
                 value="" if default is None else f"{default:g}", placeholder=placeholder, layout=wide
             )
@@ -772,7 +770,7 @@ class DataPanel(Panel):
         choice = self.matrix.value
         model = self.state.model
         use_raw = choice == "raw" or (
-            choice == "auto" and model is not None and bool(model.config.input.get("use_raw"))
+            choice == "auto" and model is not None and bool(model.config.input.use_raw)
         )
         var = adata.raw.var if use_raw and adata.raw is not None else adata.var
         return [c for c in var.columns if var[c].dtype == bool]
@@ -835,7 +833,7 @@ class DataPanel(Panel):
         adata, model = self.state.adata, self.state.model
         default = "model default"
         if model is not None:
-            default += " (.raw)" if model.config.input.get("use_raw") else " (.X)"
+            default += " (.raw)" if model.config.input.use_raw else " (.X)"
         opts: list[tuple[str, Any]] = [(default, "auto"), (".X", "X")]
         cols: list[str] = []
         if adata is not None:

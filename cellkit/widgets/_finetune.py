@@ -18,7 +18,7 @@ Cells: the studio's active selection, else every cell. The AnnData is passed as 
 :func:`cellkit.finetune` tokenizes it with the model's own conventions (``config.input``:
 ``use_raw``, ``normalize_total``, ``log1p`` — so the demo model needs no extra options); the
 studio's ``state.tokens`` are reused instead when they hold exactly those cells and carry the label
-(and batch) column. "Max genes / cell" sets the ``max_len`` tokenize option (CPU runs on long
+(and batch) column. "Max genes / cell" sets the ``max_length`` tokenize option (CPU runs on long
 cells are slow).
 
 Throttling and thread safety of the live view: see :class:`~cellkit.widgets._live.LiveTraining`.
@@ -41,7 +41,6 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from cellkit import ConfigError, DataError
-from cellkit.data.schemes import MAX_LENGTH_OPTION
 
 from ._base import Panel, guarded, html_table, labelled
 from ._live import DONE_STATUSES, LiveTraining, seconds_text
@@ -150,7 +149,7 @@ class FinetunePanel(Panel):
     epochs, lr, batch_size, val_size, test_size, seed, freeze_embeddings, freeze_layers, class_weight
         Training controls (see :func:`cellkit.finetune`).
     max_genes, patience, monitor
-        Advanced: genes per cell kept by the tokenizer (``0``: all; the ``max_len`` tokenize option),
+        Advanced: genes per cell kept by the tokenizer (``0``: all; the ``max_length`` tokenize option),
         early-stopping patience in epochs (``0``: off) and the monitored validation metric.
     live
         The live training view (:class:`~cellkit.widgets._live.LiveTraining`): curves, progress,
@@ -237,7 +236,7 @@ class FinetunePanel(Panel):
         self.freeze_layers = widgets.IntText(value=0, layout=small)
         self.class_weight = widgets.Dropdown(options=["none", "balanced"], value="none", layout=small)
         self.max_genes = widgets.IntText(
-            value=0, layout=small, tooltip="tokenize option max_len (0: every expressed gene)"
+            value=0, layout=small, tooltip="tokenize option max_length (0: every expressed gene)"
         )
         self.patience = widgets.IntText(value=0, layout=small)
         self.monitor = widgets.Dropdown(
@@ -493,8 +492,7 @@ class FinetunePanel(Panel):
             "monitor": self.monitor.value,
         }
         if int(self.max_genes.value) != 0:
-            family = getattr(getattr(self.state.model, "config", None), "family", "scgpt")
-            out["tokenize_options"] = {MAX_LENGTH_OPTION.get(family, "max_len"): int(self.max_genes.value)}
+            out["tokenize_options"] = {"max_length": int(self.max_genes.value)}  # every scheme's option
         if int(self.patience.value) != 0:
             out["early_stopping_patience"] = int(self.patience.value)
         return out

@@ -87,7 +87,7 @@ def add_recent(path: str, kind: str = "models") -> list[str]:
 # ---------------------------------------------------------------------------------- helpers
 def _coverage_genes(model: Any, adata: Any) -> tuple[Any, str]:
     """The gene names the tokenizer will read for ``model`` (its ``use_raw`` convention) and where from."""
-    use_raw = bool(model.config.input.get("use_raw"))
+    use_raw = bool(model.config.input.use_raw)
     if use_raw and getattr(adata, "raw", None) is not None:
         return adata.raw.var_names, ".raw.var_names"
     return adata.var_names, "var_names"

@@ -70,7 +70,7 @@ def geneformer_tokens(cells, *, v2: bool = True, size: int = 6) -> TokenizedCell
         offsets,
         scheme="geneformer",
         specials=specials,
-        options={"model_input_size": size, "special_token": v2},
+        options={"model_input_size": size, "special_token": v2, "max_length": size},
     )
 
 
@@ -100,7 +100,7 @@ def test_rank_rule_teddy_prefix_and_values():
         values=np.array([0, 0, 3, 2, 1], np.float32),
         scheme="teddy",
         specials={"pad": 0, "cls": 2},
-        options={"cls_token_id": 2, "n_annotation_tokens": 1, "max_seq_len": 5},
+        options={"cls_token_id": 2, "n_annotation_tokens": 1, "max_seq_len": 5, "max_length": 5},
     )
     out = perturb_tokens(t, [6], "overexpress")  # after <cls> and the annotation, with the top value
     assert cells_of(out) == [[2, 20, 6, 4, 5]]
@@ -115,7 +115,7 @@ def test_binned_rule_scgpt():
         values=np.array([-2, 3, 1, 5, 1, -2, 2], np.float32),
         scheme="scgpt",
         specials={"pad": 10, "cls": 11, "eos": 12},
-        options={"max_len": 5, "n_bins": 11},
+        options={"max_len": 5, "n_bins": 11, "max_length": 5},
     )
     out = perturb_tokens(t, [1], "delete")
     assert cells_of(out) == [[11, 0, 2, 3], [11, 4]]

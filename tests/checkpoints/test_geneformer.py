@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import cellkit
-from cellkit import CellkitError, CheckpointError, VocabError
+from cellkit import CellkitError, CheckpointError, InputSpec, VocabError
 from cellkit.checkpoints import detect_format
 from cellkit.checkpoints import geneformer as gf
 from cellkit.heads import pool_cells
@@ -450,7 +450,7 @@ def test_config_vocab_resources_and_report(ckpts):
     c = model.config
     assert c.family == "geneformer"
     assert c.pooling == "cls"
-    assert c.input == {"version": "V2", "model_input_size": 4096, "special_token": True}
+    assert c.input == InputSpec(version="V2", max_length=4096, special_token=True)
     assert c.heads == {"mlm": {"activation": "gelu", "tied": True, "eps": 1e-12}}
     enc = c.encoder
     assert (enc.d_model, enc.n_heads, enc.n_layers, enc.d_ff) == (HIDDEN, 3, N_LAYERS, 40)
@@ -470,7 +470,7 @@ def test_config_vocab_resources_and_report(ckpts):
     assert len(set(r.mapped.values())) == len(model.state_dict()) - len(model.tied_keys())
 
     v1 = cellkit.load_model(ckpts["V1"])
-    assert v1.config.input == {"version": "V1", "model_input_size": 2048, "special_token": False}
+    assert v1.config.input == InputSpec(version="V1", max_length=2048, special_token=False)
     assert v1.config.pooling == "mean"
     assert v1.config.encoder.activation == "relu"
     assert v1.vocab.specials == {"pad": "<pad>", "mask": "<mask>"}

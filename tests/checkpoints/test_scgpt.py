@@ -138,8 +138,8 @@ def test_fresh_head_only_when_asked(tmp_path):
 
 def test_cls_value_convention_recorded(tmp_path):
     path = build_checkpoint("tiny", tmp_path / "tiny")
-    assert cellkit.load_model(path).config.input["cls_value"] == -2
-    assert cellkit.load_model(path, cls_value=0.0).config.input["cls_value"] == 0.0
+    assert cellkit.load_model(path).config.input.cls_value == -2
+    assert cellkit.load_model(path, cls_value=0.0).config.input.cls_value == 0.0
 
 
 def test_pad_embedding_row_is_not_zero(tmp_path):

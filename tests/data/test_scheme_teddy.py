@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from cellkit._errors import DataError
 from cellkit.data._hashing import cell_key, uniform_hash
+from cellkit.data.input_spec import InputSpec
 from cellkit.data.schemes import teddy
 from cellkit.data.tokenize import tokenize
 from cellkit.data.vocab import GeneVocab
@@ -133,7 +134,7 @@ def test_cls_token_id_option_and_missing_cls():
 def test_max_seq_len_from_model_input():
     a = make_adata([[1, 2, 3, 4]])
     model = fake_model(make_vocab())
-    model.config.input = {"model_input_size": 3}
+    model.config.input = InputSpec(max_length=3)
     assert ids_of(tok(a, model), 0) == [CLS, *g(3, 2)]
 
 

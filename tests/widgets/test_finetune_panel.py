@@ -352,7 +352,7 @@ def test_controls_follow_data_selection_and_model(state, pbmc):
     assert "tokenize_options" not in kw and "early_stopping_patience" not in kw
     panel.max_genes.value, panel.patience.value, panel.class_weight.value = 64, 2, "balanced"
     kw = panel.settings()
-    assert kw["tokenize_options"] == {"max_len": 64} and kw["early_stopping_patience"] == 2
+    assert kw["tokenize_options"] == {"max_length": 64} and kw["early_stopping_patience"] == 2
     assert kw["class_weight"] == "balanced"
 
 
@@ -406,17 +406,15 @@ def test_reuses_the_studios_tokens_when_they_fit(state):
     assert data is state.adata
 
 
-def test_max_genes_uses_each_scheme_option_name(state):
-    from cellkit.data.schemes import MAX_LENGTH_OPTION as LENGTH_OPTION
+def test_max_genes_is_every_scheme_max_length(state):
+    from cellkit.data.schemes import get_scheme
+    from cellkit.data.tokenize import SCHEMES
     from cellkit.widgets import FinetunePanel
 
     panel = FinetunePanel(state)
     panel.max_genes.value = 16
-    assert panel.settings()["tokenize_options"] == {"max_len": 16}  # the demo model is scGPT-style
-    for family, option in LENGTH_OPTION.items():
+    for family in SCHEMES:
         state.model.config.family = family
-        assert panel.settings()["tokenize_options"] == {option: 16}
-    from cellkit.data.schemes import get_scheme
-
-    for scheme, option in LENGTH_OPTION.items():
-        assert option in get_scheme(scheme).OPTIONS
+        assert panel.settings()["tokenize_options"] == {"max_length": 16}
+    for scheme in SCHEMES:
+        assert "max_length" in get_scheme(scheme).OPTIONS

@@ -8,6 +8,14 @@
 ``teddy``       TEDDY's tokenization options (ranks or bins, ``<cls>``, random genes, annotations)
 ``perturbgene`` PerturbGene's bin tokens with gene identity as token type, plus phenotype tokens
 =============== ==================================================================================
+
+The maximum tokens per cell (special tokens included) is the option ``max_length`` in every
+scheme; each also takes the upstream tool's name for it (``scgpt``: ``max_len``, ``geneformer``:
+``model_input_size``, ``teddy``: ``max_seq_len``), and the two must agree when both are given.
+Left at ``None`` it is the model's :attr:`InputSpec.max_length <cellkit.InputSpec.max_length>`
+(``scgpt`` excepted: no limit, as scGPT's tokenizer), and every scheme records the effective
+value as ``options["max_length"]`` (:attr:`TokenizedCells.max_length
+<cellkit.TokenizedCells.max_length>`).
 """
 
 from __future__ import annotations
@@ -17,15 +25,7 @@ from types import ModuleType
 
 from ..._errors import DataError
 
-__all__ = ["MAX_LENGTH_OPTION", "get_scheme"]
-
-#: each scheme's option for the maximum tokens per cell (specials included)
-MAX_LENGTH_OPTION: dict[str, str] = {
-    "scgpt": "max_len",
-    "geneformer": "model_input_size",
-    "teddy": "max_seq_len",
-    "perturbgene": "max_length",
-}
+__all__ = ["get_scheme"]
 
 _MODULES = {name: f"cellkit.data.schemes.{name}" for name in ("scgpt", "geneformer", "teddy", "perturbgene")}
 

@@ -25,6 +25,7 @@ import scipy.sparse as sp
 
 from ..._errors import DataError
 from ..genes import GeneMatch
+from ..input_spec import InputSpec
 from ..tokenized import TokenizedCells
 from ..vocab import Coverage, GeneVocab
 from ._kernels import csr_arrays
@@ -33,7 +34,8 @@ __all__ = ["OPTIONS", "match_genes", "run"]
 
 OPTIONS: dict[str, Any] = {
     "mode": "deterministic",  # or "compat": also drop versioned ids, exactly as Geneformer
-    "model_input_size": None,  # model's, else 4096 (V2) / 2048 (V1)
+    "model_input_size": None,  # model's max_length, else 4096 (V2) / 2048 (V1)
+    "max_length": None,  # the same as model_input_size (every scheme takes max_length)
     "special_token": None,  # model's / vocabulary's (<cls> and <eos> present) convention
     "target_sum": 10_000,
     "collapse_gene_ids": True,
@@ -225,12 +227,14 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
         raise DataError(f"mode must be 'deterministic' or 'compat', got {o['mode']!r}.")
     compat = o["mode"] == "compat"
     vocab: GeneVocab = ctx.vocab
-    special = _special_token(o, vocab, ctx.model_input)
-    size, budget = _input_size(o, ctx.model_input, special)
+    special = _special_token(o, vocab, ctx.input_spec)
+    size, budget = _input_size(o, ctx.input_spec, special)
     medians = _gene_medians(ctx.resources)
     specials = ctx.specials()
     target_sum = o["target_sum"]
-    ctx.options.update({"model_input_size": int(size), "special_token": bool(special)})
+    ctx.options.update(
+        {"model_input_size": int(size), "special_token": bool(special), "max_length": int(size)}
+    )
     for src, match in ctx.sources:
         plan, out_tokens = _column_plan(match, bool(o["collapse_gene_ids"]), compat)
         selection = _ordered_selection(plan)
@@ -276,16 +280,13 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
             )
 
 
-def _special_token(o: Mapping[str, Any], vocab: GeneVocab, model_input: Mapping[str, Any]) -> bool:
+def _special_token(o: Mapping[str, Any], vocab: GeneVocab, spec: InputSpec) -> bool:
     """Whether cells get ``<cls>`` … ``<eos>``: the option, else the model's setting, else the vocabulary's."""
-    from ..tokenize import model_input_value
-
     has_special = "cls" in vocab.specials and "eos" in vocab.specials
-    special = (
-        o["special_token"]
-        if o["special_token"] is not None
-        else bool(model_input_value(model_input, "special_token", has_special))
-    )
+    if o["special_token"] is not None:
+        special = o["special_token"]
+    else:
+        special = has_special if spec.special_token is None else spec.special_token
     if special and not has_special:
         raise DataError(
             "special_token=True needs <cls> and <eos> in the vocabulary (Geneformer V2 dictionaries have them)."
@@ -293,11 +294,11 @@ def _special_token(o: Mapping[str, Any], vocab: GeneVocab, model_input: Mapping[
     return special
 
 
-def _input_size(o: Mapping[str, Any], model_input: Mapping[str, Any], special: bool) -> tuple[Any, int]:
-    """The model input size (option, else the model's, else 4096 / 2048) and the genes it leaves room for."""
-    from ..tokenize import model_input_value
+def _input_size(o: Mapping[str, Any], spec: InputSpec, special: bool) -> tuple[Any, int]:
+    """The model input size (option, else the model's ``max_length``, else 4096 / 2048) and the genes it leaves room for."""
+    from ..tokenize import max_length_option
 
-    size = o["model_input_size"] or model_input_value(model_input, "model_input_size", 4096 if special else 2048)
+    size = max_length_option(o, "model_input_size") or spec.max_length or (4096 if special else 2048)
     budget = int(size) - (2 if special else 0)
     if budget < 1:
         raise DataError(f"model_input_size={size} leaves no room for genes.")

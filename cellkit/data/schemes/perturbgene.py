@@ -36,6 +36,7 @@ import pandas as pd
 
 from cellkit._errors import DataError
 from cellkit.data.genes import GeneMatch, matching_options, resolve_genes
+from cellkit.data.input_spec import InputSpec
 from cellkit.data.tokenized import TokenizedCells
 from cellkit.data.vocab import GeneVocab
 
@@ -51,7 +52,7 @@ __all__ = [
 
 #: options of the ``perturbgene`` scheme (defaults)
 OPTIONS: dict[str, Any] = {
-    "max_length": None,  # total length incl. [CLS], phenotypes and [EOS]; None = model's max_len, else no limit
+    "max_length": None,  # total length incl. [CLS], phenotypes and [EOS]; None = the model's max_length, else no limit
     "phenotype_columns": (),  # obs columns (= category names), or {category: obs column}
     "phenotype_categories": None,  # the model's categories (sorted); None = resource "phenotypes", else the included ones
     "bin_edges": None,  # shared bin edges (list of floats)
@@ -204,16 +205,14 @@ def match_genes(
 
 
 # ================================================================================ options
-def _bin_edges(
-    o: Mapping[str, Any], model_input: Mapping[str, Any], resources: Mapping[str, Any]
-) -> np.ndarray:
+def _bin_edges(o: Mapping[str, Any], spec: InputSpec, resources: Mapping[str, Any]) -> np.ndarray:
     edges, file = o["bin_edges"], o["bin_edges_file"]
     if edges is not None and file is not None:
         raise DataError("Pass bin_edges= or bin_edges_file=, not both.")
     if file is not None:
         edges = read_bin_edges(file)
     if edges is None:
-        edges = model_input.get("bin_edges", resources.get("bin_edges"))
+        edges = spec.bin_edges if spec.bin_edges is not None else resources.get("bin_edges")
     if edges is None:
         raise DataError(
             "The perturbgene scheme needs shared bin edges: pass bin_edges=[0.1] (expressed or not) or "
@@ -313,7 +312,7 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
             )
     specials = ctx.specials()
     cls_id, eos_id = specials["cls"], specials["eos"]
-    edges = _bin_edges(o, ctx.model_input, ctx.resources)
+    edges = _bin_edges(o, ctx.input_spec, ctx.resources)
     n_bins = len(edges)
     missing_bins = [f"bin_{k}" for k in range(1, n_bins + 1) if f"bin_{k}" not in vocab]
     if missing_bins:
@@ -330,9 +329,7 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
     ctx.notes.append(f"gene coverage counts the genes of the model's gene list ({len(genes):,} genes)")
     max_length = o["max_length"]
     if max_length is None:
-        max_length = next(
-            (ctx.model_input[k] for k in ("max_length", "max_len") if ctx.model_input.get(k)), None
-        )
+        max_length = ctx.input_spec.max_length
     n_fixed = 2 + len(pairs)
     if max_length is not None and (
         isinstance(max_length, (bool, np.bool_))

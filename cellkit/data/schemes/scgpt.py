@@ -32,6 +32,7 @@ import scipy.sparse as sp
 
 from ..._errors import DataError
 from ..genes import GeneMatch, matching_options, resolve_genes
+from ..input_spec import InputSpec
 from ..tokenized import TokenizedCells
 from ..vocab import GeneVocab
 
@@ -206,7 +207,9 @@ OPTIONS: dict[str, Any] = {
     "append_cls": True,
     "cls_value": None,  # compat: 0 (tokenize_and_pad_batch); else the model's convention (-2)
     "pad_value": None,  # model's pad_value, else -2
-    "max_len": None,  # longer cells are sampled (CLS kept); None = no limit
+    "max_len": None,  # longer cells are sampled (CLS kept); None = no limit (not the model's max_length:
+    # scGPT's tokenizer keeps every gene, its training samples max_seq_len per batch)
+    "max_length": None,  # the same as max_len (every scheme takes max_length)
     "normalize_total": 1e4,  # scGPT Preprocessor: float target sum; int = median (scGPT quirk, compat)
     "log1p": False,
     "n_hvg": None,  # highly variable genes via scanpy (in-memory data)
@@ -301,8 +304,10 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
     if mode not in ("deterministic", "compat"):
         raise DataError(f"mode must be 'deterministic' or 'compat', got {mode!r}.")
     compat = mode == "compat"
-    n_bins, pad_value, cls_value = _value_encoding(o, ctx.model_input, compat=compat)
-    max_len = o["max_len"]
+    n_bins, pad_value, cls_value = _value_encoding(o, ctx.input_spec, compat=compat)
+    from ..tokenize import max_length_option
+
+    max_len = max_length_option(o, "max_len")
     if max_len is not None and (not isinstance(max_len, (int, np.integer)) or max_len < 2):
         raise DataError(f"max_len must be an integer >= 2 or None, got {max_len!r}.")
     append_cls = bool(o["append_cls"])
@@ -314,7 +319,15 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
     _check_whole_matrix_options(ctx, target, min_gene_counts)
     specials = ctx.specials()
     cls_id = specials.get("cls", -1)
-    ctx.options.update({"n_bins": n_bins, "pad_value": pad_value, "cls_value": cls_value})
+    ctx.options.update(
+        {
+            "n_bins": n_bins,
+            "pad_value": pad_value,
+            "cls_value": cls_value,
+            "max_len": None if max_len is None else int(max_len),
+            "max_length": None if max_len is None else int(max_len),
+        }
+    )
     ctx.options.update(matching_options(o, compat=compat))  # what match_genes used, recorded
     rng = np.random.RandomState(int(o["seed"])) if compat else None
     all_parts: list[TokenizedCells] = []
@@ -392,21 +405,22 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
         yield cells
 
 
-def _value_encoding(o: Mapping[str, Any], model_input: Mapping[str, Any], *, compat: bool) -> tuple[Any, float, float]:
+def _value_encoding(o: Mapping[str, Any], spec: InputSpec, *, compat: bool) -> tuple[Any, float, float]:
     """``n_bins``, ``pad_value`` and ``cls_value``: each the option, else the model's setting, else scGPT's default."""
-    from ..tokenize import model_input_value
-
-    n_bins = o["n_bins"] if o["n_bins"] is not None else model_input_value(model_input, "n_bins", 51)
+    n_bins = o["n_bins"] if o["n_bins"] is not None else _stated(spec.n_bins, 51)
     if n_bins is not False and n_bins and (not isinstance(n_bins, (int, np.integer)) or n_bins < 3):
         raise DataError(f"n_bins must be an integer >= 3 (or 0 for continuous values), got {n_bins!r}.")
-    pad_value = float(
-        o["pad_value"] if o["pad_value"] is not None else model_input_value(model_input, "pad_value", -2.0)
-    )
+    pad_value = float(o["pad_value"] if o["pad_value"] is not None else _stated(spec.pad_value, -2.0))
     if o["cls_value"] is not None:
         cls_value = float(o["cls_value"])
     else:
-        cls_value = 0.0 if compat else float(model_input_value(model_input, "cls_value", pad_value))
+        cls_value = 0.0 if compat else float(_stated(spec.cls_value, pad_value))
     return n_bins, pad_value, cls_value
+
+
+def _stated(value: Any, default: Any) -> Any:
+    """A convention the model states, else ``default``."""
+    return default if value is None else value
 
 
 def _check_whole_matrix_options(ctx: Any, target: Any, min_gene_counts: int) -> None:

@@ -60,6 +60,7 @@ from cellkit._errors import DataError
 from cellkit._utils import read_json
 from cellkit.data._hashing import cell_key, uniform_hash
 from cellkit.data.genes import GeneMatch, matching_options, resolve_genes
+from cellkit.data.input_spec import InputSpec
 from cellkit.data.tokenized import TokenizedCells
 from cellkit.data.vocab import Coverage, GeneVocab
 
@@ -68,6 +69,7 @@ __all__ = ["ANNOTATIONS", "GENE_COLUMN_OPTION", "OPTIONS", "match_genes", "quant
 #: options of the ``teddy`` scheme (defaults)
 OPTIONS: dict[str, Any] = {
     "max_seq_len": None,  # total length incl. <cls>/annotations; None = the model's, else 2048
+    "max_length": None,  # the same as max_seq_len (every scheme takes max_length)
     "add_cls": True,
     "cls_token_id": None,  # None = the vocabulary's <cls>
     "random_genes": False,  # True: seeded random subset of the expressed genes, in rank order
@@ -345,11 +347,11 @@ def _annotation_tokens(
 # ================================================================================ the scheme
 def run(ctx: Any) -> Iterator[TokenizedCells]:
     """Tokenize every source of ``ctx`` (see :func:`cellkit.tokenize` and the module docstring)."""
-    from cellkit.data.tokenize import check_values, model_input_value
+    from cellkit.data.tokenize import check_values, max_length_option
 
     o = ctx.options
     vocab: GeneVocab = ctx.vocab
-    max_seq_len = _max_seq_len(o["max_seq_len"], ctx.model_input)
+    max_seq_len = _max_seq_len(max_length_option(o, "max_seq_len"), ctx.input_spec)
     add_cls = _flag(o, "add_cls")
     random_genes = _flag(o, "random_genes")
     include_zero = _flag(o, "include_zero_genes")
@@ -371,13 +373,14 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
     gene_column = o["gene_id_column"]
     medians_table = ctx.resources.get("gene_median") or None
     values_wanted = n_bins is not None or continuous
-    pad_value = float(model_input_value(ctx.model_input, "pad_value", 0.0))
+    pad_value = 0.0 if ctx.input_spec.pad_value is None else float(ctx.input_spec.pad_value)
     specials = ctx.specials()
     if add_cls:
         specials["cls"] = cls_id
     ctx.options.update(
         {
             "max_seq_len": max_seq_len,
+            "max_length": max_seq_len,
             "cls_token_id": cls_id if add_cls else None,
             "normalization": "total+median" if medians_table else "total",
             "n_annotation_tokens": len(specs),
@@ -438,13 +441,10 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
                 yield part
 
 
-def _max_seq_len(value: Any, model_input: Mapping[str, Any]) -> int:
-    """The ``max_seq_len`` option, else the model's own maximum length, else the default."""
+def _max_seq_len(value: Any, spec: InputSpec) -> int:
+    """The ``max_seq_len`` option, else the model's own maximum length (``max_length``), else the default."""
     if value is None:
-        value = next(
-            (model_input[k] for k in ("max_seq_len", "model_input_size", "max_len") if model_input.get(k)),
-            DEFAULT_MAX_SEQ_LEN,
-        )
+        value = spec.max_length or DEFAULT_MAX_SEQ_LEN
     return _int_option(value, "max_seq_len", 1)
 
 
