@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy as _copy
 import functools
+import inspect
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -526,31 +527,8 @@ def finetune(
     >>> result = cellkit.finetune(adata, model, label_key="bulk_labels", epochs=5)  # doctest: +SKIP
     >>> result.metrics["macro_f1"], result.confusion  # doctest: +SKIP
     """
-    # -- everything that can be checked before any work
-    config, objs = _finetune_plan(
-        adata,
-        model,
-        label_key=label_key,
-        batch_key=batch_key,
-        cells=cells,
-        objectives=objectives,
-        val_size=val_size,
-        test_size=test_size,
-        split_key=split_key,
-        class_weight=class_weight,
-        freeze_embeddings=freeze_embeddings,
-        freeze_layers=freeze_layers,
-        tokenize_options=tokenize_options,
-        trainer_options={
-            **trainer_options,
-            "checkpoint_dir": checkpoint_dir,
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "seed": seed,
-            "progress": progress,
-        },
-    )
+    # -- everything that can be checked before any work (first statement: locals() are the arguments)
+    config, objs = _plan_from(locals())
     names = {o.name for o in objs}
 
     # -- tokens, split, datasets
@@ -636,28 +614,7 @@ def finetune(
     )
 
 
-def check_finetune_options(
-    adata: AnnData | Tokens | str,
-    model: CellModel,
-    *,
-    label_key: str,
-    batch_key: str | None = None,
-    cells: Any = None,
-    objectives: Any = ("cls",),
-    val_size: float = 0.1,
-    test_size: float = 0.1,
-    split_key: str | None = None,
-    seed: int = 0,
-    epochs: int = 10,
-    lr: float = 1e-4,
-    batch_size: int = 32,
-    class_weight: str | Sequence[float] | None = None,
-    freeze_embeddings: bool = False,
-    freeze_layers: int = 0,
-    tokenize_options: Mapping[str, Any] | None = None,
-    checkpoint_dir: str | None = None,
-    **trainer_options: Any,
-) -> TrainerConfig:
+def check_finetune_options(adata: AnnData | Tokens | str, model: CellModel, **options: Any) -> TrainerConfig:
     """Check :func:`finetune`'s options without training: what it would refuse before any work.
 
     The same checks, in the same words, that :func:`finetune` runs first (it calls this); a UI or
@@ -672,22 +629,16 @@ def check_finetune_options(
         As in :func:`finetune` (an AnnData's columns are checked; paths and tokens are not opened).
     model
         The model to fine-tune.
-    label_key, batch_key, cells, objectives, val_size, test_size, split_key
-        As in :func:`finetune`: the columns must exist and hold a value for every selected cell,
-        ``batch_key`` must differ from ``label_key`` and is needed by ``"dab"``, the objectives must
-        be known and usable with the model's heads, the fractions must leave training cells.
-    seed, epochs, lr, batch_size
-        As in :func:`finetune` (checked as :class:`cellkit.train.TrainerConfig` fields).
-    class_weight
-        ``None``, ``"balanced"`` or one weight per class.
-    freeze_embeddings, freeze_layers
-        ``freeze_layers`` must be between 0 and the model's number of layers.
-    tokenize_options
-        Option names are checked against the model's tokenization scheme.
-    checkpoint_dir
-        Must be a writable directory (created if missing).
-    **trainer_options
-        Any :class:`cellkit.train.TrainerConfig` field, checked by name and value.
+    **options
+        :func:`finetune`'s keyword options, checked as it checks them: ``label_key``, ``batch_key``,
+        ``cells``, ``split_key`` (the columns must exist and hold a value for every selected cell;
+        ``batch_key`` must differ from ``label_key`` and is needed by ``"dab"``), ``objectives``
+        (known, usable with the model's heads), ``val_size`` / ``test_size`` (must leave training
+        cells), ``class_weight``, ``freeze_layers`` (0 … the model's layers), ``tokenize_options``
+        (names of the model's scheme), ``checkpoint_dir`` (writable; created if missing) and the
+        :class:`cellkit.train.TrainerConfig` fields (``seed``, ``epochs``, ``lr``, ``batch_size``,
+        ``**trainer_options``). Options that only matter while training (``callbacks``,
+        ``stop_event``, ``resume``, ...) are accepted and not used; an unknown name is refused.
 
     Returns
     -------
@@ -707,30 +658,37 @@ def check_finetune_options(
     Traceback (most recent call last):
     ConfigError: The learning rate must be a positive number, got lr=0.
     """
-    config, _ = _finetune_plan(
-        adata,
-        model,
-        label_key=label_key,
-        batch_key=batch_key,
-        cells=cells,
-        objectives=objectives,
-        val_size=val_size,
-        test_size=test_size,
-        split_key=split_key,
-        class_weight=class_weight,
-        freeze_embeddings=freeze_embeddings,
-        freeze_layers=freeze_layers,
-        tokenize_options=tokenize_options,
-        trainer_options={
-            **trainer_options,
-            "checkpoint_dir": checkpoint_dir,
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "seed": seed,
-        },
-    )
+    try:
+        bound = inspect.signature(finetune).bind(adata, model, **options)
+    except TypeError as exc:
+        raise ConfigError(f"check_finetune_options takes finetune's options: {exc}.") from None
+    bound.apply_defaults()
+    config, _ = _plan_from(bound.arguments)
     return config
+
+
+#: finetune arguments checked by _finetune_plan, and those that become TrainerConfig fields
+_PLAN_ARGS = (
+    "label_key",
+    "batch_key",
+    "cells",
+    "objectives",
+    "val_size",
+    "test_size",
+    "split_key",
+    "class_weight",
+    "freeze_embeddings",
+    "freeze_layers",
+    "tokenize_options",
+)
+_TRAINER_ARGS = ("checkpoint_dir", "epochs", "lr", "batch_size", "seed", "progress")
+
+
+def _plan_from(args: Mapping[str, Any]) -> tuple[TrainerConfig, list[Objective]]:
+    """:func:`_finetune_plan` of :func:`finetune`'s arguments (its ``locals()`` or a bound signature)."""
+    trainer_options = {**args["trainer_options"], **{k: args[k] for k in _TRAINER_ARGS}}
+    plan = {k: args[k] for k in _PLAN_ARGS}
+    return _finetune_plan(args["adata"], args["model"], **plan, trainer_options=trainer_options)
 
 
 def _finetune_plan(

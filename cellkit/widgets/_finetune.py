@@ -403,22 +403,7 @@ class FinetunePanel(Panel):
         self._set_phase(self.phase)
 
     def _refresh_cells(self) -> None:
-        adata = self.state.adata
-        if adata is None:
-            self.cells_html.value = "<i>No data loaded: pick an AnnData in the Data panel.</i>"
-            return
-        try:
-            names = self.state.selected_cells()
-        except Exception as exc:  # a stale selection name
-            self.cells_html.value = f"<i>Cells: {html.escape(str(exc))}</i>"
-            return
-        if names is None:
-            text = f"Cells: all {adata.n_obs:,} cells (no active selection)."
-        else:
-            text = (
-                f"Cells: selection <b>{html.escape(self.state.active_selection)}</b> — {len(names):,} cells."
-            )
-        self.cells_html.value = text
+        self.cells_html.value = self.state.cells_note() + "."
 
     def _refresh_objectives(self) -> None:
         model = self.state.model

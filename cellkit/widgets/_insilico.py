@@ -12,7 +12,6 @@ Every action is a plain method (``run``, ``export``) that tests call directly; t
 
 from __future__ import annotations
 
-import html
 import os
 import re
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from cellkit import CellkitError, ConfigError, DataError
+from cellkit import ConfigError, DataError
 
 from ._base import guarded, html_table, labelled
 from ._jobs import JobPanel
@@ -230,22 +229,10 @@ class InSilicoPanel(JobPanel):
         self._refresh_cells_note()
 
     def _refresh_cells_note(self) -> None:
-        adata = self.state.adata
-        if adata is None:
-            self.cells_html.value = "<i>No data loaded: pick an AnnData in the Data panel.</i>"
-            return
-        try:
-            names = self.state.selected_cells()
-        except CellkitError as exc:  # a stale selection name
-            self.cells_html.value = f"<i>Cells: {html.escape(str(exc))}</i>"
-            return
-        if names is None:
-            text = f"Cells: all {adata.n_obs:,} cells (no active selection)"
-        else:
-            text = (
-                f"Cells: selection <b>{html.escape(self.state.active_selection)}</b> — {len(names):,} cells"
-            )
-        self.cells_html.value = text + ", at most “max cells” of them (seeded random subsample)."
+        note = self.state.cells_note()
+        if self.state.adata is not None and not note.startswith("<i>"):
+            note += ", at most “max cells” of them (seeded random subsample)."
+        self.cells_html.value = note
 
     def _discrete_columns(self) -> list[str]:
         obs = self.state.adata.obs

@@ -142,6 +142,25 @@ class StudioState(traitlets.HasTraits):
         pos = select_cells(self.adata.obs, cells, order="sorted", selections=self.selections)
         return np.asarray(self.adata.obs_names[pos]).astype(str)
 
+    def cells_note(self) -> str:
+        """HTML: which cells an action will use (all, or the active selection and its size).
+
+        The one sentence every panel that acts on "the selected cells" shows.
+        """
+        import html
+
+        from cellkit import CellkitError
+
+        if self.adata is None:
+            return "<i>No data loaded: pick an AnnData in the Data panel.</i>"
+        try:
+            names = self.selected_cells()
+        except CellkitError as exc:  # a stale selection name
+            return f"<i>Cells: {html.escape(str(exc))}</i>"
+        if names is None:
+            return f"Cells: all {self.adata.n_obs:,} cells (no active selection)"
+        return f"Cells: selection <b>{html.escape(self.active_selection)}</b> — {len(names):,} cells"
+
     def selected_cells(self, name: str | None = None) -> np.ndarray | None:
         """Obs names of a selection (default: the active one); ``None`` means all cells."""
         name = self.active_selection if name is None else name
