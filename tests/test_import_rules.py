@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -89,19 +90,20 @@ BANNED: dict[str, set[str]] = {
     "viz": {"torch", "ipywidgets"},
 }
 WIDGET_ONLY = {"ipywidgets", "jupyterlab"}
-#: what cellkit/widgets may import from cellkit: public packages only
+#: the public modules cellkit/widgets may import from (full module paths: a panel is a view over
+#: the documented API, so ``cellkit.data.sources`` or ``cellkit._errors`` are out even though their
+#: packages are public); every imported name must be in the module's ``__all__``
 WIDGETS_MAY_IMPORT = {
-    "__init__",
-    "viz",
-    "analysis",
-    "datasets",
-    "tasks",
-    "perturbation",
-    "model",
-    "data",
-    "train",
-    "presets",
-    "widgets",
+    "cellkit",
+    "cellkit.viz",
+    "cellkit.analysis",
+    "cellkit.datasets",
+    "cellkit.tasks",
+    "cellkit.perturbation",
+    "cellkit.model",
+    "cellkit.data",
+    "cellkit.train",
+    "cellkit.presets",
 }
 
 
@@ -112,6 +114,14 @@ def _package_of(path: Path) -> str:
 
 def _imports(path: Path) -> list[tuple[str, int]]:
     """(absolute module name, line) for every import in a file."""
+    return [(mod, line) for mod, line, _ in _imported_names(path)]
+
+
+def _imported_names(path: Path) -> list[tuple[str, int, tuple[str, ...]]]:
+    """(absolute module name, line, names taken from it) for every import in a file.
+
+    ``import a.b`` takes no names (the module itself); ``from a import b, c`` takes ``b``, ``c``.
+    """
     tree = ast.parse(path.read_text(encoding="utf-8"))
     rel = path.relative_to(PKG.parent).with_suffix("")
     parts = list(rel.parts)
@@ -123,18 +133,40 @@ def _imports(path: Path) -> list[tuple[str, int]]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [(a.name, node.lineno) for a in node.names]
+            found += [(a.name, node.lineno, ()) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = here[: len(here) - node.level + 1]
                 mod = ".".join(base + ([node.module] if node.module else []))
                 if node.module is None:
-                    found += [(f"{mod}.{a.name}", node.lineno) for a in node.names]
+                    found += [(f"{mod}.{a.name}", node.lineno, ()) for a in node.names]
                     continue
             else:
                 mod = node.module or ""
-            found.append((mod, node.lineno))
+            found.append((mod, node.lineno, tuple(a.name for a in node.names)))
     return found
+
+
+def _public_names(module: str) -> set[str]:
+    """``__all__`` of a cellkit module."""
+    return set(getattr(importlib.import_module(module), "__all__", ()))
+
+
+def _widget_import_problems(path: Path) -> list[str]:
+    """A widget module may take only public names of public modules (full paths, ``__all__``)."""
+    bad = []
+    for mod, line, names in _imported_names(path):
+        if mod.split(".")[0] != "cellkit" or mod.startswith("cellkit.widgets"):
+            continue
+        if mod not in WIDGETS_MAY_IMPORT:
+            bad.append(f"line {line}: imports {mod}, not a public module (see WIDGETS_MAY_IMPORT)")
+            continue
+        private = [n for n in names if n not in _public_names(mod) and n != "*"]
+        # ``from cellkit import datasets`` names a public submodule, not an attribute
+        private = [n for n in private if f"{mod}.{n}" not in WIDGETS_MAY_IMPORT | {"cellkit.widgets"}]
+        if private:
+            bad.append(f"line {line}: {mod}.{', '.join(private)} not in {mod}.__all__")
+    return bad
 
 
 def _sources():
@@ -150,17 +182,37 @@ def test_import_rules(path):
     for mod, line in _imports(path):
         top, *rest = mod.split(".")
         if top == "cellkit":
-            target = rest[0] if rest else "__init__"
             if pkg == "widgets":
-                # the studio is a view over the public API: no core, loaders, heads or private modules
-                ok = target in WIDGETS_MAY_IMPORT | LEAVES
-            else:
-                ok = target in allowed
-            if not ok:
+                continue  # checked on full module paths and names below
+            target = rest[0] if rest else "__init__"
+            if target not in allowed:
                 bad.append(f"line {line}: imports cellkit.{target}")
         elif top in BANNED.get(pkg, set()) or (top in WIDGET_ONLY and pkg != "widgets"):
             bad.append(f"line {line}: imports {top}")
+    if pkg == "widgets":
+        # the studio is a view over the public API: no core, loaders, heads or private modules
+        bad += _widget_import_problems(path)
     assert not bad, f"{path.relative_to(PKG.parent)} breaks the import rules: " + "; ".join(bad)
+
+
+def test_widget_rule_sees_full_paths_and_names(tmp_path):
+    """The widget rule must catch what the first-component rule let through (issue 16)."""
+    probe = PKG / "widgets" / "_probe_for_test.py"
+    probe.write_text(
+        "from cellkit.data.sources import select_rows\n"
+        "from cellkit.perturbation import META_FILE\n"
+        "from cellkit._errors import DataError\n"
+        "from cellkit import ConfigError, datasets\n",
+        encoding="utf-8",
+    )
+    try:
+        bad = _widget_import_problems(probe)
+    finally:
+        probe.unlink()
+    assert len(bad) == 3, bad
+    assert any("cellkit.data.sources" in b for b in bad)
+    assert any("META_FILE" in b for b in bad)
+    assert any("cellkit._errors" in b for b in bad)
 
 
 def _loaded_after(code: str) -> set[str]:

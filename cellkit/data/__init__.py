@@ -26,6 +26,7 @@ _LAZY = {
     "select_cells": "cellkit.data.selection",
     "parse_query": "cellkit.data.selection",
     "CellQuery": "cellkit.data.selection",
+    "scheme_options": "cellkit.data.tokenize",
 }
 
 __all__ = ["SPECIAL_ROLES", "Coverage", "GeneVocab", "unknown_gene_error", *sorted(_LAZY)]

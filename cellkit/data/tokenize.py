@@ -30,7 +30,7 @@ from .vocab import Coverage, GeneVocab
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
-__all__ = ["SCHEMES", "TokenizeContext", "tokenize"]
+__all__ = ["SCHEMES", "TokenizeContext", "scheme_options", "tokenize"]
 
 log = get_logger(__name__)
 
@@ -277,6 +277,29 @@ def tokenize(
         )
         stack.callback(writer.abort)  # a failure leaves ``output`` as it was (no-op after close)
         return _write_shards(writer, chunks, coverage, gene_notes, ctx)
+
+
+def scheme_options(scheme: str) -> dict[str, Any]:
+    """The tokenize options of a scheme and their defaults (``None``: the model's, or decided per data).
+
+    Parameters
+    ----------
+    scheme
+        ``"scgpt"``, ``"geneformer"``, ``"teddy"`` or ``"perturbgene"``.
+
+    Returns
+    -------
+    ``{option: default}`` — every name :func:`cellkit.tokenize` accepts in ``tokenize_options`` for
+    this scheme.
+
+    Raises
+    ------
+    cellkit.DataError
+        An unknown scheme (the message lists the known ones).
+    """
+    from .schemes import get_scheme
+
+    return dict(get_scheme(scheme).OPTIONS)
 
 
 def _checked_scheme(scheme: str | None, options: Mapping[str, Any], *, chunk_size: int) -> Any:

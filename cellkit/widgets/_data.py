@@ -136,9 +136,9 @@ SCHEME_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
 
 
 def _scheme_defaults(scheme: str) -> dict[str, Any]:
-    from cellkit.data.schemes import get_scheme
+    from cellkit.data import scheme_options
 
-    return dict(get_scheme(scheme).OPTIONS)
+    return scheme_options(scheme)
 
 
 def _kernel_namespace() -> dict[str, Any]:
@@ -548,7 +548,6 @@ class DataPanel(Panel):
             No data, a query that does not parse, an unknown selection, or an empty choice.
         """
         import cellkit
-        from cellkit.data.sources import select_rows
 
         adata = self._require_adata()
         mode = self.cell_mode.value
@@ -579,14 +578,9 @@ class DataPanel(Panel):
             text = self.query.value.strip()
             if not text:
                 raise cellkit.DataError("Enter an obs query, e.g. bulk_labels == 'CD14+ Monocyte'.")
-            try:
-                rows = select_rows(obs, text)
-            except cellkit.DataError as exc:
-                if "empty" in str(exc):
-                    raise cellkit.DataError(
-                        f"No cell matches the query {text!r}; the selection is empty."
-                    ) from None
-                raise
+            rows = cellkit.select_cells(obs, text, order="sorted")
+            if not len(rows):
+                raise cellkit.DataError(f"No cell matches the query {text!r}; the selection is empty.")
             return np.asarray(obs.index[rows]).astype(str)
         name = self.selection.value
         if not name:

@@ -64,7 +64,7 @@ class Studio(widgets.VBox):
         state: StudioState | None = None,
         **kwargs: Any,
     ) -> None:
-        from cellkit._errors import ConfigError
+        from cellkit import ConfigError
 
         super().__init__(**kwargs)
         self.add_class("cellkit-studio")
@@ -130,7 +130,7 @@ class Studio(widgets.VBox):
 
     def select_tab(self, title: str) -> None:
         """Switch to the tab called ``title`` (e.g. ``"Fine-tune"``)."""
-        from cellkit._errors import ConfigError
+        from cellkit import ConfigError
 
         titles = list(self.panels)
         if title not in titles:
