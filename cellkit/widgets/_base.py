@@ -166,6 +166,11 @@ class Panel(widgets.VBox):
             self._job.join(timeout)
 
 
+def plural(count: int, word: str) -> str:
+    """``1 step``, ``3 steps``, ``1,024 cells``."""
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
 def labelled(text: str, widget: widgets.Widget, width: str = "130px") -> widgets.HBox:
     """``text`` to the left of ``widget`` (a compact form row)."""
     return widgets.HBox([widgets.Label(text, layout=widgets.Layout(width=width)), widget])

@@ -42,7 +42,7 @@ import plotly.graph_objects as go
 
 from cellkit import ConfigError, DataError
 
-from ._base import Panel, guarded, html_table, labelled
+from ._base import Panel, guarded, html_table, labelled, plural
 from ._live import DONE_STATUSES, LiveTraining, seconds_text
 from ._state import StudioState
 
@@ -114,10 +114,6 @@ def _guess_label(columns: list[str]) -> str | None:
             if hint in c.lower():
                 return c
     return columns[0] if columns else None
-
-
-def _n(count: int, word: str) -> str:
-    return f"{count:,} {word}{'' if count == 1 else 's'}"
 
 
 def _loss_columns(objectives: dict[str, float]) -> tuple[str, ...]:
@@ -731,7 +727,7 @@ class FinetunePanel(Panel):
             else:
                 scores = "no held-out cells (test and validation fractions are 0)"
             self.show_message(
-                f"{word}: {_n(n_epochs, 'epoch')}, {_n(n_steps, 'step')} in {took}; {scores}. "
+                f"{word}: {plural(n_epochs, 'epoch')}, {plural(n_steps, 'step')} in {took}; {scores}. "
                 "Click “Use trained model” to make it the studio's model, or save it / write predictions.",
                 "ok",
             )
@@ -739,7 +735,7 @@ class FinetunePanel(Panel):
             self._set_phase("stopped")
             where = self.live.where()
             self.show_message(
-                f"Stopped{where} ({_n(n_steps, 'step')} done). Click “Resume” to go on from the checkpoint, "
+                f"Stopped{where} ({plural(n_steps, 'step')} done). Click “Resume” to go on from the checkpoint, "
                 "or “Start” for a new run.",
                 "warning",
             )

@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 
 from cellkit import ConfigError, DataError
 
-from ._base import guarded, html_table, labelled
+from ._base import guarded, html_table, labelled, plural
 from ._jobs import JobPanel
 from ._state import StudioState
 
@@ -55,10 +55,6 @@ def _perturbable_genes(model: Any) -> list[str]:
         return [str(g) for g in genes] if genes is not None else []
     special = set(model.vocab.specials.values())
     return [str(t) for t in model.vocab.tokens if t not in special]
-
-
-def _n(count: int, word: str) -> str:
-    return f"{count:,} {word}{'' if count == 1 else 's'}"
 
 
 def _show_figure(widget: go.FigureWidget, fig: go.Figure) -> None:
@@ -407,7 +403,7 @@ class InSilicoPanel(JobPanel):
         _show_figure(self.cells_fig, cv.perturbation_cells(result.cells))
         labels = [str(p) for p in summary["perturbation"]]
         parts = [
-            f"{str(params['mode']).capitalize()}: {_n(len(labels), 'perturbation')} on {self._cells_note(params)}"
+            f"{str(params['mode']).capitalize()}: {plural(len(labels), 'perturbation')} on {self._cells_note(params)}"
         ]
         if goal_note:
             parts.append(f"goal: {goal_note}")

@@ -28,7 +28,7 @@ import plotly.graph_objects as go
 
 from cellkit import CellkitError, ConfigError, DataError
 
-from ._base import guarded, html_table, labelled
+from ._base import guarded, html_table, labelled, plural
 from ._jobs import JobPanel
 from ._live import DONE_STATUSES, LiveTraining
 from ._state import StudioState
@@ -42,10 +42,6 @@ def _split_conditions(text: str) -> list[str]:
     """Condition labels typed in a box: ``"A+B, C+ctrl"`` (spaces around ``+`` allowed)."""
     text = re.sub(r"\s*\+\s*", "+", str(text))
     return list(dict.fromkeys(p for p in re.split(r"[,;\s]+", text) if p))
-
-
-def _n(count: int, word: str) -> str:
-    return f"{count:,} {word}{'' if count == 1 else 's'}"
 
 
 class PerturbationResponsePanel(JobPanel):
@@ -346,18 +342,18 @@ class PerturbationResponsePanel(JobPanel):
         status = self.live.finish(result, note="the partly trained model is kept")
         if status in DONE_STATUSES:
             self.status_html.value = html.escape(
-                f"{status} · {_n(n_steps, 'step')} · {len(result.genes)} genes · "
+                f"{status} · {plural(n_steps, 'step')} · {len(result.genes)} genes · "
                 f"{len(result.seen_genes)} perturbable genes"
             )
             self.show_message(
-                f"Trained the response model: {_n(n_steps, 'step')} in {took:.1f} s; it can predict perturbations "
+                f"Trained the response model: {plural(n_steps, 'step')} in {took:.1f} s; it can predict perturbations "
                 f"of the {len(result.seen_genes)} genes seen in training ({seen}) and new combinations of them. "
                 "Type perturbations and click “Predict”.",
                 "ok",
             )
         else:
             self.show_message(
-                f"Training {result.status} after {_n(n_steps, 'step')}; the partly trained model is kept "
+                f"Training {result.status} after {plural(n_steps, 'step')}; the partly trained model is kept "
                 "(Predict and Save work; click “Train response model” to train again).",
                 "warning",
             )
@@ -471,7 +467,7 @@ class PerturbationResponsePanel(JobPanel):
             raise ConfigError("Type at least one perturbation, e.g. ‘G0001+ctrl’ or ‘G0001+G0002’.")
         result.check_perturbations(labels)
         top_k = int(self.top_k.value)
-        self.show_message(f"Predicting {_n(len(labels), 'perturbation')}…", "info")
+        self.show_message(f"Predicting {plural(len(labels), 'perturbation')}…", "info")
 
         def compute() -> dict[str, Any]:
             return self._with_observed(result, result.predict(labels))
@@ -534,8 +530,8 @@ class PerturbationResponsePanel(JobPanel):
             body = "<b>Against the observed cells</b>" + html_table(evaluation) + body
         self.response_html.value = body
         parts = [
-            f"Predicted {_n(len(labels), 'perturbation')} (mean over "
-            f"{_n(len(self.response_model.control_cells), 'control cell')})"
+            f"Predicted {plural(len(labels), 'perturbation')} (mean over "
+            f"{plural(len(self.response_model.control_cells), 'control cell')})"
         ]
         scored = [] if evaluation is None else [p for p in evaluation.index if p != "mean"]
         if scored:
