@@ -10,6 +10,10 @@ figure with ``fig.show()`` (notebook or script), save it with :func:`save_html` 
   ``figure=`` updates an on-screen ``go.FigureWidget`` in place, sending only what changed.
 - :func:`embedding_selection` — every cell inside a lasso / box, also those a subsample left out.
 - :func:`gene_network` — genes joined by similarity above a threshold (networkx spring layout).
+- :func:`similar_genes_bar` — the genes most similar to a gene; :func:`token_length_histogram` —
+  tokens per cell against the tokenizer's limit.
+- :func:`draw_into` — show a figure in an existing ``go.FigureWidget``, sending only what changed
+  (how the studio's panels update their plots).
 - :func:`attention_heatmap` — query genes × key genes.
 - :func:`program_heatmap` — gene-program scores per cell type, scaled and clustered.
 - :func:`training_curves` — loss/lr per step, metrics per epoch (``cellkit.train.History``).
@@ -33,7 +37,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._common import save_html
+from ._bars import similar_genes_bar, token_length_histogram
+from ._common import draw_into, save_html
 from ._embedding import embedding, embedding_selection
 from ._heatmaps import attention_heatmap, confusion_matrix, program_heatmap
 from ._network import gene_network
@@ -66,6 +71,7 @@ __all__ = [
     "attention_heatmap",
     "confusion_matrix",
     "default_palette",
+    "draw_into",
     "embedding",
     "embedding_selection",
     "epoch_figure",
@@ -78,10 +84,12 @@ __all__ = [
     "program_heatmap",
     "save_figure",
     "save_html",
+    "similar_genes_bar",
     "static_attention_heatmap",
     "static_confusion_matrix",
     "static_embedding",
     "static_training_curves",
+    "token_length_histogram",
     "training_curves",
 ]
 

@@ -21,7 +21,9 @@ TEMPLATE = "simple_white"
 #: trace properties the browser (or plotly) owns: never removed by :func:`draw_into`
 _KEEP = frozenset({"uid"})
 #: layout properties compared as one value (free-form, not compound: an update would replace them)
-_WHOLE = frozenset({"meta", "annotations"})
+_WHOLE = frozenset({"meta", "annotations", "shapes"})
+#: layout lists replaced as a whole when they differ (also emptied when the new figure has none)
+_REPLACED = ("annotations", "shapes")
 _MISSING = object()
 
 
@@ -105,8 +107,25 @@ def draw_into(target: go.Figure, fig: go.Figure) -> go.Figure:
     compared by value, so unchanged coordinates are not sent again); properties ``fig`` no longer
     sets are removed, except a legend-hidden trace stays hidden while its name is the same.
     Otherwise ``target``'s traces are replaced. Layout: the properties ``fig`` sets are updated where
-    they differ (``annotations`` replaced as a whole); others (height, drag mode, zoom) are kept.
-    Everything goes in one ``batch_update`` (one message to the browser). Returns ``target``.
+    they differ (``annotations`` and ``shapes`` replaced as a whole); others (height, drag mode, zoom)
+    are kept. Everything goes in one ``batch_update`` (one message to the browser).
+
+    Parameters
+    ----------
+    target
+        The figure to update (a ``go.FigureWidget`` shown in a notebook, or any ``go.Figure``).
+    fig
+        The figure to show, e.g. from :func:`cellkit.viz.embedding`.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        ``target``.
+
+    Examples
+    --------
+    >>> live = go.FigureWidget(cellkit.viz.embedding(adata, color="cell_type"))  # doctest: +SKIP
+    >>> cellkit.viz.draw_into(live, cellkit.viz.embedding(adata, color="CD3E"))  # doctest: +SKIP
     """
     same = len(target.data) == len(fig.data) and all(
         a.type == b.type for a, b in zip(target.data, fig.data, strict=True)
@@ -122,12 +141,12 @@ def draw_into(target: go.Figure, fig: go.Figure) -> go.Figure:
             target.data = ()
             target.add_traces(fig.data)
         old_layout, new_layout = _props(target.layout), _props(fig.layout)
-        notes_changed = not _same(old_layout.get("annotations", []), new_layout.get("annotations", []))
+        replaced = [k for k in _REPLACED if not _same(old_layout.get(k, []), new_layout.get(k, []))]
         changes = _changes(old_layout, new_layout, drop=False, keep=_WHOLE)
         if changes:
             target.layout.update(changes)
-        if notes_changed:
-            target.layout.annotations = fig.layout.annotations
+        for key in replaced:  # notes and lines (e.g. a limit) belong to the figure drawn, not kept
+            target.layout[key] = fig.layout[key]
     return target
 
 

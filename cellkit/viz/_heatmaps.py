@@ -64,7 +64,8 @@ def attention_heatmap(
         Figure title.
     zmid
         Centre of a diverging colour scale (e.g. ``0`` for attention differences between
-        conditions); then the default colour scale is ``"RdBu_r"``.
+        conditions); then the default colour scale is ``"RdBu_r"`` and the colour range is
+        symmetric around it (``zmid ± max|z − zmid|``), so equal changes up and down get equal colours.
     colorscale
         plotly colour scale; default ``"Viridis"`` (``"RdBu_r"`` with ``zmid``).
     max_genes
@@ -83,13 +84,15 @@ def attention_heatmap(
         matrix, rows=rows, cols=cols, head=head, zmid=zmid, max_genes=max_genes, value_name=value_name
     )
     scale = attention_scale(colorscale, zmid)
+    z = frame.to_numpy()
     fig = go.Figure(
         go.Heatmap(
-            z=frame.to_numpy(),
+            z=z,
             x=list(frame.columns),
             y=list(frame.index),
             colorscale=scale,
             zmid=zmid,
+            **_symmetric_range(z, zmid),
             colorbar={"title": {"text": value_name}, "thickness": 14},
             hovertemplate=f"query: %{{y}}<br>key: %{{x}}<br>{value_name}: %{{z:.4g}}<extra></extra>",
             hoverongaps=False,
@@ -107,6 +110,16 @@ def attention_heatmap(
         fig.layout.annotations[-1].y = 1.0
         fig.layout.annotations[-1].yanchor = "bottom"
     return fig
+
+
+def _symmetric_range(z: np.ndarray, zmid: float | None) -> dict[str, Any]:
+    """``zmin`` / ``zmax`` equidistant from ``zmid`` (none without ``zmid``)."""
+    if zmid is None:
+        return {}
+    finite = np.isfinite(z)
+    bound = float(np.max(np.abs(z[finite] - zmid))) if finite.any() else 0.0
+    bound = bound or 1.0
+    return {"zauto": False, "zmin": zmid - bound, "zmax": zmid + bound}
 
 
 def attention_frame(

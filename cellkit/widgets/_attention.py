@@ -736,29 +736,7 @@ class AttentionPanel(Panel):
             zmid=0.0 if is_diff else None,
         )
         new = fig.data[0]
-        z = np.asarray(new.z, dtype=float)
-        with self.figure.batch_update():
-            if not self.figure.data:
-                self.figure.add_trace(go.Heatmap())
-            t = self.figure.data[0]
-            t.z, t.x, t.y = z, tuple(new.x), tuple(new.y)
-            t.colorscale = new.colorscale
-            t.colorbar = new.colorbar
-            t.hovertemplate = new.hovertemplate
-            t.hoverongaps = False
-            if is_diff:
-                bound = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
-                bound = bound or 1.0
-                t.zauto, t.zmid, t.zmin, t.zmax = False, 0.0, -bound, bound
-            else:
-                t.zmid, t.zmin, t.zmax, t.zauto = None, None, None, True
-            lay = self.figure.layout
-            lay.template = fig.layout.template
-            lay.title = fig.layout.title
-            lay.xaxis = fig.layout.xaxis
-            lay.yaxis = fig.layout.yaxis
-            lay.margin = fig.layout.margin
-            lay.annotations = fig.layout.annotations
+        cv.draw_into(self.figure, fig.update_layout(height=620))
         self.matrix, self.table, self.kind = res.matrix, res.table, res.kind
         if is_diff:
             self.diff_table = res.table

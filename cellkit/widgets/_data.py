@@ -886,28 +886,22 @@ class DataPanel(Panel):
     def _make_hist(self) -> Any:
         import plotly.graph_objects as go
 
-        fig = go.FigureWidget(
-            go.Figure(
-                go.Histogram(x=[], nbinsx=50, marker_color="#1f77b4", name="cells"),
-                layout=go.Layout(
-                    title="Tokens per cell",
-                    height=260,
-                    width=560,
-                    margin={"l": 50, "r": 10, "t": 40, "b": 40},
-                    xaxis_title="tokens per cell",
-                    yaxis_title="cells",
-                    bargap=0.05,
-                ),
-            )
-        )
+        import cellkit.viz
+
+        fig = go.FigureWidget(cellkit.viz.token_length_histogram([]).update_layout(width=560))
         fig.add_class("cellkit-length-hist")
         return fig
+
+    def _draw_lengths(self, lengths: Any, max_length: int | None) -> None:
+        import cellkit.viz
+
+        fig = cellkit.viz.token_length_histogram(lengths, max_length=max_length).update_layout(width=560)
+        cellkit.viz.draw_into(self.length_hist, fig)
 
     def _show_tokens(self, tokens: Any) -> None:
         if tokens is None:
             self.result_html.value = ""
-            with self.length_hist.batch_update():
-                self.length_hist.data[0].x = ()
+            self._draw_lengths([], None)
             self._hist_box.layout.display = "none"
             return
         parts = [
@@ -927,9 +921,7 @@ class DataPanel(Panel):
                 + "</div>"
             )
         self.result_html.value = "".join(parts)
-        lengths = np.asarray(tokens.lengths)
-        with self.length_hist.batch_update():
-            self.length_hist.data[0].x = tuple(int(v) for v in lengths)
+        self._draw_lengths(tokens.lengths, getattr(tokens, "max_length", None))
         self._hist_box.layout.display = ""
 
     # ================================================================== state observers

@@ -116,16 +116,7 @@ class GenePanel(Panel):
         self.search_button.on_click(lambda _b: self.search(self.gene_box.value, k=self.k_box.value))
         self.table_html = widgets.HTML(value="")
         self.table_html.add_class("cellkit-similar-table")
-        self.bar_figure = go.FigureWidget(
-            data=[go.Bar(x=[], y=[], orientation="h", marker={"color": "#1f77b4"}, name="similarity")],
-            layout={
-                "template": "plotly_white",
-                "height": 380,
-                "margin": {"l": 90, "r": 20, "t": 40, "b": 40},
-                "title": {"text": "similar genes"},
-                "xaxis": {"title": {"text": "cosine similarity"}},
-            },
-        )
+        self.bar_figure = go.FigureWidget(cellkit.viz.similar_genes_bar(None))
         self.bar_figure.add_class("cellkit-similar-genes")
 
         # -- network
@@ -324,14 +315,7 @@ class GenePanel(Panel):
         self.table_html.value = html_table(
             table[["rank", "gene", "similarity"]].set_index("rank"), max_rows=500
         )
-        genes, sims = table["gene"].to_numpy()[::-1], table["similarity"].to_numpy()[::-1]
-        with self.bar_figure.batch_update():
-            bar = self.bar_figure.data[0]
-            bar.x, bar.y = sims, genes
-            bar.hovertemplate = "%{y}: %{x:.3f}<extra></extra>"
-            self.bar_figure.layout.title.text = f"genes most similar to {gene}"
-            self.bar_figure.layout.height = max(300, 18 * len(table) + 90)
-            self.bar_figure.layout.yaxis.type = "category"
+        cellkit.viz.draw_into(self.bar_figure, cellkit.viz.similar_genes_bar(table, gene=gene))
         self._auto_threshold()
         self._draw_network()
         top = ", ".join(
@@ -443,7 +427,7 @@ class GenePanel(Panel):
         self.state.obs_changed()
         columns = [f"{key}_{name}" for name in self.programs]
         fig = cellkit.viz.program_heatmap(adata, columns, groupby)
-        _replace_figure(self.heatmap_figure, fig)
+        cellkit.viz.draw_into(self.heatmap_figure, fig)
         self._syncing = True
         try:
             self.key_box.value = key
@@ -654,15 +638,7 @@ class GenePanel(Panel):
             title=f"{self.query} and its {len(sim) - 1} most similar genes (cosine ≥ {self.threshold_slider.value:.2f})",
         )
         fig.update_layout(height=420)
-        _replace_figure(self.network_figure, fig)
-
-
-def _replace_figure(widget: go.FigureWidget, fig: go.Figure) -> None:
-    """Show ``fig`` in the existing ``widget`` (same widget, new traces and layout)."""
-    with widget.batch_update():
-        widget.data = ()
-        widget.layout = fig.layout
-        widget.add_traces(fig.data)
+        cellkit.viz.draw_into(self.network_figure, fig)
 
 
 def _group_columns(obs: pd.DataFrame) -> list[str]:

@@ -58,12 +58,10 @@ def _perturbable_genes(model: Any) -> list[str]:
 
 
 def _show_figure(widget: go.FigureWidget, fig: go.Figure) -> None:
-    """Show ``fig`` in the existing ``widget`` (same widget and size, new traces and layout)."""
-    with widget.batch_update():
-        widget.data = ()
-        widget.layout = fig.layout
-        widget.layout.update(_FIGURE_SIZE)
-        widget.add_traces(fig.data)
+    """Show ``fig`` in the existing ``widget`` at the panel's figure size."""
+    import cellkit.viz
+
+    cellkit.viz.draw_into(widget, fig.update_layout(_FIGURE_SIZE))
 
 
 class InSilicoPanel(JobPanel):

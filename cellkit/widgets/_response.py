@@ -518,11 +518,7 @@ class PerturbationResponsePanel(JobPanel):
         pred, table, evaluation = out["prediction"], out["table"], out["evaluation"]
         self.prediction, self.response_table, self.evaluation = pred, table, evaluation
         fig = cv.perturbation_response(table, top_k=top_k)
-        with self.response_fig.batch_update():
-            self.response_fig.data = ()
-            self.response_fig.layout = fig.layout
-            self.response_fig.layout.update(height=360, width=760)
-            self.response_fig.add_traces(fig.data)
+        cv.draw_into(self.response_fig, fig.update_layout(height=360, width=760))
         labels = [str(c) for c in pred.columns]
         top = table.groupby("perturbation", sort=False).head(top_k)
         body = "<b>Top predicted changes</b>" + html_table(top, max_rows=max(50, top_k * len(labels)))

@@ -259,6 +259,7 @@ def test_tokenize_a_selection(panel, state, pbmc):
     hist = panel.length_hist
     assert "cellkit-length-hist" in hist._dom_classes and hist.data[0].type == "histogram"
     assert len(hist.data[0].x) == 150 and list(hist.data[0].x) == [int(v) for v in tokens.lengths]
+    assert tokens.max_length is None and hist.layout.shapes == ()  # no limit, no line
     assert panel._hist_box.layout.display == ""
     assert panel.result_html.value != ""  # the result summary is shown
     assert state.busy == "" and not panel.progress.outputs  # nothing printed outside a kernel
@@ -266,9 +267,11 @@ def test_tokenize_a_selection(panel, state, pbmc):
     panel.option_widgets["max_len"].value = "32"
     short = panel.tokenize()
     assert short is state.tokens and int(short.lengths.max()) <= 32 and len(short) == 150
+    assert short.max_length == 32 and [sh.x0 for sh in hist.layout.shapes] == [32]  # the limit is drawn
     # new data clears the result
     state.set_adata(pbmc[:20].copy(), name="tiny")
-    assert state.tokens is None and panel.result_html.value == "" and panel.length_hist.data[0].x == ()
+    assert state.tokens is None and panel.result_html.value == ""
+    assert len(panel.length_hist.data[0].x) == 0 and panel.length_hist.layout.shapes == ()
     assert panel._hist_box.layout.display == "none"
 
 
