@@ -177,13 +177,35 @@ def labelled(text: str, widget: widgets.Widget, width: str = "130px") -> widgets
 
 
 def html_table(frame: Any, *, max_rows: int = 50, float_format: str = "{:.3g}") -> str:
-    """A small pandas DataFrame as an HTML table (escaped, numbers formatted)."""
+    """A small pandas DataFrame as an HTML table (escaped, numbers formatted), each column once.
+
+    Every fact shows once and the header is one row: an unnamed integer index (row positions, e.g.
+    a default ``RangeIndex``) is left out; an index named like a column holding the same values is
+    left out (the column shows it); any other named index becomes the first column, under its name.
+    """
     import pandas as pd
 
-    frame = pd.DataFrame(frame).head(max_rows)
+    frame = _one_header(pd.DataFrame(frame).head(max_rows))
+    show_index = frame.index.name is None and not pd.api.types.is_integer_dtype(frame.index.dtype)
     return frame.to_html(
         classes="cellkit-table",
         border=0,
         float_format=lambda v: float_format.format(v),
         escape=True,
+        index=show_index,
     )
+
+
+def _one_header(frame: Any) -> Any:
+    """``frame`` with a named index turned into leading columns (dropped where a column repeats it)."""
+    frame = frame.copy(deep=False)
+    frame.columns = [str(c) for c in frame.columns]  # no column-axis name row in the header
+    names = [n for n in frame.index.names if n is not None]
+    if not names:
+        return frame
+    if len(names) == 1 and frame.index.nlevels == 1 and str(names[0]) in frame.columns:
+        same = frame[str(names[0])].astype(str).to_numpy() == frame.index.astype(str).to_numpy()
+        if same.all():
+            return frame.reset_index(drop=True)
+        frame.index = frame.index.rename(f"{names[0]} (index)")
+    return frame.reset_index()
