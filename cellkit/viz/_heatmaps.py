@@ -367,7 +367,9 @@ def confusion_matrix(
         each column (precision); ``"all"``: by the grand total; ``None``: counts. Empty rows or
         columns stay 0.
     annotate
-        Write the values in the cells; default only up to 25 classes.
+        Write the values in the cells: the count and, when ``normalize`` is set, the fraction
+        under it (so a class with one held-out cell reads "1" over "1.00", not just "1.00");
+        default only up to 25 classes.
     title
         Figure title.
     colorscale
@@ -376,7 +378,8 @@ def confusion_matrix(
     Returns
     -------
     plotly.graph_objects.Figure
-        One ``go.Heatmap`` whose ``z`` is the (normalised) matrix; hover shows the counts.
+        One ``go.Heatmap`` whose ``z`` is the (normalised) matrix; hover shows the counts. The
+        row labels name each true class with its number of cells, e.g. "B cell (n=12)".
     """
     cm = confusion_data(confusion, labels=labels, pred_labels=pred_labels, normalize=normalize)
     c, z, integral = cm.counts.to_numpy(), cm.values, cm.integral
@@ -398,14 +401,17 @@ def confusion_matrix(
         hovertemplate=hover + "<extra></extra>",
     )
     if annotate:
-        heat.text = np.vectorize(cm.value_format.format, otypes=[object])(z)
+        heat.text = cm.cell_texts(separator="<br>")
         heat.texttemplate = "%{text}"
     fig = go.Figure(heat)
+    yaxis = _axis("true", c.shape[0], reverse=True)
+    if "dtick" in yaxis:  # every class labelled: name it with its number of cells
+        yaxis.update(tickmode="array", tickvals=list(cm.counts.index), ticktext=cm.row_labels())
     fig.update_layout(
         template=TEMPLATE,
         title={"text": title or ""},
         xaxis=_axis("predicted", c.shape[1], angle=-45),
-        yaxis=_axis("true", c.shape[0], reverse=True),
+        yaxis=yaxis,
     )
     return fig
 
@@ -434,6 +440,22 @@ class Confusion:
     def count_format(self) -> str:
         """``str.format`` pattern of one count."""
         return "{:,.0f}" if self.integral else "{:.4g}"
+
+    def cell_texts(self, *, separator: str) -> np.ndarray:
+        """The text of each cell: the count and, when normalised, the fraction under it."""
+        counts = self.counts.to_numpy()
+        out = np.empty(counts.shape, dtype=object)
+        for (i, j), count in np.ndenumerate(counts):
+            text = self.count_format.format(count)
+            if self.normalize is not None:
+                text += separator + self.value_format.format(self.values[i, j])
+            out[i, j] = text
+        return out
+
+    def row_labels(self) -> list[str]:
+        """Each true class with its number of cells (the row total), e.g. ``"B cell (n=12)"``."""
+        totals = self.counts.to_numpy().sum(axis=1)
+        return [f"{name} (n={self.count_format.format(n)})" for name, n in zip(self.counts.index, totals)]
 
 
 def confusion_data(

@@ -338,7 +338,7 @@ def static_confusion_matrix(
 
     The inputs are those of :func:`cellkit.viz.confusion_matrix`. Colour shows the normalised
     value; each annotated cell shows the count and, when ``normalize`` is set, the fraction below
-    it (row fraction for ``"true"``).
+    it (row fraction for ``"true"``); each row label names the true class and its number of cells.
 
     Parameters
     ----------
@@ -373,11 +373,10 @@ def static_confusion_matrix(
     vmax = 1.0 if normalize is not None else (float(z.max()) or 1.0)
     image = ax.imshow(z, cmap=_colormap(colorscale), vmin=0.0, vmax=vmax, aspect="auto")
     if annotate:
+        texts = cm.cell_texts(separator="\n")
         for i in range(n_rows):
             for j in range(n_cols):
-                text = cm.count_format.format(counts[i, j])
-                if normalize is not None:
-                    text += "\n" + cm.value_format.format(z[i, j])
+                text = texts[i, j]
                 dark = image.cmap(image.norm(z[i, j]))
                 luminance = 0.299 * dark[0] + 0.587 * dark[1] + 0.114 * dark[2]
                 ax.text(
@@ -389,7 +388,7 @@ def static_confusion_matrix(
                     fontsize=7 if max(n_rows, n_cols) > 10 else 9,
                     color="white" if luminance < 0.5 else "black",
                 )
-    _tick_labels(ax, list(cm.counts.index), list(cm.counts.columns), x_rotation=45)
+    _tick_labels(ax, cm.row_labels(), list(cm.counts.columns), x_rotation=45)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.colorbar(image, ax=ax, label=cm.value_name, shrink=0.8)

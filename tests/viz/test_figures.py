@@ -482,10 +482,14 @@ def test_confusion_matrix_normalisation_and_counts():
     assert list(heat.y) == ["B", "T", "NK"]
     assert list(heat.x) == ["B", "T", "NK"]
     assert heat.texttemplate == "%{text}"
-    assert heat.text[0][0] == "0.80"
+    assert heat.text[0][0] == "8<br>0.80"  # the count, then the row fraction
+    assert heat.text[2][2] == "0<br>0.00"
+    assert list(fig.layout.yaxis.tickvals) == ["B", "T", "NK"]
+    assert list(fig.layout.yaxis.ticktext) == ["B (n=10)", "T (n=10)", "NK (n=0)"]
     assert "count" in heat.hovertemplate
     raw = cv.confusion_matrix(counts.to_numpy(), labels=["B", "T", "NK"], normalize=None)
     np.testing.assert_allclose(np.asarray(raw.data[0].z), counts.to_numpy())
+    assert raw.data[0].text[0][0] == "8"  # counts only: no fraction under them
     pred = cv.confusion_matrix(counts, normalize="pred")
     np.testing.assert_allclose(np.asarray(pred.data[0].z).sum(axis=0), [1, 1, 0])
     with pytest.raises(DataError, match="non-negative"):
@@ -495,6 +499,15 @@ def test_confusion_matrix_normalisation_and_counts():
     with pytest.raises(DataError, match="labels"):
         cv.confusion_matrix(counts.to_numpy(), labels=["a", "b"])
     _serialisable(fig)
+
+
+def test_confusion_matrix_single_cell_class_reads_as_one_cell():
+    counts = pd.DataFrame([[1, 0], [3, 9]], index=["rare", "T"], columns=["rare", "T"])
+    heat = cv.confusion_matrix(counts).data[0]
+    assert heat.text[0][0] == "1<br>1.00"
+    assert cv.confusion_matrix(counts).layout.yaxis.ticktext[0] == "rare (n=1)"
+    static = cv.static_confusion_matrix(counts)
+    assert static.axes[0].texts[0].get_text() == "1\n1.00"
 
 
 # -- training curves ----------------------------------------------------------------------------
