@@ -20,6 +20,10 @@ __all__ = ["attention_heatmap", "confusion_matrix", "program_heatmap"]
 
 #: show the numbers in the cells of a confusion matrix up to this many classes (``annotate=None``)
 ANNOTATE_MAX = 25
+#: pixels given to each labelled row / column of a program heatmap (room for a legible label)
+LABEL_PX = 16
+#: tick label font size (px) of a program heatmap axis with many labels (never smaller)
+MIN_FONT = 10
 
 
 def _axis(title: str, n: int, *, reverse: bool = False, angle: int | None = None) -> dict[str, Any]:
@@ -188,6 +192,7 @@ def program_heatmap(
     cluster: bool | Literal["rows", "cols"] = True,
     title: str | None = None,
     colorscale: str = "Viridis",
+    max_programs: int | None = 50,
 ) -> go.Figure:
     """Heatmap of gene-program scores per cell type, like scGPT's metagene clustermap.
 
@@ -218,11 +223,17 @@ def program_heatmap(
         Figure title.
     colorscale
         plotly colour scale.
+    max_programs
+        Show at most this many programs: those whose (scaled) values vary most across the groups,
+        i.e. the most group-specific ones; a note above the plot says how many of how many are
+        shown. ``None`` shows all.
 
     Returns
     -------
     plotly.graph_objects.Figure
-        One ``go.Heatmap``: rows groups, columns programs; hover shows the mean score too.
+        One ``go.Heatmap``: rows groups, columns programs; hover shows the mean score too. Every
+        row and column is labelled: the figure is sized to give each label at least
+        ``LABEL_PX`` (16) pixels, with a tick font of at least ``MIN_FONT`` (10) px.
     """
     means = _group_means(scores, programs, groupby)
     if standard_scale not in ("var", "obs", None):
@@ -230,6 +241,8 @@ def program_heatmap(
     if cluster not in (True, False, "rows", "cols"):
         raise ConfigError(f"cluster must be True, False, 'rows' or 'cols'; got {cluster!r}.")
     shown = _standard_scale(means, standard_scale)
+    shown, note = _top_programs(shown, max_programs)
+    means = means[shown.columns]
     if cluster in (True, "rows"):
         order = _leaf_order(shown.to_numpy())
         shown, means = shown.iloc[order], means.iloc[order]
@@ -253,13 +266,48 @@ def program_heatmap(
             hoverongaps=False,
         )
     )
+    n_groups, n_programs = shown.shape
     fig.update_layout(
         template=TEMPLATE,
         title={"text": title or ""},
-        xaxis=_axis("program", shown.shape[1], angle=-90),
-        yaxis=_axis(str(groupby) if isinstance(groupby, str) else "group", shown.shape[0], reverse=True),
+        xaxis=_axis("program", n_programs, angle=-90) | _tick_font(n_programs),
+        yaxis=_axis(str(groupby) if isinstance(groupby, str) else "group", n_groups, reverse=True)
+        | _tick_font(n_groups),
+        **_labelled_size(n_groups, n_programs),
     )
+    if note:
+        add_note(fig, note)
+        fig.layout.annotations[-1].y = 1.0
+        fig.layout.annotations[-1].yanchor = "bottom"
     return fig
+
+
+def _top_programs(shown: pd.DataFrame, max_programs: int | None) -> tuple[pd.DataFrame, str | None]:
+    """The ``max_programs`` columns varying most across groups (in their order) and a note saying so."""
+    if max_programs is None or shown.shape[1] <= max_programs:
+        return shown, None
+    if max_programs < 1:
+        raise ConfigError(f"max_programs must be a positive integer or None; got {max_programs}.")
+    spread = np.nan_to_num(np.nanvar(shown.to_numpy(), axis=0), nan=-1.0)
+    keep = _top(spread, max_programs)
+    note = (
+        f"top {len(keep)} of {shown.shape[1]} programs (those varying most across groups; "
+        "max_programs=None shows all)"
+    )
+    return shown.iloc[:, keep], note
+
+
+def _tick_font(n: int) -> dict[str, Any]:
+    """A smaller (never below ``MIN_FONT``) tick font for an axis with many labels."""
+    return {"tickfont": {"size": MIN_FONT}} if n > 30 else {}
+
+
+def _labelled_size(n_rows: int, n_cols: int) -> dict[str, Any]:
+    """Figure height (and width, for many columns) giving every label ``LABEL_PX`` pixels."""
+    size = {"height": max(380, 240 + LABEL_PX * n_rows)}
+    if n_cols > 30:
+        size["width"] = 260 + LABEL_PX * n_cols
+    return size
 
 
 def _group_means(scores: Any, programs: Sequence[str] | None, groupby: Any) -> pd.DataFrame:

@@ -472,6 +472,34 @@ def test_program_heatmap_scaling_clustering_and_anndata():
     _serialisable(fig)
 
 
+def test_program_heatmap_with_many_programs_labels_every_shown_one():
+    rng = np.random.default_rng(0)
+    scores = pd.DataFrame(
+        rng.random((12, 84)),
+        index=[f"type {i}" for i in range(12)],
+        columns=[f"program_{i}" for i in range(84)],
+    )
+    scores["program_83"] = 0.5  # the same in every group: never among the top programs
+    fig = cv.program_heatmap(scores)
+    heat = fig.data[0]
+    assert len(heat.x) == 50 and "program_83" not in heat.x
+    spread = cv._heatmaps._standard_scale(scores, "var").var(axis=0, ddof=0)
+    assert set(heat.x) == set(spread.sort_values(ascending=False).index[:50])
+    (note,) = [a.text for a in fig.layout.annotations]
+    assert note.startswith("top 50 of 84 programs") and "max_programs=None" in note
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.yaxis.dtick == 1  # every label drawn
+    assert fig.layout.xaxis.tickfont.size >= cv._heatmaps.MIN_FONT
+    assert fig.layout.width >= cv._heatmaps.LABEL_PX * 50 and fig.layout.height >= cv._heatmaps.LABEL_PX * 12
+    everything = cv.program_heatmap(scores, max_programs=None)
+    assert len(everything.data[0].x) == 84 and not everything.layout.annotations
+    assert everything.layout.width >= cv._heatmaps.LABEL_PX * 84
+    few = cv.program_heatmap(scores.iloc[:, :8])
+    assert len(few.data[0].x) == 8 and not few.layout.annotations and few.layout.width is None
+    with pytest.raises(ConfigError, match="max_programs"):
+        cv.program_heatmap(scores, max_programs=0)
+    _serialisable(fig)
+
+
 def test_confusion_matrix_normalisation_and_counts():
     counts = pd.DataFrame([[8, 2, 0], [1, 9, 0], [0, 0, 0]], index=["B", "T", "NK"], columns=["B", "T", "NK"])
     fig = cv.confusion_matrix(counts)
