@@ -27,13 +27,16 @@ def gene_network(
     max_nodes: int | None = 200,
     drop_isolated: bool = True,
     title: str | None = None,
+    max_labels: int | None = 30,
 ) -> go.Figure:
     """Network of genes joined where their similarity reaches ``threshold``.
 
     Layout: ``networkx.spring_layout`` weighted by similarity (``layout_seed`` makes it
     reproducible). Edges are one line trace (``name="edges"``); nodes are coloured by program
     (one trace per program, with ``programs``) or by degree (one trace with a colour bar).
-    Gene names show on hover; ``highlight`` genes are drawn larger, outlined and labelled.
+    Genes are labelled by name (all of them up to ``max_labels``, else the highlighted genes and
+    the best connected ones; every gene's name shows on hover); ``highlight`` genes are drawn
+    larger, outlined and named in larger red letters.
 
     Parameters
     ----------
@@ -57,6 +60,10 @@ def gene_network(
         Leave out genes without an edge at ``threshold`` (highlighted genes stay).
     title
         Figure title.
+    max_labels
+        Write the names of all genes when at most this many are drawn; otherwise of the
+        highlighted genes and the ``max_labels`` genes with the most edges (a note says so).
+        ``None`` names every gene.
 
     Returns
     -------
@@ -122,6 +129,11 @@ def gene_network(
         )
     degree = np.array([graph.degree(g) for g in nodes], dtype=np.int64)
     is_hl = np.array([g in set(wanted) for g in nodes], dtype=bool)
+    named = _named(degree, is_hl, max_labels)
+    if not named.all():
+        notes.append(
+            f"names shown for {int(named.sum())} of {len(nodes)} genes (most edges); hover for the rest"
+        )
     hover = [f"<b>{g}</b><br>degree: {d}" for g, d in zip(nodes, degree)]
     if programs is not None:
         prog = pd.Series(programs) if not isinstance(programs, pd.Series) else programs
@@ -133,11 +145,11 @@ def gene_network(
         for cat in [*cats, "none"]:
             sel = np.array([x == cat for x in labels], dtype=bool)
             if sel.any():
-                fig.add_trace(_nodes(xy, sel, is_hl, nodes, hover, name=cat, color=colors[cat]))
+                fig.add_trace(_nodes(xy, sel, is_hl, named, nodes, hover, name=cat, color=colors[cat]))
         showlegend = True
     else:
         sel = np.ones(len(nodes), dtype=bool)
-        trace = _nodes(xy, sel, is_hl, nodes, hover, name="genes", color=degree)
+        trace = _nodes(xy, sel, is_hl, named, nodes, hover, name="genes", color=degree)
         trace.marker.colorscale = "Viridis"
         trace.marker.showscale = True
         trace.marker.colorbar = {"title": {"text": "degree"}, "thickness": 14}
@@ -196,6 +208,18 @@ def _edges(similarity: Any) -> pd.DataFrame:
     return pd.DataFrame({"source": names[i[ok]], "target": names[j[ok]], "weight": w[ok]})
 
 
+def _named(degree: np.ndarray, is_hl: np.ndarray, max_labels: int | None) -> np.ndarray:
+    """Which genes get their name written: all up to ``max_labels``, else highlighted + most edges."""
+    if max_labels is not None and max_labels < 0:
+        raise ConfigError(f"max_labels must be a non-negative integer or None; got {max_labels}.")
+    if max_labels is None or len(degree) <= max_labels:
+        return np.ones(len(degree), dtype=bool)
+    named = is_hl.copy()
+    order = np.argsort(-degree, kind="stable")
+    named[order[:max_labels]] = True
+    return named
+
+
 def _gapped(seg: np.ndarray) -> np.ndarray:
     """``(n_edges, 3)`` [start, end, NaN] rows as one flat list with ``None`` gaps (JSON ``null``)."""
     flat = seg.ravel().astype(object)
@@ -212,6 +236,7 @@ def _nodes(
     xy: np.ndarray,
     sel: np.ndarray,
     is_hl: np.ndarray,
+    named: np.ndarray,
     nodes: list[str],
     hover: list[str],
     *,
@@ -224,8 +249,12 @@ def _nodes(
         x=xy[idx, 0],
         y=xy[idx, 1],
         mode="markers+text",
-        text=[nodes[k] if is_hl[k] else "" for k in idx],
+        text=[nodes[k] if named[k] else "" for k in idx],
         textposition="top center",
+        textfont={
+            "size": np.where(is_hl[idx], 14, 11),
+            "color": np.where(is_hl[idx], "#d62728", "#333333"),
+        },
         hovertext=[hover[k] for k in idx],
         hovertemplate="%{hovertext}<extra></extra>",
         customdata=np.array([nodes[k] for k in idx], dtype=object).reshape(-1, 1),

@@ -380,7 +380,28 @@ def test_gene_network_edges_and_degree_colouring():
     names = np.asarray(nodes.customdata)[:, 0].tolist()
     assert "G0" in names
     assert nodes.text[names.index("G0")] == "G0"  # highlighted genes are labelled
+    assert list(nodes.text) == names  # 12 genes: every one named
+    hl = names.index("G0")
+    assert nodes.textfont.size[hl] > max(np.delete(np.asarray(nodes.textfont.size), hl))
     _serialisable(fig)
+
+
+def test_gene_network_names_the_best_connected_genes_when_many():
+    sim = _similarity(60, seed=2)
+    fig = cv.gene_network(sim, threshold=0.3, highlight="G59", max_labels=10)
+    nodes = next(t for t in fig.data if t.name != "edges")
+    names = np.asarray(nodes.customdata)[:, 0].tolist()
+    named = [n for n, t in zip(names, nodes.text, strict=True) if t]
+    assert "G59" in named and 10 <= len(named) <= 11
+    degree = {n: int(((sim.loc[n].drop(n)) >= 0.3).sum()) for n in names}
+    unnamed = [n for n in names if n not in named]
+    assert min(degree[n] for n in named if n != "G59") >= max(degree[n] for n in unnamed)
+    assert all(n in h for n, h in zip(names, nodes.hovertext, strict=True))  # hover names every gene
+    assert any("names shown for" in a.text and "hover" in a.text for a in fig.layout.annotations)
+    everyone = cv.gene_network(sim, threshold=0.3, max_labels=None)
+    assert all(everyone.data[-1].text)
+    with pytest.raises(ConfigError, match="max_labels"):
+        cv.gene_network(sim, max_labels=-1)
 
 
 def test_gene_network_programs_edge_list_and_limits():
