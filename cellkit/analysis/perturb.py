@@ -597,8 +597,12 @@ class InSilicoResult:
         One row per perturbation (and group): ``perturbation`` (genes joined by ``+``), ``genes``
         (comma-separated), ``mode``, [``group``], ``n_cells`` (cells counted: delete → the cells
         carrying all its genes), ``mean_shift``, ``median_shift`` (cosine shift), ``mean_cosine``,
-        [``goal_shift``], ``null_mean``, ``null_std``, ``z``, ``p`` [and ``goal_null_mean``,
-        ``goal_null_std``, ``goal_z``, ``goal_p``] (NaN without a null).
+        [``goal_shift``], ``null_mean``, ``null_std``, ``z``, ``p``, ``distinguishable`` [and
+        ``goal_null_mean``, ``goal_null_std``, ``goal_z``, ``goal_p``] (NaN without a null).
+        ``distinguishable`` is ``True`` when the mean shift is larger than the random genes'
+        shifts: one-sided empirical ``p < 0.05`` *and* ``z >= 2``; ``False`` otherwise, and
+        always ``False`` without a null (``n_null=0``: nothing to compare with). With ``n_null``
+        random genes the smallest possible ``p`` is ``1 / (n_null + 1)``: use ``n_null >= 19``.
     cells
         One row per perturbation and cell: ``perturbation``, ``cell``, [``group``],
         ``n_present``, ``counted``, ``cosine``, ``shift``, [``goal_shift``].
@@ -741,7 +745,8 @@ def in_silico_perturb(
     groupby
         An ``obs`` column: the summary gets one row per perturbation and group.
     n_null
-        Random expression-matched genes per perturbed gene (0: no null distribution).
+        Random expression-matched genes per perturbed gene (0: no null distribution); at least
+        19 for a perturbation to be called ``distinguishable`` (``p < 0.05``) in the summary.
     null_bins
         Number of expression groups the random genes are matched within.
     gene_shifts
@@ -1319,6 +1324,17 @@ def _summarise(
     )
 
 
+#: a perturbation's shift is "distinguishable" from random genes' when p < this and z >= DISTINGUISHABLE_Z
+DISTINGUISHABLE_P = 0.05
+#: see :data:`DISTINGUISHABLE_P`
+DISTINGUISHABLE_Z = 2.0
+
+
+def _distinguishable(z: float, p: float) -> bool:
+    """Whether a shift stands out from its null: ``p < 0.05`` and ``z >= 2`` (``False`` with NaN)."""
+    return bool(p < DISTINGUISHABLE_P and z >= DISTINGUISHABLE_Z)
+
+
 def _summary_row(
     shifts: _Shifts,
     p: int,
@@ -1349,6 +1365,7 @@ def _summary_row(
     if shifts.goal_mean is not None:
         row["goal_shift"] = _mean(goal_shift[p, 0], m0)
     row.update(zip(("null_mean", "null_std", "z", "p"), _stats(obs_shift, null_shift), strict=True))
+    row["distinguishable"] = _distinguishable(row["z"], row["p"])
     if shifts.goal_mean is not None:
         row.update(
             zip(

@@ -191,6 +191,7 @@ def test_shift_and_goal_shift_match_a_hand_computation():
     assert row["mean_shift"] == pytest.approx(per_cell["shift"].mean())
     assert row["goal_shift"] == pytest.approx(per_cell["goal_shift"].mean())
     assert np.isnan(row["null_mean"]) and np.isnan(row["p"])  # no null asked
+    assert row["distinguishable"] is np.False_ or row["distinguishable"] is False  # nothing to compare with
 
 
 def test_gene_shifts_match_a_hand_computation():
@@ -295,6 +296,20 @@ def test_null_distribution_shapes_and_seed():
         assert s.loc[g, "null_std"] == pytest.approx(draws.std(ddof=1))
         assert s.loc[g, "z"] == pytest.approx((s.loc[g, "mean_shift"] - draws.mean()) / draws.std(ddof=1))
         assert s.loc[g, "p"] == pytest.approx((1 + (draws >= s.loc[g, "mean_shift"]).sum()) / 4)
+    assert a["summary"]["distinguishable"].dtype == bool
+    assert not a["summary"]["distinguishable"].any()  # 3 random genes: p is at least 1/4
+
+
+def test_distinguishable_rule():
+    from cellkit.analysis.perturb import DISTINGUISHABLE_P, DISTINGUISHABLE_Z, _distinguishable
+
+    assert (DISTINGUISHABLE_P, DISTINGUISHABLE_Z) == (0.05, 2.0)
+    assert _distinguishable(z=3.0, p=0.01)
+    assert not _distinguishable(z=3.0, p=0.05)  # p at the threshold: not distinguishable
+    assert not _distinguishable(z=1.5, p=0.01)  # a small effect against a tight null
+    assert not _distinguishable(z=-4.0, p=0.99)  # smaller than random genes' shifts
+    assert not _distinguishable(z=np.nan, p=np.nan)  # no null
+    assert not _distinguishable(z=0.1, p=0.4)  # shifts of 1e-7 with p 0.2-0.8
 
 
 def test_combos_groupby_and_gene_shifts():

@@ -8,6 +8,7 @@ import pytest
 
 import cellkit.viz as cv
 from cellkit import DataError
+from cellkit.viz import _perturbation
 
 
 def _summary(null: bool, goal: bool) -> pd.DataFrame:
@@ -66,3 +67,59 @@ def test_response_bars_show_the_top_genes_and_observed_changes():
     assert "top 3 genes" in fig.layout.title.text
     with pytest.raises(DataError, match="top_k"):
         cv.perturbation_response(changes, top_k=0)
+
+
+def test_shift_bars_grey_when_not_distinguishable_from_the_null():
+    summary = pd.DataFrame(
+        {
+            "perturbation": ["A", "B", "C"],
+            "mean_shift": [3e-7, 1e-7, 5e-6],
+            "n_cells": [10, 10, 10],
+            "null_mean": [2e-7, 2e-7, 2e-7],
+            "null_std": [1e-7, 1e-7, 1e-7],
+            "z": [1.0, -1.0, 48.0],
+            "p": [0.2, 0.8, 0.01],
+            "distinguishable": [False, False, True],
+        }
+    )
+    fig = cv.perturbation_shifts(summary)
+    bars = fig.data[0]
+    grey, blue = _perturbation.NULL_LIKE_COLOR, _perturbation.SHIFT_COLOR
+    assert list(bars.marker.color) == [grey, grey, blue]
+    legend = [t.name for t in fig.data[2:]]
+    assert legend == [_perturbation.DISTINGUISHABLE_NAME, _perturbation.NOT_DISTINGUISHABLE_NAME]
+    assert "not distinguishable from random genes" in legend[1]
+    assert all(t.x == (None,) for t in fig.data[2:])  # legend entries only, no data
+    assert (
+        bars.customdata[0][3] == _perturbation.NOT_DISTINGUISHABLE_NAME
+        and "p %{customdata[1]" in bars.hovertemplate
+    )
+    assert not fig.layout.annotations  # a null exists: no "no null" note
+    # without the column the rule is p < 0.05 and z >= 2, the summary's own rule
+    derived = cv.perturbation_shifts(summary.drop(columns="distinguishable"))
+    assert list(derived.data[0].marker.color) == [grey, grey, blue]
+    all_grey = cv.perturbation_shifts(summary.assign(distinguishable=False))
+    assert [t.name for t in all_grey.data[2:]] == [_perturbation.NOT_DISTINGUISHABLE_NAME]
+
+
+def test_shift_bars_without_null_say_so():
+    fig = cv.perturbation_shifts(_summary(null=False, goal=False).assign(p=np.nan, z=np.nan))
+    assert [t.name for t in fig.data] == ["mean shift"]
+    assert fig.data[0].marker.color is None  # not greyed: nothing was compared
+    (note,) = fig.layout.annotations
+    assert note.text.startswith("no null computed")
+
+
+def test_shift_axes_never_use_si_prefixes():
+    tiny = pd.DataFrame({"perturbation": ["A", "B"], "mean_shift": [8e-7, 2e-6], "n_cells": [3, 3]})
+    fig = cv.perturbation_shifts(tiny)
+    assert fig.layout.yaxis.tickformat == ".1e" and fig.layout.yaxis.exponentformat == "e"
+    assert "cosine" in fig.layout.yaxis.title.text
+    big = cv.perturbation_shifts(_summary(null=True, goal=True))
+    assert big.layout.yaxis.tickformat == ".3~g" and big.layout.yaxis.exponentformat == "e"
+    cells = pd.DataFrame(
+        {"perturbation": ["A", "A"], "cell": ["c0", "c1"], "counted": [True, True], "shift": [1e-7, 3e-7]}
+    )
+    violins = cv.perturbation_cells(cells)
+    assert violins.layout.yaxis.tickformat == ".1e" and violins.layout.yaxis.exponentformat == "e"
+    assert cv.perturbation_cells(cells.assign(shift=[0.1, 0.3])).layout.yaxis.tickformat == ".3~g"
