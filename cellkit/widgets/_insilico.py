@@ -40,6 +40,10 @@ TABLES = ("summary", "cells")
 _GOAL_KINDS = (("(no goal)", "none"), ("obs value", "obs"), ("selection", "selection"))
 #: size of the two figures
 _FIGURE_SIZE = {"height": 340, "width": 480}
+#: the summary columns the panel's table shows (the result and the exported CSV keep all of them)
+SHOWN_COLUMNS = ("perturbation", "group", "n_cells", "mean_shift", "goal_shift", "z", "p", "distinguishable")
+#: random genes needed for an empirical p below 0.05 (the smallest p is 1 / (n_null + 1))
+_ENOUGH_NULL = 19
 
 
 def _split_genes(text: str) -> list[str]:
@@ -55,6 +59,38 @@ def _perturbable_genes(model: Any) -> list[str]:
         return [str(g) for g in genes] if genes is not None else []
     special = set(model.vocab.specials.values())
     return [str(t) for t in model.vocab.tokens if t not in special]
+
+
+def _null_sentence(summary: pd.DataFrame, n_null: int) -> str:
+    """Plain words on whether the shifts stand out from the random genes' (the summary's
+    ``distinguishable``: ``p < 0.05`` and ``z >= 2``)."""
+    if n_null <= 0 or "distinguishable" not in summary or summary["p"].isna().all():
+        return (
+            " No null computed (n null = 0): the shifts are not compared with random genes, so they "
+            f"cannot be told from noise; set n null to {_ENOUGH_NULL + 1} or more."
+        )
+    names = summary["perturbation"].astype(str)
+    if "group" in summary:
+        names = names + " (" + summary["group"].astype(str) + ")"
+    yes = summary["distinguishable"].astype(bool).to_numpy()
+
+    def listed(items: pd.Series) -> str:
+        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    text = ""
+    if yes.any():
+        text += f" {listed(names[yes])}: shift the cells more than random genes do (p < 0.05, z ≥ 2)."
+    if not yes.all():
+        p = summary["p"][~yes]
+        text += (
+            f" {listed(names[~yes])}: not distinguishable from random genes (p {p.min():.2g}–{p.max():.2g})."
+        )
+    if n_null < _ENOUGH_NULL:
+        text += (
+            f" With n null = {n_null} the smallest possible p is {1 / (n_null + 1):.2g}: "
+            f"use n null ≥ {_ENOUGH_NULL} (e.g. {_ENOUGH_NULL + 1})."
+        )
+    return text
 
 
 def _show_figure(widget: go.FigureWidget, fig: go.Figure) -> None:
@@ -396,7 +432,11 @@ class InSilicoPanel(JobPanel):
 
         self.result = result
         summary, params = result.summary, result.params
-        self.summary_html.value = "<b>Summary</b>" + html_table(summary, max_rows=200)
+        shown = summary[[c for c in SHOWN_COLUMNS if c in summary]]
+        self.summary_html.value = (
+            f"<b>Summary</b> <i>(main columns; “Export table” writes all {summary.shape[1]})</i>"
+            + html_table(shown, max_rows=200)
+        )
         _show_figure(self.shift_fig, cv.perturbation_shifts(summary))
         _show_figure(self.cells_fig, cv.perturbation_cells(result.cells))
         labels = [str(p) for p in summary["perturbation"]]
@@ -407,7 +447,7 @@ class InSilicoPanel(JobPanel):
             parts.append(f"goal: {goal_note}")
         if key_added is not None:
             parts.append(f"results stored in adata.uns[{key_added!r}]")
-        text = "; ".join(parts) + "."
+        text = "; ".join(parts) + "." + _null_sentence(summary, int(params.get("n_null", 0)))
         empty = [lab for lab, n in zip(labels, summary["n_cells"], strict=True) if int(n) == 0]
         if empty:
             text += (

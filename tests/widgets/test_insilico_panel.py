@@ -84,6 +84,25 @@ def test_controls_follow_state(state, panel):
 
 
 # ================================================================================ runs
+def test_null_sentence_names_what_stands_out_and_what_does_not():
+    from cellkit.widgets._insilico import _null_sentence
+
+    summary = pd.DataFrame(
+        {
+            "perturbation": ["A", "B", "C"],
+            "p": [0.01, 0.4, 0.8],
+            "z": [5.0, 0.3, -1.0],
+            "distinguishable": [True, False, False],
+        }
+    )
+    text = _null_sentence(summary, 20)
+    assert "A: shift the cells more than random genes do" in text
+    assert "B, C: not distinguishable from random genes (p 0.4–0.8)" in text
+    assert "smallest possible p" not in text
+    assert "smallest possible p is 0.2" in _null_sentence(summary, 4)
+    assert "No null computed" in _null_sentence(summary.assign(p=np.nan, distinguishable=False), 0)
+
+
 def test_run_matches_api_and_draws_one_bar_and_violin_per_perturbation(state, panel):
     uns_before, obs_before = set(state.adata.uns), list(state.adata.obs.columns)
     result = panel.run(GENES, n_null=3)
@@ -95,9 +114,19 @@ def test_run_matches_api_and_draws_one_bar_and_violin_per_perturbation(state, pa
     summary = result.summary
     assert list(summary["perturbation"]) == GENES and state.active_selection == "few"
     assert "CD3E" in panel.summary_html.value and "mean_shift" in panel.summary_html.value
+    # the table shows the columns a biologist reads; the result (and the CSV) keeps them all
+    assert "<th>distinguishable</th>" in panel.summary_html.value and "<th>p</th>" in panel.summary_html.value
+    for hidden in ("null_std", "median_shift", "mean_cosine", "genes"):
+        assert f"<th>{hidden}</th>" not in panel.summary_html.value and hidden in summary
+    # 3 random genes: p is at least 0.25, so no shift is distinguishable, and the message says so
+    assert not summary["distinguishable"].any()
+    assert "not distinguishable from random genes" in panel.message_text
+    assert "smallest possible p is 0.25" in panel.message_text
 
     # the figures are cellkit.viz's, shown in the panel's FigureWidgets
-    bars, null = panel.shift_fig.data
+    bars, null, legend = panel.shift_fig.data
+    assert set(bars.marker.color) == {"#c7c7c7"}  # grey: not distinguishable
+    assert legend.name.startswith("not distinguishable from random genes")
     assert bars.type == "bar" and list(bars.x) == GENES
     np.testing.assert_allclose(bars.y, summary["mean_shift"], rtol=1e-9)
     assert null.type == "scatter" and list(null.x) == GENES
@@ -132,6 +161,8 @@ def test_combination_and_overexpress_from_the_controls(state, panel):
     _same(panel.result, _direct(state, panel, genes=["CD3E", "LYZ"], combos=True, mode="overexpress"))
     assert list(panel.shift_fig.data[0].x) == ["CD3E+LYZ"]
     assert len(panel.shift_fig.data) == 1  # no null without n_null
+    assert "No null computed" in panel.message_text
+    assert panel.shift_fig.layout.annotations[0].text.startswith("no null computed")
     assert len(panel.cells_fig.data) == 1
     assert panel.phase == "idle" and not panel.run_button.disabled
     assert panel.last_error is None and panel.result.params["mode"] == "overexpress"
