@@ -738,6 +738,9 @@ class AttentionPanel(Panel):
         new = fig.data[0]
         cv.draw_into(self.figure, fig.update_layout(height=620))
         self.matrix, self.table, self.kind = res.matrix, res.table, res.kind
+        if self.top_table is not None or self.top_html.value:  # the top genes were of the previous map
+            self.top_table = None
+            self.top_html.value = "<div><i>A new map is shown: press “Top genes” for its top genes.</i></div>"
         if is_diff:
             self.diff_table = res.table
         self.gene.options = tuple(str(c) for c in res.matrix.columns[:MAX_CELL_OPTIONS])

@@ -117,7 +117,11 @@ def test_genes_box_restricts_the_map(state, panel):
     m = panel.show()
     _ok(panel)
     ref = ca.gene_attention(
-        state.adata, state.model, cells=state.selections["three"], hidden_layer=1, genes=["LYZ", "CD74", "HLA-DRA"]
+        state.adata,
+        state.model,
+        cells=state.selections["three"],
+        hidden_layer=1,
+        genes=["LYZ", "CD74", "HLA-DRA"],
     )
     pd.testing.assert_frame_equal(m, ref)
     panel.set_cell(_cell(state))
@@ -147,7 +151,9 @@ def test_statistic_grn(state, panel):
     panel.statistic.value = "grn"
     m = panel.show()
     _ok(panel)
-    ref = ca.gene_attention(state.adata, state.model, cells=state.selections["few"], hidden_layer=1, statistic="grn")
+    ref = ca.gene_attention(
+        state.adata, state.model, cells=state.selections["few"], hidden_layer=1, statistic="grn"
+    )
     pd.testing.assert_frame_equal(m, ref)
     assert m.attrs["statistic"] == "grn"
     # single cell with grn: that one cell's rank statistic
@@ -187,6 +193,23 @@ def test_top_genes_table(state, panel):
     expected = m.loc[gene].drop(gene).sort_values(ascending=False, kind="stable").head(7)
     assert list(row["gene"]) == list(expected.index)
     assert "attends to most" in panel.top_html.value
+
+
+def test_top_genes_table_is_cleared_when_a_new_map_is_shown(state, panel):
+    panel.set_cell(_cell(state))
+    m = panel.show()
+    gene = str(m.columns[3])
+    panel.top_genes(gene, k=5)
+    _ok(panel)
+    assert panel.top_table is not None and "cellkit-table" in panel.top_html.value
+    panel.set_cell(_cell(state, 1))
+    other = panel.show()  # another cell: the table above was of the old map
+    _ok(panel)
+    assert panel.top_table is None and "cellkit-table" not in panel.top_html.value
+    assert "new map" in panel.top_html.value and panel.table is not None
+    fresh = panel.top_genes(str(other.columns[3]), k=5)  # and a new table is of the new map
+    pd.testing.assert_frame_equal(fresh, ca.top_influenced_genes(other, str(other.columns[3]), k=5))
+    assert panel.top_table is fresh and "cellkit-table" in panel.top_html.value
 
 
 # ---------------------------------------------------------------------------------- difference
