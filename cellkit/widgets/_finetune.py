@@ -720,6 +720,7 @@ class FinetunePanel(Panel):
         note = "the studio's model and state are unchanged"
         if self.completed_result is not None:
             note += "; the last completed fine-tune is still usable (Use / Save / Write predictions)"
+            self._show_summary(self.completed_result, "Last completed run (still usable)")
         self.live.fail(note)
         _remove_dir((self._run or {}).get("checkpoint_dir"))
         self._set_phase("failed")

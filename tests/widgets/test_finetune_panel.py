@@ -446,7 +446,7 @@ def test_a_failed_or_stopped_start_keeps_the_last_completed_result(state, tmp_pa
     assert panel.run_cells == 30 and panel.result is None
     assert panel.completed_result is first and state.finetune_result is first and _usable(panel)
     assert "still usable" in panel.status_html.value
-    assert "Last completed run" in panel.summary_html.value and panel.confusion_fig is not None
+    assert "still usable" in panel.summary_html.value and panel.confusion_fig is not None
     # the kept model is used with its own settings (max_length 32, not the failed run's 16)
     assert panel.save(tmp_path / "kept") is not None
     assert panel.write_predictions("kept_pred") is not None

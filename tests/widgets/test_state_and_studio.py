@@ -271,3 +271,55 @@ def test_saving_all_cells_as_a_selection(pbmc, demo):
     assert state.active_selection == "everything" and data.cell_mode.value == "selection"
     assert data.save_selection("data filter") is None and "live filter" in data.message_text
     assert data.save_selection("  ") is None and "name" in data.message_text
+
+
+# ------------------------------------------------------------------ issue 17: a failed action keeps earlier results
+def test_failed_actions_keep_the_earlier_results(state, tmp_path, monkeypatch):
+    """In silico, gene and response panels: a run that fails leaves the last result shown and usable."""
+    import cellkit
+    import cellkit.analysis as ca
+    from cellkit.widgets import GenePanel, InSilicoPanel, PerturbationResponsePanel
+
+    def boom(*_a, **_k):
+        raise RuntimeError("simulated failure")
+
+    # in silico: a result, then a run that fails in its thread
+    insilico = InSilicoPanel(state)
+    state.add_selection("few", np.arange(20))
+    first = insilico.run("LYZ", n_null=0)
+    assert first is not None, insilico.message_text
+    summary = insilico.summary_html.value
+    monkeypatch.setattr(ca, "in_silico_perturb", boom)
+    insilico.run("CST3", n_null=0, background=True)
+    insilico.wait(60)
+    assert "simulated failure" in insilico.message_text and insilico.phase == "idle"
+    assert insilico.result is first and insilico.summary_html.value == summary
+    assert not insilico.run_button.disabled and insilico.export(tmp_path / "kept.csv") is not None
+    monkeypatch.undo()
+
+    # genes: contextual embeddings that fail keep the token embeddings and the search
+    genes = GenePanel(state)
+    table = genes.search("CST3", k=5)
+    assert table is not None
+    emb = genes.embeddings
+    monkeypatch.setattr(ca, "contextual_gene_embeddings", boom)
+    assert genes.compute_embeddings("contextual") is None and "simulated failure" in genes.message_text
+    assert genes.embeddings is emb and genes.kind == "token" and genes.table is table
+    assert genes.export(tmp_path / "genes.csv") is not None
+    monkeypatch.undo()
+
+    # response: a trained model, then a training run that fails
+    from cellkit.datasets import synthetic_perturbation
+
+    perturb = synthetic_perturbation(
+        n_genes=30, n_control=60, n_cells_per_perturbation=15, n_single=4, n_double=2, seed=0
+    )
+    tiny = cellkit.PerturbationArchitecture(d_model=16, n_heads=2, n_layers=1, d_ff=32)
+    response = PerturbationResponsePanel(StudioState(adata=perturb))
+    model = response.train(epochs=1, architecture=tiny, batch_size=32)
+    assert model is not None, response.message_text
+    monkeypatch.setattr(cellkit, "fit_perturbation_model", boom)
+    assert response.train(epochs=1, architecture=tiny, batch_size=32) is None
+    assert "simulated failure" in response.message_text
+    assert response.response_model is model and "kept" in response.live.status_html.value
+    assert not response.save_button.disabled and not response.predict_button.disabled
