@@ -176,7 +176,7 @@ class StudioState(traitlets.HasTraits):
         except CellkitError as exc:  # a stale selection name
             return f"<i>Cells: {html.escape(str(exc))}</i>"
         if names is None:
-            return f"Cells: all <b>{self.adata.n_obs:,}</b> cells"
+            return f"Cells: all {self.adata.n_obs:,} cells"
         return (
             f"Cells: selection <b>{html.escape(self.active_selection)}</b> — "
             f"<b>{len(names):,}</b> of {self.adata.n_obs:,} cells"
