@@ -13,8 +13,11 @@ At the end the panel shows the held-out accuracy / macro-F1, the confusion matri
 (:func:`cellkit.viz.confusion_matrix`) and the per-class scores, and sets
 ``state.finetune_result``. The trained model is never pushed into the studio on its own: the
 user clicks "Use trained model", "Save model" or "Write predictions" (:func:`cellkit.predict`).
+These act on the last *completed* run (``completed_result``): a later start that fails, or a run
+stopped midway, never takes it away.
 
-Cells: the studio's active selection, else every cell. The AnnData is passed as is and
+Cells: the studio's active selection, else every cell — chosen in the Data tab (or released with
+the studio's "All cells" button); the panel shows which, and each run says how many it uses. The AnnData is passed as is and
 :func:`cellkit.finetune` tokenizes it with the model's own conventions (``config.input``:
 ``use_raw``, ``normalize_total``, ``log1p`` — so the demo model needs no extra options); the
 studio's ``state.tokens`` are reused instead when they hold exactly those cells and carry the label
