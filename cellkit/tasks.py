@@ -298,9 +298,7 @@ def _check_tokenize_options(model: CellModel, options: Mapping[str, Any] | None)
     if options is None:
         return {}
     if not isinstance(options, Mapping):
-        raise ConfigError(
-            f"tokenize_options must be a dict of option -> value, got {type(options).__name__}."
-        )
+        raise ConfigError(f"tokenize_options must be a dict of option -> value, got {type(options).__name__}.")
     opts = dict(options)
     bad_keys = [k for k in opts if not isinstance(k, str)]
     if bad_keys:
@@ -317,9 +315,7 @@ def _check_tokenize_options(model: CellModel, options: Mapping[str, Any] | None)
     except DataError:
         return opts  # an unknown scheme: tokenize() says which ones exist
     keywords = {
-        p.name
-        for p in inspect.signature(tokenize).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        p.name for p in inspect.signature(tokenize).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     allowed = sorted((keywords - set(_TASK_TOKENIZE_ARGS)) | set(impl.OPTIONS))
     unknown = sorted(set(opts) - set(allowed))

@@ -228,12 +228,7 @@ CASES: list[Case] = [
         DataError,
         r"type0.*quot",
     ),
-    Case(
-        "tokenize: empty mask",
-        lambda c: _tok(c, cells=np.zeros(c.adata.n_obs, bool)),
-        DataError,
-        r"(?i)no cells|empty",
-    ),
+    Case("tokenize: empty mask", lambda c: _tok(c, cells=np.zeros(c.adata.n_obs, bool)), DataError, r"(?i)no cells|empty"),
     Case(
         "tokenize: mask of the wrong length",
         lambda c: _tok(c, cells=np.ones(c.adata.n_obs + 1, bool)),
@@ -295,16 +290,9 @@ CASES: list[Case] = [
         r"(?i)(inf|non-finite)",
         _inf_rep,
     ),
-    Case(
-        "finetune: label column missing",
-        lambda c: _ft(c, label_key="celltype"),
-        DataError,
-        r"celltype.*cell_type",
-    ),
+    Case("finetune: label column missing", lambda c: _ft(c, label_key="celltype"), DataError, r"celltype.*cell_type"),
     Case("tokenize: layer missing", lambda c: _tok(c, layer="spliced"), DataError, r"spliced.*counts"),
-    Case(
-        "tokenize: use_raw without .raw", lambda c: _tok(c, use_raw=True), DataError, r"raw.*layer", _no_raw
-    ),
+    Case("tokenize: use_raw without .raw", lambda c: _tok(c, use_raw=True), DataError, r"raw.*layer", _no_raw),
     Case(
         "tokenize: no gene in the vocabulary",
         lambda c: cellkit.tokenize(c.adata, make_model([f"X{i}" for i in range(30)]), progress=False),
@@ -359,12 +347,7 @@ CASES: list[Case] = [
         CellkitError,
         r"<eoc>",
     ),
-    Case(
-        "save: unknown format",
-        lambda c: c.model.save(c.tmp / "m", format="onnx"),
-        ConfigError,
-        r"onnx.*cellkit",
-    ),
+    Case("save: unknown format", lambda c: c.model.save(c.tmp / "m", format="onnx"), ConfigError, r"onnx.*cellkit"),
     # ------------------------------------------------------------------ files are data, bounded by their size
     Case(
         "load: vocabulary id far beyond the entry count",
@@ -430,9 +413,7 @@ CASES: list[Case] = [
     ),
     Case(
         "pickle: a Geneformer dictionary that would run code",
-        lambda c: __import__("cellkit.checkpoints.safe_pickle", fromlist=["x"]).safe_load_pickle(
-            c.extra["pkl"]
-        ),
+        lambda c: __import__("cellkit.checkpoints.safe_pickle", fromlist=["x"]).safe_load_pickle(c.extra["pkl"]),
         CellkitError,
         r"(?i)(refus|not allowed|forbidden).*",
         lambda c: (
@@ -487,53 +468,22 @@ CASES: list[Case] = [
 CLI_CASES: list[tuple[str, Callable[[Ctx], list[str]], str, Callable[[Ctx], None] | None]] = [
     (
         "cli finetune: objective weight that is not a number",
-        lambda c: [
-            "finetune",
-            "--model",
-            str(c.model_dir),
-            "--data",
-            c.extra["h5ad"],
-            "--label-key",
-            "cell_type",
-            "--objectives",
-            "cls,gep=abc",
-        ],
+        lambda c: ["finetune", "--model", str(c.model_dir), "--data", c.extra["h5ad"], "--label-key",
+                   "cell_type", "--objectives", "cls,gep=abc"],
         r"abc",
         None,
     ),
     (
         "cli finetune: crafted --cells runs nothing",
-        lambda c: [
-            "finetune",
-            "--model",
-            str(c.model_dir),
-            "--data",
-            c.extra["h5ad"],
-            "--label-key",
-            "cell_type",
-            "--cells",
-            f"@pd.io.common.os.system('{c.touch}') == 0",
-            "--epochs",
-            "1",
-        ],
+        lambda c: ["finetune", "--model", str(c.model_dir), "--data", c.extra["h5ad"], "--label-key",
+                   "cell_type", "--cells", f"@pd.io.common.os.system('{c.touch}') == 0", "--epochs", "1"],
         QUERY_WORDS,
         None,
     ),
     (
         "cli finetune: --out is a file",
-        lambda c: [
-            "finetune",
-            "--model",
-            str(c.model_dir),
-            "--data",
-            c.extra["h5ad"],
-            "--label-key",
-            "cell_type",
-            "--out",
-            str(c.tmp / "afile"),
-            "--epochs",
-            "1",
-        ],
+        lambda c: ["finetune", "--model", str(c.model_dir), "--data", c.extra["h5ad"], "--label-key",
+                   "cell_type", "--out", str(c.tmp / "afile"), "--epochs", "1"],
         r"afile",
         lambda c: (c.tmp / "afile").write_text("keep me"),
     ),

@@ -295,16 +295,8 @@ def _scgpt_model(tokens, specials):
 @pytest.mark.parametrize(
     ("tokens", "specials", "reason"),
     [
-        (
-            ["G0", "G1", "<pad>", "<cls>"],
-            {"pad": "<pad>", "cls": "<cls>"},
-            r"lacks the special token\(s\) \['<eoc>'\]",
-        ),
-        (
-            ["G0", "G1", "[PAD]", "<pad>", "<cls>", "<eoc>"],
-            {"pad": "[PAD]", "cls": "<cls>"},
-            "padding token is '\\[PAD\\]'",
-        ),
+        (["G0", "G1", "<pad>", "<cls>"], {"pad": "<pad>", "cls": "<cls>"}, r"lacks the special token\(s\) \['<eoc>'\]"),
+        (["G0", "G1", "[PAD]", "<pad>", "<cls>", "<eoc>"], {"pad": "[PAD]", "cls": "<cls>"}, "padding token is '\\[PAD\\]'"),
         (
             ["G0", "G1", "<pad>", "<cls>", "<eoc>", "<mask>"],
             {"pad": "<pad>", "cls": "<cls>", "mask": "<mask>"},
@@ -322,9 +314,7 @@ def test_scgpt_export_refuses_vocabularies_scgpt_would_change(tmp_path, tokens, 
 
 
 def test_scgpt_export_round_trips_through_load_model(tmp_path):
-    model = _scgpt_model(
-        ["G0", "G1", "G2", "<pad>", "<cls>", "<eoc>"], {"pad": "<pad>", "cls": "<cls>", "eos": "<eoc>"}
-    )
+    model = _scgpt_model(["G0", "G1", "G2", "<pad>", "<cls>", "<eoc>"], {"pad": "<pad>", "cls": "<cls>", "eos": "<eoc>"})
     model.save(tmp_path / "out", format="scgpt")
     back = cellkit.load_model(tmp_path / "out")
     assert back.vocab.tokens == model.vocab.tokens
@@ -391,14 +381,8 @@ def test_manifests_are_confined_and_checked(tmp_path):
     _tokens(12).to_shards(outside, max_shard_samples=5)
     cases = {
         "dotdot": (lambda m: m["shards"][0].update(name="../outside/shard-00000"), r"shards\[0\]\.name"),
-        "absolute": (
-            lambda m: m["shards"][0].update(name=str(outside / "shard-00000")),
-            r"shards\[0\]\.name",
-        ),
-        "count": (
-            lambda m: m["shards"][0].update(n_cells=4) or m.update(n_cells=11),
-            "n_cells is 4 but the arrays hold 5",
-        ),
+        "absolute": (lambda m: m["shards"][0].update(name=str(outside / "shard-00000")), r"shards\[0\]\.name"),
+        "count": (lambda m: m["shards"][0].update(n_cells=4) or m.update(n_cells=11), "n_cells is 4 but the arrays hold 5"),
         "total": (lambda m: m.update(n_cells=99), r"'n_cells' must be the sum"),
         "type": (lambda m: m.update(shards="all of them"), r"'shards' must be a list"),
         "specials": (lambda m: m.update(specials={"pad": "x"}), r"'specials'"),

@@ -69,9 +69,7 @@ def test_perturbgene_config_is_the_bert_builder():
     from cellkit.data.schemes.perturbgene import perturbgene_vocab
 
     vocab = perturbgene_vocab({"tissue": ["lung", "gut"]}, 4)
-    enc = perturbgene_config(
-        vocab, n_gene_types=6, n_categories=1, d_model=16, n_heads=2, dropout=0.2
-    ).encoder
+    enc = perturbgene_config(vocab, n_gene_types=6, n_categories=1, d_model=16, n_heads=2, dropout=0.2).encoder
     assert {k: enc.to_dict()[k] for k in BERT_FIXED} == BERT_FIXED
     assert (enc.activation, enc.max_position_embeddings, enc.type_vocab_size, enc.attention_dropout) == (
         "gelu",
@@ -220,25 +218,14 @@ def test_forward_keys_beside_the_collator():
 
     assert train_keys is FORWARD_KEYS and inference_keys is FORWARD_KEYS
     batch = Collator(pad_id=0)(
-        [
-            {
-                "gene_ids": np.array([1, 2, 3]),
-                "values": np.array([1.0, 2.0, 3.0]),
-                "labels": 1,
-                "batch_labels": 0,
-            }
-        ]
+        [{"gene_ids": np.array([1, 2, 3]), "values": np.array([1.0, 2.0, 3.0]), "labels": 1, "batch_labels": 0}]
     )
     assert {"gene_ids", "values", "padding_mask", "batch_labels"} <= set(FORWARD_KEYS)
     assert set(batch) - set(FORWARD_KEYS) == {"labels"}  # a target, not an input
 
 
 def test_forward_keys_defined_once():
-    hits = [
-        str(p.relative_to(PKG))
-        for p in PKG.rglob("*.py")
-        if "FORWARD_KEYS = " in p.read_text(encoding="utf-8")
-    ]
+    hits = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if "FORWARD_KEYS = " in p.read_text(encoding="utf-8")]
     hits += [
         str(p.relative_to(PKG))
         for p in PKG.rglob("*.py")
@@ -251,20 +238,14 @@ def test_forward_keys_defined_once():
 def _adata(n: int = 24) -> ad.AnnData:
     r = np.random.default_rng(0)
     x = r.poisson(2.0, (n, 12)).astype(np.float32)
-    obs = pd.DataFrame(
-        {"cell_type": pd.Categorical(np.repeat(["a", "b"], n // 2))}, index=[f"c{i}" for i in range(n)]
-    )
+    obs = pd.DataFrame({"cell_type": pd.Categorical(np.repeat(["a", "b"], n // 2))}, index=[f"c{i}" for i in range(n)])
     return ad.AnnData(sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(12)]))
 
 
 def _model() -> CellModel:
-    vocab = GeneVocab(
-        [*(f"G{i}" for i in range(12)), "<pad>", "<cls>"], specials={"pad": "<pad>", "cls": "<cls>"}
-    )
+    vocab = GeneVocab([*(f"G{i}" for i in range(12)), "<pad>", "<cls>"], specials={"pad": "<pad>", "cls": "<cls>"})
     torch.manual_seed(0)
-    return CellModel(
-        scgpt_config(vocab, d_model=8, n_heads=2, n_layers=1, d_ff=16, dropout=0.0, n_bins=5), vocab
-    )
+    return CellModel(scgpt_config(vocab, d_model=8, n_heads=2, n_layers=1, d_ff=16, dropout=0.0, n_bins=5), vocab)
 
 
 FAST = {"label_key": "cell_type", "epochs": 1, "batch_size": 8, "progress": False}
@@ -273,18 +254,14 @@ FAST = {"label_key": "cell_type", "epochs": 1, "batch_size": 8, "progress": Fals
 def test_finetune_unknown_tokenize_option_names_close_matches():
     from cellkit.tasks import finetune
 
-    with pytest.raises(
-        ConfigError, match=r"Unknown tokenize option\(s\) \['max_lenn'\].*did you mean \['max_len'"
-    ):
+    with pytest.raises(ConfigError, match=r"Unknown tokenize option\(s\) \['max_lenn'\].*did you mean \['max_len'"):
         finetune(_adata(), _model(), tokenize_options={"max_lenn": 8}, **FAST)
 
 
 def test_finetune_tokenize_option_that_is_a_task_parameter():
     from cellkit.tasks import finetune
 
-    with pytest.raises(
-        ConfigError, match=r"\['layer'\] are parameters of this function: pass layer=\.\.\. directly"
-    ):
+    with pytest.raises(ConfigError, match=r"\['layer'\] are parameters of this function: pass layer=\.\.\. directly"):
         finetune(_adata(), _model(), tokenize_options={"layer": "counts"}, **FAST)
     with pytest.raises(ConfigError, match="names must be strings"):
         finetune(_adata(), _model(), tokenize_options={1: 2}, **FAST)

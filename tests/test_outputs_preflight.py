@@ -76,9 +76,7 @@ def test_trainer_refuses_unwritable_checkpoint_dir_at_construction(tmp_path):
     fine = tmp_path / "new" / "ckpt"
     Trainer(model, ["cls"], checkpoint_dir=fine, **FAST)
     assert not (tmp_path / "new").exists()
-    result = Trainer(model, ["cls"], checkpoint_dir=fine, **FAST).fit(
-        TinyCells(8), collate_fn=collator(model)
-    )
+    result = Trainer(model, ["cls"], checkpoint_dir=fine, **FAST).fit(TinyCells(8), collate_fn=collator(model))
     assert result.checkpoint is not None
     assert result.checkpoint.parent == fine
 

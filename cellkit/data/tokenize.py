@@ -382,9 +382,7 @@ def _collect_in_memory(
     """Concatenate the tokenized chunks in memory, with the coverage and notes."""
     parts = list(chunks)
     if not parts:
-        raise DataError(
-            "No cells selected: the input has no cell to tokenize (check the data and cells=...)."
-        )
+        raise DataError("No cells selected: the input has no cell to tokenize (check the data and cells=...).")
     result = TokenizedCells.concat(parts) if len(parts) != 1 else parts[0]
     result.coverage = coverage
     result.notes = list(dict.fromkeys([*gene_notes, *ctx.notes, *result.notes]))

@@ -102,9 +102,7 @@ def test_probabilities_equal_hand_softmax(norm):
             scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
             probs = torch.softmax(scores.masked_fill(mask[:, None, None, :], float("-inf")), dim=-1)
         for heads in (None, [1], 0):
-            maps = attention_maps(
-                adata, model, cells=cells, hidden_layer=layer - 2, heads=heads, device="cpu"
-            )
+            maps = attention_maps(adata, model, cells=cells, hidden_layer=layer - 2, heads=heads, device="cpu")
             sel = [0, 1] if heads is None else ([heads] if isinstance(heads, int) else heads)
             for b, m in enumerate(maps):
                 n = int(tokens.lengths[b])
@@ -119,9 +117,7 @@ def test_probabilities_equal_hand_softmax(norm):
                 # the model's own output_attentions agree too
                 assert np.abs(m.probs - out.attentions[layer][b][sel][:, :n, :n].numpy()).max() <= ATOL
                 np.testing.assert_allclose(m.probs.sum(-1), 1.0, atol=1e-5)
-    rev = attention_maps(
-        adata, model, cells=cells[::-1], hidden_layer=1, device="cpu"
-    )  # selection order kept
+    rev = attention_maps(adata, model, cells=cells[::-1], hidden_layer=1, device="cpu")  # selection order kept
     assert [m.obs_name for m in rev] == list(adata.obs_names[cells[::-1]])
     f = maps[0].frame(head=0)
     assert f.shape == (int(tokens.lengths[0]),) * 2
@@ -261,13 +257,7 @@ def test_grn_statistic_equals_direct_implementation(norm):
     for layer in (0, 1):
         exp = direct_grn(model, tokens, layer)
         got = gene_attention(
-            tokens,
-            model,
-            statistic="grn",
-            hidden_layer=layer,
-            groupby="condition",
-            groups="ctrl",
-            device="cpu",
+            tokens, model, statistic="grn", hidden_layer=layer, groupby="condition", groups="ctrl", device="cpu"
         )
         assert list(got.index) == list(exp.index)
         assert np.abs(got.to_numpy() - exp.to_numpy()).max() <= ATOL

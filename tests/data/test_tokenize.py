@@ -26,6 +26,7 @@ SCGPT_CASES = sorted(p.name for p in (FIX / "scgpt" / "cases").iterdir() if "_s"
 SPECIALS = {"pad": "<pad>", "cls": "<cls>", "eos": "<eoc>"}
 
 
+
 def compat_options(case: dict) -> dict:
     """The cellkit tokenize options of a scGPT golden case (its Preprocessor and tokenizer kwargs)."""
     p, t = case["preprocessor_kwargs"], case["tokenize_kwargs"]
@@ -44,7 +45,6 @@ def compat_options(case: dict) -> dict:
         "filter_gene_by_counts": p["filter_gene_by_counts"],
         "filter_cell_by_counts": p["filter_cell_by_counts"],
     }
-
 
 def scgpt_vocab(genes) -> GeneVocab:
     return GeneVocab([*map(str, genes), "<pad>", "<cls>", "<eoc>"], specials=SPECIALS)

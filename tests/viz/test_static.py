@@ -42,13 +42,7 @@ def adata() -> ad.AnnData:
 def _history() -> tuple[pd.DataFrame, pd.DataFrame]:
     steps = pd.DataFrame({"step": [1, 2, 3, 4], "loss": [2.0, 1.5, 1.2, 1.0], "lr": [1e-3, 1e-3, 5e-4, 1e-4]})
     epochs = pd.DataFrame(
-        {
-            "epoch": [1, 2],
-            "step": [2, 4],
-            "val/loss": [1.6, 1.1],
-            "train/accuracy": [0.5, 0.7],
-            "val/accuracy": [0.4, 0.6],
-        }
+        {"epoch": [1, 2], "step": [2, 4], "val/loss": [1.6, 1.1], "train/accuracy": [0.5, 0.7], "val/accuracy": [0.4, 0.6]}
     )
     return steps, epochs
 
@@ -132,9 +126,7 @@ def test_embedding_gene_colour_bar_and_subsample_note(adata):
 def test_embedding_arrays_selection_and_ax(adata):
     outer = Figure()
     ax = outer.add_subplot()
-    fig = cv.static_embedding(
-        np.asarray(adata.obsm["X_cellkit_umap"]), color=np.arange(24.0), selected=[0, 1], ax=ax
-    )
+    fig = cv.static_embedding(np.asarray(adata.obsm["X_cellkit_umap"]), color=np.arange(24.0), selected=[0, 1], ax=ax)
     assert fig is outer
     alphas = ax.collections[-1].get_alpha()
     assert sorted(set(np.round(alphas, 2))) == [0.12, 1.0]
@@ -201,8 +193,7 @@ def test_training_curves_lines_are_the_plotly_traces():
 def test_figures_build_in_threads(adata):
     out: list[Figure] = []
     threads = [
-        threading.Thread(target=lambda: out.append(cv.static_embedding(adata, color="cell_type")))
-        for _ in range(3)
+        threading.Thread(target=lambda: out.append(cv.static_embedding(adata, color="cell_type"))) for _ in range(3)
     ]
     for t in threads:
         t.start()

@@ -117,11 +117,7 @@ def test_genes_box_restricts_the_map(state, panel):
     m = panel.show()
     _ok(panel)
     ref = ca.gene_attention(
-        state.adata,
-        state.model,
-        cells=state.selections["three"],
-        hidden_layer=1,
-        genes=["LYZ", "CD74", "HLA-DRA"],
+        state.adata, state.model, cells=state.selections["three"], hidden_layer=1, genes=["LYZ", "CD74", "HLA-DRA"]
     )
     pd.testing.assert_frame_equal(m, ref)
     panel.set_cell(_cell(state))
@@ -151,9 +147,7 @@ def test_statistic_grn(state, panel):
     panel.statistic.value = "grn"
     m = panel.show()
     _ok(panel)
-    ref = ca.gene_attention(
-        state.adata, state.model, cells=state.selections["few"], hidden_layer=1, statistic="grn"
-    )
+    ref = ca.gene_attention(state.adata, state.model, cells=state.selections["few"], hidden_layer=1, statistic="grn")
     pd.testing.assert_frame_equal(m, ref)
     assert m.attrs["statistic"] == "grn"
     # single cell with grn: that one cell's rank statistic
