@@ -3,7 +3,8 @@
 Sources: an AnnData variable of the notebook (the kernel's namespace), an ``.h5ad`` file (in memory
 or backed) or the shipped PBMCs (:func:`cellkit.datasets.pbmc_demo`). Cells: all, an ``obs``
 filter, a query string (:func:`cellkit.data.select_cells`) or a named selection of the studio (e.g. a lasso in the embedding
-panel). "Tokenize" calls :func:`cellkit.tokenize` with the options of the model's scheme and
+panel). The choice is the studio's: it sets ``state.active_selection`` (all cells releases it), so
+the fine-tune and every other panel act on the same cells. "Tokenize" calls :func:`cellkit.tokenize` with the options of the model's scheme and
 stores the result in ``state.tokens``; the coverage, summary and a token-length histogram show
 below.
 """
@@ -21,7 +22,7 @@ import ipywidgets as widgets
 import numpy as np
 
 from ._base import Panel, guarded, labelled
-from ._state import StudioState
+from ._state import DATA_FILTER, StudioState
 
 __all__ = ["SCHEME_OPTIONS", "DataPanel", "OptionSpec"]
 
@@ -65,7 +66,9 @@ _RETRY = (("scheme default", None), ("yes", True), ("no", False))
 _NONE = "\x1fnone"
 #: gene-name retries (cellkit.data.genes.resolve_genes); scGPT's compat mode matches names exactly
 _GENE_RETRIES = (
-    OptionSpec("case_fold", "choice", "also match gene names after upper-casing (off in compat mode)", _RETRY),
+    OptionSpec(
+        "case_fold", "choice", "also match gene names after upper-casing (off in compat mode)", _RETRY
+    ),
     OptionSpec(
         "strip_versions",
         "choice",
@@ -215,6 +218,7 @@ class DataPanel(Panel):
         self._option_specs: dict[str, OptionSpec] = {}
         self.option_widgets: dict[str, widgets.Widget] = {}
         self._quiet = False  # suppress count updates while widgets are rebuilt
+        self._pushing = False  # the chooser is writing the state (do not echo it back)
 
         # -- source
         self.variable = widgets.Dropdown(options=[], layout=widgets.Layout(width="300px"))
@@ -477,7 +481,11 @@ class DataPanel(Panel):
         query: str | None = None,
         selection: str | None = None,
     ) -> int | None:
-        """Choose the cells to tokenize (no argument: all cells).
+        """Choose the cells to tokenize and every panel uses (no argument: all cells).
+
+        The choice becomes the studio's active selection (``state.active_selection``): ``""`` for
+        all cells, the named selection, or :data:`~cellkit.widgets._state.DATA_FILTER` holding the
+        filter's / query's cells.
 
         Parameters
         ----------
@@ -535,6 +543,7 @@ class DataPanel(Panel):
             self.cell_mode.value = "filter"
         else:
             self.cell_mode.value = "all"
+        self._push_cells()
         self._update_count()
         cells = self.selected_cells()
         return self.state.adata.n_obs if cells is None else len(cells)
@@ -594,15 +603,20 @@ class DataPanel(Panel):
 
     @guarded
     def save_selection(self, name: str | None = None) -> np.ndarray | None:
-        """Store the current filter / query as a named selection of the studio (and make it active)."""
+        """Store the chosen cells as a named selection of the studio (and make it the active one).
+
+        Any choice can be saved, "All cells" included (a named snapshot of every cell).
+        """
         import cellkit
 
         name = (self.save_name.value if name is None else name).strip()
         cells = self.selected_cells()
-        if cells is None:
-            raise cellkit.DataError("Choose a filter or a query first; “All cells” needs no selection.")
         if not name:
-            raise cellkit.DataError("Give the selection a name.")
+            raise cellkit.DataError("Give the selection a name (the box next to “Save selection”).")
+        if name == DATA_FILTER:
+            raise cellkit.DataError(f"{name!r} is the name of the live filter; choose another name.")
+        if cells is None:  # a named snapshot of every cell, e.g. to come back to later
+            cells = np.asarray(self.state.adata.obs_names).astype(str)
         names = self.state.add_selection(name, cells)
         self.show_message(f"Saved selection {name!r}: {len(names):,} cells.", "ok")
         return names
@@ -635,7 +649,34 @@ class DataPanel(Panel):
 
     def _on_cell_widgets(self, _change: Any = None) -> None:
         if not self._quiet:
+            self._push_cells()
             self._update_count()
+
+    def _push_cells(self) -> None:
+        """The chooser decides which cells every panel uses: write the choice to the studio state.
+
+        "All cells" releases the active selection; "Selection" activates the chosen one; a valid
+        filter or query becomes the active selection :data:`DATA_FILTER`. An invalid or
+        unfinished filter changes nothing (the count line says why).
+        """
+        state, mode = self.state, self.cell_mode.value
+        if state.adata is None or self._pushing:
+            return
+        self._pushing = True
+        try:
+            if mode == "all":
+                state.use_all_cells()
+            elif mode == "selection":
+                if self.selection.value in state.selections:
+                    state.active_selection = self.selection.value
+            else:
+                try:
+                    cells = self.selected_cells()
+                except Exception:  # shown by the count line
+                    return
+                state.add_selection(DATA_FILTER, cells)
+        finally:
+            self._pushing = False
 
     def _on_filter_column(self, _change: Any = None) -> None:
         adata, column = self.state.adata, self.filter_column.value
@@ -668,18 +709,24 @@ class DataPanel(Panel):
                 self.selection.value = current
         finally:
             self._quiet = quiet
-        self._on_cell_widgets()
+        self._update_count()
 
     def _on_active_selection(self, _change: Any = None) -> None:
+        """The state's choice (a lasso saved elsewhere, the cells bar's "All cells") → the chooser."""
         name = self.state.active_selection
-        if name and name in self.state.selections:
+        if not self._pushing:
             self._quiet = True
             try:
-                self.selection.value = name
-                self.cell_mode.value = "selection"
+                if not name:
+                    self.cell_mode.value = "all"
+                elif name in self.state.selections and not (
+                    name == DATA_FILTER and self.cell_mode.value in ("filter", "query")
+                ):
+                    self.selection.value = name
+                    self.cell_mode.value = "selection"
             finally:
                 self._quiet = False
-        self._on_cell_widgets()
+        self._update_count()
 
     # ================================================================== tokenizer options
     def _build_options(self) -> None:

@@ -13,8 +13,11 @@ At the end the panel shows the held-out accuracy / macro-F1, the confusion matri
 (:func:`cellkit.viz.confusion_matrix`) and the per-class scores, and sets
 ``state.finetune_result``. The trained model is never pushed into the studio on its own: the
 user clicks "Use trained model", "Save model" or "Write predictions" (:func:`cellkit.predict`).
+These act on the last *completed* run (``completed_result``): a later start that fails, or a run
+stopped midway, never takes it away.
 
-Cells: the studio's active selection, else every cell. The AnnData is passed as is and
+Cells: the studio's active selection, else every cell — chosen in the Data tab (or released with
+the studio's "All cells" button); the panel shows which, and each run says how many it uses. The AnnData is passed as is and
 :func:`cellkit.finetune` tokenizes it with the model's own conventions (``config.input``:
 ``use_raw``, ``normalize_total``, ``log1p`` — so the demo model needs no extra options); the
 studio's ``state.tokens`` are reused instead when they hold exactly those cells and carry the label
@@ -163,8 +166,14 @@ class FinetunePanel(Panel):
     use_button, save_path, overwrite, save_button, key_added, predict_button
         What to do with the trained model.
     result
-        The last :class:`cellkit.FinetuneResult` (any status; only completed runs go to
-        ``state.finetune_result``).
+        The last run's :class:`cellkit.FinetuneResult` (any status; ``None`` while a run goes
+        on or after it failed).
+    completed_result
+        The last completed (or early-stopped) run's result: what "Use trained model", "Save model"
+        and "Write predictions" use, and ``state.finetune_result``. A later run that fails, or
+        is stopped, never discards it.
+    run_cells
+        How many cells the last started run uses (``0`` before any); ``run_html`` says which.
     phase
         ``"idle"``, ``"running"``, ``"stopping"``, ``"stopped"`` (resumable), ``"done"`` or ``"failed"``.
     extra_callbacks
@@ -186,8 +195,11 @@ class FinetunePanel(Panel):
         self.add_class("cellkit-finetune-panel")
         self.extra_callbacks: list[Any] = []
         self.result: Any = None
+        self.completed_result: Any = None
+        self.run_cells = 0
         self.phase = "idle"
         self._run: dict[str, Any] | None = None
+        self._completed_run: dict[str, Any] | None = None  # the settings of completed_result
         self._t_launch = 0.0
 
         # -- data and cells
@@ -197,6 +209,8 @@ class FinetunePanel(Panel):
         )
         self.cells_html = widgets.HTML()
         self.cells_html.add_class("cellkit-finetune-cells")
+        self.run_html = widgets.HTML()
+        self.run_html.add_class("cellkit-finetune-run")
 
         # -- objectives
         self.objective_boxes: dict[str, widgets.Checkbox] = {}
@@ -340,6 +354,7 @@ class FinetunePanel(Panel):
             widgets.HTML("<b>Objectives</b> (weight)"),
             objectives,
             settings,
+            self.run_html,
             self.live,
             self.summary_html,
             widgets.HBox([self.confusion_box, self.report_html]),
@@ -399,7 +414,10 @@ class FinetunePanel(Panel):
         self._set_phase(self.phase)
 
     def _refresh_cells(self) -> None:
-        self.cells_html.value = self.state.cells_note() + "."
+        note = self.state.cells_note()
+        if self.state.adata is not None:
+            note += " (the Data tab chooses them)."
+        self.cells_html.value = note
 
     def _refresh_objectives(self) -> None:
         model = self.state.model
@@ -425,8 +443,7 @@ class FinetunePanel(Panel):
             b.disabled = not done
 
     def _completed(self) -> Any:
-        r = self.result
-        return r if r is not None and r.status in DONE_STATUSES else None
+        return self.completed_result
 
     @property
     def update_interval(self) -> float:
@@ -539,13 +556,16 @@ class FinetunePanel(Panel):
         ckpt = tempfile.mkdtemp(prefix="cellkit-finetune-")
         weakref.finalize(self, _remove_dir, ckpt)
         self._run = {"data": data, "model": model, "kwargs": kw, "checkpoint_dir": ckpt}
-        self.result = None
-        self.summary_html.value = ""
-        self.report_html.value = ""
-        self.confusion_box.children = ()
-        self.confusion_fig = None
+        self.result = None  # the last completed run (completed_result) stays usable
         name = self.state.active_selection
-        where = f"selection {name!r}" if name else "all cells"
+        where = f"selection “{name}”" if name else "all cells"
+        self.run_cells = n_cells
+        self.run_html.value = (
+            f"This run: <span class='cellkit-run-cells' data-cells='{n_cells}'><b>{n_cells:,}</b> cells</span> "
+            f"({html.escape(where)}, from {html.escape(source)})"
+        )
+        if self.completed_result is not None:
+            self._show_summary(self.completed_result, "Last completed run (kept until this one completes)")
         return self._launch(resume=False, what=f"Fine-tuning on {n_cells:,} cells ({where}, from {source})")
 
     @guarded
@@ -632,12 +652,13 @@ class FinetunePanel(Panel):
         key = str(self.key_added.value if key_added is None else key_added).strip()
         if not key:
             raise ConfigError("Enter a key_added name for the predictions (e.g. 'cellkit_pred').")
-        label_key = (self._run or {}).get("kwargs", {}).get("label_key")
+        run = self._completed_run or {}  # the settings the usable model was trained with
+        label_key = run.get("kwargs", {}).get("label_key")
         if key == label_key:
             raise ConfigError(f"key_added={key!r} is the label column; choose another name.")
         self.key_added.value = key
         replaced = [k for k in (key, f"{key}_confidence") if k in adata.obs.columns]
-        opts = (self._run or {}).get("kwargs", {}).get("tokenize_options")
+        opts = run.get("kwargs", {}).get("tokenize_options")
         model = result.model
         self.show_message(f"Predicting {adata.n_obs:,} cells…", "info")
 
@@ -699,7 +720,11 @@ class FinetunePanel(Panel):
             raise
 
     def _failed(self) -> None:
-        self.live.fail("the studio's model and state are unchanged")
+        note = "the studio's model and state are unchanged"
+        if self.completed_result is not None:
+            note += "; the last completed fine-tune is still usable (Use / Save / Write predictions)"
+            self._show_summary(self.completed_result, "Last completed run (still usable)")
+        self.live.fail(note)
         _remove_dir((self._run or {}).get("checkpoint_dir"))
         self._set_phase("failed")
 
@@ -712,6 +737,7 @@ class FinetunePanel(Panel):
         took = seconds_text(time.time() - self._t_launch)
         status = self.live.finish(result, note="checkpoint kept")
         if status in DONE_STATUSES:
+            self.completed_result, self._completed_run = result, self._run
             self._set_phase("done")
             _remove_dir((self._run or {}).get("checkpoint_dir"))
             self._show_result(result)
@@ -734,15 +760,18 @@ class FinetunePanel(Panel):
         else:
             self._set_phase("stopped")
             where = self.live.where()
+            kept = (
+                " The last completed fine-tune is still usable (Use / Save / Write predictions)."
+                if self.completed_result is not None
+                else ""
+            )
             self.show_message(
                 f"Stopped{where} ({plural(n_steps, 'step')} done). Click “Resume” to go on from the checkpoint, "
-                "or “Start” for a new run.",
+                f"or “Start” for a new run.{kept}",
                 "warning",
             )
 
-    def _show_result(self, result: Any) -> None:
-        import cellkit.viz
-
+    def _show_summary(self, result: Any, heading: str = "Result") -> None:
         m = result.metrics
         rows = [
             (k, m[k]) for k in ("accuracy", "macro_f1", "weighted_f1", "val/loss", "val/macro_f1") if k in m
@@ -752,9 +781,17 @@ class FinetunePanel(Panel):
             for k, v in rows
         )
         self.summary_html.value = (
-            f"<b>Result</b>: {html.escape(result.status)} · {len(result.classes)} classes"
-            f"<table class='cellkit-table'>{body}</table>"
+            f"<b>{html.escape(heading)}</b>: {html.escape(result.status)} · {len(result.classes)} classes · "
+            f"{len(getattr(result, 'split', ())):,} cells<table class='cellkit-table'>{body}</table>"
         )
+
+    def _show_result(self, result: Any) -> None:
+        import cellkit.viz
+
+        self._show_summary(result)
+        self.confusion_box.children = ()
+        self.confusion_fig = None
+        self.report_html.value = ""
         if len(result.confusion):
             fig = go.FigureWidget(cellkit.viz.confusion_matrix(result.confusion, title="Held-out confusion"))
             fig.update_layout(margin=dict(b=120))

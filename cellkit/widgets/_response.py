@@ -330,7 +330,12 @@ class PerturbationResponsePanel(JobPanel):
         return result
 
     def _training_failed(self) -> None:
-        self.live.fail("the previous response model (if any) is kept")
+        kept = self.response_model
+        self.live.fail(
+            f"the previous response model ({len(kept.genes)} genes) is kept: Save / Predict use it"
+            if kept is not None
+            else "no response model yet"
+        )
         self._set_phase("idle")
 
     def _finish_training(self, result: Any, took: float) -> None:

@@ -12,7 +12,10 @@ from typing import Any
 import numpy as np
 import traitlets
 
-__all__ = ["StudioState"]
+__all__ = ["DATA_FILTER", "StudioState"]
+
+#: name of the selection the Data panel's obs filter / query writes (it becomes the active one)
+DATA_FILTER = "data filter"
 
 
 class StudioState(traitlets.HasTraits):
@@ -35,7 +38,8 @@ class StudioState(traitlets.HasTraits):
     selections
         ``{name: obs names}`` — named cell selections (lasso, obs filters); reassigned, never mutated.
     active_selection
-        Name of the selection panels use by default (``""``: all cells).
+        Name of the selection every action on "the cells" uses (``""``: all cells). The Data
+        panel's cell chooser and the studio's cells bar set it; :meth:`use_all_cells` releases it.
     finetune_result
         The last :class:`cellkit.FinetuneResult` (or ``None``).
     embedding_key
@@ -128,6 +132,20 @@ class StudioState(traitlets.HasTraits):
         if self.active_selection == name:
             self.active_selection = ""
 
+    def use_all_cells(self) -> None:
+        """Release the active selection: every action uses all cells again (selections are kept).
+
+        The selection the Data panel's filter wrote (:data:`DATA_FILTER`) lives only while it
+        is the active one: it is dropped with it.
+        """
+        self.active_selection = ""
+
+    @traitlets.observe("active_selection")
+    def _drop_stale_filter(self, change: Any) -> None:
+        # the Data panel's filter selection lives only while it is the active one
+        if change["new"] != DATA_FILTER and DATA_FILTER in self.selections:
+            self.selections = {k: v for k, v in self.selections.items() if k != DATA_FILTER}
+
     def resolve_cells(self, cells: Any) -> np.ndarray:
         """Obs names (``adata`` order, each once) of a selection.
 
@@ -158,8 +176,18 @@ class StudioState(traitlets.HasTraits):
         except CellkitError as exc:  # a stale selection name
             return f"<i>Cells: {html.escape(str(exc))}</i>"
         if names is None:
-            return f"Cells: all {self.adata.n_obs:,} cells (no active selection)"
-        return f"Cells: selection <b>{html.escape(self.active_selection)}</b> — {len(names):,} cells"
+            return f"Cells: all {self.adata.n_obs:,} cells"
+        return (
+            f"Cells: selection <b>{html.escape(self.active_selection)}</b> — "
+            f"<b>{len(names):,}</b> of {self.adata.n_obs:,} cells"
+        )
+
+    def n_selected(self) -> int:
+        """How many cells the active selection holds (``adata.n_obs`` for all cells; 0 without data)."""
+        if self.adata is None:
+            return 0
+        names = self.selected_cells()
+        return int(self.adata.n_obs) if names is None else len(names)
 
     def selected_cells(self, name: str | None = None) -> np.ndarray | None:
         """Obs names of a selection (default: the active one); ``None`` means all cells."""

@@ -43,7 +43,12 @@ class Studio(widgets.VBox):
     ----------
     state
         The shared state: ``studio.state.model``, ``.adata``, ``.tokens``, ``.selections``,
-        ``.finetune_result``.
+        ``.active_selection``, ``.finetune_result``.
+    header, cells_bar, all_cells_button
+        The title line (model, data, tokens, running job) and, below it on every tab, the cells
+        bar: which cells every action uses (``state.cells_note()``) and an "All cells" button
+        (:meth:`use_all_cells`). The Data tab chooses the cells; "Clear selection" in the
+        Embeddings tab also releases the active selection.
     model_panel, data_panel, finetune_panel, embedding_panel, gene_panel, attention_panel, insilico_panel, response_panel
         The panels (each also usable alone): ``insilico_panel`` perturbs genes in the model's cells
         (tab "In silico"), ``response_panel`` trains and queries a perturbation-response model
@@ -97,12 +102,43 @@ class Studio(widgets.VBox):
             self.tabs.set_title(i, title)
         self.tabs.add_class("cellkit-tabs")
         self.header = widgets.HTML()
-        self.header.add_class("cellkit-studio-header")
-        self.children = [self.header, self.tabs]
-        self.state.observe(
-            self._refresh_header, names=["model", "adata", "tokens", "active_selection", "busy"]
+        self.header.add_class("cellkit-studio-title")
+        # the cells bar: which cells every action uses, on every tab, and "All cells" in one click
+        self.cells_html = widgets.HTML()
+        self.cells_html.add_class("cellkit-cells-bar-text")
+        self.all_cells_button = widgets.Button(
+            description="All cells",
+            icon="globe",
+            tooltip="release the active selection: every tab uses all cells",
+            layout=widgets.Layout(width="auto"),
         )
+        self.all_cells_button.add_class("cellkit-all-cells")
+        self.all_cells_button.on_click(lambda _b: self.use_all_cells())
+        self.cells_bar = widgets.HBox(
+            [self.cells_html, self.all_cells_button], layout=widgets.Layout(align_items="center")
+        )
+        self.cells_bar.add_class("cellkit-cells-bar")
+        head = widgets.VBox([self.header, self.cells_bar])
+        head.add_class("cellkit-studio-header")
+        self.children = [head, self.tabs]
+        # "Clear selection" under the lasso also releases the active selection
+        self.embedding_panel.clear_button.on_click(lambda _b: self.use_all_cells())
+        self.state.observe(self._refresh_header, names=["model", "adata", "tokens", "busy"])
+        self.state.observe(self._refresh_cells, names=["adata", "active_selection", "selections"])
         self._refresh_header()
+        self._refresh_cells()
+
+    def use_all_cells(self) -> None:
+        """Release the active selection (``state.use_all_cells()``): every tab uses all cells again."""
+        self.state.use_all_cells()
+
+    def _refresh_cells(self, _change: Any = None) -> None:
+        s = self.state
+        note = s.cells_note()
+        if s.adata is not None and s.active_selection:
+            note += " · choose cells in the Data tab"
+        self.cells_html.value = f"<div style='font-size:13px'>{note}</div>"
+        self.all_cells_button.disabled = s.adata is None or not s.active_selection
 
     def _refresh_header(self, _change: Any = None) -> None:
         s = self.state
@@ -116,10 +152,6 @@ class Studio(widgets.VBox):
         parts = [model, data]
         if s.tokens is not None:
             parts.append(f"{len(s.tokens):,} cells tokenized")
-        if s.active_selection:
-            parts.append(
-                f"selection “{s.active_selection}” ({len(s.selections.get(s.active_selection, ())):,} cells)"
-            )
         if s.busy:
             parts.append(f"running: {s.busy}")
         self.header.value = (

@@ -357,3 +357,126 @@ def test_perturbation_response_panel_is_its_own_tab(page):
     assert plot_data(page, "cellkit-perturb-loss", "gd.data.length") == 2  # loss and val/loss, still empty
     no_widget_errors(page)
     shot(page, "9-response")
+
+
+# --- issue 17: selections and failed starts
+def _fresh_demo(page) -> None:
+    """Self-contained start: the demo model (unless loaded) and the demo PBMCs (drops every selection)."""
+    _demo_model_loaded(page)
+    tab(page, "Data")
+    click(page, "Demo PBMCs")
+    visible(page, ".cellkit-msg.cellkit-ok:has-text('demo PBMCs')").wait_for(timeout=30_000)
+    page.wait_for_function(
+        "() => /all 700 cells/.test(document.querySelector('.cellkit-cells-bar-text')?.textContent || '')",
+        timeout=30_000,
+    )
+
+
+def _cells_bar(page) -> str:
+    return page.locator(f"{ACTIVE} .cellkit-cells-bar").inner_text()
+
+
+def _number_box(page, label: str):
+    """The input right of the form label ``label`` in the visible panel."""
+    return visible(page, f".widget-hbox:has(> .widget-label:text-is('{label}')) input")
+
+
+def _set_number(page, label: str, value) -> None:
+    box = _number_box(page, label)
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def _run_cells(page) -> int:
+    """The number of cells the fine-tune's last started run uses (the panel's ``run_cells``)."""
+    span = visible(page, ".cellkit-run-cells")
+    span.wait_for(timeout=60_000)
+    return int(span.get_attribute("data-cells"))
+
+
+def test_issue17_all_cells_after_a_saved_selection_trains_on_all_cells(page):
+    _fresh_demo(page)
+    tab(page, "Data")
+    visible(page, "button.widget-toggle-button:has-text('Query')").click()
+    query = visible(page, "input[placeholder^='obs query']")
+    query.fill("bulk_labels == 'CD14+ Monocyte'")
+    query.press("Enter")
+    visible(page, "input[placeholder='selection name']").fill("mono")
+    click(page, "Save selection")
+    page.wait_for_function(
+        "() => /selection mono/.test(document.querySelector('.cellkit-cells-bar-text').textContent)"
+    )
+    assert "129" in _cells_bar(page)
+    # the Data tab's "All cells", then tokenize every cell
+    visible(page, "button.widget-toggle-button:has-text('All cells')").click()
+    page.wait_for_function(
+        "() => /all 700 cells/.test(document.querySelector('.cellkit-cells-bar-text').textContent)"
+    )
+    click(page, "Tokenize")
+    visible(page, ".cellkit-msg.cellkit-ok:has-text('Tokenized 700')").wait_for(timeout=120_000)
+    page.locator(f"{ACTIVE} .cellkit-studio-header").screenshot(
+        path=str(artifacts_dir() / "studio-issue17-header-all-cells.png")
+    )
+    # the fine-tune tab says all cells, and its run uses all 700
+    panel = tab(page, "Fine-tune")
+    assert "mono" not in panel.locator(".cellkit-finetune-cells").inner_text()
+    assert "700" in panel.locator(".cellkit-finetune-cells").inner_text()
+    assert "mono" not in _cells_bar(page)
+    click(page, "Start")
+    assert _run_cells(page) == 700
+    assert "all cells" in visible(page, ".cellkit-finetune-run").inner_text()
+    click(page, "Stop")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.cellkit-finetune-panel .cellkit-message')]"
+        ".some(e => /stopped/i.test(e.textContent))",
+        timeout=120_000,
+    )
+    # the selection is kept by name; choosing it again, then the cells bar's "All cells", releases it
+    tab(page, "Data")
+    visible(page, "button.widget-toggle-button:has-text('Selection')").click()
+    page.wait_for_function(
+        "() => /selection mono/.test(document.querySelector('.cellkit-cells-bar-text').textContent)"
+    )
+    shot(page, "issue17-selection-active")
+    page.locator(f"{ACTIVE} .cellkit-studio-header button.cellkit-all-cells").click()
+    page.wait_for_function(
+        "() => /all 700 cells/.test(document.querySelector('.cellkit-cells-bar-text').textContent)"
+    )
+    assert page.locator(f"{ACTIVE} .cellkit-studio-header button.cellkit-all-cells").is_disabled()
+    no_widget_errors(page)
+
+
+def test_issue17_a_failed_start_keeps_the_previous_result_usable(page):
+    _fresh_demo(page)
+    panel = tab(page, "Fine-tune")
+    _set_number(page, "Epochs", 1)
+    _set_number(page, "Batch size", 64)
+    panel.locator(
+        ".p-Accordion-header, .lm-AccordionPanel-title, .jupyter-widget-Collapse-header"
+    ).first.click()
+    _set_number(page, "Max genes / cell", 32)
+    click(page, "Start")
+    assert _run_cells(page) == 700
+    use = visible(page, "button:has-text('Use trained model')")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.cellkit-finetune-panel .cellkit-msg.cellkit-ok')]"
+        ".some(e => e.offsetParent && /Completed/.test(e.textContent))",
+        timeout=300_000,
+    )
+    assert use.is_enabled()
+    # a start that fails: 7 test cells cannot hold the 10 classes
+    _set_number(page, "Test fraction", 0.01)
+    click(page, "Start")
+    visible(page, ".cellkit-msg.cellkit-error").wait_for(timeout=120_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.cellkit-finetune-panel button.cellkit-finetune-start')]"
+        ".some(b => b.offsetParent && !b.disabled)",
+        timeout=120_000,
+    )
+    for text in ("Use trained model", "Save model", "Write predictions"):
+        assert visible(page, f"button:has-text('{text}')").is_enabled(), text
+    assert visible(page, ".cellkit-confusion").is_visible()  # the last result is still shown
+    shot(page, "issue17-failed-start-keeps-result")
+    click(page, "Write predictions")
+    visible(page, ".cellkit-msg.cellkit-ok:has-text('cellkit_pred')").wait_for(timeout=180_000)
+    no_widget_errors(page)

@@ -316,3 +316,38 @@ def test_matrix_choice_reaches_the_tokenizer(panel, state):
     _assert_error(panel, "negative values")
     panel.matrix.value = "raw"
     assert len(panel.tokenize()) == 20 and panel.last_error is None
+
+
+# ---------------------------------------------------------------------------------- issue 17: the chooser is the state's
+def test_the_cell_chooser_writes_the_studio_state(panel, state, pbmc):
+    from cellkit.widgets._state import DATA_FILTER
+
+    n = panel.set_cells(query=f"bulk_labels == '{MONO}'")
+    assert state.active_selection == DATA_FILTER and len(state.selected_cells()) == n
+    panel.save_selection("mono")
+    assert state.active_selection == "mono" and DATA_FILTER not in state.selections
+    # "All cells" releases the saved selection (which stays listed)
+    assert panel.set_cells() == 700
+    assert state.active_selection == "" and state.selected_cells() is None and "mono" in state.selections
+    panel.cell_mode.value = "selection"
+    assert state.active_selection == "mono"
+    panel.cell_mode.value = "all"  # the toggle, as a user clicks it
+    assert state.active_selection == ""
+    # the state's choice comes back to the chooser
+    state.active_selection = "mono"
+    assert panel.cell_mode.value == "selection" and panel.selection.value == "mono"
+    state.use_all_cells()
+    assert panel.cell_mode.value == "all" and "<b>700</b>" in panel.cell_count.value
+    # a bad query leaves the state's choice as it was
+    state.active_selection = "mono"
+    assert panel.set_cells(query="no_such_column > 1") is None
+    assert state.active_selection == "mono"
+
+
+def test_tokenizing_all_cells_after_a_saved_selection(panel, state):
+    panel.set_cells(column="bulk_labels", values=[MONO])
+    panel.save_selection("mono")
+    panel.set_cells()
+    tokens = panel.tokenize()
+    assert tokens is not None and len(tokens) == 700
+    assert state.active_selection == "" and state.n_selected() == 700

@@ -418,3 +418,71 @@ def test_max_genes_is_every_scheme_max_length(state):
         assert panel.settings()["tokenize_options"] == {"max_length": 16}
     for scheme in SCHEMES:
         assert "max_length" in get_scheme(scheme).OPTIONS
+
+
+# ------------------------------------------------------------------ issue 17: failures keep the last result
+def _usable(panel: FinetunePanel) -> bool:
+    return not any(b.disabled for b in (panel.use_button, panel.save_button, panel.predict_button))
+
+
+def test_a_failed_or_stopped_start_keeps_the_last_completed_result(state, tmp_path):
+    panel = _panel(state, epochs=1)
+    panel.start()
+    _finish(panel)
+    first = panel.completed_result
+    assert first is not None and first.status == "completed" and _usable(panel)
+    assert panel.run_cells == 160 == len(first.split)
+    # 1. a setting refused before the thread starts
+    panel.lr.value = 0.0
+    assert panel.start() is None and "learning rate" in panel.message_text
+    assert panel.completed_result is first and _usable(panel)
+    panel.lr.value = 1e-4
+    # 2. a failure inside the training thread (found after tokenizing: a single class)
+    state.add_selection("dendritic", np.flatnonzero(state.adata.obs[LABEL] == "Dendritic")[:30])
+    panel.max_genes.value = 16  # other settings than the completed run's
+    assert panel.start() is not None
+    _finish(panel)
+    assert isinstance(panel.last_error, DataError) and panel.phase == "failed"
+    assert panel.run_cells == 30 and panel.result is None
+    assert panel.completed_result is first and state.finetune_result is first and _usable(panel)
+    assert "still usable" in panel.status_html.value
+    assert "still usable" in panel.summary_html.value and panel.confusion_fig is not None
+    # the kept model is used with its own settings (max_length 32, not the failed run's 16)
+    assert panel.save(tmp_path / "kept") is not None
+    assert panel.write_predictions("kept_pred") is not None
+    _finish(panel)
+    assert panel.last_error is None and "kept_pred" in state.adata.obs
+    assert panel.use_trained_model() is first.model and state.model is first.model
+    # 3. a stopped run keeps it too
+    state.remove_selection("dendritic")
+    state.add_selection("four types", _four_types(state.adata))
+    panel.max_genes.value = 32
+
+    def stop_at_once(event):
+        if event.kind == "step_end" and panel.phase == "running":
+            panel.stop()
+
+    panel.extra_callbacks = [stop_at_once]
+    panel.start()
+    _finish(panel)
+    assert panel.phase == "stopped" and panel.result.status == "stopped"
+    assert panel.completed_result is first and _usable(panel) and "still usable" in panel.message_text
+
+
+def test_the_run_says_which_cells_it_uses(state):
+    panel = _panel(state)
+    state.use_all_cells()
+    assert "all 700 cells" in panel.cells_html.value
+    panel.lr.value = 0.0  # refused at once: nothing starts, the count of the last run stays 0
+    assert panel.start() is None and panel.run_cells == 0
+    panel.lr.value = 1e-4
+
+    def stop_at_once(event):
+        if event.kind == "step_end" and panel.phase == "running":
+            panel.stop()
+
+    panel.extra_callbacks = [stop_at_once]
+    panel.start()
+    assert panel.run_cells == 700 and "data-cells='700'" in panel.run_html.value
+    assert "all cells" in panel.run_html.value
+    _finish(panel)
