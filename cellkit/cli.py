@@ -6,20 +6,46 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ._errors import CellkitError, ConfigError, DataError
-from ._utils import atomic_write_text
 
 __all__ = ["main"]
 
 
+#: where ``cellkit demo`` writes its results (relative to the working directory) unless --out says otherwise
+DEMO_DIR = "cellkit-demo"
+#: what ``cellkit demo`` writes into its output directory (an existing one holding only these is replaced)
+DEMO_OUTPUTS = ("pbmc_cellkit.h5ad", "umap.html", "training.html", "confusion.html", "model")
+
+
+def _is_demo_output(path: Path) -> bool:
+    """``path`` holds only what an earlier ``cellkit demo`` wrote (so replacing it loses nothing else)."""
+    return all(p.name in DEMO_OUTPUTS for p in path.iterdir())
+
+
 def _demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: the shipped demo model on real PBMCs, end to end."""
+    """Run the demo job into a fresh copy of the output directory, then swap it in as a whole."""
+    from ._utils import atomic_directory
+
+    out = Path(args.out or DEMO_DIR).expanduser()
+    print(f"output  {out.resolve()} (written as a whole when the job ends)")
+    t_start = time.perf_counter()
+    with atomic_directory(out, may_replace=_is_demo_output, what="cellkit demo output directory") as tmp:
+        code = _demo_job(args, tmp)
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"saved   {out.resolve()}: {files}")
+    print(
+        f"done    in {time.perf_counter() - t_start:.0f} s — next: `cellkit studio` opens the studio notebook in JupyterLab"
+    )
+    return code
+
+
+def _demo_job(args: argparse.Namespace, out: Path) -> int:
+    """The main job on the embedded default: the shipped demo model on real PBMCs, end to end, into ``out``."""
     import numpy as np
     import torch
 
@@ -38,8 +64,6 @@ def _demo(args: argparse.Namespace) -> int:
         clock[0] = now
         return text
 
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="cellkit-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
     adata, model = pbmc_demo(), demo_model()
     print(
         f"data    pbmc68k_reduced: {adata.n_obs} PBMCs × {adata.raw.n_vars} genes (.raw, log1p CP10k), 10 cell types"
@@ -93,11 +117,6 @@ def _demo(args: argparse.Namespace) -> int:
         viz.save_html(viz.confusion_matrix(result.confusion), out / "confusion.html")
     viz.save_html(viz.embedding(adata, basis="X_cellkit_umap", color="bulk_labels"), out / "umap.html")
     adata.write_h5ad(out / "pbmc_cellkit.h5ad")
-    files = ", ".join(sorted(p.name for p in out.iterdir()))
-    print(f"saved   {out}: {files}")
-    print(
-        f"done    in {time.perf_counter() - t_start:.0f} s — next: `cellkit studio` opens the studio notebook in JupyterLab"
-    )
     return 0 if status in ("completed", "early_stopped", "skipped") else 1
 
 
@@ -130,7 +149,9 @@ def _parse_kv(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.replace("-", "_")] = raw
         except RecursionError:
-            raise ConfigError(f"{what} {key}: the value is nested too deeply; pass a number, string or flat list.") from None
+            raise ConfigError(
+                f"{what} {key}: the value is nested too deeply; pass a number, string or flat list."
+            ) from None
     return out
 
 
@@ -239,7 +260,9 @@ def _check_out(args: argparse.Namespace) -> None:
     out = ensure_writable_dir(args.out, what="--out")
     model_dir = out / RUN_MODEL_DIR
     if model_dir.is_symlink() or (model_dir.exists() and not model_dir.is_dir()):
-        raise ConfigError(f"--out {out}: {model_dir} exists and is not a model directory; choose another --out.")
+        raise ConfigError(
+            f"--out {out}: {model_dir} exists and is not a model directory; choose another --out."
+        )
     if model_dir.is_dir() and any(model_dir.iterdir()) and not replaceable_model_dir(model_dir):
         raise ConfigError(
             f"--out {out}: {model_dir} is a non-empty directory that is not a saved model, and the trained model "
@@ -366,44 +389,95 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0 if result.status in ("completed", "early_stopped") else 3
 
 
-#: the notebook ``cellkit studio`` writes when no studio notebook is at hand
-STUDIO_NOTEBOOK_NAME = "cellkit_studio.ipynb"
-_STUDIO_CODE = """import cellkit
+#: where ``cellkit studio`` puts its copy of the studio notebook (relative to the working directory)
+STUDIO_DIR = "cellkit-studio"
+STUDIO_NOTEBOOK_NAME = "studio.ipynb"
+#: the studio notebook shipped in the package (kept identical to the repo's notebooks/00_studio.ipynb) and
+#: the JupyterLab page config ``cellkit studio`` adds (the announcements plugin off: no "Jupyter news" toast)
+_LAB_FILES = Path(__file__).resolve().parent / "_lab"
+SHIPPED_STUDIO_NOTEBOOK = _LAB_FILES / "studio.ipynb"
+_LAB_CONFIG = _LAB_FILES / "config"
 
-# the shipped demo model on the 700 demo PBMCs; pass model="path/to/checkpoint" and your own AnnData instead
-studio = cellkit.Studio(adata=cellkit.datasets.pbmc_demo(), model="demo", adata_name="pbmc_demo")
-studio"""
 
+def _studio_copy(directory: Path) -> Path:
+    """The user's copy of the studio notebook in ``directory``: written when absent, never overwritten."""
+    from ._utils import ensure_writable_dir
 
-def _studio_notebook(path: str | None) -> Path:
-    """The notebook to open: the given one, the repo's ``notebooks/00_studio.ipynb``, or a fresh one."""
-    if path is not None:
-        nb = Path(path)
-        if not nb.is_file() or nb.suffix != ".ipynb":
-            raise DataError(
-                f"No notebook at {nb}; give an existing .ipynb file (or none for the studio notebook)."
+    nb = directory / STUDIO_NOTEBOOK_NAME
+    shipped = SHIPPED_STUDIO_NOTEBOOK.read_bytes()
+    if nb.is_file():
+        if nb.read_bytes() == shipped:
+            print(f"studio  {nb.resolve()} (the shipped studio notebook)")
+        else:
+            print(
+                f"studio  {nb.resolve()}: kept your copy (it differs from the shipped notebook: your edits or "
+                "saved outputs); delete it, or give another --dir, for a fresh one"
             )
         return nb
-    repo = Path("notebooks") / "00_studio.ipynb"
-    if repo.is_file():
-        return repo
-    nb = Path(STUDIO_NOTEBOOK_NAME)
-    if not nb.exists():
-        import nbformat
-
-        book = nbformat.v4.new_notebook()
-        book.cells = [
-            nbformat.v4.new_markdown_cell(
-                "# cellkit studio\n\nRun the cell below (Shift+Enter): the studio opens on the demo model and "
-                "the demo PBMCs. Its tabs load a model, tokenize, fine-tune with live plots, and explore "
-                "embeddings, genes, attention and perturbations."
-            ),
-            nbformat.v4.new_code_cell(_STUDIO_CODE),
-        ]
-        book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-        atomic_write_text(nb, nbformat.writes(book))
-        print(f"wrote   {nb.resolve()}")
+    if nb.exists() or nb.is_symlink():
+        raise ConfigError(f"{nb} exists and is not a notebook file; move it away or give another --dir.")
+    ensure_writable_dir(directory, what="--dir")
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(nb, "xb") as fh:  # exclusive create: an existing file is never replaced
+        fh.write(shipped)
+    print(
+        f"studio  {nb.resolve()}: a fresh copy of the studio notebook (yours to edit; cellkit never overwrites it)"
+    )
     return nb
+
+
+def _studio_target(args: argparse.Namespace) -> Path:
+    """The notebook to open: the one given, else the user's copy of the studio notebook in ``--dir``."""
+    if args.notebook is None:
+        return _studio_copy(Path(args.dir))
+    nb = Path(args.notebook)
+    if not nb.is_file() or nb.suffix != ".ipynb":
+        raise DataError(
+            f"No notebook at {nb}; give an existing .ipynb file (or none for the studio notebook)."
+        )
+    print(f"studio  {nb.resolve()}")
+    return nb
+
+
+def _studio_command(notebook: Path, *, port: int | None, no_browser: bool) -> list[str]:
+    """The JupyterLab command line that serves ``notebook``'s directory and opens ``notebook``.
+
+    The server's root is the notebook's directory (so the file browser cannot reach, and autosave
+    cannot touch, files elsewhere, such as the notebooks of a cellkit checkout); the URL it prints and
+    opens is the notebook itself, not the Launcher; news and update checks are off.
+    """
+    from urllib.parse import quote
+
+    root = notebook.resolve().parent
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        f"--ServerApp.root_dir={root}",
+        f"--LabApp.default_url=/lab/tree/{quote(notebook.name)}",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate",
+    ]
+    if port is not None:
+        cmd += [f"--ServerApp.port={port}"]
+    if no_browser:
+        cmd += ["--no-browser"]
+    return cmd
+
+
+def _studio_environment() -> dict[str, str]:
+    """``os.environ`` with cellkit's JupyterLab page config added to ``JUPYTER_CONFIG_PATH``.
+
+    The page config turns off JupyterLab's announcements plugin, whose "Would you like to get notified
+    about official Jupyter news?" toast ``--LabApp.news_url=None`` alone does not stop. It is added to
+    the user's Jupyter configuration, not written into it.
+    """
+    import os
+
+    env = dict(os.environ)
+    extra = [str(_LAB_CONFIG), *filter(None, env.get("JUPYTER_CONFIG_PATH", "").split(os.pathsep))]
+    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(dict.fromkeys(extra))
+    return env
 
 
 def _studio(args: argparse.Namespace) -> int:
@@ -413,25 +487,25 @@ def _studio(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("jupyterlab") is None:
         raise ConfigError("JupyterLab is not installed in this environment; pip install jupyterlab.")
-    nb = _studio_notebook(args.notebook)
-    cmd = [sys.executable, "-m", "jupyterlab", str(nb)]
-    if args.port is not None:
-        cmd += [f"--ServerApp.port={args.port}"]
-    if args.no_browser:
-        cmd += ["--no-browser"]
+    nb = _studio_target(args)
+    cmd = _studio_command(nb, port=args.port, no_browser=args.no_browser)
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         # containers and cluster nodes often run as root; JupyterLab refuses to start there otherwise
         cmd += ["--allow-root"]
         print("note    running as root: starting JupyterLab with --allow-root")
-    print(f"studio  {nb} — run its cell in JupyterLab (Shift+Enter); stop the server with Ctrl-C")
+    print(
+        f"next    JupyterLab opens {nb.name}: click its code cell and press Shift+Enter to start the studio; "
+        "stop the server with Ctrl-C"
+    )
     print("+ " + " ".join(cmd), flush=True)
     if args.print_command:
         return 0
+    env = _studio_environment()
     if os.name == "posix":
-        os.execv(sys.executable, cmd)  # hand the terminal (and Ctrl-C) to JupyterLab
+        os.execve(sys.executable, cmd, env)  # hand the terminal (and Ctrl-C) to JupyterLab
     import subprocess
 
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=env)
 
 
 def _finish_distributed(info: Any) -> None:
@@ -503,7 +577,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser(
         "demo", help="the shipped demo model on real PBMCs: tokenize, embed, map, fine-tune, predict, save"
     )
-    demo.add_argument("--out", help="output directory (default: a temporary directory)")
+    demo.add_argument(
+        "--out",
+        default=DEMO_DIR,
+        help=f"output directory, replaced as a whole when the job ends; an existing one must hold only "
+        f"earlier demo results (default: ./{DEMO_DIR})",
+    )
     demo.add_argument(
         "--epochs", type=int, default=10, help="fine-tuning epochs (0: skip; the full recipe: 40)"
     )
@@ -516,7 +595,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     studio.add_argument(
         "notebook",
         nargs="?",
-        help=f"notebook to open (default: notebooks/00_studio.ipynb here, else a new {STUDIO_NOTEBOOK_NAME})",
+        help=f"notebook to open (default: your copy of the studio notebook, DIR/{STUDIO_NOTEBOOK_NAME})",
+    )
+    studio.add_argument(
+        "--dir",
+        default=STUDIO_DIR,
+        help=f"directory for your copy of the studio notebook, made on first use and never overwritten; "
+        f"JupyterLab serves this directory (default: ./{STUDIO_DIR})",
     )
     studio.add_argument("--port", type=int, default=None, help="JupyterLab port (default: its own, 8888)")
     studio.add_argument(

@@ -480,3 +480,146 @@ def test_issue17_a_failed_start_keeps_the_previous_result_usable(page):
     click(page, "Write predictions")
     visible(page, ".cellkit-msg.cellkit-ok:has-text('cellkit_pred')").wait_for(timeout=180_000)
     no_widget_errors(page)
+
+
+# --- issue 17: cellkit studio --------------------------------------------------------------------------------
+# The README's first command ends with `cellkit studio`. Run as a new user would (fresh HOME and Jupyter
+# directories, no JupyterLab settings of ours): the printed URL opens the studio notebook, not the Launcher;
+# no "Jupyter news" toast; its one code cell, run with Shift+Enter, shows the studio; and afterwards the
+# repository is as it was (JupyterLab serves only the user's copy, so no tracked notebook gets autosaved).
+
+
+def _git_status() -> str | None:
+    """``git status --porcelain`` of the repository (None outside a git checkout)."""
+    import shutil
+    import subprocess
+
+    from ._browser import ROOT
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        return None
+    return subprocess.run(
+        ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def _studio_command_in_chromium(executable: str, url: str) -> None:
+    """Open what `cellkit studio` printed, check what a new user sees, run the cell (Shift+Enter).
+
+    Runs in a thread of its own: the module's studio page may hold this thread's Playwright already.
+    """
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+        page.set_default_timeout(60_000)
+        try:
+            page.goto(url)
+            page.wait_for_selector(f"{ACTIVE} .jp-Cell", timeout=90_000)
+            tabs = page.locator("#jp-main-dock-panel .lm-TabBar-tab")
+            assert tabs.count() == 1  # the notebook, and no Launcher tab
+            assert tabs.locator(".lm-TabBar-tabLabel").inner_text().strip() == "studio.ipynb"
+            assert page.locator(".jp-Launcher").count() == 0
+            # the kernel starts by itself (no "Select Kernel" dialog); the news question would come once
+            # the app is restored
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+            page.wait_for_timeout(3_000)
+            assert page.locator(".jp-Dialog").count() == 0
+            assert page.locator("text=official Jupyter news").count() == 0
+            assert page.locator(".Toastify__toast").count() == 0
+            page.screenshot(path=str(artifacts_dir() / "studio-command-opened.png"))
+            # the one code cell, as the notebook and the README say: click it, Shift+Enter
+            page.locator(f"{ACTIVE} .jp-CodeCell .jp-InputArea-editor").first.click()
+            page.keyboard.press("Shift+Enter")
+            page.wait_for_selector(f"{ACTIVE} .cellkit-studio", timeout=240_000)
+            no_widget_errors(page)
+            assert page.locator(f"{ACTIVE} .cellkit-studio-header").inner_text().startswith("cellkit studio")
+            page.screenshot(path=str(artifacts_dir() / "studio-command-running.png"))
+        except BaseException:
+            page.screenshot(path=str(artifacts_dir() / "fail-studio-command.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
+class TestCellkitStudioCommand:
+    """`cellkit studio --no-browser --port <free>` in a fresh working directory, opened in Chromium."""
+
+    @pytest.fixture
+    def _remember_page(self):
+        """Not the module's studio page: this class starts its own JupyterLab, with `cellkit studio`."""
+
+    @pytest.fixture
+    def studio_command(self, tmp_path):
+        """`cellkit studio` running in ``tmp_path/work`` as a new user; yields what it printed and where."""
+        import re
+        import signal
+        import subprocess
+        import sys
+
+        from ._browser import _free_port
+
+        executable = _need_browser()
+        work, home = tmp_path / "work", tmp_path / "home"
+        work.mkdir()
+        home.mkdir()
+        env = {
+            **os.environ,
+            "HOME": str(home),
+            "JUPYTER_CONFIG_DIR": str(home / ".jupyter"),
+            "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+            "JUPYTERLAB_SETTINGS_DIR": str(home / "lab-settings"),
+            "JUPYTERLAB_WORKSPACES_DIR": str(home / "lab-workspaces"),
+            "IPYTHONDIR": str(home / "ipython"),
+            "CELLKIT_HOME": str(home / "cellkit"),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
+        log = tmp_path / "studio.log"
+        git_before = _git_status()
+        cmd = [sys.executable, "-m", "cellkit", "studio", "--no-browser", "--port", str(_free_port())]
+        proc = subprocess.Popen(
+            ["timeout", "600", *cmd],
+            cwd=work,
+            env=env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 90
+            url = None
+            while url is None:
+                found = re.search(r"http://127\.0\.0\.1:\d+/\S+", log.read_text())
+                url = found.group(0) if found else None
+                if url is None and (proc.poll() is not None or time.monotonic() > deadline):
+                    raise RuntimeError(f"cellkit studio printed no URL:\n{log.read_text()[-3000:]}")
+                time.sleep(0.3)
+            yield {"url": url, "work": work, "chromium": executable, "git_before": git_before}
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+    def test_studio_command_opens_the_notebook_and_leaves_the_repo_clean(self, studio_command):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import nbformat
+
+        from ._browser import ROOT
+
+        run = studio_command
+        assert "/lab/tree/studio.ipynb?token=" in run["url"]  # the printed URL is the notebook itself
+        assert (run["work"] / "cellkit-studio" / "studio.ipynb").is_file()  # the user's copy
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(_studio_command_in_chromium, run["chromium"], run["url"]).result()
+        # afterwards: the repository is untouched, and the notebooks' check of the test command still passes
+        assert _git_status() == run["git_before"], "cellkit studio changed files of the repository"
+        for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+            nb = nbformat.read(path, as_version=4)
+            assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), path
