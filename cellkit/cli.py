@@ -130,7 +130,9 @@ def _parse_kv(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.replace("-", "_")] = raw
         except RecursionError:
-            raise ConfigError(f"{what} {key}: the value is nested too deeply; pass a number, string or flat list.") from None
+            raise ConfigError(
+                f"{what} {key}: the value is nested too deeply; pass a number, string or flat list."
+            ) from None
     return out
 
 
@@ -239,7 +241,9 @@ def _check_out(args: argparse.Namespace) -> None:
     out = ensure_writable_dir(args.out, what="--out")
     model_dir = out / RUN_MODEL_DIR
     if model_dir.is_symlink() or (model_dir.exists() and not model_dir.is_dir()):
-        raise ConfigError(f"--out {out}: {model_dir} exists and is not a model directory; choose another --out.")
+        raise ConfigError(
+            f"--out {out}: {model_dir} exists and is not a model directory; choose another --out."
+        )
     if model_dir.is_dir() and any(model_dir.iterdir()) and not replaceable_model_dir(model_dir):
         raise ConfigError(
             f"--out {out}: {model_dir} is a non-empty directory that is not a saved model, and the trained model "

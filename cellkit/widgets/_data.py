@@ -65,7 +65,9 @@ _RETRY = (("scheme default", None), ("yes", True), ("no", False))
 _NONE = "\x1fnone"
 #: gene-name retries (cellkit.data.genes.resolve_genes); scGPT's compat mode matches names exactly
 _GENE_RETRIES = (
-    OptionSpec("case_fold", "choice", "also match gene names after upper-casing (off in compat mode)", _RETRY),
+    OptionSpec(
+        "case_fold", "choice", "also match gene names after upper-casing (off in compat mode)", _RETRY
+    ),
     OptionSpec(
         "strip_versions",
         "choice",
