@@ -96,6 +96,7 @@ class JobProgress(widgets.HBox):
         self.name = ""
         self._buttons: list[tuple[widgets.Button, bool]] = []
         self._last_push = 0.0
+        self._pushed = 0  # the done count last pushed
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ state
@@ -183,7 +184,7 @@ class JobProgress(widgets.HBox):
         for b in buttons:
             b.disabled = True
         self.progress = Progress(self._on_progress)
-        self._last_push = 0.0
+        self._last_push, self._pushed = 0.0, 0
         self.bar.value, self.bar.bar_style = 0.0, ""
         self.cancel_button.disabled = False
         self.cancel_button.layout.display = None
@@ -214,10 +215,11 @@ class JobProgress(widgets.HBox):
     def _on_progress(self, done: int, total: int) -> None:
         """The API's callback (the job's thread): push at most every ``update_interval`` seconds."""
         now = time.monotonic()
-        if 0 < done < total and now - self._last_push < self.update_interval:
+        first = done > 0 and self._pushed == 0  # the first batch always shows (and the estimate with it)
+        if 0 < done < total and not first and now - self._last_push < self.update_interval:
             return
         with self._lock:
-            self._last_push = now
+            self._last_push, self._pushed = now, done
             self.bar.value = done / total if total else 0.0
             if self.progress is not None and not self.progress.cancelled:
                 self.status.value = self._text()
