@@ -18,6 +18,28 @@ from ._utils import atomic_write_text
 __all__ = ["main"]
 
 
+def _starting(stage: str, text: str) -> None:
+    """Say what a long step of the demo does before it starts (its bar and its result follow)."""
+    print(f"{stage:<8}{text}", flush=True)
+
+
+def _epoch_estimates(epochs: int) -> Any:
+    """A fine-tuning callback that prints, after each epoch, the time so far and an estimate of the rest."""
+    from tqdm import tqdm
+
+    def on_event(event: Any) -> None:
+        if event.kind != "epoch_end" or not event.step or not event.total_steps:
+            return
+        left = event.elapsed / event.step * max(event.total_steps - event.step, 0)
+        loss = event.metrics.get("loss")
+        tqdm.write(
+            f"        epoch {event.epoch + 1}/{epochs} done · {tqdm.format_interval(event.elapsed)} elapsed · "
+            f"about {tqdm.format_interval(left)} left" + ("" if loss is None else f" · loss {loss:.3f}")
+        )
+
+    return on_event
+
+
 def _demo(args: argparse.Namespace) -> int:
     """The main job on the embedded default: the shipped demo model on real PBMCs, end to end."""
     import numpy as np
@@ -48,7 +70,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(
         "        (the shipped demo model: pretrained by cellkit on these cells, a demo — not a foundation model)"
     )
-    tokens = tokenize(adata, model, progress=False)
+    bars = not args.quiet  # a tqdm bar (with its estimate) on every long step
+    tokens = tokenize(adata, model, progress=bars)
     lengths = tokens.lengths
     print(
         f"tokens  {len(tokens)} cells, {int(np.median(lengths))} tokens per cell (median, {lengths.min()}–{lengths.max()}); "
@@ -57,7 +80,8 @@ def _demo(args: argparse.Namespace) -> int:
         else f"tokens  {len(tokens)} cells"
     )
 
-    analysis.embed_cells(adata, model, key_added="X_cellkit", progress=False)
+    _starting("embed", f"embedding {adata.n_obs} cells with the model, then UMAP …")
+    analysis.embed_cells(adata, model, key_added="X_cellkit", progress=bars)
     analysis.umap(adata, use_rep="X_cellkit")
     m = analysis.embedding_metrics(adata, label_key="bulk_labels", use_rep="X_cellkit")
     pca = analysis.embedding_metrics(adata, label_key="bulk_labels", use_rep="X_pca")
@@ -78,8 +102,15 @@ def _demo(args: argparse.Namespace) -> int:
     if args.epochs > 0:
         # the demo model's recipe (cellkit.datasets.DEMO_FINETUNE), with fewer epochs by default
         recipe = {**DEMO_FINETUNE, "epochs": args.epochs, "warmup_steps": 10}
+        _starting("train", f"fine-tuning {args.epochs} epochs; an estimate follows each epoch …")
         result = finetune(
-            adata, model, label_key="bulk_labels", seed=args.seed, progress=not args.quiet, **recipe
+            adata,
+            model,
+            label_key="bulk_labels",
+            seed=args.seed,
+            progress=bars,
+            callbacks=[_epoch_estimates(args.epochs)],
+            **recipe,
         )
         status = result.status
         r = result.metrics
@@ -87,7 +118,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"train   fine-tuned {args.epochs} epochs ({status}): held-out accuracy {r['accuracy']:.3f}, "
             f"macro-F1 {r['macro_f1']:.3f} on {int(result.confusion.to_numpy().sum())} test cells {took()}"
         )
-        predict(adata, result.model, key_added="cellkit_prediction", progress=False)
+        predict(adata, result.model, key_added="cellkit_prediction", progress=bars)
         result.model.save(out / "model")
         viz.save_html(viz.training_curves(result.history), out / "training.html")
         viz.save_html(viz.confusion_matrix(result.confusion), out / "confusion.html")
