@@ -326,7 +326,15 @@ def test_tables_land_in_uns_only_when_asked(name, model):
 #: a name for an idea -> spellings that must not appear as parameters of an AnnData function
 SYNONYMS = {
     "batch_size": ("bs", "batchsize", "n_batch"),
-    "progress": ("verbose", "show_progress", "progress_bar"),
+    # progress=True / False / a cellkit.Progress (which carries the callback and the cancel)
+    "progress": (
+        "verbose",
+        "show_progress",
+        "progress_bar",
+        "progress_callback",
+        "on_progress",
+        "cancel_event",
+    ),
     "cells": ("cell_mask", "subset", "obs_mask", "select"),
     "use_raw": ("raw",),
     "gene_column": ("gene_symbols", "var_names_column", "gene_key"),
