@@ -145,7 +145,11 @@ def test_tokenize_counts_and_cancels(adata, model):
 def test_contextual_gene_embeddings_progress(adata, model):
     rec = Recorder()
     ca.contextual_gene_embeddings(adata, model, batch_size=4, progress=rec.progress())
-    _check_counts(rec.calls, adata.n_obs)
+    # two steps, each counted from 0: tokenizing, then the forward passes
+    steps = [i for i, (done, _) in enumerate(rec.calls) if done == 0]
+    assert len(steps) == 2
+    assert rec.calls[steps[1] - 1] == (adata.n_obs, adata.n_obs)
+    _check_counts(rec.calls[steps[1] :], adata.n_obs)
     with pytest.raises(cellkit.Cancelled):
         ca.contextual_gene_embeddings(adata, model, batch_size=4, progress=Recorder(1).progress())
 

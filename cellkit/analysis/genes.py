@@ -143,7 +143,7 @@ def contextual_gene_embeddings(
         layer=layer,
         use_raw=use_raw,
         gene_column=gene_column,
-        progress=False,
+        progress=progress,  # the tokenizing step, then the forward passes
         **dict(tokenize_options or {}),
     )
     if len(tokens) == 0:
