@@ -161,6 +161,7 @@ class JobProgress(widgets.HBox):
                     self._finish("cancelled")
                     return
                 if on_done is not None:
+                    self.step(f"{name}: showing the result")  # the call is over: nothing left to cancel
                     on_done(result)
             except BaseException:
                 self._finish("failed")
