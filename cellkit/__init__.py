@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._errors import (
+    Cancelled,
     CellkitError,
     CheckpointError,
     ConfigError,
@@ -23,6 +24,7 @@ from ._errors import (
 from ._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._utils import Progress
     from .analysis import embed_cells, embedding_metrics, transfer_labels
     from .core import CellEncoder, EncoderConfig, EncoderOutput
     from .data import Coverage, GeneVocab
@@ -76,6 +78,7 @@ _LAZY = {
     "Callback": "cellkit.train",
     "Event": "cellkit.train",
     "History": "cellkit.train",
+    "Progress": "cellkit._utils",
     "embed_cells": "cellkit.analysis",
     "transfer_labels": "cellkit.analysis",
     "embedding_metrics": "cellkit.analysis",
@@ -98,6 +101,7 @@ _SUBMODULES = {
 
 __all__ = [
     "Callback",
+    "Cancelled",
     "CellEncoder",
     "CellModel",
     "CellModelConfig",
@@ -118,6 +122,7 @@ __all__ = [
     "PerturbationArchitecture",
     "PerturbationModel",
     "PretrainResult",
+    "Progress",
     "Studio",
     "TokenizedCells",
     "Trainer",

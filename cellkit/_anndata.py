@@ -129,9 +129,7 @@ def _check_key(attr: str, key: Any) -> str:
     return key
 
 
-def check_keys_free(
-    adata: Any, keys: Sequence[tuple[str, str]], *, overwrite: bool, what: str
-) -> None:
+def check_keys_free(adata: Any, keys: Sequence[tuple[str, str]], *, overwrite: bool, what: str) -> None:
     """Refuse to write over entries cellkit did not write, unless ``overwrite``.
 
     Call this before any work; it reads ``adata`` only.

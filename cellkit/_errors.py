@@ -9,6 +9,7 @@ use ``LookupError``, ``ImportError``) so generic ``except`` clauses keep working
 from __future__ import annotations
 
 __all__ = [
+    "Cancelled",
     "CellkitError",
     "CheckpointError",
     "ConfigError",
@@ -48,3 +49,10 @@ class DataError(CellkitError, ValueError):
 
 class MissingDependencyError(CellkitError, ImportError):
     """An optional dependency needed for the requested feature is not installed."""
+
+
+class Cancelled(CellkitError):
+    """A long call stopped because its :class:`cellkit.Progress` was cancelled.
+
+    Nothing is written into the AnnData (results are stored only when a call ends normally).
+    """

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._utils import Progress, track
 from .data.collate import Collator
 from .data.tokenized import ShardedTokens, TokenizedCells
 from .train.trainer import FORWARD_KEYS
@@ -49,7 +50,7 @@ def run_inference(
     device: str | torch.device | None = "auto",
     amp: str | None = None,
     attn_backend: str = "sdpa",
-    progress: bool = True,
+    progress: bool | Progress = True,
     desc: str = "inference",
     output_hidden_states: bool = False,
     output_attentions: bool = False,
@@ -62,6 +63,9 @@ def run_inference(
         Turns a model output and its batch into ``{name: (B, ...) tensor}``.
     heads
         Heads to run.
+    progress
+        ``True``: a ``tqdm`` bar; a :class:`cellkit.Progress` is advanced after each batch (and
+        raises :class:`cellkit.Cancelled` once cancelled; inside an outer call, its count goes on).
     output_hidden_states, output_attentions
         Ask the model for per-layer states / attention probabilities (see :class:`CellModelOutput`).
 
@@ -69,8 +73,6 @@ def run_inference(
     -------
     ``{name: (n_cells, ...) array}``.
     """
-    from tqdm.auto import tqdm
-
     dev = resolve_device(device)
     cells = tokens.to_memory() if isinstance(tokens, ShardedTokens) else tokens
     collate = Collator.for_tokens(cells)
@@ -85,7 +87,7 @@ def run_inference(
         else torch.autocast(dev.type, enabled=False)
     )
     try:
-        with tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress, leave=False) as bar, ctx:
+        with track(progress, total=len(cells), desc=desc) as bar, ctx:
             for idx in inference_batches(lengths, batch_size):
                 items = []
                 for i in idx.tolist():
@@ -107,7 +109,7 @@ def run_inference(
                     if name not in out:
                         out[name] = np.empty((len(cells), *arr.shape[1:]), dtype=arr.dtype)
                     out[name][idx] = arr
-                bar.update(len(idx))
+                bar.advance(len(idx))
     finally:
         model.train(was_training)
     return out

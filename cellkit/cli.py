@@ -27,6 +27,28 @@ def _is_demo_output(path: Path) -> bool:
     return all(p.name in DEMO_OUTPUTS for p in path.iterdir())
 
 
+def _starting(stage: str, text: str) -> None:
+    """Say what a long step of the demo does before it starts (its bar and its result follow)."""
+    print(f"{stage:<8}{text}", flush=True)
+
+
+def _epoch_estimates(epochs: int) -> Any:
+    """A fine-tuning callback that prints, after each epoch, the time so far and an estimate of the rest."""
+    from tqdm import tqdm
+
+    def on_event(event: Any) -> None:
+        if event.kind != "epoch_end" or not event.step or not event.total_steps:
+            return
+        left = event.elapsed / event.step * max(event.total_steps - event.step, 0)
+        loss = event.metrics.get("loss")
+        tqdm.write(
+            f"        epoch {event.epoch + 1}/{epochs} done · {tqdm.format_interval(event.elapsed)} elapsed · "
+            f"about {tqdm.format_interval(left)} left" + ("" if loss is None else f" · loss {loss:.3f}")
+        )
+
+    return on_event
+
+
 def _demo(args: argparse.Namespace) -> int:
     """Run the demo job into a fresh copy of the output directory, then swap it in as a whole."""
     from ._utils import atomic_directory
@@ -72,7 +94,8 @@ def _demo_job(args: argparse.Namespace, out: Path) -> int:
     print(
         "        (the shipped demo model: pretrained by cellkit on these cells, a demo — not a foundation model)"
     )
-    tokens = tokenize(adata, model, progress=False)
+    bars = not args.quiet  # a tqdm bar (with its estimate) on every long step
+    tokens = tokenize(adata, model, progress=bars)
     lengths = tokens.lengths
     print(
         f"tokens  {len(tokens)} cells, {int(np.median(lengths))} tokens per cell (median, {lengths.min()}–{lengths.max()}); "
@@ -81,7 +104,8 @@ def _demo_job(args: argparse.Namespace, out: Path) -> int:
         else f"tokens  {len(tokens)} cells"
     )
 
-    analysis.embed_cells(adata, model, key_added="X_cellkit", progress=False)
+    _starting("embed", f"embedding {adata.n_obs} cells with the model, then UMAP …")
+    analysis.embed_cells(adata, model, key_added="X_cellkit", progress=bars)
     analysis.umap(adata, use_rep="X_cellkit")
     m = analysis.embedding_metrics(adata, label_key="bulk_labels", use_rep="X_cellkit")
     pca = analysis.embedding_metrics(adata, label_key="bulk_labels", use_rep="X_pca")
@@ -102,8 +126,15 @@ def _demo_job(args: argparse.Namespace, out: Path) -> int:
     if args.epochs > 0:
         # the demo model's recipe (cellkit.datasets.DEMO_FINETUNE), with fewer epochs by default
         recipe = {**DEMO_FINETUNE, "epochs": args.epochs, "warmup_steps": 10}
+        _starting("train", f"fine-tuning {args.epochs} epochs; an estimate follows each epoch …")
         result = finetune(
-            adata, model, label_key="bulk_labels", seed=args.seed, progress=not args.quiet, **recipe
+            adata,
+            model,
+            label_key="bulk_labels",
+            seed=args.seed,
+            progress=bars,
+            callbacks=[_epoch_estimates(args.epochs)],
+            **recipe,
         )
         status = result.status
         r = result.metrics
@@ -111,7 +142,7 @@ def _demo_job(args: argparse.Namespace, out: Path) -> int:
             f"train   fine-tuned {args.epochs} epochs ({status}): held-out accuracy {r['accuracy']:.3f}, "
             f"macro-F1 {r['macro_f1']:.3f} on {int(result.confusion.to_numpy().sum())} test cells {took()}"
         )
-        predict(adata, result.model, key_added="cellkit_prediction", progress=False)
+        predict(adata, result.model, key_added="cellkit_prediction", progress=bars)
         result.model.save(out / "model")
         viz.save_html(viz.training_curves(result.history), out / "training.html")
         viz.save_html(viz.confusion_matrix(result.confusion), out / "confusion.html")

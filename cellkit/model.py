@@ -101,7 +101,9 @@ class CellModelConfig:
         if isinstance(self.encoder, dict):
             self.encoder = EncoderConfig.from_dict(self.encoder)
         if not isinstance(self.encoder, EncoderConfig):
-            raise ConfigError(f"encoder must be an EncoderConfig or its dict, got {type(self.encoder).__name__}.")
+            raise ConfigError(
+                f"encoder must be an EncoderConfig or its dict, got {type(self.encoder).__name__}."
+            )
         if not isinstance(self.heads, dict):
             raise ConfigError(f"heads must map head names to options, got {type(self.heads).__name__}.")
         if isinstance(self.input, dict):
@@ -113,10 +115,14 @@ class CellModelConfig:
             raise ConfigError(f"input must be an InputSpec or its dict, got {type(self.input).__name__}.")
         for name, kind in (("specials", dict), ("metadata", dict)):
             if not isinstance(getattr(self, name), kind):
-                raise ConfigError(f"{name} must be an object (dict), got {type(getattr(self, name)).__name__}.")
+                raise ConfigError(
+                    f"{name} must be an object (dict), got {type(getattr(self, name)).__name__}."
+                )
         bad = {k: v for k, v in self.specials.items() if not isinstance(k, str) or not isinstance(v, str)}
         if bad:
-            raise ConfigError(f"specials must map roles to token strings, e.g. {{'pad': '<pad>'}}; got {bad}.")
+            raise ConfigError(
+                f"specials must map roles to token strings, e.g. {{'pad': '<pad>'}}; got {bad}."
+            )
         if not isinstance(self.pooling, str) or self.pooling not in POOLING_MODES:
             raise ConfigError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
         if not isinstance(self.family, str) or self.family not in FAMILIES:
@@ -153,13 +159,17 @@ class CellModelConfig:
             )
         try:
             encoder = (
-                EncoderConfig.from_dict(data["encoder"]) if isinstance(data["encoder"], dict) else data["encoder"]
+                EncoderConfig.from_dict(data["encoder"])
+                if isinstance(data["encoder"], dict)
+                else data["encoder"]
             )
         except ConfigError as exc:
             raise ConfigError(f"Field 'encoder': {exc}") from None
         heads = data.get("heads", {})
         if not isinstance(heads, dict):
-            raise ConfigError(f"Field 'heads' must be an object {{head name: options}}, got {type(heads).__name__}.")
+            raise ConfigError(
+                f"Field 'heads' must be an object {{head name: options}}, got {type(heads).__name__}."
+            )
         for name, opts in heads.items():
             try:
                 _check_head(name, opts)
@@ -201,8 +211,12 @@ def _head_option_problem(key: str, value: Any) -> str | None:
         return "a positive number or null"
     if kind == "activation" and value not in ("gelu", "relu"):
         return "'gelu' or 'relu'"
-    if kind == "labels" and value is not None and not (
-        isinstance(value, list | tuple) and all(isinstance(v, str | int | float | bool) for v in value)
+    if (
+        kind == "labels"
+        and value is not None
+        and not (
+            isinstance(value, list | tuple) and all(isinstance(v, str | int | float | bool) for v in value)
+        )
     ):
         return "a list of class names or null"
     return None
@@ -212,7 +226,9 @@ def _check_head(name: str, opts: dict[str, Any] | None) -> dict[str, Any]:
     if not isinstance(name, str) or name not in HEAD_KINDS:
         raise ConfigError(f"Unknown head {name!r}; available heads: {sorted(HEAD_KINDS)}.")
     if opts is not None and not isinstance(opts, dict):
-        raise ConfigError(f"The options of head {name!r} must be an object (dict), got {type(opts).__name__}.")
+        raise ConfigError(
+            f"The options of head {name!r} must be an object (dict), got {type(opts).__name__}."
+        )
     opts = dict(opts or {})
     unknown = sorted(map(str, set(opts) - set(HEAD_KINDS[name])))
     if unknown:

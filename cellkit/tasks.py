@@ -26,7 +26,7 @@ import torch
 
 from ._anndata import check_adata, check_finite_rows, check_keys_free, check_obs_names, record_written
 from ._errors import ConfigError, DataError
-from ._utils import ensure_writable_dir, get_logger
+from ._utils import Progress, ensure_writable_dir, get_logger
 from .data.collate import Collator
 from .data.dataset import CellDataset
 from .data.sources import select_rows
@@ -254,7 +254,7 @@ def _tokens_for(
     layer: str | None,
     use_raw: bool | None,
     gene_column: str | None,
-    progress: bool,
+    progress: bool | Progress,
 ) -> Tokens:
     if isinstance(data, TokenizedCells | ShardedTokens):
         if len(data) == 0:
@@ -298,7 +298,9 @@ def _check_tokenize_options(model: CellModel, options: Mapping[str, Any] | None)
     if options is None:
         return {}
     if not isinstance(options, Mapping):
-        raise ConfigError(f"tokenize_options must be a dict of option -> value, got {type(options).__name__}.")
+        raise ConfigError(
+            f"tokenize_options must be a dict of option -> value, got {type(options).__name__}."
+        )
     opts = dict(options)
     bad_keys = [k for k in opts if not isinstance(k, str)]
     if bad_keys:
@@ -315,7 +317,9 @@ def _check_tokenize_options(model: CellModel, options: Mapping[str, Any] | None)
     except DataError:
         return opts  # an unknown scheme: tokenize() says which ones exist
     keywords = {
-        p.name for p in inspect.signature(tokenize).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+        p.name
+        for p in inspect.signature(tokenize).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     allowed = sorted((keywords - set(_TASK_TOKENIZE_ARGS)) | set(impl.OPTIONS))
     unknown = sorted(set(opts) - set(allowed))
@@ -922,7 +926,7 @@ def _report(
 
 
 def _class_probabilities(
-    model: CellModel, tokens: Tokens, *, batch_size: int, progress: bool, device: Any = "auto"
+    model: CellModel, tokens: Tokens, *, batch_size: int, progress: bool | Progress, device: Any = "auto"
 ) -> np.ndarray:
     from ._inference import run_inference
 
@@ -954,7 +958,7 @@ def predict(
     gene_column: str | None = None,
     copy: bool = False,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | Progress = True,
 ) -> AnnData | None:
     """Predict cell types with a fine-tuned model's classifier.
 
@@ -982,7 +986,8 @@ def predict(
     overwrite
         Replace the entries even when cellkit did not write them.
     progress
-        Progress bars.
+        ``True``: progress bars (tokenizing, predicting); a :class:`cellkit.Progress` follows both
+        steps and can cancel them (:class:`cellkit.Cancelled`; nothing is written).
 
     Returns
     -------

@@ -326,7 +326,15 @@ def test_tables_land_in_uns_only_when_asked(name, model):
 #: a name for an idea -> spellings that must not appear as parameters of an AnnData function
 SYNONYMS = {
     "batch_size": ("bs", "batchsize", "n_batch"),
-    "progress": ("verbose", "show_progress", "progress_bar"),
+    # progress=True / False / a cellkit.Progress (which carries the callback and the cancel)
+    "progress": (
+        "verbose",
+        "show_progress",
+        "progress_bar",
+        "progress_callback",
+        "on_progress",
+        "cancel_event",
+    ),
     "cells": ("cell_mask", "subset", "obs_mask", "select"),
     "use_raw": ("raw",),
     "gene_column": ("gene_symbols", "var_names_column", "gene_key"),
@@ -368,9 +376,44 @@ def test_shared_options_have_the_same_types():
             continue
         for p in inspect.signature(fn).parameters.values():
             by_param.setdefault(p.name, {})[name] = str(p.annotation)
+    for name in TRAINING_PROGRESS:  # see TRAINING_PROGRESS: a bar there, not a cellkit.Progress
+        by_param.get("progress", {}).pop(name, None)
     for param in ("cells", "layer", "use_raw", "gene_column", "tokenize_options", "progress", "batch_size"):
         anns = set(by_param.get(param, {}).values())
         assert len(anns) <= 1, f"{param} is annotated differently: {by_param[param]}"
+
+
+#: training functions whose ``progress`` is only the tqdm bar: they report to a UI through
+#: ``callbacks=`` (live events) and stop through ``stop_event=`` (with a checkpoint, returning the
+#: partial result), which the live training view uses; a cellkit.Progress would be a second way
+TRAINING_PROGRESS = {
+    "cellkit.tasks.finetune",
+    "cellkit.tasks.pretrain",
+    "cellkit.perturbation.fit_perturbation_model",
+}
+#: the long AnnData-facing calls a widget runs: each reports progress and can be cancelled
+LONG_CALLS = (
+    "tokenize",
+    "embed_cells",
+    "predict",
+    "contextual_gene_embeddings",
+    "attention_maps",
+    "gene_attention",
+    "attention_difference",
+    "in_silico_perturb",
+)
+
+
+@pytest.mark.parametrize("short", LONG_CALLS)
+def test_long_calls_take_one_progress_option(short):
+    """``progress: bool | Progress = True`` on every long call (one way to follow and cancel it)."""
+    (name,) = [n for n in ADATA_FUNCTIONS if _short(n) == short]
+    params = inspect.signature(ADATA_FUNCTIONS[name]).parameters
+    assert "progress" in params, f"{name} is a long call without progress="
+    assert str(params["progress"].annotation) == "bool | Progress", name
+    assert params["progress"].default is True
+    doc = _doc_entry(ADATA_FUNCTIONS[name], "progress")
+    assert "Progress" in doc, f"{name}: the docstring of progress does not mention cellkit.Progress"
 
 
 # ============================================================================ 6. docstrings

@@ -61,6 +61,7 @@ ALLOWED: dict[str, set[str]] = {
         "analysis",
         "viz",
         "widgets",
+        "_utils",  # cellkit.Progress (the progress / cancel object of every long call), lazily
     },
     "widgets": set(),  # checked against WIDGETS_MAY_IMPORT
 }

@@ -15,9 +15,11 @@ from ._io import (
 from ._json import parse_json, read_json
 from ._log import get_logger
 from ._optional import require
+from ._progress import Progress, track
 
 __all__ = [
     "AtomicDirectory",
+    "Progress",
     "atomic_directory",
     "atomic_path",
     "atomic_write_bytes",
@@ -29,4 +31,5 @@ __all__ = [
     "read_json",
     "recover_directory",
     "require",
+    "track",
 ]

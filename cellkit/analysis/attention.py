@@ -56,6 +56,7 @@ import torch
 from .._anndata import check_adata, check_keys_free, record_written
 from .._errors import ConfigError, DataError
 from .._inference import FORWARD_KEYS, inference_batches, resolve_device
+from .._utils import Progress, track
 from ..data.collate import Collator
 from ..data.selection import select_cells
 from ..data.tokenize import tokenize
@@ -351,14 +352,27 @@ def _attention_input(
 
 
 def _batches(
-    model: CellModel, tokens: TokenizedCells, batch_size: int, dev: torch.device, layer: int, backend: str
+    model: CellModel,
+    tokens: TokenizedCells,
+    batch_size: int,
+    dev: torch.device,
+    layer: int,
+    backend: str,
+    progress: Progress,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per length-sorted batch: cell indices, gene ids ``(B, L)``, real-token mask ``(B, L)``, attention input."""
+    """Per length-sorted batch: cell indices, gene ids ``(B, L)``, real-token mask ``(B, L)``, attention input.
+
+    ``progress`` counts a batch's cells once the caller has used it (and stops a cancelled call).
+    """
     if batch_size < 1:
         raise ConfigError("batch_size must be >= 1.")
     collate = Collator.for_tokens(tokens)
     lengths = tokens.lengths
+    pending = 0
     for idx in inference_batches(lengths, batch_size):
+        if pending:
+            progress.advance(pending)
+        pending = len(idx)
         idx = idx[lengths[idx] > 0]  # empty cells have nothing to attend
         if not len(idx):
             continue
@@ -372,6 +386,8 @@ def _batches(
         x, mask = _attention_input(model, inputs, layer, backend)
         real = torch.ones(inputs["gene_ids"].shape, dtype=torch.bool, device=dev) if mask is None else ~mask
         yield idx, inputs["gene_ids"], real, x
+    if pending:
+        progress.advance(pending)
 
 
 class _Eval:
@@ -454,6 +470,7 @@ def attention_maps(
     layer: str | None = None,
     use_raw: bool | None = None,
     gene_column: str | None = None,
+    progress: bool | Progress = True,
 ) -> list[CellAttention]:
     """Per-layer, per-head softmax probabilities for a few chosen cells.
 
@@ -481,6 +498,9 @@ def attention_maps(
         ``"auto"``: CUDA when available.
     tokenize_options, layer, use_raw, gene_column
         Passed to :func:`cellkit.tokenize` (``layer`` is the AnnData expression layer).
+    progress
+        ``True``: a progress bar over the cells; a :class:`cellkit.Progress` follows the call and
+        can cancel it (:class:`cellkit.Cancelled`).
 
     Returns
     -------
@@ -510,8 +530,8 @@ def attention_maps(
     all_heads = list(range(model.config.encoder.n_heads)) if head_list is None else head_list
     out: list[CellAttention | None] = [None] * len(tokens)
     attn = model.encoder.layers[idx_layer].self_attn
-    with _Eval(model, device) as dev:
-        for idx, gene_ids, real, x in _batches(model, tokens, batch_size, dev, idx_layer, attn_backend):
+    with _Eval(model, device) as dev, track(progress, total=len(tokens), desc="attention maps") as bar:
+        for idx, gene_ids, real, x in _batches(model, tokens, batch_size, dev, idx_layer, attn_backend, bar):
             _, probs = attn(x, ~real, backend="explicit", need_weights=True)  # (B, H, L, L)
             probs = probs[:, all_heads]
             for b, i in enumerate(idx.tolist()):
@@ -569,6 +589,7 @@ class _MapSpec:
     batch_size: int
     attn_backend: str
     device: str
+    progress: bool | Progress
 
     @classmethod
     def checked(
@@ -618,13 +639,16 @@ def _accumulate(
     sums = counts = None
     n_cells = np.zeros(n_groups, dtype=np.int64)
     attn = model.encoder.layers[hidden_layer].self_attn
-    with _Eval(model, spec.device) as dev:
+    with (
+        _Eval(model, spec.device) as dev,
+        track(spec.progress, total=len(src.positions), desc="gene × gene attention") as bar,
+    ):
         lut_t = torch.as_tensor(lut, device=dev)
         sums = torch.zeros(n_groups * g * g, dtype=torch.float64, device=dev)
         counts = torch.zeros(n_groups * g * g, dtype=torch.int64, device=dev)
         for toks, codes in src.chunks():
             for idx, gene_ids, real, x in _batches(
-                model, toks, spec.batch_size, dev, hidden_layer, spec.attn_backend
+                model, toks, spec.batch_size, dev, hidden_layer, spec.attn_backend, bar
             ):
                 if statistic == "probability":
                     _, probs = attn(x, ~real, backend="explicit", need_weights=True)  # (B, H, L, L)
@@ -685,6 +709,7 @@ def gene_attention(
     use_raw: bool | None = None,
     gene_column: str | None = None,
     overwrite: bool = False,
+    progress: bool | Progress = True,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Gene × gene attention aggregated over a group of cells, genes aligned by identity.
 
@@ -735,6 +760,9 @@ def gene_attention(
         Passed to :func:`cellkit.tokenize` (``layer`` is the AnnData expression layer).
     overwrite
         Replace ``uns[key_added]`` even when cellkit did not write it.
+    progress
+        ``True``: a progress bar over the cells; a :class:`cellkit.Progress` follows the call and
+        can cancel it (:class:`cellkit.Cancelled`; nothing is stored in ``uns``).
 
     Returns
     -------
@@ -752,6 +780,7 @@ def gene_attention(
         batch_size=batch_size,
         attn_backend=attn_backend,
         device=device,
+        progress=progress,
     )
     check_adata(adata, what="cellkit.analysis.gene_attention", allow_other=True)
     if key_added is not None and isinstance(adata, TokenizedCells | ShardedTokens):
@@ -907,6 +936,7 @@ def attention_difference(
     layer: str | None = None,
     use_raw: bool | None = None,
     gene_column: str | None = None,
+    progress: bool | Progress = True,
 ) -> pd.DataFrame:
     """Condition − control of the gene × gene map (one pass over both groups).
 
@@ -934,6 +964,9 @@ def attention_difference(
         As in :func:`gene_attention`.
     tokenize_options, layer, use_raw, gene_column
         Passed to :func:`cellkit.tokenize` (``layer`` is the AnnData expression layer).
+    progress
+        ``True``: a progress bar over the cells; a :class:`cellkit.Progress` follows the call and
+        can cancel it (:class:`cellkit.Cancelled`).
 
     Returns
     -------
@@ -953,6 +986,7 @@ def attention_difference(
         batch_size=batch_size,
         attn_backend=attn_backend,
         device=device,
+        progress=progress,
     )
     _check_min_cells(min_cells)
     if gene is not None and genes is None and str(gene) not in model.vocab:

@@ -27,7 +27,7 @@ import torch
 from .._anndata import check_adata, check_finite_rows, check_keys_free, finite_embedding, record_written
 from .._errors import ConfigError, DataError
 from .._inference import run_inference
-from .._utils import get_logger
+from .._utils import Progress, get_logger, track
 from ..data.sources import select_rows
 from ..data.tokenize import tokenize
 from ..data.tokenized import ShardedTokens, TokenizedCells
@@ -100,7 +100,7 @@ def cell_embeddings(
     batch_size: int = 64,
     device: str | torch.device | None = "auto",
     amp: str | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
 ) -> np.ndarray:
     """Embed tokenized cells (arrays in, array out).
 
@@ -118,8 +118,10 @@ def cell_embeddings(
     normalize
         L2-normalise each embedding; default ``True`` for scGPT-family models (``embed_data``),
         ``False`` otherwise.
-    batch_size, device, amp, progress
+    batch_size, device, amp
         Inference settings; ``amp="bf16"`` autocasts on CUDA.
+    progress
+        ``True``: a progress bar; a :class:`cellkit.Progress` to follow or cancel the call.
 
     Returns
     -------
@@ -175,7 +177,7 @@ def embed_cells(
     gene_column: str | None = None,
     copy: bool = False,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | Progress = True,
 ) -> AnnData | None:
     """Embed cells with a model and store the vectors in ``adata.obsm[key_added]``.
 
@@ -211,7 +213,9 @@ def embed_cells(
         Replace ``obsm[key_added]`` even when cellkit did not write it (cellkit's own results are
         replaced without it).
     progress
-        Progress bar.
+        ``True``: a progress bar over the cells; ``False``: none; a :class:`cellkit.Progress`
+        follows the call (cells done, an estimate) and can cancel it: a cancelled call raises
+        :class:`cellkit.Cancelled` and writes nothing.
 
     Returns
     -------
@@ -238,9 +242,7 @@ def embed_cells(
     opts = dict(tokenize_options or {})
     n_boundary = sum(1 for r in ("cls", "eos") if r in model.vocab.specials)
     empty: list[str] = []
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(positions), desc="embed", unit="cell", disable=not progress) as bar:
+    with track(progress, total=len(positions), desc="embedding cells") as bar:
         for start in range(0, len(positions), chunk_size):
             chunk = positions[start : start + chunk_size]
             with warnings.catch_warnings():
@@ -266,6 +268,7 @@ def embed_cells(
                         "drop these cells (cells=...), or pass on_empty='nan' to leave their rows NaN."
                     )
                 empty.extend(names.tolist())
+            bar.check()
             emb = cell_embeddings(
                 model,
                 tokens,
@@ -275,13 +278,12 @@ def embed_cells(
                 batch_size=batch_size,
                 device=device,
                 amp=amp,
-                progress=False,
+                progress=bar,
             )
             check_finite_rows(emb, what="embeddings", names=tokens.obs_names, skip=bad)
             pos = adata.obs_names.get_indexer(np.asarray(tokens.obs_names).astype(str))
             emb[bad] = np.nan
             out[pos] = emb
-            bar.update(len(chunk))
     if empty:
         warnings.warn(
             f"{len(empty)} cells have no gene in the model's vocabulary; their {key_added!r} rows are NaN "

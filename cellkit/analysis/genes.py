@@ -23,7 +23,7 @@ import torch
 from .._anndata import check_adata, check_keys_free, record_written
 from .._errors import ConfigError, DataError
 from .._inference import run_inference
-from .._utils import get_logger
+from .._utils import Progress, get_logger
 from ..data.tokenize import tokenize
 from ..data.vocab import unknown_gene_error
 from ..model import CellModel
@@ -104,7 +104,7 @@ def contextual_gene_embeddings(
     layer: str | None = None,
     use_raw: bool | None = None,
     gene_column: str | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
 ) -> pd.DataFrame:
     """Each gene's output state averaged over the cells in which it is a token.
 
@@ -123,7 +123,8 @@ def contextual_gene_embeddings(
     min_cells
         Leave out genes seen in fewer cells.
     batch_size, device, tokenize_options, layer, use_raw, gene_column, progress
-        As in :func:`cellkit.embed_cells`.
+        As in :func:`cellkit.embed_cells` (a cancelled :class:`cellkit.Progress` raises
+        :class:`cellkit.Cancelled`).
 
     Returns
     -------
@@ -142,7 +143,7 @@ def contextual_gene_embeddings(
         layer=layer,
         use_raw=use_raw,
         gene_column=gene_column,
-        progress=False,
+        progress=progress,  # the tokenizing step, then the forward passes
         **dict(tokenize_options or {}),
     )
     if len(tokens) == 0:
@@ -166,7 +167,7 @@ def contextual_gene_embeddings(
         batch_size=batch_size,
         device=device,
         progress=progress,
-        desc="gene states",
+        desc="gene embeddings",
         output_hidden_states=idx is not None,
     )
     special = set(model.vocab.specials.values())

@@ -68,7 +68,7 @@ import torch
 from .._anndata import check_adata, check_finite_rows, check_keys_free, record_written
 from .._errors import ConfigError, DataError
 from .._inference import run_inference
-from .._utils import get_logger
+from .._utils import Progress, get_logger, track
 from ..data.sources import select_rows
 from ..data.tokenize import tokenize
 from ..data.tokenized import TokenizedCells
@@ -709,7 +709,7 @@ def in_silico_perturb(
     gene_column: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | Progress = True,
 ) -> InSilicoResult:
     """Delete or overexpress genes in the cells' tokens and measure how the cell embeddings move.
 
@@ -768,7 +768,9 @@ def in_silico_perturb(
     overwrite
         Replace ``uns[key_added]`` even when cellkit did not write it.
     progress
-        Progress bar over the perturbations.
+        ``True``: a progress bar over the perturbations (and their random draws); a
+        :class:`cellkit.Progress` follows the call and can cancel it (:class:`cellkit.Cancelled`;
+        nothing is stored in ``uns``).
 
     Returns
     -------
@@ -1083,7 +1085,7 @@ def _embed(
     null_bins: int,
     seed: int,
     mode: str,
-    progress: bool,
+    progress: bool | Progress,
 ) -> tuple[_Shifts, list[np.ndarray]]:
     """Embed the original cells, draw the random null genes, embed every perturbation and draw.
 
@@ -1263,13 +1265,11 @@ class _Shifts:
 
 
 def _embed_perturbations(
-    plan: _Plan, shifts: _Shifts, null_keys: list[np.ndarray], *, mode: str, progress: bool
+    plan: _Plan, shifts: _Shifts, null_keys: list[np.ndarray], *, mode: str, progress: bool | Progress
 ) -> None:
     """Perturb the cells for every perturbation and random draw, embed them and record the shifts."""
-    from tqdm.auto import tqdm
-
     jobs = [(p, s) for p in range(len(plan.perts)) for s in range(1 + shifts.n_null)]
-    with tqdm(total=len(jobs), desc="perturb", unit="perturbation", disable=not progress) as bar:
+    with track(progress, total=len(jobs), desc="perturbing genes", unit="perturbation") as bar:
         for p, s in jobs:
             keys = plan.pert_keys[p] if s == 0 else null_keys[p][s - 1]
             perturbed, changed, n_present = _perturb(
@@ -1287,7 +1287,7 @@ def _embed_perturbations(
                 shifts.count_unchanged(p, keys, changed)
             sel = np.flatnonzero(changed)
             shifts.add(p, s, sel, perturbed)
-            bar.update(1)
+            bar.advance(1)
         shifts.flush()
 
 

@@ -390,7 +390,9 @@ def _encoder_config(hf: dict[str, Any], path: Path, notes: list[str]) -> tuple[E
     for key in ("max_position_embeddings", "type_vocab_size", "pad_token_id"):
         _hf_check(cfg, key, used[key], "an integer >= 0", lambda v: _is_int(v) and v >= 0)
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps"):
-        _hf_check(cfg, key, used[key], "a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool))
+        _hf_check(
+            cfg, key, used[key], "a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+        )
     act = used["hidden_act"]
     if not isinstance(act, str) or act not in ("relu", "gelu"):
         raise CheckpointError(
@@ -433,7 +435,9 @@ def _is_int(value: Any) -> bool:
 
 def _hf_check(cfg: Path, key: str, value: Any, want: str, ok: Any) -> None:
     if not ok(value):
-        raise CheckpointError(f"{cfg}: {key}={value!r:.80} must be {want}. Fix the value if the file was edited.")
+        raise CheckpointError(
+            f"{cfg}: {key}={value!r:.80} must be {want}. Fix the value if the file was edited."
+        )
 
 
 # ---------------------------------------------------------------------------------------- dictionaries
@@ -640,7 +644,9 @@ class _StateMap:
     state: dict[str, Tensor] = field(default_factory=dict)
     mapped: dict[str, str] = field(default_factory=dict)  # file key -> cellkit key
     ignored: dict[str, str] = field(default_factory=dict)  # file key -> reason
-    qkv: dict[tuple[int, str], dict[str, str]] = field(default_factory=dict)  # (layer, weight|bias) -> {q|k|v: key}
+    qkv: dict[tuple[int, str], dict[str, str]] = field(
+        default_factory=dict
+    )  # (layer, weight|bias) -> {q|k|v: key}
     layers_seen: set[int] = field(default_factory=set)
     mlm_present: bool = False
     unknown: list[str] = field(default_factory=list)
@@ -813,7 +819,9 @@ def _map_mlm_bias(m: _StateMap, hf: dict[str, Any], weights_file: Path) -> None:
             )
         # transformers >= 5 unties the two biases with tie_word_embeddings=false and applies the decoder's
         m.place(dec_bias_key, "heads.mlm.bias")
-        m.ignored[bias_key] = f"unused: with tie_word_embeddings=false, transformers applies {dec_bias_key} instead"
+        m.ignored[bias_key] = (
+            f"unused: with tie_word_embeddings=false, transformers applies {dec_bias_key} instead"
+        )
     elif bias_key is not None:
         m.place(bias_key, "heads.mlm.bias")
         if dec_bias_key is not None:

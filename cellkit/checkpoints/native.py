@@ -23,7 +23,14 @@ from cellkit._utils import atomic_directory, read_json
 from cellkit._version import __version__
 from cellkit.data.vocab import GeneVocab
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "is_native", "read_native", "replaceable_model_dir", "write_native"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "is_native",
+    "read_native",
+    "replaceable_model_dir",
+    "write_native",
+]
 
 FORMAT_NAME = "cellkit"
 FORMAT_VERSION = 1
@@ -144,9 +151,11 @@ def read_native(
             "(encoder, heads, specials …)."
         )
     specials = model.get("specials") or {}
-    if not isinstance(specials, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in specials.items()):
+    if not isinstance(specials, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in specials.items()
+    ):
         raise CheckpointError(
-            f"{cfg}: field 'model.specials' must map roles to token strings (e.g. {{\"pad\": \"<pad>\"}}), "
+            f'{cfg}: field \'model.specials\' must map roles to token strings (e.g. {{"pad": "<pad>"}}), '
             f"got {specials!r:.80}."
         )
     try:

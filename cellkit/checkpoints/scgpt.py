@@ -299,10 +299,14 @@ def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> For
     dropout = _num_arg(args, "dropout", 0.2, path)
     pad_token = args.get("pad_token", "<pad>")
     if not isinstance(pad_token, str) or not pad_token:
-        raise CheckpointError(f"{path / ARGS}: pad_token={pad_token!r:.80} must be a token string such as '<pad>'.")
+        raise CheckpointError(
+            f"{path / ARGS}: pad_token={pad_token!r:.80} must be a token string such as '<pad>'."
+        )
     input_style = args.get("input_style", "binned")
     if not isinstance(input_style, str):
-        raise CheckpointError(f"{path / ARGS}: input_style={input_style!r:.80} must be a string such as 'binned'.")
+        raise CheckpointError(
+            f"{path / ARGS}: input_style={input_style!r:.80} must be a string such as 'binned'."
+        )
 
     vocab = _read_vocab(path, pad_token, report)
     state, renamed_attention = _map_tensors(path, value_style, report)
@@ -332,7 +336,9 @@ def read(path: str | os.PathLike[str], *, cls_value: float | None = None) -> For
             n_batch_labels=int(n_batch),
         )
     except ConfigError as exc:
-        raise CheckpointError(f"{path / ARGS} describes an architecture cellkit cannot build: {exc}") from None
+        raise CheckpointError(
+            f"{path / ARGS} describes an architecture cellkit cannot build: {exc}"
+        ) from None
     pooling = {"cls": "cls", "avg-pool": "mean", "w-pool": "weighted"}[cell_emb_style]
     if cell_emb_style != "cls":
         report.notes.append(
@@ -437,7 +443,9 @@ def _check_gene_embedding(path: Path, state: dict[str, torch.Tensor], n_tokens: 
         )
 
 
-def _heads_from_state(state: dict[str, torch.Tensor], d_model: int, mvc_style: str) -> dict[str, dict[str, Any]]:
+def _heads_from_state(
+    state: dict[str, torch.Tensor], d_model: int, mvc_style: str
+) -> dict[str, dict[str, Any]]:
     """The heads present in the weights and their options, read off the tensors' names and shapes."""
     heads: dict[str, dict[str, Any]] = {}
     if "heads.expression.fc.0.weight" in state:
@@ -626,7 +634,9 @@ def _check_exportable_vocab(vocab: GeneVocab, pad_token_id: int) -> None:
         problems.append(f"its 'pad' role is {roles['pad']!r}, but scGPT's is '<pad>'")
     extra = sorted(set(roles) - {"pad", "cls", "eos"})
     if extra:
-        problems.append(f"it has special role(s) {extra} that scGPT's vocabulary has no place for (they would be lost)")
+        problems.append(
+            f"it has special role(s) {extra} that scGPT's vocabulary has no place for (they would be lost)"
+        )
     if problems:
         raise CheckpointError(
             "This model's vocabulary cannot be written in scGPT's format: "

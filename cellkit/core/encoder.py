@@ -338,5 +338,7 @@ def _checked_padding_mask(padding_mask: Tensor | None, x: Tensor) -> Tensor | No
     if padding_mask.shape != x.shape[:2]:
         raise ConfigError(f"padding_mask shape {tuple(padding_mask.shape)} != (B, L) {tuple(x.shape[:2])}.")
     if padding_mask.all(dim=1).any():
-        raise ConfigError("A cell in the batch has no tokens (all padding); drop empty cells before encoding.")
+        raise ConfigError(
+            "A cell in the batch has no tokens (all padding); drop empty cells before encoding."
+        )
     return padding_mask

@@ -20,7 +20,7 @@ import pandas as pd
 
 from .._anndata import check_adata
 from .._errors import DataError
-from .._utils import get_logger
+from .._utils import Progress, get_logger, track
 from .genes import GeneMatch, require_overlap, resolve_genes, rules_report
 from .input_spec import InputSpec
 from .sources import MatrixSource, anndata_source, h5ad_sources, scbank_sources
@@ -53,7 +53,7 @@ class TokenizeContext:
     resources: dict[str, Any]
     obs_columns: list[str]
     chunk_size: int
-    progress: bool
+    progress: Progress
     in_memory: bool
     notes: list[str] = field(default_factory=list)
     #: tokens go to shards as they are produced (``output=``): schemes keep memory per block
@@ -96,10 +96,16 @@ class TokenizeContext:
         part.specials = self.specials() if specials is None else specials
         return part
 
-    def pbar(self, total: int, desc: str):
-        from tqdm.auto import tqdm
+    def pbar(self, total: int, desc: str) -> Any:
+        """A block's counter: ``bar.update(n)`` advances the call's :class:`~cellkit.Progress`."""
+        return contextlib.nullcontext(_Counter(self.progress))
 
-        return tqdm(total=total, desc=desc, unit="cell", disable=not self.progress, leave=False)
+
+class _Counter:
+    """What a scheme updates per block (the tqdm ``update`` it used to call)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.update = progress.advance
 
 
 def _model_parts(model: Any) -> tuple[GeneVocab, str | None, InputSpec, dict[str, Any]]:
@@ -171,7 +177,7 @@ def tokenize(
     overwrite: bool = False,
     resources: Mapping[str, Any] | None = None,
     chunk_size: int = 1024,
-    progress: bool = True,
+    progress: bool | Progress = True,
     **options: Any,
 ) -> TokenizedCells | ShardedTokens:
     """Tokenize cells into the inputs a model family expects.
@@ -214,7 +220,8 @@ def tokenize(
     chunk_size
         Cells per processing block.
     progress
-        Show a ``tqdm`` progress bar.
+        ``True``: a ``tqdm`` progress bar; a :class:`cellkit.Progress` follows the call and can
+        cancel it (:class:`cellkit.Cancelled` at the next block).
     **options
         Scheme options; see :mod:`cellkit.data.schemes`. Unknown options are an error. Gene
         matching (``scgpt``, ``teddy``, ``perturbgene``): a gene is first looked up exactly;
@@ -262,7 +269,7 @@ def tokenize(
             resources,
             obs_columns,
             chunk_size,
-            progress,
+            stack.enter_context(track(progress, total=sum(s.n_cells for s in sources), desc="tokenizing")),
             in_memory,
             streaming=output is not None,
         )
@@ -382,7 +389,9 @@ def _collect_in_memory(
     """Concatenate the tokenized chunks in memory, with the coverage and notes."""
     parts = list(chunks)
     if not parts:
-        raise DataError("No cells selected: the input has no cell to tokenize (check the data and cells=...).")
+        raise DataError(
+            "No cells selected: the input has no cell to tokenize (check the data and cells=...)."
+        )
     result = TokenizedCells.concat(parts) if len(parts) != 1 else parts[0]
     result.coverage = coverage
     result.notes = list(dict.fromkeys([*gene_notes, *ctx.notes, *result.notes]))

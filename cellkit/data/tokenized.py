@@ -531,7 +531,9 @@ class ShardedTokens:
                 f"{self.path} has no {MANIFEST}: it is not a cellkit shard directory (the output= directory of "
                 "cellkit.tokenize), or writing it did not finish."
             )
-        manifest = read_json(file, what="token shard manifest", max_bytes=_MANIFEST_MAX_BYTES, error=DataError)
+        manifest = read_json(
+            file, what="token shard manifest", max_bytes=_MANIFEST_MAX_BYTES, error=DataError
+        )
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise DataError(f"{self.path / MANIFEST} is not a cellkit token manifest.")
         self.manifest = _check_manifest(manifest, file)
@@ -569,7 +571,9 @@ class ShardedTokens:
         if n != info["n_cells"]:
             raise self._bad(name, f"n_cells is {info['n_cells']} but the arrays hold {n} cells")
         if cells.n_tokens != info["n_tokens"]:
-            raise self._bad(name, f"n_tokens is {info['n_tokens']} but the arrays hold {cells.n_tokens} tokens")
+            raise self._bad(
+                name, f"n_tokens is {info['n_tokens']} but the arrays hold {cells.n_tokens} tokens"
+            )
         if n and np.any(np.diff(cells.offsets) < 0):
             raise self._bad(name, "offsets decrease")
         idx = getattr(cells, "cell_index", None)
@@ -646,7 +650,9 @@ class ShardedTokens:
                     if codes is None:
                         raise self._bad(info["name"], f"obs-{col}.npy is missing")
                     if len(codes) and (codes.min() < -1 or codes.max() >= len(cats)):
-                        raise self._bad(info["name"], f"obs-{col}.npy holds codes outside its {len(cats)} categories")
+                        raise self._bad(
+                            info["name"], f"obs-{col}.npy holds codes outside its {len(cats)} categories"
+                        )
                     columns[col] = pd.Categorical.from_codes(codes, categories=cats)
                 obs = pd.DataFrame(columns)
             if load("gene_ids") is None or load("offsets", mmap=False) is None:
@@ -836,7 +842,9 @@ def _check_shard_entries(shards: list[Any], bad: _FieldError) -> None:
             raise bad(where, "an object with name, n_cells and n_tokens")
         name = info.get("name")
         if not isinstance(name, str) or not _PLAIN_NAME.match(name) or name in names:
-            raise bad(f"{where}.name", "a unique plain name inside the directory (no '/', '..' or absolute path)")
+            raise bad(
+                f"{where}.name", "a unique plain name inside the directory (no '/', '..' or absolute path)"
+            )
         names.add(name)
         for key in ("n_cells", "n_tokens"):
             if not _count(info.get(key)):

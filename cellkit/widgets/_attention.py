@@ -27,9 +27,10 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from cellkit import ConfigError, DataError
+from cellkit import ConfigError, DataError, Progress
 
 from ._base import Panel, guarded, html_table, labelled
+from ._progress import JobProgress
 from ._state import StudioState
 
 __all__ = ["AttentionPanel"]
@@ -164,6 +165,9 @@ class AttentionPanel(Panel):
         )
         self.show_button = widgets.Button(description="Show", button_style="primary", icon="eye")
         self.show_button.on_click(lambda _: self.show(background=True))
+        self.show_button.add_class("cellkit-attention-show")
+        #: progress bar, estimate and Cancel of Show and Compare
+        self.jobs = JobProgress(css_prefix="cellkit-attention-job")
 
         # -- result
         self.result_title = widgets.HTML("")
@@ -231,6 +235,7 @@ class AttentionPanel(Panel):
             labelled("Genes", self.genes, "80px"),
             self.include_special,
             self.show_button,
+            self.jobs,
             self.result_title,
             self.figure,
             widgets.HTML("<b>Top attended genes</b>"),
@@ -486,16 +491,22 @@ class AttentionPanel(Panel):
         return f"layer {layer}, {head}, {s['statistic']}"
 
     # ------------------------------------------------------------------------------------ runner
-    def _run(self, compute: Callable[[], _Result], background: bool, name: str) -> _Result | None:
+    def _run(self, compute: Callable[[Progress], _Result], background: bool, name: str) -> _Result | None:
+        """Run ``compute(progress)`` with :attr:`jobs` following it, Show and Compare disabled."""
         if self.running:
-            raise DataError("The attention panel is still computing; wait for it to finish.")
+            raise DataError(
+                "The attention panel is still computing; wait for it to finish or click “Cancel”."
+            )
         if background:
             self.show_message("Computing attention…", "info")
-            self.run_in_background(compute, name=name, on_done=self._display)
-            return None
-        result = compute()
-        self._display(result)
-        return result
+        return self.jobs.run(
+            self,
+            compute,
+            name=name,
+            buttons=[self.show_button, self.diff_button],
+            on_done=self._display,
+            background=background,
+        )
 
     # ---------------------------------------------------------------------------------- actions
     @guarded
@@ -514,7 +525,8 @@ class AttentionPanel(Panel):
         layer, head, statistic
             Override the dropdowns (``head="average"``: mean over heads).
         background
-            Run in a background thread (the buttons do; :meth:`wait` joins it).
+            Run in a background thread (the buttons do; :meth:`wait` joins it). While it runs
+            :attr:`jobs` shows the progress, Show and Compare are disabled, and Cancel stops it.
 
         Returns
         -------
@@ -534,7 +546,7 @@ class AttentionPanel(Panel):
             name = str(self.cell.value).strip()
             self._check_cell(name)
 
-            def compute() -> _Result:
+            def compute(progress: Progress) -> _Result:
                 if s["statistic"] == "grn":
                     m = ca.gene_attention(
                         adata,
@@ -545,12 +557,19 @@ class AttentionPanel(Panel):
                         statistic="grn",
                         include_special=s["include_special"],
                         genes=s["genes"],
+                        progress=progress,
                         **data_kw,
                     )
                 else:
                     heads = None if s["head"] is None else [s["head"]]
                     (cell,) = ca.attention_maps(
-                        adata, model, cells=[name], hidden_layer=s["layer"], heads=heads, **data_kw
+                        adata,
+                        model,
+                        cells=[name],
+                        hidden_layer=s["layer"],
+                        heads=heads,
+                        progress=progress,
+                        **data_kw,
                     )
                     m = cell.frame(None if s["head"] is None else cell.heads[0])
                     if not s["include_special"]:
@@ -577,7 +596,7 @@ class AttentionPanel(Panel):
                 what = f"obs[{col!r}] == {val!r}"
             cells, note = _subsample(cells, self.max_cells.value, what)
 
-            def compute() -> _Result:
+            def compute(progress: Progress) -> _Result:
                 m = ca.gene_attention(
                     adata,
                     model,
@@ -587,6 +606,7 @@ class AttentionPanel(Panel):
                     statistic=s["statistic"],
                     include_special=s["include_special"],
                     genes=s["genes"],
+                    progress=progress,
                     **data_kw,
                 )
                 return _Result("map", m, m, f"{what} ({len(cells)} cells) — {desc}", note, value)
@@ -656,7 +676,7 @@ class AttentionPanel(Panel):
             cond, note_a = _subsample(self._check_obs_group(groupby, condition), n_max, f"{condition!r}")
             ctrl, note_b = _subsample(self._check_obs_group(groupby, control), n_max, f"{control!r}")
 
-            def run_api() -> pd.DataFrame:
+            def run_api(progress: Progress) -> pd.DataFrame:
                 return ca.attention_difference(
                     adata,
                     model,
@@ -664,6 +684,7 @@ class AttentionPanel(Panel):
                     condition=condition,
                     control=control,
                     cells=np.concatenate([cond, ctrl]),
+                    progress=progress,
                     **common,
                 )
 
@@ -682,14 +703,14 @@ class AttentionPanel(Panel):
                     "disjoint groups (make a selection of the other cells, or compare two values of an obs column)."
                 )
 
-            def run_api() -> pd.DataFrame:
+            def run_api(progress: Progress) -> pd.DataFrame:
                 tokens = cellkit.tokenize(
                     adata,
                     model,
                     cells=np.concatenate([cond, ctrl]),
                     layer=s["data_layer"],
                     use_raw=s["use_raw"],
-                    progress=False,
+                    progress=progress,
                 )
                 if hasattr(tokens, "to_memory"):
                     tokens = tokens.to_memory()
@@ -699,13 +720,19 @@ class AttentionPanel(Panel):
                 tokens = dataclasses.replace(tokens, obs=pd.DataFrame({"group": labels}, index=names))
                 api = {k: v for k, v in common.items() if k not in ("layer", "use_raw")}
                 return ca.attention_difference(
-                    tokens, model, groupby="group", condition=condition, control=control, **api
+                    tokens,
+                    model,
+                    groupby="group",
+                    condition=condition,
+                    control=control,
+                    progress=progress,
+                    **api,
                 )
 
         value = "Δ rank statistic" if s["statistic"] == "grn" else "Δ attention"
 
-        def compute() -> _Result:
-            table = run_api()
+        def compute(progress: Progress) -> _Result:
+            table = run_api(progress)
             order = {g: model.vocab[g] for g in pd.unique(table["query_gene"])}
             genes = sorted(order, key=order.__getitem__)
             m = table.pivot(index="query_gene", columns="key_gene", values="difference").reindex(

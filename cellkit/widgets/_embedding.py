@@ -29,6 +29,7 @@ import cellkit
 from cellkit import DataError
 
 from ._base import Panel, guarded, labelled
+from ._progress import JobProgress
 from ._state import StudioState
 
 __all__ = ["EmbeddingPanel"]
@@ -104,6 +105,9 @@ class EmbeddingPanel(Panel):
             layout=widgets.Layout(width="180px"),
         )
         self.compute_button.on_click(lambda _b: self.compute(self.key_box.value, background=True))
+        self.compute_button.add_class("cellkit-embedding-compute")
+        #: progress bar, estimate and Cancel of "Compute embeddings"
+        self.jobs = JobProgress(css_prefix="cellkit-embedding-job")
 
         # -- view
         self.basis_dropdown = widgets.Dropdown(options=[], layout=widgets.Layout(width="260px"))
@@ -183,6 +187,7 @@ class EmbeddingPanel(Panel):
             widgets.HBox(
                 [labelled("Embedding key", self.key_box, "110px"), self.only_selection, self.compute_button]
             ),
+            self.jobs,
             widgets.HBox(
                 [
                     labelled("Basis", self.basis_dropdown, "60px"),
@@ -251,11 +256,13 @@ class EmbeddingPanel(Panel):
             ``"selection"`` (default): the active selection when the "only the active selection"
             box is ticked, else all cells; ``None``: all cells; or anything ``embed_cells`` accepts.
         background
-            Run in a background thread (the button does; :meth:`wait` joins it).
+            Run in a background thread (the button does; :meth:`wait` joins it). While it runs
+            :attr:`jobs` shows the progress and the compute button is disabled; its Cancel stops
+            the embedding (nothing is written).
 
         Returns
         -------
-        The UMAP key (``None`` on error or when running in the background).
+        The UMAP key (``None`` on error, when cancelled or when running in the background).
         """
         model, adata = self._need_model(), self._need_data()
         key = str(key_added if key_added is not None else "").strip()  # embed_cells checks it
@@ -267,9 +274,10 @@ class EmbeddingPanel(Panel):
         umap_key = f"{key}_umap"
         existed = [k for k in (key, umap_key) if k in adata.obsm]
 
-        def work() -> str:
+        def work(progress: cellkit.Progress) -> str:
             self.show_message(f"Embedding {where} with the model, then UMAP …", "info")
-            cellkit.embed_cells(adata, model, key_added=key, cells=cells, progress=False)
+            cellkit.embed_cells(adata, model, key_added=key, cells=cells, progress=progress)
+            self.jobs.step("Laying the cells out with UMAP (no estimate)")
             cellkit.analysis.umap(adata, use_rep=key, key_added=umap_key)
             return umap_key
 
@@ -287,12 +295,14 @@ class EmbeddingPanel(Panel):
                 "ok",
             )
 
-        if background:
-            self.run_in_background(work, name="embed cells", on_done=done)
-            return None
-        result = work()
-        done(result)
-        return result
+        return self.jobs.run(
+            self,
+            work,
+            name="Compute embeddings",
+            buttons=[self.compute_button],
+            on_done=done,
+            background=background,
+        )
 
     @guarded
     def set_basis(self, key: str) -> None:

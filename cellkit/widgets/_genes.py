@@ -26,6 +26,7 @@ import cellkit
 from cellkit import ConfigError, DataError, UnknownGeneError
 
 from ._base import Panel, guarded, html_table, labelled
+from ._progress import JobProgress
 from ._state import StudioState
 
 __all__ = ["GenePanel"]
@@ -100,6 +101,8 @@ class GenePanel(Panel):
         )
         self.status = widgets.HTML(value="")
         self.status.add_class("cellkit-gene-status")
+        #: progress bar, estimate and Cancel of the contextual gene embeddings
+        self.jobs = JobProgress(css_prefix="cellkit-gene-job")
 
         # -- search
         self.gene_box = widgets.Combobox(
@@ -179,6 +182,7 @@ class GenePanel(Panel):
                     self.compute_button,
                 ]
             ),
+            self.jobs,
             self.status,
             section("Similar genes"),
             widgets.HBox(
@@ -240,11 +244,13 @@ class GenePanel(Panel):
             ``"contextual"``: each gene's output state averaged over the cells (the active
             selection, if any; at most "max cells", a random subsample) — one pass of the model.
         background
-            Run in a background thread (the button does; :meth:`wait` joins it).
+            Run in a background thread (the button does; :meth:`wait` joins it). While it runs
+            :attr:`jobs` shows the progress and the compute button is disabled; its Cancel stops
+            the pass.
 
         Returns
         -------
-        The embeddings (``None`` on error or when running in the background).
+        The embeddings (``None`` on error, when cancelled or when running in the background).
         """
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {list(KINDS)}, got {kind!r}.")
@@ -256,19 +262,21 @@ class GenePanel(Panel):
         adata = self._need_data()
         cells, where = self._contextual_cells(adata)
 
-        def work() -> pd.DataFrame:
+        def work(progress: cellkit.Progress) -> pd.DataFrame:
             self.show_message(f"Contextual gene embeddings over {where} …", "info")
-            return cellkit.analysis.contextual_gene_embeddings(adata, model, cells=cells, progress=False)
+            return cellkit.analysis.contextual_gene_embeddings(adata, model, cells=cells, progress=progress)
 
         def done(emb: pd.DataFrame) -> None:
             self._set_embeddings(emb, "contextual", where)
 
-        if background:
-            self.run_in_background(work, name="contextual gene embeddings", on_done=done)
-            return None
-        emb = work()
-        done(emb)
-        return emb
+        return self.jobs.run(
+            self,
+            work,
+            name="Contextual gene embeddings",
+            buttons=[self.compute_button],
+            on_done=done,
+            background=background,
+        )
 
     @guarded
     def search(self, gene: str, k: int = 20, *, center: bool | None = None) -> pd.DataFrame:

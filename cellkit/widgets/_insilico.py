@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from cellkit import ConfigError, DataError
+from cellkit import ConfigError, DataError, Progress
 
 from ._base import guarded, html_table, labelled, plural
 from ._jobs import JobPanel
+from ._progress import JobProgress
 from ._state import StudioState
 
 __all__ = ["InSilicoPanel"]
@@ -179,6 +180,8 @@ class InSilicoPanel(JobPanel):
         self.uns_key = widgets.Text(value="perturbation", layout=widgets.Layout(width="160px"))
         self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
         self.run_button.add_class("cellkit-perturb-run")
+        #: progress bar, estimate and Cancel of Run
+        self.jobs = JobProgress(css_prefix="cellkit-perturb-job")
         self.summary_html = widgets.HTML()
         self.summary_html.add_class("cellkit-perturb-summary")
         self.shift_fig = go.FigureWidget(
@@ -212,6 +215,7 @@ class InSilicoPanel(JobPanel):
             widgets.HBox([labelled("Goal", self.goal_kind, "60px"), self._goal_obs_row, self._goal_sel_row]),
             widgets.HBox([self.store_uns, self.uns_key]),
             self.run_button,
+            self.jobs,
             self.summary_html,
             widgets.HBox([self.shift_fig, self.cells_fig], layout=widgets.Layout(flex_flow="row wrap")),
             widgets.HBox([self.export_path, self.export_button]),
@@ -387,11 +391,13 @@ class InSilicoPanel(JobPanel):
         n_null
             Random expression-matched genes per perturbed gene; default the box.
         background
-            Run in a background thread (the "Run" button does; :meth:`wait` joins it).
+            Run in a background thread (the "Run" button does; :meth:`wait` joins it). While it
+            runs :attr:`jobs` shows the progress over the perturbations, Run is disabled, and
+            Cancel stops it (nothing is stored).
 
         Returns
         -------
-        The :class:`cellkit.analysis.InSilicoResult` (``None`` in the background or on error); also
+        The :class:`cellkit.analysis.InSilicoResult` (``None`` in the background, when cancelled or on error); also
         :attr:`result`.
         """
         import cellkit.analysis as ca
@@ -405,18 +411,20 @@ class InSilicoPanel(JobPanel):
         kw, goal_note = self._options(genes, mode, combos, goal, n_null)
         self.show_message(f"Perturbing ({kw['mode']})…", "info")
 
-        def compute() -> Any:
-            return ca.in_silico_perturb(adata, model, **kw)
+        def compute(progress: Progress) -> Any:
+            return ca.in_silico_perturb(adata, model, **{**kw, "progress": progress})
 
         def done(result: Any) -> None:
             self._show(result, goal_note, kw["key_added"])
 
-        if background:
-            self._in_background(compute, name="perturb", phase="perturbing", on_done=done)
-            return None
-        result = compute()
-        done(result)
-        return result
+        return self.jobs.run(
+            self,
+            compute,
+            name="In-silico perturbation",
+            buttons=[self.run_button],
+            on_done=done,
+            background=background,
+        )
 
     # ============================================================================ API → views
     def _cells_note(self, params: dict[str, Any]) -> str:

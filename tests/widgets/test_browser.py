@@ -623,3 +623,62 @@ class TestCellkitStudioCommand:
         for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
             nb = nbformat.read(path, as_version=4)
             assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), path
+
+
+# --- issue 17: progress and cancel
+def _job_bar(page, prefix: str) -> float:
+    """The width (percent) of a panel's job-progress bar."""
+    return visible(page, f".{prefix}-bar .progress-bar").evaluate("e => parseFloat(e.style.width || '0')")
+
+
+def _poll(fn, until, timeout: float, what: str):
+    """``fn()`` until ``until(value)`` (every 0.2 s), or fail after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if until(value):
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"{what}: still {value!r} after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def test_long_step_shows_a_moving_bar_a_disabled_start_and_cancel_stops_it(page):
+    """In silico with 60 cells and 60 random draws per gene (122 embeddings of the cells, a long step):
+    the bar moves with an estimate, Run is disabled while it runs, Cancel stops it and nothing is kept."""
+    _demo_model_loaded(page)  # self-contained: the notebook loaded the PBMCs; the demo model if not yet
+    tab(page, "In silico")
+    visible(page, ".cellkit-perturb-genes input").fill("LYZ, CST3")
+    for box, value in (("max-cells", "60"), ("n-null", "60")):
+        visible(page, f".cellkit-perturb-{box} input").fill(value)
+        visible(page, f".cellkit-perturb-{box} input").press("Tab")
+    run = visible(page, "button.cellkit-perturb-run")
+    run.click()
+    visible(page, ".cellkit-perturb-job").wait_for(state="visible", timeout=30_000)
+    first = _poll(lambda: _job_bar(page, "cellkit-perturb-job"), lambda v: v > 0, 180, "the bar never moved")
+    assert run.is_disabled(), "Run is clickable while its job runs"
+    status = visible(page, ".cellkit-perturb-job-status").inner_text()
+    assert "of 122 perturbations" in status and "elapsed" in status, status
+    moved = _poll(lambda: _job_bar(page, "cellkit-perturb-job"), lambda v: v > first, 120, "the bar stopped")
+    _poll(
+        lambda: visible(page, ".cellkit-perturb-job-status").inner_text(),
+        lambda t: "left" in t,
+        60,
+        "no estimate",
+    )
+    assert run.is_disabled() and first < moved < 100
+    shot(page, "10-progress-running")
+    visible(page, "button.cellkit-perturb-job-cancel").click()
+    status = _poll(
+        lambda: visible(page, ".cellkit-perturb-job-status").inner_text(),
+        lambda t: "cancelled after" in t,
+        120,
+        "Cancel did not stop the job",
+    )
+    assert "of 122 perturbations" in status
+    assert run.is_enabled(), "Run stays disabled after the job was cancelled"
+    assert "Cancelled" in visible(page, ".cellkit-message").inner_text()
+    assert moved <= _job_bar(page, "cellkit-perturb-job") < 100
+    assert visible(page, ".cellkit-perturb-job-cancel").is_hidden()
+    no_widget_errors(page)
+    shot(page, "10-progress-cancelled")

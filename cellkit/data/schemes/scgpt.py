@@ -466,7 +466,9 @@ def _filter_by_counts(
         gene_sums += np.asarray(block[:, cols].sum(0)).ravel()
     if min_gene_counts:
         keep = gene_sums >= min_gene_counts
-        ctx.notes.append(f"filter_gene_by_counts={min_gene_counts}: kept {int(keep.sum()):,} of {len(cols):,} genes")
+        ctx.notes.append(
+            f"filter_gene_by_counts={min_gene_counts}: kept {int(keep.sum()):,} of {len(cols):,} genes"
+        )
         cols = cols[keep]
     totals = np.concatenate([np.asarray(b[:, cols].sum(1)).ravel() for _, b in src.chunks(ctx.chunk_size)])
     if min_cell_counts:
@@ -480,7 +482,9 @@ def _filter_by_counts(
     if _median_target(target, compat):
         # scGPT passes an int normalize_total to scanpy as target_sum=None: the median total
         target = float(np.median(totals[totals > 0]))
-        ctx.notes.append(f"normalize_total was an int: normalised to the median total ({target:g}), as scGPT does")
+        ctx.notes.append(
+            f"normalize_total was an int: normalised to the median total ({target:g}), as scGPT does"
+        )
     return src, cols, target
 
 
