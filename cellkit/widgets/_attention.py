@@ -136,7 +136,9 @@ class AttentionPanel(Panel):
             ],
         )
         self.cell = widgets.Combobox(placeholder="obs name of a cell", ensure_option=False, layout=w100)
-        self.first_button = widgets.Button(description="First of selection", icon="hand-o-up")
+        self.first_button = widgets.Button(
+            layout=widgets.Layout(width="auto"), description="First of selection", icon="hand-o-up"
+        )
         self.first_button.on_click(lambda _: self.use_first_of_selection())
         self.selection = widgets.Dropdown(options=[("(all cells)", _ALL)], value=_ALL, layout=w100)
         self.groupby = widgets.Dropdown(options=[], layout=widgets.Layout(width="200px"))
@@ -163,7 +165,9 @@ class AttentionPanel(Panel):
             placeholder="optional: only these genes, e.g. CD3E, LYZ, MS4A1 (needed for very large gene sets)",
             layout=widgets.Layout(width="520px"),
         )
-        self.show_button = widgets.Button(description="Show", button_style="primary", icon="eye")
+        self.show_button = widgets.Button(
+            layout=widgets.Layout(width="auto"), description="Show", button_style="primary", icon="eye"
+        )
         self.show_button.on_click(lambda _: self.show(background=True))
         self.show_button.add_class("cellkit-attention-show")
         #: progress bar, estimate and Cancel of Show and Compare
@@ -189,7 +193,9 @@ class AttentionPanel(Panel):
             layout=widgets.Layout(width="260px"),
         )
         self.k = widgets.BoundedIntText(value=10, min=1, max=1_000, layout=widgets.Layout(width="70px"))
-        self.top_button = widgets.Button(description="Top genes", icon="list-ol")
+        self.top_button = widgets.Button(
+            layout=widgets.Layout(width="auto"), description="Top genes", icon="list-ol"
+        )
         self.top_button.on_click(lambda _: self.top_genes())
         self.top_html = widgets.HTML("")
         self.top_html.add_class("cellkit-attention-top")
@@ -201,13 +207,17 @@ class AttentionPanel(Panel):
         self.diff_groupby = widgets.Dropdown(options=[], layout=widgets.Layout(width="200px"))
         self.condition = widgets.Dropdown(options=[], layout=widgets.Layout(width="240px"))
         self.control = widgets.Dropdown(options=[], layout=widgets.Layout(width="240px"))
-        self.diff_button = widgets.Button(description="Compare", icon="exchange")
+        self.diff_button = widgets.Button(
+            layout=widgets.Layout(width="auto"), description="Compare", icon="exchange"
+        )
         self.diff_button.on_click(lambda _: self.difference(background=True))
         self._diff_col_row = labelled("Obs column", self.diff_groupby)
 
         # -- export
         self.path = widgets.Text(placeholder="attention.csv", layout=w100)
-        self.save_button = widgets.Button(description="Save table (CSV)", icon="save")
+        self.save_button = widgets.Button(
+            layout=widgets.Layout(width="auto"), description="Save table (CSV)", icon="save"
+        )
         self.save_button.on_click(lambda _: self.export())
 
         self.children = [

@@ -178,7 +178,9 @@ class InSilicoPanel(JobPanel):
         self._goal_sel_row = widgets.HBox([self.goal_selection])
         self.store_uns = widgets.Checkbox(value=False, description="store in adata.uns under", indent=False)
         self.uns_key = widgets.Text(value="perturbation", layout=widgets.Layout(width="160px"))
-        self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
+        self.run_button = widgets.Button(
+            layout=widgets.Layout(width="auto"), description="Run", button_style="primary", icon="play"
+        )
         self.run_button.add_class("cellkit-perturb-run")
         #: progress bar, estimate and Cancel of Run
         self.jobs = JobProgress(css_prefix="cellkit-perturb-job")
@@ -191,7 +193,9 @@ class InSilicoPanel(JobPanel):
         self.cells_fig = go.FigureWidget(layout={"title": "Per-cell shift", **_FIGURE_SIZE})
         self.cells_fig.add_class("cellkit-perturb-cells")
         self.export_path = widgets.Text(placeholder="perturbation.csv", layout=widgets.Layout(width="320px"))
-        self.export_button = widgets.Button(description="Export table (CSV)", icon="save")
+        self.export_button = widgets.Button(
+            layout=widgets.Layout(width="auto"), description="Export table (CSV)", icon="save"
+        )
         self.export_button.add_class("cellkit-perturb-export")
 
         self.run_button.on_click(lambda _b: self.run(background=True))
