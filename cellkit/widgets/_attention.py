@@ -299,8 +299,10 @@ class AttentionPanel(Panel):
             return
         self.cell.options = tuple(np.asarray(adata.obs_names[:MAX_CELL_OPTIONS]).astype(str))
         cols = self._group_columns()
-        self.groupby.options = cols
-        self.diff_groupby.options = cols
+        for dropdown in (self.groupby, self.diff_groupby):
+            dropdown.options = cols
+            if dropdown.value is None and cols:  # never a blank dropdown: the first column
+                dropdown.value = cols[0]
         expr = [("(model default)", "default"), (".X", "X")]
         if adata.raw is not None:
             expr.append((".raw", "raw"))
@@ -321,6 +323,8 @@ class AttentionPanel(Panel):
                 dropdown.options = cols
                 if current in cols:
                     dropdown.value = current
+                elif dropdown.value is None and cols:
+                    dropdown.value = cols[0]
 
     def _on_selections(self, change: Any = None) -> None:
         names = sorted(self.state.selections)
@@ -348,6 +352,8 @@ class AttentionPanel(Panel):
 
     def _refresh_group_values(self) -> None:
         self.group.options = self._values(self.groupby.value)
+        if self.group.value is None and self.group.options:  # never a blank dropdown
+            self.group.index = 0
 
     def _refresh_diff_options(self) -> None:
         if self.diff_source.value == "selection":
@@ -358,8 +364,12 @@ class AttentionPanel(Panel):
             self._diff_col_row.layout.display = None
         self.condition.options = opts
         self.control.options = opts
+        if opts and self.condition.value is None:  # never a blank dropdown
+            self.condition.index = 0
         if len(opts) > 1:
             self.control.value = opts[1][1]
+        elif opts:
+            self.control.index = 0
 
     def _update_mode(self) -> None:
         for mode, row in (

@@ -244,7 +244,10 @@ class InSilicoPanel(JobPanel):
         self.gene_picker.options = tuple(genes[:MAX_GENE_OPTIONS])
 
     def _on_adata(self, _change: Any = None) -> None:
-        self.goal_column.options = self._discrete_columns() if self.state.adata is not None else []
+        cols = self._discrete_columns() if self.state.adata is not None else []
+        self.goal_column.options = cols
+        if self.goal_column.value is None and cols:  # never a blank dropdown: the first column
+            self.goal_column.value = cols[0]
         self._refresh_goal_values()
         self._on_selections()
 
@@ -257,6 +260,8 @@ class InSilicoPanel(JobPanel):
             self.goal_column.options = cols
             if current in cols:
                 self.goal_column.value = current
+            elif self.goal_column.value is None and cols:
+                self.goal_column.value = cols[0]
 
     def _on_selections(self, _change: Any = None) -> None:
         names = sorted(self.state.selections)
@@ -289,6 +294,8 @@ class InSilicoPanel(JobPanel):
         if len(counts) > MAX_GROUP_VALUES:
             counts = counts.sort_values(ascending=False).head(MAX_GROUP_VALUES)
         self.goal_value.options = [(f"{v} ({int(n)})", v) for v, n in counts.items() if n > 0]
+        if self.goal_value.value is None and self.goal_value.options:  # never a blank dropdown
+            self.goal_value.index = 0
 
     def _update_goal_rows(self) -> None:
         kind = self.goal_kind.value
