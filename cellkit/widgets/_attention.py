@@ -137,7 +137,7 @@ class AttentionPanel(Panel):
         )
         self.cell = widgets.Combobox(placeholder="obs name of a cell", ensure_option=False, layout=w100)
         self.first_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="First of selection", icon="hand-o-up"
+            layout=widgets.Layout(width="max-content"), description="First of selection", icon="hand-o-up"
         )
         self.first_button.on_click(lambda _: self.use_first_of_selection())
         self.selection = widgets.Dropdown(options=[("(all cells)", _ALL)], value=_ALL, layout=w100)
@@ -160,13 +160,18 @@ class AttentionPanel(Panel):
         self.max_cells = widgets.BoundedIntText(
             value=200, min=1, max=100_000, layout=widgets.Layout(width="90px")
         )
-        self.include_special = widgets.Checkbox(value=False, description="include special tokens (<cls>)")
+        self.include_special = widgets.Checkbox(
+            value=False,
+            description="include special tokens (<cls>)",
+            indent=False,
+            layout=widgets.Layout(width="max-content"),
+        )
         self.genes = widgets.Text(
             placeholder="optional: only these genes, e.g. CD3E, LYZ, MS4A1 (needed for very large gene sets)",
             layout=widgets.Layout(width="520px"),
         )
         self.show_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Show", button_style="primary", icon="eye"
+            layout=widgets.Layout(width="max-content"), description="Show", button_style="primary", icon="eye"
         )
         self.show_button.on_click(lambda _: self.show(background=True))
         self.show_button.add_class("cellkit-attention-show")
@@ -194,7 +199,7 @@ class AttentionPanel(Panel):
         )
         self.k = widgets.BoundedIntText(value=10, min=1, max=1_000, layout=widgets.Layout(width="70px"))
         self.top_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Top genes", icon="list-ol"
+            layout=widgets.Layout(width="max-content"), description="Top genes", icon="list-ol"
         )
         self.top_button.on_click(lambda _: self.top_genes())
         self.top_html = widgets.HTML("")
@@ -208,7 +213,7 @@ class AttentionPanel(Panel):
         self.condition = widgets.Dropdown(options=[], layout=widgets.Layout(width="240px"))
         self.control = widgets.Dropdown(options=[], layout=widgets.Layout(width="240px"))
         self.diff_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Compare", icon="exchange"
+            layout=widgets.Layout(width="max-content"), description="Compare", icon="exchange"
         )
         self.diff_button.on_click(lambda _: self.difference(background=True))
         self._diff_col_row = labelled("Obs column", self.diff_groupby)
@@ -216,7 +221,7 @@ class AttentionPanel(Panel):
         # -- export
         self.path = widgets.Text(placeholder="attention.csv", layout=w100)
         self.save_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Save table (CSV)", icon="save"
+            layout=widgets.Layout(width="max-content"), description="Save table (CSV)", icon="save"
         )
         self.save_button.on_click(lambda _: self.export())
 

@@ -891,7 +891,10 @@ class DataPanel(Panel):
         elif kind == "text":
             w = widgets.Text(value="" if default is None else str(default), layout=wide)
         elif kind in ("opt_int", "opt_float"):
-            placeholder = spec.help
+            # the box says what blank means; the tooltip says what the option does
+            placeholder = (
+                "blank: " + spec.help.split("blank: ")[-1].rstrip(")") if "blank: " in spec.help else ""
+            )
             model = self.state.model
             if spec.name == "n_bins" and model is not None and model.config.input.n_bins:
                 placeholder = f"blank: the model's ({model.config.input.n_bins})"

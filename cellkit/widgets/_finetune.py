@@ -233,7 +233,7 @@ class FinetunePanel(Panel):
                 description=_objective_label(name),
                 indent=False,
                 tooltip=_describe(name),
-                layout=widgets.Layout(width="330px"),
+                layout=widgets.Layout(width="360px"),
             )
             weight = widgets.FloatText(
                 value=_default_weight(name), step=0.1, layout=widgets.Layout(width="70px")
@@ -242,7 +242,7 @@ class FinetunePanel(Panel):
             self.objective_weights[name] = weight
             cells.append(widgets.HBox([box, weight]))
         objectives = widgets.GridBox(
-            cells, layout=widgets.Layout(grid_template_columns="repeat(2, 410px)", grid_gap="2px 12px")
+            cells, layout=widgets.Layout(grid_template_columns="repeat(2, 440px)", grid_gap="2px 12px")
         )
 
         # -- training settings
@@ -276,10 +276,13 @@ class FinetunePanel(Panel):
 
         # -- run controls
         self.start_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Start", button_style="primary", icon="play"
+            layout=widgets.Layout(width="max-content"),
+            description="Start",
+            button_style="primary",
+            icon="play",
         )
         self.resume_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Resume", icon="forward", disabled=True
+            layout=widgets.Layout(width="max-content"), description="Resume", icon="forward", disabled=True
         )
         self.start_button.add_class("cellkit-finetune-start")
         self.resume_button.add_class("cellkit-finetune-resume")
@@ -310,7 +313,7 @@ class FinetunePanel(Panel):
         self.report_html = widgets.HTML()
         self.report_html.add_class("cellkit-finetune-report")
         self.use_button = widgets.Button(
-            layout=widgets.Layout(width="auto"),
+            layout=widgets.Layout(width="max-content"),
             description="Use trained model",
             icon="check",
             disabled=True,
@@ -321,11 +324,11 @@ class FinetunePanel(Panel):
         )
         self.overwrite = widgets.Checkbox(value=False, description="overwrite", indent=False)
         self.save_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Save model", icon="save", disabled=True
+            layout=widgets.Layout(width="max-content"), description="Save model", icon="save", disabled=True
         )
         self.key_added = widgets.Text(value="cellkit_pred", layout=widgets.Layout(width="200px"))
         self.predict_button = widgets.Button(
-            layout=widgets.Layout(width="auto"),
+            layout=widgets.Layout(width="max-content"),
             description="Write predictions",
             icon="pencil",
             disabled=True,

@@ -90,7 +90,7 @@ class GenePanel(Panel):
             value=DEFAULT_MAX_CELLS, min=1, max=10**9, step=1000, layout=widgets.Layout(width="110px")
         )
         self.compute_button = widgets.Button(
-            layout=widgets.Layout(width="auto"),
+            layout=widgets.Layout(width="max-content"),
             description="Compute gene embeddings",
             icon="play",
             button_style="primary",
@@ -113,10 +113,10 @@ class GenePanel(Panel):
             value=False,
             description="centre (subtract the mean gene vector)",
             indent=False,
-            layout=widgets.Layout(width="270px"),
+            layout=widgets.Layout(width="max-content"),
         )
         self.search_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Find similar genes", icon="search"
+            layout=widgets.Layout(width="max-content"), description="Find similar genes", icon="search"
         )
         self.search_button.on_click(lambda _b: self.search(self.gene_box.value, k=self.k_box.value))
         self.table_html = widgets.HTML(value="")
@@ -148,7 +148,7 @@ class GenePanel(Panel):
             value=5, min=1, max=10_000, layout=widgets.Layout(width="80px")
         )
         self.programs_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Find programs", icon="sitemap"
+            layout=widgets.Layout(width="max-content"), description="Find programs", icon="sitemap"
         )
         self.programs_button.on_click(lambda _b: self.find_programs(resolution=self.resolution_box.value))
         self.programs_html = widgets.HTML(value="")
@@ -156,7 +156,7 @@ class GenePanel(Panel):
         self.groupby_dropdown = widgets.Dropdown(options=[], layout=widgets.Layout(width="200px"))
         self.key_box = widgets.Text(value="program", layout=widgets.Layout(width="140px"))
         self.score_button = widgets.Button(
-            layout=widgets.Layout(width="auto"),
+            layout=widgets.Layout(width="max-content"),
             description="Score programs",
             icon="table",
             tooltip="writes obs[<key>_<program>] per program and uns[<key>] (cellkit.analysis.score_programs)",
@@ -178,7 +178,7 @@ class GenePanel(Panel):
         # -- export
         self.path_box = widgets.Text(value="similar_genes.csv", layout=widgets.Layout(width="320px"))
         self.export_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Save table (CSV)", icon="download"
+            layout=widgets.Layout(width="max-content"), description="Save table (CSV)", icon="download"
         )
         self.export_button.on_click(lambda _b: self.export(self.path_box.value))
 

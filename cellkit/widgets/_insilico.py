@@ -176,10 +176,15 @@ class InSilicoPanel(JobPanel):
         self.goal_selection = widgets.Dropdown(options=[], layout=widgets.Layout(width="220px"))
         self._goal_obs_row = widgets.HBox([self.goal_column, self.goal_value])
         self._goal_sel_row = widgets.HBox([self.goal_selection])
-        self.store_uns = widgets.Checkbox(value=False, description="store in adata.uns under", indent=False)
+        self.store_uns = widgets.Checkbox(
+            value=False,
+            description="store in adata.uns under",
+            indent=False,
+            layout=widgets.Layout(width="max-content"),
+        )
         self.uns_key = widgets.Text(value="perturbation", layout=widgets.Layout(width="160px"))
         self.run_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Run", button_style="primary", icon="play"
+            layout=widgets.Layout(width="max-content"), description="Run", button_style="primary", icon="play"
         )
         self.run_button.add_class("cellkit-perturb-run")
         #: progress bar, estimate and Cancel of Run
@@ -194,7 +199,7 @@ class InSilicoPanel(JobPanel):
         self.cells_fig.add_class("cellkit-perturb-cells")
         self.export_path = widgets.Text(placeholder="perturbation.csv", layout=widgets.Layout(width="320px"))
         self.export_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Export table (CSV)", icon="save"
+            layout=widgets.Layout(width="max-content"), description="Export table (CSV)", icon="save"
         )
         self.export_button.add_class("cellkit-perturb-export")
 

@@ -178,7 +178,7 @@ class LiveTraining(widgets.VBox):
             figures.append(self.epoch_fig)
 
         self.stop_button = widgets.Button(
-            layout=widgets.Layout(width="auto"),
+            layout=widgets.Layout(width="max-content"),
             description="Stop",
             button_style="warning",
             icon="stop",

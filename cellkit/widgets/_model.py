@@ -141,13 +141,13 @@ class ModelPanel(Panel):
             options=list(FORMATS), value="auto", layout=widgets.Layout(width="120px")
         )
         self.load_button = widgets.Button(
-            layout=widgets.Layout(width="auto"),
+            layout=widgets.Layout(width="max-content"),
             description="Load",
             button_style="primary",
             icon="folder-open",
         )
         self.demo_button = widgets.Button(
-            layout=widgets.Layout(width="auto"),
+            layout=widgets.Layout(width="max-content"),
             description="Demo model",
             tooltip="cellkit.datasets.demo_model()",
         )

@@ -110,7 +110,7 @@ class PerturbationResponsePanel(JobPanel):
         )
         self.response_seed = widgets.IntText(value=0, layout=small)
         self.train_button = widgets.Button(
-            layout=widgets.Layout(width="auto"),
+            layout=widgets.Layout(width="max-content"),
             description="Train response model",
             button_style="primary",
             icon="play",
@@ -120,11 +120,14 @@ class PerturbationResponsePanel(JobPanel):
             placeholder="directory of a saved response model", layout=widgets.Layout(width="320px")
         )
         self.load_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Load response model", icon="folder-open"
+            layout=widgets.Layout(width="max-content"), description="Load response model", icon="folder-open"
         )
         self.load_button.add_class("cellkit-perturb-load")
         self.save_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Save response model", icon="save", disabled=True
+            layout=widgets.Layout(width="max-content"),
+            description="Save response model",
+            icon="save",
+            disabled=True,
         )
         self.save_button.add_class("cellkit-perturb-save")
         self.perturbations = widgets.Text(
@@ -133,7 +136,7 @@ class PerturbationResponsePanel(JobPanel):
         self.perturbations.add_class("cellkit-perturb-conditions")
         self.top_k = widgets.BoundedIntText(value=20, min=1, max=10_000, layout=small)
         self.predict_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Predict", icon="magic", disabled=True
+            layout=widgets.Layout(width="max-content"), description="Predict", icon="magic", disabled=True
         )
         self.predict_button.add_class("cellkit-perturb-predict")
         self.response_fig = go.FigureWidget(
@@ -146,7 +149,7 @@ class PerturbationResponsePanel(JobPanel):
             placeholder="prediction.csv", layout=widgets.Layout(width="320px")
         )
         self.prediction_export_button = widgets.Button(
-            layout=widgets.Layout(width="auto"), description="Export prediction (CSV)", icon="save"
+            layout=widgets.Layout(width="max-content"), description="Export prediction (CSV)", icon="save"
         )
         self.prediction_export_button.add_class("cellkit-perturb-export-prediction")
         # -- the live view: loss curve, progress, status, Stop (shared with the fine-tune panel)

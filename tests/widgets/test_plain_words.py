@@ -122,7 +122,7 @@ def test_buttons_are_as_wide_as_their_labels(studio):
         if isinstance(w, widgets.Button)
         # the default width (about 148 px) fits ~14 characters and an icon; longer labels size themselves
         and (len(w.description) > 14 or w.layout.width not in (None, ""))
-        and w.layout.width != "auto"
+        and w.layout.width not in ("auto", "max-content")
         and not _fits(w)
     ]
     assert too_narrow == []
@@ -132,6 +132,18 @@ def _fits(button) -> bool:
     """A button of a fixed pixel width wide enough for its label (~8 px a character) and an icon."""
     width = str(button.layout.width or "")
     return width.endswith("px") and float(width[:-2]) >= 8 * len(button.description) + 40
+
+
+def test_checkbox_labels_are_not_cut(studio):
+    too_narrow = [
+        (title, w.description, w.layout.width)
+        for title, panel in studio.panels.items()
+        for w in _walk(panel)
+        if isinstance(w, widgets.Checkbox)
+        and str(w.layout.width or "").endswith("px")
+        and float(w.layout.width[:-2]) < 7 * len(w.description) + 25
+    ]
+    assert too_narrow == []
 
 
 def test_stop_and_cancel_look_disabled_while_idle(state):
