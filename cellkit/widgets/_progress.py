@@ -42,6 +42,16 @@ def warning_while_enabled(button: widgets.Button) -> widgets.Button:
 
     A disabled button keeps its colour in ipywidgets, so an idle Stop would still look pressable;
     this keeps the style in step with ``button.disabled`` (now and on every change).
+
+    Parameters
+    ----------
+    button
+        The Stop or Cancel button.
+
+    Returns
+    -------
+    ipywidgets.Button
+        ``button``.
     """
 
     def sync(_change: Any = None) -> None:
