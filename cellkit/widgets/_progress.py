@@ -93,7 +93,7 @@ class JobProgress(widgets.HBox):
 
     def __init__(self, *, css_prefix: str = "cellkit-job", update_interval: float = UPDATE_INTERVAL) -> None:
         self.bar = widgets.FloatProgress(value=0.0, min=0.0, max=1.0, layout=widgets.Layout(width="260px"))
-        self.status = widgets.HTML("", layout=widgets.Layout(margin="0 8px"))
+        self.status = widgets.HTML("", layout=widgets.Layout(margin="0 8px", width="auto"))
         self.cancel_button = widgets.Button(
             description="Cancel",
             icon="stop",

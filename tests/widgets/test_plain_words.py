@@ -163,6 +163,7 @@ def test_stop_and_cancel_look_disabled_while_idle(state):
     assert cancel.button_style == ""
     cancel.disabled = False
     assert cancel.button_style == "warning"
+    assert job.status.layout.width == "auto"  # the status line is not cut at the default 300 px
 
 
 def test_tables_scroll_inside_their_panel():
