@@ -134,10 +134,15 @@ class Objective(abc.ABC):
         Batch keys the term needs (checked before training starts).
     second_pass
         The term needs a second forward pass of the same batch (``CCE``).
+    title, description
+        A plain name and a one-line plain description of what the term teaches the model (shown by
+        the studio; :data:`OBJECTIVES` maps each ``name`` to its class).
     """
 
     weight: float = 1.0
     name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    description: ClassVar[str] = ""
     heads: ClassVar[tuple[str, ...]] = ()
     batch_keys: ClassVar[tuple[str, ...]] = ()
     second_pass: ClassVar[bool] = False
@@ -174,6 +179,8 @@ class Classification(Objective):
     label_smoothing: float = 0.0
     class_weights: Sequence[float] | None = None
     name: ClassVar[str] = "cls"
+    title: ClassVar[str] = "Cell-type classifier"
+    description: ClassVar[str] = "predict each cell's label (e.g. its cell type) from its embedding"
     heads: ClassVar[tuple[str, ...]] = ("classifier",)
     batch_keys: ClassVar[tuple[str, ...]] = ("labels",)
 
@@ -201,6 +208,8 @@ class MaskedValueMSE(Objective):
     """Masked expression-value regression (scGPT's GEP / "MLM"): masked MSE of ``expression``."""
 
     name: ClassVar[str] = "gep"
+    title: ClassVar[str] = "Masked expression"
+    description: ClassVar[str] = "hide some genes' expression and predict it back from the other genes"
     heads: ClassVar[tuple[str, ...]] = ("expression",)
     batch_keys: ClassVar[tuple[str, ...]] = ("target_values", "mlm_mask")
 
@@ -218,6 +227,8 @@ class ZeroProbNLL(Objective):
     """Explicit zero probability of the expression decoder: Bernoulli NLL at masked positions."""
 
     name: ClassVar[str] = "zero_nll"
+    title: ClassVar[str] = "Zero-probability"
+    description: ClassVar[str] = "predict whether each hidden gene is expressed at all (zero or not)"
     heads: ClassVar[tuple[str, ...]] = ("expression",)
     batch_keys: ClassVar[tuple[str, ...]] = ("target_values", "mlm_mask")
 
@@ -241,6 +252,8 @@ class MVC(Objective):
     """Masked value prediction from the cell embedding (scGPT's GEPC / MVC): masked MSE of ``mvc``."""
 
     name: ClassVar[str] = "mvc"
+    title: ClassVar[str] = "Cell-embedding expression"
+    description: ClassVar[str] = "predict the hidden genes' expression from the cell embedding alone"
     heads: ClassVar[tuple[str, ...]] = ("mvc",)
     batch_keys: ClassVar[tuple[str, ...]] = ("target_values", "mlm_mask")
 
@@ -258,6 +271,8 @@ class MVCZeroProbNLL(Objective):
     """Bernoulli NLL of the MVC head's zero probabilities at masked positions."""
 
     name: ClassVar[str] = "mvc_zero_nll"
+    title: ClassVar[str] = "Cell-embedding zero-probability"
+    description: ClassVar[str] = "predict from the cell embedding whether each hidden gene is expressed"
     heads: ClassVar[tuple[str, ...]] = ("mvc",)
     batch_keys: ClassVar[tuple[str, ...]] = ("target_values", "mlm_mask")
 
@@ -286,6 +301,8 @@ class ECS(Objective):
     threshold: float = 0.8
     weight: float = 10.0
     name: ClassVar[str] = "ecs"
+    title: ClassVar[str] = "Elastic cell similarity"
+    description: ClassVar[str] = "push dissimilar cells' embeddings apart, keep similar ones together"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -327,6 +344,10 @@ class CCE(Objective):
     temperature: float = 0.5
     weight: float = 10.0
     name: ClassVar[str] = "cce"
+    title: ClassVar[str] = "Contrastive cells"
+    description: ClassVar[str] = (
+        "two noisy views of a cell must embed closer to each other than to other cells"
+    )
     second_pass: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -349,6 +370,8 @@ class DAB(Objective):
     """Domain adaptation by reverse back-propagation: CE of ``batch_logits`` vs ``batch_labels``."""
 
     name: ClassVar[str] = "dab"
+    title: ClassVar[str] = "Batch correction, adversarial"
+    description: ClassVar[str] = "make batches indistinguishable in the embedding (needs a batch column)"
     heads: ClassVar[tuple[str, ...]] = ("adversarial",)
     batch_keys: ClassVar[tuple[str, ...]] = ("batch_labels",)
 
@@ -372,6 +395,8 @@ class MaskedTokenLM(Objective):
 
     label_smoothing: float = 0.0
     name: ClassVar[str] = "mlm"
+    title: ClassVar[str] = "Masked genes"
+    description: ClassVar[str] = "hide some gene tokens and predict which gene was hidden"
     heads: ClassVar[tuple[str, ...]] = ("mlm",)
     batch_keys: ClassVar[tuple[str, ...]] = ("mlm_labels",)
 

@@ -136,7 +136,9 @@ class AttentionPanel(Panel):
             ],
         )
         self.cell = widgets.Combobox(placeholder="obs name of a cell", ensure_option=False, layout=w100)
-        self.first_button = widgets.Button(description="First of selection", icon="hand-o-up")
+        self.first_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="First of selection", icon="hand-o-up"
+        )
         self.first_button.on_click(lambda _: self.use_first_of_selection())
         self.selection = widgets.Dropdown(options=[("(all cells)", _ALL)], value=_ALL, layout=w100)
         self.groupby = widgets.Dropdown(options=[], layout=widgets.Layout(width="200px"))
@@ -158,12 +160,19 @@ class AttentionPanel(Panel):
         self.max_cells = widgets.BoundedIntText(
             value=200, min=1, max=100_000, layout=widgets.Layout(width="90px")
         )
-        self.include_special = widgets.Checkbox(value=False, description="include special tokens (<cls>)")
+        self.include_special = widgets.Checkbox(
+            value=False,
+            description="include special tokens (<cls>)",
+            indent=False,
+            layout=widgets.Layout(width="max-content"),
+        )
         self.genes = widgets.Text(
             placeholder="optional: only these genes, e.g. CD3E, LYZ, MS4A1 (needed for very large gene sets)",
             layout=widgets.Layout(width="520px"),
         )
-        self.show_button = widgets.Button(description="Show", button_style="primary", icon="eye")
+        self.show_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Show", button_style="primary", icon="eye"
+        )
         self.show_button.on_click(lambda _: self.show(background=True))
         self.show_button.add_class("cellkit-attention-show")
         #: progress bar, estimate and Cancel of Show and Compare
@@ -189,7 +198,9 @@ class AttentionPanel(Panel):
             layout=widgets.Layout(width="260px"),
         )
         self.k = widgets.BoundedIntText(value=10, min=1, max=1_000, layout=widgets.Layout(width="70px"))
-        self.top_button = widgets.Button(description="Top genes", icon="list-ol")
+        self.top_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Top genes", icon="list-ol"
+        )
         self.top_button.on_click(lambda _: self.top_genes())
         self.top_html = widgets.HTML("")
         self.top_html.add_class("cellkit-attention-top")
@@ -201,13 +212,17 @@ class AttentionPanel(Panel):
         self.diff_groupby = widgets.Dropdown(options=[], layout=widgets.Layout(width="200px"))
         self.condition = widgets.Dropdown(options=[], layout=widgets.Layout(width="240px"))
         self.control = widgets.Dropdown(options=[], layout=widgets.Layout(width="240px"))
-        self.diff_button = widgets.Button(description="Compare", icon="exchange")
+        self.diff_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Compare", icon="exchange"
+        )
         self.diff_button.on_click(lambda _: self.difference(background=True))
         self._diff_col_row = labelled("Obs column", self.diff_groupby)
 
         # -- export
         self.path = widgets.Text(placeholder="attention.csv", layout=w100)
-        self.save_button = widgets.Button(description="Save table (CSV)", icon="save")
+        self.save_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Save table (CSV)", icon="save"
+        )
         self.save_button.on_click(lambda _: self.export())
 
         self.children = [
@@ -289,8 +304,10 @@ class AttentionPanel(Panel):
             return
         self.cell.options = tuple(np.asarray(adata.obs_names[:MAX_CELL_OPTIONS]).astype(str))
         cols = self._group_columns()
-        self.groupby.options = cols
-        self.diff_groupby.options = cols
+        for dropdown in (self.groupby, self.diff_groupby):
+            dropdown.options = cols
+            if dropdown.value is None and cols:  # never a blank dropdown: the first column
+                dropdown.value = cols[0]
         expr = [("(model default)", "default"), (".X", "X")]
         if adata.raw is not None:
             expr.append((".raw", "raw"))
@@ -311,6 +328,8 @@ class AttentionPanel(Panel):
                 dropdown.options = cols
                 if current in cols:
                     dropdown.value = current
+                elif dropdown.value is None and cols:
+                    dropdown.value = cols[0]
 
     def _on_selections(self, change: Any = None) -> None:
         names = sorted(self.state.selections)
@@ -338,6 +357,8 @@ class AttentionPanel(Panel):
 
     def _refresh_group_values(self) -> None:
         self.group.options = self._values(self.groupby.value)
+        if self.group.value is None and self.group.options:  # never a blank dropdown
+            self.group.index = 0
 
     def _refresh_diff_options(self) -> None:
         if self.diff_source.value == "selection":
@@ -348,8 +369,12 @@ class AttentionPanel(Panel):
             self._diff_col_row.layout.display = None
         self.condition.options = opts
         self.control.options = opts
+        if opts and self.condition.value is None:  # never a blank dropdown
+            self.condition.index = 0
         if len(opts) > 1:
             self.control.value = opts[1][1]
+        elif opts:
+            self.control.index = 0
 
     def _update_mode(self) -> None:
         for mode, row in (

@@ -182,18 +182,22 @@ def html_table(frame: Any, *, max_rows: int = 50, float_format: str = "{:.3g}") 
     Every fact shows once and the header is one row: an unnamed integer index (row positions, e.g.
     a default ``RangeIndex``) is left out; an index named like a column holding the same values is
     left out (the column shows it); any other named index becomes the first column, under its name.
+    The table sits in a ``div`` that scrolls sideways (``overflow-x: auto``) when it is wider than
+    the panel.
     """
     import pandas as pd
 
     frame = _one_header(pd.DataFrame(frame).head(max_rows))
     show_index = frame.index.name is None and not pd.api.types.is_integer_dtype(frame.index.dtype)
-    return frame.to_html(
+    table = frame.to_html(
         classes="cellkit-table",
         border=0,
         float_format=lambda v: float_format.format(v),
         escape=True,
         index=show_index,
     )
+    # a wide table scrolls inside its panel instead of overflowing it
+    return f"<div class='cellkit-table-scroll' style='max-width:100%;overflow-x:auto'>{table}</div>"
 
 
 def _one_header(frame: Any) -> Any:

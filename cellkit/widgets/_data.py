@@ -41,19 +41,24 @@ class OptionSpec:
     Attributes
     ----------
     name
-        The option of :func:`cellkit.tokenize` (a key of the scheme's ``OPTIONS``).
+        The option of :func:`cellkit.tokenize` (a key of the scheme's ``OPTIONS``); the panel shows
+        it in grey after ``label`` and names it in the tooltip.
+    label
+        Plain words for the option, e.g. ``"Max genes per cell"`` for ``max_len``.
     kind
         ``"int"``, ``"float"``, ``"bool"``, ``"text"``, ``"opt_int"`` / ``"opt_float"`` (a text box;
         blank = ``None``), ``"choice"`` (``choices``), ``"obs_column"`` (an obs column or ``None``),
         ``"obs_columns"`` (several obs columns → tuple) or ``"var_mask"`` (a boolean var column or
         ``None``).
     help
-        Tooltip / placeholder text.
+        What the option does, in plain words (tooltip; placeholder of a number box, whose text
+        ends with ``(blank: ...)``).
     choices
         ``(label, value)`` pairs for ``"choice"``.
     """
 
     name: str
+    label: str
     kind: str
     help: str = ""
     choices: tuple[tuple[str, Any], ...] = ()
@@ -67,10 +72,15 @@ _NONE = "\x1fnone"
 #: gene-name retries (cellkit.data.genes.resolve_genes); scGPT's compat mode matches names exactly
 _GENE_RETRIES = (
     OptionSpec(
-        "case_fold", "choice", "also match gene names after upper-casing (off in compat mode)", _RETRY
+        "case_fold",
+        "Match names ignoring case",
+        "choice",
+        "also match gene names after upper-casing them (off in compat mode)",
+        _RETRY,
     ),
     OptionSpec(
         "strip_versions",
+        "Ignore id versions",
         "choice",
         "also match a versioned id (ENSG00000141510.17) without its version (off in compat mode)",
         _RETRY,
@@ -80,55 +90,137 @@ _GENE_RETRIES = (
 #: scheme → the options the panel offers (the rest keep the scheme's defaults)
 SCHEME_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
     "scgpt": (
-        OptionSpec("max_len", "opt_int", "max tokens per cell; longer cells are sampled (blank: no limit)"),
-        OptionSpec("n_bins", "opt_int", "value bins (blank: the model's)"),
-        OptionSpec("include_zero", "bool", "also emit zero-expression genes"),
-        OptionSpec("normalize_total", "opt_float", "target sum per cell (blank: no normalisation)"),
-        OptionSpec("log1p", "bool", "log1p after normalising"),
-        OptionSpec("n_hvg", "opt_int", "keep the n most variable genes (blank: all genes)"),
+        OptionSpec(
+            "max_len",
+            "Max genes per cell",
+            "opt_int",
+            "at most this many genes (tokens) per cell; a cell with more is sampled down (blank: no limit)",
+        ),
+        OptionSpec(
+            "n_bins",
+            "Expression bins",
+            "opt_int",
+            "expression values are grouped into this many levels per cell (blank: the model's)",
+        ),
+        OptionSpec(
+            "include_zero",
+            "Keep zero-expression genes",
+            "bool",
+            "also make tokens of genes with zero expression in the cell (otherwise only expressed genes)",
+        ),
+        OptionSpec(
+            "normalize_total",
+            "Normalise to total counts",
+            "opt_float",
+            "scale each cell to this total count, e.g. 1e4 (blank: no normalisation)",
+        ),
+        OptionSpec(
+            "log1p", "Log-transform (log1p)", "bool", "take log(1 + x) of the expression after normalising"
+        ),
+        OptionSpec(
+            "n_hvg",
+            "Top variable genes",
+            "opt_int",
+            "keep only this many most variable genes (blank: all genes)",
+        ),
         OptionSpec(
             "hvg_flavor",
+            "Variable-gene method",
             "choice",
-            "scanpy highly_variable_genes flavor",
+            "how the most variable genes are found (scanpy highly_variable_genes flavor)",
             (("seurat_v3", "seurat_v3"), ("seurat", "seurat"), ("cell_ranger", "cell_ranger")),
         ),
-        OptionSpec("genes", "var_mask", "restrict to a boolean var column (e.g. highly_variable)"),
-        OptionSpec("mode", "choice", "binning randomness", _MODE),
-        OptionSpec("seed", "int", "seed of the tie-breaking / sampling"),
+        OptionSpec(
+            "genes",
+            "Only genes marked in",
+            "var_mask",
+            "restrict to a boolean var column (e.g. highly_variable)",
+        ),
+        OptionSpec(
+            "mode",
+            "Binning mode",
+            "choice",
+            "how ties between equal values are binned: deterministic, or bit-for-bit as the original scGPT",
+            _MODE,
+        ),
+        OptionSpec("seed", "Random seed", "int", "seed of the tie-breaking / sampling"),
         *_GENE_RETRIES,
     ),
     "geneformer": (
-        OptionSpec("model_input_size", "opt_int", "max tokens per cell (blank: the model's)"),
+        OptionSpec(
+            "model_input_size", "Max genes per cell", "opt_int", "max tokens per cell (blank: the model's)"
+        ),
         OptionSpec(
             "special_token",
+            "Add start/end tokens",
             "choice",
             "<cls>/<eos> around each cell",
             (("model default", None), ("yes", True), ("no", False)),
         ),
-        OptionSpec("target_sum", "float", "counts per cell before ranking"),
-        OptionSpec("collapse_gene_ids", "bool", "sum genes that map to the same id"),
-        OptionSpec("n_counts_column", "text", "obs column with total counts (computed when absent)"),
-        OptionSpec("filter_pass_column", "text", "obs column; cells with a value other than 1 are skipped"),
-        OptionSpec("keep_uncropped_length", "bool", "record each cell's length before cropping"),
-        OptionSpec("mode", "choice", "gene-id handling", _MODE),
+        OptionSpec("target_sum", "Normalise to total counts", "float", "counts per cell before ranking"),
+        OptionSpec(
+            "collapse_gene_ids", "Merge duplicate gene ids", "bool", "sum genes that map to the same id"
+        ),
+        OptionSpec(
+            "n_counts_column",
+            "Total-counts column",
+            "text",
+            "obs column with total counts (computed when absent)",
+        ),
+        OptionSpec(
+            "filter_pass_column",
+            "Pass-filter column",
+            "text",
+            "obs column; cells with a value other than 1 are skipped",
+        ),
+        OptionSpec(
+            "keep_uncropped_length",
+            "Record uncropped length",
+            "bool",
+            "record each cell's length before cropping",
+        ),
+        OptionSpec("mode", "Gene-id handling", "choice", "gene-id handling", _MODE),
     ),
     "teddy": (
-        OptionSpec("max_seq_len", "opt_int", "total length incl. <cls> (blank: the model's, else 2048)"),
-        OptionSpec("add_cls", "bool", "prepend <cls>"),
-        OptionSpec("bins", "opt_int", "quantile bins (blank: rank encoding)"),
-        OptionSpec("continuous_rank", "bool", "value = rank scaled to [-1, 1]"),
-        OptionSpec("random_genes", "bool", "random subset of the expressed genes"),
-        OptionSpec("include_zero_genes", "bool", "fill short cells with unexpressed genes"),
-        OptionSpec("gene_seed", "int", "seed of the random genes"),
-        OptionSpec("label_column", "obs_column", "obs column carried as the label"),
-        OptionSpec("bio_annotations", "bool", "add disease/tissue/cell/sex annotation tokens"),
+        OptionSpec(
+            "max_seq_len",
+            "Max tokens per cell",
+            "opt_int",
+            "total length incl. <cls> (blank: the model's, else 2048)",
+        ),
+        OptionSpec("add_cls", "Add a cell token", "bool", "prepend <cls>"),
+        OptionSpec("bins", "Expression bins", "opt_int", "quantile bins (blank: rank encoding)"),
+        OptionSpec("continuous_rank", "Rank as a number", "bool", "value = rank scaled to [-1, 1]"),
+        OptionSpec("random_genes", "Random subset of genes", "bool", "random subset of the expressed genes"),
+        OptionSpec(
+            "include_zero_genes",
+            "Pad with unexpressed genes",
+            "bool",
+            "fill short cells with unexpressed genes",
+        ),
+        OptionSpec("gene_seed", "Random seed (genes)", "int", "seed of the random genes"),
+        OptionSpec("label_column", "Label column", "obs_column", "obs column carried as the label"),
+        OptionSpec(
+            "bio_annotations",
+            "Add annotation tokens",
+            "bool",
+            "add disease/tissue/cell/sex annotation tokens",
+        ),
         *_GENE_RETRIES,
     ),
     "perturbgene": (
-        OptionSpec("max_length", "opt_int", "total length incl. [CLS]/[EOS] (blank: the model's)"),
-        OptionSpec("phenotype_columns", "obs_columns", "obs columns emitted as phenotype tokens"),
+        OptionSpec(
+            "max_length",
+            "Max tokens per cell",
+            "opt_int",
+            "total length incl. [CLS]/[EOS] (blank: the model's)",
+        ),
+        OptionSpec(
+            "phenotype_columns", "Phenotype columns", "obs_columns", "obs columns emitted as phenotype tokens"
+        ),
         OptionSpec(
             "gene_order",
+            "Gene order",
             "choice",
             "order of the gene tokens",
             (("column", "column"), ("gene list", "gene_list")),
@@ -142,6 +234,24 @@ def _scheme_defaults(scheme: str) -> dict[str, Any]:
     from cellkit.data import scheme_options
 
     return scheme_options(scheme)
+
+
+def _option_tooltip(spec: OptionSpec) -> str:
+    """What the option does, then its name in :func:`cellkit.tokenize` (for those who script it)."""
+    text = spec.help[:1].upper() + spec.help[1:]
+    return f"{text}. API option: {spec.name}= of cellkit.tokenize"
+
+
+def _option_row(spec: OptionSpec, widget: widgets.Widget) -> widgets.HBox:
+    """A form row: the plain label, the API name small and grey after it, then the widget."""
+    label = widgets.HTML(
+        f"{_esc(spec.label)} <span class='cellkit-api-name' style='color:#888;font-size:11px'>"
+        f"({_esc(spec.name)})</span>",
+        layout=widgets.Layout(width="300px"),
+    )
+    label.tooltip = _option_tooltip(spec)
+    label.add_class("cellkit-option-label")
+    return widgets.HBox([label, widget])
 
 
 def _kernel_namespace() -> dict[str, Any]:
@@ -271,7 +381,11 @@ class DataPanel(Panel):
             options=list(SCHEMES), value="scgpt", layout=widgets.Layout(width="160px")
         )
         self.matrix = widgets.Dropdown(options=[("model default", "auto")], value="auto")
-        self.gene_column = widgets.Dropdown(options=[("var_names", None)], value=None)
+        self.gene_column = widgets.Dropdown(
+            options=[("var_names (the row names)", _NONE)],
+            value=_NONE,
+            tooltip="which var column holds the gene names or ids the model's vocabulary uses",
+        )
         self.options_box = widgets.VBox()
         self.tokenize_button = widgets.Button(description="Tokenize", button_style="primary", icon="play")
         self.progress = widgets.Output()
@@ -745,7 +859,7 @@ class DataPanel(Panel):
                 with contextlib.suppress(Exception):  # e.g. a column of the old data that is gone
                     w.value = old[spec.name]
             self.option_widgets[spec.name] = w
-            rows.append(labelled(spec.name, w, "150px"))
+            rows.append(_option_row(spec, w))
         self._built_scheme = scheme
         self.options_box.children = rows
 
@@ -777,7 +891,10 @@ class DataPanel(Panel):
         elif kind == "text":
             w = widgets.Text(value="" if default is None else str(default), layout=wide)
         elif kind in ("opt_int", "opt_float"):
-            placeholder = spec.help
+            # the box says what blank means; the tooltip says what the option does
+            placeholder = (
+                "blank: " + spec.help.split("blank: ")[-1].rstrip(")") if "blank: " in spec.help else ""
+            )
             model = self.state.model
             if spec.name == "n_bins" and model is not None and model.config.input.n_bins:
                 placeholder = f"blank: the model's ({model.config.input.n_bins})"
@@ -801,7 +918,7 @@ class DataPanel(Panel):
             )
         else:  # pragma: no cover - a spec kind without a widget is a bug
             raise ValueError(f"unknown option kind {kind!r}")
-        w.tooltip = spec.help
+        w.tooltip = _option_tooltip(spec)
         return w
 
     def _bool_var_columns(self) -> list[str]:
@@ -866,7 +983,7 @@ class DataPanel(Panel):
         elif isinstance(choice, str) and choice.startswith("layer:"):
             kwargs["use_raw"] = False
             kwargs["layer"] = choice.removeprefix("layer:")
-        if self.gene_column.value is not None:
+        if self.gene_column.value not in (None, _NONE):
             kwargs["gene_column"] = self.gene_column.value
         return kwargs
 
@@ -887,8 +1004,8 @@ class DataPanel(Panel):
         current_m, current_g = self.matrix.value, self.gene_column.value
         self.matrix.options = opts
         self.matrix.value = current_m if current_m in [v for _, v in opts] else "auto"
-        self.gene_column.options = [("var_names", None), *[(c, c) for c in cols]]
-        self.gene_column.value = current_g if current_g in cols else None
+        self.gene_column.options = [("var_names (the row names)", _NONE), *[(c, c) for c in cols]]
+        self.gene_column.value = current_g if current_g in cols else _NONE
 
     # ================================================================== tokenize
     @guarded

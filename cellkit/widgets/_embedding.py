@@ -98,11 +98,11 @@ class EmbeddingPanel(Panel):
             layout=widgets.Layout(width="200px"),
         )
         self.compute_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"),
             description="Compute embeddings",
             button_style="primary",
             icon="play",
             tooltip="cellkit.embed_cells(adata, model, key_added=<key>) then UMAP into obsm[<key>_umap]",
-            layout=widgets.Layout(width="180px"),
         )
         self.compute_button.on_click(lambda _b: self.compute(self.key_box.value, background=True))
         self.compute_button.add_class("cellkit-embedding-compute")
@@ -143,7 +143,10 @@ class EmbeddingPanel(Panel):
         )
         self.max_points_box.observe(self._on_max_points, names="value")
         self.refresh_button = widgets.Button(
-            description="Refresh", icon="refresh", tooltip="re-read obsm / obs keys of the data"
+            layout=widgets.Layout(width="max-content"),
+            description="Refresh",
+            icon="refresh",
+            tooltip="re-read obsm / obs keys of the data",
         )
         self.refresh_button.on_click(lambda _b: self.refresh())
         self.note = widgets.HTML(value="")
@@ -167,16 +170,21 @@ class EmbeddingPanel(Panel):
         self.selection_name = widgets.Text(value="lasso_1", layout=widgets.Layout(width="160px"))
         self.selection_name.add_class("cellkit-selection-name")
         self.save_button = widgets.Button(
-            description="Save selection", icon="save", tooltip="store the selected cells in the studio"
+            layout=widgets.Layout(width="max-content"),
+            description="Save selection",
+            icon="save",
+            tooltip="store the selected cells in the studio",
         )
         self.save_button.on_click(lambda _b: self.save_selection(self.selection_name.value))
-        self.clear_button = widgets.Button(description="Clear selection", icon="times")
+        self.clear_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Clear selection", icon="times"
+        )
         self.clear_button.on_click(lambda _b: self.clear_selection())
         self.write_obs = widgets.Checkbox(
             value=False,
             description="also write obs column",
             indent=False,
-            layout=widgets.Layout(width="170px"),
+            layout=widgets.Layout(width="max-content"),
         )
         self.obs_key_box = widgets.Text(
             value="", placeholder="obs key (default: the name)", layout=widgets.Layout(width="200px")

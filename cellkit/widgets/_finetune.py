@@ -98,11 +98,22 @@ def _default_weight(name: str) -> float:
         return 1.0
 
 
-def _describe(name: str) -> str:
+def _objective_label(name: str) -> str:
+    """``"Masked expression (gep)"``: the objective's plain title, its API name in brackets."""
     from cellkit.train import OBJECTIVES
 
-    doc = (OBJECTIVES[name].__doc__ or name).strip().splitlines()[0]
-    return doc.replace("``", "")
+    title = OBJECTIVES[name].title
+    return f"{title} ({name})" if title else name
+
+
+def _describe(name: str) -> str:
+    """Tooltip of an objective: its plain description, then the API name and the technical line."""
+    from cellkit.train import OBJECTIVES
+
+    cls = OBJECTIVES[name]
+    doc = (cls.__doc__ or name).strip().splitlines()[0].replace("``", "")
+    plain = cls.description
+    return f"{plain[:1].upper()}{plain[1:]}. API name: {name!r} — {doc}" if plain else doc
 
 
 def _label_columns(obs: pd.DataFrame) -> list[str]:
@@ -219,10 +230,10 @@ class FinetunePanel(Panel):
         for name in OBJECTIVE_ORDER:
             box = widgets.Checkbox(
                 value=name == "cls",
-                description=name,
+                description=_objective_label(name),
                 indent=False,
                 tooltip=_describe(name),
-                layout=widgets.Layout(width="110px"),
+                layout=widgets.Layout(width="360px"),
             )
             weight = widgets.FloatText(
                 value=_default_weight(name), step=0.1, layout=widgets.Layout(width="70px")
@@ -231,7 +242,7 @@ class FinetunePanel(Panel):
             self.objective_weights[name] = weight
             cells.append(widgets.HBox([box, weight]))
         objectives = widgets.GridBox(
-            cells, layout=widgets.Layout(grid_template_columns="repeat(3, 200px)", grid_gap="2px 12px")
+            cells, layout=widgets.Layout(grid_template_columns="repeat(2, 440px)", grid_gap="2px 12px")
         )
 
         # -- training settings
@@ -264,8 +275,15 @@ class FinetunePanel(Panel):
         self.advanced.selected_index = None
 
         # -- run controls
-        self.start_button = widgets.Button(description="Start", button_style="primary", icon="play")
-        self.resume_button = widgets.Button(description="Resume", icon="forward", disabled=True)
+        self.start_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"),
+            description="Start",
+            button_style="primary",
+            icon="play",
+        )
+        self.resume_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Resume", icon="forward", disabled=True
+        )
         self.start_button.add_class("cellkit-finetune-start")
         self.resume_button.add_class("cellkit-finetune-resume")
 
@@ -295,6 +313,7 @@ class FinetunePanel(Panel):
         self.report_html = widgets.HTML()
         self.report_html.add_class("cellkit-finetune-report")
         self.use_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"),
             description="Use trained model",
             icon="check",
             disabled=True,
@@ -304,9 +323,12 @@ class FinetunePanel(Panel):
             placeholder="directory to save the fine-tuned model", layout=widgets.Layout(width="320px")
         )
         self.overwrite = widgets.Checkbox(value=False, description="overwrite", indent=False)
-        self.save_button = widgets.Button(description="Save model", icon="save", disabled=True)
+        self.save_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Save model", icon="save", disabled=True
+        )
         self.key_added = widgets.Text(value="cellkit_pred", layout=widgets.Layout(width="200px"))
         self.predict_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"),
             description="Write predictions",
             icon="pencil",
             disabled=True,

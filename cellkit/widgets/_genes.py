@@ -90,11 +90,11 @@ class GenePanel(Panel):
             value=DEFAULT_MAX_CELLS, min=1, max=10**9, step=1000, layout=widgets.Layout(width="110px")
         )
         self.compute_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"),
             description="Compute gene embeddings",
             icon="play",
             button_style="primary",
             tooltip="contextual: a pass of the model over the cells (the active selection, if any)",
-            layout=widgets.Layout(width="210px"),
         )
         self.compute_button.on_click(
             lambda _b: self.compute_embeddings(self.kind_dropdown.value, background=True)
@@ -113,9 +113,11 @@ class GenePanel(Panel):
             value=False,
             description="centre (subtract the mean gene vector)",
             indent=False,
-            layout=widgets.Layout(width="270px"),
+            layout=widgets.Layout(width="max-content"),
         )
-        self.search_button = widgets.Button(description="Find similar genes", icon="search")
+        self.search_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Find similar genes", icon="search"
+        )
         self.search_button.on_click(lambda _b: self.search(self.gene_box.value, k=self.k_box.value))
         self.table_html = widgets.HTML(value="")
         self.table_html.add_class("cellkit-similar-table")
@@ -145,13 +147,16 @@ class GenePanel(Panel):
         self.min_size_box = widgets.BoundedIntText(
             value=5, min=1, max=10_000, layout=widgets.Layout(width="80px")
         )
-        self.programs_button = widgets.Button(description="Find programs", icon="sitemap")
+        self.programs_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Find programs", icon="sitemap"
+        )
         self.programs_button.on_click(lambda _b: self.find_programs(resolution=self.resolution_box.value))
         self.programs_html = widgets.HTML(value="")
         self.programs_html.add_class("cellkit-programs")
         self.groupby_dropdown = widgets.Dropdown(options=[], layout=widgets.Layout(width="200px"))
         self.key_box = widgets.Text(value="program", layout=widgets.Layout(width="140px"))
         self.score_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"),
             description="Score programs",
             icon="table",
             tooltip="writes obs[<key>_<program>] per program and uns[<key>] (cellkit.analysis.score_programs)",
@@ -163,10 +168,18 @@ class GenePanel(Panel):
             layout={"template": "plotly_white", "height": 420, "title": {"text": "program scores per group"}}
         )
         self.heatmap_figure.add_class("cellkit-program-heatmap")
+        # the figure gives every program label room (cellkit.viz.program_heatmap sizes it, ~1000 px
+        # for 50 programs); wider than the panel it scrolls sideways inside this box
+        self.heatmap_box = widgets.Box(
+            [self.heatmap_figure], layout=widgets.Layout(max_width="100%", overflow="auto")
+        )
+        self.heatmap_box.add_class("cellkit-program-heatmap-box")
 
         # -- export
         self.path_box = widgets.Text(value="similar_genes.csv", layout=widgets.Layout(width="320px"))
-        self.export_button = widgets.Button(description="Save table (CSV)", icon="download")
+        self.export_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Save table (CSV)", icon="download"
+        )
         self.export_button.on_click(lambda _b: self.export(self.path_box.value))
 
         def section(text: str) -> widgets.HTML:
@@ -220,7 +233,7 @@ class GenePanel(Panel):
                     self.score_button,
                 ]
             ),
-            self.heatmap_figure,
+            self.heatmap_box,
             section("Export"),
             widgets.HBox([labelled("CSV path", self.path_box, "70px"), self.export_button]),
         ]

@@ -176,9 +176,16 @@ class InSilicoPanel(JobPanel):
         self.goal_selection = widgets.Dropdown(options=[], layout=widgets.Layout(width="220px"))
         self._goal_obs_row = widgets.HBox([self.goal_column, self.goal_value])
         self._goal_sel_row = widgets.HBox([self.goal_selection])
-        self.store_uns = widgets.Checkbox(value=False, description="store in adata.uns under", indent=False)
+        self.store_uns = widgets.Checkbox(
+            value=False,
+            description="store in adata.uns under",
+            indent=False,
+            layout=widgets.Layout(width="max-content"),
+        )
         self.uns_key = widgets.Text(value="perturbation", layout=widgets.Layout(width="160px"))
-        self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
+        self.run_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Run", button_style="primary", icon="play"
+        )
         self.run_button.add_class("cellkit-perturb-run")
         #: progress bar, estimate and Cancel of Run
         self.jobs = JobProgress(css_prefix="cellkit-perturb-job")
@@ -191,7 +198,9 @@ class InSilicoPanel(JobPanel):
         self.cells_fig = go.FigureWidget(layout={"title": "Per-cell shift", **_FIGURE_SIZE})
         self.cells_fig.add_class("cellkit-perturb-cells")
         self.export_path = widgets.Text(placeholder="perturbation.csv", layout=widgets.Layout(width="320px"))
-        self.export_button = widgets.Button(description="Export table (CSV)", icon="save")
+        self.export_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Export table (CSV)", icon="save"
+        )
         self.export_button.add_class("cellkit-perturb-export")
 
         self.run_button.on_click(lambda _b: self.run(background=True))
@@ -240,7 +249,10 @@ class InSilicoPanel(JobPanel):
         self.gene_picker.options = tuple(genes[:MAX_GENE_OPTIONS])
 
     def _on_adata(self, _change: Any = None) -> None:
-        self.goal_column.options = self._discrete_columns() if self.state.adata is not None else []
+        cols = self._discrete_columns() if self.state.adata is not None else []
+        self.goal_column.options = cols
+        if self.goal_column.value is None and cols:  # never a blank dropdown: the first column
+            self.goal_column.value = cols[0]
         self._refresh_goal_values()
         self._on_selections()
 
@@ -253,6 +265,8 @@ class InSilicoPanel(JobPanel):
             self.goal_column.options = cols
             if current in cols:
                 self.goal_column.value = current
+            elif self.goal_column.value is None and cols:
+                self.goal_column.value = cols[0]
 
     def _on_selections(self, _change: Any = None) -> None:
         names = sorted(self.state.selections)
@@ -285,6 +299,8 @@ class InSilicoPanel(JobPanel):
         if len(counts) > MAX_GROUP_VALUES:
             counts = counts.sort_values(ascending=False).head(MAX_GROUP_VALUES)
         self.goal_value.options = [(f"{v} ({int(n)})", v) for v, n in counts.items() if n > 0]
+        if self.goal_value.value is None and self.goal_value.options:  # never a blank dropdown
+            self.goal_value.index = 0
 
     def _update_goal_rows(self) -> None:
         kind = self.goal_kind.value

@@ -22,6 +22,8 @@ import plotly.graph_objects as go
 
 import cellkit.viz
 
+from ._progress import warning_while_enabled
+
 __all__ = ["LiveTraining", "seconds_text"]
 
 #: default seconds between two figure pushes (train start, epoch ends, validations, the finish
@@ -176,8 +178,13 @@ class LiveTraining(widgets.VBox):
             figures.append(self.epoch_fig)
 
         self.stop_button = widgets.Button(
-            description="Stop", button_style="warning", icon="stop", disabled=True
+            layout=widgets.Layout(width="max-content"),
+            description="Stop",
+            button_style="warning",
+            icon="stop",
+            disabled=True,
         )
+        warning_while_enabled(self.stop_button)
         self.stop_button.add_class(f"{css_prefix}-stop")
         self.stop_button.on_click(lambda _b: (on_stop or self.request_stop)())
         self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="420px"))

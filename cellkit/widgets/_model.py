@@ -140,8 +140,17 @@ class ModelPanel(Panel):
         self.format = widgets.Dropdown(
             options=list(FORMATS), value="auto", layout=widgets.Layout(width="120px")
         )
-        self.load_button = widgets.Button(description="Load", button_style="primary", icon="folder-open")
-        self.demo_button = widgets.Button(description="Demo model", tooltip="cellkit.datasets.demo_model()")
+        self.load_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"),
+            description="Load",
+            button_style="primary",
+            icon="folder-open",
+        )
+        self.demo_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"),
+            description="Demo model",
+            tooltip="cellkit.datasets.demo_model()",
+        )
         self.recent = widgets.Dropdown(options=[("—", "")], value="", layout=widgets.Layout(width="420px"))
         self.info_html = widgets.HTML()
         self.info_html.add_class("cellkit-model-info")

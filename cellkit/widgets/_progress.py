@@ -21,7 +21,7 @@ from cellkit import Cancelled, ConfigError, Progress
 
 from ._base import Panel
 
-__all__ = ["JobProgress", "duration"]
+__all__ = ["JobProgress", "duration", "warning_while_enabled"]
 
 #: seconds between two pushes of the bar to the browser (the first and the last always go)
 UPDATE_INTERVAL = 0.25
@@ -35,6 +35,31 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def warning_while_enabled(button: widgets.Button) -> widgets.Button:
+    """Give a Stop / Cancel ``button`` its orange ``"warning"`` style only while it is enabled.
+
+    A disabled button keeps its colour in ipywidgets, so an idle Stop would still look pressable;
+    this keeps the style in step with ``button.disabled`` (now and on every change).
+
+    Parameters
+    ----------
+    button
+        The Stop or Cancel button.
+
+    Returns
+    -------
+    ipywidgets.Button
+        ``button``.
+    """
+
+    def sync(_change: Any = None) -> None:
+        button.button_style = "" if button.disabled else "warning"
+
+    button.observe(sync, names="disabled")
+    sync()
+    return button
 
 
 class _Cancelled:
@@ -68,7 +93,7 @@ class JobProgress(widgets.HBox):
 
     def __init__(self, *, css_prefix: str = "cellkit-job", update_interval: float = UPDATE_INTERVAL) -> None:
         self.bar = widgets.FloatProgress(value=0.0, min=0.0, max=1.0, layout=widgets.Layout(width="260px"))
-        self.status = widgets.HTML("", layout=widgets.Layout(margin="0 8px"))
+        self.status = widgets.HTML("", layout=widgets.Layout(margin="0 8px", width="auto"))
         self.cancel_button = widgets.Button(
             description="Cancel",
             icon="stop",
@@ -76,6 +101,7 @@ class JobProgress(widgets.HBox):
             tooltip="stop this step at its next batch; nothing is written",
             layout=widgets.Layout(width="100px"),
         )
+        warning_while_enabled(self.cancel_button)
         self.cancel_button.on_click(lambda _b: self.cancel())
         super().__init__(
             [self.bar, self.status, self.cancel_button],

@@ -110,22 +110,34 @@ class PerturbationResponsePanel(JobPanel):
         )
         self.response_seed = widgets.IntText(value=0, layout=small)
         self.train_button = widgets.Button(
-            description="Train response model", button_style="primary", icon="play"
+            layout=widgets.Layout(width="max-content"),
+            description="Train response model",
+            button_style="primary",
+            icon="play",
         )
         self.train_button.add_class("cellkit-perturb-train")
         self.model_path = widgets.Text(
             placeholder="directory of a saved response model", layout=widgets.Layout(width="320px")
         )
-        self.load_button = widgets.Button(description="Load response model", icon="folder-open")
+        self.load_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Load response model", icon="folder-open"
+        )
         self.load_button.add_class("cellkit-perturb-load")
-        self.save_button = widgets.Button(description="Save response model", icon="save", disabled=True)
+        self.save_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"),
+            description="Save response model",
+            icon="save",
+            disabled=True,
+        )
         self.save_button.add_class("cellkit-perturb-save")
         self.perturbations = widgets.Text(
             placeholder="e.g. G0001+G0002, G0003+ctrl", layout=widgets.Layout(width="420px")
         )
         self.perturbations.add_class("cellkit-perturb-conditions")
         self.top_k = widgets.BoundedIntText(value=20, min=1, max=10_000, layout=small)
-        self.predict_button = widgets.Button(description="Predict", icon="magic", disabled=True)
+        self.predict_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Predict", icon="magic", disabled=True
+        )
         self.predict_button.add_class("cellkit-perturb-predict")
         self.response_fig = go.FigureWidget(
             layout={"title": "Predicted expression change", "height": 360, "width": 760}
@@ -136,7 +148,9 @@ class PerturbationResponsePanel(JobPanel):
         self.prediction_path = widgets.Text(
             placeholder="prediction.csv", layout=widgets.Layout(width="320px")
         )
-        self.prediction_export_button = widgets.Button(description="Export prediction (CSV)", icon="save")
+        self.prediction_export_button = widgets.Button(
+            layout=widgets.Layout(width="max-content"), description="Export prediction (CSV)", icon="save"
+        )
         self.prediction_export_button.add_class("cellkit-perturb-export-prediction")
         # -- the live view: loss curve, progress, status, Stop (shared with the fine-tune panel)
         self.live = LiveTraining(
