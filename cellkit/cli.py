@@ -114,6 +114,10 @@ def _demo_job(args: argparse.Namespace, out: Path) -> int:
         f"ASW {m['asw_label']:.3f}, avg_bio {m['avg_bio']:.3f} (PCA of the same data: avg_bio {pca['avg_bio']:.3f}) "
         f"{took()}"
     )
+    print(
+        "        (NMI / ARI: agreement of Leiden clusters of the embedding with the cell types, 0–1; ASW: how "
+        "well the types separate, 0–1; avg_bio: their mean — scib's definitions, higher is better)"
+    )
     halves = stratified_split(adata.obs["bulk_labels"], val_size=0.0, test_size=0.5, seed=args.seed)
     ref, query = adata[halves == "train"].copy(), adata[halves == "test"].copy()
     analysis.transfer_labels(query, ref, label_key="bulk_labels", key_added="mapped")
