@@ -366,8 +366,12 @@ class EmbeddingPanel(Panel):
 
     @guarded
     def clear_selection(self) -> None:
-        """Forget the pending selection (saved selections stay)."""
+        """Forget the pending selection and release the active one: actions use all cells again.
+
+        Saved selections stay (they can be chosen again in the Data tab).
+        """
         self._set_pending(np.zeros(0, dtype=np.int64), highlight=True)
+        self.state.use_all_cells()
 
     @guarded
     def save_selection(

@@ -121,8 +121,6 @@ class Studio(widgets.VBox):
         head = widgets.VBox([self.header, self.cells_bar])
         head.add_class("cellkit-studio-header")
         self.children = [head, self.tabs]
-        # "Clear selection" under the lasso also releases the active selection
-        self.embedding_panel.clear_button.on_click(lambda _b: self.use_all_cells())
         self.state.observe(self._refresh_header, names=["model", "adata", "tokens", "busy"])
         self.state.observe(self._refresh_cells, names=["adata", "active_selection", "selections"])
         self._refresh_header()
