@@ -267,6 +267,7 @@ class DataPanel(Panel):
         self._selection_box = widgets.VBox([labelled("selection", self.selection)])
         # errors of the cell choice (a query that does not parse, ...) show right under the chooser
         self._cells_error = self.error_line("cells", "Cells")
+        self.query.add_class("cellkit-data-query")
 
         # -- tokenizer
         self.scheme = widgets.Dropdown(

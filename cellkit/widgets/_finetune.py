@@ -207,6 +207,7 @@ class FinetunePanel(Panel):
         self.batch_key = widgets.Dropdown(
             options=[("(none)", _NONE)], value=_NONE, layout=widgets.Layout(width="240px")
         )
+        self.label_key.add_class("cellkit-finetune-label")
         self.label_note = widgets.HTML()  # the obs columns not offered as labels, and why
         self.label_note.add_class("cellkit-label-note")
         self._label_error = self.error_line(
