@@ -4,7 +4,9 @@ A panel is an ``ipywidgets.VBox`` whose logic lives in plain methods (``load()``
 that tests call directly; buttons only call those methods. Errors never escape a callback: a
 :class:`cellkit.CellkitError` shows its message (it says what was wrong and how to fix it), any
 other exception shows its type and message with the traceback folded away, and the panel stays
-usable.
+usable. An error that names the option it is about (``exc.param``) shows on the error line the
+panel placed beside that option's control (:meth:`Panel.error_line`), with option names in the
+panel's words; every new action clears the old error messages.
 """
 
 from __future__ import annotations

@@ -351,7 +351,7 @@ def test_controls_follow_data_selection_and_model(state, pbmc):
     assert panel.objective_boxes["mlm"].disabled and panel.objective_boxes["zero_nll"].disabled
     state.add_selection("lasso", np.arange(50))
     assert len(panel.settings()["cells"]) == 50 and "lasso" in panel.cells_html.value
-    small = pbmc[:100].copy()
+    small = pbmc[:300].copy()  # every class has 3+ cells (splittable)
     small.obs["cell_type"] = small.obs[LABEL].astype(str)
     del small.obs[LABEL]
     state.set_adata(small, name="small")
