@@ -876,7 +876,7 @@ def _label_column_problem(col: pd.Series, max_classes: int, max_numeric: int, mi
     counts = col.dropna().astype(str).value_counts()
     numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
     if numeric and len(counts) > max_numeric:
-        return f"numbers with {len(counts):,} distinct values, a measurement rather than a cell class"
+        return f"numbers with more than {max_numeric} distinct values: a measurement, not a cell class"
     if len(counts) < 2:
         return "a single value: nothing to tell apart" if len(counts) else "no values"
     if len(counts) > max_classes:

@@ -438,12 +438,18 @@ class FinetunePanel(Panel):
         old = self.label_key.value
         self.label_key.options = cols
         self.label_key.value = old if old in cols else _guess_label(cols)
-        left_out = [(c, why) for c, why in verdicts.items() if why is not None]
+        by_reason: dict[str, list[str]] = {}
+        for c, why in verdicts.items():
+            if why is not None:
+                by_reason.setdefault(why, []).append(c)
         self.label_note.value = (
             "<div style='color:#555;font-size:12px'>Not offered as labels: "
-            + "; ".join(f"<b>{html.escape(c)}</b>: {html.escape(str(why))}" for c, why in left_out)
+            + "; ".join(
+                f"<b>{html.escape(', '.join(names))}</b> ({html.escape(why)})"
+                for why, names in by_reason.items()
+            )
             + ".</div>"
-            if left_out
+            if by_reason
             else ""
         )
 
