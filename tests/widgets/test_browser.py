@@ -702,7 +702,10 @@ def test_issue17_numeric_label_column_not_offered_and_a_bad_query_answers_beside
     query.fill("bulk_labels == CD14")
     query.press("Enter")
     error = visible(page, ".cellkit-error-cells .cellkit-error")
-    error.wait_for(timeout=30_000)
+    page.wait_for_function(  # an empty query box already asked for a query; wait for this query's answer
+        "() => /quote it/.test(document.querySelector('.cellkit-error-cells')?.textContent || '')",
+        timeout=30_000,
+    )
     text = error.inner_text()
     assert "quote it: bulk_labels == 'CD14'" in text, text
     box, below = query.bounding_box(), error.bounding_box()
