@@ -408,6 +408,9 @@ def test_errors_carry_the_option_that_caused_them():
     with pytest.raises(cellkit.ConfigError) as info:
         stratified_split(["a"] * 9, val_size=1.5, test_size=0.1, seed=0)
     assert info.value.param == "val_size"
+    with pytest.raises(cellkit.DataError) as info:  # 1 test cell cannot hold both classes
+        stratified_split(["a"] * 50 + ["b"] * 50, val_size=0.1, test_size=0.01, seed=0)
+    assert info.value.param == "test_size" and "test part is too small" in info.value.problem
     with pytest.raises(cellkit.DataError) as info:
         cellkit.select_cells(pd.DataFrame({"bulk_labels": ["CD14", "B"]}), "bulk_labels == CD14")
     assert info.value.param == "cells" and "quote it: bulk_labels == 'CD14'" in str(info.value)

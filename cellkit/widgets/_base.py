@@ -118,10 +118,18 @@ class Panel(widgets.VBox):
         line.add_class("cellkit-inline-error")
         line.add_class(f"cellkit-error-{param}")
         self._error_lines[param] = (line, label)
+        self.describe_option(param, label, fix=fix)
+        return line
+
+    def describe_option(self, param: str, label: str, *, fix: str | None = None) -> None:
+        """Name option ``param`` by its control's ``label`` in messages; ``fix``: the panel's advice.
+
+        An error about ``param`` that states its ``problem`` shows that problem and ``fix`` (the
+        panel's words) instead of the API's advice (which may name parameters the panel lacks).
+        """
         self.option_words[param] = label
         if fix:
             self._fixes[param] = fix
-        return line
 
     def clear_errors(self) -> None:
         """Empty every inline error line, and the banner where it shows an error."""

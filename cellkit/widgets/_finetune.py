@@ -216,10 +216,12 @@ class FinetunePanel(Panel):
             fix="Choose another label column, or other cells in the Data tab.",
         )
         self._batch_error = self.error_line("batch_key", "Batch column")
+        for part, label in (("val_size", "Validation fraction"), ("test_size", "Test fraction")):
+            self.describe_option(
+                part, label, fix=f"Raise the {label.lower()}, or choose a label column with fewer classes."
+            )
         self.option_words.update(
             {
-                "val_size": "Validation fraction",
-                "test_size": "Test fraction",
                 "class_weight": "Class weight",
                 "freeze_layers": "Freeze first N layers",
                 "cells": "the cells chosen in the Data tab",
