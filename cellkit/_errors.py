@@ -21,7 +21,24 @@ __all__ = [
 
 
 class CellkitError(Exception):
-    """Base class of every error cellkit raises deliberately."""
+    """Base class of every error cellkit raises deliberately.
+
+    Parameters
+    ----------
+    *args
+        The message (what was wrong and how to fix it; it may name the function's parameters).
+    param
+        The name of the option (parameter) that caused the error, where one did, e.g.
+        ``"label_key"``: a user interface shows the message next to its control for that option.
+    problem
+        What was wrong, in words free of parameter names (no fix); ``None`` when the message has
+        no separate statement of the problem. A user interface pairs it with a fix in its own words.
+    """
+
+    def __init__(self, *args: object, param: str | None = None, problem: str | None = None) -> None:
+        super().__init__(*args)
+        self.param = param
+        self.problem = problem
 
 
 class ConfigError(CellkitError, ValueError):

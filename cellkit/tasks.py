@@ -46,6 +46,7 @@ __all__ = [
     "PretrainResult",
     "check_finetune_options",
     "finetune",
+    "label_columns",
     "objective_support",
     "predict",
     "pretrain",
@@ -161,43 +162,80 @@ def stratified_split(
     labels = np.asarray(labels).astype(str)
     n = len(labels)
     _check_fractions(val_size, test_size)
+    _check_class_sizes(labels, val_size=val_size, test_size=test_size)
     counts = pd.Series(labels).value_counts()
-    parts = 1 + (val_size > 0) + (test_size > 0)
-    small = counts[counts < parts]
-    if len(small):
-        raise DataError(
-            f"Stratified splitting needs at least {parts} cells per class (train/val/test); "
-            f"{dict(small.head(5))} have fewer. Drop or merge these classes (cells=...), lower the number of "
-            "parts (val_size=0 / test_size=0), or give your own split with split_key=... ."
-        )
     out = np.full(n, "train", dtype=object)
     idx = np.arange(n)
+    part = "test_size"
     try:
         rest = idx
         if test_size > 0:
             rest, test = train_test_split(idx, test_size=test_size, stratify=labels, random_state=seed)
             out[test] = "test"
+        part = "val_size"
         if val_size > 0:
             _, val = train_test_split(
                 rest, test_size=val_size / (1 - test_size), stratify=labels[rest], random_state=seed + 1
             )
             out[val] = "val"
     except ValueError as e:
+        held_out = "test" if part == "test_size" else "validation"
+        problem = (
+            f"Cannot split {n:,} cells of {len(counts)} classes with stratification: the {held_out} part is too "
+            f"small to hold a cell of every class."
+        )
         raise DataError(
             f"Cannot split {n} cells of {len(counts)} classes into val_size={val_size}, test_size={test_size} "
-            f"with stratification: {e}. Use larger fractions, fewer classes, or split_key=... ."
+            f"with stratification: {e}. Use larger fractions, fewer classes, or split_key=... .",
+            param=part,
+            problem=problem,
         ) from None
     return out
+
+
+def _small_classes(labels: Any, parts: int) -> pd.Series:
+    """Cell counts of the classes of ``labels`` with fewer than ``parts`` cells (smallest first)."""
+    counts = pd.Series(np.asarray(labels).astype(str)).value_counts()
+    return counts[counts < parts].sort_values(kind="stable")
+
+
+def _classes_text(counts: pd.Series, limit: int = 5) -> str:
+    """``class 'x' has 2 cells, class 'y' has 1 cell`` (plain text, at most ``limit`` classes)."""
+    shown = [
+        f"class {name!r} has {int(n):,} cell{'' if int(n) == 1 else 's'}"
+        for name, n in counts.head(limit).items()
+    ]
+    more = f" and {len(counts) - limit:,} more" if len(counts) > limit else ""
+    return ", ".join(shown) + more
+
+
+def _check_class_sizes(labels: Any, *, val_size: float, test_size: float) -> None:
+    """Every class must have a cell for each part of a stratified split (train, and val / test if asked)."""
+    parts = 1 + (val_size > 0) + (test_size > 0)
+    small = _small_classes(labels, parts)
+    if len(small):
+        names = ", ".join(["training"] + ["validation"] * (val_size > 0) + ["test"] * (test_size > 0))
+        problem = (
+            f"Some classes are too small to split into {names} parts (each class needs at least {parts} cells): "
+            f"{_classes_text(small)}."
+        )
+        raise DataError(
+            f"{problem} Drop or merge these classes (cells=...), lower the number of parts "
+            "(val_size=0 / test_size=0), or give your own split with split_key=... .",
+            param="label_key",
+            problem=problem,
+        )
 
 
 def _check_fractions(val_size: float, test_size: float) -> None:
     """The held-out fractions: each in [0, 1), together leaving cells for training."""
     for name, frac in (("val_size", val_size), ("test_size", test_size)):
         if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 <= frac < 1:
-            raise ConfigError(f"{name} must be a fraction in [0, 1), got {frac!r}.")
+            raise ConfigError(f"{name} must be a fraction in [0, 1), got {frac!r}.", param=name)
     if val_size + test_size >= 1:
         raise ConfigError(
-            f"val_size + test_size must leave cells for training (got {val_size} + {test_size})."
+            f"val_size + test_size must leave cells for training (got {val_size} + {test_size}).",
+            param="val_size",
         )
 
 
@@ -206,7 +244,8 @@ def _check_label_column(obs: pd.DataFrame, key: str, what: str) -> pd.Series:
         close = [c for c in obs.columns if key.lower() in c.lower() or c.lower() in key.lower()]
         raise DataError(
             f"{what}={key!r} is not an obs column. Available: {list(obs.columns)[:20]}"
-            + (f"; did you mean {close[:3]}?" if close else ".")
+            + (f"; did you mean {close[:3]}?" if close else "."),
+            param=what,
         )
     col = obs[key]
     missing = col.isna() | col.astype(str).isin(["nan", "NaN", "None", ""])
@@ -214,7 +253,8 @@ def _check_label_column(obs: pd.DataFrame, key: str, what: str) -> pd.Series:
         raise DataError(
             f"{int(missing.sum())} of {len(col)} selected cells have no {key!r} value (NaN/empty), e.g. "
             f"{list(col.index[missing][:3])}. Select labelled cells with cells=~adata.obs[{key!r}].isna() "
-            "or fill the labels."
+            "or fill the labels.",
+            param=what,
         )
     return col
 
@@ -299,17 +339,21 @@ def _check_tokenize_options(model: CellModel, options: Mapping[str, Any] | None)
         return {}
     if not isinstance(options, Mapping):
         raise ConfigError(
-            f"tokenize_options must be a dict of option -> value, got {type(options).__name__}."
+            f"tokenize_options must be a dict of option -> value, got {type(options).__name__}.",
+            param="tokenize_options",
         )
     opts = dict(options)
     bad_keys = [k for k in opts if not isinstance(k, str)]
     if bad_keys:
-        raise ConfigError(f"tokenize_options names must be strings, got {bad_keys[:5]}.")
+        raise ConfigError(
+            f"tokenize_options names must be strings, got {bad_keys[:5]}.", param="tokenize_options"
+        )
     own = sorted(set(opts) & set(_TASK_TOKENIZE_ARGS))
     if own:
         raise ConfigError(
             f"tokenize_options {own} are parameters of this function: pass {own[0]}=... directly, "
-            "not inside tokenize_options."
+            "not inside tokenize_options.",
+            param="tokenize_options",
         )
     scheme = opts.get("scheme") or model.config.family
     try:
@@ -329,7 +373,8 @@ def _check_tokenize_options(model: CellModel, options: Mapping[str, Any] | None)
         raise ConfigError(
             f"Unknown tokenize option(s) {unknown} for the {scheme!r} scheme"
             + (f" ({hint})" if hint else "")
-            + f". Allowed: {allowed}."
+            + f". Allowed: {allowed}.",
+            param="tokenize_options",
         )
     return opts
 
@@ -400,7 +445,8 @@ def _freeze_prefixes(model: CellModel, freeze_embeddings: bool, freeze_layers: i
         or not 0 <= freeze_layers <= n_layers
     ):
         raise ConfigError(
-            f"freeze_layers must be between 0 and {n_layers} (this model's layers), got {freeze_layers!r}."
+            f"freeze_layers must be between 0 and {n_layers} (this model's layers), got {freeze_layers!r}.",
+            param="freeze_layers",
         )
     out = ["encoder.embeddings"] if freeze_embeddings else []
     out += [f"encoder.layers.{i}" for i in range(freeze_layers)]
@@ -418,13 +464,17 @@ def _class_weights(
         return (len(codes) / (n_classes * np.maximum(counts, 1))).tolist()
     weights = [float(w) for w in mode]
     if len(weights) != n_classes:
-        raise ConfigError(f"class_weight has {len(weights)} entries for {n_classes} classes.")
+        raise ConfigError(
+            f"class_weight has {len(weights)} entries for {n_classes} classes.", param="class_weight"
+        )
     return weights
 
 
 def _check_class_weight(mode: Any) -> None:
     if isinstance(mode, str) and mode != "balanced":
-        raise ConfigError(f"class_weight must be None, 'balanced' or a list of weights, got {mode!r}.")
+        raise ConfigError(
+            f"class_weight must be None, 'balanced' or a list of weights, got {mode!r}.", param="class_weight"
+        )
 
 
 def _trainer_config(options: dict[str, Any], defaults: dict[str, Any]) -> TrainerConfig:
@@ -555,14 +605,18 @@ def finetune(
     check_obs_names(names_tok, what="cellkit.finetune")
     if obs_tok is None or label_key not in obs_tok:
         raise DataError(
-            f"The tokens carry no {label_key!r} column; tokenize with obs_columns=[{label_key!r}]."
+            f"The tokens carry no {label_key!r} column; tokenize with obs_columns=[{label_key!r}].",
+            param="label_key",
         )
     labels = _check_label_column(obs_tok, label_key, "label_key").astype(str).to_numpy()
     classes_all = sorted(set(labels))
     if len(classes_all) < 2:
         raise DataError(
             f"label_key={label_key!r} has a single class ({classes_all}) in the selected cells; a classifier needs "
-            "at least two."
+            "at least two.",
+            param="label_key",
+            problem=f"The label column {label_key!r} has a single class ({classes_all[0]!r}) in the selected cells; "
+            "a classifier needs at least two.",
         )
     split = _finetune_split(
         obs_tok, labels, split_key=split_key, val_size=val_size, test_size=test_size, seed=seed
@@ -718,14 +772,21 @@ def _finetune_plan(
     names = {o.name for o in objs}
     if not objs:
         raise ConfigError(
-            "No objective: pass at least one, e.g. objectives=('cls',) (trains the classifier)."
+            "No objective: pass at least one, e.g. objectives=('cls',) (trains the classifier).",
+            param="objectives",
         )
     if not isinstance(label_key, str) or not label_key:
-        raise DataError(f"label_key must name the obs column with the cell types, got {label_key!r}.")
+        raise DataError(
+            f"label_key must name the obs column with the cell types, got {label_key!r}.", param="label_key"
+        )
     if "dab" in names and batch_key is None:
-        raise ConfigError("The 'dab' objective needs batch_key=... (the obs column with batches).")
+        raise ConfigError(
+            "The 'dab' objective needs batch_key=... (the obs column with batches).", param="batch_key"
+        )
     if batch_key is not None and batch_key == label_key:
-        raise ConfigError(f"batch_key must differ from label_key (both are {label_key!r}).")
+        raise ConfigError(
+            f"batch_key must differ from label_key (both are {label_key!r}).", param="batch_key"
+        )
     if split_key is None:
         _check_fractions(val_size, test_size)
     _check_class_weight(class_weight)
@@ -739,6 +800,8 @@ def _finetune_plan(
         _check_tokenize_options(model, tokenize_options)
     if not isinstance(adata, TokenizedCells | ShardedTokens | str):
         _check_finetune_columns(adata, cells, label_key=label_key, batch_key=batch_key, split_key=split_key)
+        if split_key is None:  # classes too small to split stay too small in any tokenization
+            _check_class_sizes(_obs_of(adata, cells)[label_key], val_size=val_size, test_size=test_size)
     return config, objs
 
 
@@ -771,6 +834,68 @@ def objective_support(model: CellModel) -> dict[str, str | None]:
         else:
             out[name] = None
     return out
+
+
+def label_columns(
+    adata: AnnData,
+    *,
+    cells: Any = None,
+    max_classes: int = 50,
+    max_numeric_values: int = 10,
+    min_class_size: int = 3,
+) -> dict[str, str | None]:
+    """Which obs columns can be :func:`finetune`'s ``label_key``: ``{column: None}`` if usable, else why not.
+
+    A label column names a class per cell: categorical / text / boolean columns with 2 …
+    ``max_classes`` values, or numeric columns with few distinct values (at most
+    ``max_numeric_values``, e.g. a cluster number). Not offered, each with its reason: a numeric
+    column with many distinct values (a measurement such as ``n_genes``, not a class), a column with
+    a single value (nothing to tell apart), one with more than ``max_classes`` classes, one with
+    cells lacking a value, and one with a class of fewer than ``min_class_size`` cells (too small
+    for the train / validation / test split).
+
+    Parameters
+    ----------
+    adata
+        The AnnData (only ``obs`` is read).
+    cells
+        The cells that would be trained on, as :func:`finetune`'s ``cells`` (``None``: all).
+    max_classes
+        The most classes a label column may have.
+    max_numeric_values
+        The most distinct values a numeric column may have to count as labels.
+    min_class_size
+        The fewest cells a class may have (3 for a train / validation / test split; 1 accepts all).
+
+    Returns
+    -------
+    dict
+        One entry per obs column (in obs order): ``None`` when it can be a label column, else the
+        reason in plain words.
+    """
+    obs = adata.obs.iloc[select_rows(adata.obs, cells)]
+    return {
+        str(c): _label_column_problem(obs[c], max_classes, max_numeric_values, min_class_size)
+        for c in obs.columns
+    }
+
+
+def _label_column_problem(col: pd.Series, max_classes: int, max_numeric: int, min_size: int) -> str | None:
+    """Why ``col`` cannot be a label column, or ``None`` when it can."""
+    counts = col.dropna().astype(str).value_counts()
+    numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
+    if numeric and len(counts) > max_numeric:
+        return f"numbers with more than {max_numeric} distinct values: a measurement, not a cell class"
+    if len(counts) < 2:
+        return "a single value: nothing to tell apart" if len(counts) else "no values"
+    if len(counts) > max_classes:
+        return f"{len(counts):,} classes, more than {max_classes}"
+    if col.isna().any():
+        return f"{int(col.isna().sum()):,} cells have no value"
+    small = counts[counts < min_size]
+    if len(small):
+        return f"classes too small to split, under {min_size} cells: {_classes_text(small.sort_values(), 3)}"
+    return None
 
 
 def _ensure_heads_possible(model: CellModel, names: set[str]) -> None:
@@ -815,7 +940,10 @@ def _finetune_split(
         split = obs[split_key].astype(str).str.lower().to_numpy()
         bad = sorted(set(split) - {"train", "val", "test"})
         if bad:
-            raise DataError(f"split_key={split_key!r} must hold 'train', 'val' or 'test'; found {bad[:5]}.")
+            raise DataError(
+                f"split_key={split_key!r} must hold 'train', 'val' or 'test'; found {bad[:5]}.",
+                param="split_key",
+            )
     else:
         split = stratified_split(labels, val_size=val_size, test_size=test_size, seed=seed)
     if not (split == "train").any():

@@ -232,7 +232,7 @@ def test_class_with_one_cell():
     a = make_adata()
     a.obs["cell_type"] = a.obs["cell_type"].cat.add_categories("rare")
     a.obs.iloc[0, a.obs.columns.get_loc("cell_type")] = "rare"
-    _bad(a, r"at least 3 cells per class.*rare", label_key="cell_type")
+    _bad(a, r"needs at least 3 cells.*class 'rare' has 1 cell", label_key="cell_type")
 
 
 def test_nan_labels():
@@ -392,3 +392,62 @@ def test_objective_support_says_why_in_finetunes_words():
         cellkit.tasks.check_finetune_options(
             make_adata(), model, label_key="cell_type", objectives=[name], batch_key="batch"
         )
+
+
+# --- issue 17: errors name the option that caused them; label columns a UI may offer
+def test_errors_carry_the_option_that_caused_them():
+    from cellkit.tasks import stratified_split
+
+    with pytest.raises(cellkit.DataError) as info:
+        stratified_split(["a"] * 5 + ["b"] * 2 + ["c"], val_size=0.1, test_size=0.1, seed=0)
+    err = info.value
+    assert err.param == "label_key"
+    assert "class 'b' has 2 cells" in str(err) and "class 'c' has 1 cell" in str(err)
+    assert "np.int64" not in str(err) and "{" not in str(err)
+    assert "val_size" in str(err) and "val_size" not in err.problem  # API advice vs. the plain problem
+    with pytest.raises(cellkit.ConfigError) as info:
+        stratified_split(["a"] * 9, val_size=1.5, test_size=0.1, seed=0)
+    assert info.value.param == "val_size"
+    with pytest.raises(cellkit.DataError) as info:  # 1 test cell cannot hold both classes
+        stratified_split(["a"] * 50 + ["b"] * 50, val_size=0.1, test_size=0.01, seed=0)
+    assert info.value.param == "test_size" and "test part is too small" in info.value.problem
+    with pytest.raises(cellkit.DataError) as info:
+        cellkit.select_cells(pd.DataFrame({"bulk_labels": ["CD14", "B"]}), "bulk_labels == CD14")
+    assert info.value.param == "cells" and "quote it: bulk_labels == 'CD14'" in str(info.value)
+
+
+def test_check_finetune_options_refuses_classes_too_small_to_split():
+    from cellkit.datasets import demo_model, pbmc_demo
+
+    adata = pbmc_demo()
+    with pytest.raises(cellkit.DataError) as info:
+        cellkit.tasks.check_finetune_options(adata, demo_model(), label_key="n_genes")
+    assert info.value.param == "label_key"
+    cellkit.tasks.check_finetune_options(adata, demo_model(), label_key="n_genes", val_size=0, test_size=0)
+
+
+def test_label_columns_offers_classes_and_says_why_not_others():
+    from cellkit.tasks import label_columns
+
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(["T", "B", "NK"] * 10),
+            "n_genes": np.arange(30),
+            "cluster": np.arange(30) % 3,
+            "one": ["x"] * 30,
+            "many": [f"c{i % 15}" for i in range(30)],
+            "tiny": ["a"] * 29 + ["b"],
+            "gaps": ["a", "b", None] * 10,
+        },
+        index=[f"c{i}" for i in range(30)],
+    )
+    adata = ad.AnnData(np.zeros((30, 2), dtype=np.float32), obs=obs)
+    got = label_columns(adata, max_classes=10)
+    assert got["cell_type"] is None and got["cluster"] is None
+    assert "distinct values" in got["n_genes"]
+    assert "single value" in got["one"]
+    assert "15 classes" in got["many"]
+    assert "too small" in got["tiny"] and "'b' has 1 cell" in got["tiny"]
+    assert "no value" in got["gaps"]
+    assert label_columns(adata, min_class_size=1)["tiny"] is None
+    assert label_columns(adata, cells=[f"c{i}" for i in range(29)])["tiny"] is not None  # one value left

@@ -69,7 +69,7 @@ _PLACEHOLDER = "_cellkit_column_"
 
 
 def _refuse(text: str, why: str) -> DataError:
-    return DataError(f"Cannot evaluate the cell query {_short(text)}: {why} {QUERY_GRAMMAR}")
+    return DataError(f"Cannot evaluate the cell query {_short(text)}: {why} {QUERY_GRAMMAR}", param="cells")
 
 
 def _short(text: str, limit: int = 120) -> str:
@@ -173,7 +173,7 @@ def parse_query(text: str) -> CellQuery:
         the text is ever executed.
     """
     if not isinstance(text, str):
-        raise DataError(f"A cell query must be a string, got {type(text).__name__}.")
+        raise DataError(f"A cell query must be a string, got {type(text).__name__}.", param="cells")
     if len(text) > MAX_QUERY_CHARS:
         raise _refuse(
             text,
@@ -346,7 +346,7 @@ class _Evaluator:
         self.query, self.obs, self.n = query, obs, len(obs)
 
     def fail(self, why: str) -> DataError:
-        return DataError(f"Cannot evaluate the cell query {_short(self.query.text)}: {why}")
+        return DataError(f"Cannot evaluate the cell query {_short(self.query.text)}: {why}", param="cells")
 
     # -- masks
     def boolean(self, node: ast.AST) -> np.ndarray:

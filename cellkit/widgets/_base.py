@@ -4,7 +4,9 @@ A panel is an ``ipywidgets.VBox`` whose logic lives in plain methods (``load()``
 that tests call directly; buttons only call those methods. Errors never escape a callback: a
 :class:`cellkit.CellkitError` shows its message (it says what was wrong and how to fix it), any
 other exception shows its type and message with the traceback folded away, and the panel stays
-usable.
+usable. An error that names the option it is about (``exc.param``) shows on the error line the
+panel placed beside that option's control (:meth:`Panel.error_line`), with option names in the
+panel's words; every new action clears the old error messages.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def guarded(fn: F) -> F:
     def wrapper(self: Panel, *args: Any, **kwargs: Any) -> Any:
         try:
             self.last_error = None
+            self.clear_errors()  # a new action: old error messages go
             return fn(self, *args, **kwargs)
         except Exception as exc:
             self.show_error(exc)
@@ -75,6 +78,11 @@ class Panel(widgets.VBox):
         self.message.add_class("cellkit-message")
         self.add_class("cellkit-panel")
         self._job: threading.Thread | None = None
+        #: option name (an error's ``param``) -> (its inline error line, the control's label)
+        self._error_lines: dict[str, tuple[widgets.HTML, str]] = {}
+        #: how the panel names options it has no error line for (``val_size`` -> "Validation fraction")
+        self.option_words: dict[str, str] = {}
+        self._fixes: dict[str, str] = {}
 
     # -- messages
     def show_message(self, text: str, kind: str = "info", *, details: str | None = None) -> None:
@@ -99,16 +107,94 @@ class Panel(widgets.VBox):
     def clear_message(self) -> None:
         self.message.value = ""
 
+    def error_line(self, param: str, label: str, *, fix: str | None = None) -> widgets.HTML:
+        """An (empty) error line for the control of option ``param``; place it next to that control.
+
+        An error whose ``param`` is ``param`` (see :class:`cellkit.CellkitError`) shows there instead
+        of in the banner, with ``label`` (the control's words) in place of the option's name; ``fix``
+        (the panel's own words) replaces the API's advice when the error states its ``problem``.
+        """
+        line = widgets.HTML(value="", layout=widgets.Layout(width="100%"))
+        line.add_class("cellkit-inline-error")
+        line.add_class(f"cellkit-error-{param}")
+        self._error_lines[param] = (line, label)
+        self.describe_option(param, label, fix=fix)
+        return line
+
+    def describe_option(self, param: str, label: str, *, fix: str | None = None) -> None:
+        """Name option ``param`` by its control's ``label`` in messages; ``fix``: the panel's advice.
+
+        An error about ``param`` that states its ``problem`` shows that problem and ``fix`` (the
+        panel's words) instead of the API's advice (which may name parameters the panel lacks).
+        """
+        self.option_words[param] = label
+        if fix:
+            self._fixes[param] = fix
+
+    def clear_errors(self) -> None:
+        """Empty every inline error line, and the banner where it shows an error."""
+        for line, _label in self._error_lines.values():
+            line.value = ""
+        if "cellkit-error" in self.message.value:
+            self.message.value = ""
+
+    def place_error(self, exc: BaseException) -> bool:
+        """Show ``exc`` in the error line of its ``param``, if the panel has one; whether it did."""
+        param = getattr(exc, "param", None)
+        if not isinstance(exc, CellkitError) or param not in self._error_lines:
+            return False
+        body = html.escape(self.in_panel_words(exc)).replace("\n", "<br>")
+        self._error_lines[param][0].value = (
+            f"<div class='cellkit-msg cellkit-error' style='{_STYLE['error']};padding:2px 8px;margin:2px 0'>"
+            f"{body}</div>"
+        )
+        return True
+
+    def in_panel_words(self, exc: BaseException) -> str:
+        """The message of ``exc`` as the panel says it: option names become the controls' labels.
+
+        An error that states its ``problem`` separately gets the panel's own fix for its control
+        (given to :meth:`error_line`) instead of the API's advice.
+        """
+        import re
+
+        param, problem = getattr(exc, "param", None), getattr(exc, "problem", None)
+        fix = self._fixes.get(param) if param else None
+        text = f"{problem} {fix}" if problem and fix else str(exc)
+        for name, label in self.option_words.items():
+            text = re.sub(rf"\b{re.escape(name)}=\.\.\.", f"“{label}”", text)
+            text = re.sub(rf"\b{re.escape(name)}=", f"“{label}” = ", text)
+            if "_" in name:  # an identifier such as batch_key (a plain word like cells stays)
+                text = re.sub(rf"\b{re.escape(name)}\b", f"“{label}”", text)
+        return text
+
     def show_error(self, exc: BaseException) -> None:
-        """Show an exception as a readable message (and log it)."""
+        """Show an exception as a readable message (and log it).
+
+        A :class:`cellkit.CellkitError` whose ``param`` has an :meth:`error_line` shows there, next
+        to its control, in the panel's words (:meth:`in_panel_words`); the banner then points to it.
+        Other errors show in the banner.
+        """
         self.last_error = exc
-        if isinstance(exc, CellkitError):
-            self.show_message(str(exc), "error")
+        self.clear_errors()
+        if self.place_error(exc):
+            label = self._error_lines[exc.param][1]  # type: ignore[attr-defined]
+            self.show_message(f"See the message under “{label}”.", "error")
+            log.info("%s: %s", type(self).__name__, exc)
+        elif isinstance(exc, CellkitError):
+            self.show_message(self.in_panel_words(exc), "error")
             log.info("%s: %s", type(self).__name__, exc)
         else:
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             self.show_message(f"Unexpected error — {type(exc).__name__}: {exc}", "error", details=tb)
             log.warning("%s failed:\n%s", type(self).__name__, tb)
+
+    def error_text(self, param: str) -> str:
+        """The inline error line of option ``param`` as plain text (for tests); ``""`` when empty."""
+        import re
+
+        line = self._error_lines[param][0]
+        return html.unescape(re.sub(r"<[^>]+>", "", line.value.replace("<br>", "\n")))
 
     @property
     def message_text(self) -> str:

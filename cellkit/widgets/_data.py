@@ -375,6 +375,9 @@ class DataPanel(Panel):
         self._filter_box = widgets.VBox([self._column_row])
         self._query_box = widgets.VBox([labelled("query", self.query)])
         self._selection_box = widgets.VBox([labelled("selection", self.selection)])
+        # errors of the cell choice (a query that does not parse, ...) show right under the chooser
+        self._cells_error = self.error_line("cells", "Cells")
+        self.query.add_class("cellkit-data-query")
 
         # -- tokenizer
         self.scheme = widgets.Dropdown(
@@ -432,6 +435,7 @@ class DataPanel(Panel):
             self._filter_box,
             self._query_box,
             self._selection_box,
+            self._cells_error,
             widgets.HBox([self.cell_count, self.save_name, self.save_button]),
             section("3 · Tokenizer"),
             widgets.HBox([labelled("scheme", self.scheme), labelled("matrix", self.matrix, "60px")]),
@@ -700,10 +704,14 @@ class DataPanel(Panel):
         if mode == "query":
             text = self.query.value.strip()
             if not text:
-                raise cellkit.DataError("Enter an obs query, e.g. bulk_labels == 'CD14+ Monocyte'.")
+                raise cellkit.DataError(
+                    "Enter an obs query, e.g. bulk_labels == 'CD14+ Monocyte'.", param="cells"
+                )
             rows = cellkit.select_cells(obs, text, order="sorted")
             if not len(rows):
-                raise cellkit.DataError(f"No cell matches the query {text!r}; the selection is empty.")
+                raise cellkit.DataError(
+                    f"No cell matches the query {text!r}; the selection is empty.", param="cells"
+                )
             return np.asarray(obs.index[rows]).astype(str)
         name = self.selection.value
         if not name:
@@ -753,10 +761,14 @@ class DataPanel(Panel):
         if adata is None:
             self.cell_count.value = ""
             return
+        self._cells_error.value = ""
         try:
             cells = self.selected_cells()
-        except Exception as exc:
-            self.cell_count.value = f"<span style='color:#8b0000'>{_esc(exc)}</span>"
+        except Exception as exc:  # beside the control that caused it, else on the count line
+            placed = self.place_error(exc)
+            self.cell_count.value = (
+                "No cells selected" if placed else f"<span style='color:#8b0000'>{_esc(exc)}</span>"
+            )
             return
         n = adata.n_obs if cells is None else len(cells)
         self.cell_count.value = f"<b>{n:,}</b> of {adata.n_obs:,} cells selected"

@@ -218,6 +218,27 @@ class FinetunePanel(Panel):
         self.batch_key = widgets.Dropdown(
             options=[("(none)", _NONE)], value=_NONE, layout=widgets.Layout(width="240px")
         )
+        self.label_key.add_class("cellkit-finetune-label")
+        self.label_note = widgets.HTML()  # the obs columns not offered as labels, and why
+        self.label_note.add_class("cellkit-label-note")
+        self._label_error = self.error_line(
+            "label_key",
+            "Label column",
+            fix="Choose another label column, or other cells in the Data tab.",
+        )
+        self._batch_error = self.error_line("batch_key", "Batch column")
+        for part, label in (("val_size", "Validation fraction"), ("test_size", "Test fraction")):
+            self.describe_option(
+                part, label, fix=f"Raise the {label.lower()}, or choose a label column with fewer classes."
+            )
+        self.option_words.update(
+            {
+                "class_weight": "Class weight",
+                "freeze_layers": "Freeze first N layers",
+                "cells": "the cells chosen in the Data tab",
+                "tokenize_options": "Max genes / cell",
+            }
+        )
         self.cells_html = widgets.HTML()
         self.cells_html.add_class("cellkit-finetune-cells")
         self.run_html = widgets.HTML()
@@ -372,6 +393,9 @@ class FinetunePanel(Panel):
             widgets.HBox(
                 [labelled("Label column", self.label_key), labelled("Batch column", self.batch_key)]
             ),
+            self._label_error,
+            self._batch_error,
+            self.label_note,
             self.cells_html,
             widgets.HTML("<b>Objectives</b> (weight)"),
             objectives,
@@ -388,6 +412,8 @@ class FinetunePanel(Panel):
         self.state.observe(self._on_model, names="model")
         self.state.observe(self._on_cells, names=["active_selection", "selections"])
         self.state.observe(self._on_data, names="obs_version")
+        for part in (self.val_size, self.test_size):  # the split decides the smallest usable class
+            part.observe(lambda _c: self._refresh_labels(), names="value")
         self.refresh()
         self._apply_demo_recipe()
 
@@ -421,13 +447,41 @@ class FinetunePanel(Panel):
     def _on_cells(self, _change: Any = None) -> None:
         self._refresh_cells()
 
+    def _refresh_labels(self) -> None:
+        """Offer the obs columns :func:`cellkit.tasks.label_columns` accepts; say why the others are not."""
+        import cellkit.tasks
+
+        adata = self.state.adata
+        if adata is None:
+            verdicts: dict[str, str | None] = {}
+        else:
+            parts = 1 + (self.val_size.value > 0) + (self.test_size.value > 0)
+            # judged on all cells: a new cell choice never switches the label column silently
+            verdicts = cellkit.tasks.label_columns(adata, min_class_size=parts)
+        cols = [c for c, why in verdicts.items() if why is None]
+        old = self.label_key.value
+        self.label_key.options = cols
+        self.label_key.value = old if old in cols else _guess_label(cols)
+        by_reason: dict[str, list[str]] = {}
+        for c, why in verdicts.items():
+            if why is not None:
+                by_reason.setdefault(why, []).append(c)
+        self.label_note.value = (
+            "<div style='color:#555;font-size:12px'>Not offered as labels: "
+            + "; ".join(
+                f"<b>{html.escape(', '.join(names))}</b> ({html.escape(why)})"
+                for why, names in by_reason.items()
+            )
+            + ".</div>"
+            if by_reason
+            else ""
+        )
+
     def refresh(self) -> None:
         """Re-read the state: obs columns for the dropdowns, the cells used, the model's objectives."""
         adata = self.state.adata
         cols = _label_columns(adata.obs) if adata is not None else []
-        old = self.label_key.value
-        self.label_key.options = cols
-        self.label_key.value = old if old in cols else _guess_label(cols)
+        self._refresh_labels()
         old_b = self.batch_key.value
         self.batch_key.options = [("(none)", _NONE), *[(c, c) for c in cols]]
         self.batch_key.value = old_b if old_b in cols else _NONE

@@ -682,3 +682,41 @@ def test_long_step_shows_a_moving_bar_a_disabled_start_and_cancel_stops_it(page)
     assert visible(page, ".cellkit-perturb-job-cancel").is_hidden()
     no_widget_errors(page)
     shot(page, "10-progress-cancelled")
+
+
+# --- issue 17: errors beside the control
+def test_issue17_numeric_label_column_not_offered_and_a_bad_query_answers_beside_its_box(page):
+    _fresh_demo(page)
+    tab(page, "Fine-tune")
+    options = visible(page, ".cellkit-finetune-label select").evaluate(
+        "s => Array.from(s.options).map(o => o.textContent)"
+    )
+    assert "bulk_labels" in options and "n_genes" not in options, options
+    note = visible(page, ".cellkit-label-note").inner_text()
+    assert "n_genes" in note and "distinct values" in note, note
+    shot(page, "issue17-label-columns")
+    # an unquoted value: the message shows right under the query box and suggests quoting
+    tab(page, "Data")
+    visible(page, "button.widget-toggle-button:has-text('Query')").click()
+    query = visible(page, ".cellkit-data-query input")
+    query.fill("bulk_labels == CD14")
+    query.press("Enter")
+    error = visible(page, ".cellkit-error-cells .cellkit-error")
+    page.wait_for_function(  # an empty query box already asked for a query; wait for this query's answer
+        "() => /quote it/.test(document.querySelector('.cellkit-error-cells')?.textContent || '')",
+        timeout=30_000,
+    )
+    text = error.inner_text()
+    assert "quote it: bulk_labels == 'CD14'" in text, text
+    box, below = query.bounding_box(), error.bounding_box()
+    assert 0 <= below["y"] - (box["y"] + box["height"]) < 60, (box, below)  # directly under the box
+    assert abs(below["x"] - box["x"]) < 400
+    shot(page, "issue17-query-error")
+    # fixed: the message goes
+    query.fill("bulk_labels == 'CD14+ Monocyte'")
+    query.press("Enter")
+    page.wait_for_function(
+        "() => !document.querySelector('.cellkit-error-cells .cellkit-error')", timeout=30_000
+    )
+    visible(page, "button.widget-toggle-button:has-text('All cells')").click()
+    no_widget_errors(page)

@@ -21,7 +21,8 @@ def panel(state):
 
 def _assert_error(panel, text):
     assert panel.last_error is not None, "expected an error"
-    assert text in panel.message_text, panel.message_text
+    shown = f"{panel.message_text} {panel.error_text('cells')}"  # the banner or the line under the cells
+    assert text in shown, shown
     assert "cellkit-error" in panel.message.value
 
 
@@ -176,7 +177,8 @@ def test_named_selection_from_the_state(panel, state, pbmc):
 def test_bad_cell_choices(panel, state, kwargs, expected):
     assert panel.set_cells(**kwargs) is None
     _assert_error(panel, expected)
-    assert expected in panel.cell_count.value.replace("&#x27;", "'")  # the count line says it too
+    # the count line says it too (or, for a query, the error line right under the query box)
+    assert expected in (panel.cell_count.value + panel.error_text("cells")).replace("&#x27;", "'")
     assert panel.tokenize() is None and state.tokens is None  # the tokenizer refuses it too
     _assert_error(panel, expected)
     assert state.selections == {} and panel.save_selection("x") is None and state.selections == {}
@@ -351,3 +353,17 @@ def test_tokenizing_all_cells_after_a_saved_selection(panel, state):
     tokens = panel.tokenize()
     assert tokens is not None and len(tokens) == 700
     assert state.active_selection == "" and state.n_selected() == 700
+
+
+# --- issue 17: errors beside the control
+def test_a_bad_query_shows_its_message_beside_the_query_box(pbmc):
+    from cellkit.widgets import DataPanel, StudioState
+
+    panel = DataPanel(StudioState(adata=pbmc))
+    panel.set_cells(query="bulk_labels == CD14")
+    text = panel.error_text("cells")
+    assert "quote it: bulk_labels == 'CD14'" in text
+    assert panel._cells_error in panel.children
+    assert panel.children.index(panel._cells_error) == panel.children.index(panel._query_box) + 2
+    panel.set_cells(query="bulk_labels == 'CD14+ Monocyte'")
+    assert panel.error_text("cells") == "" and "cellkit-error" not in panel.message.value

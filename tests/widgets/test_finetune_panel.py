@@ -45,6 +45,12 @@ def _finish(panel: FinetunePanel) -> None:
     assert not panel.running, "the run did not end in time"
 
 
+def _shown(panel) -> str:
+    """What the panel says: its banner and every error line beside a control."""
+    lines = [panel.message_text, *(panel.error_text(p) for p in panel._error_lines)]
+    return " ".join(lines)
+
+
 def _xs(fig) -> tuple:
     return tuple(fig.data[0].x or ())
 
@@ -229,28 +235,29 @@ def test_bad_settings_answer_at_once(state):
     for value in (0.0, -1e-3):
         panel.lr.value = value
         assert panel.start() is None and isinstance(panel.last_error, ConfigError)
-        assert "learning rate" in panel.message_text
+        assert "learning rate" in _shown(panel)
         _untouched(panel, state, model)
     panel.lr.value = 1e-4
     panel.objective_boxes["cls"].value = False
-    assert panel.start() is None and "objective" in panel.message_text
+    assert panel.start() is None and "objective" in _shown(panel)
     panel.objective_boxes["cls"].value = True
     panel.objective_boxes["dab"].value = True
     assert panel.start() is None and isinstance(panel.last_error, ConfigError)
-    assert "'dab'" in panel.message_text and "batch_key" in panel.message_text  # the API's own words
+    assert "'dab'" in _shown(panel) and panel.last_error.param == "batch_key"  # beside its control
+    assert "Batch column" in panel.error_text("batch_key")
     panel.objective_boxes["dab"].value = False
     panel.freeze_layers.value = 9
-    assert panel.start() is None and "between 0 and 2" in panel.message_text
+    assert panel.start() is None and "between 0 and 2" in _shown(panel)
     panel.freeze_layers.value = 0
     panel.epochs.value = 0
-    assert panel.start() is None and "epochs" in panel.message_text
+    assert panel.start() is None and "epochs" in _shown(panel)
     panel.epochs.value = 2
     panel.batch_key.value = LABEL
     assert panel.start() is None and isinstance(panel.last_error, ConfigError)
-    assert "batch_key" in panel.message_text
+    assert panel.last_error.param == "batch_key" and "Batch column" in panel.error_text("batch_key")
     panel.batch_key.value = ""
     panel.val_size.value, panel.test_size.value = 0.6, 0.5
-    assert panel.start() is None and "val_size + test_size" in panel.message_text
+    assert panel.start() is None and "“Validation fraction” + “Test fraction”" in _shown(panel)
     _untouched(panel, state, model)
     assert panel.phase == "idle" and panel.progress.value == 0
 
@@ -280,6 +287,8 @@ def test_bad_labels_show_a_message(state, case):
         lab.iloc[_four_types(adata)[:3]] = np.nan
         adata.obs["lab"] = lab.astype("category")
         panel.refresh()
+        assert "lab" not in panel.label_key.options and "have no value" in panel.label_note.value
+        panel.label_key.options = [*panel.label_key.options, "lab"]  # forced past the offer
         panel.label_key.value = "lab"
         expected = "have no 'lab' value"
     else:
@@ -288,7 +297,7 @@ def test_bad_labels_show_a_message(state, case):
     thread = panel.start()
     _finish(panel)
     assert isinstance(panel.last_error, DataError), panel.last_error
-    assert expected in panel.message_text
+    assert expected in _shown(panel)
     assert panel.result is None
     if case == "one class":  # found by finetune after tokenizing, in the thread
         assert thread is not None and panel.phase == "failed" and panel.progress.bar_style == "danger"
@@ -342,7 +351,7 @@ def test_controls_follow_data_selection_and_model(state, pbmc):
     assert panel.objective_boxes["mlm"].disabled and panel.objective_boxes["zero_nll"].disabled
     state.add_selection("lasso", np.arange(50))
     assert len(panel.settings()["cells"]) == 50 and "lasso" in panel.cells_html.value
-    small = pbmc[:100].copy()
+    small = pbmc[:300].copy()  # every class has 3+ cells (splittable)
     small.obs["cell_type"] = small.obs[LABEL].astype(str)
     del small.obs[LABEL]
     state.set_adata(small, name="small")
@@ -486,3 +495,30 @@ def test_the_run_says_which_cells_it_uses(state):
     assert panel.run_cells == 700 and "data-cells='700'" in panel.run_html.value
     assert "all cells" in panel.run_html.value
     _finish(panel)
+
+
+# --- issue 17: errors beside the control, sensible label columns
+def test_numeric_label_column_is_not_offered_and_the_note_says_why(state):
+    panel = FinetunePanel(state)
+    assert "n_genes" not in panel.label_key.options
+    assert "bulk_labels" in panel.label_key.options
+    assert "n_genes" in panel.label_note.value and "distinct values" in panel.label_note.value
+
+
+def test_too_small_classes_show_beside_the_label_column_in_plain_words(state):
+    panel = FinetunePanel(state)
+    panel.label_key.options = [*panel.label_key.options, "n_genes"]  # forced past the offer
+    panel.label_key.value = "n_genes"
+    assert panel.start() is None
+    assert isinstance(panel.last_error, DataError) and panel.last_error.param == "label_key"
+    text = panel.error_text("label_key")
+    assert "cells" in text and "np.int64" not in text and "{" not in text
+    for api_name in ("val_size", "test_size", "split_key", "cells="):
+        assert api_name not in text
+    assert "Label column" in panel.message_text  # the banner points to the control
+    # a new action clears the old messages
+    panel.label_key.value = "bulk_labels"
+    panel.lr.value = 0
+    panel.start()
+    assert panel.error_text("label_key") == ""
+    assert panel.last_error is not None and "n_genes" not in panel.message_text
