@@ -9,6 +9,7 @@ curve and stops on Stop, and the attention heatmap draws. Screenshots of every t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -387,10 +388,20 @@ def _set_number(page, label: str, value) -> None:
     box.press("Enter")
 
 
-def _run_cells(page) -> int:
-    """The number of cells the fine-tune's last started run uses (the panel's ``run_cells``)."""
+def _run_cells(page, expected: int) -> int:
+    """The number of cells the fine-tune's last started run uses (the panel's ``run_cells``).
+
+    Waits until it reads ``expected``: right after Start the line may still be the previous run's.
+    """
     span = visible(page, ".cellkit-run-cells")
     span.wait_for(timeout=60_000)
+    with contextlib.suppress(Exception):  # on a timeout, report what it says instead
+        page.wait_for_function(
+            "n => [...document.querySelectorAll('.cellkit-run-cells')]"
+            ".some(e => e.offsetParent !== null && e.getAttribute('data-cells') === String(n))",
+            arg=expected,
+            timeout=60_000,
+        )
     return int(span.get_attribute("data-cells"))
 
 
@@ -423,7 +434,7 @@ def test_issue17_all_cells_after_a_saved_selection_trains_on_all_cells(page):
     assert "700" in panel.locator(".cellkit-finetune-cells").inner_text()
     assert "mono" not in _cells_bar(page)
     click(page, "Start")
-    assert _run_cells(page) == 700
+    assert _run_cells(page, 700) == 700
     assert "all cells" in visible(page, ".cellkit-finetune-run").inner_text()
     click(page, "Stop")
     page.wait_for_function(
@@ -456,7 +467,7 @@ def test_issue17_a_failed_start_keeps_the_previous_result_usable(page):
     ).first.click()
     _set_number(page, "Max genes / cell", 32)
     click(page, "Start")
-    assert _run_cells(page) == 700
+    assert _run_cells(page, 700) == 700
     use = visible(page, "button:has-text('Use trained model')")
     page.wait_for_function(
         "() => [...document.querySelectorAll('.cellkit-finetune-panel .cellkit-msg.cellkit-ok')]"
