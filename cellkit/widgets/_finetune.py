@@ -46,7 +46,7 @@ import plotly.graph_objects as go
 from cellkit import ConfigError, DataError
 
 from ._base import Panel, guarded, html_table, labelled, plural
-from ._live import DONE_STATUSES, LiveTraining, seconds_text
+from ._live import DONE_STATUSES, LiveTraining, TrainsLive, seconds_text
 from ._state import StudioState
 
 __all__ = ["FinetunePanel", "objective_support"]
@@ -142,7 +142,7 @@ def _remove_dir(path: str | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-class FinetunePanel(Panel):
+class FinetunePanel(TrainsLive, Panel):
     """Fine-tune the studio's model for cell-type annotation, watching the loss live.
 
     Parameters
@@ -520,15 +520,6 @@ class FinetunePanel(Panel):
 
     def _completed(self) -> Any:
         return self.completed_result
-
-    @property
-    def update_interval(self) -> float:
-        """Seconds between two live-plot pushes (epoch ends and the finish always push)."""
-        return self.live.update_interval
-
-    @update_interval.setter
-    def update_interval(self, value: float) -> None:
-        self.live.update_interval = float(value)
 
     # ------------------------------------------------------------------ settings
     def _cells(self) -> np.ndarray | None:

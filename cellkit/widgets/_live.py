@@ -24,7 +24,7 @@ import cellkit.viz
 
 from ._progress import warning_while_enabled
 
-__all__ = ["LiveTraining", "seconds_text"]
+__all__ = ["LiveTraining", "TrainsLive", "seconds_text"]
 
 #: default seconds between two figure pushes (train start, epoch ends, validations, the finish
 #: and errors always push)
@@ -393,3 +393,18 @@ def _last(records: list[dict[str, Any]], key: str) -> float | None:
         if isinstance(v, int | float) and math.isfinite(v):
             return float(v)
     return None
+
+
+class TrainsLive:
+    """Mixin of a panel that trains with a :class:`LiveTraining` view in ``self.live``."""
+
+    live: LiveTraining
+
+    @property
+    def update_interval(self) -> float:
+        """Seconds between two live-plot pushes (epoch ends and the finish always push)."""
+        return self.live.update_interval
+
+    @update_interval.setter
+    def update_interval(self, value: float) -> None:
+        self.live.update_interval = float(value)

@@ -30,7 +30,7 @@ from cellkit import CellkitError, ConfigError, DataError
 
 from ._base import guarded, html_table, labelled, plural
 from ._jobs import JobPanel
-from ._live import DONE_STATUSES, LiveTraining
+from ._live import DONE_STATUSES, LiveTraining, TrainsLive
 from ._state import StudioState
 
 __all__ = ["PerturbationResponsePanel"]
@@ -44,7 +44,7 @@ def _split_conditions(text: str) -> list[str]:
     return list(dict.fromkeys(p for p in re.split(r"[,;\s]+", text) if p))
 
 
-class PerturbationResponsePanel(JobPanel):
+class PerturbationResponsePanel(TrainsLive, JobPanel):
     """Train, load, save and query a perturbation-response model (:func:`cellkit.fit_perturbation_model`).
 
     Parameters
@@ -245,15 +245,6 @@ class PerturbationResponsePanel(JobPanel):
             current = self.condition_key.value
             self.condition_key.options = options
             self.condition_key.value = current if current in cols else _NONE
-
-    @property
-    def update_interval(self) -> float:
-        """Seconds between two live-plot pushes (epoch ends and the finish always push)."""
-        return self.live.update_interval
-
-    @update_interval.setter
-    def update_interval(self, value: float) -> None:
-        self.live.update_interval = float(value)
 
     # ============================================================================ training
     def _settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
