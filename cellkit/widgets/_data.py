@@ -22,6 +22,7 @@ import ipywidgets as widgets
 import numpy as np
 
 from ._base import Panel, guarded, labelled
+from ._progress import JobProgress
 from ._state import DATA_FILTER, StudioState
 
 __all__ = ["SCHEME_OPTIONS", "DataPanel", "OptionSpec"]
@@ -391,8 +392,10 @@ class DataPanel(Panel):
         )
         self.options_box = widgets.VBox()
         self.tokenize_button = widgets.Button(description="Tokenize", button_style="primary", icon="play")
-        self.progress = widgets.Output()
+        #: progress bar, estimate and Cancel of "Tokenize" (the shared job row)
+        self.progress = JobProgress(css_prefix="cellkit-tokenize-job")
         self.progress.add_class("cellkit-tokenize-progress")
+        self.jobs = self.progress  # the name the other panels give their job row
         self.result_html = widgets.HTML()
         self.result_html.add_class("cellkit-tokenize-result")
         self.length_hist = self._make_hist()
@@ -404,7 +407,7 @@ class DataPanel(Panel):
         self.open_button.on_click(lambda _b: self.open_h5ad())
         self.demo_button.on_click(lambda _b: self.load_demo_data())
         self.save_button.on_click(lambda _b: self.save_selection())
-        self.tokenize_button.on_click(lambda _b: self.tokenize())
+        self.tokenize_button.on_click(lambda _b: self.tokenize(background=True))
         self.path.observe(self._on_path, names="value")
         self.cell_mode.observe(self._on_cell_widgets, names="value")
         self.filter_column.observe(self._on_filter_column, names="value")
@@ -1021,12 +1024,21 @@ class DataPanel(Panel):
 
     # ================================================================== tokenize
     @guarded
-    def tokenize(self) -> Any:
+    def tokenize(self, background: bool = False) -> Any:
         """Tokenize the chosen cells for the current model and store them in ``state.tokens``.
+
+        A progress bar with an estimate follows the tokenizer; Cancel stops it at its next block of
+        cells (``state.tokens`` is then unchanged).
+
+        Parameters
+        ----------
+        background
+            Tokenize in a background thread (the button does; :meth:`wait` joins it).
 
         Returns
         -------
-        The :class:`cellkit.TokenizedCells` (``None`` on error; ``state.tokens`` is then unchanged).
+        The :class:`cellkit.TokenizedCells` (``None`` in the background, on error or when
+        cancelled; ``state.tokens`` is then unchanged).
         """
         import cellkit
 
@@ -1040,24 +1052,20 @@ class DataPanel(Panel):
         if self.scheme.value != model.config.family:
             kwargs["scheme"] = self.scheme.value
         n = adata.n_obs if cells is None else len(cells)
-        self.progress.outputs = ()
         self.show_message(f"Tokenizing {n:,} cells …", "info")
-        self.state.busy = "tokenize"
-        try:
-            with self.progress:
-                tokens = cellkit.tokenize(
-                    adata, model, cells=cells, progress=_in_kernel(), **kwargs, **options
-                )
-        except Exception:
-            self.clear_message()
-            raise
-        finally:
-            self.state.busy = ""
-        self.state.tokens = tokens
-        self.show_message(
-            f"Tokenized {len(tokens):,} cells ({tokens.n_tokens:,} tokens) → state.tokens.", "ok"
+
+        def work(progress: Any) -> Any:
+            return cellkit.tokenize(adata, model, cells=cells, progress=progress, **kwargs, **options)
+
+        def done(tokens: Any) -> None:
+            self.state.tokens = tokens
+            self.show_message(
+                f"Tokenized {len(tokens):,} cells ({tokens.n_tokens:,} tokens) → state.tokens.", "ok"
+            )
+
+        return self.progress.run(
+            self, work, name="Tokenize", buttons=(self.tokenize_button,), on_done=done, background=background
         )
-        return tokens
 
     def _make_hist(self) -> Any:
         import plotly.graph_objects as go

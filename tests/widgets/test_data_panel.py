@@ -253,7 +253,8 @@ def test_bad_option_values(panel, state, text, expected):
 # ---------------------------------------------------------------------------------- tokenize
 def test_tokenize_a_selection(panel, state, pbmc):
     state.add_selection("first150", np.arange(150))
-    panel.tokenize_button.click()
+    panel.tokenize_button.click()  # the button tokenizes in the background, with the job row
+    panel.wait(60)
     assert panel.last_error is None, panel.message_text
     tokens = state.tokens
     assert len(tokens) == 150 and list(tokens.obs_names) == list(pbmc.obs_names[:150])
@@ -264,7 +265,8 @@ def test_tokenize_a_selection(panel, state, pbmc):
     assert tokens.max_length is None and hist.layout.shapes == ()  # no limit, no line
     assert panel._hist_box.layout.display == ""
     assert panel.result_html.value != ""  # the result summary is shown
-    assert state.busy == "" and not panel.progress.outputs  # nothing printed outside a kernel
+    assert state.busy == "" and panel.progress.outcome == "done"  # the job row says it finished
+    assert panel.progress.bar.value == 1.0 and not panel.tokenize_button.disabled
     # options reach the tokenizer
     panel.option_widgets["max_len"].value = "32"
     short = panel.tokenize()
