@@ -264,15 +264,6 @@ def _kernel_namespace() -> dict[str, Any]:
     return dict(shell.user_ns) if shell is not None else {}
 
 
-def _in_kernel() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover
-        return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
-
-
 def _is_categorical(series: Any) -> bool:
     import pandas as pd
 
