@@ -277,6 +277,11 @@ def test_finetune_live_curve_grows_and_stop_ends_it(page):
         ".some(e => /stopped/i.test(e.textContent))",
         timeout=120_000,
     )
+    page.wait_for_function(  # the buttons come back with the panel's idle state (may trail the message)
+        "() => [...document.querySelectorAll('button.cellkit-finetune-resume, button.cellkit-finetune-start')]"
+        ".filter(b => b.offsetParent !== null).every(b => !b.disabled)",
+        timeout=30_000,
+    )
     assert visible(page, "button.cellkit-finetune-resume").is_enabled()
     assert visible(page, "button.cellkit-finetune-start").is_enabled()
     third = plot_data(page, "cellkit-loss-plot", "gd.data[0].x.length")
@@ -731,3 +736,19 @@ def test_issue17_numeric_label_column_not_offered_and_a_bad_query_answers_beside
     )
     visible(page, "button.widget-toggle-button:has-text('All cells')").click()
     no_widget_errors(page)
+
+
+# --- issue 17: every tab at the end of the run ------------------------------------------------------------
+def test_zz_every_tab_at_the_end_of_the_run(page):
+    """Last in the file: every tab after the whole browser run, with what it shows, for a person to look at.
+
+    ``test-artifacts/studio-end-<tab>.png``; the header is the same everywhere and nothing errored.
+    """
+    headers = set()
+    for title in ("Model", "Data", "Fine-tune", "Embeddings", "Genes", "Attention", "In silico", "Response"):
+        panel = tab(page, title)
+        assert panel.is_visible()
+        no_widget_errors(page)
+        headers.add(page.locator(f"{ACTIVE} .cellkit-cells-bar").first.inner_text())
+        shot(page, f"end-{title.lower().replace(' ', '-')}")
+    assert len(headers) == 1, headers  # one cells bar, the same on every tab
