@@ -268,8 +268,8 @@ def html_table(frame: Any, *, max_rows: int = 50, float_format: str = "{:.3g}") 
     Every fact shows once and the header is one row: an unnamed integer index (row positions, e.g.
     a default ``RangeIndex``) is left out; an index named like a column holding the same values is
     left out (the column shows it); any other named index becomes the first column, under its name.
-    The table sits in a ``div`` that scrolls sideways (``overflow-x: auto``) when it is wider than
-    the panel.
+    A missing value (``NaN``, e.g. a p-value without a null distribution) shows as "–". The table
+    sits in a ``div`` that scrolls sideways (``overflow-x: auto``) when it is wider than the panel.
     """
     import pandas as pd
 
@@ -279,6 +279,7 @@ def html_table(frame: Any, *, max_rows: int = 50, float_format: str = "{:.3g}") 
         classes="cellkit-table",
         border=0,
         float_format=lambda v: float_format.format(v),
+        na_rep="–",
         escape=True,
         index=show_index,
     )

@@ -64,3 +64,13 @@ def test_unnamed_label_index_stays_and_column_axis_name_is_dropped():
     html = html_table(cm)
     assert _header(html) == [["", "B", "T"]]
     assert _first_cells(html) == ["B", "T"]
+
+
+def test_missing_values_read_as_a_dash_not_nan():
+    import numpy as np
+    import pandas as pd
+
+    from cellkit.widgets._base import html_table
+
+    out = html_table(pd.DataFrame({"gene": ["LYZ"], "z": [np.nan], "p": [np.nan], "shift": [6.4e-7]}))
+    assert "NaN" not in out and out.count("<td>–</td>") == 2 and "6.4e-07" in out
