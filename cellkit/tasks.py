@@ -515,7 +515,7 @@ def finetune(
     checkpoint_dir: str | None = None,
     resume: bool = False,
     copy_model: bool = False,
-    progress: bool = True,
+    progress: bool | Progress = True,
     **trainer_options: Any,
 ) -> FinetuneResult:
     """Fine-tune a model for cell-type annotation (and optional integration objectives).
@@ -566,7 +566,9 @@ def finetune(
     copy_model
         Train a deep copy and leave ``model`` untouched.
     progress
-        Progress bars.
+        ``True``: progress bars (tokenizing, training). A :class:`cellkit.Progress` follows the
+        tokenizing of an AnnData (and cancelling it raises :class:`cellkit.Cancelled` before any
+        training); the training itself reports through ``callbacks`` and stops with ``stop_event``.
     **trainer_options
         Any :class:`cellkit.train.TrainerConfig` field (``schedule``, ``warmup_steps``, ``amp``,
         ``device``, ``grad_accum``, ``early_stopping_patience``, ``monitor``, ...).
@@ -745,6 +747,8 @@ _TRAINER_ARGS = ("checkpoint_dir", "epochs", "lr", "batch_size", "seed", "progre
 def _plan_from(args: Mapping[str, Any]) -> tuple[TrainerConfig, list[Objective]]:
     """:func:`_finetune_plan` of :func:`finetune`'s arguments (its ``locals()`` or a bound signature)."""
     trainer_options = {**args["trainer_options"], **{k: args[k] for k in _TRAINER_ARGS}}
+    if isinstance(trainer_options["progress"], Progress):  # it follows the tokenizing; bars as it says
+        trainer_options["progress"] = trainer_options["progress"].bar
     plan = {k: args[k] for k in _PLAN_ARGS}
     return _finetune_plan(args["adata"], args["model"], **plan, trainer_options=trainer_options)
 

@@ -45,7 +45,7 @@ class OptionSpec:
         The option of :func:`cellkit.tokenize` (a key of the scheme's ``OPTIONS``); the panel shows
         it in grey after ``label`` and names it in the tooltip.
     label
-        Plain words for the option, e.g. ``"Max genes per cell"`` for ``max_len``.
+        Plain words for the option, e.g. ``"Max genes per cell"`` for ``max_length``.
     kind
         ``"int"``, ``"float"``, ``"bool"``, ``"text"``, ``"opt_int"`` / ``"opt_float"`` (a text box;
         blank = ``None``), ``"choice"`` (``choices``), ``"obs_column"`` (an obs column or ``None``),
@@ -92,7 +92,7 @@ _GENE_RETRIES = (
 SCHEME_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
     "scgpt": (
         OptionSpec(
-            "max_len",
+            "max_length",
             "Max genes per cell",
             "opt_int",
             "at most this many genes (tokens) per cell; a cell with more is sampled down (blank: no limit)",
@@ -149,7 +149,7 @@ SCHEME_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
     ),
     "geneformer": (
         OptionSpec(
-            "model_input_size", "Max genes per cell", "opt_int", "max tokens per cell (blank: the model's)"
+            "max_length", "Max genes per cell", "opt_int", "max tokens per cell (blank: the model's)"
         ),
         OptionSpec(
             "special_token",
@@ -184,7 +184,7 @@ SCHEME_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
     ),
     "teddy": (
         OptionSpec(
-            "max_seq_len",
+            "max_length",
             "Max tokens per cell",
             "opt_int",
             "total length incl. <cls> (blank: the model's, else 2048)",

@@ -43,10 +43,11 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from cellkit import ConfigError, DataError
+from cellkit import Cancelled, ConfigError, DataError
 
 from ._base import Panel, guarded, html_table, labelled, plural
 from ._live import DONE_STATUSES, LiveTraining, TrainsLive, seconds_text
+from ._progress import JobProgress
 from ._state import StudioState
 
 __all__ = ["FinetunePanel", "objective_support"]
@@ -185,6 +186,8 @@ class FinetunePanel(TrainsLive, Panel):
         is stopped, never discards it.
     run_cells
         How many cells the last started run uses (``0`` before any); ``run_html`` says which.
+    runs_started
+        How many runs this panel has started (``run_html`` numbers them: "Run 2: …").
     phase
         ``"idle"``, ``"running"``, ``"stopping"``, ``"stopped"`` (resumable), ``"done"`` or ``"failed"``.
     extra_callbacks
@@ -208,6 +211,7 @@ class FinetunePanel(TrainsLive, Panel):
         self.result: Any = None
         self.completed_result: Any = None
         self.run_cells = 0
+        self.runs_started = 0
         self.phase = "idle"
         self._run: dict[str, Any] | None = None
         self._completed_run: dict[str, Any] | None = None  # the settings of completed_result
@@ -347,7 +351,11 @@ class FinetunePanel(TrainsLive, Panel):
         self.save_button = widgets.Button(
             layout=widgets.Layout(width="max-content"), description="Save model", icon="save", disabled=True
         )
-        self.key_added = widgets.Text(value="cellkit_pred", layout=widgets.Layout(width="200px"))
+        self.key_added = widgets.Text(
+            value="cellkit_pred",
+            layout=widgets.Layout(width="200px"),
+            tooltip="the obs column the predicted labels go to (key_added= of cellkit.predict)",
+        )
         self.predict_button = widgets.Button(
             layout=widgets.Layout(width="max-content"),
             description="Write predictions",
@@ -355,6 +363,9 @@ class FinetunePanel(TrainsLive, Panel):
             disabled=True,
             tooltip="cellkit.predict(adata, model, key_added=...) on every cell",
         )
+
+        # the job row of "Write predictions" (bar, estimate, Cancel)
+        self.jobs = JobProgress(css_prefix="cellkit-finetune-job")
 
         self.start_button.on_click(lambda _b: self.start())
         self.resume_button.on_click(lambda _b: self.resume())
@@ -406,7 +417,8 @@ class FinetunePanel(TrainsLive, Panel):
             widgets.HBox([self.confusion_box, self.report_html]),
             widgets.HBox([self.use_button]),
             widgets.HBox([labelled("Save to", self.save_path), self.overwrite, self.save_button]),
-            widgets.HBox([labelled("key_added", self.key_added), self.predict_button]),
+            widgets.HBox([labelled("Predictions column", self.key_added, "150px"), self.predict_button]),
+            self.jobs,
         ]
         self.state.observe(self._on_data, names="adata")
         self.state.observe(self._on_model, names="model")
@@ -627,8 +639,10 @@ class FinetunePanel(TrainsLive, Panel):
         name = self.state.active_selection
         where = f"selection “{name}”" if name else "all cells"
         self.run_cells = n_cells
+        self.runs_started += 1
         self.run_html.value = (
-            f"This run: <span class='cellkit-run-cells' data-cells='{n_cells}'><b>{n_cells:,}</b> cells</span> "
+            f"<span class='cellkit-run-number' data-run='{self.runs_started}'>Run {self.runs_started}</span>: "
+            f"<span class='cellkit-run-cells' data-cells='{n_cells}'><b>{n_cells:,}</b> cells</span> "
             f"({html.escape(where)}, from {html.escape(source)})"
         )
         if self.completed_result is not None:
@@ -705,8 +719,13 @@ class FinetunePanel(TrainsLive, Panel):
         """Predict every cell of ``state.adata`` with the fine-tuned model (background thread).
 
         Writes ``obs[key_added]``, ``obs[key_added + "_confidence"]``,
-        ``obsm[key_added + "_probabilities"]`` and ``uns[key_added]`` (see :func:`cellkit.predict`);
-        ``panel.wait()`` joins the thread.
+        ``obsm[key_added + "_probabilities"]`` and ``uns[key_added]`` (see :func:`cellkit.predict`).
+        While it runs :attr:`jobs` shows the progress (tokenizing, then predicting) and Cancel
+        stops it before anything is written.
+
+        Returns
+        -------
+        The background thread (``panel.wait()`` joins it), or ``None`` on a bad setting (see the message).
         """
         import cellkit
 
@@ -718,19 +737,23 @@ class FinetunePanel(TrainsLive, Panel):
             raise ConfigError("A job of this panel is still running; wait for it first.")
         key = str(self.key_added.value if key_added is None else key_added).strip()
         if not key:
-            raise ConfigError("Enter a key_added name for the predictions (e.g. 'cellkit_pred').")
+            raise ConfigError(
+                "Enter a name for the predictions column (e.g. 'cellkit_pred').", param="key_added"
+            )
         run = self._completed_run or {}  # the settings the usable model was trained with
         label_key = run.get("kwargs", {}).get("label_key")
         if key == label_key:
-            raise ConfigError(f"key_added={key!r} is the label column; choose another name.")
+            raise ConfigError(
+                f"The predictions column {key!r} is the label column; choose another name.", param="key_added"
+            )
         self.key_added.value = key
         replaced = [k for k in (key, f"{key}_confidence") if k in adata.obs.columns]
         opts = run.get("kwargs", {}).get("tokenize_options")
         model = result.model
         self.show_message(f"Predicting {adata.n_obs:,} cells…", "info")
 
-        def work() -> int:
-            cellkit.predict(adata, model, key_added=key, tokenize_options=opts, progress=False)
+        def compute(progress: Any) -> int:
+            cellkit.predict(adata, model, key_added=key, tokenize_options=opts, progress=progress)
             return int(adata.n_obs)
 
         def done(n: int) -> None:
@@ -742,7 +765,15 @@ class FinetunePanel(TrainsLive, Panel):
             self.refresh()
             self.state.obs_changed()
 
-        return self.run_in_background(work, name="predict", on_done=done)
+        self.jobs.run(
+            self,
+            compute,
+            name="Writing predictions",
+            buttons=[self.predict_button, self.start_button, self.resume_button],
+            on_done=done,
+            background=True,
+        )
+        return self._job
 
     def _need_result(self) -> Any:
         result = self._completed()
@@ -774,14 +805,21 @@ class FinetunePanel(TrainsLive, Panel):
                     resume=resume,
                     stop_event=self.live.stop_event,
                     callbacks=callbacks,
-                    progress=False,
+                    progress=self.live.preparing(),  # the bar follows the tokenizing; Stop cancels it
                 )
+            except Cancelled as exc:  # Stop while the cells were tokenized: nothing trained
+                self._cancelled(exc)
+                return None
             except BaseException:
                 self._failed()
                 raise
 
+        def done(result: Any) -> None:
+            if result is not None:
+                self._finish(result)
+
         try:
-            return self.run_in_background(work, name="finetune", on_done=self._finish)
+            return self.run_in_background(work, name="finetune", on_done=done)
         except BaseException:
             self._failed()
             raise
@@ -794,6 +832,18 @@ class FinetunePanel(TrainsLive, Panel):
         self.live.fail(note)
         _remove_dir((self._run or {}).get("checkpoint_dir"))
         self._set_phase("failed")
+
+    def _cancelled(self, exc: Exception) -> None:
+        """Stop was clicked before the training started (while the cells were tokenized)."""
+        kept = (
+            " The last completed fine-tune is still usable (Use / Save / Write predictions)."
+            if self.completed_result is not None
+            else ""
+        )
+        self.live.cancelled(str(exc))
+        _remove_dir((self._run or {}).get("checkpoint_dir"))
+        self._set_phase("idle")
+        self.show_message(f"Stopped before training started: {exc} Click “Start” to begin again.{kept}", "warning")
 
     def _finish(self, result: Any) -> None:
         """Runs on the training thread after :func:`cellkit.finetune` returned."""

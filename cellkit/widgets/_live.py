@@ -264,6 +264,32 @@ class LiveTraining(widgets.VBox):
         self.validations = [r for r in self.validations if r["step"] <= step]
         self.epochs = [r for r in self.epochs if r["epoch"] < epoch]
 
+    def preparing(self) -> Any:
+        """A :class:`cellkit.Progress` for the step before the training (tokenizing the cells).
+
+        Pass it as ``progress=`` to :func:`cellkit.finetune`: the bar and the status line follow
+        the tokenizing (count, elapsed, an estimate), and Stop cancels it (the call raises
+        :class:`cellkit.Cancelled` before any training). Call after :meth:`reset`.
+        """
+        from cellkit import Progress
+
+        def show(done: int, total: int) -> None:
+            now = time.monotonic()
+            if 0 < done < total and now - self._last_push < self.update_interval:
+                return
+            self._last_push = now
+            self.progress.max, self.progress.value = max(total, 1), min(done, max(total, 1))
+            parts = [
+                f"{(tracker.desc or 'preparing').capitalize()} before training: {done:,} of {total:,} {tracker.unit}s",
+                f"{seconds_text(tracker.elapsed)} elapsed",
+            ]
+            if tracker.eta is not None:
+                parts.append(f"ETA {seconds_text(tracker.eta)}")
+            self.status_html.value = html.escape(" · ".join(parts))
+
+        tracker = Progress(show, stop_event=self.stop_event)
+        return tracker
+
     def request_stop(self) -> None:
         """Ask the run to stop at the end of the current step (thread-safe); disables Stop."""
         self.stop_requested = True
@@ -302,6 +328,13 @@ class LiveTraining(widgets.VBox):
         self.progress.bar_style = "danger"
         where = self.where() or " before training started"
         self.status_html.value = html.escape(f"failed{where}" + (f"; {note}" if note else ""))
+
+    def cancelled(self, note: str) -> None:
+        """Stop ended the step before the training (see :meth:`preparing`): say so, disable Stop."""
+        self.status = "stopped"
+        self.stop_button.disabled = True
+        self.progress.bar_style = "warning"
+        self.status_html.value = html.escape(f"stopped before training: {note}")
 
     def show_history(self, history: Any, status: str) -> None:
         """Show a finished or loaded run's records (a :class:`~cellkit.train.History`) with a status.

@@ -9,7 +9,6 @@ curve and stops on Stop, and the attention heatmap draws. Screenshots of every t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -368,6 +367,7 @@ def test_perturbation_response_panel_is_its_own_tab(page):
 # --- issue 17: selections and failed starts
 def _fresh_demo(page) -> None:
     """Self-contained start: the demo model (unless loaded) and the demo PBMCs (drops every selection)."""
+    _no_finetune_running(page)
     _demo_model_loaded(page)
     tab(page, "Data")
     click(page, "Demo PBMCs")
@@ -393,21 +393,42 @@ def _set_number(page, label: str, value) -> None:
     box.press("Enter")
 
 
-def _run_cells(page, expected: int) -> int:
-    """The number of cells the fine-tune's last started run uses (the panel's ``run_cells``).
+def _run_number(page) -> int:
+    """The number of the fine-tune's last started run (its run line's ``data-run``; 0 before any)."""
+    numbers = page.locator(f"{ACTIVE} .cellkit-finetune-panel .cellkit-run-number")
+    return int(numbers.first.get_attribute("data-run")) if numbers.count() else 0
 
-    Waits until it reads ``expected``: right after Start the line may still be the previous run's.
+
+def _start_run(page) -> int:
+    """Click the fine-tune's Start; wait for the kernel to start the run; its number of cells.
+
+    Waits for a new run number: right after the click the run line is still the previous run's
+    (on a busy machine for seconds), and reading it then would judge the wrong run.
     """
-    span = visible(page, ".cellkit-run-cells")
-    span.wait_for(timeout=60_000)
-    with contextlib.suppress(Exception):  # on a timeout, report what it says instead
+    before = _run_number(page)
+    click(page, "Start")
+    page.wait_for_function(
+        "n => [...document.querySelectorAll('.cellkit-finetune-panel .cellkit-run-number')]"
+        ".some(e => e.offsetParent !== null && Number(e.getAttribute('data-run')) > n)",
+        arg=before,
+        timeout=120_000,
+    )
+    return int(visible(page, ".cellkit-run-cells").get_attribute("data-cells"))
+
+
+def _no_finetune_running(page) -> None:
+    """Stop a fine-tune an earlier (failed) test left running, so this test starts from idle."""
+    tab(page, "Fine-tune")
+    start = visible(page, "button.cellkit-finetune-start")
+    if start.is_disabled():
+        stop = visible(page, "button.cellkit-finetune-stop")
+        if stop.is_enabled():
+            stop.click()
         page.wait_for_function(
-            "n => [...document.querySelectorAll('.cellkit-run-cells')]"
-            ".some(e => e.offsetParent !== null && e.getAttribute('data-cells') === String(n))",
-            arg=expected,
-            timeout=60_000,
+            "() => [...document.querySelectorAll('.cellkit-finetune-panel button.cellkit-finetune-start')]"
+            ".some(b => b.offsetParent && !b.disabled)",
+            timeout=180_000,
         )
-    return int(span.get_attribute("data-cells"))
 
 
 def test_issue17_all_cells_after_a_saved_selection_trains_on_all_cells(page):
@@ -438,8 +459,7 @@ def test_issue17_all_cells_after_a_saved_selection_trains_on_all_cells(page):
     assert "mono" not in panel.locator(".cellkit-finetune-cells").inner_text()
     assert "700" in panel.locator(".cellkit-finetune-cells").inner_text()
     assert "mono" not in _cells_bar(page)
-    click(page, "Start")
-    assert _run_cells(page, 700) == 700
+    assert _start_run(page) == 700
     assert "all cells" in visible(page, ".cellkit-finetune-run").inner_text()
     click(page, "Stop")
     page.wait_for_function(
@@ -471,8 +491,7 @@ def test_issue17_a_failed_start_keeps_the_previous_result_usable(page):
         ".p-Accordion-header, .lm-AccordionPanel-title, .jupyter-widget-Collapse-header"
     ).first.click()
     _set_number(page, "Max genes / cell", 32)
-    click(page, "Start")
-    assert _run_cells(page, 700) == 700
+    assert _start_run(page) == 700
     use = visible(page, "button:has-text('Use trained model')")
     page.wait_for_function(
         "() => [...document.querySelectorAll('.cellkit-finetune-panel .cellkit-msg.cellkit-ok')]"
@@ -669,12 +688,20 @@ def test_long_step_shows_a_moving_bar_a_disabled_start_and_cancel_stops_it(page)
         visible(page, f".cellkit-perturb-{box} input").fill(value)
         visible(page, f".cellkit-perturb-{box} input").press("Tab")
     run = visible(page, "button.cellkit-perturb-run")
+    assert run.is_enabled()
     run.click()
     visible(page, ".cellkit-perturb-job").wait_for(state="visible", timeout=30_000)
+    # the row may still show an earlier job (its bar full) until the kernel starts this one: wait for
+    # this job's own count line before reading the bar
+    status = _poll(
+        lambda: visible(page, ".cellkit-perturb-job-status").inner_text(),
+        lambda t: "of 122 perturbations" in t and "elapsed" in t,
+        180,
+        "this job never reported its count",
+    )
+    assert run.is_disabled(), f"Run is clickable while its job runs ({status})"
     first = _poll(lambda: _job_bar(page, "cellkit-perturb-job"), lambda v: v > 0, 180, "the bar never moved")
-    assert run.is_disabled(), "Run is clickable while its job runs"
-    status = visible(page, ".cellkit-perturb-job-status").inner_text()
-    assert "of 122 perturbations" in status and "elapsed" in status, status
+    assert first < 100, first
     moved = _poll(lambda: _job_bar(page, "cellkit-perturb-job"), lambda v: v > first, 120, "the bar stopped")
     _poll(
         lambda: visible(page, ".cellkit-perturb-job-status").inner_text(),

@@ -211,7 +211,7 @@ def test_option_widgets_for_the_demo_model(panel):
     assert list(panel.option_widgets) == [s.name for s in SCHEME_OPTIONS["scgpt"]]
     opts = panel.options()
     assert opts["normalize_total"] is None  # DEMO_TOKENIZE_OPTIONS: .raw is already normalised
-    assert opts["max_len"] is None and opts["n_bins"] is None and opts["include_zero"] is False
+    assert opts["max_length"] is None and opts["n_bins"] is None and opts["include_zero"] is False
     assert opts["mode"] == "deterministic" and opts["seed"] == 0
     assert opts["case_fold"] is None and opts["strip_versions"] is None  # the scheme decides (mode)
     assert panel.option_widgets["case_fold"].label == "scheme default"
@@ -226,12 +226,12 @@ def test_option_widgets_for_the_demo_model(panel):
     panel.matrix.value = "X"
     assert [label for label, _ in panel.option_widgets["genes"].options] == ["all genes", "highly_variable"]
     panel.matrix.value = "auto"
-    panel.option_widgets["max_len"].value = "64"
+    panel.option_widgets["max_length"].value = "64"
     panel.option_widgets["normalize_total"].value = "1e4"
-    assert panel.options()["max_len"] == 64 and panel.options()["normalize_total"] == 10_000.0
+    assert panel.options()["max_length"] == 64 and panel.options()["normalize_total"] == 10_000.0
     # a model change keeps the family's widgets, with that model's defaults
     panel.state.set_model(demo_model(), source="demo")
-    assert panel.options()["max_len"] is None and panel.options()["normalize_total"] is None
+    assert panel.options()["max_length"] is None and panel.options()["normalize_total"] is None
     # other schemes offer their own options
     panel.scheme.value = "geneformer"
     assert list(panel.option_widgets) == [s.name for s in SCHEME_OPTIONS["geneformer"]]
@@ -241,9 +241,9 @@ def test_option_widgets_for_the_demo_model(panel):
     assert panel.options()["phenotype_columns"] == ("bulk_labels",)
 
 
-@pytest.mark.parametrize(("text", "expected"), [("abc", "max_len must be a number"), ("2.5", "whole number")])
+@pytest.mark.parametrize(("text", "expected"), [("abc", "max_length must be a number"), ("2.5", "whole number")])
 def test_bad_option_values(panel, state, text, expected):
-    panel.option_widgets["max_len"].value = text
+    panel.option_widgets["max_length"].value = text
     with pytest.raises(ConfigError, match=expected):
         panel.options()
     assert panel.tokenize() is None and state.tokens is None
@@ -268,7 +268,7 @@ def test_tokenize_a_selection(panel, state, pbmc):
     assert state.busy == "" and panel.progress.outcome == "done"  # the job row says it finished
     assert panel.progress.bar.value == 1.0 and not panel.tokenize_button.disabled
     # options reach the tokenizer
-    panel.option_widgets["max_len"].value = "32"
+    panel.option_widgets["max_length"].value = "32"
     short = panel.tokenize()
     assert short is state.tokens and int(short.lengths.max()) <= 32 and len(short) == 150
     assert short.max_length == 32 and [sh.x0 for sh in hist.layout.shapes] == [32]  # the limit is drawn

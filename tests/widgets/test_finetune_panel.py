@@ -160,6 +160,49 @@ def test_write_predictions_only_after_the_click(done):
     assert panel.write_predictions(key_added=LABEL) is None and "label column" in panel.message_text
     assert panel.write_predictions(key_added=" ") is None and isinstance(panel.last_error, ConfigError)
 
+    # the job row followed it to the end
+    assert panel.jobs.outcome == "done" and "done in" in panel.jobs.status.value
+
+
+def test_write_predictions_shows_a_job_row_and_cancel_writes_nothing(done):
+    panel, adata = done.panel, done.state.adata
+    key = "ft_cancelled"
+    panel.key_added.value = key
+    panel.predict_button.click()
+    assert panel.jobs.running and panel.predict_button.disabled and panel.start_button.disabled
+    panel.jobs.cancel()  # at the next batch, before anything is written
+    panel.wait(TIMEOUT)
+    assert panel.jobs.outcome == "cancelled" and "cancelled after" in panel.jobs.status.value
+    assert key not in adata.obs.columns and f"{key}_probabilities" not in adata.obsm
+    assert "Cancelled" in panel.message_text and panel.last_error is None
+    assert not panel.predict_button.disabled and not panel.start_button.disabled  # back as they were
+
+
+def test_stop_while_tokenizing_ends_the_run_before_training(state):
+    """The run tokenizes the AnnData first (its own max genes): the bar follows it, Stop cancels it."""
+    panel = _panel(state)
+    seen: list[str] = []
+    panel.extra_callbacks = [lambda event: seen.append(event.kind)]
+    assert panel.start() is not None, panel.message_text
+    panel.stop()
+    _finish(panel)
+    assert seen == [] and panel.result is None and panel.phase == "idle"  # no training event at all
+    assert "Stopped before training started" in panel.message_text and panel.last_error is None
+    assert "stopped before training" in panel.status_html.value
+    assert not panel.start_button.disabled and panel.resume_button.disabled  # nothing to resume
+
+
+def test_the_bar_follows_the_tokenizing_of_a_run(state):
+    panel = _panel(state, epochs=1)
+    lines: list[str] = []
+    panel.update_interval = 0.0
+    panel.extra_callbacks = [lambda event: lines.append(panel.status_html.value)]
+    panel.status_html.observe(lambda change: lines.append(change["new"]), names="value")
+    assert panel.start() is not None, panel.message_text
+    _finish(panel)
+    assert panel.phase == "done", panel.message_text
+    assert any("before training: 160 of 160 cells" in line for line in lines), lines[:5]
+
 
 def test_use_trained_model_updates_state(done):
     panel, state = done.panel, done.state
@@ -483,7 +526,7 @@ def test_the_run_says_which_cells_it_uses(state):
     state.use_all_cells()
     assert "all 700 cells" in panel.cells_html.value
     panel.lr.value = 0.0  # refused at once: nothing starts, the count of the last run stays 0
-    assert panel.start() is None and panel.run_cells == 0
+    assert panel.start() is None and panel.run_cells == 0 and panel.runs_started == 0
     panel.lr.value = 1e-4
 
     def stop_at_once(event):
@@ -494,6 +537,8 @@ def test_the_run_says_which_cells_it_uses(state):
     panel.start()
     assert panel.run_cells == 700 and "data-cells='700'" in panel.run_html.value
     assert "all cells" in panel.run_html.value
+    # runs are numbered, so the line of a new run is told from the last one's (same cells, same words)
+    assert panel.runs_started == 1 and "Run 1</span>:" in panel.run_html.value
     _finish(panel)
 
 

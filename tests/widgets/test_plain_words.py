@@ -28,7 +28,7 @@ def studio(pbmc, demo):
 @pytest.mark.parametrize(
     ("name", "words"),
     [
-        ("max_len", "Max genes per cell"),
+        ("max_length", "Max genes per cell"),
         ("n_bins", "Expression bins"),
         ("include_zero", "Keep zero-expression genes"),
         ("normalize_total", "Normalise to total counts"),
