@@ -83,6 +83,8 @@ class Panel(widgets.VBox):
         #: how the panel names options it has no error line for (``val_size`` -> "Validation fraction")
         self.option_words: dict[str, str] = {}
         self._fixes: dict[str, str] = {}
+        # an error about the old data or model is stale once new ones arrive
+        self.state.observe(lambda _change: self.clear_errors(), names=["adata", "model"])
 
     # -- messages
     def show_message(self, text: str, kind: str = "info", *, details: str | None = None) -> None:

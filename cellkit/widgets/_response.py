@@ -143,7 +143,11 @@ class PerturbationResponsePanel(TrainsLive, JobPanel):
             layout={"title": "Predicted expression change", "height": 360, "width": 760}
         )
         self.response_fig.add_class("cellkit-perturb-response")
-        self.response_html = widgets.HTML()
+        # empty axes say nothing: the chart shows once there is a prediction
+        self.response_box = widgets.Box([self.response_fig], layout=widgets.Layout(display="none"))
+        self.response_html = widgets.HTML(
+            "<i>Train or load a response model, then Predict: the predicted change per gene shows here.</i>"
+        )
         self.response_html.add_class("cellkit-perturb-response-table")
         self.prediction_path = widgets.Text(
             placeholder="prediction.csv", layout=widgets.Layout(width="320px")
@@ -196,7 +200,7 @@ class PerturbationResponsePanel(TrainsLive, JobPanel):
             widgets.HBox([self.model_path, self.load_button, self.save_button]),
             widgets.HBox([labelled("Perturbations", self.perturbations, "95px")]),
             widgets.HBox([labelled("Top genes", self.top_k, "75px"), self.predict_button]),
-            self.response_fig,
+            self.response_box,
             self.response_html,
             widgets.HBox([self.prediction_path, self.prediction_export_button]),
         ]
@@ -529,6 +533,7 @@ class PerturbationResponsePanel(TrainsLive, JobPanel):
         self.prediction, self.response_table, self.evaluation = pred, table, evaluation
         fig = cv.perturbation_response(table, top_k=top_k)
         cv.draw_into(self.response_fig, fig.update_layout(height=360, width=760))
+        self.response_box.layout.display = None
         labels = [str(c) for c in pred.columns]
         top = table.groupby("perturbation", sort=False).head(top_k)
         body = "<b>Top predicted changes</b>" + html_table(top, max_rows=max(50, top_k * len(labels)))

@@ -81,8 +81,11 @@ def test_controls_follow_state(pbmc):
     assert panel.response_fig._dom_classes == ("cellkit-perturb-response",)
     assert panel.condition_key.value == ""  # PBMCs have no condition column
     assert panel.predict_button.disabled and panel.save_button.disabled and panel.stop_button.disabled
+    assert panel.response_box.layout.display == "none" and "then Predict" in panel.response_html.value  # no empty axes
+    assert panel.train(background=False) is None and "cellkit-error" in panel.message.value  # no condition column
     state.set_adata(_synthetic())
     assert panel.condition_key.value == "condition"
+    assert panel.message.value == ""  # the error was about the old data
 
 
 # ================================================================================ training
@@ -127,7 +130,7 @@ def test_predict_seen_single_and_unseen_double(trained, tmp_path):
     assert [tr.name for tr in panel.response_fig.data] == [single, double, f"{single} observed"]
     assert [tr.type for tr in panel.response_fig.data] == ["bar", "bar", "scatter"]
     assert len(panel.response_fig.data[0].x) == 8
-    assert panel.response_fig.layout.width == 760
+    assert panel.response_fig.layout.width == 760 and panel.response_box.layout.display is None
     ev = cellkit.evaluate_perturbation(adata, pred[[single]])
     pd.testing.assert_frame_equal(panel.evaluation, ev)
     assert single in panel.evaluation.index and double not in panel.evaluation.index  # no observed cells
