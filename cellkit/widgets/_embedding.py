@@ -734,8 +734,19 @@ class EmbeddingPanel(Panel):
             self._trace_sel = {}
             self._draw()  # viz.embedding(selected=...) marks them; only selectedpoints change
             if not len(self.pending):
-                self.figure.layout.selections = ()  # also drop the lasso / box outline in the browser
+                self._drop_outline()
         self._update_selection_label()
+
+    def _drop_outline(self) -> None:
+        """Remove the lasso / box outline the browser drew.
+
+        The outline lives in the browser's copy of the layout only (the kernel's ``selections``
+        is already empty), so clearing it there is no change and never sent: send a placeholder
+        shape far outside the data (it selects nothing), then the empty list.
+        """
+        far = 1e30
+        self.figure.layout.selections = ({"type": "rect", "x0": far, "x1": far, "y0": far, "y1": far},)
+        self.figure.layout.selections = ()
 
     def _update_selection_label(self) -> None:
         n = len(self.pending)

@@ -248,6 +248,13 @@ def test_finetune_live_curve_grows_and_stop_ends_it(page):
     page.wait_for_function(
         "() => [...document.querySelectorAll('.cellkit-selection-count')].some(e => e.offsetParent && /No cells/.test(e.textContent))"
     )
+    # the earlier lasso's dashed outline is gone from the plot too
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.cellkit-embedding-plot.js-plotly-plot')]"
+        ".filter(gd => gd.offsetParent).every(gd => !(gd.layout.selections || []).length"
+        " && !gd.querySelector('.selectionlayer path'))",
+        timeout=30_000,
+    )
     lasso(page, [(0.01, 0.01), (0.99, 0.01), (0.99, 0.99), (0.01, 0.99)])
     assert selected_count(page) == 700
     visible(page, ".cellkit-selection-name input").fill("everything")
