@@ -422,7 +422,9 @@ class FinetunePanel(TrainsLive, Panel):
         ]
         self.state.observe(self._on_data, names="adata")
         self.state.observe(self._on_model, names="model")
-        self.state.observe(self._on_cells, names=["active_selection", "selections"])
+        self.state.observe(self._on_cells, names=["active_selection", "selections", "tokens"])
+        for control in (self.label_key, self.batch_key, self.max_genes):  # they decide if the tokens serve
+            control.observe(self._refresh_cells, names="value")
         self.state.observe(self._on_data, names="obs_version")
         for part in (self.val_size, self.test_size):  # the split decides the smallest usable class
             part.observe(lambda _c: self._refresh_labels(), names="value")
@@ -501,10 +503,23 @@ class FinetunePanel(TrainsLive, Panel):
         self._refresh_objectives()
         self._set_phase(self.phase)
 
-    def _refresh_cells(self) -> None:
+    def _refresh_cells(self, _change: Any = None) -> None:
         note = self.state.cells_note()
-        if self.state.adata is not None:
+        adata = self.state.adata
+        if adata is not None:
             note += " (the Data tab chooses them)."
+            if self.state.tokens is not None:  # the header counts the Data tab's tokens: say if they serve
+                try:
+                    _, _, source = self._data_for(adata, self.settings())
+                except Exception:  # a stale selection: the cells note says so
+                    source = ""
+                if source == "the AnnData":
+                    note += (
+                        " The run tokenizes them itself: the Data tab's tokens hold other cells, lack the"
+                        " label column, or Max genes / cell is set."
+                    )
+                elif source:
+                    note += " The run uses the Data tab's tokens."
         self.cells_html.value = note
 
     def _refresh_objectives(self) -> None:

@@ -567,3 +567,21 @@ def test_too_small_classes_show_beside_the_label_column_in_plain_words(state):
     panel.start()
     assert panel.error_text("label_key") == ""
     assert panel.last_error is not None and "n_genes" not in panel.message_text
+
+
+def test_the_cells_line_says_whether_the_run_uses_the_data_tabs_tokens(state):
+    """The header counts the Data tab's tokens; the fine-tune line says if the run uses them or tokenizes anew."""
+    import cellkit
+
+    panel = FinetunePanel(state)
+    panel.label_key.value = LABEL
+    assert "Data tab's tokens" not in panel.cells_html.value  # none yet
+    state.tokens = cellkit.tokenize(state.adata, state.model, obs_columns=[LABEL], progress=False)
+    assert "The run uses the Data tab's tokens" in panel.cells_html.value
+    panel.max_genes.value = 32  # its own tokenizing options
+    assert "tokenizes them itself" in panel.cells_html.value
+    panel.max_genes.value = 0
+    state.add_selection("first 100", np.arange(100))  # other cells than the tokens hold
+    assert "tokenizes them itself" in panel.cells_html.value and "100" in panel.cells_html.value
+    state.use_all_cells()
+    assert "The run uses the Data tab's tokens" in panel.cells_html.value
