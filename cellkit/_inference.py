@@ -21,6 +21,7 @@ Two layers:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ __all__ = [
     "ChunkPlan",
     "ChunkRun",
     "ResultStore",
+    "check_precision",
     "inference_batches",
     "model_fingerprint",
     "read_cells",
@@ -148,23 +150,34 @@ def _windows(
         yield start, read_cells(tokens, start, min(n, start + window))
 
 
-def _precision_context(model: nn.Module, dev: torch.device, precision: str | None, amp: str | None) -> Any:
-    """The autocast context of a ``precision=`` (or of its older alias ``amp=``)."""
+def check_precision(precision: str | None, amp: str | None = None) -> None:
+    """Refuse an unknown ``precision`` (or one this installation cannot run) before any work."""
     if amp is not None and precision not in (None, "fp32"):
         raise ConfigError(f"Pass precision={precision!r} or its older alias amp={amp!r}, not both.")
+    if amp is not None and amp not in ("bf16", "fp16"):
+        raise ConfigError(f"amp must be 'bf16', 'fp16' or None, got {amp!r}.")
     if precision in (None, "fp32"):
-        if amp:
-            return torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-        return torch.autocast(dev.type, enabled=False)
+        return
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     try:
-        from .core.precision import precision_context
+        importlib.import_module("cellkit.core.precision")
     except ImportError:
         raise ConfigError(
             f"precision={precision!r} needs cellkit.core.precision, which this installation lacks; use "
             "precision='fp32'."
         ) from None
+
+
+def _precision_context(model: nn.Module, dev: torch.device, precision: str | None, amp: str | None) -> Any:
+    """The autocast context of a ``precision=`` (or of its older alias ``amp=``)."""
+    check_precision(precision, amp)
+    if precision in (None, "fp32"):
+        if amp:
+            return torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        return torch.autocast(dev.type, enabled=False)
+    from .core.precision import precision_context
+
     return precision_context(model, dev, precision)
 
 

@@ -250,3 +250,37 @@ def test_torchrun_killed_job_resumes(files, tmp_path):
     again = _cli(["embed", data, "--output", out, *opts], nproc=2)
     assert f"8 chunks: {8 - done} computed, {done} found done earlier" in again.stdout
     np.testing.assert_array_equal(np.load(out / "X_cellkit.npy"), np.load(tmp_path / "one" / "X_cellkit.npy"))
+
+
+def test_bf16_goes_through_core_precision(adata, model, monkeypatch):
+    """precision='bf16' uses cellkit.core.precision.precision_context (faked here: it records the call)."""
+    import contextlib
+    import types
+
+    seen = []
+
+    @contextlib.contextmanager
+    def precision_context(m, device, precision):
+        seen.append((m is model, device.type, precision))
+        yield
+
+    fake = types.ModuleType("cellkit.core.precision")
+    fake.precision_context = precision_context
+    monkeypatch.setitem(sys.modules, "cellkit.core.precision", fake)
+    import cellkit.core
+
+    monkeypatch.setattr(cellkit.core, "precision", fake, raising=False)
+    tokens = tokenize(adata, model, progress=False)
+    got = cell_embeddings(model, tokens, batch_size=8, progress=False, device="cpu", precision="bf16")
+    assert seen == [(True, "cpu", "bf16")]
+    np.testing.assert_array_equal(got, cell_embeddings(model, tokens, batch_size=8, progress=False))
+
+
+def test_bf16_without_core_precision_fails_before_work(adata, model, tmp_path, monkeypatch):
+    import cellkit.core
+
+    monkeypatch.setitem(sys.modules, "cellkit.core.precision", None)  # as if the module were absent
+    monkeypatch.delattr(cellkit.core, "precision", raising=False)
+    with pytest.raises(ConfigError, match=r"cellkit\.core\.precision"):
+        embed_cells(adata, model, output=tmp_path / "e", precision="bf16", **EMBED)
+    assert not (tmp_path / "e").exists()

@@ -44,6 +44,7 @@ from .._inference import (
     ChunkPlan,
     ChunkRun,
     ResultStore,
+    check_precision,
     model_fingerprint,
     read_cells,
     resolve_device,
@@ -197,7 +198,15 @@ class _Source:
         """``obs_names`` of cells ``a:b`` of the job (input order)."""
         if self.is_adata:
             return np.asarray(self.data.obs_names[self.positions[a:b]]).astype(str)
-        return np.asarray(read_cells(self.data, a, b).obs_names).astype(str)
+        if isinstance(self.data, TokenizedCells):
+            return np.asarray(self.data.obs_names[a:b]).astype(str)
+        offsets, parts = self.data.shard_offsets, []  # a shard directory: names only, no tokens
+        k = int(np.searchsorted(offsets, a, side="right") - 1)
+        while k < self.data.n_shards and offsets[k] < b:
+            s0 = int(offsets[k])
+            parts.append(np.asarray(self.data.shard(k).obs_names[max(a, s0) - s0 : b - s0]).astype(str))
+            k += 1
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=str)
 
     def tokens(self, a: int, b: int) -> TokenizedCells:
         """Cells ``a:b`` of the job, tokenized (an AnnData's chunk is tokenized now)."""
@@ -237,9 +246,15 @@ def _rows_of(names: np.ndarray, tokens: TokenizedCells) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ writing
 def _write_names(source: _Source, plan: ChunkPlan, dest: Path) -> None:
-    with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
-        names = np.concatenate([source.names(*plan.bounds(k)) for k in range(plan.n_chunks)])
-        np.save(fh, names.astype(str), allow_pickle=False)
+    """``obs_names.npy`` (fixed-width unicode), filled chunk by chunk through a memory map."""
+    width = max(max((len(n) for n in source.names(*plan.bounds(k))), default=1) for k in range(plan.n_chunks))
+    with atomic_path(dest) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=f"<U{max(width, 1)}", shape=(plan.n_cells,))
+        for k in range(plan.n_chunks):
+            a, b = plan.bounds(k)
+            arr[a:b] = source.names(a, b)
+        arr.flush()
+        del arr
 
 
 def _write_h5ad(
@@ -363,6 +378,7 @@ def embed_to_output(
     if chunk_size < 1 or batch_size < 1:
         raise ConfigError("chunk_size and batch_size must be >= 1.")
     resolve_hidden_layer(model, hidden_layer)
+    check_precision(precision, amp)
     source = _Source(
         data,
         model,
@@ -484,6 +500,7 @@ def predict_to_output(
         )
     if chunk_size < 1 or batch_size < 1:
         raise ConfigError("chunk_size and batch_size must be >= 1.")
+    check_precision(precision)
     classes = [str(c) for c in (head.get("labels") or range(head["n_classes"]))]
     source = _Source(
         data,
