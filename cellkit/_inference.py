@@ -135,19 +135,25 @@ def read_cells(tokens: TokenizedCells | ShardedTokens, start: int, stop: int) ->
     return cells
 
 
-def _windows(
-    tokens: TokenizedCells | ShardedTokens, window: int | None
-) -> Iterator[tuple[int, TokenizedCells]]:
+def _windows(tokens: Any, window: int | None) -> Iterator[tuple[int, Any]]:
+    """``(start, cells)``: consecutive cells sorted into batches together.
+
+    A shard directory is read ``window`` (default :data:`DEFAULT_WINDOW`) cells at a time; other
+    containers (in-memory tokens, or any object with ``lengths`` and ``cell(i)``) are one window
+    unless ``window`` is given for in-memory tokens.
+    """
     n = len(tokens)
-    if window is None:
-        if isinstance(tokens, TokenizedCells):
-            yield 0, tokens
-            return
-        window = DEFAULT_WINDOW
-    if window < 1:
+    if window is not None and window < 1:
         raise ConfigError(f"window must be >= 1 cells, got {window}.")
-    for start in range(0, n, window):
-        yield start, read_cells(tokens, start, min(n, start + window))
+    if isinstance(tokens, ShardedTokens):
+        step = window or DEFAULT_WINDOW
+    elif isinstance(tokens, TokenizedCells) and window is not None:
+        step = window
+    else:
+        yield 0, tokens
+        return
+    for start in range(0, n, step):
+        yield start, read_cells(tokens, start, min(n, start + step))
 
 
 def check_precision(precision: str | None, amp: str | None = None) -> None:
@@ -184,7 +190,7 @@ def _precision_context(model: nn.Module, dev: torch.device, precision: str | Non
 @torch.inference_mode()
 def run_inference(
     model: nn.Module,
-    tokens: TokenizedCells | ShardedTokens,
+    tokens: TokenizedCells | ShardedTokens | Any,
     fn: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     *,
     heads: tuple[str, ...] = (),

@@ -4,7 +4,11 @@
 atlas never sits in memory), runs the encoder without any vocabulary-sized head, pools each cell
 (``cls`` / ``mean`` over non-pad tokens / value-``weighted``) from the chosen layer and writes the
 vectors to ``adata.obsm[key_added]`` in the input order. Results do not depend on the batch size
-or on the bucketing.
+or on the bucketing (beyond float rounding, ~1e-7: the bits follow ``batch_size`` and ``chunk_size``).
+
+For atlases, ``embed_cells(adata_or_shards, model, output="out.h5ad" | "store_dir")`` writes the
+vectors to a file instead, chunk by chunk, resumably and in parallel under ``torchrun`` (the same
+bits for any number of processes); see :mod:`cellkit.analysis.atlas` and ``cellkit embed --help``.
 
 Reference semantics, when asked:
 
