@@ -124,7 +124,8 @@ def test_selected_cells_only_rows_nan_elsewhere(adata, model, tmp_path):
     assert np.isnan(got[adata.obs["cell_type"] != "type1"]).all()
 
 
-def test_killed_run_resumes_and_skips_done_chunks(adata, model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["emb", "emb.h5ad"])
+def test_killed_run_resumes_and_skips_done_chunks(adata, model, tmp_path, monkeypatch, name):
     want = reference(adata, model)
     real = embeddings_mod._embed_tokens
     calls = []
@@ -136,21 +137,25 @@ def test_killed_run_resumes_and_skips_done_chunks(adata, model, tmp_path, monkey
         return real(*args, **kwargs)
 
     monkeypatch.setattr(embeddings_mod, "_embed_tokens", dies_on_third)
-    out = tmp_path / "emb"
+    out = tmp_path / name
+    parts = out / "parts" if name == "emb" else tmp_path / "emb.h5ad.parts" / "parts"
     with pytest.raises(KeyboardInterrupt):
         embed_cells(adata, model, output=out, **EMBED)
-    assert sorted(p.name for p in (out / "parts").iterdir()) == ["chunk-000000.npz", "chunk-000001.npz"]
-    assert not (out / "X_cellkit.npy").exists()
+    assert sorted(p.name for p in parts.iterdir()) == ["chunk-000000.npz", "chunk-000001.npz"]
+    assert not (out / "X_cellkit.npy").exists() and not out.is_file()
 
     calls.clear()
     monkeypatch.setattr(embeddings_mod, "_embed_tokens", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     embed_cells(adata, model, output=out, **EMBED)
     assert len(calls) == 2  # only the 2 chunks not written before
-    np.testing.assert_array_equal(np.load(out / "X_cellkit.npy"), want)
-
-    calls.clear()
-    embed_cells(adata, model, output=out, **EMBED)  # complete: nothing to recompute
-    assert calls == []
+    got = np.load(out / "X_cellkit.npy") if name == "emb" else ad.read_h5ad(out).obsm["X_cellkit"]
+    np.testing.assert_array_equal(got, want)
+    if name == "emb":
+        calls.clear()
+        embed_cells(adata, model, output=out, **EMBED)  # complete: nothing to recompute
+        assert calls == []
+    else:
+        assert not parts.parent.exists()  # the work directory is removed once the file is written
 
 
 def test_other_arguments_are_refused_or_start_over(adata, model, tmp_path, monkeypatch):
