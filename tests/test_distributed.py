@@ -289,3 +289,20 @@ def test_bf16_without_core_precision_fails_before_work(adata, model, tmp_path, m
     with pytest.raises(ConfigError, match=r"cellkit\.core\.precision"):
         embed_cells(adata, model, output=tmp_path / "e", precision="bf16", **EMBED)
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_predict_equals_one_process(files, tmp_path):
+    from cellkit.tasks import finetune
+
+    data, _ = files
+    result = finetune(ad.read_h5ad(data), make_model(), label_key="cell_type", epochs=1, batch_size=16, progress=False)
+    tuned = tmp_path / "tuned"
+    result.model.save(tuned)
+    opts = ["--model", tuned, "--batch-size", 8, "--chunk-size", 16, "--quiet"]
+    _cli(["predict", data, "--output", tmp_path / "one.h5ad", *opts])
+    _cli(["predict", data, "--output", tmp_path / "two.h5ad", *opts], nproc=2)
+    one, two = ad.read_h5ad(tmp_path / "one.h5ad"), ad.read_h5ad(tmp_path / "two.h5ad")
+    key = "cellkit_prediction"
+    np.testing.assert_array_equal(one.obsm[f"{key}_probabilities"], two.obsm[f"{key}_probabilities"])
+    assert list(one.obs[key]) == list(two.obs[key]) and one.obs[key].notna().all()
