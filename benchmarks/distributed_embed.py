@@ -71,6 +71,7 @@ def main() -> None:
         runs = [
             ("1 process", [sys.executable, *common], args.threads),
             (f"torchrun {args.nproc} processes (gloo)", [*torchrun, *common], args.threads),
+            (f"1 process, {args.nproc} threads", [sys.executable, *common], args.nproc * args.threads),
         ]
         rows, first = [], None
         for i, (name, cmd, threads) in enumerate(runs):

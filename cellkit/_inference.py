@@ -110,7 +110,8 @@ def read_cells(tokens: TokenizedCells | ShardedTokens, start: int, stop: int) ->
     """Cells ``start:stop`` (input order) as an in-memory :class:`TokenizedCells`.
 
     From a shard directory only the shards that hold these cells are read, and only these cells'
-    tokens are copied out of their memory maps: memory grows with ``stop - start``, not with the
+    tokens are copied out of their memory maps, which are then closed (the reader's shard cache is
+    bypassed, so mapped pages do not pile up): memory grows with ``stop - start``, not with the
     directory.
     """
     n = len(tokens)
@@ -126,7 +127,7 @@ def read_cells(tokens: TokenizedCells | ShardedTokens, start: int, stop: int) ->
         s0, s1 = int(offsets[k]), int(offsets[k + 1])
         a, b = pos - s0, min(stop, s1) - s0
         if b > a:
-            parts.append(_slice(tokens.shard(k), a, b))
+            parts.append(_slice(tokens.shard(k, cache=False), a, b))
         pos, k = s0 + b, k + 1
     if not parts:
         return _slice(tokens.shard(0), 0, 0)

@@ -204,7 +204,7 @@ class _Source:
         k = int(np.searchsorted(offsets, a, side="right") - 1)
         while k < self.data.n_shards and offsets[k] < b:
             s0 = int(offsets[k])
-            parts.append(np.asarray(self.data.shard(k).obs_names[max(a, s0) - s0 : b - s0]).astype(str))
+            parts.append(np.asarray(self.data.shard(k, cache=False).obs_names[max(a, s0) - s0 : b - s0]).astype(str))
             k += 1
         return np.concatenate(parts) if parts else np.zeros(0, dtype=str)
 
