@@ -1,20 +1,67 @@
-"""Batched, length-bucketed inference over tokenized cells (results in the input order)."""
+"""Batched, length-bucketed inference over tokenized cells (results in the input order), and the
+chunked, resumable, rank-parallel runner that atlas-scale embedding and prediction use.
+
+Two layers:
+
+* :func:`run_inference` — one process, results in memory: cells are cut into *windows* of
+  consecutive cells (all cells for in-memory tokens; ``window`` cells at a time for a shard
+  directory, read lazily, so memory stays bounded), each window is sorted by length and cut into
+  batches (:func:`inference_batches`).
+* :func:`run_chunks` — the work of a ``torchrun`` job (or of one process): the cells are cut into
+  fixed *chunks* of consecutive cells (the batch plan of a chunk depends only on the chunk, never
+  on the number of processes, so every process count gives the same bits); rank ``r`` of ``W``
+  takes chunks ``r, r + W, …``; each chunk's result is written atomically as
+  ``parts/chunk-NNNNNN.npz`` in a :class:`ResultStore`; once every rank is done (a barrier), rank 0
+  assembles the chunks in input order. The store's ``manifest.json`` records a fingerprint of the
+  inputs, the model and the settings: a rerun with the same arguments skips the chunks already on
+  disk (a killed or pre-empted job resumes), a rerun with other arguments is refused (or starts
+  over with ``overwrite``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import hashlib
+import importlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ._utils import Progress, track
+from ._errors import ConfigError, DataError
+from ._utils import Progress, atomic_path, atomic_write_text, get_logger, read_json, track
 from .data.collate import Collator
 from .data.tokenized import ShardedTokens, TokenizedCells
+from .train.distributed import all_gather_objects, barrier, init_distributed
 from .train.trainer import FORWARD_KEYS
 
-__all__ = ["FORWARD_KEYS", "inference_batches", "resolve_device", "run_inference"]
+__all__ = [
+    "DEFAULT_WINDOW",
+    "FORWARD_KEYS",
+    "ChunkPlan",
+    "ChunkRun",
+    "ResultStore",
+    "check_precision",
+    "inference_batches",
+    "model_fingerprint",
+    "read_cells",
+    "resolve_device",
+    "run_chunks",
+    "run_inference",
+]
+
+log = get_logger(__name__)
+
+#: cells read at a time from a shard directory by :func:`run_inference` (bounded memory)
+DEFAULT_WINDOW = 16_384
+#: ``precision=`` values; ``"fp32"`` (the default) needs nothing else
+PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -39,21 +86,125 @@ def inference_batches(
         i = j
 
 
+def _slice(cells: TokenizedCells, a: int, b: int) -> TokenizedCells:
+    """Cells ``a:b`` of ``cells`` as an in-memory copy (token arrays read from their memory maps)."""
+    lo, hi = int(cells.offsets[a]), int(cells.offsets[b])
+
+    def take(arr: np.ndarray | None) -> np.ndarray | None:
+        return None if arr is None else np.array(arr[lo:hi])
+
+    return replace(
+        cells,
+        gene_ids=take(cells.gene_ids),
+        values=take(cells.values),
+        token_type_ids=take(cells.token_type_ids),
+        offsets=np.asarray(cells.offsets[a : b + 1], dtype=np.int64) - lo,
+        obs_names=np.asarray(cells.obs_names[a:b]),
+        obs=None if cells.obs is None else cells.obs.iloc[a:b],
+        notes=list(cells.notes),
+        rng=None,
+    )
+
+
+def read_cells(tokens: TokenizedCells | ShardedTokens, start: int, stop: int) -> TokenizedCells:
+    """Cells ``start:stop`` (input order) as an in-memory :class:`TokenizedCells`.
+
+    From a shard directory only the shards that hold these cells are read, and only these cells'
+    tokens are copied out of their memory maps, which are then closed (the reader's shard cache is
+    bypassed, so mapped pages do not pile up): memory grows with ``stop - start``, not with the
+    directory.
+    """
+    n = len(tokens)
+    if not 0 <= start <= stop <= n:
+        raise IndexError(f"cells {start}:{stop} out of range for {n} cells")
+    if isinstance(tokens, TokenizedCells):
+        return tokens if (start, stop) == (0, n) else _slice(tokens, start, stop)
+    parts = []
+    offsets = tokens.shard_offsets
+    k = int(np.searchsorted(offsets, start, side="right") - 1)
+    pos = start
+    while pos < stop:
+        s0, s1 = int(offsets[k]), int(offsets[k + 1])
+        a, b = pos - s0, min(stop, s1) - s0
+        if b > a:
+            parts.append(_slice(tokens.shard(k, cache=False), a, b))
+        pos, k = s0 + b, k + 1
+    if not parts:
+        return _slice(tokens.shard(0), 0, 0)
+    cells = parts[0] if len(parts) == 1 else TokenizedCells.concat(parts)
+    cells.notes = tokens.notes
+    return cells
+
+
+def _windows(tokens: Any, window: int | None) -> Iterator[tuple[int, Any]]:
+    """``(start, cells)``: consecutive cells sorted into batches together.
+
+    A shard directory is read ``window`` (default :data:`DEFAULT_WINDOW`) cells at a time; other
+    containers (in-memory tokens, or any object with ``lengths`` and ``cell(i)``) are one window
+    unless ``window`` is given for in-memory tokens.
+    """
+    n = len(tokens)
+    if window is not None and window < 1:
+        raise ConfigError(f"window must be >= 1 cells, got {window}.")
+    if isinstance(tokens, ShardedTokens):
+        step = window or DEFAULT_WINDOW
+    elif isinstance(tokens, TokenizedCells) and window is not None:
+        step = window
+    else:
+        yield 0, tokens
+        return
+    for start in range(0, n, step):
+        yield start, read_cells(tokens, start, min(n, start + step))
+
+
+def check_precision(precision: str | None, amp: str | None = None) -> None:
+    """Refuse an unknown ``precision`` (or one this installation cannot run) before any work."""
+    if amp is not None and precision not in (None, "fp32"):
+        raise ConfigError(f"Pass precision={precision!r} or its older alias amp={amp!r}, not both.")
+    if amp is not None and amp not in ("bf16", "fp16"):
+        raise ConfigError(f"amp must be 'bf16', 'fp16' or None, got {amp!r}.")
+    if precision in (None, "fp32"):
+        return
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    try:
+        importlib.import_module("cellkit.core.precision")
+    except ImportError:
+        raise ConfigError(
+            f"precision={precision!r} needs cellkit.core.precision, which this installation lacks; use "
+            "precision='fp32'."
+        ) from None
+
+
+def _precision_context(model: nn.Module, dev: torch.device, precision: str | None, amp: str | None) -> Any:
+    """The autocast context of a ``precision=`` (or of its older alias ``amp=``)."""
+    check_precision(precision, amp)
+    if precision in (None, "fp32"):
+        if amp:
+            return torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        return torch.autocast(dev.type, enabled=False)
+    from .core.precision import precision_context
+
+    return precision_context(model, dev, precision)
+
+
 @torch.inference_mode()
 def run_inference(
     model: nn.Module,
-    tokens: TokenizedCells | ShardedTokens,
+    tokens: TokenizedCells | ShardedTokens | Any,
     fn: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     *,
     heads: tuple[str, ...] = (),
     batch_size: int = 64,
     device: str | torch.device | None = "auto",
+    precision: str = "fp32",
     amp: str | None = None,
     attn_backend: str = "sdpa",
     progress: bool | Progress = True,
     desc: str = "inference",
     output_hidden_states: bool = False,
     output_attentions: bool = False,
+    window: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``model`` over all cells and collect ``fn(output, batch)`` arrays in input order.
 
@@ -63,53 +214,304 @@ def run_inference(
         Turns a model output and its batch into ``{name: (B, ...) tensor}``.
     heads
         Heads to run.
+    precision
+        ``"fp32"`` (default: no autocast) or ``"bf16"`` (autocast where the device has bf16 units,
+        see ``cellkit.core.precision``).
+    amp
+        Older alias: ``"bf16"`` / ``"fp16"`` autocast on the device as it is.
     progress
         ``True``: a ``tqdm`` bar; a :class:`cellkit.Progress` is advanced after each batch (and
         raises :class:`cellkit.Cancelled` once cancelled; inside an outer call, its count goes on).
     output_hidden_states, output_attentions
         Ask the model for per-layer states / attention probabilities (see :class:`CellModelOutput`).
+    window
+        Cells sorted by length together (consecutive cells in input order). Default: all cells of
+        in-memory tokens; :data:`DEFAULT_WINDOW` cells at a time of a shard directory, which is
+        read lazily window by window (never loaded whole).
 
     Returns
     -------
     ``{name: (n_cells, ...) array}``.
     """
     dev = resolve_device(device)
-    cells = tokens.to_memory() if isinstance(tokens, ShardedTokens) else tokens
-    collate = Collator.for_tokens(cells)
+    ctx = _precision_context(model, dev, precision, amp)
+    collate = Collator.for_tokens(tokens)
     was_training = model.training
     model.eval()
     model.to(dev)
     out: dict[str, np.ndarray] = {}
-    lengths = cells.lengths
-    ctx = (
-        torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-        if amp
-        else torch.autocast(dev.type, enabled=False)
-    )
+    n = len(tokens)
     try:
-        with track(progress, total=len(cells), desc=desc) as bar, ctx:
-            for idx in inference_batches(lengths, batch_size):
-                items = []
-                for i in idx.tolist():
-                    item = {k: np.asarray(v) for k, v in cells.cell(i).items()}
-                    item["index"] = i
-                    items.append(item)
-                batch = collate(items)
-                inputs = {k: batch[k].to(dev) for k in FORWARD_KEYS if k in batch}
-                out_ = model(
-                    **inputs,
-                    heads=heads,
-                    attn_backend=attn_backend,
-                    output_hidden_states=output_hidden_states,
-                    output_attentions=output_attentions,
-                )
-                res = fn(out_, batch)
-                for name, t in res.items():
-                    arr = t.detach().float().cpu().numpy()
-                    if name not in out:
-                        out[name] = np.empty((len(cells), *arr.shape[1:]), dtype=arr.dtype)
-                    out[name][idx] = arr
-                bar.advance(len(idx))
+        with track(progress, total=n, desc=desc) as bar, ctx:
+            for start, cells in _windows(tokens, window):
+                for idx in inference_batches(cells.lengths, batch_size):
+                    items = []
+                    for i in idx.tolist():
+                        item = {k: np.asarray(v) for k, v in cells.cell(i).items()}
+                        item["index"] = start + i
+                        items.append(item)
+                    batch = collate(items)
+                    inputs = {k: batch[k].to(dev) for k in FORWARD_KEYS if k in batch}
+                    out_ = model(
+                        **inputs,
+                        heads=heads,
+                        attn_backend=attn_backend,
+                        output_hidden_states=output_hidden_states,
+                        output_attentions=output_attentions,
+                    )
+                    res = fn(out_, batch)
+                    for name, t in res.items():
+                        arr = t.detach().float().cpu().numpy()
+                        if name not in out:
+                            out[name] = np.empty((n, *arr.shape[1:]), dtype=arr.dtype)
+                        out[name][start + idx] = arr
+                    bar.advance(len(idx))
     finally:
         model.train(was_training)
     return out
+
+
+# ====================================================================================== chunked runs
+STORE_FORMAT = "cellkit-results"
+STORE_MANIFEST = "manifest.json"
+PARTS_DIR = "parts"
+#: test hook: a process leaves at once (``os._exit``, like a kill: no clean-up) after writing
+#: this many chunks; used by the resume tests
+EXIT_AFTER_CHUNKS_ENV = "CELLKIT_EXIT_AFTER_CHUNKS"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over a model's config, vocabulary and every weight (what makes its outputs)."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    vocab = getattr(model, "vocab", None)
+    if vocab is not None:
+        h.update("\n".join(vocab.tokens).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{t.numel()}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _fingerprint(parameters: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parameters, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """``n_cells`` cut into chunks of ``chunk_size`` consecutive cells (the last may be shorter)."""
+
+    n_cells: int
+    chunk_size: int
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_cells // self.chunk_size)
+
+    def bounds(self, k: int) -> tuple[int, int]:
+        """``(start, stop)`` of chunk ``k`` in input order."""
+        a = k * self.chunk_size
+        return a, min(self.n_cells, a + self.chunk_size)
+
+    def for_rank(self, rank: int, world_size: int) -> list[int]:
+        """The chunks rank ``rank`` of ``world_size`` computes: ``rank, rank + world_size, …``."""
+        return list(range(rank, self.n_chunks, world_size))
+
+
+@dataclass(frozen=True)
+class ChunkRun:
+    """What a :func:`run_chunks` call did (the same on every rank)."""
+
+    n_chunks: int
+    computed: int
+    skipped: int
+    world_size: int
+    already_complete: bool = False
+
+
+class ResultStore:
+    """A directory of per-chunk results: ``manifest.json`` and ``parts/chunk-NNNNNN.npz``.
+
+    Each chunk file holds the chunk's arrays (``(chunk cells, ...)``, one per result name) and is
+    written atomically (a temporary sibling, fsync, rename), so a chunk file that exists is whole.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @property
+    def parts(self) -> Path:
+        return self.path / PARTS_DIR
+
+    def chunk_file(self, k: int) -> Path:
+        return self.parts / f"chunk-{k:06d}.npz"
+
+    def has_chunk(self, k: int) -> bool:
+        return self.chunk_file(k).is_file()
+
+    def write_chunk(self, k: int, arrays: Mapping[str, np.ndarray]) -> None:
+        with atomic_path(self.chunk_file(k)) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **{name: np.ascontiguousarray(a) for name, a in arrays.items()})
+
+    def read_chunk(self, k: int) -> dict[str, np.ndarray]:
+        try:
+            with np.load(self.chunk_file(k), allow_pickle=False) as z:
+                return {name: z[name] for name in z.files}
+        except (OSError, ValueError) as exc:
+            raise DataError(
+                f"{self.chunk_file(k)} cannot be read ({exc}); delete it and run the same command again to "
+                "recompute that chunk."
+            ) from None
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        file = self.path / STORE_MANIFEST
+        if not file.is_file():
+            return None
+        m = read_json(file, what="result store manifest", error=DataError)
+        if not isinstance(m, dict) or m.get("format") != STORE_FORMAT:
+            raise ConfigError(
+                f"{file} is not a cellkit result store manifest; choose another output (the run would write "
+                "its results there)."
+            )
+        return m
+
+    def write_manifest(self, manifest: Mapping[str, Any]) -> None:
+        atomic_write_text(self.path / STORE_MANIFEST, json.dumps(manifest, indent=2, default=str))
+
+    def iter_field(self, plan: ChunkPlan, name: str) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(start, stop, array)`` of result ``name`` chunk by chunk, in input order."""
+        for k in range(plan.n_chunks):
+            a, b = plan.bounds(k)
+            yield a, b, self.read_chunk(k)[name]
+
+    def assemble_npy(self, plan: ChunkPlan, name: str, dest: str | os.PathLike[str]) -> Path:
+        """Write result ``name`` of all chunks, in input order, as one ``.npy`` at ``dest`` (atomically).
+
+        Memory holds one chunk at a time (the file is filled through a memory map); the result
+        opens with ``np.load(dest, mmap_mode="r")``.
+        """
+        first = self.read_chunk(0)[name]
+        with atomic_path(dest) as tmp:
+            arr = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=first.dtype, shape=(plan.n_cells, *first.shape[1:])
+            )
+            for a, b, x in self.iter_field(plan, name):
+                arr[a:b] = x
+            arr.flush()
+            del arr
+        return Path(dest)
+
+
+def _parameter_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if json.dumps(old.get(k), default=str) != json.dumps(new.get(k), default=str)]
+
+
+def run_chunks(
+    store: ResultStore,
+    *,
+    n_cells: int,
+    chunk_size: int,
+    parameters: Mapping[str, Any],
+    compute: Callable[[int, int, Progress], Mapping[str, np.ndarray]],
+    finish: Callable[[ResultStore, ChunkPlan], None],
+    overwrite: bool = False,
+    progress: bool | Progress = True,
+    desc: str = "inference",
+    extra: Mapping[str, Any] | None = None,
+) -> ChunkRun:
+    """Compute chunk results on every rank, resumably, then assemble them on rank 0.
+
+    Parameters
+    ----------
+    store
+        Where chunk results and the manifest go (created if needed).
+    n_cells, chunk_size
+        The plan: chunks of ``chunk_size`` consecutive cells.
+    parameters
+        Everything the results depend on (inputs, model fingerprint, settings; JSON-able). Its
+        fingerprint is recorded; a store made with other parameters is refused unless ``overwrite``.
+    compute
+        ``compute(start, stop, progress) -> {name: (stop - start, ...) array}`` for cells
+        ``start:stop`` in input order; it advances ``progress`` by ``stop - start``.
+    finish
+        Called on rank 0 once every chunk is on disk, to assemble the outputs.
+    overwrite
+        Start over when the store holds another run's chunks.
+    progress
+        A bar (rank 0 only) over this rank's cells, or a :class:`cellkit.Progress` to follow.
+    extra
+        More JSON-able fields for the manifest.
+
+    Returns
+    -------
+    :class:`ChunkRun` with the number of chunks computed (all ranks) and skipped (found on disk).
+    """
+    if chunk_size < 1 or n_cells < 1:
+        raise ConfigError(f"chunk_size and the number of cells must be >= 1 (got {chunk_size}, {n_cells}).")
+    info = init_distributed()
+    plan = ChunkPlan(n_cells, chunk_size)
+    params = {**parameters, "n_cells": n_cells, "chunk_size": chunk_size}
+    fp = _fingerprint(params)
+    old = store.read_manifest()  # every rank reads and judges it: all raise the same error
+    same = old is not None and old.get("fingerprint") == fp
+    if old is not None and not same and not overwrite:
+        changed = _parameter_diff(old.get("parameters", {}), params)
+        raise ConfigError(
+            f"{store.path} holds results of another run (different {', '.join(changed) or 'settings'}); rerun "
+            "with the same arguments to resume it, choose another output, or pass overwrite (--overwrite) to "
+            "start over."
+        )
+    if same and old.get("complete") and not overwrite:
+        barrier()
+        return ChunkRun(plan.n_chunks, 0, plan.n_chunks, info.world_size, already_complete=True)
+    barrier()
+    if info.is_main:
+        if old is not None and (overwrite or not same):
+            shutil.rmtree(store.parts, ignore_errors=True)
+        store.parts.mkdir(parents=True, exist_ok=True)
+        if not same or overwrite:
+            store.write_manifest(
+                {
+                    "format": STORE_FORMAT,
+                    "version": 1,
+                    "fingerprint": fp,
+                    "parameters": params,
+                    "n_cells": n_cells,
+                    "chunk_size": chunk_size,
+                    "n_chunks": plan.n_chunks,
+                    "complete": False,
+                    **(extra or {}),
+                }
+            )
+    barrier()
+    todo = [k for k in plan.for_rank(info.rank, info.world_size) if not store.has_chunk(k)]
+    mine = len(plan.for_rank(info.rank, info.world_size))
+    exit_after = int(os.environ.get(EXIT_AFTER_CHUNKS_ENV, "0") or 0)
+    cells = sum(b - a for a, b in map(plan.bounds, todo))
+    bar_arg = progress if info.is_main else False
+    label = desc if info.world_size == 1 else f"{desc} (rank 0 of {info.world_size})"
+    with track(bar_arg, total=cells, desc=label) as bar:
+        for done, k in enumerate(todo, 1):
+            a, b = plan.bounds(k)
+            store.write_chunk(k, compute(a, b, bar))
+            if exit_after and done >= exit_after:
+                os._exit(75)  # the test hook: leave like a killed process, mid-run
+    computed = sum(all_gather_objects(len(todo)))
+    skipped = sum(all_gather_objects(mine - len(todo)))
+    if info.is_main:
+        missing = [k for k in range(plan.n_chunks) if not store.has_chunk(k)]
+        if missing:
+            raise DataError(
+                f"{len(missing)} chunks of {store.path} are missing after every rank finished (e.g. {missing[:3]}); "
+                "run the same command again to compute them."
+            )
+        finish(store, plan)
+        manifest = store.read_manifest() or {}
+        store.write_manifest({**manifest, "complete": True})
+    barrier()
+    return ChunkRun(plan.n_chunks, computed, skipped, info.world_size)
+

@@ -1,4 +1,18 @@
-"""Command-line entry point: ``cellkit <command>`` (also ``python -m cellkit``)."""
+"""Command-line entry point: ``cellkit <command>`` (also ``python -m cellkit``).
+
+Commands: ``demo``, ``studio``, ``info``; training: ``finetune``, ``pretrain``; headless atlas jobs:
+``tokenize`` (an ``.h5ad`` → a token shard directory), ``embed`` (cell embeddings) and
+``predict`` (cell-type labels from a fine-tuned model). ``embed`` / ``predict`` / ``finetune`` /
+``pretrain`` run as one process or under ``torchrun`` (NCCL on GPUs, gloo on CPUs)::
+
+    cellkit tokenize atlas.h5ad --model MODEL --output atlas_tokens/
+    torchrun --nproc_per_node 4 -m cellkit embed atlas_tokens/ --model MODEL --output atlas_emb/
+    cellkit predict query.h5ad --model tuned/model --output query_predicted.h5ad
+
+Every command checks its outputs can be written before any work, writes them atomically, prints
+``cellkit: error: …`` and exits with a code other than 0 on failure (2: a usage, data or model
+problem; 3: training did not complete).
+"""
 
 from __future__ import annotations
 
@@ -543,6 +557,238 @@ def _studio(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=env)
 
 
+# ============================================================================== headless atlas jobs
+def _load_model_arg(path: str) -> Any:
+    """``--model``: a model directory (cellkit, scGPT, Geneformer) or ``demo``."""
+    return _load_for_training(path)
+
+
+def _check_tokens_out(path: str, *, overwrite: bool) -> None:
+    """``tokenize --output``: writable, and not a directory of something else (before any work)."""
+    from ._utils import ensure_writable_dir
+
+    out = ensure_writable_dir(path, what="--output", replaced_whole=True)
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "manifest.json").is_file():
+            raise ConfigError(
+                f"--output {out} is a non-empty directory that is not a token shard directory; give a new or "
+                "empty directory."
+            )
+        if not overwrite:
+            raise ConfigError(f"--output {out} already holds token shards; pass --overwrite to replace them.")
+
+
+def _tokenize_cmd(args: argparse.Namespace) -> int:
+    import os
+
+    from .data.tokenize import tokenize
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("cellkit tokenize runs as one process; start it without torchrun.")
+    _check_tokens_out(args.output, overwrite=args.overwrite)
+    for path in args.input:
+        p = Path(path)
+        if not p.is_file() or p.suffix != ".h5ad":
+            raise DataError(f"No .h5ad file at {p}; give one or more .h5ad files (partitions of one dataset).")
+    model = _load_model_arg(args.model)
+    opts = _parse_kv(args.tokenize_option, "--tokenize-option")
+    print(f"model   {model!r}")
+    t0 = time.perf_counter()
+    shards = tokenize(
+        args.input[0] if len(args.input) == 1 else list(args.input),
+        model,
+        scheme=args.scheme,
+        cells=args.cells,
+        layer=args.layer,
+        use_raw=args.use_raw,
+        gene_column=args.gene_column,
+        obs_columns=args.obs_column or (),
+        output=args.output,
+        max_shard_samples=args.shard_size,
+        shard_format=args.shard_format,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        **opts,
+    )
+    print(shards.summary())
+    print(f"saved   {Path(args.output).resolve()} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _inference_data(path: str) -> Any:
+    """An ``.h5ad`` (opened backed: read chunk by chunk) or a token shard directory."""
+    p = Path(path)
+    if p.is_dir():
+        return _read_data(path, backed=True)
+    if not p.exists():
+        raise DataError(
+            f"No data at {p}; give an .h5ad file or a token shard directory (cellkit tokenize ... --output DIR)."
+        )
+    return _read_data(path, backed=True)
+
+
+def _inference_cmd(args: argparse.Namespace, task: str) -> int:
+    from .analysis.atlas import check_output, embed_to_output, predict_to_output
+    from .train import init_distributed
+
+    info = init_distributed()
+    source = Path(args.input) if Path(args.input).suffix == ".h5ad" and Path(args.input).is_file() else None
+    check_output(args.output, overwrite=args.overwrite, source=source)  # before the model or data is read
+    model = _load_model_arg(args.model)
+    data = _inference_data(args.input)
+    if info.is_main:
+        print(f"model   {model!r}")
+        print(f"data    {_describe_data(data)}")
+        if info.enabled:
+            print(f"ranks   {info.world_size} processes")
+    common = {
+        "output": args.output,
+        "cells": args.cells,
+        "batch_size": args.batch_size,
+        "chunk_size": args.chunk_size,
+        "device": args.device,
+        "precision": args.precision,
+        "tokenize_options": _parse_kv(args.tokenize_option, "--tokenize-option") or None,
+        "layer": args.layer,
+        "use_raw": args.use_raw,
+        "gene_column": args.gene_column,
+        "overwrite": args.overwrite,
+        "progress": not args.quiet,
+    }
+    t0 = time.perf_counter()
+    if task == "embed":
+        key = args.key_added or "X_cellkit"
+        run = embed_to_output(
+            data,
+            model,
+            key_added=key,
+            pooling=args.pooling,
+            hidden_layer=args.hidden_layer,
+            normalize=args.normalize,
+            on_empty=args.on_empty,
+            **common,
+        )
+    else:
+        key = args.key_added or "cellkit_prediction"
+        run = predict_to_output(data, model, key_added=key, **common)
+    seconds = time.perf_counter() - t0
+    if info.is_main:
+        if run.already_complete:
+            print(f"done    {args.output} already holds these results (same input, model and settings); nothing to do")
+        else:
+            print(
+                f"{task:<8}{run.n_chunks} chunks: {run.computed} computed, {run.skipped} found done earlier, "
+                f"on {run.world_size} process(es) in {seconds:.1f} s"
+            )
+            print(f"saved   {Path(args.output).resolve()} ({key})")
+    _finish_distributed(info)
+    return 0
+
+
+def _embed_cmd(args: argparse.Namespace) -> int:
+    return _inference_cmd(args, "embed")
+
+
+def _predict_cmd(args: argparse.Namespace) -> int:
+    return _inference_cmd(args, "predict")
+
+
+def _input_options(p: argparse.ArgumentParser) -> None:
+    """Options for reading an .h5ad (tokenize, embed, predict)."""
+    p.add_argument(
+        "--cells",
+        help="query selecting cells by obs columns, e.g. \"tissue == 'blood'\" (an .h5ad input only; default all)",
+    )
+    p.add_argument(
+        "--use-raw",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read adata.raw (--use-raw) or adata.X (--no-use-raw); default: the model's convention",
+    )
+    p.add_argument("--layer", help="read this layer instead of X")
+    p.add_argument("--gene-column", help="var column with the gene ids (default var_names)")
+    p.add_argument(
+        "--tokenize-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="tokenizer option, repeatable, e.g. max_len=1200 (see cellkit.data.scheme_options)",
+    )
+
+
+def _inference_parser(p: argparse.ArgumentParser, *, task: str) -> None:
+    p.add_argument("input", help=".h5ad file (read chunk by chunk, backed) or token shard directory")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory (cellkit, scGPT, Geneformer) or 'demo'"
+        + ("; a fine-tuned model with a classifier (cellkit finetune --out OUT: OUT/model)" if task == "predict" else ""),
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        help="OUT.h5ad: a copy of the input .h5ad with the results added (written at the end, atomically; may "
+        "be the input itself); or a directory: obs_names.npy + one memory-mappable .npy per result and "
+        "manifest.json (for atlases too big to rewrite)",
+    )
+    default_key = "X_cellkit" if task == "embed" else "cellkit_prediction"
+    p.add_argument(
+        "--key-added",
+        help=f"name of the result (default {default_key}): "
+        + ("obsm key / .npy name" if task == "embed" else "obs column; also KEY_confidence, KEY_probabilities"),
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=20_000,
+        help="cells per chunk: the unit dealt to processes, written as it finishes and skipped when a killed "
+        "job is run again (default 20000)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 …")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="fp32 (default) or bf16 autocast (on CUDA, and on CPUs with bf16 units)",
+    )
+    _input_options(p)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output (or a result of another run in it) instead of refusing",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+_EMBED_EXAMPLES = """\
+examples:
+  cellkit embed pbmc.h5ad --model demo --output pbmc_embedded.h5ad --use-raw
+  cellkit embed atlas_tokens/ --model scgpt_human/ --output atlas_emb/ --batch-size 128
+  torchrun --nproc_per_node 4 -m cellkit embed atlas_tokens/ --model scgpt_human/ --output atlas_emb/
+
+A directory output holds obs_names.npy and KEY.npy (np.load(..., mmap_mode="r")). A job that was
+killed, run again with the same arguments, skips the chunks it finished; the result is the same,
+bit for bit, for any number of processes.
+"""
+
+_PREDICT_EXAMPLES = """\
+examples:
+  cellkit finetune --model demo --data pbmc --label-key bulk_labels --out run/
+  cellkit predict query.h5ad --model run/model --output query_predicted.h5ad
+  torchrun --nproc_per_node 4 -m cellkit predict atlas_tokens/ --model run/model --output atlas_pred/
+"""
+
+_TOKENIZE_EXAMPLES = """\
+examples:
+  cellkit tokenize atlas.h5ad --model scgpt_human/ --output atlas_tokens/
+  cellkit tokenize part1.h5ad part2.h5ad --model demo --output tokens/ --use-raw --obs-column cell_type
+  cellkit tokenize atlas.h5ad --model gf/ --output gf_tokens/ --tokenize-option model_input_size=2048
+
+The shard directory is written as a whole (atomically) and read lazily by embed / predict /
+finetune / pretrain.
+"""
+
+
 def _finish_distributed(info: Any) -> None:
     if info.enabled:
         import torch.distributed as dist
@@ -607,7 +853,10 @@ def _training_parser(p: argparse.ArgumentParser, *, needs_model: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cellkit`` command line."""
-    parser = argparse.ArgumentParser(prog="cellkit", description="Single-cell foundation-model kit.")
+    parser = argparse.ArgumentParser(
+        prog="cellkit",
+        description="Single-cell foundation-model kit. `cellkit COMMAND --help` shows a command's options and examples.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo", help="the shipped demo model on real PBMCs: tokenize, embed, map, fine-tune, predict, save"
@@ -665,6 +914,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     pt.add_argument("--val-size", type=float, default=0.05)
     pt.add_argument("--mask-ratio", type=float, default=None)
     pt.set_defaults(func=_pretrain)
+    tok = sub.add_parser(
+        "tokenize",
+        help="tokenize .h5ad files into a token shard directory for a model (bounded memory)",
+        epilog=_TOKENIZE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tok.add_argument("input", nargs="+", help=".h5ad file(s), read backed (partitions of one dataset)")
+    tok.add_argument("--model", required=True, help="model directory (cellkit, scGPT, Geneformer) or 'demo'")
+    tok.add_argument("--output", required=True, help="shard directory to write (new, or --overwrite)")
+    tok.add_argument(
+        "--scheme",
+        choices=["scgpt", "geneformer", "teddy", "perturbgene"],
+        help="tokenization scheme (default: the model's family)",
+    )
+    tok.add_argument(
+        "--obs-column", action="append", help="obs column carried into the shards (labels, batches), repeatable"
+    )
+    tok.add_argument("--shard-size", type=int, default=100_000, help="cells per shard (default 100000)")
+    tok.add_argument("--shard-format", choices=["npy", "parquet"], default="npy")
+    _input_options(tok)
+    tok.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
+    tok.add_argument("--quiet", action="store_true", help="no progress bars")
+    tok.set_defaults(func=_tokenize_cmd)
+    emb = sub.add_parser(
+        "embed",
+        help="cell embeddings of an .h5ad or shard directory into an .h5ad or array store (torchrun-ready)",
+        epilog=_EMBED_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _inference_parser(emb, task="embed")
+    emb.add_argument(
+        "--pooling", choices=["cls", "mean", "weighted"], help="how tokens become a cell (default: the model's)"
+    )
+    emb.add_argument("--hidden-layer", type=int, help="layer to pool: -1 last (default), -2 second-to-last, …")
+    emb.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="L2-normalise each embedding (default: yes for scGPT models, no otherwise)",
+    )
+    emb.add_argument(
+        "--on-empty",
+        choices=["raise", "nan"],
+        default="raise",
+        help="cells with no vocabulary gene: fail (default) or leave their rows NaN",
+    )
+    emb.set_defaults(func=_embed_cmd)
+    prd = sub.add_parser(
+        "predict",
+        help="cell-type labels + probabilities from a fine-tuned model (torchrun-ready)",
+        epilog=_PREDICT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _inference_parser(prd, task="predict")
+    prd.set_defaults(func=_predict_cmd)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -4,7 +4,11 @@
 atlas never sits in memory), runs the encoder without any vocabulary-sized head, pools each cell
 (``cls`` / ``mean`` over non-pad tokens / value-``weighted``) from the chosen layer and writes the
 vectors to ``adata.obsm[key_added]`` in the input order. Results do not depend on the batch size
-or on the bucketing.
+or on the bucketing (beyond float rounding, ~1e-7: the bits follow ``batch_size`` and ``chunk_size``).
+
+For atlases, ``embed_cells(adata_or_shards, model, output="out.h5ad" | "store_dir")`` writes the
+vectors to a file instead, chunk by chunk, resumably and in parallel under ``torchrun`` (the same
+bits for any number of processes); see :mod:`cellkit.analysis.atlas` and ``cellkit embed --help``.
 
 Reference semantics, when asked:
 
@@ -17,6 +21,7 @@ Reference semantics, when asked:
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -101,6 +106,7 @@ def cell_embeddings(
     device: str | torch.device | None = "auto",
     amp: str | None = None,
     progress: bool | Progress = True,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Embed tokenized cells (arrays in, array out).
 
@@ -122,10 +128,13 @@ def cell_embeddings(
         Inference settings; ``amp="bf16"`` autocasts on CUDA.
     progress
         ``True``: a progress bar; a :class:`cellkit.Progress` to follow or cancel the call.
+    precision
+        ``"fp32"`` (default) or ``"bf16"`` (autocast where the device has bf16 units).
 
     Returns
     -------
-    ``(n_cells, d_model)`` float32, in the order of ``tokens``.
+    ``(n_cells, d_model)`` float32, in the order of ``tokens``. A shard directory is read window
+    by window (see :func:`cellkit._inference.run_inference`), never loaded whole.
     """
     mode = pooling or model.config.pooling
     if mode not in POOLING_MODES:
@@ -147,6 +156,7 @@ def cell_embeddings(
         heads=(),
         batch_size=batch_size,
         device=device,
+        precision=precision,
         amp=amp,
         progress=progress,
         desc="embed",
@@ -158,7 +168,7 @@ def cell_embeddings(
 
 
 def embed_cells(
-    adata: AnnData,
+    adata: AnnData | TokenizedCells | ShardedTokens,
     model: CellModel,
     *,
     key_added: str = "X_cellkit",
@@ -178,13 +188,17 @@ def embed_cells(
     copy: bool = False,
     overwrite: bool = False,
     progress: bool | Progress = True,
+    output: str | os.PathLike[str] | None = None,
+    precision: str = "fp32",
 ) -> AnnData | None:
-    """Embed cells with a model and store the vectors in ``adata.obsm[key_added]``.
+    """Embed cells with a model and store the vectors in ``adata.obsm[key_added]`` (or in ``output``).
 
     Parameters
     ----------
     adata
-        Cells (in memory or ``backed="r"``) with the expression the model's tokenizer expects.
+        Cells (in memory or ``backed="r"``) with the expression the model's tokenizer expects;
+        with ``output``, also tokenized cells (e.g. a shard directory, ``cellkit.tokenize(...,
+        output=DIR)``).
     model
         Any loaded :class:`cellkit.CellModel` (scGPT, Geneformer, PerturbGene-style, cellkit).
     key_added
@@ -199,9 +213,12 @@ def embed_cells(
     batch_size
         Cells per forward pass (cells are sorted by length, so batches carry little padding).
     chunk_size
-        Cells tokenized at a time: bounds memory on large (backed) data.
+        Cells tokenized (and sorted by length into batches) at a time: bounds memory on large
+        (backed) data. With ``output``, also the unit of work dealt to ``torchrun`` ranks and of
+        resuming.
     device, amp
-        ``"auto"``: CUDA when available; ``amp="bf16"`` for bf16 autocast on GPU.
+        ``"auto"``: CUDA when available; ``amp="bf16"`` for bf16 autocast on GPU (older alias of
+        ``precision``).
     on_empty
         Cells with no gene in the model's vocabulary: ``"raise"`` (default, a
         :class:`cellkit.DataError` naming them) or ``"nan"`` (their rows stay NaN; a warning counts them).
@@ -216,10 +233,20 @@ def embed_cells(
         ``True``: a progress bar over the cells; ``False``: none; a :class:`cellkit.Progress`
         follows the call (cells done, an estimate) and can cancel it: a cancelled call raises
         :class:`cellkit.Cancelled` and writes nothing.
+    output
+        Write the embeddings to a file instead of ``adata`` (which is then left as it is): a path
+        ending in ``.h5ad`` (a copy of the input with ``obsm[key_added]``, written atomically) or
+        a directory (``obs_names.npy`` + a memory-mappable ``{key_added}.npy``); see
+        :mod:`cellkit.analysis.atlas`. The work is done in chunks of ``chunk_size`` cells: under
+        ``torchrun`` each process embeds its share (same result, bit for bit, as one process), and
+        a killed job called again with the same arguments skips the chunks already written (other
+        arguments: refused unless ``overwrite``).
+    precision
+        ``"fp32"`` (default) or ``"bf16"`` (autocast where the device has bf16 units).
 
     Returns
     -------
-    ``None`` (``adata.obsm[key_added]`` written) or the copy with ``copy=True``.
+    ``None`` (``adata.obsm[key_added]`` or ``output`` written) or the copy with ``copy=True``.
 
     Raises
     ------
@@ -227,6 +254,34 @@ def embed_cells(
         Duplicate ``obs_names``, a taken ``key_added``, cells with no vocabulary gene (with
         ``on_empty="raise"``) or embeddings that come out NaN / infinite.
     """
+    if output is not None:
+        if copy:
+            raise ConfigError("copy=True returns an AnnData; with output= the results go to the file instead.")
+        from .atlas import embed_to_output
+
+        embed_to_output(
+            adata,
+            model,
+            output=output,
+            key_added=key_added,
+            cells=cells,
+            pooling=pooling,
+            hidden_layer=hidden_layer,
+            normalize=normalize,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            device=device,
+            precision=precision,
+            amp=amp,
+            on_empty=on_empty,
+            tokenize_options=tokenize_options,
+            layer=layer,
+            use_raw=use_raw,
+            gene_column=gene_column,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        return None
     check_adata(adata, what="cellkit.embed_cells")
     check_keys_free(adata, [("obsm", key_added)], overwrite=overwrite, what="cellkit.embed_cells")
     if on_empty not in ("raise", "nan"):
@@ -240,7 +295,6 @@ def embed_cells(
     d = model.config.encoder.d_model
     out = np.full((adata.n_obs, d), np.nan, dtype=np.float32)
     opts = dict(tokenize_options or {})
-    n_boundary = sum(1 for r in ("cls", "eos") if r in model.vocab.specials)
     empty: list[str] = []
     with track(progress, total=len(positions), desc="embedding cells") as bar:
         for start in range(0, len(positions), chunk_size):
@@ -257,19 +311,8 @@ def embed_cells(
                     progress=False,
                     **opts,
                 )
-            genes_per_cell = tokens.lengths - _boundary_count(model, tokens, n_boundary)
-            bad = genes_per_cell <= 0
-            if bad.any():
-                names = np.asarray(tokens.obs_names)[bad].astype(str)
-                if on_empty == "raise":
-                    raise DataError(
-                        f"{int(bad.sum())} cells have no gene in the model's vocabulary, e.g. {list(names[:5])}; "
-                        "their embeddings would be meaningless. Check the gene identifiers (gene_column=...), "
-                        "drop these cells (cells=...), or pass on_empty='nan' to leave their rows NaN."
-                    )
-                empty.extend(names.tolist())
             bar.check()
-            emb = cell_embeddings(
+            emb, bad = _embed_tokens(
                 model,
                 tokens,
                 pooling=pooling,
@@ -277,12 +320,13 @@ def embed_cells(
                 normalize=normalize,
                 batch_size=batch_size,
                 device=device,
+                precision=precision,
                 amp=amp,
+                on_empty=on_empty,
                 progress=bar,
             )
-            check_finite_rows(emb, what="embeddings", names=tokens.obs_names, skip=bad)
+            empty.extend(np.asarray(tokens.obs_names)[bad].astype(str).tolist())
             pos = adata.obs_names.get_indexer(np.asarray(tokens.obs_names).astype(str))
-            emb[bad] = np.nan
             out[pos] = emb
     if empty:
         warnings.warn(
@@ -295,6 +339,49 @@ def embed_cells(
     target.obsm[key_added] = out
     record_written(target, [("obsm", key_added)])
     return target if copy else None
+
+
+def _embed_tokens(
+    model: CellModel,
+    tokens: TokenizedCells,
+    *,
+    pooling: str | None,
+    hidden_layer: int | None,
+    normalize: bool | None,
+    batch_size: int,
+    device: str | torch.device | None,
+    precision: str,
+    amp: str | None,
+    on_empty: str,
+    progress: bool | Progress,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, d)`` embeddings of one block of tokenized cells and the ``(n,)`` mask of cells with no
+    vocabulary gene (their rows NaN; a :class:`DataError` with ``on_empty="raise"``)."""
+    n_boundary = sum(1 for r in ("cls", "eos") if r in model.vocab.specials)
+    genes_per_cell = tokens.lengths - _boundary_count(model, tokens, n_boundary)
+    bad = genes_per_cell <= 0
+    if bad.any() and on_empty == "raise":
+        names = np.asarray(tokens.obs_names)[bad].astype(str)
+        raise DataError(
+            f"{int(bad.sum())} cells have no gene in the model's vocabulary, e.g. {list(names[:5])}; "
+            "their embeddings would be meaningless. Check the gene identifiers (gene_column=...), "
+            "drop these cells (cells=...), or pass on_empty='nan' to leave their rows NaN."
+        )
+    emb = cell_embeddings(
+        model,
+        tokens,
+        pooling=pooling,
+        hidden_layer=hidden_layer,
+        normalize=normalize,
+        batch_size=batch_size,
+        device=device,
+        amp=amp,
+        precision=precision,
+        progress=progress,
+    )
+    check_finite_rows(emb, what="embeddings", names=tokens.obs_names, skip=bad)
+    emb[bad] = np.nan
+    return emb, bad
 
 
 def _boundary_count(model: CellModel, tokens: TokenizedCells, n_boundary: int) -> np.ndarray:
