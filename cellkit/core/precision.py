@@ -279,9 +279,8 @@ def cpu_bf16_mode(model: nn.Module) -> str:
 
     Measured once per process and model shape (``d_model``, heads, ``d_ff``, torch threads) on a
     probe transformer block of that shape with 2 × 512 random tokens (about a second with bf16
-    units): fp32,
-    ``torch.autocast("cpu", bfloat16)``, and the block cast to bf16. ``"cast"`` is chosen when its
-    outputs keep cosine ≥ :data:`PROBE_MIN_COSINE` to fp32 and it is at least
+    units), interleaved best of 3: fp32, ``torch.autocast("cpu", bfloat16)``, and the block cast
+    to bf16. ``"cast"`` is chosen when its outputs keep cosine ≥ :data:`PROBE_MIN_COSINE` to fp32 and it is at least
     :data:`CAST_MIN_SPEEDUP` × faster than autocast; otherwise autocast (the more accurate: norms,
     softmax and residuals stay fp32).
     """
