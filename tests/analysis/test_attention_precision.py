@@ -52,17 +52,25 @@ def test_attention_maps_bf16_close_to_fp32_and_weights_restored(monkeypatch, mod
         np.testing.assert_allclose(g.probs.sum(-1), 1.0, atol=2e-2)
 
 
-def test_gene_attention_bf16_close_to_fp32(monkeypatch):
+@pytest.mark.parametrize("mode", ["autocast", "cast"])
+def test_gene_attention_bf16_close_to_fp32(monkeypatch, mode):
     monkeypatch.setattr(P, "cpu_bf16_units", lambda: "AMX")
+    monkeypatch.setattr(P, "cpu_bf16_mode", lambda model: mode)
     adata, model = make_adata(), make_model()
     before = weights(model)
     kw = {"groupby": "cell_type", "groups": "type0", "device": "cpu", "progress": False}
     for statistic in ("probability", "grn"):
-        ref = gene_attention(adata, model, statistic=statistic, **kw)
-        got = gene_attention(adata, model, statistic=statistic, precision="bf16", **kw)
+        ref = gene_attention(adata, model, statistic=statistic, **kw).to_numpy()
+        got = gene_attention(adata, model, statistic=statistic, precision="bf16", **kw).to_numpy()
         assert got.shape == ref.shape
-        diff = np.nanmax(np.abs(got.to_numpy() - ref.to_numpy()))
-        assert 0 < diff <= (2e-2 if statistic == "probability" else 0.1), (statistic, diff)
+        assert np.array_equal(np.isnan(got), np.isnan(ref))
+        diff = np.abs(got - ref)[~np.isnan(ref)]
+        assert diff.max() > 0  # it ran in bf16
+        if statistic == "probability":
+            assert diff.max() <= 2e-3, diff.max()
+        else:  # ranks: bf16 swaps near-equal scores, so single entries move by a few ranks / M
+            assert diff.mean() <= 0.01, diff.mean()
+            assert np.corrcoef(got[~np.isnan(ref)], ref[~np.isnan(ref)])[0, 1] >= 0.995
     assert_weights(model, before)
     out = attention_difference(
         adata, model, groupby="cell_type", condition="type0", control="type1", k=5, device="cpu",
