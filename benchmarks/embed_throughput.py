@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
     for key, runs in all_runs.items():
         ok = [r for r in runs if "error" not in r]
         if not ok:
-            results[key] = runs[-1]
+            results[key] = runs[-1] if runs else {"skipped": "no runs (--repeats 0: inputs built only)"}
             continue
         best = dict(min(ok, key=lambda r: r["seconds"]))
         best["all_seconds"] = [round(r["seconds"], 1) for r in ok]
