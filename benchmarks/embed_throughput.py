@@ -17,6 +17,14 @@ so they run the same weights. Rows (keys, see ``--list``):
   scGPT binning, cells over 1,200 tokens sampled), sorts the cells by length into batches
   (length bucketing), runs the encoder only (no vocabulary-sized head) with torch's SDPA
   attention, CLS pooling, L2-normalised: scGPT's ``embed_data`` semantics;
+* ``cellkit-bf16``: the ``cellkit`` row's work (tokenize, length-sorted batches of ``B``, encoder
+  only, CLS, L2-normalised) in ``precision="bf16"``: the batches run inside
+  ``cellkit.core.precision.precision_context(model, cpu, resolve_precision("bf16", cpu))`` — what
+  ``run_inference`` does once ``embed_cells(..., precision=)`` lands; until then this row calls the
+  model directly (``cellkit.tokenize`` + ``inference_batches`` + ``Collator`` + ``model(...,
+  heads=())``). On a CPU without bf16 units (AMX / AVX512-BF16) it runs fp32 (the row says so);
+* ``cellkit-bf16-forced``: the same, bf16 even without bf16 units (emulated: shows why cellkit
+  stays in fp32 there). ``--cpu-mode`` picks how bf16 runs on a CPU (default ``auto``: measured);
 * ``cellkit-unsorted``: the same cellkit model and tokens, but batched the way scGPT batches —
   ``B`` consecutive cells in input order, padded to the batch's longest — to separate the gain of
   bucketing from the rest (``cellkit.tokenize`` + ``Collator`` + ``model(..., heads=())``);
@@ -49,9 +57,13 @@ How to run (from the repository root, with cellkit's environment)::
     python benchmarks/embed_throughput.py                          # 512 cells, batch 64, 3 repeats
     python benchmarks/embed_throughput.py --cells 128 --repeats 1  # quick
 
+For the bf16 rows the table adds their speed vs the ``cellkit`` (fp32) row and the minimum cosine
+of their embeddings to that row's on *all* cells (timed call, same tokens up to the sampling of
+long cells, which is deterministic).
+
 Options: ``--only cellkit,scgpt``, ``--list``, ``--cells``, ``--genes``, ``--vocab-genes``,
 ``--median-genes``, ``--min-genes``, ``--max-genes``, ``--batch-size``, ``--max-len``,
-``--threads``, ``--repeats``, ``--check-cells``, ``--timeout``, ``--python``,
+``--threads``, ``--repeats``, ``--check-cells``, ``--cpu-mode``, ``--timeout``, ``--python``,
 ``--scgpt-python``, ``--workdir``, ``--out PATH`` (also write the markdown; raw numbers go next
 to it as ``.json``).
 
@@ -83,6 +95,8 @@ HUMAN = {"d_model": 512, "n_heads": 8, "n_layers": 12, "d_ff": 512}
 # row key -> (label, kind)
 ROWS: dict[str, tuple[str, str]] = {
     "cellkit": ("cellkit `embed_cells` (length-bucketed, encoder-only, sdpa)", "cellkit"),
+    "cellkit-bf16": ("cellkit, precision='bf16' (length-bucketed, encoder-only, sdpa)", "cellkit"),
+    "cellkit-bf16-forced": ("cellkit, bf16 forced even without bf16 units (emulated)", "cellkit"),
     "cellkit-unsorted": ("cellkit model, scGPT's batching (input order, pad to batch longest)", "cellkit"),
     "scgpt": ("scGPT 0.2.4 `get_batch_cell_embeddings` (`embed_data` path)", "scgpt"),
 }
@@ -206,11 +220,33 @@ def child_cellkit(spec: dict) -> dict:
     opts = {"max_len": spec["max_len"]}
     bs = spec["batch_size"]
 
+    ran_as = "fp32"
     if spec["row"] == "cellkit":
 
         def call(a):
             cellkit.embed_cells(a, model, batch_size=bs, tokenize_options=opts, device="cpu", progress=False)
             return a.obsm["X_cellkit"]
+
+    elif spec["row"].startswith("cellkit-bf16"):  # embed_cells' work, batches in precision_context
+        from cellkit.core.precision import cpu_bf16_units, precision_context, resolve_precision
+
+        cpu_dev = torch.device("cpu")
+        prec = "bf16" if spec["row"] == "cellkit-bf16-forced" else resolve_precision("bf16", cpu_dev)
+
+        @torch.inference_mode()
+        def call(a):
+            nonlocal ran_as
+            tokens = cellkit.tokenize(a, model, progress=False, **opts)
+            collate = Collator.for_tokens(tokens)
+            out = np.empty((len(tokens), model.config.encoder.d_model), dtype=np.float32)
+            with precision_context(model, cpu_dev, prec, cpu_mode=spec["cpu_mode"]) as how:
+                for idx in inference_batches(tokens.lengths, bs):
+                    batch = collate([{**tokens.cell(i), "index": i} for i in idx.tolist()])
+                    res = model(**{k: batch[k] for k in FORWARD_KEYS if k in batch}, heads=())
+                    emb = torch.nn.functional.normalize(res.cell_embedding.float(), p=2, dim=1)
+                    out[idx] = emb.numpy()
+            ran_as = how
+            return out
 
     else:  # scGPT's batching with cellkit's model: input order, each batch padded to its longest
 
@@ -235,7 +271,7 @@ def child_cellkit(spec: dict) -> dict:
     peak = _rss_gb()
     # padding of the batches this row ran (tokenized again, outside the timing)
     lengths = cellkit.tokenize(adata, model, progress=False, **opts).lengths
-    if spec["row"] == "cellkit":
+    if spec["row"] != "cellkit-unsorted":
         groups = list(inference_batches(lengths, bs))
     else:
         groups = [np.arange(s, min(s + bs, len(lengths))) for s in range(0, len(lengths), bs)]
@@ -251,8 +287,13 @@ def child_cellkit(spec: dict) -> dict:
         "cellkit_src": _source_fingerprint(),
         "params": sum(p.numel() for p in model.parameters()),
         "finite": bool(np.isfinite(emb).all()),
+        "runs_as": ran_as,
         **pad,
     }
+    if spec["row"].startswith("cellkit-bf16"):
+        res["bf16_units"] = cpu_bf16_units() or "none"
+    if spec.get("emb_out"):
+        np.save(spec["emb_out"], np.asarray(emb, dtype=np.float32))
     if spec.get("check_out"):
         check = ad.read_h5ad(paths["check"])
         np.save(spec["check_out"], call(check))
@@ -420,14 +461,17 @@ def render(results: dict[str, dict], meta: dict, checks: dict[str, dict]) -> str
         f"batch {meta['batch_size']}",
         "",
         f"{meta['date']} · {meta['machine']} · torch {meta['torch']}, {meta['threads']} torch thread(s) per "
-        f"process · fp32, CPU · best of {meta['repeats']} fresh process(es) per row · load average before/after "
+        f"process · CPU, fp32 unless the row says otherwise · best of {meta['repeats']} fresh process(es) per row · load average before/after "
         f"{meta['load_before']} / {meta['load_after']}",
         "",
         "| implementation | cells/s | seconds | CPU (s) | padding | peak RSS (GB) | speed-up vs scGPT (wall; CPU) |",
         "|---|---|---|---|---|---|---|",
     ]
+    base = results.get("cellkit", {})
     for key, res in results.items():
         label = ROWS[key][0]
+        if key.startswith("cellkit-bf16") and "runs_as" in res:
+            label += f" — runs as **{res['runs_as']}** (bf16 units: {res.get('bf16_units', '?')})"
         if "error" in res or "skipped" in res:
             lines.append(f"| {label} | – | – | – | – | – | {res.get('error') or res.get('skipped')} |")
             continue
@@ -456,6 +500,18 @@ def render(results: dict[str, dict], meta: dict, checks: dict[str, dict]) -> str
                     else ""
                 )
             )
+    for key, res in results.items():
+        if key.startswith("cellkit-bf16") and "seconds" in res and "seconds" in base:
+            line = (
+                f"- {key} vs cellkit (fp32): **{base['seconds'] / res['seconds']:.2f}×** the speed (runs as "
+                f"{res['runs_as']})"
+            )
+            if "all_cells_cosine" in res:
+                line += (
+                    f"; all {res['cells']} cells: min cosine {res['all_cells_cosine']:.6f}, "
+                    f"max |Δ| {res['all_cells_max_abs_diff']:.2e}"
+                )
+            lines.append(line)
     for key, c in checks.items():
         if "error" in c:
             lines.append(f"- agreement {key} vs scgpt: {c['error']}")
@@ -484,6 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every child")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per row (fastest reported)")
     p.add_argument("--check-cells", type=int, default=32)
+    p.add_argument("--cpu-mode", default="auto", help="bf16 rows on CPU: auto (measured), autocast or cast")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated row keys (see --list)")
     p.add_argument("--list", action="store_true")
@@ -548,8 +605,11 @@ def main(argv: list[str] | None = None) -> None:
                 "batch_size": args.batch_size,
                 "max_len": args.max_len,
                 "threads": args.threads,
+                "cpu_mode": args.cpu_mode,
                 "helpers": str(SCGPT_HELPERS),
             }
+            if key.startswith("cellkit"):  # every run's embeddings: bf16 rows are compared with fp32
+                s["emb_out"] = str(args.workdir / f"embed_all_{key}_{i}.npy")
             if i == 0 and args.check_cells:
                 check_files[key] = args.workdir / f"embed_check_{key}.npy"
                 s["check_out"] = str(check_files[key])
@@ -564,13 +624,21 @@ def main(argv: list[str] | None = None) -> None:
     for key, runs in all_runs.items():
         ok = [r for r in runs if "error" not in r]
         if not ok:
-            results[key] = runs[-1]
+            results[key] = runs[-1] if runs else {"skipped": "no runs (--repeats 0: inputs built only)"}
             continue
         best = dict(min(ok, key=lambda r: r["seconds"]))
         best["all_seconds"] = [round(r["seconds"], 1) for r in ok]
+        best["run_index"] = runs.index(min(ok, key=lambda r: r["seconds"]))
         best["peak_rss_gb"] = max(r["peak_rss_gb"] for r in ok)
         results[key] = best
     results = {k: results[k] for k in keys}
+    if "run_index" in results.get("cellkit", {}):  # bf16 rows vs the fp32 row on every cell
+        ref_all = np.load(args.workdir / f"embed_all_cellkit_{results['cellkit']['run_index']}.npy")
+        for key, res in results.items():
+            f = args.workdir / f"embed_all_{key}_{res.get('run_index')}.npy"
+            if key.startswith("cellkit-bf16") and f.exists():
+                c = agreement(np.load(f), ref_all)
+                res["all_cells_cosine"], res["all_cells_max_abs_diff"] = c["min_cosine"], c["max_abs_diff"]
     checks = {}
     if "scgpt" in check_files and check_files["scgpt"].exists():
         ref_emb = np.load(check_files["scgpt"])

@@ -57,6 +57,7 @@ from .._anndata import check_adata, check_keys_free, record_written
 from .._errors import ConfigError, DataError
 from .._inference import FORWARD_KEYS, inference_batches, resolve_device
 from .._utils import Progress, track
+from ..core.precision import precision_context, resolve_precision
 from ..data.collate import Collator
 from ..data.selection import select_cells
 from ..data.tokenize import tokenize
@@ -390,11 +391,17 @@ def _batches(
         progress.advance(pending)
 
 
-class _Eval:
-    """``model.eval()`` on ``device`` under inference mode; restores the training flag."""
+def _resolve_precision(precision: str, device: Any) -> str:
+    """The precision that runs on ``device`` (checked before any work; see :func:`cellkit.core.precision.resolve_precision`)."""
+    return resolve_precision(precision, resolve_device(device))
 
-    def __init__(self, model: CellModel, device: Any) -> None:
-        self.model, self.dev = model, resolve_device(device)
+
+class _Eval:
+    """``model.eval()`` on ``device`` under inference mode in ``precision``; restores the training flag
+    (and, in bf16, the fp32 weights)."""
+
+    def __init__(self, model: CellModel, device: Any, precision: str = "fp32") -> None:
+        self.model, self.dev, self.precision = model, resolve_device(device), precision
 
     def __enter__(self) -> torch.device:
         self.was_training = self.model.training
@@ -402,11 +409,21 @@ class _Eval:
         self.model.to(self.dev)
         self.mode = torch.inference_mode()
         self.mode.__enter__()
+        self.prec = precision_context(self.model, self.dev, self.precision)
+        try:
+            self.prec.__enter__()
+        except BaseException:
+            self.mode.__exit__(None, None, None)
+            self.model.train(self.was_training)
+            raise
         return self.dev
 
     def __exit__(self, *exc: Any) -> None:
-        self.mode.__exit__(*exc)
-        self.model.train(self.was_training)
+        try:
+            self.prec.__exit__(*exc)
+        finally:
+            self.mode.__exit__(*exc)
+            self.model.train(self.was_training)
 
 
 # ----------------------------------------------------------------------------- per-cell maps
@@ -466,6 +483,7 @@ def attention_maps(
     max_cells: int = MAX_MAP_CELLS,
     attn_backend: str = "explicit",
     device: str = "auto",
+    precision: str = "fp32",
     tokenize_options: Mapping[str, Any] | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -496,6 +514,9 @@ def attention_maps(
         ``model(..., output_attentions=True).attentions[hidden_layer]`` exactly; ``"sdpa"`` is faster).
     device
         ``"auto"``: CUDA when available.
+    precision
+        ``"fp32"`` (default, exact), ``"bf16"`` (GPUs, and CPUs with AMX / AVX512-BF16; elsewhere it
+        stays fp32 with a warning) or ``"fp16"`` (CUDA); probabilities are returned as float32.
     tokenize_options, layer, use_raw, gene_column
         Passed to :func:`cellkit.tokenize` (``layer`` is the AnnData expression layer).
     progress
@@ -510,6 +531,7 @@ def attention_maps(
     idx_layer = _resolve_layer(model, hidden_layer)
     head_list = _resolve_heads(model, heads)
     _check_backend(attn_backend)
+    prec = _resolve_precision(precision, device)
     src = _source(
         adata,
         model,
@@ -530,7 +552,10 @@ def attention_maps(
     all_heads = list(range(model.config.encoder.n_heads)) if head_list is None else head_list
     out: list[CellAttention | None] = [None] * len(tokens)
     attn = model.encoder.layers[idx_layer].self_attn
-    with _Eval(model, device) as dev, track(progress, total=len(tokens), desc="attention maps") as bar:
+    with (
+        _Eval(model, device, prec) as dev,
+        track(progress, total=len(tokens), desc="attention maps") as bar,
+    ):
         for idx, gene_ids, real, x in _batches(model, tokens, batch_size, dev, idx_layer, attn_backend, bar):
             _, probs = attn(x, ~real, backend="explicit", need_weights=True)  # (B, H, L, L)
             probs = probs[:, all_heads]
@@ -589,6 +614,7 @@ class _MapSpec:
     batch_size: int
     attn_backend: str
     device: str
+    precision: str
     progress: bool | Progress
 
     @classmethod
@@ -600,6 +626,7 @@ class _MapSpec:
         _check_backend(kw["attn_backend"])
         if genes is not None:
             _gene_ids(model, genes)
+        kw["precision"] = _resolve_precision(kw["precision"], kw["device"])
         return cls(_resolve_layer(model, hidden_layer), _resolve_head(model, head), genes=genes, **kw)
 
     def params(self) -> dict[str, Any]:
@@ -640,7 +667,7 @@ def _accumulate(
     n_cells = np.zeros(n_groups, dtype=np.int64)
     attn = model.encoder.layers[hidden_layer].self_attn
     with (
-        _Eval(model, spec.device) as dev,
+        _Eval(model, spec.device, spec.precision) as dev,
         track(spec.progress, total=len(src.positions), desc="gene × gene attention") as bar,
     ):
         lut_t = torch.as_tensor(lut, device=dev)
@@ -704,6 +731,7 @@ def gene_attention(
     max_genes: int = MAX_GENES,
     attn_backend: str = "sdpa",
     device: str = "auto",
+    precision: str = "fp32",
     tokenize_options: Mapping[str, Any] | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -756,6 +784,9 @@ def gene_attention(
         Backend of the layers before ``hidden_layer``: ``"sdpa"`` or ``"explicit"``.
     device
         ``"auto"``: CUDA when available.
+    precision
+        ``"fp32"`` (default, exact), ``"bf16"`` (GPUs, and CPUs with AMX / AVX512-BF16; elsewhere it
+        stays fp32 with a warning) or ``"fp16"`` (CUDA); sums are accumulated in float64 either way.
     tokenize_options, layer, use_raw, gene_column
         Passed to :func:`cellkit.tokenize` (``layer`` is the AnnData expression layer).
     overwrite
@@ -780,6 +811,7 @@ def gene_attention(
         batch_size=batch_size,
         attn_backend=attn_backend,
         device=device,
+        precision=precision,
         progress=progress,
     )
     check_adata(adata, what="cellkit.analysis.gene_attention", allow_other=True)
@@ -932,6 +964,7 @@ def attention_difference(
     max_genes: int = MAX_GENES,
     attn_backend: str = "sdpa",
     device: str = "auto",
+    precision: str = "fp32",
     tokenize_options: Mapping[str, Any] | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -960,7 +993,7 @@ def attention_difference(
         of two one-cell means is noise).
     cells, hidden_layer, head, genes, statistic, include_special, batch_size, chunk_size, max_genes
         As in :func:`gene_attention`; the gene space is shared by both groups.
-    attn_backend, device
+    attn_backend, device, precision
         As in :func:`gene_attention`.
     tokenize_options, layer, use_raw, gene_column
         Passed to :func:`cellkit.tokenize` (``layer`` is the AnnData expression layer).
@@ -986,6 +1019,7 @@ def attention_difference(
         batch_size=batch_size,
         attn_backend=attn_backend,
         device=device,
+        precision=precision,
         progress=progress,
     )
     _check_min_cells(min_cells)
