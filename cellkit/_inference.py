@@ -21,7 +21,6 @@ Two layers:
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from torch import nn
 
 from ._errors import ConfigError, DataError
 from ._utils import Progress, atomic_path, atomic_write_text, get_logger, read_json, track
+from .core.precision import PRECISIONS
 from .data.collate import Collator
 from .data.tokenized import ShardedTokens, TokenizedCells
 from .train.distributed import all_gather_objects, barrier, init_distributed
@@ -60,8 +60,7 @@ log = get_logger(__name__)
 
 #: cells read at a time from a shard directory by :func:`run_inference` (bounded memory)
 DEFAULT_WINDOW = 16_384
-#: ``precision=`` values; ``"fp32"`` (the default) needs nothing else
-PRECISIONS = ("fp32", "bf16")
+
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -158,34 +157,27 @@ def _windows(tokens: Any, window: int | None) -> Iterator[tuple[int, Any]]:
 
 
 def check_precision(precision: str | None, amp: str | None = None) -> None:
-    """Refuse an unknown ``precision`` (or one this installation cannot run) before any work."""
+    """Refuse an unknown ``precision`` (or ``amp``, its older alias) before any work."""
     if amp is not None and precision not in (None, "fp32"):
         raise ConfigError(f"Pass precision={precision!r} or its older alias amp={amp!r}, not both.")
     if amp is not None and amp not in ("bf16", "fp16"):
         raise ConfigError(f"amp must be 'bf16', 'fp16' or None, got {amp!r}.")
-    if precision in (None, "fp32"):
-        return
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
-    try:
-        importlib.import_module("cellkit.core.precision")
-    except ImportError:
-        raise ConfigError(
-            f"precision={precision!r} needs cellkit.core.precision, which this installation lacks; use "
-            "precision='fp32'."
-        ) from None
+    if precision not in (None, *PRECISIONS):
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}.", param="precision")
 
 
 def _precision_context(model: nn.Module, dev: torch.device, precision: str | None, amp: str | None) -> Any:
-    """The autocast context of a ``precision=`` (or of its older alias ``amp=``)."""
-    check_precision(precision, amp)
-    if precision in (None, "fp32"):
-        if amp:
-            return torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-        return torch.autocast(dev.type, enabled=False)
-    from .core.precision import precision_context
+    """The context a ``precision=`` (or its older alias ``amp=``) runs in on ``dev``.
 
-    return precision_context(model, dev, precision)
+    ``"fp32"``: autocast explicitly off (parity). Otherwise :func:`cellkit.core.precision.resolve_precision`
+    decides what runs (bf16 on a CPU without bf16 units stays fp32, with a warning; fp16 needs CUDA) and
+    :func:`~cellkit.core.precision.precision_context` runs it.
+    """
+    from .core.precision import precision_context, resolve_precision
+
+    check_precision(precision, amp)
+    wanted = amp if amp is not None else (precision or "fp32")
+    return precision_context(model, dev, resolve_precision(wanted, dev))
 
 
 @torch.inference_mode()

@@ -747,9 +747,10 @@ def _inference_parser(p: argparse.ArgumentParser, *, task: str) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 …")
     p.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
+        choices=["fp32", "bf16", "fp16"],
         default="fp32",
-        help="fp32 (default) or bf16 autocast (on CUDA, and on CPUs with bf16 units)",
+        help="fp32 (default, exact); bf16 on CUDA and on CPUs with bf16 units (AMX / AVX512-BF16; other CPUs "
+        "stay in fp32 with a warning, as bf16 would run slower there); fp16 on CUDA only",
     )
     _input_options(p)
     p.add_argument(

@@ -257,37 +257,38 @@ def test_torchrun_killed_job_resumes(files, tmp_path):
     np.testing.assert_array_equal(np.load(out / "X_cellkit.npy"), np.load(tmp_path / "one" / "X_cellkit.npy"))
 
 
-def test_bf16_goes_through_core_precision(adata, model, monkeypatch):
-    """precision='bf16' uses cellkit.core.precision.precision_context (faked here: it records the call)."""
-    import contextlib
-    import types
+def test_bf16_on_a_cpu_without_bf16_units_stays_fp32_with_a_warning(adata, model, tmp_path, monkeypatch):
+    """precision='bf16' goes through cellkit.core.precision: without bf16 units it runs fp32 (bit-equal)."""
+    import cellkit.core.precision as P
 
-    seen = []
-
-    @contextlib.contextmanager
-    def precision_context(m, device, precision):
-        seen.append((m is model, device.type, precision))
-        yield
-
-    fake = types.ModuleType("cellkit.core.precision")
-    fake.precision_context = precision_context
-    monkeypatch.setitem(sys.modules, "cellkit.core.precision", fake)
-    import cellkit.core
-
-    monkeypatch.setattr(cellkit.core, "precision", fake, raising=False)
+    monkeypatch.setattr(P, "_warned", set())
+    monkeypatch.setattr(P, "cpu_bf16_units", lambda: None)
     tokens = tokenize(adata, model, progress=False)
-    got = cell_embeddings(model, tokens, batch_size=8, progress=False, device="cpu", precision="bf16")
-    assert seen == [(True, "cpu", "bf16")]
+    with pytest.warns(RuntimeWarning, match="staying in fp32"):
+        got = cell_embeddings(model, tokens, batch_size=8, progress=False, device="cpu", precision="bf16")
     np.testing.assert_array_equal(got, cell_embeddings(model, tokens, batch_size=8, progress=False))
 
 
-def test_bf16_without_core_precision_fails_before_work(adata, model, tmp_path, monkeypatch):
-    import cellkit.core
+def test_bf16_where_the_cpu_has_units_runs_bf16_close_to_fp32(adata, model, tmp_path, monkeypatch):
+    """With bf16 units (faked: emulated bf16 gives the same numbers, only slower) the run is bf16, and the
+    resumable output records it: a rerun in fp32 is another run."""
+    import cellkit.core.precision as P
 
-    monkeypatch.setitem(sys.modules, "cellkit.core.precision", None)  # as if the module were absent
-    monkeypatch.delattr(cellkit.core, "precision", raising=False)
-    with pytest.raises(ConfigError, match=r"cellkit\.core\.precision"):
-        embed_cells(adata, model, output=tmp_path / "e", precision="bf16", **EMBED)
+    monkeypatch.setattr(P, "cpu_bf16_units", lambda: "AMX")
+    tokens = tokenize(adata, model, progress=False)
+    ref = cell_embeddings(model, tokens, batch_size=8, progress=False, device="cpu")
+    got = cell_embeddings(model, tokens, batch_size=8, progress=False, device="cpu", precision="bf16")
+    assert not np.array_equal(got, ref)  # bf16 really ran
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() >= 0.999, cos.min()  # bf16 keeps ~3 significant digits per value
+    embed_cells(adata, model, output=tmp_path / "e", precision="bf16", **EMBED)
+    with pytest.raises(ConfigError, match="precision"):
+        embed_cells(adata, model, output=tmp_path / "e", precision="fp32", **EMBED)
+
+
+def test_an_unknown_precision_fails_before_work(adata, model, tmp_path):
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        embed_cells(adata, model, output=tmp_path / "e", precision="int8", **EMBED)
     assert not (tmp_path / "e").exists()
 
 

@@ -129,7 +129,8 @@ def cell_embeddings(
     progress
         ``True``: a progress bar; a :class:`cellkit.Progress` to follow or cancel the call.
     precision
-        ``"fp32"`` (default) or ``"bf16"`` (autocast where the device has bf16 units).
+        ``"fp32"`` (default, exact), ``"bf16"`` (GPUs and CPUs with AMX / AVX512-BF16; elsewhere it
+        stays fp32 with a warning) or ``"fp16"`` (CUDA).
 
     Returns
     -------
@@ -242,7 +243,8 @@ def embed_cells(
         a killed job called again with the same arguments skips the chunks already written (other
         arguments: refused unless ``overwrite``).
     precision
-        ``"fp32"`` (default) or ``"bf16"`` (autocast where the device has bf16 units).
+        ``"fp32"`` (default, exact), ``"bf16"`` (GPUs and CPUs with AMX / AVX512-BF16; elsewhere it
+        stays fp32 with a warning) or ``"fp16"`` (CUDA).
 
     Returns
     -------

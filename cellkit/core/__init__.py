@@ -7,10 +7,12 @@ from .config import EncoderConfig
 from .embeddings import BatchLabelEmbedding, CategoryValueEncoder, CellEmbeddings, ContinuousValueEncoder
 from .encoder import CellEncoder, EncoderLayer
 from .outputs import EncoderOutput
+from .precision import PRECISIONS, cpu_bf16_units, precision_context, resolve_precision
 from .varlen import Packing, pack, unpack, varlen_attention
 
 __all__ = [
     "ATTN_BACKENDS",
+    "PRECISIONS",
     "BatchLabelEmbedding",
     "CategoryValueEncoder",
     "CellEmbeddings",
@@ -21,7 +23,10 @@ __all__ = [
     "EncoderOutput",
     "MultiheadSelfAttention",
     "Packing",
+    "cpu_bf16_units",
     "pack",
+    "precision_context",
+    "resolve_precision",
     "unpack",
     "varlen_attention",
 ]
