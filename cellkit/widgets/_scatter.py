@@ -177,7 +177,11 @@ class GLScatter:
                 codes[rows] = k
             categories = [str(name) for name, _rows, _col in groups]
             by = pd.Series(pd.Categorical.from_codes(codes, categories=categories))
-            encoding = {"by": by, "map": {str(name): col for name, _rows, col in groups}}
+            encoding = {
+                "by": by,
+                "map": {str(name): col for name, _rows, col in groups},
+                "labeling": {"variable": str(pts.label)},  # legend: the column's name, then the categories
+            }
             kind = "categorical"
         elif pts.values is not None:
             values, missing, _ok = continuous_order(pts, sort=False)
@@ -203,7 +207,7 @@ class GLScatter:
         ):
             self._new_plot(pts, positions)
         if encoding is None:
-            self.scatter.color(default="#1f77b4", by=None)
+            self.scatter.color(default="#1f77b4", by=None, labeling=None)
         else:
             self.scatter.color(**encoding)
         self.meta = {

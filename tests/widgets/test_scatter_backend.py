@@ -183,13 +183,13 @@ def test_backend_forced_and_fallback_without_jscatter(monkeypatch, big):
     small = _synthetic(3_000, seed=3)
     forced = EmbeddingPanel(StudioState(adata=small), backend="jscatter")
     assert forced.backend == "jscatter" and forced.gl.widget.points.shape == (3_000, 4)
-    assert EmbeddingPanel(StudioState(adata=big), backend="plotly").backend == "plotly"
+    assert EmbeddingPanel(StudioState(adata=big), backend="plotly", max_points=2_000).backend == "plotly"
     with pytest.raises(ConfigError):
         EmbeddingPanel(StudioState(adata=small), backend="canvas")
     monkeypatch.setattr(_scatter, "jscatter_available", lambda: False)
     monkeypatch.setattr(embedding_module, "jscatter_available", lambda: False)
-    panel = EmbeddingPanel(StudioState(adata=big), max_points=50_000)
+    panel = EmbeddingPanel(StudioState(adata=big), max_points=5_000)
     assert panel.backend == "plotly" and panel.gl is None
-    assert sum(len(t.x) for t in panel.figure.data) == 50_000
-    assert "showing a random 50,000 of 200,000 cells" in panel.note.value
+    assert sum(len(t.x) for t in panel.figure.data) == 5_000
+    assert "showing a random 5,000 of 200,000 cells" in panel.note.value
     assert "pip install &#x27;cellkit[scatter]&#x27;" in panel.note.value
