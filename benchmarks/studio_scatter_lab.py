@@ -144,8 +144,10 @@ def main() -> None:
         lab.shutdown_kernels()
         lab.stop()
     print(
-        f"\n{args.n:,} cells, JupyterLab + headless Chromium (SwiftShader WebGL), {platform.machine()}, "
-        f"median of {args.repeats}; screenshot {home / 'scatter.png'}\n"
+        f"\n{args.n:,} cells, plotly view, JupyterLab + headless Chromium (SwiftShader WebGL), "
+        f"{platform.machine()}, {os.cpu_count()} cores (load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}), median of {args.repeats}; "
+        f"screenshot {home / 'scatter.png'}\n"
     )
     print("| step | seconds |\n|---|---|")
     for name, values in rows.items():
@@ -239,7 +241,7 @@ def run_jscatter(args) -> None:
             t0 = time.perf_counter()
             open_and_run_all(page, lab, "scatter.ipynb", "bench")
             try:
-                page.wait_for_function(GL_DRAWN, arg={"n": n, "since": 0, "entries": 20})
+                page.wait_for_function(GL_DRAWN, arg={"n": n, "since": 0, "entries": 20}, timeout=900_000)
             except Exception:
                 page.screenshot(path=str(home / "scatter_jscatter_fail.png"))
                 print(
@@ -360,7 +362,8 @@ def run_jscatter(args) -> None:
         lab.stop()
     print(
         f"\n{n:,} cells, jupyter-scatter view, JupyterLab + headless Chromium (WebGL renderer: {renderer}), "
-        f"{platform.machine()}, {os.cpu_count()} cores; median of {args.repeats}; lasso selected "
+        f"{platform.machine()}, {os.cpu_count()} cores (load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}); median of {args.repeats}; lasso selected "
         f"{', '.join(f'{c:,}' for c in counts)} cells; screenshot {home / 'scatter_jscatter.png'}\n"
     )
     print("| step | seconds |\n|---|---|")

@@ -729,7 +729,8 @@ class EmbeddingPanel(Panel):
             self.plot_box.children = [self.gl.box]
         else:
             self.plot_box.children = [self.figure]
-        self.max_points_box.disabled = self.backend == "jscatter"
+        self.max_points_box.disabled = self.backend == "jscatter"  # it draws every cell
+        self.hover_select.disabled = self.backend == "jscatter"  # hover details: the plotly view only
 
     def _meta(self) -> dict[str, Any]:
         """What is drawn (``viz.embedding``'s ``layout.meta``, or the jupyter-scatter view's)."""
@@ -769,7 +770,10 @@ class EmbeddingPanel(Panel):
             ):
                 notes.append("pip install 'cellkit[scatter]' (jupyter-scatter) to draw every cell")
         if self.backend == "jscatter":
-            notes.append("drawn with jupyter-scatter: drag to lasso, the toolbar switches to pan/zoom")
+            notes.append(
+                "drawn with jupyter-scatter (every cell): drag to lasso, the toolbar switches to pan/zoom; "
+                f"hover details and legend clicks are the plotly view's (below {self._jscatter_min_cells:,} cells)"
+            )
         self.note.value = (
             f"<span style='color:#777;font-size:12px'>{html.escape('; '.join(notes))}</span>" if notes else ""
         )

@@ -66,7 +66,8 @@ def test_large_data_draws_every_cell_with_jscatter(panel, big):
     assert panel.plot_box.children == (panel.gl.box,)
     assert "cellkit-embedding-gl" in panel.gl.box._dom_classes
     assert len(panel.figure.data) == 0  # the plotly figure is empty and not shown
-    assert panel.max_points_box.disabled
+    assert panel.max_points_box.disabled and panel.hover_select.disabled
+    assert "drawn with jupyter-scatter (every cell)" in panel.note.value
     widget = panel.gl.widget
     assert widget.points.shape == (N, 4)
     np.testing.assert_array_equal(panel.gl.positions, np.arange(N))  # every cell, no subsample
@@ -174,7 +175,7 @@ def test_new_basis_rebuilds_and_small_data_goes_back_to_plotly(panel, big):
     panel.state.adata = small
     assert panel.backend == "plotly" and panel.plot_box.children == (panel.figure,)
     assert sum(len(t.x) for t in panel.figure.data) == 2_000
-    assert not panel.max_points_box.disabled
+    assert not panel.max_points_box.disabled and not panel.hover_select.disabled
     panel.select_points(np.arange(7))
     assert panel.save_selection("seven").tolist() == small.obs_names[:7].tolist()
 
