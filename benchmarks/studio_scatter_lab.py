@@ -296,9 +296,11 @@ def run_jscatter(args) -> None:
                     rows.setdefault(name, []).append(time.perf_counter() - t)
             # lasso: a real mouse drag around the left part of the plot (the view is in lasso mode)
             label = page.locator(f"{ACTIVE} .cellkit-selection-count")
-            box = page.locator(f"{ACTIVE} .cellkit-embedding-gl canvas").first.bounding_box()
+            canvas = page.locator(f"{ACTIVE} .cellkit-embedding-gl canvas").first
             counts = []
             for rep in range(args.repeats):
+                canvas.scroll_into_view_if_needed()
+                box = canvas.bounding_box()  # again: clicking the buttons below may scroll the page
                 cx, cy, r = (
                     box["x"] + box["width"] * 0.5,
                     box["y"] + box["height"] * 0.5,

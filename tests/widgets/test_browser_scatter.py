@@ -214,6 +214,11 @@ def test_lasso_with_the_mouse_becomes_a_saved_selection(page):
     )
     assert page.locator(f"{ACTIVE} .cellkit-selection-name input").input_value() == "lasso_2"
     # a second, smaller lasso inside the first replaces the pending selection
+    canvas = page.locator(f"{ACTIVE} .cellkit-embedding-gl canvas").first
+    canvas.scroll_into_view_if_needed()
+    moved = canvas.bounding_box()  # clicking Save may have scrolled the page
+    dy = moved["y"] - box["y"]
+    y0, y1 = y0 + dy, y1 + dy
     xm = (x0 + x1) / 2
     _lasso(page, [(x0, y0), (xm, y0), (xm, y1), (x0, y1), (x0, y0)])
     page.wait_for_function(
