@@ -7,6 +7,13 @@ choose its arguments (basis, colour, gene layer / symbols, hover columns, max po
 highlighted cells). ``viz.embedding`` updates the widget in place and sends only what changed: a
 colour change between two continuous keys sends only the new colour array.
 
+**A million cells.** From :data:`~cellkit.widgets._scatter.JSCATTER_MIN_CELLS` (100k) cells on,
+when jupyter-scatter is installed (``pip install 'cellkit[scatter]'``), the same cells and colours
+are drawn with ``jscatter`` instead (:class:`~cellkit.widgets._scatter.GLScatter`, made for
+millions of points; every cell drawn, no subsample): pan/zoom, the same colour controls, a lasso
+(drag, or the toolbar's lasso types) that becomes the pending selection. ``backend=`` forces one.
+Without jupyter-scatter, plotly draws a random subsample (``max_points``) and says so.
+
 A lasso/box selection in the browser reaches Python through the traces' ``on_selection``
 callbacks (each point's obs position is ``customdata[:, 0]``; on a subsampled view
 ``cellkit.viz.embedding_selection`` finds every cell inside the shape);
@@ -30,6 +37,7 @@ from cellkit import DataError
 
 from ._base import Panel, guarded, labelled
 from ._progress import JobProgress
+from ._scatter import JSCATTER_MAX_POINTS, JSCATTER_MIN_CELLS, GLScatter, choose_backend, jscatter_available
 from ._state import StudioState
 
 __all__ = ["EmbeddingPanel"]
@@ -53,14 +61,27 @@ class EmbeddingPanel(Panel):
     state
         The shared :class:`~cellkit.widgets.StudioState` (a fresh one when used alone).
     max_points
-        Draw at most this many cells (a random subsample, seed 0, above it). Lasso and box
-        selections still pick every cell inside the drawn shape, shown or not.
+        plotly view: draw at most this many cells (a random subsample, seed 0, above it). Lasso
+        and box selections still pick every cell inside the drawn shape, shown or not. The
+        jupyter-scatter view draws every cell (up to ``JSCATTER_MAX_POINTS``, 10 million).
+    backend
+        ``"auto"`` (default): jupyter-scatter for data of ``jscatter_min_cells`` cells or more
+        when it is installed, else plotly; ``"plotly"`` or ``"jscatter"``: always that one.
+    jscatter_min_cells
+        The ``"auto"`` threshold (100k: plotly's recolour takes seconds there, jupyter-scatter's
+        well under one; below it plotly's hover details serve better).
 
     Attributes
     ----------
     figure
         The ``plotly.graph_objects.FigureWidget`` (CSS class ``cellkit-embedding-plot``); its
-        ``layout.meta`` says what is drawn (see :func:`cellkit.viz.embedding`).
+        ``layout.meta`` says what is drawn (see :func:`cellkit.viz.embedding`). Empty and hidden
+        while jupyter-scatter draws.
+    gl
+        The jupyter-scatter view (:class:`~cellkit.widgets._scatter.GLScatter`; ``gl.scatter`` is
+        the ``jscatter.Scatter``, ``gl.meta`` says what is drawn); ``None`` until first used.
+    backend
+        ``"plotly"`` or ``"jscatter"``: what draws the current data.
     pending
         Obs positions of the current (unsaved) lasso/box selection.
 
@@ -74,10 +95,21 @@ class EmbeddingPanel(Panel):
     title = "Embeddings"
 
     def __init__(
-        self, state: StudioState | None = None, *, max_points: int = DEFAULT_MAX_POINTS, **kwargs: Any
+        self,
+        state: StudioState | None = None,
+        *,
+        max_points: int = DEFAULT_MAX_POINTS,
+        backend: str = "auto",
+        jscatter_min_cells: int = JSCATTER_MIN_CELLS,
+        **kwargs: Any,
     ) -> None:
+        choose_backend(0, backend)  # checks the value (and that jupyter-scatter is there if asked for)
         super().__init__(state, **kwargs)
         self.add_class("cellkit-embedding-panel")
+        self._backend_choice = backend
+        self._jscatter_min_cells = int(jscatter_min_cells)
+        self.backend = "plotly"
+        self.gl: GLScatter | None = None
         self.pending = np.zeros(0, dtype=np.int64)
         self.basis: str = ""
         self.color_key: str = ""
@@ -163,6 +195,8 @@ class EmbeddingPanel(Panel):
             }
         )
         self.figure.add_class("cellkit-embedding-plot")
+        #: holds the figure or the jupyter-scatter view, whichever draws the data
+        self.plot_box = widgets.VBox([self.figure], layout=widgets.Layout(width="100%"))
 
         # -- selection
         self.selection_label = widgets.HTML(value="")
@@ -216,7 +250,7 @@ class EmbeddingPanel(Panel):
                     self.refresh_button,
                 ]
             ),
-            self.figure,
+            self.plot_box,
             self.note,
             widgets.HBox([self.selection_label]),
             widgets.HBox(
@@ -341,7 +375,7 @@ class EmbeddingPanel(Panel):
         self._draw(color=name, **source)
         self._sync_color_widgets(name, **source)
         if self.basis:
-            kind = (self.figure.layout.meta or {}).get("kind", "none")
+            kind = self._meta().get("kind", "none")
             what = {"none": "one colour", "categorical": "categories", "continuous": "a colour scale"}[kind]
             self.show_message(f"Coloured by {name or 'nothing'} ({what}).", "info")
 
@@ -517,6 +551,7 @@ class EmbeddingPanel(Panel):
         self._layer = self._gene_symbols = None
         self._trace_sel = {}
         self.pending = np.zeros(0, dtype=np.int64)
+        self._pick_backend()
         with self.figure.batch_update():
             self.figure.data = ()
             self.figure.layout.annotations = ()
@@ -582,7 +617,7 @@ class EmbeddingPanel(Panel):
             self._refresh_gene_options(adata)
             if tuple(cols) != tuple(self.hover_select.options):
                 self.hover_select.options = cols
-            shown = (self.figure.layout.meta or {}).get("hover", [])
+            shown = self._meta().get("hover", [])
             self.hover_select.value = tuple(c for c in shown if c in cols)
         finally:
             self._syncing = False
@@ -629,6 +664,9 @@ class EmbeddingPanel(Panel):
         view = {**self._view(), **changes}
         if not view["basis"]:
             return
+        if self.backend == "jscatter":
+            self._draw_gl(view)
+            return
         cellkit.viz.embedding(
             self.state.adata,
             basis=view["basis"],
@@ -646,6 +684,60 @@ class EmbeddingPanel(Panel):
         self._layer, self._gene_symbols = view["layer"], view["gene_symbols"]
         self._after_draw()
 
+    def _draw_gl(self, view: dict[str, Any]) -> None:
+        """:meth:`_draw` with jupyter-scatter: the cells and colours ``viz.embedding`` would draw."""
+        from cellkit.viz._embedding import _hover_columns, prepare_points
+
+        assert self.gl is not None
+        pts = prepare_points(  # checks every argument before anything is drawn, as viz.embedding
+            self.state.adata,
+            basis=view["basis"],
+            color=view["color"] or None,
+            obs=None,
+            layer=view["layer"],
+            use_raw=None,
+            gene_symbols=view["gene_symbols"],
+            dims=(0, 1),
+            point_size=None,
+            max_points=JSCATTER_MAX_POINTS,
+            selected=None,
+            seed=0,
+        )
+        hover = _hover_columns(view["hover"], pts.obs, pts.label if view["color"] else None)
+        self.gl.draw(
+            pts,
+            basis=view["basis"],
+            title=f"{view['basis']} — {view['color']}" if view["color"] else view["basis"],
+            color_key=view["color"] or None,
+            hover=hover,
+            selected=self.pending,
+        )
+        self.basis, self.color_key, self._hover = view["basis"], view["color"], view["hover"]
+        self._layer, self._gene_symbols = view["layer"], view["gene_symbols"]
+        self._after_draw()
+
+    def _pick_backend(self) -> None:
+        """Choose plotly or jupyter-scatter for the current data and show that one's view."""
+        adata = self.state.adata
+        n = 0 if adata is None else int(adata.n_obs)
+        self.backend = choose_backend(n, self._backend_choice, min_cells=self._jscatter_min_cells)
+        if self.gl is not None:
+            self.gl.reset()
+        if self.backend == "jscatter":
+            if self.gl is None:
+                self.gl = GLScatter(on_select=self._on_gl_selection, height=520)
+            self.plot_box.children = [self.gl.box]
+        else:
+            self.plot_box.children = [self.figure]
+        self.max_points_box.disabled = self.backend == "jscatter"  # it draws every cell
+        self.hover_select.disabled = self.backend == "jscatter"  # hover details: the plotly view only
+
+    def _meta(self) -> dict[str, Any]:
+        """What is drawn (``viz.embedding``'s ``layout.meta``, or the jupyter-scatter view's)."""
+        if self.backend == "jscatter" and self.gl is not None:
+            return self.gl.meta
+        return self.figure.layout.meta or {}
+
     def _view(self) -> dict[str, Any]:
         return {
             "basis": self.basis,
@@ -657,14 +749,31 @@ class EmbeddingPanel(Panel):
 
     def _after_draw(self) -> None:
         """Hook the selection callbacks to the (maybe new) traces; show the notes and hover columns."""
-        for trace in self.figure.data:
-            trace.on_selection(self._on_selection)
-            trace.on_deselect(self._on_deselect)
+        if self.backend == "plotly":
+            for trace in self.figure.data:
+                trace.on_selection(self._on_selection)
+                trace.on_deselect(self._on_deselect)
         self._trace_sel = {}
-        meta = self.figure.layout.meta or {}
+        meta = self._meta()
         notes = list(meta.get("notes", []))
         if self._subsampled():
-            notes[0] += "; lasso and box selections still pick every cell inside the shape"
+            notes[0] += (
+                "; lasso and box selections still pick every cell inside the shape"
+                if self.backend == "plotly"
+                else "; the lasso picks drawn cells only"
+            )
+            if (
+                self.backend == "plotly"
+                and self._backend_choice == "auto"
+                and int(meta.get("n_cells", 0)) >= self._jscatter_min_cells
+                and not jscatter_available()
+            ):
+                notes.append("pip install 'cellkit[scatter]' (jupyter-scatter) to draw every cell")
+        if self.backend == "jscatter":
+            notes.append(
+                "drawn with jupyter-scatter (every cell): drag to lasso, the toolbar switches to pan/zoom; "
+                f"hover details and legend clicks are the plotly view's (below {self._jscatter_min_cells:,} cells)"
+            )
         self.note.value = (
             f"<span style='color:#777;font-size:12px'>{html.escape('; '.join(notes))}</span>" if notes else ""
         )
@@ -681,11 +790,11 @@ class EmbeddingPanel(Panel):
             self._syncing = False
 
     def _subsampled(self) -> bool:
-        meta = self.figure.layout.meta or {}
+        meta = self._meta()
         return int(meta.get("n_shown", 0)) < int(meta.get("n_valid", 0))
 
     def _describe_shown(self) -> str:
-        meta = self.figure.layout.meta or {}
+        meta = self._meta()
         n_valid, n_shown = int(meta.get("n_valid", 0)), int(meta.get("n_shown", 0))
         if n_shown < n_valid:
             return f"{n_shown:,} of {n_valid:,} cells drawn"
@@ -711,6 +820,13 @@ class EmbeddingPanel(Panel):
         except Exception as exc:  # pragma: no cover - a callback must never raise into plotly
             self.show_error(exc)
 
+    def _on_gl_selection(self, positions: np.ndarray) -> None:
+        """A lasso in the jupyter-scatter view (obs positions; empty: the browser cleared it)."""
+        try:
+            self._set_pending(positions, highlight=False)
+        except Exception as exc:  # pragma: no cover - a callback must never raise into traitlets
+            self.show_error(exc)
+
     def _on_deselect(self, _trace: Any, _points: Any) -> None:
         self._trace_sel = {}
         self._set_pending(np.zeros(0, dtype=np.int64), highlight=False)
@@ -730,7 +846,10 @@ class EmbeddingPanel(Panel):
 
     def _set_pending(self, positions: np.ndarray, *, highlight: bool) -> None:
         self.pending = np.asarray(positions, dtype=np.int64)
-        if highlight:
+        if highlight and self.backend == "jscatter":
+            if self.gl is not None:
+                self.gl.highlight(self.pending)
+        elif highlight:
             self._trace_sel = {}
             self._draw()  # viz.embedding(selected=...) marks them; only selectedpoints change
             if not len(self.pending):
