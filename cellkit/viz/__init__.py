@@ -9,6 +9,8 @@ figure with ``fig.show()`` (notebook or script), save it with :func:`save_html` 
   ``fig.data[i].customdata[:, 0]`` are obs positions (map lasso selections back to cells);
   ``figure=`` updates an on-screen ``go.FigureWidget`` in place, sending only what changed.
 - :func:`embedding_selection` — every cell inside a lasso / box, also those a subsample left out.
+- :func:`embedding_colors` — the cells and colours :func:`embedding` draws, as flat arrays for a
+  WebGL renderer of millions of points (the studio's jupyter-scatter view).
 - :func:`gene_network` — genes joined by similarity above a threshold (networkx spring layout).
 - :func:`similar_genes_bar` — the genes most similar to a gene; :func:`token_length_histogram` —
   tokens per cell against the tokenizer's limit.
@@ -38,6 +40,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._bars import similar_genes_bar, token_length_histogram
+from ._colors import EmbeddingColors, embedding_colors
 from ._common import draw_into, save_html
 from ._embedding import embedding, embedding_selection
 from ._heatmaps import attention_heatmap, confusion_matrix, program_heatmap
@@ -68,11 +71,13 @@ _LAZY = {
 }
 
 __all__ = [
+    "EmbeddingColors",
     "attention_heatmap",
     "confusion_matrix",
     "default_palette",
     "draw_into",
     "embedding",
+    "embedding_colors",
     "embedding_selection",
     "epoch_figure",
     "fill_training_figure",

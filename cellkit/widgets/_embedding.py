@@ -686,30 +686,20 @@ class EmbeddingPanel(Panel):
 
     def _draw_gl(self, view: dict[str, Any]) -> None:
         """:meth:`_draw` with jupyter-scatter: the cells and colours ``viz.embedding`` would draw."""
-        from cellkit.viz._embedding import _hover_columns, prepare_points
-
         assert self.gl is not None
-        pts = prepare_points(  # checks every argument before anything is drawn, as viz.embedding
+        colors = cellkit.viz.embedding_colors(  # checks every argument before anything is drawn
             self.state.adata,
             basis=view["basis"],
             color=view["color"] or None,
-            obs=None,
             layer=view["layer"],
-            use_raw=None,
             gene_symbols=view["gene_symbols"],
-            dims=(0, 1),
-            point_size=None,
             max_points=JSCATTER_MAX_POINTS,
-            selected=None,
-            seed=0,
         )
-        hover = _hover_columns(view["hover"], pts.obs, pts.label if view["color"] else None)
         self.gl.draw(
-            pts,
+            colors,
             basis=view["basis"],
             title=f"{view['basis']} — {view['color']}" if view["color"] else view["basis"],
-            color_key=view["color"] or None,
-            hover=hover,
+            hover=[],  # no hover in the WebGL view (the note says so)
             selected=self.pending,
         )
         self.basis, self.color_key, self._hover = view["basis"], view["color"], view["hover"]

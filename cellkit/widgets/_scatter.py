@@ -8,8 +8,8 @@ cells in JupyterLab + Chromium (``benchmarks/studio_scatter_lab.py``). jupyter-s
 binary ``float32`` array and a recolour sends only that array and a colour map.
 
 :class:`GLScatter` is the thin view the :class:`~cellkit.widgets.EmbeddingPanel` uses above
-:data:`JSCATTER_MIN_CELLS` cells: it draws what :func:`cellkit.viz._embedding.prepare_points`
-picked (the cells and colour values ``cellkit.viz.embedding`` would draw, with its colours),
+:data:`JSCATTER_MIN_CELLS` cells: it draws what :func:`cellkit.viz.embedding_colors` gives
+(the cells and colour values ``cellkit.viz.embedding`` would draw, with its colours),
 highlights the panel's pending cells, and reports a lasso in the browser as obs positions. It has
 no selection logic of its own: the panel resolves and stores selections as with plotly.
 
@@ -28,7 +28,7 @@ import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 
-from .._errors import ConfigError, DataError
+from cellkit import ConfigError
 
 __all__ = [
     "BACKENDS",
@@ -146,58 +146,36 @@ class GLScatter:
 
     def draw(
         self,
-        pts: Any,
+        colors: Any,
         *,
         basis: str,
         title: str,
-        color_key: str | None,
         hover: list[str],
         selected: np.ndarray,
     ) -> None:
-        """Draw ``pts`` (a ``cellkit.viz._embedding.Points``) and highlight the obs positions ``selected``.
+        """Draw ``colors`` (a :class:`cellkit.viz.EmbeddingColors`) and highlight the obs positions ``selected``.
 
         A new basis or a new set of drawn cells makes a new plot (the view starts at the data's
         extent); otherwise only the colour encoding changes (one ``points`` array and a colour map
         are sent; zoom and pan stay).
         """
-        from cellkit.viz._embedding import MAX_CATEGORIES, category_groups, continuous_order
-
+        pts = colors
         notes = list(pts.notes)
-        kind, encoding, categories = "none", None, None
-        if pts.values is not None and pts.categorical:
-            groups = category_groups(pts, palette=None, key=color_key)
-            if len(groups) > MAX_CATEGORIES:
-                raise DataError(
-                    f"{pts.label!r} has {len(groups):,} categories among the drawn cells; a categorical "
-                    f"colour shows at most {MAX_CATEGORIES}. Colour by a column with fewer categories, "
-                    "or group the rare ones first."
-                )
-            codes = np.zeros(len(pts.positions), dtype=np.int32)
-            for k, (_name, rows, _col) in enumerate(groups):
-                codes[rows] = k
-            categories = [str(name) for name, _rows, _col in groups]
-            by = pd.Series(pd.Categorical.from_codes(codes, categories=categories))
+        kind, encoding, categories = pts.kind, None, None
+        if kind == "categorical":
+            categories = list(pts.categories)
             encoding = {
-                "by": by,
-                "map": {str(name): col for name, _rows, col in groups},
+                "by": pd.Series(pd.Categorical.from_codes(pts.codes, categories=categories)),
+                "map": dict(zip(categories, pts.colors, strict=True)),
                 "labeling": {"variable": str(pts.label)},  # legend: the column's name, then the categories
             }
-            kind = "categorical"
-        elif pts.values is not None:
-            values, missing, _ok = continuous_order(pts, sort=False)
-            finite = values[np.isfinite(values)]
-            lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
-            hi = hi if hi > lo else lo + 1.0
-            if len(missing):
-                values = np.where(np.isfinite(values), values, lo)
-                notes.append(f"{len(missing):,} cells without a {pts.label} value drawn at the lowest colour")
+        elif kind == "continuous":
             encoding = {
-                "by": values.astype(np.float32),
+                "by": pts.values,
                 "map": _CONTINUOUS_MAP,
-                "norm": (lo, hi),
-                "labeling": (f"{lo:.3g}", f"{hi:.3g}", str(pts.label)),
+                "norm": (pts.vmin, pts.vmax),
+                "labeling": (f"{pts.vmin:.3g}", f"{pts.vmax:.3g}", str(pts.label)),
             }
-            kind = "continuous"
 
         positions = np.asarray(pts.positions, dtype=np.int64)
         if (
@@ -215,7 +193,7 @@ class GLScatter:
             "color": pts.label,
             "kind": kind,
             "hover": list(hover),
-            "n_cells": len(pts.coords),
+            "n_cells": int(pts.n_cells),
             "n_valid": int(pts.n_valid),
             "n_shown": len(positions),
             "notes": notes,
@@ -246,7 +224,7 @@ class GLScatter:
         if self.scatter is not None:
             self.scatter.widget.unobserve(self._on_widget_selection, names="selection")
             self.scatter.widget.close()
-        xy = np.ascontiguousarray(pts.coords[positions], dtype=np.float32)
+        xy = np.ascontiguousarray(pts.coords, dtype=np.float32)
         scatter = jscatter.Scatter(
             x=xy[:, 0],
             y=xy[:, 1],

@@ -657,3 +657,28 @@ def test_import_viz_does_not_import_torch_or_widgets():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_embedding_colors_are_what_embedding_draws():
+    """The WebGL arrays: the same cells and category colours as the plotly traces, gene values as read."""
+    adata = _adata(60)
+    adata.obsm["X_umap"] = adata.obsm["X_cellkit_umap"].copy()
+    adata.obsm["X_umap"][5] = np.nan  # a cell without coordinates is not drawn
+    fig = cv.embedding(adata, basis="X_umap", color="cell_type")
+    cols = cv.embedding_colors(adata, basis="X_umap", color="cell_type")
+    assert cols.kind == "categorical" and cols.n_cells == 60 and cols.n_valid == 59
+    np.testing.assert_array_equal(cols.positions, np.sort(_positions(fig)))
+    assert cols.coords.dtype == np.float32 and cols.coords.shape == (59, 2)
+    np.testing.assert_array_equal(cols.coords, adata.obsm["X_umap"][cols.positions].astype(np.float32))
+    assert dict(zip(cols.categories, cols.colors, strict=True)) == {t.name: t.marker.color for t in fig.data}
+    for trace in fig.data:  # each category holds the cells of its trace
+        drawn = cols.positions[cols.codes == cols.categories.index(trace.name)]
+        assert set(drawn) == set(np.asarray(trace.customdata)[:, 0].astype(np.int64)), trace.name
+    assert any("without coordinates" in n for n in cols.notes)
+    gene = str(adata.var_names[0])
+    cont = cv.embedding_colors(adata, basis="X_umap", color=gene)
+    expected = adata[cont.positions, gene].X.toarray().ravel()
+    np.testing.assert_allclose(cont.values, expected, rtol=1e-6)
+    assert cont.kind == "continuous" and cont.vmin == expected.min() and cont.codes is None
+    assert cv.embedding_colors(adata, basis="X_umap").kind == "none"
+    assert len(cv.embedding_colors(adata, basis="X_umap", max_points=10).positions) == 10
