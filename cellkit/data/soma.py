@@ -7,9 +7,11 @@ a measurement (``"RNA"``), an ``X`` layer (``"raw"``) and SOMA value filters on 
 go to tiledbsoma's own query (``Experiment.axis_query``); cellkit never evaluates them.
 
 Reading is tiledbsoma's: the selected ``obs`` rows (only the columns asked for) and ``var`` are read
-once, then ``X`` is read in blocks of cells with tiledbsoma's blockwise reader
-(``SparseNDArray.read(...).blockwise(axis=0).scipy()``), so memory is bounded by the block size,
-not by the number of cells.
+once, then ``X`` is read in blocks of ``chunk_size`` cells, one tiledbsoma read each
+(``SparseNDArray.read((cells, genes)).tables()``, the next block read ahead in a background
+thread), so memory is bounded by the block size, not by the number of cells. (tiledbsoma's
+``blockwise(...).scipy()`` iterator gives the same blocks but re-sorts and re-indexes every entry
+in extra Arrow steps: several times slower in ``benchmarks/soma_tokenize.py``.)
 
 Cell order and names
 --------------------
@@ -405,28 +407,60 @@ class _SomaX:
     joinids: np.ndarray  # (n_obs,) ascending, aligned with the source's obs rows
     var_joinids: np.ndarray  # (n_vars,) ascending, aligned with the source's var rows
 
+    def __post_init__(self) -> None:
+        n = len(self.var_joinids)
+        self._all_vars = bool(n) and self.var_joinids[0] == 0 and self.var_joinids[-1] == n - 1
+        self._var_lut: np.ndarray | None = None
+        if not self._all_vars:  # soma_joinid -> column position (var tables are small)
+            lut = np.full(int(self.var_joinids.max()) + 1 if n else 0, -1, dtype=np.int64)
+            lut[self.var_joinids] = np.arange(n)
+            self._var_lut = lut
+
     @property
     def shape(self) -> tuple[int, int]:
         return len(self.joinids), len(self.var_joinids)
 
-    def blocks(self, rows: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-        """CSR blocks of ``size`` cells (rows = positions into ``joinids``), read by tiledbsoma's
-        blockwise reader; columns are positions into ``var_joinids``."""
-        if not len(rows):
-            return
+    def read(self, rows: np.ndarray) -> sp.csr_matrix:
+        """The CSR block of cells ``rows`` (positions into ``joinids``); columns are positions into
+        ``var_joinids``. One tiledbsoma read (``SparseNDArray.read(coords).tables()``)."""
         coords = self.joinids[rows]
-        reader = self.array.read((coords, self.var_joinids)).blockwise(axis=0, size=size, eager=True).scipy()
-        start = 0
-        for block, (obs_ids, _var_ids) in reader:
-            n = len(obs_ids)
-            if not np.array_equal(
-                obs_ids, coords[start : start + n]
-            ):  # pragma: no cover - tiledbsoma contract
-                raise DataError("tiledbsoma returned X blocks out of the requested cell order.")
-            yield rows[start : start + n], _canonical(block)
-            start += n
-        if start != len(rows):  # pragma: no cover - tiledbsoma contract
-            raise DataError(f"tiledbsoma returned {start} of {len(rows)} cells.")
+        n = len(coords)
+        if not n:
+            return sp.csr_matrix((0, len(self.var_joinids)), dtype=np.float32)
+        first, last = int(coords[0]), int(coords[-1])
+        contiguous = last - first + 1 == n
+        obs_coords: Any = slice(first, last) if contiguous else coords  # SOMA slices are closed
+        var_coords: Any = None if self._all_vars else self.var_joinids
+        table = self.array.read((obs_coords, var_coords)).tables().concat()
+        dim0 = table.column("soma_dim_0").to_numpy()
+        dim1 = table.column("soma_dim_1").to_numpy()
+        data = table.column("soma_data").to_numpy()
+        del table
+        row = dim0 - first if contiguous else np.searchsorted(coords, dim0)
+        col = dim1 if self._var_lut is None else self._var_lut[dim1]
+        block = sp.csr_matrix((data, (row, col)), shape=(n, len(self.var_joinids)))
+        return _canonical(block)
+
+    def blocks(self, rows: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        """``(rows, CSR block)`` for consecutive blocks of ``size`` cells; the next block is read
+        in a background thread while the caller works on the current one (TileDB reads without
+        holding the GIL), so at most two blocks are in memory."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        parts = [rows[a : a + size] for a in range(0, len(rows), size)]
+        if not parts:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellkit-soma") as pool:
+            pending = pool.submit(self.read, parts[0])
+            try:
+                for k, part in enumerate(parts):
+                    block = pending.result()
+                    if k + 1 < len(parts):
+                        pending = pool.submit(self.read, parts[k + 1])
+                    yield part, block
+                    del block
+            finally:
+                pending.cancel()
 
 
 def _canonical(block: Any) -> sp.csr_matrix:
@@ -446,12 +480,12 @@ class SomaMatrixSource(MatrixSource):
 
     def chunks(self, chunk_size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         """Yield ``(row positions, CSR block)`` pairs covering :attr:`rows` in order (see
-        :meth:`MatrixSource.chunks`), each one tiledbsoma read of ``chunk_size`` cells."""
+        :meth:`MatrixSource.chunks`), each one tiledbsoma read of ``chunk_size`` cells (the next
+        one read ahead)."""
         yield from self.matrix.blocks(np.asarray(self.rows, dtype=np.int64), chunk_size)
 
     def _read(self, idx: np.ndarray) -> sp.csr_matrix:
-        blocks = [b for _, b in self.matrix.blocks(np.asarray(idx, dtype=np.int64), max(len(idx), 1))]
-        return blocks[0] if blocks else sp.csr_matrix((0, self.matrix.shape[1]), dtype=np.float32)
+        return self.matrix.read(np.asarray(idx, dtype=np.int64))
 
 
 def soma_source_of(data: Any, *, layer: str | None) -> SomaSource:
