@@ -138,7 +138,7 @@ def _open_sources(
     """
     from anndata import AnnData
 
-    from .soma import is_soma_input, soma_source_of
+    from .soma import SomaSource, is_soma_input
 
     if is_soma_input(data):
         if cells is not None:
@@ -146,11 +146,22 @@ def _open_sources(
                 "cells= selects rows of an AnnData; for a SOMA experiment select cells with "
                 'cellkit.data.SomaSource(experiment, obs_filter="...") (or obs_joinids=).'
             )
-        required, optional = scheme_columns
-        src = soma_source_of(data, layer=layer).matrix_source(
-            obs_columns=list(dict.fromkeys([*obs_columns, *required])), optional_columns=optional
-        )
-        return [src], False
+        return _soma_sources(
+            [data], layer=layer, obs_columns=obs_columns, scheme_columns=scheme_columns
+        ), False
+    if (
+        isinstance(data, Sequence)
+        and not isinstance(data, str)
+        and len(data)
+        and all(isinstance(d, SomaSource) for d in data)
+    ):  # partitions of a query (SomaSource.partitions), one after another
+        if cells is not None:
+            raise DataError(
+                "cells= selects rows of an AnnData; SomaSource partitions select their own cells."
+            )
+        return _soma_sources(
+            list(data), layer=layer, obs_columns=obs_columns, scheme_columns=scheme_columns
+        ), False
     if isinstance(data, AnnData):
         return [anndata_source(data, layer=layer, use_raw=use_raw, cells=cells)], not data.isbacked
     if isinstance(data, (str, os.PathLike)):
@@ -174,6 +185,30 @@ def _open_sources(
         f"Cannot tokenize a {type(data).__name__}; pass an AnnData, an .h5ad path, a list of them, an scBank "
         "directory or a SOMA experiment (cellkit.data.SomaSource, a tiledbsoma.Experiment or its URI)."
     )
+
+
+def _soma_sources(
+    data: list[Any],
+    *,
+    layer: str | None,
+    obs_columns: Sequence[str],
+    scheme_columns: tuple[list[str], list[str]],
+) -> list[MatrixSource]:
+    """Open SOMA inputs (sources, experiments, URIs) as matrix sources; all or none stay open."""
+    from .soma import soma_source_of
+
+    required, optional = scheme_columns
+    columns = list(dict.fromkeys([*obs_columns, *required]))
+    opened: list[MatrixSource] = []
+    try:
+        for item in data:
+            src = soma_source_of(item, layer=layer)
+            opened.append(src.matrix_source(obs_columns=columns, optional_columns=optional))
+    except BaseException:
+        for src in opened:
+            src.close()
+        raise
+    return opened
 
 
 def _scheme_obs_columns(scheme: str, options: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -235,7 +270,8 @@ def tokenize(
         An AnnData (in memory or ``backed="r"``), the path of an ``.h5ad`` file (opened backed),
         a list of ``.h5ad`` partitions, an scGPT scBank directory, or a TileDB-SOMA experiment
         (CELLxGENE Census): a :class:`cellkit.data.SomaSource` (measurement, ``X`` layer, ``obs`` /
-        ``var`` value filters), an open ``tiledbsoma.Experiment`` or its URI. A SOMA experiment is
+        ``var`` value filters), a list of them (e.g. ``source.partitions(200_000)``), an open
+        ``tiledbsoma.Experiment`` or its URI. A SOMA experiment is
         read in blocks of ``chunk_size`` cells by tiledbsoma, cells in ascending ``soma_joinid``
         order; only ``obs_columns`` (and the columns the scheme reads) of ``obs`` are read.
     model

@@ -255,6 +255,20 @@ def test_partitions_tokenize_to_the_whole(atlas):
     whole = tok(src, vocab, **kw)
     pieces = [tok(p, vocab, **kw) for p in parts]
     assert_same_tokens(cellkit.TokenizedCells.concat(pieces), whole)
+    assert_same_tokens(tok(parts, vocab, **kw), whole)  # the partitions as one input, one after another
+    with pytest.raises(DataError, match="partitions select their own cells"):
+        tok(parts, vocab, cells=[0], **kw)
+
+
+def test_census_root_collection_is_refused_with_the_experiment_to_pass(tmp_path):
+    with tiledbsoma.Collection.create(str(tmp_path / "census")) as root:
+        root.add_new_collection("census_data")
+    root = tiledbsoma.Collection.open(str(tmp_path / "census"))
+    with pytest.raises(DataError, match=r"Census root collection: pass census\['census_data'\]"):
+        tok(root, scgpt_vocab(), scheme="scgpt")
+    root.close()
+    with pytest.raises(DataError, match="not a SOMA experiment"):
+        tok(SomaSource(str(tmp_path / "census")), scgpt_vocab(), scheme="scgpt")
 
 
 def test_shards_from_soma(atlas, tmp_path):
