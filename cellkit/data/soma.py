@@ -9,10 +9,9 @@ go to tiledbsoma's own query (``Experiment.axis_query``); cellkit never evaluate
 Reading is tiledbsoma's: the selected ``obs`` rows (only the columns asked for) and ``var`` are read
 once, then ``X`` is read in blocks of ``chunk_size`` cells, one tiledbsoma read each
 (``SparseNDArray.read((cells, genes)).tables()``, the next block read ahead in a background
-thread), so memory is bounded by the block size, not by the number of cells. (tiledbsoma's ``blockwise(...).scipy()`` iterator gives the same blocks but re-sorts and
-re-indexes every entry in extra Arrow steps: 8.6 s against 2.5 s for 20,000 cells, 14.7 M entries,
-on a 2-core Xeon.).scipy()`` iterator gives the same blocks but re-sorts and re-indexes every entry
-in extra Arrow steps: several times slower in ``benchmarks/soma_tokenize.py``.)
+thread), so memory is bounded by the block size, not by the number of cells. (tiledbsoma's
+``blockwise(...).scipy()`` iterator gives the same blocks but re-sorts and re-indexes every entry
+in extra Arrow steps: 8.6 s against 2.5 s for 20,000 cells with 14.7 M entries on a 2-core Xeon.)
 
 Cell order and names
 --------------------
