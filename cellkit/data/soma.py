@@ -11,7 +11,8 @@ once, then ``X`` is read in blocks of ``chunk_size`` cells, one tiledbsoma read 
 (``SparseNDArray.read((cells, genes)).tables()``, the next block read ahead in a background
 thread), so memory is bounded by the block size, not by the number of cells. (tiledbsoma's
 ``blockwise(...).scipy()`` iterator gives the same blocks but re-sorts and re-indexes every entry
-in extra Arrow steps: 8.6 s against 2.5 s for 20,000 cells with 14.7 M entries on a 2-core Xeon.)
+in extra Arrow steps (20,000 cells, 14.7 M entries, 2-core Xeon under load: 8.6 s, against 2.5 s for the
+table reads alone and about 2 s more to build the CSR blocks).)
 
 Cell order and names
 --------------------
