@@ -1,4 +1,5 @@
-"""The data boundary: vocabularies, gene resolution, tokenizers, token storage, datasets.
+"""The data boundary: vocabularies, gene resolution, tokenizers, token storage, datasets, sources
+(AnnData, ``.h5ad`` partitions, scBank, TileDB-SOMA / CELLxGENE Census via :class:`SomaSource`).
 
 Submodules load lazily so ``import cellkit.data`` stays cheap (no scanpy/anndata until used).
 """
@@ -27,6 +28,7 @@ _LAZY = {
     "parse_query": "cellkit.data.selection",
     "CellQuery": "cellkit.data.selection",
     "scheme_options": "cellkit.data.tokenize",
+    "SomaSource": "cellkit.data.soma",
 }
 
 __all__ = ["SPECIAL_ROLES", "Coverage", "GeneVocab", "unknown_gene_error", *sorted(_LAZY)]

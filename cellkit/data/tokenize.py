@@ -1,4 +1,4 @@
-"""``cellkit.tokenize``: AnnData (in memory, backed, partitions, scBank) → model inputs.
+"""``cellkit.tokenize``: AnnData (in memory, backed, partitions, scBank, TileDB-SOMA) → model inputs.
 
 One entry point for every model family. The scheme comes from the model (``scgpt``,
 ``geneformer``, ``perturbgene``; ``teddy`` on request) and each scheme documents its options.
@@ -29,6 +29,8 @@ from .vocab import Coverage, GeneVocab
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
+
+    from .soma import SomaSource
 
 __all__ = ["SCHEMES", "TokenizeContext", "scheme_options", "tokenize"]
 
@@ -121,11 +123,45 @@ def _model_parts(model: Any) -> tuple[GeneVocab, str | None, InputSpec, dict[str
 
 
 def _open_sources(
-    data: Any, *, cells: Any, layer: str | None, use_raw: bool
+    data: Any,
+    *,
+    cells: Any,
+    layer: str | None,
+    use_raw: bool,
+    obs_columns: Sequence[str] = (),
+    scheme_columns: tuple[list[str], list[str]] = ([], []),
 ) -> tuple[list[MatrixSource], bool]:
-    """Sources for the supported inputs, and whether all their cells are in memory."""
+    """Sources for the supported inputs, and whether all their cells are in memory.
+
+    ``scheme_columns`` are the ``obs`` columns the scheme reads (required, optional): a SOMA query
+    reads only those and ``obs_columns``.
+    """
     from anndata import AnnData
 
+    from .soma import SomaSource, is_soma_input
+
+    if is_soma_input(data):
+        if cells is not None:
+            raise DataError(
+                "cells= selects rows of an AnnData; for a SOMA experiment select cells with "
+                'cellkit.data.SomaSource(experiment, obs_filter="...") (or obs_joinids=).'
+            )
+        return _soma_sources(
+            [data], layer=layer, obs_columns=obs_columns, scheme_columns=scheme_columns
+        ), False
+    if (
+        isinstance(data, Sequence)
+        and not isinstance(data, str)
+        and len(data)
+        and all(isinstance(d, SomaSource) for d in data)
+    ):  # partitions of a query (SomaSource.partitions), one after another
+        if cells is not None:
+            raise DataError(
+                "cells= selects rows of an AnnData; SomaSource partitions select their own cells."
+            )
+        return _soma_sources(
+            list(data), layer=layer, obs_columns=obs_columns, scheme_columns=scheme_columns
+        ), False
     if isinstance(data, AnnData):
         return [anndata_source(data, layer=layer, use_raw=use_raw, cells=cells)], not data.isbacked
     if isinstance(data, (str, os.PathLike)):
@@ -146,8 +182,54 @@ def _open_sources(
             )
         return h5ad_sources(list(data), layer=layer), False
     raise DataError(
-        f"Cannot tokenize a {type(data).__name__}; pass an AnnData, an .h5ad path, a list of them or an scBank directory."
+        f"Cannot tokenize a {type(data).__name__}; pass an AnnData, an .h5ad path, a list of them, an scBank "
+        "directory or a SOMA experiment (cellkit.data.SomaSource, a tiledbsoma.Experiment or its URI)."
     )
+
+
+def _soma_sources(
+    data: list[Any],
+    *,
+    layer: str | None,
+    obs_columns: Sequence[str],
+    scheme_columns: tuple[list[str], list[str]],
+) -> list[MatrixSource]:
+    """Open SOMA inputs (sources, experiments, URIs) as matrix sources; all or none stay open."""
+    from .soma import soma_source_of
+
+    required, optional = scheme_columns
+    columns = list(dict.fromkeys([*obs_columns, *required]))
+    opened: list[MatrixSource] = []
+    try:
+        for item in data:
+            src = soma_source_of(item, layer=layer)
+            opened.append(src.matrix_source(obs_columns=columns, optional_columns=optional))
+    except BaseException:
+        for src in opened:
+            src.close()
+        raise
+    return opened
+
+
+def _scheme_obs_columns(scheme: str, options: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The ``obs`` columns a scheme reads with these options: (required, used when present)."""
+    from .schemes import get_scheme
+
+    o = {**get_scheme(scheme).OPTIONS, **options}
+    required: list[str] = []
+    optional: list[str] = []
+    if scheme == "geneformer":
+        optional += [str(o[k]) for k in ("n_counts_column", "filter_pass_column") if o.get(k)]
+    elif scheme == "teddy":
+        if o.get("label_column"):
+            required.append(str(o["label_column"]))
+        if o.get("bio_annotations"):
+            optional += [str(o[f"{cat}_column"]) for cat in ("disease", "tissue", "cell", "sex")]
+    elif scheme == "perturbgene":
+        spec = o.get("phenotype_columns") or ()
+        spec = [spec] if isinstance(spec, str) else spec
+        required += [str(v) for v in (spec.values() if isinstance(spec, Mapping) else spec)]
+    return required, optional
 
 
 def _gene_names(src: MatrixSource, gene_column: str | None) -> pd.Index:
@@ -162,7 +244,7 @@ def _gene_names(src: MatrixSource, gene_column: str | None) -> pd.Index:
 
 
 def tokenize(
-    adata: AnnData | str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    adata: AnnData | SomaSource | str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     model: Any,
     *,
     scheme: Literal["scgpt", "geneformer", "teddy", "perturbgene"] | None = None,
@@ -186,7 +268,12 @@ def tokenize(
     ----------
     adata
         An AnnData (in memory or ``backed="r"``), the path of an ``.h5ad`` file (opened backed),
-        a list of ``.h5ad`` partitions, or an scGPT scBank directory.
+        a list of ``.h5ad`` partitions, an scGPT scBank directory, or a TileDB-SOMA experiment
+        (CELLxGENE Census): a :class:`cellkit.data.SomaSource` (measurement, ``X`` layer, ``obs`` /
+        ``var`` value filters), a list of them (e.g. ``source.partitions(200_000)``), an open
+        ``tiledbsoma.Experiment`` or its URI. A SOMA experiment is
+        read in blocks of ``chunk_size`` cells by tiledbsoma, cells in ascending ``soma_joinid``
+        order; only ``obs_columns`` (and the columns the scheme reads) of ``obs`` are read.
     model
         A loaded :class:`cellkit.CellModel` (its family picks the scheme and its input conventions,
         ``config.input`` — a :class:`cellkit.InputSpec`: ``max_length``, ``n_bins``,
@@ -202,10 +289,11 @@ def tokenize(
     layer, use_raw
         Expression matrix to read (default ``.X``; ``use_raw=None`` follows the model's input
         convention, ``config.input.use_raw``, else ``False``). Counts are expected for
-        ``geneformer``.
+        ``geneformer``. For a SOMA experiment ``layer`` is the ``X`` layer (default ``"raw"``)
+        and ``use_raw`` does not apply.
     gene_column
         ``var`` column with the gene identifiers (default ``var_names``; ``geneformer`` uses
-        ``var["ensembl_id"]`` when present).
+        ``var["ensembl_id"]``, else Census's ``var["feature_id"]``, when present).
     obs_columns
         ``obs`` columns carried into the result (labels, batches).
     output
@@ -247,11 +335,27 @@ def tokenize(
     options.update(
         {k: v for k, v in spec.preprocessing_options().items() if k in impl.OPTIONS and k not in options}
     )
-    if use_raw is None:
+    from .soma import is_soma_input
+
+    if is_soma_input(adata):
+        if use_raw:
+            raise DataError(
+                "use_raw=True reads an AnnData's .raw; a SOMA experiment has X layers: pass layer=... "
+                "(or SomaSource(..., layer=...)) instead."
+            )
+        use_raw = False  # the model's use_raw convention names an AnnData's .raw; SOMA has layers
+    elif use_raw is None:
         use_raw = bool(spec.use_raw)
 
-    sources, in_memory = _open_sources(adata, cells=cells, layer=layer, use_raw=use_raw)
     obs_columns = list(obs_columns)
+    sources, in_memory = _open_sources(
+        adata,
+        cells=cells,
+        layer=layer,
+        use_raw=use_raw,
+        obs_columns=obs_columns,
+        scheme_columns=_scheme_obs_columns(scheme, options),
+    )
     with contextlib.ExitStack() as stack:
         for src in sources:
             stack.callback(src.close)
@@ -342,8 +446,8 @@ def _source_gene_column(
                 f"gene_column={column!r} and {impl.GENE_COLUMN_OPTION}={scheme_column!r} disagree; pass one."
             )
         column = scheme_column
-    if column is None and scheme == "geneformer" and "ensembl_id" in src.var.columns:
-        column = "ensembl_id"
+    if column is None and scheme == "geneformer":  # Ensembl ids: AnnData convention, then Census's
+        column = next((c for c in ("ensembl_id", "feature_id") if c in src.var.columns), None)
     return column
 
 
