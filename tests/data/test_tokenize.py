@@ -681,3 +681,23 @@ def test_gene_subset_and_cell_filter_are_reported(pbmc):
         cellkit.tokenize(pbmc, vocab, scheme="scgpt", genes=np.ones(3, dtype=bool), progress=False)
     with pytest.raises(DataError, match="not a var column"):
         cellkit.tokenize(pbmc, vocab, scheme="scgpt", genes="highly_variable_x", progress=False)
+
+
+def test_tokenizing_keeps_torchs_thread_count():
+    """numba's parallel layer, started by the first tokenize of a process, resets OpenMP's thread count;
+    torch shares it, so a ``torch.set_num_threads(1)`` made before would silently become the core count.
+    A fresh process: the reset happens at that first start only."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, cellkit\n"
+        "torch.set_num_threads(1)\n"
+        "cellkit.tokenize(cellkit.datasets.pbmc_demo(), cellkit.datasets.demo_model(), progress=False)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "1"

@@ -7,6 +7,7 @@ them against the numpy versions and against scGPT's own output. numba comes with
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numba
@@ -26,9 +27,36 @@ __all__ = [
     "scgpt_tokens",
 ]
 
-#: numba's default ("workqueue") threading layer must not be entered from two threads at once
-#: (e.g. the studio tokenizing in a background thread while a notebook cell does too)
-KERNEL_LOCK = threading.Lock()
+class _KernelGuard:
+    """Hold while calling a kernel: one caller at a time, and torch's thread count kept.
+
+    numba's default ("workqueue") threading layer must not be entered from two threads at once
+    (e.g. the studio tokenizing in a background thread while a notebook cell does too), and
+    starting its parallel layer resets the process's OpenMP thread count, which torch shares: a
+    ``torch.set_num_threads(1)`` made before tokenizing would silently become the core count.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._torch_threads: int | None = None
+
+    def __enter__(self) -> _KernelGuard:
+        self._lock.acquire()
+        torch = sys.modules.get("torch")  # only when torch is loaded: tokenizing alone never imports it
+        self._torch_threads = torch.get_num_threads() if torch is not None else None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            torch, wanted = sys.modules.get("torch"), self._torch_threads
+            if torch is not None and wanted is not None and torch.get_num_threads() != wanted:
+                torch.set_num_threads(wanted)
+        finally:
+            self._lock.release()
+
+
+#: hold around every kernel call (see :class:`_KernelGuard`)
+KERNEL_LOCK = _KernelGuard()
 
 
 def csr_arrays(matrix):
