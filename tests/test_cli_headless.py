@@ -75,6 +75,24 @@ def test_embed_h5ad_to_h5ad_and_in_place(files, tmp_path, capsys):
     assert not list(tmp_path.glob("*.parts")) and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_embed_into_an_h5ad_without_uns_or_obsm(files, tmp_path):
+    """A valid .h5ad may lack the uns / obsm groups (anndata's concat_on_disk writes none): still written."""
+    import shutil
+
+    import h5py
+
+    data, model_dir = files
+    bare = tmp_path / "bare.h5ad"
+    shutil.copy(data, bare)
+    with h5py.File(bare, "r+") as f:
+        for group in ("uns", "obsm"):
+            if group in f:
+                del f[group]
+    out = tmp_path / "out.h5ad"
+    assert main(["embed", str(bare), "--model", str(model_dir), "--output", str(out), *FAST]) == 0
+    np.testing.assert_array_equal(ad.read_h5ad(out).obsm["X_cellkit"], expected(data))
+
+
 def test_predict_matches_cellkit_predict(files, tmp_path, capsys):
     data, model_dir = files
     adata = ad.read_h5ad(data)

@@ -285,6 +285,9 @@ def _write_h5ad(
             )
             ad.AnnData(obs=pd.DataFrame(index=pd.Index(names))).write_h5ad(tmp)
         with h5py.File(tmp, "r+") as f:
+            for part in ("obsm", "uns"):  # a valid .h5ad may lack them (e.g. anndata's concat_on_disk)
+                if part not in f:
+                    write_elem(f, part, {})
             group = f["obsm"]
             for key, chunks in obsm.items():
                 if key in group:
