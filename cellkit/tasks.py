@@ -559,7 +559,12 @@ def finetune(
     ----------
     adata
         Cells with raw or normalised expression (what the model's tokenizer expects): an AnnData
-        (in memory or backed), an ``.h5ad`` path, or cells already tokenized with this model.
+        (in memory or backed), an ``.h5ad`` path, or cells already tokenized with this model. A
+        token shard directory (a :class:`~cellkit.data.ShardedTokens`, e.g. from
+        ``cellkit.tokenize(..., output=...)``, or its path) is trained on out of core: the split is
+        an index set over its cells, the label / batch / split columns are read without the
+        tokens, and each batch reads its cells from the shards, so memory does not grow with the
+        number of cells (npy shards; parquet shards are read a whole shard at a time).
     model
         A loaded :class:`cellkit.CellModel`; a ``classifier`` head for the classes is created
         (or replaced) and the model is trained in place (``copy_model=True``: on a copy).
@@ -641,7 +646,11 @@ def finetune(
         classes_all, split_codes = _sharded_split(
             tokens, label_key=label_key, split_key=split_key, val_size=val_size, test_size=test_size, seed=seed
         )
-        train_idx, val_idx, test_idx = (np.flatnonzero(split_codes == p) for p in range(len(_PARTS)))
+        # positions as int32 below 2**31 cells: the index sets are the only per-cell arrays kept
+        pos = np.int32 if len(tokens) < 2**31 else np.int64
+        train_idx, val_idx, test_idx = (
+            np.flatnonzero(split_codes == p).astype(pos) for p in range(len(_PARTS))
+        )
         split_of: pd.Series | Callable[[], pd.Series] = functools.partial(_split_series, tokens, split_codes)
     else:
         obs_tok, names_tok = tokens.obs, np.asarray(tokens.obs_names).astype(str)
@@ -991,16 +1000,23 @@ def _check_shard_names(tokens: ShardedTokens) -> None:
     One 64-bit hash per cell (a shard's names at a time); only names whose hashes collide are
     compared as strings, so the check is exact.
     """
+
+    def shard_hashes(k: int) -> np.ndarray:
+        names = np.asarray(tokens.shard(k, cache=False).obs_names).astype(str).astype(object)
+        return pd.util.hash_array(names, categorize=False)
+
     hashes = np.empty(len(tokens), dtype=np.uint64)
     for k in range(tokens.n_shards):
-        a, b = int(tokens.shard_offsets[k]), int(tokens.shard_offsets[k + 1])
-        names = np.asarray(tokens.shard(k, cache=False).obs_names).astype(str).astype(object)
-        hashes[a:b] = pd.util.hash_array(names, categorize=False)
-    order = np.argsort(hashes, kind="stable")
-    same = hashes[order[1:]] == hashes[order[:-1]]
-    if not same.any():
+        hashes[int(tokens.shard_offsets[k]) : int(tokens.shard_offsets[k + 1])] = shard_hashes(k)
+    hashes.sort()  # in place: no index array
+    twice = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    del hashes
+    if not len(twice):
         return
-    clash = np.unique(np.concatenate([order[1:][same], order[:-1][same]]))
+    # a hash seen twice: compare those cells' names themselves (hashes may collide)
+    clash = np.concatenate(
+        [np.flatnonzero(np.isin(shard_hashes(k), twice)) + int(tokens.shard_offsets[k]) for k in range(tokens.n_shards)]
+    )
     check_obs_names(tokens.subset(clash).obs_names, what="cellkit.finetune")
 
 
@@ -1097,7 +1113,7 @@ def _stratified_codes(
         names = np.asarray(classes, dtype=object)[np.flatnonzero(counts < parts)]
         _check_class_sizes(np.repeat(names, counts[counts < parts].to_numpy()), val_size=val_size, test_size=test_size)
     out = np.zeros(n, dtype=np.int8)
-    idx = np.arange(n)
+    idx = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)  # the draws do not depend on the dtype
     part = "test_size"
     try:
         rest = idx
@@ -1416,7 +1432,8 @@ def pretrain(
     Parameters
     ----------
     adata
-        Cells (AnnData, ``.h5ad`` path) or cells tokenized with this model.
+        Cells (AnnData, ``.h5ad`` path) or cells tokenized with this model; a token shard
+        directory (or its path) is trained on out of core, as in :func:`finetune`.
     model
         The model to train in place; its family picks the default objectives: scGPT → masked
         value regression (``gep``) + ``mvc`` (if the head exists); Geneformer → token MLM;
