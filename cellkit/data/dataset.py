@@ -246,8 +246,10 @@ class CellDataset(_CellSource, Dataset):
         :class:`~cellkit.data.tokenized.ShardedTokens`, a
         :class:`~cellkit.data.tokenized.ShardSubset` (some cells of a shard directory, e.g. a
         training split: ``shards.subset(train_idx)``) or the path of a shard directory. Shards are
-        read lazily: a cell's tokens are read from the memory-mapped shard when it is asked for,
-        and the label / batch codes come from the obs columns alone (one small integer per cell).
+        read lazily: a cell's tokens are read from its shard file when it is asked for (npy
+        shards: positional reads, so no page stays mapped and memory does not grow with the cells
+        read), and the label / batch codes come from the obs columns alone (one small integer per
+        cell).
     label_key
         Obs column whose codes become ``labels`` (classification targets). Missing values get
         ``-100``, which ``CrossEntropyLoss`` ignores.
@@ -259,8 +261,8 @@ class CellDataset(_CellSource, Dataset):
         (numerically when they are all numbers), so in-memory tokens and their shards agree. Pass
         them to share one coding between datasets (train / test).
     max_open_shards
-        Shards kept open (memory-mapped) for random access over a shard directory; each costs a
-        few file descriptors. Random access over many more shards than this is slow: stream them
+        Shards kept open for random access over a shard directory; each costs a few file
+        descriptors. Random access over many more shards than this is slow: stream them
         with :class:`ShardStreamDataset` or load them with ``ShardedTokens.to_memory()``.
 
     Attributes
