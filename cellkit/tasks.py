@@ -672,10 +672,10 @@ def finetune(
     )
     classes = train_ds.classes
     batch_classes = train_ds.batch_classes
-    codes = train_ds.label_codes  # read from the label column, not by reading every training cell
     for o in objs:
         if o.name == "cls" and getattr(o, "class_weights", None) is None and class_weight is not None:
-            o.class_weights = _class_weights(codes, len(classes), class_weight)
+            # the training labels from the label column, not by reading every training cell
+            o.class_weights = _class_weights(train_ds.label_codes, len(classes), class_weight)
     torch.manual_seed(seed)
     _ensure_heads(
         model_, objs, n_classes=len(classes), classes=classes, n_batches=len(batch_classes or []) or None
