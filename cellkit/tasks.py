@@ -31,7 +31,7 @@ from .data.collate import Collator
 from .data.dataset import CellDataset
 from .data.sources import select_rows
 from .data.tokenize import tokenize
-from .data.tokenized import ShardedTokens, TokenizedCells
+from .data.tokenized import ShardedTokens, ShardSubset, TokenizedCells
 from .model import CellModel
 from .train.events import Callback, Event
 from .train.metrics import macro_f1
@@ -84,6 +84,28 @@ _HEAD_NEEDS = {
 
 
 # ============================================================================== results
+class _BuiltOnFirstUse:
+    """A dataclass field that may be given as a zero-argument function, called once on first access.
+
+    :func:`finetune` on a shard directory reports its split per cell name; the names of millions
+    of cells are only read (and kept) when ``result.split`` is looked at.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = f"_{name}_value"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            raise AttributeError(self.attr)  # no class-level default
+        value = obj.__dict__[self.attr]
+        if callable(value) and not isinstance(value, pd.Series | pd.DataFrame):
+            value = obj.__dict__[self.attr] = value()
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.attr] = value
+
+
 @dataclass
 class FinetuneResult:
     """What :func:`finetune` returns.
@@ -107,7 +129,8 @@ class FinetuneResult:
     classes
         Class names; the classifier's output order.
     split
-        ``"train"`` / ``"val"`` / ``"test"`` per cell (indexed by cell name).
+        ``"train"`` / ``"val"`` / ``"test"`` per cell (indexed by cell name). From a shard
+        directory it is built on first access (it reads every cell name).
     trainer
         The :class:`cellkit.train.Trainer` (resume a stopped run with ``trainer.fit(..., resume=True)``
         or call :func:`finetune` again with ``resume=True``).
@@ -122,7 +145,7 @@ class FinetuneResult:
     report: pd.DataFrame
     confusion: pd.DataFrame
     classes: list[str]
-    split: pd.Series
+    split: pd.Series = _BuiltOnFirstUse()  # type: ignore[assignment]
     trainer: Trainer = field(repr=False)
     tokens: Any = field(default=None, repr=False)
 
@@ -296,6 +319,8 @@ def _tokens_for(
     gene_column: str | None,
     progress: bool | Progress,
 ) -> Tokens:
+    if _is_shard_directory(data):
+        data = ShardedTokens(data)
     if isinstance(data, TokenizedCells | ShardedTokens):
         if len(data) == 0:
             raise DataError("No cells selected: these tokens hold no cell; tokenize a non-empty selection.")
@@ -320,6 +345,17 @@ def _tokens_for(
     if len(tokens) == 0:
         raise DataError("No cells selected: the selection is empty, nothing to work on. Check cells=... .")
     return tokens
+
+
+def _is_shard_directory(data: Any) -> bool:
+    """A path (``str`` / ``os.PathLike``) of a token shard directory (one with a manifest)."""
+    import os
+    from pathlib import Path
+
+    if not isinstance(data, str | os.PathLike):
+        return False
+    path = Path(data)
+    return path.is_dir() and (path / "manifest.json").is_file()
 
 
 #: tokenize() arguments the task functions pass themselves (they are the task's own parameters)
@@ -401,9 +437,8 @@ def _collator(
     return Collator.for_tokens(tokens, **kw)
 
 
-def _subset(tokens: Tokens, idx: np.ndarray) -> Tokens:
-    if isinstance(tokens, ShardedTokens):
-        return tokens.to_memory().subset(idx)
+def _subset(tokens: Tokens, idx: np.ndarray) -> TokenizedCells | ShardSubset:
+    """The cells at ``idx``: a copy for in-memory tokens, a lazy index set over a shard directory."""
     return tokens.subset(idx)
 
 
@@ -524,7 +559,12 @@ def finetune(
     ----------
     adata
         Cells with raw or normalised expression (what the model's tokenizer expects): an AnnData
-        (in memory or backed), an ``.h5ad`` path, or cells already tokenized with this model.
+        (in memory or backed), an ``.h5ad`` path, or cells already tokenized with this model. A
+        token shard directory (a :class:`~cellkit.data.ShardedTokens`, e.g. from
+        ``cellkit.tokenize(..., output=...)``, or its path) is trained on out of core: the split is
+        an index set over its cells, the label / batch / split columns are read without the
+        tokens, and each batch reads its cells from the shards, so memory does not grow with the
+        number of cells (npy shards; parquet shards are read a whole shard at a time).
     model
         A loaded :class:`cellkit.CellModel`; a ``classifier`` head for the classes is created
         (or replaced) and the model is trained in place (``copy_model=True``: on a copy).
@@ -600,40 +640,42 @@ def finetune(
         gene_column=gene_column,
         progress=progress,
     )
-    in_memory = tokens if isinstance(tokens, TokenizedCells) else tokens.to_memory()
-    obs_tok, names_tok = in_memory.obs, np.asarray(in_memory.obs_names).astype(str)
-    del in_memory
-    # the split is reported per cell name: names must identify cells (files and tokens too)
-    check_obs_names(names_tok, what="cellkit.finetune")
-    if obs_tok is None or label_key not in obs_tok:
-        raise DataError(
-            f"The tokens carry no {label_key!r} column; tokenize with obs_columns=[{label_key!r}].",
-            param="label_key",
+    if isinstance(tokens, ShardedTokens):
+        # out of core: the split is an index set over the shards, built from the label / split
+        # columns alone (one small code per cell); no token array is loaded
+        classes_all, split_codes = _sharded_split(
+            tokens, label_key=label_key, split_key=split_key, val_size=val_size, test_size=test_size, seed=seed
         )
-    labels = _check_label_column(obs_tok, label_key, "label_key").astype(str).to_numpy()
-    classes_all = sorted(set(labels))
-    if len(classes_all) < 2:
-        raise DataError(
-            f"label_key={label_key!r} has a single class ({classes_all}) in the selected cells; a classifier needs "
-            "at least two.",
-            param="label_key",
-            problem=f"The label column {label_key!r} has a single class ({classes_all[0]!r}) in the selected cells; "
-            "a classifier needs at least two.",
+        # positions as int32 below 2**31 cells: the index sets are the only per-cell arrays kept
+        pos = np.int32 if len(tokens) < 2**31 else np.int64
+        train_idx, val_idx, test_idx = (
+            np.flatnonzero(split_codes == p).astype(pos) for p in range(len(_PARTS))
         )
-    split = _finetune_split(
-        obs_tok, labels, split_key=split_key, val_size=val_size, test_size=test_size, seed=seed
-    )
-    train_idx, val_idx, test_idx = (np.flatnonzero(split == p) for p in ("train", "val", "test"))
+        split_of: pd.Series | Callable[[], pd.Series] = functools.partial(_split_series, tokens, split_codes)
+    else:
+        obs_tok, names_tok = tokens.obs, np.asarray(tokens.obs_names).astype(str)
+        # the split is reported per cell name: names must identify cells (files and tokens too)
+        check_obs_names(names_tok, what="cellkit.finetune")
+        if obs_tok is None or label_key not in obs_tok:
+            raise _no_label_column(label_key)
+        labels = _check_label_column(obs_tok, label_key, "label_key").astype(str).to_numpy()
+        classes_all = sorted(set(labels))
+        _check_two_classes(label_key, classes_all)
+        split = _finetune_split(
+            obs_tok, labels, split_key=split_key, val_size=val_size, test_size=test_size, seed=seed
+        )
+        train_idx, val_idx, test_idx = (np.flatnonzero(split == p) for p in _PARTS)
+        split_of = pd.Series(split, index=pd.Index(names_tok), name="split")
     model_ = _copy.deepcopy(model) if copy_model else model
     train_ds, val_ds, test_ds = _finetune_datasets(
         tokens, (train_idx, val_idx, test_idx), label_key=label_key, batch_key=batch_key, classes=classes_all
     )
     classes = train_ds.classes
     batch_classes = train_ds.batch_classes
-    codes = np.asarray([train_ds[i]["labels"] for i in range(len(train_ds))])
     for o in objs:
         if o.name == "cls" and getattr(o, "class_weights", None) is None and class_weight is not None:
-            o.class_weights = _class_weights(codes, len(classes), class_weight)
+            # the training labels from the label column, not by reading every training cell
+            o.class_weights = _class_weights(train_ds.label_codes, len(classes), class_weight)
     torch.manual_seed(seed)
     _ensure_heads(
         model_, objs, n_classes=len(classes), classes=classes, n_batches=len(batch_classes or []) or None
@@ -659,7 +701,6 @@ def finetune(
         batch_size=batch_size,
         device=trainer.device,
     )
-    split_series = pd.Series(split, index=pd.Index(names_tok), name="split")
     return FinetuneResult(
         model=model_,
         status=fit.status,
@@ -668,7 +709,7 @@ def finetune(
         report=report,
         confusion=confusion,
         classes=list(classes),
-        split=split_series,
+        split=split_of,
         trainer=trainer,
         tokens=tokens,
     )
@@ -800,9 +841,10 @@ def _finetune_plan(
         config.freeze = tuple(dict.fromkeys((*config.freeze, *freeze)))
     if config.checkpoint_dir:  # an unwritable output fails now, not after the training
         ensure_writable_dir(config.checkpoint_dir, what="checkpoint_dir")
-    if not isinstance(adata, TokenizedCells | ShardedTokens):
+    tokens_given = isinstance(adata, TokenizedCells | ShardedTokens) or _is_shard_directory(adata)
+    if not tokens_given:
         _check_tokenize_options(model, tokenize_options)
-    if not isinstance(adata, TokenizedCells | ShardedTokens | str):
+    if not tokens_given and not isinstance(adata, str):
         _check_finetune_columns(adata, cells, label_key=label_key, batch_key=batch_key, split_key=split_key)
         if split_key is None:  # classes too small to split stay too small in any tokenization
             _check_class_sizes(_obs_of(adata, cells)[label_key], val_size=val_size, test_size=test_size)
@@ -930,6 +972,182 @@ def _check_finetune_columns(
         _check_label_column(obs, split_key, "split_key")
 
 
+#: the parts of a fine-tuning split, in the order of their codes
+_PARTS = ("train", "val", "test")
+
+
+def _no_label_column(label_key: str) -> DataError:
+    return DataError(
+        f"The tokens carry no {label_key!r} column; tokenize with obs_columns=[{label_key!r}].",
+        param="label_key",
+    )
+
+
+def _check_two_classes(label_key: str, classes_all: Sequence[str]) -> None:
+    if len(classes_all) < 2:
+        raise DataError(
+            f"label_key={label_key!r} has a single class ({list(classes_all)}) in the selected cells; a classifier "
+            "needs at least two.",
+            param="label_key",
+            problem=f"The label column {label_key!r} has a single class ({classes_all[0]!r}) in the selected cells; "
+            "a classifier needs at least two.",
+        )
+
+
+def _check_shard_names(tokens: ShardedTokens) -> None:
+    """:func:`check_obs_names` for a shard directory, in bounded memory.
+
+    One 64-bit hash per cell (a shard's names at a time); only names whose hashes collide are
+    compared as strings, so the check is exact.
+    """
+
+    def shard_hashes(k: int) -> np.ndarray:
+        names = np.asarray(tokens.shard(k, cache=False).obs_names).astype(str).astype(object)
+        return pd.util.hash_array(names, categorize=False)
+
+    hashes = np.empty(len(tokens), dtype=np.uint64)
+    for k in range(tokens.n_shards):
+        hashes[int(tokens.shard_offsets[k]) : int(tokens.shard_offsets[k + 1])] = shard_hashes(k)
+    hashes.sort()  # in place: no index array
+    twice = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    del hashes
+    if not len(twice):
+        return
+    # a hash seen twice: compare those cells' names themselves (hashes may collide)
+    clash = np.concatenate(
+        [np.flatnonzero(np.isin(shard_hashes(k), twice)) + int(tokens.shard_offsets[k]) for k in range(tokens.n_shards)]
+    )
+    check_obs_names(tokens.subset(clash).obs_names, what="cellkit.finetune")
+
+
+def _sharded_split(
+    tokens: ShardedTokens,
+    *,
+    label_key: str,
+    split_key: str | None,
+    val_size: float,
+    test_size: float,
+    seed: int,
+) -> tuple[list[str], np.ndarray]:
+    """The classes and the split codes (``_PARTS`` order) of a shard directory, out of core.
+
+    Reads the label and split columns as category codes (no token array, no string per cell).
+    The checks and the split are those of the in-memory path, and give the same split: the
+    stratification sees the classes in the same (sorted) order.
+    """
+    _check_shard_names(tokens)
+    if label_key not in tokens.obs_columns:
+        raise _no_label_column(label_key)
+    col = tokens.obs_column(label_key)
+    cats = np.asarray(col.categories).astype(str)
+    bad_cat = np.append(np.isin(cats, ["nan", "NaN", "None", ""]), True)  # the last: no category (-1)
+    codes = np.asarray(col.codes)
+    missing = bad_cat[codes]
+    if missing.any():
+        first = np.flatnonzero(missing)[:3]
+        raise DataError(
+            f"{int(missing.sum())} of {len(codes)} selected cells have no {label_key!r} value (NaN/empty), e.g. "
+            f"{[str(n) for n in tokens.subset(first).obs_names]}. Select labelled cells before tokenizing "
+            f"(cells=~adata.obs[{label_key!r}].isna()) or fill the labels.",
+            param="label_key",
+        )
+    del missing
+    counts = np.bincount(codes, minlength=len(cats))
+    present = np.flatnonzero(counts)
+    order = present[np.argsort(cats[present], kind="stable")]  # sorted class names, as sorted(set(labels))
+    classes_all = [str(c) for c in cats[order]]
+    _check_two_classes(label_key, classes_all)
+    dtype = np.int8 if len(order) < 2**7 else np.int16 if len(order) < 2**15 else np.int32
+    lut = np.full(len(cats), -1, dtype=dtype)
+    lut[order] = np.arange(len(order), dtype=dtype)
+    label_codes = lut[codes]
+    del codes, col
+    if split_key is not None:
+        split = _split_from_column(tokens, split_key)
+    else:
+        split = _stratified_codes(
+            label_codes, classes_all, val_size=val_size, test_size=test_size, seed=seed
+        )
+    if not (split == 0).any():
+        raise DataError("No cell is in the training part of the split.")
+    return classes_all, split
+
+
+def _split_from_column(tokens: ShardedTokens, split_key: str) -> np.ndarray:
+    """Split codes from a ``"train"`` / ``"val"`` / ``"test"`` obs column of a shard directory."""
+    if split_key not in tokens.obs_columns:
+        raise DataError(
+            f"split_key={split_key!r} is not a column of these tokens; available columns: "
+            f"{tokens.obs_columns or 'none'}. Keep it when tokenizing (obs_columns=[...]).",
+            param="split_key",
+        )
+    col = tokens.obs_column(split_key)
+    cats = pd.Index(np.asarray(col.categories).astype(str)).str.lower()
+    codes = np.asarray(col.codes)
+    used = np.unique(codes)
+    names = ["nan" if c < 0 else cats[c] for c in used.tolist()]
+    bad = sorted(set(names) - set(_PARTS))
+    if bad:
+        raise DataError(
+            f"split_key={split_key!r} must hold 'train', 'val' or 'test'; found {bad[:5]}.", param="split_key"
+        )
+    lut = np.array([_PARTS.index(c) if c in _PARTS else -1 for c in cats], dtype=np.int8)
+    return lut[codes]
+
+
+def _stratified_codes(
+    codes: np.ndarray, classes: Sequence[str], *, val_size: float, test_size: float, seed: int
+) -> np.ndarray:
+    """:func:`stratified_split` on class codes (``codes[i]`` indexes the sorted ``classes``).
+
+    The same draws as :func:`stratified_split` on the class names (sklearn stratifies by the
+    sorted classes either way), in codes: ``0`` train, ``1`` val, ``2`` test (int8).
+    """
+    from sklearn.model_selection import train_test_split
+
+    n = len(codes)
+    _check_fractions(val_size, test_size)
+    counts = pd.Series(np.bincount(codes, minlength=len(classes)), index=pd.Index(list(classes)))
+    parts = 1 + (val_size > 0) + (test_size > 0)
+    if (counts < parts).any():  # the in-memory path's message (it counts the names themselves)
+        names = np.asarray(classes, dtype=object)[np.flatnonzero(counts < parts)]
+        _check_class_sizes(np.repeat(names, counts[counts < parts].to_numpy()), val_size=val_size, test_size=test_size)
+    out = np.zeros(n, dtype=np.int8)
+    idx = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)  # the draws do not depend on the dtype
+    part = "test_size"
+    try:
+        rest = idx
+        if test_size > 0:
+            rest, test = train_test_split(idx, test_size=test_size, stratify=codes, random_state=seed)
+            out[test] = 2
+            del test
+        part = "val_size"
+        if val_size > 0:
+            _, val = train_test_split(
+                rest, test_size=val_size / (1 - test_size), stratify=codes[rest], random_state=seed + 1
+            )
+            out[val] = 1
+    except ValueError as e:
+        held_out = "test" if part == "test_size" else "validation"
+        problem = (
+            f"Cannot split {n:,} cells of {len(classes)} classes with stratification: the {held_out} part is too "
+            f"small to hold a cell of every class."
+        )
+        raise DataError(
+            f"Cannot split {n} cells of {len(classes)} classes into val_size={val_size}, test_size={test_size} "
+            f"with stratification: {e}. Use larger fractions, fewer classes, or split_key=... .",
+            param=part,
+            problem=problem,
+        ) from None
+    return out
+
+
+def _split_series(tokens: ShardedTokens, split_codes: np.ndarray) -> pd.Series:
+    """``FinetuneResult.split`` of a shard directory: the part of each cell, indexed by cell name."""
+    values = np.asarray(_PARTS, dtype=object)[split_codes]
+    return pd.Series(values, index=pd.Index(tokens.obs_names), name="split")
+
+
 def _finetune_split(
     obs: pd.DataFrame,
     labels: np.ndarray,
@@ -1015,7 +1233,7 @@ def _held_out_evaluation(
         probs = _class_probabilities(
             model, part, batch_size=max(batch_size, 64), progress=False, device=device
         )
-        y_true = np.asarray([held[i]["labels"] for i in range(len(held))])
+        y_true = held.label_codes  # from the label column; the cells' tokens are not read again
         y_pred = probs.argmax(1)
         metrics.update(_classification_metrics(y_true, y_pred, classes))
         report, confusion = _report(y_true, y_pred, classes)
@@ -1214,7 +1432,8 @@ def pretrain(
     Parameters
     ----------
     adata
-        Cells (AnnData, ``.h5ad`` path) or cells tokenized with this model.
+        Cells (AnnData, ``.h5ad`` path) or cells tokenized with this model; a token shard
+        directory (or its path) is trained on out of core, as in :func:`finetune`.
     model
         The model to train in place; its family picks the default objectives: scGPT → masked
         value regression (``gep``) + ``mvc`` (if the head exists); Geneformer → token MLM;

@@ -34,11 +34,11 @@ from cellkit._errors import DataError
 
 from ._hashing import cell_key, uniform_hash
 from .collate import Collator
-from .tokenized import ShardedTokens, TokenizedCells
+from .tokenized import CellReader, ShardedTokens, ShardSubset, TokenizedCells
 
 __all__ = ["CellDataset", "LengthBucketSampler", "ShardStreamDataset"]
 
-Tokens = TokenizedCells | ShardedTokens
+Tokens = TokenizedCells | ShardedTokens | ShardSubset
 #: label code of a cell whose label is missing (ignored by ``CrossEntropyLoss``)
 MISSING_LABEL = -100
 #: strings that mark a missing value once an obs column went through ``astype(str)`` (shards)
@@ -49,12 +49,13 @@ _SHARD_ORDER, _CELL_ORDER, _BATCH_ORDER, _SAMPLER_PERM, _SAMPLER_BATCHES = 101, 
 
 # ====================================================================================== helpers
 def _open_tokens(tokens: Tokens | str | os.PathLike[str]) -> Tokens:
-    if isinstance(tokens, (TokenizedCells, ShardedTokens)):
+    if isinstance(tokens, (TokenizedCells, ShardedTokens, ShardSubset)):
         return tokens
     if isinstance(tokens, (str, os.PathLike)):
         return ShardedTokens(tokens)
     raise DataError(
-        f"Expected TokenizedCells, ShardedTokens or a shard directory path, got {type(tokens).__name__}. "
+        f"Expected TokenizedCells, ShardedTokens (or a subset of one) or a shard directory path, got "
+        f"{type(tokens).__name__}. "
         "Tokenize the cells first (cellkit.tokenize)."
     )
 
@@ -74,7 +75,7 @@ def _natural_sort(values: Sequence[str]) -> list[str]:
 
 
 def _obs_columns(tokens: Tokens) -> list[str]:
-    if isinstance(tokens, ShardedTokens):
+    if isinstance(tokens, (ShardedTokens, ShardSubset)):
         return list(tokens.manifest.get("obs_columns") or {})
     return [] if tokens.obs is None else [str(c) for c in tokens.obs.columns]
 
@@ -93,7 +94,7 @@ class _Encoder:
             )
         self.key, self.what, self.allow_missing = key, what, allow_missing
         if classes is None:
-            if isinstance(tokens, ShardedTokens):
+            if isinstance(tokens, (ShardedTokens, ShardSubset)):
                 seen = [str(c) for c in tokens.manifest["obs_columns"][key]]
             else:
                 col = tokens.obs[key]
@@ -125,6 +126,36 @@ class _Encoder:
                     "cell (fill the missing values or drop those cells)."
                 )
             codes[missing] = MISSING_LABEL
+        return codes
+
+    def encode_categorical(self, col: pd.Categorical) -> np.ndarray:
+        """What :meth:`encode` gives for a categorical column, working on its categories only.
+
+        A shard directory's obs column comes as category codes (one small integer per cell): the
+        categories are encoded once and the cells' codes looked up, so no string is made per cell.
+        Same codes and the same errors as :meth:`encode` on the column's values.
+        """
+        strs = pd.Series(np.asarray(col.categories).astype(str), dtype=object)
+        missing_cat = strs.isin(_MISSING_STRINGS).to_numpy()
+        per_cat = pd.Categorical(strs, categories=self.classes).codes.astype(np.int64)
+        per_cat[missing_cat] = MISSING_LABEL
+        # a cell without a category (code -1) is missing too; -1 in the result marks unknown values
+        lut = np.append(per_cat, MISSING_LABEL)
+        codes = lut[np.asarray(col.codes)]
+        unknown = codes == -1
+        if unknown.any():
+            used = np.unique(np.asarray(col.codes)[unknown])
+            examples = strs.iloc[used].tolist()[:5]
+            raise DataError(
+                f"{self.what}={self.key!r} has values that are not among the classes, e.g. {examples}; "
+                f"pass classes including them (now {self.classes[:10]}{' …' if len(self.classes) > 10 else ''})."
+            )
+        missing = codes == MISSING_LABEL
+        if not self.allow_missing and missing.any():
+            raise DataError(
+                f"{int(missing.sum())} cells have no {self.key!r} value; {self.what} must be set for every "
+                "cell (fill the missing values or drop those cells)."
+            )
         return codes
 
 
@@ -177,13 +208,17 @@ class _CellSource:
         return out
 
     @staticmethod
-    def _item(cells: TokenizedCells, j: int, index: int, codes: dict[str, np.ndarray]) -> dict[str, Any]:
+    def _item(
+        cells: TokenizedCells, j: int, index: int, codes: dict[str, np.ndarray], at: int | None = None
+    ) -> dict[str, Any]:
+        """Cell ``j`` of ``cells`` as an item; its codes are ``codes[...][at]`` (default ``j``)."""
         a, b = int(cells.offsets[j]), int(cells.offsets[j + 1])
         item: dict[str, Any] = {f: np.array(getattr(cells, f)[a:b]) for f in cells.fields}
         item["index"] = index
         item["cell_key"] = int(cell_key(str(cells.obs_names[j])).view(np.int64))
+        row = j if at is None else at
         for name, arr in codes.items():
-            item[name] = int(arr[j])
+            item[name] = int(arr[row])
         return item
 
     def __getstate__(self) -> dict[str, Any]:
@@ -208,7 +243,13 @@ class CellDataset(_CellSource, Dataset):
     ----------
     tokens
         A :class:`~cellkit.data.tokenized.TokenizedCells`, a
-        :class:`~cellkit.data.tokenized.ShardedTokens` or the path of a shard directory.
+        :class:`~cellkit.data.tokenized.ShardedTokens`, a
+        :class:`~cellkit.data.tokenized.ShardSubset` (some cells of a shard directory, e.g. a
+        training split: ``shards.subset(train_idx)``) or the path of a shard directory. Shards are
+        read lazily: a cell's tokens are read from its shard file when it is asked for (npy
+        shards: positional reads, so no page stays mapped and memory does not grow with the cells
+        read), and the label / batch codes come from the obs columns alone (one small integer per
+        cell).
     label_key
         Obs column whose codes become ``labels`` (classification targets). Missing values get
         ``-100``, which ``CrossEntropyLoss`` ignores.
@@ -220,8 +261,8 @@ class CellDataset(_CellSource, Dataset):
         (numerically when they are all numbers), so in-memory tokens and their shards agree. Pass
         them to share one coding between datasets (train / test).
     max_open_shards
-        Shards kept open (memory-mapped) for random access over a shard directory; each costs a
-        few file descriptors. Random access over many more shards than this is slow: stream them
+        Shards kept open for random access over a shard directory; each costs a few file
+        descriptors. Random access over many more shards than this is slow: stream them
         with :class:`ShardStreamDataset` or load them with ``ShardedTokens.to_memory()``.
 
     Attributes
@@ -230,6 +271,8 @@ class CellDataset(_CellSource, Dataset):
         ``list[str]`` or ``None``.
     lengths
         ``(n_cells,)`` tokens per cell (for :class:`LengthBucketSampler`).
+    label_codes, batch_codes
+        ``(n_cells,)`` the ``labels`` / ``batch_labels`` of every item, read without the tokens.
 
     Examples
     --------
@@ -252,12 +295,38 @@ class CellDataset(_CellSource, Dataset):
         if max_open_shards < 1:
             raise DataError(f"max_open_shards must be >= 1, got {max_open_shards}.")
         self.max_open_shards = max_open_shards
-        self._open: OrderedDict[int, tuple[TokenizedCells, dict[str, np.ndarray]]] = OrderedDict()
+        self._open: OrderedDict[int, CellReader | TokenizedCells] = OrderedDict()
         self._lengths: np.ndarray | None = None
         self._mem_codes = self._codes(self.tokens) if isinstance(self.tokens, TokenizedCells) else {}
+        self._shard_codes: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def _all_codes(self) -> dict[str, np.ndarray]:
+        """``labels`` / ``batch_labels`` codes of every item (shards: from the obs columns alone, once)."""
+        if isinstance(self.tokens, TokenizedCells):
+            return self._mem_codes
+        if self._shard_codes is None:
+            out = {}
+            for name, enc in (("labels", self._label_enc), ("batch_labels", self._batch_enc)):
+                if enc is not None:
+                    codes = enc.encode_categorical(self.tokens.obs_column(enc.key))
+                    out[name] = codes.astype(np.int16 if len(enc.classes) < 2**15 else np.int32)
+            self._shard_codes = out
+        return self._shard_codes
+
+    @property
+    def label_codes(self) -> np.ndarray | None:
+        """``(n_cells,)`` int64 ``labels`` of the items (``-100``: missing); ``None`` without ``label_key``."""
+        codes = self._all_codes().get("labels")
+        return None if codes is None else codes.astype(np.int64)
+
+    @property
+    def batch_codes(self) -> np.ndarray | None:
+        """``(n_cells,)`` int64 ``batch_labels`` of the items; ``None`` without ``batch_key``."""
+        codes = self._all_codes().get("batch_labels")
+        return None if codes is None else codes.astype(np.int64)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -266,16 +335,15 @@ class CellDataset(_CellSource, Dataset):
             self._lengths = np.asarray(self.tokens.lengths, dtype=np.int64)
         return self._lengths
 
-    def _shard(self, k: int) -> tuple[TokenizedCells, dict[str, np.ndarray]]:
+    def _shard(self, reader: ShardedTokens, k: int) -> CellReader | TokenizedCells:
+        """Shard ``k``'s cell reader (npy: positional reads, nothing stays mapped; parquet: the shard)."""
         if k in self._open:
             self._open.move_to_end(k)
             return self._open[k]
-        cells = _take_shard(self.tokens, k)  # type: ignore[arg-type]
-        entry = (cells, self._codes(cells))
-        self._open[k] = entry
+        cells = self._open[k] = reader.cell_reader(k)
         while len(self._open) > self.max_open_shards:
             self._open.popitem(last=False)
-        return entry
+        return cells
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """Cell ``i``: ``gene_ids`` (+ ``values``, ``token_type_ids``), ``index``, ``cell_key``, labels."""
@@ -286,9 +354,21 @@ class CellDataset(_CellSource, Dataset):
         i %= n
         if isinstance(self.tokens, TokenizedCells):
             return self._item(self.tokens, i, i, self._mem_codes)
-        k, j = self.tokens.locate(i)
-        cells, codes = self._shard(k)
-        return self._item(cells, j, i, codes)
+        codes = self._all_codes()
+        if isinstance(self.tokens, ShardSubset):
+            reader, cell = self.tokens.tokens, int(self.tokens.index[i])
+        else:
+            reader, cell = self.tokens, i
+        k, j = reader.locate(cell)
+        shard = self._shard(reader, k)
+        if isinstance(shard, TokenizedCells):
+            return self._item(shard, j, i, codes, at=i)
+        item: dict[str, Any] = {f: np.array(arr) for f, arr in shard.cell(j).items()}
+        item["index"] = i
+        item["cell_key"] = int(cell_key(shard.name(j)).view(np.int64))
+        for name, arr in codes.items():
+            item[name] = int(arr[i])
+        return item
 
     def __repr__(self) -> str:
         extra = "".join(

@@ -45,7 +45,7 @@ from cellkit._utils import AtomicDirectory, ensure_writable_dir, read_json, reco
 
 from .vocab import Coverage
 
-__all__ = ["ShardWriter", "ShardedTokens", "TokenizedCells", "open_shards"]
+__all__ = ["CellReader", "ShardSubset", "ShardWriter", "ShardedTokens", "TokenizedCells", "open_shards"]
 
 MANIFEST = "manifest.json"
 FORMAT = "cellkit-tokens"
@@ -629,6 +629,18 @@ class ShardedTokens:
             self._cache[k] = cells
         return cells
 
+    def cell_reader(self, k: int) -> CellReader | TokenizedCells:
+        """A reader of single cells of shard ``k`` for random access that stays out of core.
+
+        npy shards: a :class:`CellReader` (positional reads; no page of the shard stays mapped
+        into the process, so the resident memory does not grow with the cells read). Parquet
+        shards are read whole: the shard itself (a :class:`TokenizedCells`).
+        """
+        cells = self.shard(k, cache=False)  # checks the shard against its manifest entry
+        if self.storage == "parquet":
+            return cells
+        return CellReader(self.path / self.manifest["shards"][k]["name"], cells)
+
     def _read_shard(self, info: dict[str, Any]) -> TokenizedCells:
         if self.storage == "parquet":
             cells = self._read_parquet(info["name"])
@@ -655,21 +667,23 @@ class ShardedTokens:
                         )
                     columns[col] = pd.Categorical.from_codes(codes, categories=cats)
                 obs = pd.DataFrame(columns)
-            if load("gene_ids") is None or load("offsets", mmap=False) is None:
+            if load("gene_ids") is None or load("offsets") is None:
                 raise self._bad(info["name"], "gene_ids.npy or offsets.npy is missing")
+            # every array memory-mapped: opening a shard reads only its obs codes, and a cell read
+            # touches only its own pages (random access over many shards stays out of core)
             cells = TokenizedCells(
                 gene_ids=load("gene_ids"),
-                offsets=load("offsets", mmap=False),
+                offsets=load("offsets"),
                 values=load("values"),
                 token_type_ids=load("token_type_ids"),
-                obs_names=load("obs_names", mmap=False),
+                obs_names=load("obs_names"),
                 obs=obs,
                 scheme=self.manifest["scheme"],
                 options=self.manifest["options"],
                 specials=self.specials,
                 pad_value=self.pad_value,
             )
-            cells.cell_index = load("cell_index", mmap=False)  # type: ignore[attr-defined]
+            cells.cell_index = load("cell_index")  # type: ignore[attr-defined]
         return cells
 
     def _read_parquet(self, name: str) -> TokenizedCells:
@@ -708,11 +722,84 @@ class ShardedTokens:
     # ------------------------------------------------------------------ per cell
     @property
     def lengths(self) -> np.ndarray:
+        """``(n_cells,)`` int64 tokens per cell (reads only the offsets)."""
         return (
-            np.concatenate([self.shard(k).lengths for k in range(self.n_shards)])
+            np.concatenate([self.shard(k, cache=False).lengths for k in range(self.n_shards)])
             if self.n_shards
             else np.zeros(0, np.int64)
         )
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Per-token arrays present (``gene_ids`` always)."""
+        listed = self.manifest.get("fields")
+        if listed:
+            return tuple(f for f in FIELDS if f in listed)
+        return self.shard(0, cache=False).fields if self.n_shards else ("gene_ids",)
+
+    @property
+    def obs_columns(self) -> list[str]:
+        """Names of the obs columns carried in the shards."""
+        return list(self.manifest.get("obs_columns") or {})
+
+    def obs_column(self, key: str, index: np.ndarray | None = None) -> pd.Categorical:
+        """One obs column of every cell (or of the cells at ``index``), read without the token arrays.
+
+        Parameters
+        ----------
+        key
+            A column of :attr:`obs_columns`.
+        index
+            Global cell positions to take (default: all cells, in order).
+
+        Returns
+        -------
+        ``pandas.Categorical`` over the manifest's categories (strings; the writer stored values as
+        text, so a missing value reads as ``"nan"``). Memory: one small integer code per cell.
+        """
+        cats = (self.manifest.get("obs_columns") or {}).get(key)
+        if cats is None:
+            raise DataError(
+                f"{key!r} is not an obs column of {self.path}; columns: {self.obs_columns or 'none'}. Keep the "
+                "column when tokenizing (cellkit.tokenize(..., obs_columns=[...]))."
+            )
+        dtype = np.int8 if len(cats) < 2**7 else np.int16 if len(cats) < 2**15 else np.int32
+        codes = np.empty(len(self), dtype=dtype)
+        for k, info in enumerate(self.manifest["shards"]):
+            a, b = int(self.shard_offsets[k]), int(self.shard_offsets[k + 1])
+            codes[a:b] = self._shard_obs_codes(info, key, cats)
+        if index is not None:
+            codes = codes[np.asarray(index)]
+        return pd.Categorical.from_codes(codes, categories=cats)
+
+    def _shard_obs_codes(self, info: dict[str, Any], key: str, cats: list[str]) -> np.ndarray:
+        """Category codes of column ``key`` in one shard (the codes file alone / one parquet column)."""
+        if self.storage == "parquet":
+            import pyarrow.parquet as pq
+
+            file = self._confined(self.path / f"{info['name']}.parquet", f"shards[].name {info['name']!r}")
+            values = pq.read_table(file, columns=[key]).column(key).to_numpy(zero_copy_only=False)
+            codes = pd.Categorical(np.asarray(values).astype(str), categories=cats).codes
+        else:
+            file = self._confined(self.path / info["name"] / f"obs-{key}.npy", f"obs-{key}.npy of {info['name']!r}")
+            if not file.exists():
+                raise self._bad(info["name"], f"obs-{key}.npy is missing")
+            codes = np.load(file, allow_pickle=False)
+        if len(codes) != info["n_cells"]:
+            raise self._bad(info["name"], f"obs-{key} has {len(codes)} rows for {info['n_cells']} cells")
+        if len(codes) and (codes.min() < -1 or codes.max() >= len(cats)):
+            raise self._bad(info["name"], f"obs-{key} holds codes outside its {len(cats)} categories")
+        return codes
+
+    @property
+    def obs_names(self) -> np.ndarray:
+        """``(n_cells,)`` cell names of every shard, in order (reads all names: one string per cell)."""
+        parts = [np.asarray(self.shard(k, cache=False).obs_names).astype(str) for k in range(self.n_shards)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=str)
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> ShardSubset:
+        """The cells at ``index`` (in that order) as a lazy :class:`ShardSubset`; nothing is loaded."""
+        return ShardSubset(self, index)
 
     def locate(self, i: int) -> tuple[int, int]:
         """(shard, row within shard) of global cell ``i``."""
@@ -754,6 +841,259 @@ class ShardedTokens:
 
     def __repr__(self) -> str:
         return f"ShardedTokens({self.path}, {len(self):,} cells in {self.n_shards} shards, scheme={self.scheme!r})"
+
+
+class CellReader:
+    """Single cells of one npy shard, read with positional reads (``os.pread``) instead of memory maps.
+
+    Pages of a memory-mapped file that a process has touched count in its resident memory until
+    the map is closed; a training run that reads cells at random from a big shard directory would
+    thereby map (nearly) all of it. A positional read copies just the cell's bytes, which are freed
+    with the batch. Built by :meth:`ShardedTokens.cell_reader` from a checked shard.
+
+    Parameters
+    ----------
+    directory
+        The shard's directory.
+    cells
+        The shard as memory-mapped :class:`TokenizedCells` (for the arrays' layout and its fields).
+    """
+
+    def __init__(self, directory: Path, cells: TokenizedCells) -> None:
+        self.fields = cells.fields
+        self.n_cells = len(cells)
+        self._files: dict[str, tuple[Any, int, np.dtype]] = {}
+        try:
+            for name in (*self.fields, "offsets", "obs_names"):
+                arr = cells.offsets if name == "offsets" else getattr(cells, name)
+                mapped = arr if isinstance(arr, np.memmap) else getattr(arr, "base", None)
+                if not isinstance(mapped, np.memmap):
+                    raise DataError(f"{directory}: {name} is not a memory-mapped npy array.")
+                fh = open(directory / f"{name}.npy", "rb")  # noqa: SIM115 - closed in close()
+                self._files[name] = (fh, int(mapped.offset), np.dtype(arr.dtype))
+        except BaseException:
+            self.close()
+            raise
+        self._where = directory
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        fh, base, dtype = self._files[name]
+        size = (stop - start) * dtype.itemsize
+        buf = os.pread(fh.fileno(), size, base + start * dtype.itemsize) if size else b""
+        if len(buf) != size:
+            raise DataError(
+                f"{self._where}: {name}.npy ends before cell data that its offsets point to; the shard is damaged. "
+                "Write it again with cellkit.tokenize(..., output=...)."
+            )
+        return np.frombuffer(buf, dtype=dtype)
+
+    def cell(self, j: int) -> dict[str, np.ndarray]:
+        """Token arrays of cell ``j`` of the shard (fresh read-only arrays)."""
+        if not 0 <= j < self.n_cells:
+            raise IndexError(f"cell {j} out of range for {self.n_cells} cells")
+        a, b = (int(x) for x in self._read("offsets", j, j + 2))
+        if b < a:
+            raise DataError(f"{self._where}: offsets decrease at cell {j}; the shard is damaged.")
+        return {f: self._read(f, a, b) for f in self.fields}
+
+    def name(self, j: int) -> str:
+        """The name of cell ``j``."""
+        return str(self._read("obs_names", j, j + 1)[0])
+
+    def close(self) -> None:
+        for fh, _, _ in self._files.values():
+            fh.close()
+        self._files = {}
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class ShardSubset:
+    """Some cells of a shard directory, in a given order, read lazily (:meth:`ShardedTokens.subset`).
+
+    What a split of a shard directory is: an index set over its cells, never a copy of their
+    tokens. It offers the per-cell access of :class:`TokenizedCells` (``len``, ``lengths``,
+    ``cell(i)``, ``obs_names``, ``scheme`` / ``specials`` / ``pad_value`` / ``options``), so
+    :class:`~cellkit.data.CellDataset`, the collators and inference take it like in-memory tokens;
+    each cell is read from the memory-mapped shards when asked for. Memory: the index (4 or 8
+    bytes per cell) and the open shards' memory maps (npy shards; parquet shards are read whole).
+
+    Parameters
+    ----------
+    tokens
+        The shard directory's reader.
+    index
+        ``(n,)`` global cell positions (or a boolean mask over all cells).
+    max_open_shards
+        Shards kept open for random access (:meth:`cell`).
+    """
+
+    def __init__(
+        self, tokens: ShardedTokens, index: Sequence[int] | np.ndarray, *, max_open_shards: int = 64
+    ) -> None:
+        from collections import OrderedDict
+
+        idx = np.asarray(index)
+        if idx.dtype == bool:
+            if len(idx) != len(tokens):
+                raise DataError(f"A boolean mask of {len(idx)} entries for {len(tokens)} cells.")
+            idx = np.flatnonzero(idx)
+        if idx.size and idx.dtype.kind not in "iu":
+            raise DataError(f"Cell positions must be integers, got an array of dtype {idx.dtype}.")
+        idx = idx.reshape(-1)
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= len(tokens)):
+            raise IndexError(f"cell positions out of range for {len(tokens)} cells")
+        # positions fit in int32 below 2**31 cells: half the memory of a split of a big directory
+        self.index = idx.astype(np.int32 if len(tokens) < 2**31 else np.int64, copy=False)
+        self.tokens = tokens
+        self.max_open_shards = int(max_open_shards)
+        self._open: OrderedDict[int, CellReader | TokenizedCells] = OrderedDict()
+        self._lengths: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ what the tokens are
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def path(self) -> Path:
+        return self.tokens.path
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.tokens.manifest
+
+    @property
+    def scheme(self) -> str:
+        return self.tokens.scheme
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.tokens.manifest["options"]
+
+    @property
+    def specials(self) -> dict[str, int]:
+        return self.tokens.specials
+
+    @property
+    def pad_value(self) -> float:
+        return self.tokens.pad_value
+
+    @property
+    def max_length(self) -> int | None:
+        return self.tokens.max_length
+
+    @property
+    def notes(self) -> list[str]:
+        return self.tokens.notes
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self.tokens.fields
+
+    @property
+    def obs_columns(self) -> list[str]:
+        return self.tokens.obs_columns
+
+    # ------------------------------------------------------------------ per cell
+    @property
+    def lengths(self) -> np.ndarray:
+        """``(n,)`` int64 tokens per cell (read from the shards' offsets, one shard at a time)."""
+        if self._lengths is None:
+            out = np.zeros(len(self), dtype=np.int64)
+            bounds = self.tokens.shard_offsets
+            shard_of = np.searchsorted(bounds, self.index, side="right") - 1
+            for k in np.unique(shard_of).tolist():
+                rows = np.flatnonzero(shard_of == k)
+                out[rows] = self.tokens.shard(k, cache=False).lengths[self.index[rows] - bounds[k]]
+            self._lengths = out
+        return self._lengths
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def _shard(self, k: int) -> CellReader | TokenizedCells:
+        if k in self._open:
+            self._open.move_to_end(k)
+            return self._open[k]
+        reader = self._open[k] = self.tokens.cell_reader(k)
+        while len(self._open) > self.max_open_shards:
+            self._open.popitem(last=False)
+        return reader
+
+    def cell(self, i: int) -> dict[str, np.ndarray]:
+        """Token arrays of cell ``i`` of the subset (read from its shard; read-only)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"cell {i} out of range for {len(self)} cells")
+        k, j = self.tokens.locate(int(self.index[i]))
+        return self._shard(k).cell(j)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(len(self)):
+            yield self.cell(i)
+
+    @property
+    def obs_names(self) -> np.ndarray:
+        """``(n,)`` names of the cells (reads the names of every shard involved)."""
+        bounds = self.tokens.shard_offsets
+        out = None
+        shard_of = np.searchsorted(bounds, self.index, side="right") - 1
+        for k in np.unique(shard_of).tolist():
+            rows = np.flatnonzero(shard_of == k)
+            names = np.asarray(self.tokens.shard(k, cache=False).obs_names[self.index[rows] - bounds[k]]).astype(str)
+            if out is None or names.dtype.itemsize > out.dtype.itemsize:
+                out = np.zeros(len(self), dtype=names.dtype) if out is None else out.astype(names.dtype)
+            out[rows] = names
+        return out if out is not None else np.zeros(0, dtype=str)
+
+    def obs_column(self, key: str) -> pd.Categorical:
+        """One obs column of these cells, read without the token arrays (see :meth:`ShardedTokens.obs_column`)."""
+        return self.tokens.obs_column(key, self.index)
+
+    @property
+    def obs(self) -> pd.DataFrame | None:
+        """The carried obs columns of these cells (categorical; no token arrays are read)."""
+        cols = self.obs_columns
+        if not cols:
+            return None
+        return pd.DataFrame({c: self.obs_column(c) for c in cols})
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> ShardSubset:
+        """The cells at ``index`` of this subset, still lazy."""
+        idx = np.asarray(index)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        return ShardSubset(self.tokens, self.index[idx], max_open_shards=self.max_open_shards)
+
+    def to_memory(self) -> TokenizedCells:
+        """Load these cells (only these) into an in-memory :class:`TokenizedCells`, in subset order."""
+        bounds = self.tokens.shard_offsets
+        shard_of = np.searchsorted(bounds, self.index, side="right") - 1
+        order = np.argsort(shard_of, kind="stable")
+        parts = []
+        for k in np.unique(shard_of).tolist():
+            rows = order[shard_of[order] == k]
+            parts.append(self.tokens.shard(k, cache=False).subset(self.index[rows] - bounds[k]))
+        if not parts:
+            empty = self.tokens.shard(0, cache=False).subset(np.zeros(0, np.int64)) if self.tokens.n_shards else None
+            if empty is None:
+                return TokenizedCells(np.zeros(0, np.int32), np.zeros(1, np.int64))
+            empty.notes = self.notes
+            return empty
+        cells = TokenizedCells.concat(parts).subset(np.argsort(order, kind="stable"))
+        cells.notes = self.notes
+        return cells
+
+    def __getstate__(self) -> dict[str, Any]:
+        # memory maps would be pickled as copies: send the path and the index, reopen on the other side
+        return {"path": str(self.tokens.path), "index": self.index, "max_open_shards": self.max_open_shards}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(ShardedTokens(state["path"]), state["index"], max_open_shards=state["max_open_shards"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"ShardSubset({len(self):,} of the {len(self.tokens):,} cells of {self.tokens.path})"
 
 
 def _max_length(options: dict[str, Any]) -> int | None:

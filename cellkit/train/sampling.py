@@ -84,7 +84,14 @@ class EpochBatchSampler(Sampler[list[int]]):
         """Every global batch of ``epoch`` (cell indices)."""
         epoch = self.epoch if epoch is None else epoch
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n, generator=g).numpy() if self.shuffle else np.arange(self.n)
+        # int32 positions below 2**31 cells (half the memory of an atlas's epoch plan); torch draws
+        # the same permutation, and leaves the generator in the same state, for either dtype
+        dtype = (torch.int32, np.int32) if self.n < 2**31 else (torch.int64, np.int64)
+        order = (
+            torch.randperm(self.n, generator=g, dtype=dtype[0]).numpy()
+            if self.shuffle
+            else np.arange(self.n, dtype=dtype[1])
+        )
         bs = self.batch_size
         if self.lengths is not None:
             chunk = bs * self.bucket_size
