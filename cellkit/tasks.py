@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy as _copy
 import functools
 import inspect
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1276,7 +1277,13 @@ def _report(
 
 
 def _class_probabilities(
-    model: CellModel, tokens: Tokens, *, batch_size: int, progress: bool | Progress, device: Any = "auto"
+    model: CellModel,
+    tokens: Tokens,
+    *,
+    batch_size: int,
+    progress: bool | Progress,
+    device: Any = "auto",
+    precision: str = "fp32",
 ) -> np.ndarray:
     from ._inference import run_inference
 
@@ -1287,6 +1294,7 @@ def _class_probabilities(
         heads=("classifier",),
         batch_size=batch_size,
         device=device,
+        precision=precision,
         progress=progress,
         desc="predict",
     )
@@ -1309,6 +1317,9 @@ def predict(
     copy: bool = False,
     overwrite: bool = False,
     progress: bool | Progress = True,
+    precision: str = "fp32",
+    output: str | os.PathLike[str] | None = None,
+    chunk_size: int = 20_000,
 ) -> AnnData | None:
     """Predict cell types with a fine-tuned model's classifier.
 
@@ -1338,17 +1349,51 @@ def predict(
     progress
         ``True``: progress bars (tokenizing, predicting); a :class:`cellkit.Progress` follows both
         steps and can cancel them (:class:`cellkit.Cancelled`; nothing is written).
+    precision
+        ``"fp32"`` (default, exact), ``"bf16"`` (GPUs and CPUs with bf16 units; elsewhere it stays
+        fp32 with a warning) or ``"fp16"`` (CUDA).
+    output, chunk_size
+        Write the predictions to a file instead of ``adata`` — ``OUT.h5ad`` (a copy of the input with
+        the same keys) or a directory of ``.npy`` arrays — in chunks of ``chunk_size`` cells,
+        resumable and ``torchrun``-parallel (:func:`cellkit.analysis.atlas.predict_to_output`; what
+        ``cellkit predict`` runs). ``adata`` may then also be tokens or a shard directory.
 
     Returns
     -------
-    ``None`` (``adata`` updated), or the updated copy with ``copy=True``.
+    ``None`` (``adata`` updated, or ``output`` written), or the updated copy with ``copy=True``.
 
     Raises
     ------
     DataError
         Duplicate ``obs_names``, a taken ``key_added``, or probabilities that come out NaN / infinite.
     """
+    if output is not None:
+        if copy:
+            raise ConfigError("output= writes a file; copy=True (a modified AnnData) does not go with it.")
+        from .analysis.atlas import predict_to_output
+
+        predict_to_output(
+            adata,
+            model,
+            output=output,
+            key_added=key_added,
+            cells=cells,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            device=device,
+            precision=precision,
+            tokenize_options=tokenize_options,
+            layer=layer,
+            use_raw=use_raw,
+            gene_column=gene_column,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        return None
+    from ._inference import check_precision
+
     check_adata(adata, what="cellkit.predict")
+    check_precision(precision)  # before any tokenizing
     written = [
         ("obs", key_added),
         ("obs", f"{key_added}_confidence"),
@@ -1373,7 +1418,9 @@ def predict(
         gene_column=gene_column,
         progress=progress,
     )
-    probs = _class_probabilities(model, tokens, batch_size=batch_size, progress=progress, device=device)
+    probs = _class_probabilities(
+        model, tokens, batch_size=batch_size, progress=progress, device=device, precision=precision
+    )
     check_finite_rows(probs, what="class probabilities", names=tokens.obs_names)
     target = adata.copy() if copy else adata
     pos = target.obs_names.get_indexer(np.asarray(tokens.obs_names).astype(str))

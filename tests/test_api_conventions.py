@@ -350,6 +350,7 @@ SYNONYM_EXCEPTIONS = {
     ("embedding", "gene_symbols"),
     ("static_embedding", "gene_symbols"),
     ("embedding_selection", "gene_symbols"),
+    ("embedding_colors", "gene_symbols"),
 }
 
 

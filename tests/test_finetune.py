@@ -123,6 +123,25 @@ def test_predict_writes_only_key_added():
     )
 
 
+def test_predict_into_a_file_equals_predict_in_memory(tmp_path):
+    """output= (what `cellkit predict` runs): the same labels and probabilities, written to a directory."""
+    import pytest
+
+    from cellkit import ConfigError
+
+    adata = make_adata()
+    result = finetune(adata, make_model(), label_key="cell_type", **FAST)
+    want = predict(adata, result.model, key_added="pred", progress=False, copy=True)
+    assert predict(adata, result.model, key_added="pred", output=tmp_path / "p", progress=False) is None
+    assert "pred" not in adata.obs  # the AnnData is untouched
+    np.testing.assert_array_equal(np.load(tmp_path / "p" / "pred_probabilities.npy"), want.obsm["pred_probabilities"])
+    assert list(np.load(tmp_path / "p" / "pred.npy")) == list(want.obs["pred"].astype(str))
+    with pytest.raises(ConfigError, match="precision"):
+        predict(adata, result.model, precision="int8", progress=False)
+    with pytest.raises(ConfigError, match="copy"):
+        predict(adata, result.model, output=tmp_path / "q", copy=True, progress=False)
+
+
 def test_integration_objectives_and_batch_labels():
     adata = make_adata()
     model = make_model()

@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "train": {"core", "_utils"},
     "_inference": {"core", "data", "train", "model", "_utils"},
     "analysis": {"core", "data", "heads", "model", "_inference", "_utils", "_anndata"},
-    "tasks": {"core", "data", "train", "model", "_inference", "_utils", "_anndata"},
+    "tasks": {"core", "data", "train", "model", "_inference", "_utils", "_anndata", "analysis"},
     "perturbation": {"core", "data", "train", "model", "presets", "_inference", "_utils", "_anndata"},
     "datasets": {"model", "data", "presets", "tasks", "_utils"},
     "viz": {"_utils"},

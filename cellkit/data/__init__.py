@@ -15,6 +15,7 @@ _LAZY = {
     "InputSpec": "cellkit.data.input_spec",
     "TokenizedCells": "cellkit.data.tokenized",
     "ShardedTokens": "cellkit.data.tokenized",
+    "ShardSubset": "cellkit.data.tokenized",
     "ShardWriter": "cellkit.data.tokenized",
     "open_shards": "cellkit.data.tokenized",
     "GeneMatch": "cellkit.data.genes",

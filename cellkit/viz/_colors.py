@@ -86,8 +86,9 @@ def embedding_colors(
         An obs column or a gene (``var_names`` or ``var[gene_symbols]``); ``None``: one colour.
     layer, gene_symbols
         Where a gene's expression is read, as in :func:`embedding`.
-    max_points
-        Draw at most this many cells (a random subsample with ``seed``); ``None``: all.
+    max_points, seed
+        Draw at most this many cells (a random subsample with ``seed``, as :func:`embedding`);
+        ``None``: all.
 
     Returns
     -------
