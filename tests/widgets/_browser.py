@@ -226,3 +226,37 @@ def wait_idle(lab: JupyterLab, notebook: str, timeout: float = 180.0) -> None:
             idle_since = None
         time.sleep(0.3)
     raise TimeoutError(f"{notebook} still busy after {timeout} s")
+
+
+def need_browser(*modules: str) -> str:
+    """Chromium's path, with playwright (and ``modules``) importable; else skip — or fail where
+    ``CELLKIT_REQUIRE_BROWSER=1`` (CI), so that a missing browser never passes as a skip there."""
+    import importlib.util
+
+    import pytest
+
+    required = os.environ.get("CELLKIT_REQUIRE_BROWSER") == "1"
+    path = chromium_path()
+    missing = None if path is not None else "chromium is not installed (apt-get install chromium)"
+    for module in ("playwright", *modules):
+        if missing is None and importlib.util.find_spec(module) is None:
+            missing = f"{module} is not installed"
+    if missing is not None:
+        (pytest.fail if required else pytest.skip)(missing)
+    return str(path)
+
+
+@contextlib.contextmanager
+def lab_with_notebook(tmp_path_factory, notebook: str, cells: list[str], *, name: str, modules: tuple[str, ...] = ()):
+    """A JupyterLab serving one notebook of ``cells`` (its ``chromium`` set); kernels and server stop after."""
+    executable = need_browser(*modules)
+    root = tmp_path_factory.mktemp(f"{name}-root")
+    write_notebook(root / notebook, cells)
+    server = JupyterLab(root, tmp_path_factory.mktemp(f"{name}-home"))
+    server.start()
+    server.chromium = executable
+    try:
+        yield server
+    finally:
+        server.shutdown_kernels()
+        server.stop()

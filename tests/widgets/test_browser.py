@@ -17,12 +17,11 @@ import pytest
 from ._browser import (
     ACTIVE,
     CHROMIUM_ARGS,
-    JupyterLab,
     artifacts_dir,
-    chromium_path,
+    lab_with_notebook,
+    need_browser,
     open_and_run_all,
     wait_idle,
-    write_notebook,
 )
 
 #: how long a kernel step (attention on all cells, a perturbation run, a fine-tune epoch) may take before a
@@ -38,33 +37,10 @@ CELLS = [
 ]
 
 
-def _need_browser() -> str:
-    path = chromium_path()
-    if path is None:
-        msg = "chromium is not installed (apt-get install chromium)"
-        if os.environ.get("CELLKIT_REQUIRE_BROWSER") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        if os.environ.get("CELLKIT_REQUIRE_BROWSER") == "1":
-            pytest.fail("playwright is not installed")
-        pytest.skip("playwright is not installed")
-    return path
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    executable = _need_browser()
-    root = tmp_path_factory.mktemp("lab-root")
-    write_notebook(root / NOTEBOOK, CELLS)
-    server = JupyterLab(root, tmp_path_factory.mktemp("lab-home"))
-    server.start()
-    server.chromium = executable
-    yield server
-    server.shutdown_kernels()
-    server.stop()
+    with lab_with_notebook(tmp_path_factory, NOTEBOOK, CELLS, name="lab") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -607,7 +583,7 @@ class TestCellkitStudioCommand:
 
         from ._browser import _free_port
 
-        executable = _need_browser()
+        executable = need_browser()
         work, home = tmp_path / "work", tmp_path / "home"
         work.mkdir()
         home.mkdir()

@@ -11,7 +11,6 @@ SwiftShader). Screenshots go to ``$CELLKIT_ARTIFACTS`` (default ``test-artifacts
 from __future__ import annotations
 
 import itertools
-import os
 import re
 
 import pytest
@@ -20,12 +19,10 @@ from ._browser import (
     ACTIVE,
     CHROMIUM_ARGS,
     ROOT,
-    JupyterLab,
     artifacts_dir,
-    chromium_path,
+    lab_with_notebook,
     open_and_run_all,
     wait_idle,
-    write_notebook,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -82,34 +79,10 @@ GL_DRAWN = """(want) => {
 }""".replace("ACTIVE", repr(ACTIVE))
 
 
-def _need_browser() -> str:
-    path = chromium_path()
-    if path is None:
-        msg = "chromium is not installed (apt-get install chromium)"
-        if os.environ.get("CELLKIT_REQUIRE_BROWSER") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        if os.environ.get("CELLKIT_REQUIRE_BROWSER") == "1":
-            pytest.fail("playwright is not installed")
-        pytest.skip("playwright is not installed")
-    pytest.importorskip("jscatter")
-    return path
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    executable = _need_browser()
-    root = tmp_path_factory.mktemp("scatter-lab-root")
-    write_notebook(root / NOTEBOOK, CELLS)
-    server = JupyterLab(root, tmp_path_factory.mktemp("scatter-lab-home"))
-    server.start()
-    server.chromium = executable
-    yield server
-    server.shutdown_kernels()
-    server.stop()
+    with lab_with_notebook(tmp_path_factory, NOTEBOOK, CELLS, name="scatter-lab", modules=('jscatter',)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
