@@ -693,12 +693,8 @@ def _predict_cmd(args: argparse.Namespace) -> int:
     return _inference_cmd(args, "predict")
 
 
-def _input_options(p: argparse.ArgumentParser) -> None:
-    """Options for reading an .h5ad (tokenize, embed, predict)."""
-    p.add_argument(
-        "--cells",
-        help="query selecting cells by obs columns, e.g. \"tissue == 'blood'\" (an .h5ad input only; default all)",
-    )
+def _reading_options(p: argparse.ArgumentParser) -> None:
+    """Where an .h5ad's expression is read (every command that tokenizes an AnnData)."""
     p.add_argument(
         "--use-raw",
         action=argparse.BooleanOptionalAction,
@@ -707,6 +703,15 @@ def _input_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--layer", help="read this layer instead of X")
     p.add_argument("--gene-column", help="var column with the gene ids (default var_names)")
+
+
+def _input_options(p: argparse.ArgumentParser) -> None:
+    """Options for reading an .h5ad (tokenize, embed, predict)."""
+    p.add_argument(
+        "--cells",
+        help="query selecting cells by obs columns, e.g. \"tissue == 'blood'\" (an .h5ad input only; default all)",
+    )
+    _reading_options(p)
     p.add_argument(
         "--tokenize-option",
         action="append",
@@ -832,14 +837,7 @@ def _training_parser(p: argparse.ArgumentParser, *, needs_model: bool) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir"
     )
-    p.add_argument(
-        "--use-raw",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="read adata.raw (--use-raw) or adata.X (--no-use-raw); default: the model's convention",
-    )
-    p.add_argument("--layer", help="read this layer instead of X")
-    p.add_argument("--gene-column", help="var column with the gene ids (default var_names)")
+    _reading_options(p)
     p.add_argument("--backed", action="store_true", help="open the .h5ad backed (large files)")
     p.add_argument(
         "--tokenize-option", action="append", metavar="KEY=VALUE", help="tokenizer option (repeatable)"
