@@ -8,7 +8,7 @@ What it does
    disk with :func:`anndata.experimental.concat_on_disk` (the atlas is never in memory).
 2. Builds a tiny scGPT-family model on those genes (1 layer × d_model 16) and saves it.
 3. Runs each stage as the CLI a cluster job would, in a FRESH process, and reads the child's peak RSS
-   (``ru_maxrss`` of that child, from ``os.wait4``) and wall time:
+   (its own ``VmHWM``, written at exit) and wall time:
 
    * ``tokenize``: ``cellkit tokenize ATLAS.h5ad --model M --output SHARDS/`` (streams the backed file);
    * ``embed``: ``cellkit embed SHARDS/ --model M --output EMB/`` (lazy shard windows, chunked,
@@ -71,16 +71,30 @@ def build_atlas(path: Path, *, cells: int, genes: int, block: int, lo: int, hi: 
     shutil.rmtree(parts_dir)
 
 
-def run_stage(name: str, args: list[str]) -> dict:
-    """Run ``cellkit ARGS`` in a fresh process; its wall time and its own peak RSS (``os.wait4``)."""
+#: runs ``cellkit.cli.main(ARGS)`` and writes the process's own peak RSS (``VmHWM``) at exit; not
+#: ``ru_maxrss`` of the child: Linux carries the parent's high-water mark over fork + exec into it
+_WRAP = r"""
+import atexit, sys
+def _peak(path=sys.argv[1]):
+    kb = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+    open(path, "w").write(kb)
+atexit.register(_peak)
+from cellkit.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_stage(name: str, args: list[str], work: Path) -> dict:
+    """Run ``cellkit ARGS`` in a fresh process; its wall time, CPU time and its own peak RSS."""
+    peak_file = work / f".peak-{name}"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "cellkit", *args], stderr=subprocess.PIPE, text=True)
-    _err = proc.stderr.read() if proc.stderr else ""
+    proc = subprocess.Popen([sys.executable, "-c", _WRAP, str(peak_file), *args])
     _pid, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{name} failed:\n{_err[-3000:]}")
-    return {"stage": name, "seconds": wall, "peak_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}
+        raise SystemExit(f"{name} failed (exit {os.waitstatus_to_exitcode(status)})")
+    peak_mb = int(peak_file.read_text()) / 1024
+    return {"stage": name, "seconds": wall, "peak_mb": peak_mb, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def main() -> None:
@@ -128,7 +142,7 @@ def main() -> None:
     }  # fmt: skip
     rows = []
     for name in args.stages.split(","):
-        row = run_stage(name, stages[name])
+        row = run_stage(name, stages[name], work)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\ncellkit {cellkit.__version__}, {args.cells:,} cells × {args.genes:,} genes, "
