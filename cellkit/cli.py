@@ -795,12 +795,18 @@ finetune / pretrain.
 """
 
 
+#: set once a torchrun rank has written its results and left its process group (see __main__)
+DISTRIBUTED_RUN_ENDED = False
+
+
 def _finish_distributed(info: Any) -> None:
+    global DISTRIBUTED_RUN_ENDED
     if info.enabled:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
+        DISTRIBUTED_RUN_ENDED = True
 
 
 def _training_parser(p: argparse.ArgumentParser, *, needs_model: bool) -> None:
