@@ -48,6 +48,7 @@ __all__ = [
     "ChunkRun",
     "ResultStore",
     "check_precision",
+    "class_probabilities",
     "inference_batches",
     "model_fingerprint",
     "read_cells",
@@ -507,3 +508,26 @@ def run_chunks(
     barrier()
     return ChunkRun(plan.n_chunks, computed, skipped, info.world_size)
 
+
+def class_probabilities(
+    model: nn.Module,
+    tokens: Any,
+    *,
+    batch_size: int,
+    progress: bool | Progress,
+    device: Any = "auto",
+    precision: str = "fp32",
+) -> np.ndarray:
+    """``(n_cells, n_classes)`` float32 softmax of the classifier head, in the order of ``tokens``."""
+    res = run_inference(
+        model,
+        tokens,
+        lambda out, batch: {"p": torch.softmax(out.class_logits.float(), dim=-1)},
+        heads=("classifier",),
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        progress=progress,
+        desc="predict",
+    )
+    return res["p"]

@@ -27,6 +27,7 @@ import torch
 
 from ._anndata import check_adata, check_finite_rows, check_keys_free, check_obs_names, record_written
 from ._errors import ConfigError, DataError
+from ._inference import class_probabilities
 from ._utils import Progress, ensure_writable_dir, get_logger
 from .data.collate import Collator
 from .data.dataset import CellDataset
@@ -1231,7 +1232,7 @@ def _held_out_evaluation(
     confusion = pd.DataFrame()
     if held is not None and with_cls and fit.status in ("completed", "early_stopped"):
         part = _subset(tokens, part_idx)
-        probs = _class_probabilities(
+        probs = class_probabilities(
             model, part, batch_size=max(batch_size, 64), progress=False, device=device
         )
         y_true = held.label_codes  # from the label column; the cells' tokens are not read again
@@ -1274,31 +1275,6 @@ def _report(
         cm, index=pd.Index(classes, name="true"), columns=pd.Index(classes, name="predicted")
     )
     return report, confusion
-
-
-def _class_probabilities(
-    model: CellModel,
-    tokens: Tokens,
-    *,
-    batch_size: int,
-    progress: bool | Progress,
-    device: Any = "auto",
-    precision: str = "fp32",
-) -> np.ndarray:
-    from ._inference import run_inference
-
-    res = run_inference(
-        model,
-        tokens,
-        lambda out, batch: {"p": torch.softmax(out.class_logits.float(), dim=-1)},
-        heads=("classifier",),
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        progress=progress,
-        desc="predict",
-    )
-    return res["p"]
 
 
 # ============================================================================== predict
@@ -1418,7 +1394,7 @@ def predict(
         gene_column=gene_column,
         progress=progress,
     )
-    probs = _class_probabilities(
+    probs = class_probabilities(
         model, tokens, batch_size=batch_size, progress=progress, device=device, precision=precision
     )
     check_finite_rows(probs, what="class probabilities", names=tokens.obs_names)

@@ -45,11 +45,11 @@ from .._inference import (
     ChunkRun,
     ResultStore,
     check_precision,
+    class_probabilities,
     model_fingerprint,
     read_cells,
     resolve_device,
     run_chunks,
-    run_inference,
 )
 from .._utils import Progress, atomic_path, ensure_writable_dir, get_logger
 from ..data.sources import select_rows
@@ -543,19 +543,11 @@ def predict_to_output(
         tokens = source.tokens(a, b)
         full = np.full((b - a, len(classes)), np.nan, dtype=np.float32)
         if len(tokens):
-            res = run_inference(
-                model,
-                tokens,
-                lambda o, batch: {"p": torch.softmax(o.class_logits.float(), dim=-1)},
-                heads=("classifier",),
-                batch_size=batch_size,
-                device=device,
-                precision=precision,
-                progress=bar,
-                desc="predict",
+            p = class_probabilities(
+                model, tokens, batch_size=batch_size, progress=bar, device=device, precision=precision
             )
-            check_finite_rows(res["p"], what="class probabilities", names=tokens.obs_names)
-            full[_rows_of(names, tokens)] = res["p"]
+            check_finite_rows(p, what="class probabilities", names=tokens.obs_names)
+            full[_rows_of(names, tokens)] = p
         bar.advance(max(0, (b - a) - len(tokens)))
         return {"p": full}
 
