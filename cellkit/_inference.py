@@ -20,12 +20,13 @@ Two layers:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +43,23 @@ from .train.distributed import all_gather_objects, barrier, init_distributed
 from .train.trainer import FORWARD_KEYS
 
 __all__ = [
+    "AUTO_BATCH_SIZE",
     "DEFAULT_WINDOW",
     "FORWARD_KEYS",
+    "AutoBatchSize",
     "ChunkPlan",
     "ChunkRun",
     "ResultStore",
     "check_precision",
     "class_probabilities",
     "inference_batches",
+    "is_out_of_memory",
     "model_fingerprint",
     "read_cells",
     "resolve_device",
     "run_chunks",
     "run_inference",
+    "to_batch_size",
 ]
 
 log = get_logger(__name__)
@@ -62,6 +67,135 @@ log = get_logger(__name__)
 #: cells read at a time from a shard directory by :func:`run_inference` (bounded memory)
 DEFAULT_WINDOW = 16_384
 
+#: cells per batch that ``batch_size="auto"`` tries first (the fixed default): without an
+#: out-of-memory error, "auto" gives the results of ``batch_size=64``
+AUTO_BATCH_SIZE = 64
+#: test hook: any forward over more than this many cells raises ``torch.OutOfMemoryError`` (used
+#: by the out-of-memory tests, and to rehearse ``batch_size="auto"`` on a machine with memory to spare)
+OOM_ABOVE_CELLS_ENV = "CELLKIT_OOM_ABOVE_CELLS"
+
+_OOM_MESSAGES = (
+    "out of memory",  # CUDA ("CUDA out of memory", "CUDA error: out of memory"), MPS, XPU
+    "DefaultCPUAllocator: can't allocate memory",
+    "not enough memory",
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure of a device or the CPU (and nothing else).
+
+    ``torch.OutOfMemoryError`` (CUDA's ``torch.cuda.OutOfMemoryError`` is the same class) and the
+    ``RuntimeError`` s allocators raise with "out of memory", "DefaultCPUAllocator: can't allocate
+    memory" or "not enough memory" in their message; other errors are not.
+    """
+    kinds = tuple(
+        t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
+    )
+    if kinds and isinstance(exc, kinds):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
+
+
+def _injected_oom(n_cells: int) -> None:
+    """The test hook: raise an out-of-memory error when ``n_cells`` exceeds :data:`OOM_ABOVE_CELLS_ENV`."""
+    limit = os.environ.get(OOM_ABOVE_CELLS_ENV)
+    if limit and n_cells > int(limit):
+        kind = getattr(torch, "OutOfMemoryError", RuntimeError)
+        raise kind(f"CUDA out of memory (injected: {n_cells} cells > {OOM_ABOVE_CELLS_ENV}={limit})")
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop what an out-of-memory attempt left behind: garbage, and the CUDA cache on a GPU."""
+    gc.collect()
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class AutoBatchSize:
+    """``batch_size="auto"``: start at ``start`` cells per batch, halve after out-of-memory, and
+    remember the size that worked.
+
+    Each try is a whole pass with one fixed batch size, its heaviest batches (most tokens, longest
+    cells) first so that an out-of-memory error comes at once; after one, the caches are freed and
+    the pass starts over at half the size, down to one cell (then a :class:`ConfigError` says what
+    to try). The results are therefore *exactly* those of the fixed ``batch_size`` that worked
+    (:attr:`size`): the same batches, the same padding, the same kernels. (Running a failed batch
+    in pieces instead would not be: on the CPU, pieces padded to the batch's width give the same
+    encoder states, but small matrix products such as a classifier head over fewer rows round
+    differently, by ~1e-7.) Pass one object to several calls to carry the size over; read
+    :attr:`size` afterwards. ``fn`` of :func:`run_inference` may run again for cells of a failed
+    try, so the callers that use "auto" collect results only (no side effects).
+
+    Parameters
+    ----------
+    start
+        Cells per batch of the first try (default :data:`AUTO_BATCH_SIZE`, the fixed default).
+
+    Attributes
+    ----------
+    size
+        Cells per batch now: ``start`` until an out-of-memory error halves it; after a call, the
+        fixed batch size whose results it gave.
+    reductions
+        ``(from, to)`` for each halving, in order.
+    """
+
+    start: int = AUTO_BATCH_SIZE
+    size: int = 0
+    reductions: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.start, bool) or not isinstance(self.start, int | np.integer) or self.start < 1:
+            raise ConfigError(f"AutoBatchSize(start=...) must be a positive integer, got {self.start!r}.")
+        self.start = int(self.start)
+        self.size = int(self.size) or self.start
+
+    def too_large(self, exc: BaseException) -> ConfigError:
+        """The error for out-of-memory ``exc`` with one cell per forward pass (nothing left to halve)."""
+        return ConfigError(
+            f"Out of memory with a single cell per forward pass ({type(exc).__name__}: {exc}). Try a shorter "
+            "max_length (tokenize_options={'max_length': ...}), precision='bf16', a device with more "
+            "memory, or device='cpu'.",
+            param="batch_size",
+            problem="A single cell does not fit in the device's memory.",
+        )
+
+    def halve(self, reason: str = "") -> None:
+        """Halve :attr:`size` after an out-of-memory error (logged as a warning)."""
+        new = max(1, self.size // 2)
+        self.reductions.append((self.size, new))
+        log.warning(
+            "batch_size auto: %d → %d after out-of-memory%s; starting over with batches of %d cells",
+            self.size,
+            new,
+            f" ({reason})" if reason else "",
+            new,
+        )
+        self.size = new
+
+    def describe(self) -> str:
+        """E.g. ``"batch_size auto: 64 → 32 after out-of-memory"`` or ``"batch_size auto: 64"``."""
+        if not self.reductions:
+            return f"batch_size auto: {self.start}"
+        return f"batch_size auto: {self.start} → {self.size} after out-of-memory"
+
+
+def to_batch_size(batch_size: int | str | AutoBatchSize) -> int | AutoBatchSize:
+    """A ``batch_size=`` argument checked: a positive ``int``, or an :class:`AutoBatchSize` for ``"auto"``."""
+    if isinstance(batch_size, AutoBatchSize):
+        return batch_size
+    if isinstance(batch_size, str):
+        if batch_size == "auto":
+            return AutoBatchSize()
+        if batch_size.isdigit() and int(batch_size) >= 1:
+            return int(batch_size)
+    elif not isinstance(batch_size, bool) and isinstance(batch_size, int | np.integer) and batch_size >= 1:
+        return int(batch_size)
+    raise ConfigError(
+        f"batch_size must be a positive integer or 'auto' (halve after out-of-memory), got {batch_size!r}.",
+        param="batch_size",
+    )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -181,6 +315,31 @@ def _precision_context(model: nn.Module, dev: torch.device, precision: str | Non
     return precision_context(model, dev, resolve_precision(wanted, dev))
 
 
+class _Recount:
+    """A progress that skips the first ``skip`` cells (counted by an attempt that ran out of memory)."""
+
+    def __init__(self, bar: Progress, skip: int) -> None:
+        self.bar, self.skip, self.seen = bar, skip, 0
+
+    def advance(self, n: int) -> None:
+        self.seen += n
+        take = min(self.skip, n)
+        self.skip -= take
+        if n > take:
+            self.bar.advance(n - take)
+        else:
+            self.bar.check()
+
+
+def _heaviest_first(lengths: np.ndarray, batches: list[np.ndarray]) -> list[np.ndarray]:
+    """``batches`` with the ones that need the most memory (most tokens; longest attention) first."""
+    if len(batches) < 3:
+        return batches[::-1]
+    cost = [(len(i) * int(lengths[i].max(initial=0)), len(i) * int(lengths[i].max(initial=0)) ** 2) for i in batches]
+    first = dict.fromkeys([int(np.argmax([c[1] for c in cost])), int(np.argmax([c[0] for c in cost]))])
+    return [batches[k] for k in first] + [x for k, x in enumerate(batches) if k not in first]
+
+
 @torch.inference_mode()
 def run_inference(
     model: nn.Module,
@@ -188,7 +347,7 @@ def run_inference(
     fn: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     *,
     heads: tuple[str, ...] = (),
-    batch_size: int = 64,
+    batch_size: int | str | AutoBatchSize = 64,
     device: str | torch.device | None = "auto",
     precision: str = "fp32",
     amp: str | None = None,
@@ -204,9 +363,16 @@ def run_inference(
     Parameters
     ----------
     fn
-        Turns a model output and its batch into ``{name: (B, ...) tensor}``.
+        Turns a model output and its batch into ``{name: (B, ...) tensor}``. With
+        ``batch_size="auto"`` it may run again for the cells of a try that ran out of memory:
+        keep it free of side effects there.
     heads
         Heads to run.
+    batch_size
+        Cells per batch, or ``"auto"`` (an :class:`AutoBatchSize`): :data:`AUTO_BATCH_SIZE`
+        cells, halved after each out-of-memory error (the pass starts over; the results are
+        exactly those of the fixed size that worked, which is logged). Pass an
+        :class:`AutoBatchSize` to choose the first size or to read the size that worked.
     precision
         ``"fp32"`` (default: no autocast) or ``"bf16"`` (autocast where the device has bf16 units,
         see ``cellkit.core.precision``).
@@ -226,42 +392,87 @@ def run_inference(
     -------
     ``{name: (n_cells, ...) array}``.
     """
+    bs = to_batch_size(batch_size)
+    auto = bs if isinstance(bs, AutoBatchSize) else None
     dev = resolve_device(device)
     ctx = _precision_context(model, dev, precision, amp)
     collate = Collator.for_tokens(tokens)
     was_training = model.training
     model.eval()
     model.to(dev)
-    out: dict[str, np.ndarray] = {}
     n = len(tokens)
+
+    def one_pass(size: int, bar: Any) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for start, cells in _windows(tokens, window):
+            batches = list(inference_batches(cells.lengths, size))
+            if auto is not None:  # an out-of-memory error comes at the first batch, not after hours
+                batches = _heaviest_first(cells.lengths, batches)
+            for idx in batches:
+                items = []
+                for i in idx.tolist():
+                    item = {k: np.asarray(v) for k, v in cells.cell(i).items()}
+                    item["index"] = start + i
+                    items.append(item)
+                batch = collate(items)
+                _injected_oom(len(idx))
+                inputs = {k: batch[k].to(dev) for k in FORWARD_KEYS if k in batch}
+                out_ = model(
+                    **inputs,
+                    heads=heads,
+                    attn_backend=attn_backend,
+                    output_hidden_states=output_hidden_states,
+                    output_attentions=output_attentions,
+                )
+                res = fn(out_, batch)
+                for name, t in res.items():
+                    arr = t.detach().float().cpu().numpy()
+                    if name not in out:
+                        out[name] = np.empty((n, *arr.shape[1:]), dtype=arr.dtype)
+                    out[name][start + idx] = arr
+                bar.advance(len(idx))
+        return out
+
     try:
         with track(progress, total=n, desc=desc) as bar, ctx:
-            for start, cells in _windows(tokens, window):
-                for idx in inference_batches(cells.lengths, batch_size):
-                    items = []
-                    for i in idx.tolist():
-                        item = {k: np.asarray(v) for k, v in cells.cell(i).items()}
-                        item["index"] = start + i
-                        items.append(item)
-                    batch = collate(items)
-                    inputs = {k: batch[k].to(dev) for k in FORWARD_KEYS if k in batch}
-                    out_ = model(
-                        **inputs,
-                        heads=heads,
-                        attn_backend=attn_backend,
-                        output_hidden_states=output_hidden_states,
-                        output_attentions=output_attentions,
-                    )
-                    res = fn(out_, batch)
-                    for name, t in res.items():
-                        arr = t.detach().float().cpu().numpy()
-                        if name not in out:
-                            out[name] = np.empty((n, *arr.shape[1:]), dtype=arr.dtype)
-                        out[name][start + idx] = arr
-                    bar.advance(len(idx))
+            if auto is None:
+                return one_pass(int(bs), bar)
+            return _auto_passes(one_pass, auto, bar, dev, desc)
     finally:
         model.train(was_training)
-    return out
+
+
+def _auto_passes(
+    one_pass: Callable[[int, Any], dict[str, np.ndarray]],
+    auto: AutoBatchSize,
+    bar: Progress,
+    dev: torch.device,
+    desc: str,
+) -> dict[str, np.ndarray]:
+    """``one_pass(size)`` from ``auto.size`` on, halving after each out-of-memory error.
+
+    Each try starts over (the result is the pass of one batch size, bit for bit what that fixed
+    size gives); the progress counts every cell once.
+    """
+    counted = 0
+    while True:
+        failed, reason = False, ""
+        recount = _Recount(bar, counted)
+        try:
+            out = one_pass(auto.size, recount)
+        except Exception as exc:  # only out-of-memory is handled; everything else goes on up
+            if not is_out_of_memory(exc):
+                raise
+            if auto.size <= 1:
+                raise auto.too_large(exc) from exc
+            failed, reason = True, (str(exc).splitlines() or [type(exc).__name__])[0]
+        if not failed:
+            if auto.reductions:
+                log.info("%s (%s)", auto.describe(), desc)
+            return out
+        counted = max(counted, recount.seen)
+        free_memory(dev)  # outside the except block: the failed try's tensors are released
+        auto.halve(reason)
 
 
 # ====================================================================================== chunked runs
@@ -513,7 +724,7 @@ def class_probabilities(
     model: nn.Module,
     tokens: Any,
     *,
-    batch_size: int,
+    batch_size: int | str | AutoBatchSize,
     progress: bool | Progress,
     device: Any = "auto",
     precision: str = "fp32",

@@ -1284,7 +1284,7 @@ def predict(
     *,
     key_added: str = "cellkit_prediction",
     cells: Any = None,
-    batch_size: int = 64,
+    batch_size: int | str = 64,
     device: str = "auto",
     tokenize_options: Mapping[str, Any] | None = None,
     layer: str | None = None,
@@ -1315,7 +1315,10 @@ def predict(
     cells
         Which cells to predict (default all).
     batch_size, device
-        Inference batch size and device (``"auto"``: CUDA when available).
+        Inference batch size and device (``"auto"``: CUDA when available). ``batch_size="auto"``:
+        64, halved after each out-of-memory error (the pass starts over), so the probabilities are
+        exactly those of the fixed size that worked; it is logged and recorded as
+        ``uns[key_added]["batch_size"]`` (see :class:`cellkit._inference.AutoBatchSize`).
     tokenize_options, layer, use_raw, gene_column
         Passed to :func:`cellkit.tokenize`.
     copy
@@ -1366,10 +1369,11 @@ def predict(
             progress=progress,
         )
         return None
-    from ._inference import check_precision
+    from ._inference import AutoBatchSize, check_precision, to_batch_size
 
     check_adata(adata, what="cellkit.predict")
     check_precision(precision)  # before any tokenizing
+    batch_size = to_batch_size(batch_size)
     written = [
         ("obs", key_added),
         ("obs", f"{key_added}_confidence"),
@@ -1412,6 +1416,8 @@ def predict(
     target.obs[f"{key_added}_confidence"] = conf
     target.obsm[f"{key_added}_probabilities"] = full
     target.uns[key_added] = {"classes": list(classes)}
+    if isinstance(batch_size, AutoBatchSize):  # what ran: planned batches, cells per forward pass
+        target.uns[key_added]["batch_size"] = {"auto": batch_size.start, "worked": batch_size.size}
     record_written(target, written)
     return target if copy else None
 

@@ -31,7 +31,7 @@ import torch
 
 from .._anndata import check_adata, check_finite_rows, check_keys_free, finite_embedding, record_written
 from .._errors import ConfigError, DataError
-from .._inference import run_inference
+from .._inference import AutoBatchSize, run_inference, to_batch_size
 from .._utils import Progress, get_logger, track
 from ..data.sources import select_rows
 from ..data.tokenize import tokenize
@@ -102,7 +102,7 @@ def cell_embeddings(
     pooling: str | None = None,
     hidden_layer: int | None = None,
     normalize: bool | None = None,
-    batch_size: int = 64,
+    batch_size: int | str | AutoBatchSize = 64,
     device: str | torch.device | None = "auto",
     amp: str | None = None,
     progress: bool | Progress = True,
@@ -125,7 +125,8 @@ def cell_embeddings(
         L2-normalise each embedding; default ``True`` for scGPT-family models (``embed_data``),
         ``False`` otherwise.
     batch_size, device, amp
-        Inference settings; ``amp="bf16"`` autocasts on CUDA.
+        Inference settings; ``amp="bf16"`` autocasts on CUDA. ``batch_size="auto"``: see
+        :func:`embed_cells`.
     progress
         ``True``: a progress bar; a :class:`cellkit.Progress` to follow or cancel the call.
     precision
@@ -177,7 +178,7 @@ def embed_cells(
     pooling: str | None = None,
     hidden_layer: int | None = None,
     normalize: bool | None = None,
-    batch_size: int = 64,
+    batch_size: int | str = 64,
     chunk_size: int = 20_000,
     device: str = "auto",
     amp: str | None = None,
@@ -212,7 +213,12 @@ def embed_cells(
         See :func:`cell_embeddings` (defaults reproduce scGPT's ``embed_data`` for scGPT models and
         the model's own pooling otherwise).
     batch_size
-        Cells per forward pass (cells are sorted by length, so batches carry little padding).
+        Cells per forward pass (cells are sorted by length, so batches carry little padding), or
+        ``"auto"``: 64, halved after each out-of-memory error down to one cell (then a
+        :class:`cellkit.ConfigError` says what to try). Each halving starts the pass over (chunks
+        done at a larger size are redone), so the embeddings are exactly those of the fixed
+        ``batch_size`` that worked, which is logged (a warning: ``batch_size auto: 64 → 32 after
+        out-of-memory``). See :class:`cellkit._inference.AutoBatchSize`.
     chunk_size
         Cells tokenized (and sorted by length into batches) at a time: bounds memory on large
         (backed) data. With ``output``, also the unit of work dealt to ``torchrun`` ranks and of
@@ -288,8 +294,9 @@ def embed_cells(
     check_keys_free(adata, [("obsm", key_added)], overwrite=overwrite, what="cellkit.embed_cells")
     if on_empty not in ("raise", "nan"):
         raise ConfigError(f"on_empty must be 'raise' or 'nan', got {on_empty!r}.")
-    if chunk_size < 1 or batch_size < 1:
-        raise ConfigError("chunk_size and batch_size must be >= 1.")
+    batch_size = to_batch_size(batch_size)  # "auto": one AutoBatchSize carried over all chunks
+    if chunk_size < 1:
+        raise ConfigError("chunk_size must be >= 1.")
     resolve_hidden_layer(model, hidden_layer)  # fail before any work
     positions = select_rows(adata.obs, cells)
     if len(positions) == 0:
@@ -298,8 +305,11 @@ def embed_cells(
     out = np.full((adata.n_obs, d), np.nan, dtype=np.float32)
     opts = dict(tokenize_options or {})
     empty: list[str] = []
+    starts = list(range(0, len(positions), chunk_size))
+    ran_at: dict[int, int] = {}  # batch_size="auto": chunk start -> the size it ran at
     with track(progress, total=len(positions), desc="embedding cells") as bar:
-        for start in range(0, len(positions), chunk_size):
+        while starts:
+            start = starts.pop(0)
             chunk = positions[start : start + chunk_size]
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*no gene in the vocabulary.*")
@@ -327,9 +337,13 @@ def embed_cells(
                 on_empty=on_empty,
                 progress=bar,
             )
-            empty.extend(np.asarray(tokens.obs_names)[bad].astype(str).tolist())
+            if start not in ran_at:
+                empty.extend(np.asarray(tokens.obs_names)[bad].astype(str).tolist())
             pos = adata.obs_names.get_indexer(np.asarray(tokens.obs_names).astype(str))
             out[pos] = emb
+            if isinstance(batch_size, AutoBatchSize):  # a later chunk halved it: redo the earlier ones
+                ran_at[start] = batch_size.size
+                starts += [s for s, z in ran_at.items() if z != batch_size.size and s not in starts]
     if empty:
         warnings.warn(
             f"{len(empty)} cells have no gene in the model's vocabulary; their {key_added!r} rows are NaN "
@@ -350,7 +364,7 @@ def _embed_tokens(
     pooling: str | None,
     hidden_layer: int | None,
     normalize: bool | None,
-    batch_size: int,
+    batch_size: int | AutoBatchSize,
     device: str | torch.device | None,
     precision: str,
     amp: str | None,
