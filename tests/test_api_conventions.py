@@ -381,7 +381,15 @@ def test_shared_options_have_the_same_types():
         by_param.get("progress", {}).pop(name, None)
     for param in ("cells", "layer", "use_raw", "gene_column", "tokenize_options", "progress", "batch_size"):
         anns = set(by_param.get(param, {}).values())
+        if param == "batch_size":  # see BATCH_SIZE_ANNOTATIONS
+            assert anns <= BATCH_SIZE_ANNOTATIONS, f"batch_size is annotated differently: {by_param[param]}"
+            continue
         assert len(anns) <= 1, f"{param} is annotated differently: {by_param[param]}"
+
+
+#: ``batch_size="auto"`` (halve after out-of-memory; ``cellkit._inference.AutoBatchSize``) is offered by
+#: inference calls (``int | str``); a training batch size is a hyperparameter (``int``)
+BATCH_SIZE_ANNOTATIONS = {"int", "int | str"}
 
 
 #: training functions whose ``progress`` is only the tqdm bar: they report to a UI through
