@@ -27,6 +27,7 @@ from cellkit._utils._run import (
 )
 from cellkit.analysis._runs import data_fingerprint
 from cellkit.cli import main
+from cellkit.presets import scgpt_config
 
 from .test_finetune import FAST, make_adata, make_model
 
@@ -200,6 +201,26 @@ def test_saved_model_carries_its_run(tuned, tmp_path, caplog):
     (tmp_path / "m" / "run.json").write_text("{ not json")
     assert cellkit.load_model(tmp_path / "m").run is None
     assert "without its run record" in caplog.text
+
+
+def test_scgpt_format_save_carries_the_run_beside_its_files(tmp_path):
+    specials = {"pad": "<pad>", "cls": "<cls>", "eos": "<eoc>"}
+    vocab = cellkit.GeneVocab([*(f"G{i}" for i in range(10)), *specials.values()], specials=specials)
+    model = cellkit.CellModel(scgpt_config(vocab, d_model=16, n_heads=2, n_layers=1, d_ff=32, n_bins=11), vocab)
+    model.run = _record()
+    model.save(tmp_path / "sg", format="scgpt")
+    assert (tmp_path / "sg" / "run.json").is_file() and (tmp_path / "sg" / "best_model.pt").is_file()
+    assert cellkit.load_model(tmp_path / "sg").run == model.run
+
+
+def test_predict_output_gets_a_run_record(tuned, tmp_path):
+    adata, result, _ = tuned
+    cellkit.predict(adata, result.model, output=tmp_path / "pred.h5ad", progress=False)
+    rec = load_run(tmp_path / "pred.h5ad")
+    assert rec.function == "cellkit.analysis.atlas.predict_to_output"
+    assert rec.outputs["classes"] == result.classes
+    assert rec.model["fingerprint"] == result.run.outputs["model"]["fingerprint"]  # the tuned model
+    assert rec.model["made_by"]["function"] == "cellkit.finetune"
 
 
 def test_rerun_gives_the_same_weights_and_metrics(tuned, tmp_path):
