@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -335,4 +336,26 @@ def test_cli_tokenize_writes_run_json(tmp_path):
     assert main(["tokenize", str(data), "--model", str(tmp_path / "m"), "--output", str(tmp_path / "tok"), "--quiet"]) == 0
     rec = load_run(tmp_path / "tok")
     assert rec.function == "cellkit.tokenize" and rec.metrics["n_cells"] == 120
+    assert rec.data["kind"] == "h5ad" and rec.data["shape"] == [120, 40]
     assert cellkit.open_shards(tmp_path / "tok").n_shards == 1  # the shard directory still opens
+    args = ["embed", str(tmp_path / "tok"), "--model", str(tmp_path / "m"), "--output", str(tmp_path / "emb"), "--quiet"]
+    assert main(args) == 0
+    emb = load_run(tmp_path / "emb")
+    assert emb.command == args and emb.data["kind"] == "shards" and emb.options["data"] == {"type": "ShardedTokens", "see": "data"}
+    # embed from the .h5ad (read backed by the command), then rerun from the record alone
+    args = ["embed", str(data), "--model", str(tmp_path / "m"), "--output", str(tmp_path / "e.h5ad"), "--quiet"]
+    assert main(args) == 0
+    rec = load_run(tmp_path / "e.h5ad")
+    assert rec.data["file"] == str(data.resolve())
+    cellkit.rerun(rec, output=tmp_path / "e2", progress=False)
+    first = ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_cellkit"]
+    assert np.array_equal(first, np.load(tmp_path / "e2" / "X_cellkit.npy"))
+
+
+def test_shard_directory_runs_record_the_manifest_and_rerun_from_it(tmp_path):
+    adata, model = make_adata(), make_model()
+    shards = cellkit.tokenize(adata, model, output=tmp_path / "tok", obs_columns=["cell_type"], progress=False)
+    r = cellkit.finetune(shards, model, label_key="cell_type", **{**TINY, "epochs": 1})
+    assert r.run.data["kind"] == "shards" and r.run.data["n_cells"] == 120 and "manifest_sha256" in r.run.data
+    again = cellkit.rerun(r.run, model=make_model())  # the cells are read again from the shard directory
+    assert again.metrics == r.metrics

@@ -387,7 +387,8 @@ def rerun(
         A :class:`~cellkit._utils._run.RunRecord` or where one is (see :func:`cellkit.load_run`).
     adata
         The input cells; default: read again from the recorded path when the run was given a path
-        (an ``.h5ad`` or a token shard directory). An in-memory AnnData must be passed.
+        (an ``.h5ad`` or a token shard directory), a shard directory's cells or a backed AnnData
+        (opened backed again). An in-memory AnnData must be passed.
     model
         The input model, as it was before the run (training changes a model in place: load it
         again). Default: loaded from the directory the recorded model came from.
@@ -476,14 +477,19 @@ def _short_desc(value: Any) -> str:
 
 
 def _recorded_data(rec: RunRecord, data_arg: str) -> Any:
+    from ..data.tokenized import open_shards
+
     given = rec.options.get(data_arg)
     if isinstance(given, str):
         path = Path(rec.paths.get(data_arg, given))
-        if path.is_dir():
-            from ..data.tokenized import open_shards
+        return open_shards(path) if path.is_dir() else str(path)
+    d = rec.data or {}
+    if d.get("kind") == "shards" and d.get("path_resolved") and Path(d["path_resolved"]).is_dir():
+        return open_shards(d["path_resolved"])  # a ShardedTokens object: its directory
+    if d.get("kind") == "anndata" and d.get("file") and Path(d["file"]).is_file():
+        import anndata as ad
 
-            return open_shards(path)
-        return str(path)
+        return ad.read_h5ad(d["file"], backed="r")  # a backed AnnData: its file, backed again
     raise ConfigError(
         f"The recorded run was given {(rec.data or {}).get('kind', 'data')} in memory; pass it again: "
         "cellkit.rerun(record, adata=..., model=...)."
