@@ -4,6 +4,7 @@ bits on CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -253,6 +254,9 @@ def test_rerun_refuses_other_data_or_model(tuned):
         cellkit.rerun(result.run, model=make_model())
     with pytest.warns(UserWarning, match="data differ"):
         cellkit.rerun(result.run, adata=other, model=make_model(), check="warn", epochs=1)
+    older = dataclasses.replace(result.run, environment={**result.run.environment, "torch": "0.1"})
+    with pytest.warns(UserWarning, match=r"software differs .*torch 0\.1"):
+        cellkit.rerun(older, adata=adata, model=make_model(), epochs=1)
 
 
 def test_rerun_asks_for_options_it_could_only_describe(tmp_path):

@@ -442,7 +442,28 @@ def rerun(
     mdl = model if model is not None else _recorded_model(rec)
     if check != "off":
         _compare(rec, data, mdl, cells=options.get("cells"), check=check)
+        _compare_software(rec)
     return fn(data, mdl, **options)
+
+
+#: environment entries that change results in the last bits when they differ
+_SOFTWARE = ("cellkit", "torch", "numpy", "cuda", "torch_threads")
+
+
+def _compare_software(rec: RunRecord) -> None:
+    now = environment()
+    diff = [
+        f"{k} {rec.environment.get(k)} → {now.get(k)}"
+        for k in _SOFTWARE
+        if k in rec.environment and rec.environment.get(k) != now.get(k)
+    ]
+    if diff:
+        warnings.warn(
+            f"cellkit.rerun: the software differs from the recorded run ({'; '.join(diff)}); results may differ "
+            "in their last bits.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 #: options whose recorded value describes the caller's side (not the result): reset for a rerun
