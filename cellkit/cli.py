@@ -373,6 +373,7 @@ def _note_data_path(record: Any, data: str) -> None:
     if record is None or not p.exists():
         return
     record.options["adata"] = data
+    record.not_replayable = [n for n in record.not_replayable if n != "adata"]
     record.paths["adata"] = str(p.resolve())
     if isinstance(record.data, dict):
         record.data["path"] = data

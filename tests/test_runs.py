@@ -312,6 +312,7 @@ def test_cli_finetune_writes_run_json_and_info_prints_it(tmp_path, capsys):
     assert rec.command == args
     assert rec.data["shape"] == [120, 40] and rec.data["path"] == str(data)
     assert rec.paths["adata"] == str(data.resolve())
+    assert rec.options["adata"] == str(data) and "adata" not in rec.not_replayable
     assert rec.model["source"] == str(model_dir)
     assert load_run(out / "model") == rec
     capsys.readouterr()
