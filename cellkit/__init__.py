@@ -25,7 +25,9 @@ from ._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._utils import Progress
+    from ._utils._run import RunRecord, load_run
     from .analysis import embed_cells, embedding_metrics, transfer_labels
+    from .analysis._runs import rerun
     from .core import CellEncoder, EncoderConfig, EncoderOutput
     from .data import Coverage, GeneVocab
     from .data.input_spec import InputSpec
@@ -79,6 +81,9 @@ _LAZY = {
     "Event": "cellkit.train",
     "History": "cellkit.train",
     "Progress": "cellkit._utils",
+    "RunRecord": "cellkit._utils._run",
+    "load_run": "cellkit._utils._run",
+    "rerun": "cellkit.analysis._runs",
     "embed_cells": "cellkit.analysis",
     "transfer_labels": "cellkit.analysis",
     "embedding_metrics": "cellkit.analysis",
@@ -123,6 +128,7 @@ __all__ = [
     "PerturbationModel",
     "PretrainResult",
     "Progress",
+    "RunRecord",
     "Studio",
     "TokenizedCells",
     "Trainer",
@@ -138,10 +144,12 @@ __all__ = [
     "inspect_checkpoint",
     "load_model",
     "load_perturbation_model",
+    "load_run",
     "open_shards",
     "parse_condition",
     "predict",
     "pretrain",
+    "rerun",
     "select_cells",
     "tokenize",
     "transfer_labels",

@@ -170,9 +170,30 @@ def _demo_job(args: argparse.Namespace, out: Path) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    """Describe a model directory, a run record (``run.json``, a directory or output with one), or both."""
+    from ._errors import CheckpointError
+    from ._utils._run import load_run, run_file_for
+    from .checkpoints import detect_format
+
+    path = Path(args.path)
+    record_file = run_file_for(path)
+    if record_file.exists():
+        print(load_run(path).summary())
+        if not path.is_dir():
+            return 0
+        try:
+            detect_format(path)
+        except CheckpointError:
+            return 0  # a run directory, a checkpoint root or a result store: the record says it all
+        print()
+    _describe_model(path)
+    return 0
+
+
+def _describe_model(path: Path) -> None:
     from .model import load_model
 
-    model = load_model(args.path)
+    model = load_model(path)
     print(repr(model))
     report = model.load_report
     if report is not None:
@@ -183,7 +204,6 @@ def _info(args: argparse.Namespace) -> int:
         f"{c.activation}, {c.norm_scheme}-norm, values: {c.value_encoder}, pooling: {model.config.pooling}"
     )
     print(f"vocabulary: {len(model.vocab):,} tokens; specials {model.vocab.specials}")
-    return 0
 
 
 def _parse_kv(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
@@ -296,7 +316,7 @@ def _train_common(args: argparse.Namespace) -> dict[str, Any]:
 #: what a training command writes into --out (a run directory; other entries, e.g. a checkpoint
 #: directory placed inside it, are left alone)
 RUN_MODEL_DIR = "model"
-RUN_FILES = ("metrics.json", "history_steps.csv", "history_epochs.csv")
+RUN_FILES = ("metrics.json", "history_steps.csv", "history_epochs.csv", "run.json")
 
 
 def _check_out(args: argparse.Namespace) -> None:
@@ -325,8 +345,8 @@ def _check_out(args: argparse.Namespace) -> None:
 def _save_outputs(args: argparse.Namespace, result: Any, extra: dict[str, Any]) -> None:
     """Write the run's outputs into the run directory ``--out``.
 
-    ``--out/model`` (the trained model) is replaced as a whole; ``metrics.json`` and the two history
-    tables are each replaced atomically. A kill at any moment leaves every output old or new, each
+    ``--out/model`` (the trained model, with its ``run.json``) is replaced as a whole; ``metrics.json``,
+    the two history tables and ``run.json`` (the run record) are each replaced atomically. A kill at any moment leaves every output old or new, each
     readable, and never touches other entries of ``--out`` (such as ``--checkpoint-dir`` inside it).
     """
     if not args.out:
@@ -340,7 +360,23 @@ def _save_outputs(args: argparse.Namespace, result: Any, extra: dict[str, Any]) 
     atomic_write_text(out / "history_epochs.csv", result.history.epochs.to_csv(index=False))
     summary = {"status": result.status, "metrics": result.metrics, **extra}
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, default=str))
+    if result.run is not None:
+        from ._utils._run import write_run
+
+        write_run(result.run, out)
     print(f"saved   {out}: {RUN_MODEL_DIR}/, {', '.join(RUN_FILES)}")
+
+
+def _note_data_path(record: Any, data: str) -> None:
+    """The command read its cells from ``--data``: say so in the run record (``cellkit.rerun`` reads it again)."""
+    p = Path(data)
+    if record is None or not p.exists():
+        return
+    record.options["adata"] = data
+    record.not_replayable = [n for n in record.not_replayable if n != "adata"]
+    record.paths["adata"] = str(p.resolve())
+    if isinstance(record.data, dict):
+        record.data["path"] = data
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -375,6 +411,7 @@ def _finetune(args: argparse.Namespace) -> int:
         **opts,
     )
     seconds = time.perf_counter() - t0
+    _note_data_path(result.run, args.data)
     if info.is_main:
         m = result.metrics
         print(f"status  {result.status} after {len(result.history.epoch_records)} epochs in {seconds:.1f} s")
@@ -427,6 +464,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         **opts,
     )
     seconds = time.perf_counter() - t0
+    _note_data_path(result.run, args.data)
     if info.is_main:
         last = result.history.epoch_records[-1] if result.history.epoch_records else {}
         losses = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if "loss" in k)
@@ -581,6 +619,8 @@ def _check_tokens_out(path: str, *, overwrite: bool) -> None:
 def _tokenize_cmd(args: argparse.Namespace) -> int:
     import os
 
+    from ._utils._run import write_run
+    from .analysis._runs import RunRecorder
     from .data.tokenize import tokenize
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -594,21 +634,30 @@ def _tokenize_cmd(args: argparse.Namespace) -> int:
     opts = _parse_kv(args.tokenize_option, "--tokenize-option")
     print(f"model   {model!r}")
     t0 = time.perf_counter()
-    shards = tokenize(
-        args.input[0] if len(args.input) == 1 else list(args.input),
-        model,
-        scheme=args.scheme,
-        cells=args.cells,
-        layer=args.layer,
-        use_raw=args.use_raw,
-        gene_column=args.gene_column,
-        obs_columns=args.obs_column or (),
-        output=args.output,
-        max_shard_samples=args.shard_size,
-        shard_format=args.shard_format,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
+    call = {
+        "scheme": args.scheme,
+        "cells": args.cells,
+        "layer": args.layer,
+        "use_raw": args.use_raw,
+        "gene_column": args.gene_column,
+        "obs_columns": args.obs_column or (),
+        "output": args.output,
+        "max_shard_samples": args.shard_size,
+        "shard_format": args.shard_format,
+        "overwrite": args.overwrite,
+        "progress": not args.quiet,
         **opts,
+    }
+    data = args.input[0] if len(args.input) == 1 else list(args.input)
+    recorder = RunRecorder("cellkit.tokenize", {"adata": data, "model": model, **call})
+    shards = tokenize(data, model, **call)
+    write_run(
+        recorder.finish(
+            status="completed",
+            metrics={"n_cells": len(shards), "n_shards": shards.n_shards, "n_tokens": shards.n_tokens},
+            outputs={"output": args.output, "scheme": shards.scheme},
+        ),
+        args.output,
     )
     print(shards.summary())
     print(f"saved   {Path(args.output).resolve()} in {time.perf_counter() - t0:.1f} s")
@@ -898,8 +947,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     studio.add_argument("--print-command", action="store_true", help="only print the JupyterLab command")
     studio.set_defaults(func=_studio)
-    info = sub.add_parser("info", help="describe a model directory (cellkit, scGPT or Geneformer)")
-    info.add_argument("path")
+    info = sub.add_parser(
+        "info",
+        help="describe a model directory (cellkit, scGPT or Geneformer) and/or a run record (run.json)",
+    )
+    info.add_argument(
+        "path",
+        help="a model directory; a run directory (cellkit finetune --out), checkpoint directory or result store "
+        "holding run.json; a run.json; or an output .h5ad with its OUT.h5ad.run.json beside it",
+    )
     info.set_defaults(func=_info)
     ft = sub.add_parser("finetune", help="fine-tune a model for cell-type annotation (torchrun-ready)")
     _training_parser(ft, needs_model=True)
@@ -975,11 +1031,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _inference_parser(prd, task="predict")
     prd.set_defaults(func=_predict_cmd)
     args = parser.parse_args(argv)
+    from ._utils._run import CLI_COMMAND
+
+    token = CLI_COMMAND.set(list(sys.argv[1:] if argv is None else argv))  # recorded in run.json
     try:
         return args.func(args)
     except CellkitError as exc:
         print(f"cellkit: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        CLI_COMMAND.reset(token)
 
 
 if __name__ == "__main__":  # pragma: no cover

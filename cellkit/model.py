@@ -17,16 +17,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._errors import CheckpointError, ConfigError
-from ._utils import get_logger, recover_directory
+from ._errors import CellkitError, CheckpointError, ConfigError
+from ._utils import atomic_directory, atomic_write_text, get_logger, recover_directory
+from ._utils._run import RUN_FILE, RunRecord, load_run
 from .checkpoints import (
     LoadReport,
     detect_format,
     foreign_reader,
     load_state_strict,
     read_native,
-    write_native,
 )
+from .checkpoints.native import replaceable_model_dir, write_native_files
 from .core import CellEncoder, EncoderConfig
 from .data.input_spec import InputSpec
 from .data.vocab import GeneVocab
@@ -323,6 +324,8 @@ class CellModel(nn.Module):
         self.resources: dict[str, Any] = {}
         #: what the last load did (set by :func:`load_model`)
         self.load_report: LoadReport | None = None
+        #: the record of the run that made this model (set by finetune / pretrain; saved as run.json)
+        self.run: RunRecord | None = None
         self.encoder = CellEncoder(config.encoder)
         self.heads = nn.ModuleDict()
         for name, opts in config.heads.items():
@@ -519,6 +522,11 @@ class CellModel(nn.Module):
             ``"scgpt"``: ``args.json`` + ``best_model.pt`` + ``vocab.json`` that scGPT's own loaders
             accept (scGPT-family architectures only).
 
+            A model that carries a run record (``model.run``, set by :func:`cellkit.finetune` /
+            :func:`cellkit.pretrain`) also gets ``run.json`` (see :func:`cellkit.load_run`): in the
+            cellkit format inside the same swap as the weights; in the scGPT format added after
+            (scGPT's loaders ignore it).
+
         Returns
         -------
         The directory written.
@@ -527,10 +535,18 @@ class CellModel(nn.Module):
         state = {k: v for k, v in self.state_dict().items() if k not in tied}
         cfg = self.config.to_dict()
         cfg["specials"] = self.vocab.specials
+        run = getattr(self, "run", None)
         if format == "cellkit":
-            return write_native(path, cfg, state, self.vocab, self.resources)
+            with atomic_directory(path, may_replace=replaceable_model_dir, what="model directory") as tmp:
+                write_native_files(tmp, cfg, state, self.vocab, self.resources)
+                if run is not None:
+                    (tmp / RUN_FILE).write_text(run.to_json() + "\n", encoding="utf-8")
+            return Path(path)
         if format == "scgpt":
-            return foreign_reader("scgpt").write(path, cfg, state, self.vocab)
+            out = foreign_reader("scgpt").write(path, cfg, state, self.vocab)
+            if run is not None:
+                atomic_write_text(Path(out) / RUN_FILE, run.to_json() + "\n")
+            return out
         raise ConfigError(f"Unknown save format {format!r}; supported: 'cellkit', 'scgpt'.")
 
     @classmethod
@@ -594,7 +610,9 @@ def load_model(
     Returns
     -------
     The model in eval mode, with ``model.load_report`` (:class:`~cellkit.checkpoints.LoadReport`)
-    saying what was mapped, ignored and created.
+    saying what was mapped, ignored and created, and ``model.run`` (the record of the run that
+    made it, from the directory's ``run.json``; ``None`` without one — a damaged ``run.json`` is
+    logged as a warning and skipped, the weights still load).
     """
     path = recover_directory(path)  # a save interrupted between its two renames left the old copy aside
     fmt = detect_format(path) if format == "auto" else format
@@ -635,10 +653,22 @@ def load_model(
         model.add_head(name, **opts)
         report.created[name] = "absent from the checkpoint; initialised fresh as requested"
     model.load_report = report
+    model.run = _read_run(path)
     for line in report.summary().splitlines():
         log.info(line)
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def _read_run(path: Path) -> RunRecord | None:
+    """The run record saved with a model (``run.json``), or ``None``; a damaged one is only warned about."""
+    if not (path / RUN_FILE).exists():
+        return None
+    try:
+        return load_run(path / RUN_FILE)
+    except CellkitError as exc:
+        log.warning("%s; the model loads without its run record.", exc)
+        return None
 
 
 def _check_size_against_weights(config: CellModelConfig, state: dict[str, Tensor], where: str) -> None:

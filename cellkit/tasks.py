@@ -29,6 +29,8 @@ from ._anndata import check_adata, check_finite_rows, check_keys_free, check_obs
 from ._errors import ConfigError, DataError
 from ._inference import class_probabilities
 from ._utils import Progress, ensure_writable_dir, get_logger
+from ._utils._run import RunRecord
+from .analysis._runs import recorded
 from .data.collate import Collator
 from .data.dataset import CellDataset
 from .data.sources import select_rows
@@ -138,6 +140,10 @@ class FinetuneResult:
         or call :func:`finetune` again with ``resume=True``).
     tokens
         The tokenized cells used.
+    run
+        The run's record (options, model and data identity, seeds, environment, metrics;
+        :class:`cellkit.RunRecord`), also on ``model.run`` and saved with the model; written to
+        ``checkpoint_dir/run.json`` when a ``checkpoint_dir`` is given.
     """
 
     model: CellModel
@@ -150,6 +156,7 @@ class FinetuneResult:
     split: pd.Series = _BuiltOnFirstUse()  # type: ignore[assignment]
     trainer: Trainer = field(repr=False)
     tokens: Any = field(default=None, repr=False)
+    run: RunRecord | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         m = self.metrics
@@ -162,13 +169,15 @@ class FinetuneResult:
 
 @dataclass
 class PretrainResult:
-    """What :func:`pretrain` returns: ``model``, ``status``, ``history``, ``metrics``, ``trainer``."""
+    """What :func:`pretrain` returns: ``model``, ``status``, ``history``, ``metrics``, ``trainer`` and
+    ``run`` (the run's record, as in :class:`FinetuneResult`)."""
 
     model: CellModel
     status: str
     history: History
     metrics: dict[str, float]
     trainer: Trainer = field(repr=False)
+    run: RunRecord | None = field(default=None, repr=False)
 
 
 # ============================================================================== helpers
@@ -524,6 +533,7 @@ def _trainer_config(options: dict[str, Any], defaults: dict[str, Any]) -> Traine
 
 # ============================================================================== finetune
 @_one_run
+@recorded("cellkit.finetune")
 def finetune(
     adata: AnnData | Tokens | str,
     model: CellModel,
@@ -1432,6 +1442,7 @@ _PRETRAIN_DEFAULTS = {
 
 
 @_one_run
+@recorded("cellkit.pretrain")
 def pretrain(
     adata: AnnData | Tokens | str,
     model: CellModel,

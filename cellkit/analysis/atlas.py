@@ -18,6 +18,11 @@ token shard directory chunk by chunk, never all at once, and write their results
     ``.npy`` per result (``np.load(DIR / "X_cellkit.npy", mmap_mode="r")``), rows aligned with
     ``obs_names.npy``.
 
+Each finished job writes its run record (:class:`cellkit.RunRecord`: options, model and data
+identity, environment, timing): ``DIR/run.json``, or ``OUT.h5ad.run.json`` beside an ``.h5ad``
+output (read with :func:`cellkit.load_run` or ``cellkit info``). A job found already complete
+leaves an existing record as it is.
+
 Under ``torchrun`` every rank computes its share of chunks (see :func:`cellkit._inference.run_chunks`)
 and rank 0 assembles them in input order; the result is the same bits as one process gives. A job
 killed or pre-empted mid-way and run again with the same arguments skips the chunks already written.
@@ -52,10 +57,12 @@ from .._inference import (
     run_chunks,
 )
 from .._utils import Progress, atomic_path, ensure_writable_dir, get_logger
+from .._utils._run import run_file_for
 from ..data.sources import select_rows
 from ..data.tokenize import tokenize
 from ..data.tokenized import ShardedTokens, TokenizedCells
 from ..model import CellModel
+from ._runs import RunRecorder, write_beside
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -374,6 +381,7 @@ def embed_to_output(
     -------
     :class:`cellkit._inference.ChunkRun`: chunks computed now and skipped (already on disk).
     """
+    arguments = dict(locals())  # first statement: the call's arguments, for the run record
     from .embeddings import _embed_tokens, resolve_hidden_layer
 
     if on_empty not in ("raise", "nan"):
@@ -396,10 +404,12 @@ def embed_to_output(
         check_keys_free(data, [("obsm", key_added)], overwrite=overwrite, what="cellkit.embed_cells")
     check_output(out, overwrite=overwrite, source=source.file)
     d = model.config.encoder.d_model
+    fingerprint = model_fingerprint(model)
+    recorder = RunRecorder("cellkit.analysis.atlas.embed_to_output", arguments, data_arg="data", model_fp=fingerprint)
     params = {
         "task": "embed",
         "input": source.identity(),
-        "model": model_fingerprint(model),
+        "model": fingerprint,
         "key_added": key_added,
         "pooling": pooling,
         "hidden_layer": hidden_layer,
@@ -464,6 +474,7 @@ def embed_to_output(
     )
     if _is_main() and not run.already_complete:
         _tidy(out)
+    _write_record(recorder, run, out, source, device, key_added=key_added)
     return run
 
 
@@ -495,6 +506,7 @@ def predict_to_output(
     ``{key_added}_probabilities.npy`` beside ``obs_names.npy``, the classes in ``manifest.json``.
     Chunked, resumable and torchrun-parallel like :func:`embed_to_output`.
     """
+    arguments = dict(locals())  # first statement: the call's arguments, for the run record
     head = model.config.heads.get("classifier")
     if head is None:
         raise ConfigError(
@@ -524,10 +536,14 @@ def predict_to_output(
     if output_kind(out) == "h5ad" and source.is_adata:
         check_keys_free(data, keys, overwrite=overwrite, what="cellkit predict")
     check_output(out, overwrite=overwrite, source=source.file)
+    fingerprint = model_fingerprint(model)
+    recorder = RunRecorder(
+        "cellkit.analysis.atlas.predict_to_output", arguments, data_arg="data", model_fp=fingerprint
+    )
     params = {
         "task": "predict",
         "input": source.identity(),
-        "model": model_fingerprint(model),
+        "model": fingerprint,
         "key_added": key_added,
         "batch_size": batch_size,
         "device": resolve_device(device).type,
@@ -606,4 +622,27 @@ def predict_to_output(
     )
     if _is_main() and not run.already_complete:
         _tidy(out)
+    _write_record(recorder, run, out, source, device, key_added=key_added, classes=classes)
     return run
+
+
+def _write_record(
+    recorder: RunRecorder, run: ChunkRun, out: Path, source: _Source, device: str, **outputs: Any
+) -> None:
+    """Write the job's run record beside ``out`` (rank 0); a job found complete keeps the one it has."""
+    if not _is_main() or (run.already_complete and run_file_for(out).exists()):
+        return
+    record = recorder.finish(
+        status="completed",
+        metrics={
+            "n_cells": source.n,
+            "n_chunks": run.n_chunks,
+            "computed": run.computed,
+            "skipped": run.skipped,
+            "world_size": run.world_size,
+            "already_complete": run.already_complete,
+        },
+        outputs={"output": str(out), "output_resolved": str(out.resolve()), "kind": output_kind(out), **outputs},
+        device=resolve_device(device),
+    )
+    write_beside(record, out)
