@@ -37,7 +37,7 @@ FORMAT_VERSION = 1
 CONFIG, WEIGHTS, VOCAB, RESOURCES = "config.json", "model.safetensors", "vocab.json", "resources.json"
 #: files cellkit itself writes into model directories (its own and scGPT's format, CLI --out extras)
 _MODEL_DIR_FILES = frozenset(
-    {CONFIG, WEIGHTS, VOCAB, RESOURCES, "args.json", "best_model.pt"}
+    {CONFIG, WEIGHTS, VOCAB, RESOURCES, "args.json", "best_model.pt", "run.json"}
     | {"history_steps.csv", "history_epochs.csv", "metrics.json"}
 )
 
