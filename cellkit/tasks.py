@@ -667,6 +667,7 @@ def finetune(
     >>> model = cellkit.datasets.demo_model()  # doctest: +SKIP
     >>> result = cellkit.finetune(adata, model, label_key="bulk_labels", epochs=5)  # doctest: +SKIP
     >>> result.metrics["macro_f1"], result.confusion  # doctest: +SKIP
+    >>> result.comparison  # the model beside a logistic regression on the same cells  # doctest: +SKIP
     """
     # -- everything that can be checked before any work (first statement: locals() are the arguments)
     config, objs = _plan_from(locals())
