@@ -20,7 +20,7 @@ is scaled to ``[-1, 1]`` by its largest absolute value over the training cells
 with the per-class weights of the fine-tune's ``class_weight``.
 
 **Bounded cost.** At most :data:`MAX_TRAIN_CELLS` training cells (a uniform subsample drawn with
-the run's seed; memory about 12 bytes per training token), and the held-out cells are featurised
+the run's seed; the training matrix holds 12 bytes per token, about twice that at its peak), and the held-out cells are featurised
 and predicted :data:`CHUNK_CELLS` at a time, so a shard directory of millions of cells is never
 loaded; cells from shards are read with the same positional reads training uses.
 """
