@@ -144,6 +144,16 @@ class FinetuneResult:
         The run's record (options, model and data identity, seeds, environment, metrics;
         :class:`cellkit.RunRecord`), also on ``model.run`` and saved with the model; written to
         ``checkpoint_dir/run.json`` when a ``checkpoint_dir`` is given.
+    baseline_metrics
+        The same held-out metrics (``accuracy``, ``macro_f1``, ``weighted_f1``) of a logistic
+        regression trained on the training cells' tokens (the model's inputs) and scored on the
+        same held-out cells; empty with ``baseline=False`` or without held-out metrics.
+    baseline_settings
+        What that baseline was (features, the logistic regression's settings, training cells used,
+        notes); see :mod:`cellkit.analysis._baselines`.
+    comparison
+        (property) The model and the baseline side by side: rows ``"model"`` and
+        ``"logistic regression"``, columns ``accuracy``, ``macro_f1``, ``weighted_f1``.
     """
 
     model: CellModel
@@ -157,14 +167,40 @@ class FinetuneResult:
     trainer: Trainer = field(repr=False)
     tokens: Any = field(default=None, repr=False)
     run: RunRecord | None = field(default=None, repr=False)
+    baseline_metrics: dict[str, float] = field(default_factory=dict)
+    baseline_settings: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def comparison(self) -> pd.DataFrame:
+        """Held-out ``accuracy`` / ``macro_f1`` / ``weighted_f1`` of ``"model"`` and ``"logistic regression"``."""
+        keys = list(_HELD_OUT_KEYS)
+        rows = {"model": self.metrics}
+        if self.baseline_metrics:
+            rows["logistic regression"] = self.baseline_metrics
+        table = pd.DataFrame(
+            [[float(m.get(k, float("nan"))) for k in keys] for m in rows.values()],
+            index=pd.Index(list(rows), name="method"),
+            columns=keys,
+        )
+        return table
 
     def __repr__(self) -> str:
-        m = self.metrics
+        m, b = self.metrics, self.baseline_metrics
+        base = (
+            f"logistic baseline accuracy {b.get('accuracy', float('nan')):.3f}, "
+            f"macro-F1 {b.get('macro_f1', float('nan')):.3f}, "
+            if b
+            else ""
+        )
         return (
             f"FinetuneResult(status={self.status!r}, {len(self.classes)} classes, "
             f"test accuracy {m.get('accuracy', float('nan')):.3f}, macro-F1 {m.get('macro_f1', float('nan')):.3f}, "
-            f"{len(self.history.epoch_records)} epochs)"
+            f"{base}{len(self.history.epoch_records)} epochs)"
         )
+
+
+#: the held-out metrics of the model and of its baseline
+_HELD_OUT_KEYS = ("accuracy", "macro_f1", "weighted_f1")
 
 
 @dataclass
@@ -562,6 +598,7 @@ def finetune(
     checkpoint_dir: str | None = None,
     resume: bool = False,
     copy_model: bool = False,
+    baseline: bool = True,
     progress: bool | Progress = True,
     **trainer_options: Any,
 ) -> FinetuneResult:
@@ -617,6 +654,12 @@ def finetune(
         Write resumable checkpoints there; ``resume=True`` goes on from the latest one.
     copy_model
         Train a deep copy and leave ``model`` untouched.
+    baseline
+        Also fit a logistic regression on the training cells' tokens (the model's inputs: gene ids
+        and the tokenizer's values) and score it on the same held-out cells
+        (``result.baseline_metrics``, ``result.comparison``). Its cost is bounded: at most 50,000
+        training cells (a subsample drawn with ``seed``), held-out cells read in chunks; see
+        :mod:`cellkit.analysis._baselines`. ``False`` skips it.
     progress
         ``True``: progress bars (tokenizing, training). A :class:`cellkit.Progress` follows the
         tokenizing of an AnnData (and cancelling it raises :class:`cellkit.Cancelled` before any
@@ -634,10 +677,13 @@ def finetune(
     >>> model = cellkit.datasets.demo_model()  # doctest: +SKIP
     >>> result = cellkit.finetune(adata, model, label_key="bulk_labels", epochs=5)  # doctest: +SKIP
     >>> result.metrics["macro_f1"], result.confusion  # doctest: +SKIP
+    >>> result.comparison  # the model beside a logistic regression on the same cells  # doctest: +SKIP
     """
     # -- everything that can be checked before any work (first statement: locals() are the arguments)
     config, objs = _plan_from(locals())
     names = {o.name for o in objs}
+    if not isinstance(baseline, bool):
+        raise ConfigError(f"baseline must be True or False, got {baseline!r}.", param="baseline")
 
     # -- tokens, split, datasets
     columns = [c for c in dict.fromkeys([label_key, batch_key, split_key]) if c is not None]
@@ -701,7 +747,7 @@ def finetune(
 
     # -- held-out evaluation
     held = test_ds if test_ds is not None else val_ds
-    metrics, report, confusion = _held_out_evaluation(
+    metrics, report, confusion, base = _held_out_evaluation(
         model_,
         tokens,
         fit,
@@ -712,6 +758,7 @@ def finetune(
         classes=classes,
         batch_size=batch_size,
         device=trainer.device,
+        baseline=(train_idx, train_ds.label_codes, objs, seed) if baseline else None,
     )
     return FinetuneResult(
         model=model_,
@@ -724,6 +771,8 @@ def finetune(
         split=split_of,
         trainer=trainer,
         tokens=tokens,
+        baseline_metrics=base.pop("metrics", {}),
+        baseline_settings=base,
     )
 
 
@@ -1234,12 +1283,19 @@ def _held_out_evaluation(
     classes: Sequence[str],
     batch_size: int,
     device: Any,
-) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame]:
-    """Validation metrics of the best epoch plus classification metrics, report and confusion on held-out cells."""
+    baseline: tuple[np.ndarray, np.ndarray, list[Objective], int] | None = None,
+) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Validation metrics of the best epoch plus classification metrics, report and confusion on held-out cells.
+
+    ``baseline``: ``(train_idx, train_codes, objectives, seed)`` to fit the logistic regression
+    baseline on the training cells and score it on the same held-out cells; the last item returned
+    is its settings with its ``metrics`` (empty without it).
+    """
     chosen = _best_epoch_metrics(fit)
     metrics: dict[str, float] = {k: v for k, v in chosen.items() if k.startswith("val/")}
     report = pd.DataFrame()
     confusion = pd.DataFrame()
+    base: dict[str, Any] = {}
     if held is not None and with_cls and fit.status in ("completed", "early_stopped"):
         part = _subset(tokens, part_idx)
         probs = class_probabilities(
@@ -1253,7 +1309,40 @@ def _held_out_evaluation(
             log.warning(
                 "test_size=0: the held-out metrics are on the validation cells that chose the best epoch."
             )
-    return metrics, report, confusion
+        if baseline is not None:
+            base = _baseline_evaluation(model, tokens, part_idx, y_true, classes, *baseline)
+    return metrics, report, confusion, base
+
+
+def _baseline_evaluation(
+    model: CellModel,
+    tokens: Tokens,
+    part_idx: np.ndarray,
+    y_true: np.ndarray,
+    classes: Sequence[str],
+    train_idx: np.ndarray,
+    train_codes: np.ndarray,
+    objectives: list[Objective],
+    seed: int,
+) -> dict[str, Any]:
+    """The logistic regression baseline on the model's inputs, scored on the held-out cells ``part_idx``."""
+    from .analysis._baselines import logistic_baseline
+
+    weights = next((getattr(o, "class_weights", None) for o in objectives if o.name == "cls"), None)
+    y_base, settings = logistic_baseline(
+        tokens,
+        train_idx,
+        train_codes,
+        part_idx,
+        n_features=len(model.vocab),
+        specials={*model.vocab.special_ids, *(int(i) for i in tokens.specials.values())},
+        max_len=model.config.input.max_length,
+        class_weights=weights,
+        seed=seed,
+    )
+    if y_base is not None:
+        settings["metrics"] = _classification_metrics(y_true, y_base, classes)
+    return settings
 
 
 def _classification_metrics(

@@ -85,6 +85,7 @@ def test_finetune_from_shards_equals_in_memory(data, no_to_memory):
         assert ra.metrics[k] == pytest.approx(rb.metrics[k], rel=1e-5, abs=1e-6), k
     pd.testing.assert_frame_equal(ra.confusion, rb.confusion)
     assert rb.confusion.to_numpy().sum() == 12  # the held-out test cells were predicted from the shards
+    assert ra.baseline_metrics and ra.baseline_metrics == rb.baseline_metrics  # the baseline read the shards too
 
 
 def test_finetune_from_a_shard_directory_path_with_split_key_and_options(data, no_to_memory):
@@ -168,7 +169,8 @@ def test_finetune_from_shards_never_holds_the_tokens(data, tmp_path, no_to_memor
     disk = big.to_shards(tmp_path / "big", max_shard_samples=300)
     token_bytes = big.n_tokens * (4 + 4)  # int32 ids + float32 values: 12 MB
     del big, gene_ids
-    opts = {**FAST, "max_steps": 3, "test_size": 0.01, "val_size": 0.01}
+    # the logistic baseline's own bound is tested in test_baselines.py (a capped subsample)
+    opts = {**FAST, "max_steps": 3, "test_size": 0.01, "val_size": 0.01, "baseline": False}
     finetune(disk, make_model(), label_key="cell_type", **{**opts, "max_steps": 1})  # imports done
     model = make_model()
     tracemalloc.start()

@@ -396,6 +396,53 @@ def test_evaluate_perturbation_matches_a_hand_computation():
         evaluate_perturbation(adata[2:].copy(), predicted)
 
 
+def test_additive_baseline_matches_a_hand_computation():
+    genes = ["A", "B", "C", "D"]
+    x = np.array(
+        [
+            [1, 1, 1, 1],  # ctrl
+            [3, 1, 1, 1],  # ctrl
+            [0, 2, 1, 3],  # A+ctrl
+            [0, 4, 3, 3],  # A+ctrl
+            [2, 0, 2, 2],  # B+ctrl
+            [1, 1, 5, 1],  # A+B
+            [2, 2, 2, 0],  # C+D (no single of C or D observed)
+            [4, 1, 0, 2],  # C+ctrl, predicted: not a training single
+        ],
+        dtype=np.float32,
+    )
+    conds = ["ctrl", "ctrl", "A+ctrl", "A+ctrl", "B+ctrl", "A+B", "C+D", "C+ctrl"]
+    adata = AnnData(x, obs=pd.DataFrame({"condition": conds}, index=[f"c{i}" for i in range(len(conds))]))
+    adata.var_names = genes
+    predicted = pd.DataFrame(
+        {"B+A": [0.5, 2.0, 2.5, 1.5], "C+D": [2.0, 1.0, 3.0, 1.0], "C+ctrl": [1.0, 2.0, 3.0, 4.0]}, index=genes
+    )
+    table = evaluate_perturbation(adata, predicted, top_de=2)
+
+    ctrl = np.array([2.0, 1, 1, 1])
+    t_a, t_b = np.array([0.0, 3, 2, 3]), np.array([2.0, 0, 2, 2])
+    additive = (t_a - ctrl) + (t_b - ctrl)  # c + (t_A - c) + (t_B - c), minus c
+    obs_ab = np.array([1.0, 1, 5, 1]) - ctrl  # [-1, 0, 4, 0]
+    de = [2, 0]
+
+    def r(a, b):
+        return np.corrcoef(a, b)[0, 1]
+
+    assert {"additive_pearson_delta", "additive_pearson_delta_de"} <= set(table.columns)
+    np.testing.assert_allclose(table.loc["B+A", "additive_pearson_delta"], r(additive, obs_ab))
+    np.testing.assert_allclose(table.loc["B+A", "additive_pearson_delta_de"], r(additive[de], obs_ab[de]))
+    # a combination without its singles, and a single perturbation: no additive prediction
+    assert np.isnan(table.loc["C+D", ["additive_pearson_delta", "additive_pearson_delta_de"]].astype(float)).all()
+    assert np.isnan(table.loc["C+ctrl", "additive_pearson_delta"])
+    assert any("C+D" in note for note in table.attrs["notes"])
+    # the mean row averages the scored combinations only; the mean baseline is still there
+    np.testing.assert_allclose(table.loc["mean", "additive_pearson_delta"], r(additive, obs_ab))
+    assert np.isfinite(table.loc["B+A", "baseline_pearson_delta"])
+    # a predicted single is not a training single: A+B loses its additive prediction with A+ctrl predicted
+    both = evaluate_perturbation(adata, predicted.assign(**{"A+ctrl": 1.0}), top_de=2)
+    assert np.isnan(both.loc["B+A", "additive_pearson_delta"])
+
+
 # ---------------------------------------------------------------------------------- it learns
 def test_model_beats_the_mean_baseline_on_held_out_doubles_of_an_easy_screen():
     adata = synthetic_perturbation(

@@ -179,6 +179,7 @@ def test_finetune_records_its_run(tuned):
     assert rec.options["schedule"] == "constant"  # **trainer_options are flattened in
     assert rec.seeds == {"seed": 0, "torch_initial_seed": 0}
     assert rec.metrics["accuracy"] == result.metrics["accuracy"]
+    assert rec.outputs["baseline_metrics"] == result.baseline_metrics != {}  # the logistic regression beside it
     assert rec.data == data_fingerprint(adata)
     assert rec.model["vocab_size"] == len(result.model.vocab)
     assert rec.model["fingerprint"] != rec.outputs["model"]["fingerprint"]  # trained in place

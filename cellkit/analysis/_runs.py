@@ -350,6 +350,8 @@ def recorded(function: str) -> Callable[[_F], _F]:
             }
             if getattr(result, "classes", None) is not None:
                 outputs["classes"] = list(result.classes)
+            if getattr(result, "baseline_metrics", None):
+                outputs["baseline_metrics"] = dict(result.baseline_metrics)
             ckpt = bound.arguments.get("checkpoint_dir")
             if ckpt:
                 outputs["checkpoint_dir"] = str(ckpt)

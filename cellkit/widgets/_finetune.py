@@ -9,7 +9,8 @@ progress bar and a status line. **Stop** ends the run at the next step with a ch
 :func:`cellkit.tasks.check_finetune_options` before the thread starts, so a bad one answers at
 once with the API's own message.
 
-At the end the panel shows the held-out accuracy / macro-F1, the confusion matrix
+At the end the panel shows the held-out accuracy / macro-F1 beside those of the run's logistic
+regression baseline (``FinetuneResult.baseline_metrics``: same split, the model's input tokens), the confusion matrix
 (:func:`cellkit.viz.confusion_matrix`) and the per-class scores, and sets
 ``state.finetune_result``. The trained model is never pushed into the studio on its own: the
 user clicks "Use trained model", "Save model" or "Write predictions" (:func:`cellkit.predict`).
@@ -882,6 +883,12 @@ class FinetunePanel(TrainsLive, Panel):
                     f"held-out accuracy {m['accuracy']:.3f}, macro-F1 {m.get('macro_f1', float('nan')):.3f} "
                     f"on {held:,} cells{which}"
                 )
+                b = getattr(result, "baseline_metrics", None) or {}
+                if b:
+                    scores += (
+                        f" (logistic regression on the same cells: accuracy {b['accuracy']:.3f}, "
+                        f"macro-F1 {b.get('macro_f1', float('nan')):.3f})"
+                    )
             else:
                 scores = "no held-out cells (test and validation fractions are 0)"
             self.show_message(
@@ -904,17 +911,36 @@ class FinetunePanel(TrainsLive, Panel):
             )
 
     def _show_summary(self, result: Any, heading: str = "Result") -> None:
+        """The held-out metrics of the model and, in a second column, of its logistic regression baseline."""
         m = result.metrics
-        rows = [
-            (k, m[k]) for k in ("accuracy", "macro_f1", "weighted_f1", "val/loss", "val/macro_f1") if k in m
-        ]
+        b = getattr(result, "baseline_metrics", None) or {}
+        keys = [k for k in ("accuracy", "macro_f1", "weighted_f1", "val/loss", "val/macro_f1") if k in m]
+
+        def cell(source: dict[str, float], k: str, who: str) -> str:
+            text = f"{source[k]:.3f}" if k in source else "–"
+            return f"<td class='cellkit-{who}-score' data-metric='{html.escape(k)}'>{text}</td>"
+
+        th = "<th style='text-align:left;padding-right:10px'>"
+        head = f"<tr><th></th>{th}model</th>{th}logistic regression</th></tr>" if b else ""
         body = "".join(
-            f"<tr><th style='text-align:left;padding-right:10px'>{k}</th><td>{v:.3f}</td></tr>"
-            for k, v in rows
+            f"<tr>{th}{html.escape(k)}</th>{cell(m, k, 'model')}{cell(b, k, 'baseline') if b else ''}</tr>"
+            for k in keys
         )
+        note = ""
+        if b:
+            info = getattr(result, "baseline_settings", None) or {}
+            used, avail = info.get("n_train_cells"), info.get("n_train_cells_available")
+            count = ""
+            if used is not None:
+                count = f" ({used:,} of {avail:,}, a seeded subsample)" if avail and used < avail else f" ({used:,})"
+            note = (
+                "<div class='cellkit-baseline-note' style='color:#555;font-size:12px'>Logistic regression: "
+                f"trained on the run's training cells{count} from the model's input tokens, scored on the same "
+                "held-out cells.</div>"
+            )
         self.summary_html.value = (
             f"<b>{html.escape(heading)}</b>: {html.escape(result.status)} · {len(result.classes)} classes · "
-            f"{len(getattr(result, 'split', ())):,} cells<table class='cellkit-table'>{body}</table>"
+            f"{len(getattr(result, 'split', ())):,} cells<table class='cellkit-table'>{head}{body}</table>{note}"
         )
 
     def _show_result(self, result: Any) -> None:

@@ -6,7 +6,9 @@ Controls → :mod:`cellkit.perturbation` (on a GEARS-shaped AnnData in ``state.a
 curve (**Stop** ends it at the next step); a saved model can be loaded instead. Predictions are
 typed as condition labels; :meth:`cellkit.PerturbationModel.changes` gives the predicted change
 of every gene (predicted mean − mean of the model's control cells) and, where the data hold cells
-of that condition, the observed one; :func:`cellkit.evaluate_perturbation` gives the Pearson delta.
+of that condition, the observed one; :func:`cellkit.evaluate_perturbation` gives the Pearson delta,
+shown beside those of its baselines (the mean of the training perturbations, and for a combination
+the sum of its genes' observed single effects).
 
 Every action is a plain method (``train``, ``stop``, ``load``, ``save``, ``predict``, ``export``)
 that tests call directly; the buttons call them.
@@ -42,6 +44,17 @@ def _split_conditions(text: str) -> list[str]:
     """Condition labels typed in a box: ``"A+B, C+ctrl"`` (spaces around ``+`` allowed)."""
     text = re.sub(r"\s*\+\s*", "+", str(text))
     return list(dict.fromkeys(p for p in re.split(r"[,;\s]+", text) if p))
+
+
+#: baseline columns of :func:`cellkit.evaluate_perturbation` shown beside the model's Pearson delta
+_BASELINES = (("baseline_pearson_delta", "mean baseline"), ("additive_pearson_delta", "additive baseline"))
+
+
+def _scores_text(row: pd.Series) -> str:
+    """``"A+B: Pearson delta 0.812 (mean baseline 0.503, additive baseline 0.700)"``; a baseline
+    :func:`cellkit.evaluate_perturbation` left NaN (no training perturbation, no observed singles) is left out."""
+    base = [f"{word} {row[col]:.3f}" for col, word in _BASELINES if col in row and pd.notna(row[col])]
+    return f"{row.name}: Pearson delta {row['pearson_delta']:.3f}" + (f" ({', '.join(base)})" if base else "")
 
 
 class PerturbationResponsePanel(TrainsLive, JobPanel):
@@ -546,7 +559,7 @@ class PerturbationResponsePanel(TrainsLive, JobPanel):
         ]
         scored = [] if evaluation is None else [p for p in evaluation.index if p != "mean"]
         if scored:
-            scores = ", ".join(f"{p}: Pearson delta {evaluation.loc[p, 'pearson_delta']:.3f}" for p in scored)
+            scores = ", ".join(_scores_text(evaluation.loc[p]) for p in scored)
             parts.append(f"observed cells in the data for {scores}")
         missing = [p for p in labels if p not in scored]
         if missing and self.state.adata is not None:

@@ -102,6 +102,14 @@ def test_completed_run_shows_curves_confusion_and_sets_state(done):
     assert panel.confusion_box.children == (panel.confusion_fig,)
     assert panel.confusion_fig.data[0].type == "heatmap"
     assert all(c in panel.report_html.value for c in ("f1", "support", "Dendritic"))
+    # the logistic regression baseline beside the model, in the summary and the message
+    m, b = result.metrics, result.baseline_metrics
+    assert set(b) == {"accuracy", "macro_f1", "weighted_f1"}
+    for k in b:
+        assert f"class='cellkit-model-score' data-metric='{k}'>{m[k]:.3f}<" in panel.summary_html.value
+        assert f"class='cellkit-baseline-score' data-metric='{k}'>{b[k]:.3f}<" in panel.summary_html.value
+    assert "logistic regression" in panel.summary_html.value and "logistic regression" in panel.message_text
+    assert f"accuracy {b['accuracy']:.3f}" in panel.message_text
     assert panel.progress.value == panel.progress.max == n_steps
     # buttons after a completed run
     assert not panel.start_button.disabled

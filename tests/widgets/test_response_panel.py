@@ -136,11 +136,38 @@ def test_predict_seen_single_and_unseen_double(trained, tmp_path):
     assert single in panel.evaluation.index and double not in panel.evaluation.index  # no observed cells
     assert double in panel.message_text  # ... and the message names it
     assert "pearson_delta" in panel.response_html.value
+    # the mean baseline beside the model; a single has no additive baseline
+    row = panel.evaluation.loc[single]
+    assert f"Pearson delta {row['pearson_delta']:.3f}" in panel.message_text
+    assert f"mean baseline {row['baseline_pearson_delta']:.3f}" in panel.message_text
+    assert np.isnan(row["additive_pearson_delta"]) and "additive baseline" not in panel.message_text
+    assert "baseline_pearson_delta" in panel.response_html.value and "additive_pearson_delta" in panel.response_html.value
 
     out = panel.export(tmp_path / "pred.csv")
     back = pd.read_csv(out)
     assert len(back) == 2 * len(result.genes)
     np.testing.assert_allclose(back["predicted_change"], table["predicted_change"], rtol=1e-5)
+
+
+def test_observed_double_shows_the_additive_baseline_beside_the_model(trained):
+    panel, result = trained.panel, trained.result
+    adata = trained.state.adata
+    singles = {c.split("+")[0] for c in result.train_conditions if c.endswith("+ctrl")}
+    double = next(
+        c for c in result.train_conditions if "ctrl" not in c.split("+") and set(c.split("+")) <= singles
+    )
+    pred = panel.predict(double)
+    _ok(panel)
+    row = panel.evaluation.loc[double]
+    expected = cellkit.evaluate_perturbation(adata, pred).loc[double]
+    assert row["additive_pearson_delta"] == pytest.approx(expected["additive_pearson_delta"])
+    assert np.isfinite(row["additive_pearson_delta"]) and np.isfinite(row["baseline_pearson_delta"])
+    for col, word in (
+        ("pearson_delta", "Pearson delta"),
+        ("baseline_pearson_delta", "mean baseline"),
+        ("additive_pearson_delta", "additive baseline"),
+    ):
+        assert f"{word} {row[col]:.3f}" in panel.message_text, (word, panel.message_text)
 
 
 def test_predict_bad_inputs(trained, tmp_path):
