@@ -25,7 +25,7 @@ from ._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._utils import Progress
-    from .analysis import embed_cells, embedding_metrics, transfer_labels
+    from .analysis import embed_cells, embedding_metrics, evaluate_embeddings, transfer_labels
     from .core import CellEncoder, EncoderConfig, EncoderOutput
     from .data import Coverage, GeneVocab
     from .data.input_spec import InputSpec
@@ -82,6 +82,7 @@ _LAZY = {
     "embed_cells": "cellkit.analysis",
     "transfer_labels": "cellkit.analysis",
     "embedding_metrics": "cellkit.analysis",
+    "evaluate_embeddings": "cellkit.analysis",
     "Studio": "cellkit.widgets",
 }
 _SUBMODULES = {
@@ -132,6 +133,7 @@ __all__ = [
     "__version__",
     "embed_cells",
     "embedding_metrics",
+    "evaluate_embeddings",
     "evaluate_perturbation",
     "finetune",
     "fit_perturbation_model",
