@@ -192,7 +192,11 @@ def evaluate_embeddings(
 
 
 def _check_options(
-    keys: tuple[str, ...], baselines: Sequence[str], layer: str | None, use_raw: bool | None, batch_key: str | None
+    keys: tuple[str, ...],
+    baselines: Sequence[str],
+    layer: str | None,
+    use_raw: bool | None,
+    batch_key: str | None,
 ) -> list[str]:
     """The baselines to run (Harmony left out without batches); their libraries checked up front."""
     baselines = (baselines,) if isinstance(baselines, str) else tuple(baselines)
@@ -291,7 +295,9 @@ def _expression(adata: AnnData, ok: np.ndarray, layer: str | None, use_raw: bool
         x, var_names = adata.X, adata.var_names
     rows = np.flatnonzero(ok)
     x = sp.csr_matrix(x[rows], dtype=np.float32) if sp.issparse(x) else np.array(x[rows], dtype=np.float32)
-    return ad.AnnData(x, obs=pd.DataFrame(index=adata.obs_names[rows].astype(str)), var=pd.DataFrame(index=var_names))
+    return ad.AnnData(
+        x, obs=pd.DataFrame(index=adata.obs_names[rows].astype(str)), var=pd.DataFrame(index=var_names)
+    )
 
 
 def _is_counts(x: Any) -> bool:
@@ -312,7 +318,9 @@ def _hvg_pca(
         sc.pp.normalize_total(a, target_sum=1e4)
         sc.pp.log1p(a)
     else:
-        log.info("The baselines' expression is not counts: taken as log-normalised (no normalize_total / log1p).")
+        log.info(
+            "The baselines' expression is not counts: taken as log-normalised (no normalize_total / log1p)."
+        )
     hvg = np.ones(a.n_vars, dtype=bool)
     if n_top_genes < a.n_vars:
         sc.pp.highly_variable_genes(a, n_top_genes=n_top_genes, flavor="seurat", batch_key=batch_key)
@@ -326,7 +334,9 @@ def _hvg_pca(
 
 def _harmony(pca: np.ndarray, batches: np.ndarray, seed: int) -> np.ndarray:
     harmonypy = require("harmonypy", extra="baselines", purpose="the Harmony baseline")
-    out = harmonypy.run_harmony(pca, pd.DataFrame({"batch": batches}), "batch", random_state=seed, verbose=False)
+    out = harmonypy.run_harmony(
+        pca, pd.DataFrame({"batch": batches}), "batch", random_state=seed, verbose=False
+    )
     z = np.asarray(out.Z_corr, dtype=np.float32)
     return z if z.shape[0] == len(pca) else z.T  # harmonypy < 2 returns (dims, cells)
 
