@@ -130,7 +130,8 @@ def evaluate_embeddings(
         One row per embedding (``keys`` first, then ``"PCA"``, ``"Harmony"``, ``"scVI"``), index
         named ``"embedding"``; columns ``nmi, ari, asw_label, isolated_label, asw_batch,
         graph_connectivity, bio, batch, total``. ``table.attrs`` holds ``n_cells``,
-        ``baselines`` (the baseline rows), ``seconds`` (time to compute each baseline),
+        ``baselines`` (the baseline rows), ``seconds`` (time to compute each baseline; Harmony's
+        includes the PCA it corrects, scVI's excludes the gene selection it shares with PCA),
         ``n_dims`` (per row), ``label_key`` and ``batch_key``.
 
     Raises
@@ -161,7 +162,6 @@ def evaluate_embeddings(
         todo,
         ok=ok,
         batches=b,
-        batch_key=batch_key,
         layer=layer,
         use_raw=bool(use_raw),
         n_top_genes=n_top_genes,
@@ -370,7 +370,6 @@ def _baselines(
     *,
     ok: np.ndarray,
     batches: np.ndarray | None,
-    batch_key: str | None,
     layer: str | None,
     use_raw: bool,
     n_top_genes: int,
