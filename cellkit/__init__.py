@@ -26,7 +26,7 @@ from ._version import __version__
 if TYPE_CHECKING:  # pragma: no cover
     from ._utils import Progress
     from ._utils._run import RunRecord, load_run
-    from .analysis import embed_cells, embedding_metrics, transfer_labels
+    from .analysis import embed_cells, embedding_metrics, evaluate_embeddings, transfer_labels
     from .analysis._runs import rerun
     from .core import CellEncoder, EncoderConfig, EncoderOutput
     from .data import Coverage, GeneVocab
@@ -87,6 +87,7 @@ _LAZY = {
     "embed_cells": "cellkit.analysis",
     "transfer_labels": "cellkit.analysis",
     "embedding_metrics": "cellkit.analysis",
+    "evaluate_embeddings": "cellkit.analysis",
     "Studio": "cellkit.widgets",
 }
 _SUBMODULES = {
@@ -138,6 +139,7 @@ __all__ = [
     "__version__",
     "embed_cells",
     "embedding_metrics",
+    "evaluate_embeddings",
     "evaluate_perturbation",
     "finetune",
     "fit_perturbation_model",

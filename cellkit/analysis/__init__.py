@@ -15,6 +15,7 @@ from .attention import (
     top_influenced_genes,
 )
 from .embeddings import cell_embeddings, embed_cells, resolve_hidden_layer, umap
+from .evaluate import evaluate_embeddings
 from .genes import (
     contextual_gene_embeddings,
     gene_embeddings,
@@ -36,6 +37,7 @@ __all__ = [
     "contextual_gene_embeddings",
     "embed_cells",
     "embedding_metrics",
+    "evaluate_embeddings",
     "gene_attention",
     "gene_embeddings",
     "gene_network",

@@ -1,8 +1,8 @@
 """Reference mapping (kNN label transfer) and embedding metrics (NMI, ARI, ASW, scGPT's ``avg_bio``).
 
 Neighbours come from scikit-learn (exact, cosine) or pynndescent (approximate, for large
-references); clusters from scanpy's Leiden; scores from scikit-learn. The metric definitions follow
-scib, as scGPT's ``eval_scib_metrics`` uses them:
+references); the metrics are scIB's, one definition each in :mod:`cellkit.analysis._metrics` (shared
+with :func:`cellkit.evaluate_embeddings`), as scGPT's ``eval_scib_metrics`` reports them:
 
 - ``nmi`` / ``ari``: Leiden clusters of the embedding's kNN graph against the labels, at the
   resolution (0.1 … 2.0) that maximises NMI (scib's ``cluster_optimal_resolution``);
@@ -22,6 +22,7 @@ import pandas as pd
 from .._anndata import check_adata, check_keys_free, finite_embedding, record_written
 from .._errors import ConfigError, DataError
 from .._utils import get_logger
+from . import _metrics
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -163,35 +164,6 @@ def transfer_labels(
     return target if copy else None
 
 
-def _optimal_clusters(
-    x: np.ndarray, labels: np.ndarray, seed: int, n_neighbors: int, resolutions: Any
-) -> tuple[float, float, float]:
-    """(nmi, ari, resolution) at the resolution maximising NMI (scib's cluster_optimal_resolution)."""
-    import anndata as ad
-    import scanpy as sc
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    tmp = ad.AnnData(np.zeros((len(x), 1), dtype=np.float32))
-    tmp.obsm["X"] = x
-    sc.pp.neighbors(tmp, use_rep="X", n_neighbors=n_neighbors, random_state=seed)
-    best = (-1.0, 0.0, 0.0)
-    for res in resolutions:
-        sc.tl.leiden(
-            tmp,
-            resolution=float(res),
-            random_state=seed,
-            flavor="igraph",
-            n_iterations=2,
-            directed=False,
-            key_added="c",
-        )
-        clusters = tmp.obs["c"].to_numpy()
-        nmi = normalized_mutual_info_score(labels, clusters, average_method="arithmetic")
-        if nmi > best[0]:
-            best = (nmi, adjusted_rand_score(labels, clusters), float(res))
-    return best
-
-
 def embedding_metrics(
     adata: AnnData,
     *,
@@ -227,8 +199,6 @@ def embedding_metrics(
     -------
     ``{"nmi", "ari", "asw_label", "avg_bio", "resolution", "n_cells"}`` (+ ``"asw_batch"``).
     """
-    from sklearn.metrics import silhouette_samples, silhouette_score
-
     check_adata(adata, what="cellkit.embedding_metrics")
     x, embedded = _rep(adata, use_rep, "AnnData")
     labels = _labels(adata, label_key, "label_key")
@@ -237,30 +207,21 @@ def embedding_metrics(
         batches = _labels(adata, batch_key, "batch_key")
         ok &= batches.notna().to_numpy()
     x, y = x[ok], labels.astype(str).to_numpy()[ok]
-    if len(np.unique(y)) < 2:
-        raise DataError(f"label_key={label_key!r} needs at least two classes among the embedded cells.")
-    if len(y) < 10:
-        raise DataError(f"Too few cells ({len(y)}) with an embedding and a label for the metrics.")
+    _metrics.check_scorable(y, label_key)
     if resolutions is None:
-        resolutions = np.round(np.arange(0.1, 2.01, 0.1), 2)
-    nmi, ari, res = _optimal_clusters(x, y, random_state, n_neighbors, resolutions)
-    asw_label = (silhouette_score(x, y, metric="euclidean") + 1) / 2
+        resolutions = _metrics.default_resolutions()
+    graph = _metrics.knn_connectivities(x, n_neighbors=n_neighbors, seed=random_state)
+    nmi, ari, res = _metrics.leiden_nmi_ari(graph, y, resolutions=resolutions, seed=random_state)
+    asw_label = _metrics.asw_label(x, y)
     out = {
-        "nmi": float(nmi),
-        "ari": float(ari),
-        "asw_label": float(asw_label),
+        "nmi": nmi,
+        "ari": ari,
+        "asw_label": asw_label,
         "avg_bio": float(np.mean([nmi, ari, asw_label])),
         "resolution": res,
         "n_cells": len(y),
     }
     if batch_key is not None:
-        b = batches.astype(str).to_numpy()[ok]
-        per_label = []
-        for lab in np.unique(y):
-            sel = y == lab
-            if len(np.unique(b[sel])) < 2 or sel.sum() < 3:
-                continue
-            s = silhouette_samples(x[sel], b[sel], metric="euclidean")
-            per_label.append(np.mean(1 - np.abs(s)))
-        out["asw_batch"] = float(np.mean(per_label)) if per_label else float("nan")
+        out["asw_batch"] = _metrics.asw_batch(x, y, batches.astype(str).to_numpy()[ok])
     return out
+

@@ -22,6 +22,8 @@ figure with ``fig.show()`` (notebook or script), save it with :func:`save_html` 
 - :func:`loss_figure`, :func:`epoch_figure` — compact loss-per-step and metrics-per-epoch figures that
   a live view fills as training events arrive (:func:`fill_training_figure`; the studio does).
 - :func:`confusion_matrix` — true × predicted classes, normalised per true class.
+- :func:`evaluation` — an embedding evaluation (:func:`cellkit.evaluate_embeddings`): embeddings ×
+  scIB metrics, the baselines' rows beside the model's.
 - :func:`perturbation_shifts`, :func:`perturbation_cells` — in-silico perturbation: mean embedding
   shift per perturbation (with its random-gene null), per-cell shift violins.
 - :func:`perturbation_response` — predicted (and observed) expression changes of a response model.
@@ -43,6 +45,7 @@ from ._bars import similar_genes_bar, token_length_histogram
 from ._colors import EmbeddingColors, embedding_colors
 from ._common import draw_into, save_html
 from ._embedding import embedding, embedding_selection
+from ._evaluation import evaluation
 from ._heatmaps import attention_heatmap, confusion_matrix, program_heatmap
 from ._network import gene_network
 from ._palettes import default_palette
@@ -80,6 +83,7 @@ __all__ = [
     "embedding_colors",
     "embedding_selection",
     "epoch_figure",
+    "evaluation",
     "fill_training_figure",
     "gene_network",
     "loss_figure",
