@@ -313,7 +313,7 @@ def tokenize(
         cancel it (:class:`cellkit.Cancelled` at the next block).
     unseen_warning
         Warn (``UserWarning``) when more than this share of the expression (the values read,
-        summed over the cells; estimated on the first 10,000 cells of data not in memory) falls on
+        summed over the cells; estimated on the first 2,000 cells of data not in memory) falls on
         genes the model will not see; ``None``: no check. :func:`cellkit.genes.coverage_report`
         gives the full report.
     **options
@@ -492,7 +492,18 @@ def _match_source(
 
 
 #: cells read to estimate the unseen expression share of data not in memory
-_UNSEEN_SAMPLE = 10_000
+_UNSEEN_SAMPLE = 2_000
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside cellkit, for a warning raised by the caller of this."""
+    import sys
+
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("cellkit."):
+        level += 1
+        frame = frame.f_back
+    return level
 
 
 def _warn_unseen(
@@ -503,8 +514,16 @@ def _warn_unseen(
 
     unseen = total = 0.0
     missing: dict[str, float] = {}
+    budget = None if in_memory else _UNSEEN_SAMPLE  # cells still to read (None: all)
+    sampled = False
     for src, match in sources:
-        sums, _ = gene_totals(src, chunk_size=chunk_size, max_cells=None if in_memory else _UNSEEN_SAMPLE)
+        if budget is not None and budget <= 0:
+            sampled = True
+            break
+        sums, n = gene_totals(src, chunk_size=chunk_size, max_cells=budget)
+        if budget is not None:
+            sampled = sampled or n < src.n_cells
+            budget -= n
         lost = np.ones(len(sums), dtype=bool)
         lost[match.columns] = False
         total += float(sums.sum())
@@ -514,7 +533,7 @@ def _warn_unseen(
     if not np.isfinite(total) or total <= 0 or unseen / total <= threshold:  # bad values: check_values says
         return
     top = sorted(missing.items(), key=lambda kv: -kv[1])[:3]
-    where = "" if in_memory else f" (estimated on the first {_UNSEEN_SAMPLE:,} cells)"
+    where = f" (estimated on the first {_UNSEEN_SAMPLE:,} cells)" if sampled else ""
     warnings.warn(
         f"{unseen / total:.1%} of the expression{where} is on genes the model will not see (above "
         f"unseen_warning={threshold:g}); most expressed: "
@@ -522,7 +541,7 @@ def _warn_unseen(
         + ". See cellkit.genes.coverage_report(adata, model) for the genes and the rule each matched by; "
         "pass gene_column=..., species=... or map the identifiers, or unseen_warning=None to silence this.",
         UserWarning,
-        stacklevel=3,
+        stacklevel=_caller_level(),  # the user's call (embed_cells, finetune, ... call tokenize)
     )
 
 
