@@ -9,12 +9,12 @@ input's release and sha256. Plain gzipped TSV, no pickle; read in well under a s
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import Any
 
 __all__ = ["GeneTables", "gene_tables", "tables_dir"]
 
@@ -26,8 +26,19 @@ def tables_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "datasets" / "gene_tables"
 
 
-def _read(name: str) -> pd.DataFrame:
-    return pd.read_csv(tables_dir() / name, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
+class _Table:
+    """Columns of a shipped TSV as lists of text (read with the standard library: no parsing overhead)."""
+
+    def __init__(self, name: str) -> None:
+        with gzip.open(tables_dir() / name, "rt", encoding="utf-8") as fh:
+            header, *rows = fh.read().splitlines()
+        columns = list(zip(*(r.split("\t") for r in rows))) if rows else [()] * len(header.split("\t"))
+        for key, values in zip(header.split("\t"), columns):
+            setattr(self, key, values)
+
+
+def _read(name: str) -> Any:
+    return _Table(name)
 
 
 @dataclass(frozen=True)

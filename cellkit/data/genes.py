@@ -10,6 +10,8 @@ unmatched genes by their expression.
 from __future__ import annotations
 
 import re
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -338,13 +340,12 @@ def resolve_genes(
     rules = np.full(len(names), "", dtype=object)
     rules[ids >= 0] = "exact"
     rules[changed & (ids >= 0)] = "model mapping"  # the mapping table gave a token exactly
-    retry = Retry(lookup, strip_versions=strip_versions, case_fold=case_fold, gene_tables=gene_tables,
-                  orthologs=orthologs)  # fmt: skip
     todo = np.flatnonzero(ids < 0)
     species_used = None
     if len(todo) and (gene_tables or orthologs or species != "auto"):
         species_used = detect_species(names) if species == "auto" else species
-        retry.set_species(species_used, vocab)
+    flags = (strip_versions, case_fold, gene_tables, orthologs, species_used)
+    retry = _cached_retry(vocab, lookup, flags) if len(todo) else None
     missed = dict.fromkeys(RULES, 0)
     for j in todo:
         rule, token, would = retry(str(names[j]))
@@ -397,6 +398,27 @@ def _rules_of(match: GeneMatch) -> np.ndarray:
     return np.repeat(np.array(RULES, dtype=object), [match.rule_counts[r] for r in RULES])
 
 
+#: vocabulary -> {(strip_versions, case_fold, gene_tables, orthologs, species): Retry}; the tokenizers
+#: call resolve_genes once per block of cells (embed_cells, finetune): the retries are worked out once
+_RETRIES_OF: weakref.WeakKeyDictionary[GeneVocab, dict[tuple, Retry]] = weakref.WeakKeyDictionary()
+_RETRIES_LOCK = threading.Lock()
+
+
+def _cached_retry(vocab: GeneVocab, lookup: Mapping[str, int], flags: tuple) -> Retry:
+    """The :class:`Retry` for ``vocab`` and ``flags``, remembering its answers across calls."""
+    with _RETRIES_LOCK:
+        per_vocab = _RETRIES_OF.setdefault(vocab, {})
+        retry = per_vocab.get(flags)
+        if retry is None:
+            strip_versions, case_fold, gene_tables, orthologs, species = flags
+            retry = Retry(lookup, strip_versions=strip_versions, case_fold=case_fold, gene_tables=gene_tables,
+                          orthologs=orthologs, memo=True)  # fmt: skip
+            if species is not None:
+                retry.set_species(species, vocab)
+            per_vocab[flags] = retry
+        return retry
+
+
 class Retry:
     """The retries for one unmatched name: ``retry(name) -> (rule, token, None)`` or
     ``(None, -1, rule a retry that is off would have used)``.
@@ -407,6 +429,8 @@ class Retry:
         ``{name: token id}`` of the names that are tokens (no special tokens).
     strip_versions, case_fold, gene_tables, orthologs
         Which retries are on (see :func:`resolve_genes`).
+    memo
+        Remember each name's answer (for a retry used again with the same vocabulary).
     """
 
     def __init__(
@@ -417,7 +441,9 @@ class Retry:
         case_fold: bool,
         gene_tables: bool,
         orthologs: bool,
+        memo: bool = False,
     ) -> None:
+        self.memo: dict[str, tuple[str | None, int, str | None]] | None = {} if memo else None
         self.lookup = lookup
         self.upper = {t.upper(): i for t, i in lookup.items()}
         self.on = {"strip_versions": strip_versions, "case_fold": case_fold, "gene_tables": gene_tables,
@@ -435,6 +461,14 @@ class Retry:
             self.mouse = detect_species(tokens) != "mouse"
 
     def __call__(self, name: str) -> tuple[str | None, int, str | None]:
+        if self.memo is None:
+            return self._resolve(name)
+        found = self.memo.get(name)
+        if found is None:
+            found = self.memo[name] = self._resolve(name)
+        return found
+
+    def _resolve(self, name: str) -> tuple[str | None, int, str | None]:
         on = self.on
         would = None
         if self.mouse:
@@ -481,6 +515,8 @@ class Retry:
                 if n != name and n in self.lookup:
                     found.setdefault(self.lookup[n], outdated or k >= 2)
                     break
+            if len(found) > 1:
+                break
         if len(found) != 1:  # nothing, or an ambiguous symbol naming several tokens
             return None, -1
         token, old = next(iter(found.items()))
