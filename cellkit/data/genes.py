@@ -511,9 +511,9 @@ class Retry:
         found: dict[int, bool] = {}
         for gid in gene_ids:
             names = self.tables.human_names(gid)
-            for k, n in enumerate(names):
+            for n in names:
                 if n != name and n in self.lookup:
-                    found.setdefault(self.lookup[n], outdated or k >= 2)
+                    found.setdefault(self.lookup[n], outdated or n in self.tables.outdated_id)
                     break
             if len(found) > 1:
                 break
