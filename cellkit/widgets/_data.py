@@ -6,7 +6,8 @@ filter, a query string (:func:`cellkit.data.select_cells`) or a named selection 
 panel). The choice is the studio's: it sets ``state.active_selection`` (all cells releases it), so
 the fine-tune and every other panel act on the same cells. "Tokenize" calls :func:`cellkit.tokenize` with the options of the model's scheme and
 stores the result in ``state.tokens``; the coverage, summary and a token-length histogram show
-below.
+below. "Check genes" shows :func:`cellkit.genes.coverage_report` first: which genes the model will
+see, by rule, and the share of the expression it will not see.
 """
 
 from __future__ import annotations
@@ -337,6 +338,10 @@ class DataPanel(Panel):
         Tokenizer settings: scheme, expression matrix, gene identifiers, and one widget per scheme option.
     tokenize_button, progress, result_html, length_hist
         "Tokenize", its progress output, the summary and the token-length histogram (``FigureWidget``).
+    coverage_button, coverage_html, coverage_report
+        "Check genes": :func:`cellkit.genes.coverage_report` for the chosen cells, matrix and options
+        before tokenizing (genes per matching rule, the share of the expression on genes the model
+        will not see, the most-expressed of them), its view, and the last report.
 
     Examples
     --------

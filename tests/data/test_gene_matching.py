@@ -157,6 +157,7 @@ def small_adata(names) -> ad.AnnData:
     return ad.AnnData(X=x, var=pd.DataFrame(index=names))
 
 
+@pytest.mark.filterwarnings("ignore:.*genes the model will not see:UserWarning")
 def test_scgpt_deterministic_mode_keeps_the_retries_by_default(vocab):
     adata = small_adata(DATA)
     on = cellkit.tokenize(adata, vocab, scheme="scgpt", progress=False)
@@ -170,6 +171,7 @@ def test_scgpt_deterministic_mode_keeps_the_retries_by_default(vocab):
         cellkit.tokenize(adata, vocab, scheme="scgpt", strip_versions="no", progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:.*genes the model will not see:UserWarning")
 def test_teddy_and_perturbgene_accept_the_retry_options(vocab):
     from cellkit.data.schemes import get_scheme
 
