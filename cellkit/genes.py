@@ -230,7 +230,7 @@ def translate(
 
 
 def coverage_report(
-    adata: AnnData | str | os.PathLike[str],
+    adata: AnnData | str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     model: Any,
     *,
     layer: str | None = None,
@@ -253,7 +253,8 @@ def coverage_report(
     Parameters
     ----------
     adata
-        An AnnData (in memory or backed) or the path of an ``.h5ad`` file.
+        An AnnData (in memory or backed), the path of an ``.h5ad`` file (read backed) or a list of
+        ``.h5ad`` partitions (one row per gene, expression added over the partitions).
     model
         A :class:`cellkit.CellModel` or a :class:`cellkit.GeneVocab` (matched as the ``scheme``,
         default ``"scgpt"``, does).

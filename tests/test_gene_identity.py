@@ -235,3 +235,17 @@ def test_tokenize_warns_above_the_threshold_only():
         cellkit.tokenize(adata, vocab, unseen_warning=None, **opts)
     with pytest.warns(UserWarning, match=r"10.0% of the expression is on genes the model will not see.*NOPE"):
         cellkit.tokenize(adata, vocab, unseen_warning=0.05, **opts)
+
+
+def test_coverage_report_over_partitions_adds_them(tmp_path):
+    vocab = vocab_of(["CD3E", "PTPRC"])
+    names = ["CD3E", "PTPRC", "NOPE"]
+    paths = []
+    for k, x in enumerate(([[1, 2, 3]], [[4, 0, 5], [1, 1, 1]])):
+        a = ad.AnnData(X=sp.csr_matrix(np.array(x, dtype=np.float32)), var=pd.DataFrame(index=names))
+        a.obs_names = [f"p{k}c{i}" for i in range(a.n_obs)]
+        paths.append(tmp_path / f"p{k}.h5ad")
+        a.write_h5ad(paths[-1])
+    report = cellkit.genes.coverage_report(paths, vocab)
+    assert report.n_cells == 3 and report.n_genes == 3  # one row per gene, summed over the partitions
+    assert report.unseen_share == pytest.approx(9 / 18) and report.top_missing == [("NOPE", pytest.approx(0.5))]
