@@ -248,4 +248,5 @@ def test_coverage_report_over_partitions_adds_them(tmp_path):
         a.write_h5ad(paths[-1])
     report = cellkit.genes.coverage_report(paths, vocab)
     assert report.n_cells == 3 and report.n_genes == 3  # one row per gene, summed over the partitions
-    assert report.unseen_share == pytest.approx(9 / 18) and report.top_missing == [("NOPE", pytest.approx(0.5))]
+    assert report.unseen_share == pytest.approx(9 / 18)
+    assert report.top_missing == [("NOPE", pytest.approx(0.5))]
