@@ -100,6 +100,7 @@ _SUBMODULES = {
     "presets",
     "perturbation",
     "datasets",
+    "genes",
     "analysis",
     "viz",
     "widgets",

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .soma import SomaSource
 
-__all__ = ["SCHEMES", "TokenizeContext", "scheme_options", "tokenize"]
+__all__ = ["SCHEMES", "TokenizeContext", "gene_totals", "scheme_options", "sum_duplicate_columns", "tokenize"]
 
 log = get_logger(__name__)
 
@@ -260,6 +260,7 @@ def tokenize(
     resources: Mapping[str, Any] | None = None,
     chunk_size: int = 1024,
     progress: bool | Progress = True,
+    unseen_warning: float | None = 0.1,
     **options: Any,
 ) -> TokenizedCells | ShardedTokens:
     """Tokenize cells into the inputs a model family expects.
@@ -310,12 +311,22 @@ def tokenize(
     progress
         ``True``: a ``tqdm`` progress bar; a :class:`cellkit.Progress` follows the call and can
         cancel it (:class:`cellkit.Cancelled` at the next block).
+    unseen_warning
+        Warn (``UserWarning``) when more than this share of the expression (the values read,
+        summed over the cells; estimated on the first 2,000 cells of data not in memory) falls on
+        genes the model will not see; ``None``: no check. :func:`cellkit.genes.coverage_report`
+        gives the full report.
     **options
         Scheme options; see :mod:`cellkit.data.schemes`. Unknown options are an error. Gene
-        matching (``scgpt``, ``teddy``, ``perturbgene``): a gene is first looked up exactly;
-        ``case_fold`` retries its upper-cased name and ``strip_versions`` an Ensembl id without its
-        version suffix. Both are off in ``scgpt`` ``mode="compat"`` (scGPT keeps only exact
-        names) and on otherwise; the result's notes say how many genes each rule matched.
+        matching (:func:`cellkit.data.genes.resolve_genes`): a gene is first looked up exactly;
+        ``case_fold`` retries its upper-cased name, ``strip_versions`` an Ensembl id without its
+        version suffix, ``gene_tables`` the shipped GENCODE symbol <-> Ensembl id tables (current
+        and outdated symbols) and ``orthologs`` the one-to-one human ortholog of a mouse gene
+        (``species="auto"`` detects mouse data). All are off in ``mode="compat"`` (scGPT and
+        Geneformer keep only the names they know) and on otherwise; the result's notes say how
+        many genes each rule matched. ``duplicates`` says what happens when several columns
+        resolve to one token: ``"keep"`` (scGPT's default: each column its own occurrence),
+        ``"sum"`` (Geneformer's and TEDDY's default: values added), ``"first"`` or ``"refuse"``.
 
     Returns
     -------
@@ -365,6 +376,8 @@ def tokenize(
                 src, impl, scheme, vocab, resources, options, gene_column=gene_column, obs_columns=obs_columns
             )
             ctx_sources.append((src, match))
+        if unseen_warning is not None:
+            _warn_unseen(ctx_sources, float(unseen_warning), in_memory=in_memory, chunk_size=chunk_size)
         ctx = TokenizeContext(
             ctx_sources,
             vocab,
@@ -476,6 +489,152 @@ def _match_source(
     )
     require_overlap(match, vocab, what=src.name)
     return match
+
+
+#: cells read to estimate the unseen expression share of data not in memory
+_UNSEEN_SAMPLE = 2_000
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside cellkit, for a warning raised by the caller of this."""
+    import sys
+
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("cellkit."):
+        level += 1
+        frame = frame.f_back
+    return level
+
+
+def _warn_unseen(
+    sources: Sequence[tuple[MatrixSource, GeneMatch]], threshold: float, *, in_memory: bool, chunk_size: int
+) -> None:
+    """Warn when more than ``threshold`` of the expression falls on genes the model will not see."""
+    import warnings
+
+    unseen = total = 0.0
+    missing: dict[str, float] = {}
+    budget = None if in_memory else _UNSEEN_SAMPLE  # cells still to read (None: all)
+    sampled = False
+    for src, match in sources:
+        if budget is not None and budget <= 0:
+            sampled = True
+            break
+        sums, n = gene_totals(src, chunk_size=chunk_size, max_cells=budget)
+        if budget is not None:
+            sampled = sampled or n < src.n_cells
+            budget -= n
+        lost = np.ones(len(sums), dtype=bool)
+        lost[match.columns] = False
+        total += float(sums.sum())
+        unseen += float(sums[lost].sum())
+        for j in np.flatnonzero(lost)[np.argsort(-sums[lost], kind="stable")[:3]]:
+            missing[str(match.names[j])] = missing.get(str(match.names[j]), 0.0) + float(sums[j])
+    if not np.isfinite(total) or total <= 0 or unseen / total <= threshold:  # bad values: check_values says
+        return
+    top = sorted(missing.items(), key=lambda kv: -kv[1])[:3]
+    where = f" (estimated on the first {_UNSEEN_SAMPLE:,} cells)" if sampled else ""
+    warnings.warn(
+        f"{unseen / total:.1%} of the expression{where} is on genes the model will not see (above "
+        f"unseen_warning={threshold:g}); most expressed: "
+        + ", ".join(f"{g} ({v / total:.1%})" for g, v in top)
+        + ". See cellkit.genes.coverage_report(adata, model) for the genes and the rule each matched by; "
+        "pass gene_column=..., species=... or map the identifiers, or unseen_warning=None to silence this.",
+        UserWarning,
+        stacklevel=_caller_level(),  # the user's call (embed_cells, finetune, ... call tokenize)
+    )
+
+
+def gene_totals(
+    src: MatrixSource, *, chunk_size: int = 4096, max_cells: int | None = None
+) -> tuple[np.ndarray, int]:
+    """Per-column sums of a source's selected rows, read in row blocks (bounded memory).
+
+    Parameters
+    ----------
+    src
+        The matrix source.
+    chunk_size
+        Rows per block.
+    max_cells
+        Stop after this many rows (``None``: all).
+
+    Returns
+    -------
+    ``(n_vars,)`` float64 sums and the number of rows read.
+    """
+    import dataclasses
+
+    import scipy.sparse as sp
+
+    n_vars = src.var.shape[0]
+    rows = src.rows if max_cells is None else src.rows[:max_cells]
+    m = src.matrix
+    if (sp.issparse(m) or isinstance(m, np.ndarray)) and len(rows) == m.shape[0]:  # in memory, every row
+        return np.asarray(m.sum(axis=0, dtype=np.float64)).ravel(), len(rows)
+    sums = np.zeros(n_vars, dtype=np.float64)
+    sub = src if max_cells is None else dataclasses.replace(src, rows=rows)
+    for _, block in sub.chunks(chunk_size):
+        sums += np.bincount(block.indices, weights=block.data, minlength=n_vars)
+    return sums, len(rows)
+
+
+class _SummedColumns:
+    """The matrix of a :class:`_SummedSource`: another source's columns added up by ``plan``."""
+
+    def __init__(self, source: MatrixSource, plan: Any) -> None:
+        self.source, self.plan = source, plan
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.source.obs), self.plan.shape[1])
+
+    def __call__(self, block: Any) -> Any:
+        return (block @ self.plan.astype(block.dtype)).tocsr()
+
+
+class _SummedSource(MatrixSource):
+    """A source whose columns sharing a token are added (its ``matrix`` is a :class:`_SummedColumns`)."""
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[np.ndarray, Any]]:
+        import dataclasses
+
+        base = dataclasses.replace(self.matrix.source, rows=self.rows)
+        for idx, block in base.chunks(chunk_size):
+            yield idx, self.matrix(block)
+
+    def _read(self, idx: np.ndarray) -> Any:
+        return self.matrix(self.matrix.source._read(idx))
+
+
+def sum_duplicate_columns(src: MatrixSource, match: GeneMatch) -> tuple[MatrixSource, GeneMatch]:
+    """A source whose columns sharing a token are added into one (``duplicates="sum"``).
+
+    The summed column takes the place (and name) of its first column; the others go. Rows are
+    still read in blocks.
+    """
+    import dataclasses
+
+    import scipy.sparse as sp
+
+    used = np.flatnonzero(match.token_ids >= 0)
+    tokens, first, inverse = np.unique(match.token_ids[used], return_index=True, return_inverse=True)
+    order = np.argsort(first)  # output columns in the order of their first column
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    plan = sp.csr_matrix(
+        (np.ones(len(used), dtype=np.float32), (used, rank[np.ravel(inverse)])),
+        shape=(len(match.token_ids), len(tokens)),
+    )
+    keep = used[first[order]]
+    summed = dataclasses.replace(
+        match,
+        names=match.names[keep],
+        token_ids=tokens[order],
+        rules=None if match.rules is None else match.rules[keep],
+    )
+    source = _SummedSource(_SummedColumns(src, plan), src.var.iloc[keep], src.obs, src.rows, src.name)
+    return source, summed
 
 
 def _gene_notes(matches: Sequence[GeneMatch]) -> list[str]:

@@ -6,7 +6,8 @@ filter, a query string (:func:`cellkit.data.select_cells`) or a named selection 
 panel). The choice is the studio's: it sets ``state.active_selection`` (all cells releases it), so
 the fine-tune and every other panel act on the same cells. "Tokenize" calls :func:`cellkit.tokenize` with the options of the model's scheme and
 stores the result in ``state.tokens``; the coverage, summary and a token-length histogram show
-below.
+below. "Check genes" shows :func:`cellkit.genes.coverage_report` first: which genes the model will
+see, by rule, and the share of the expression it will not see.
 """
 
 from __future__ import annotations
@@ -88,6 +89,39 @@ _GENE_RETRIES = (
     ),
 )
 
+#: translations through the shipped gene tables (cellkit.genes); scgpt and geneformer only
+_GENE_TABLES = (
+    OptionSpec(
+        "gene_tables",
+        "Translate symbols / Ensembl ids",
+        "choice",
+        "also match symbols to Ensembl ids and back, and outdated symbols, with the shipped GENCODE tables "
+        "(off in compat mode)",
+        _RETRY,
+    ),
+    OptionSpec(
+        "orthologs",
+        "Mouse genes via human orthologs",
+        "choice",
+        "mouse data: match each gene's one-to-one human ortholog (off in compat mode)",
+        _RETRY,
+    ),
+    OptionSpec(
+        "species",
+        "Species of the data",
+        "choice",
+        "which species the gene names are from (auto: ENSMUSG ids or mouse symbols mean mouse)",
+        (("auto", "auto"), ("human", "human"), ("mouse", "mouse")),
+    ),
+)
+_SCGPT_DUPLICATES = OptionSpec(
+    "duplicates",
+    "Genes sharing a token",
+    "choice",
+    "when several columns resolve to one token: keep each (scGPT), add their values, keep the first, or refuse",
+    (("keep each (scGPT)", None), ("add values", "sum"), ("first", "first"), ("refuse", "refuse")),
+)
+
 #: scheme → the options the panel offers (the rest keep the scheme's defaults)
 SCHEME_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
     "scgpt": (
@@ -146,6 +180,8 @@ SCHEME_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
         ),
         OptionSpec("seed", "Random seed", "int", "seed of the tie-breaking / sampling"),
         *_GENE_RETRIES,
+        *_GENE_TABLES,
+        _SCGPT_DUPLICATES,
     ),
     "geneformer": (
         OptionSpec(
@@ -181,6 +217,7 @@ SCHEME_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
             "record each cell's length before cropping",
         ),
         OptionSpec("mode", "Gene-id handling", "choice", "gene-id handling", _MODE),
+        *_GENE_TABLES,
     ),
     "teddy": (
         OptionSpec(
@@ -301,6 +338,10 @@ class DataPanel(Panel):
         Tokenizer settings: scheme, expression matrix, gene identifiers, and one widget per scheme option.
     tokenize_button, progress, result_html, length_hist
         "Tokenize", its progress output, the summary and the token-length histogram (``FigureWidget``).
+    coverage_button, coverage_html, coverage_report
+        "Check genes": :func:`cellkit.genes.coverage_report` for the chosen cells, matrix and options
+        before tokenizing (genes per matching rule, the share of the expression on genes the model
+        will not see, the most-expressed of them), its view, and the last report.
 
     Examples
     --------
@@ -389,6 +430,17 @@ class DataPanel(Panel):
         self.jobs = self.progress  # the name the other panels give their job row
         self.result_html = widgets.HTML()
         self.result_html.add_class("cellkit-tokenize-result")
+        #: "Check genes": cellkit.genes.coverage_report before tokenizing
+        self.coverage_button = widgets.Button(
+            description="Check genes",
+            icon="search",
+            tooltip="which genes the model will see, by matching rule, and the share of the expression it "
+            "will not see (cellkit.genes.coverage_report)",
+        )
+        self.coverage_html = widgets.HTML()
+        self.coverage_html.add_class("cellkit-coverage-report-box")
+        #: the last :class:`cellkit.genes.CoverageReport` shown
+        self.coverage_report: Any = None
         self.length_hist = self._make_hist()
         self._hist_box = widgets.Box([self.length_hist], layout=widgets.Layout(display="none"))
 
@@ -399,6 +451,7 @@ class DataPanel(Panel):
         self.demo_button.on_click(lambda _b: self.load_demo_data())
         self.save_button.on_click(lambda _b: self.save_selection())
         self.tokenize_button.on_click(lambda _b: self.tokenize(background=True))
+        self.coverage_button.on_click(lambda _b: self.check_genes())
         self.path.observe(self._on_path, names="value")
         self.cell_mode.observe(self._on_cell_widgets, names="value")
         self.filter_column.observe(self._on_filter_column, names="value")
@@ -411,6 +464,7 @@ class DataPanel(Panel):
         self.state.observe(self._on_selections, names="selections")
         self.state.observe(self._on_active_selection, names="active_selection")
         self.state.observe(self._on_tokens, names="tokens")
+        self.state.observe(self._clear_report, names=["adata", "model"])
         self.state.observe(self._on_obs_changed, names="obs_version")
 
         def section(text: str) -> widgets.HTML:
@@ -435,7 +489,8 @@ class DataPanel(Panel):
             widgets.HBox([labelled("scheme", self.scheme), labelled("matrix", self.matrix, "60px")]),
             labelled("gene ids", self.gene_column),
             self.options_box,
-            self.tokenize_button,
+            widgets.HBox([self.coverage_button, self.tokenize_button]),
+            self.coverage_html,
             self.progress,
             self.result_html,
             self._hist_box,
@@ -1058,6 +1113,33 @@ class DataPanel(Panel):
             self, work, name="Tokenize", buttons=(self.tokenize_button,), on_done=done, background=background
         )
 
+    @guarded
+    def check_genes(self) -> Any:
+        """Show :func:`cellkit.genes.coverage_report` for the chosen cells, matrix and options.
+
+        Before anything is tokenized: how many genes each matching rule found, how many the model
+        drops, and the share of the expression (summed over the chosen cells) on genes it will
+        not see, with the most-expressed of them.
+
+        Returns
+        -------
+        The :class:`cellkit.genes.CoverageReport` (``None`` on error; the message says why).
+        """
+        import cellkit
+
+        model = self.state.model
+        if model is None:
+            raise cellkit.DataError("No model loaded: load one in the Model panel (or its demo model) first.")
+        adata = self._require_adata()
+        kwargs = self._matrix_kwargs()
+        kwargs["scheme"] = self.scheme.value
+        report = cellkit.genes.coverage_report(
+            adata, model, cells=self.selected_cells(), **kwargs, **self.options()
+        )
+        self.coverage_report = report
+        self.coverage_html.value = report._repr_html_()
+        return report
+
     def _make_hist(self) -> Any:
         import plotly.graph_objects as go
 
@@ -1144,6 +1226,10 @@ class DataPanel(Panel):
             self.scheme.value = scheme  # rebuilds the options through the observer
         else:
             self._build_options()
+
+    def _clear_report(self, _change: Any = None) -> None:
+        self.coverage_report = None
+        self.coverage_html.value = ""
 
     def _on_tokens(self, _change: Any = None) -> None:
         self._show_tokens(self.state.tokens)

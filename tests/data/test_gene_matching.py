@@ -68,7 +68,7 @@ def test_compat_matches_scgpt_exactly_on_mixed_case_symbols(golden):
     assert tokens.coverage.n_matched == case["n_genes_kept"] == 755
     assert tokens.options["case_fold"] is False and tokens.options["strip_versions"] is False
     note = next(n for n in tokens.notes if n.startswith("genes matched by rule"))
-    assert "755 exact, 0 mapping table, 0 version stripped, 0 case folded" in note
+    assert "755 exact, 0 model mapping, 0 gene table, 0 outdated symbol, 0 version stripped, 0 case folded, 0 ortholog" in note
     assert "9 more with case_fold=True" in note and "1 more with strip_versions=True" in note
 
 
@@ -78,7 +78,7 @@ def test_retries_on_in_compat_mode_change_the_tokens(golden):
     tokens = compat_tokens(case, vocab, adata, case_fold=True, strip_versions=True)
     assert tokens.coverage.n_matched == 765
     note = next(n for n in tokens.notes if n.startswith("genes matched by rule"))
-    assert "755 exact, 0 mapping table, 1 version stripped, 9 case folded" in note
+    assert "755 exact, 0 model mapping, 0 gene table, 0 outdated symbol, 1 version stripped, 9 case folded" in note
     padded = tokens.pad()
     assert vocab["ZHX1-C8orf76"] in padded["gene_ids"]
     assert vocab["ZHX1-C8orf76"] not in exp["genes"]
@@ -107,7 +107,7 @@ DATA = ["ZHX1-C8ORF76", "C1orf228", "ENSG00000116649.9", "cd3e", "Gm12345", "NOP
 def test_exact_only_when_both_retries_are_off(vocab):
     m = resolve_genes(DATA, vocab, case_fold=False, strip_versions=False)
     assert m.token_ids.tolist() == [-1, 1, -1, -1, 4, -1, -1]
-    assert m.rule_counts == {"exact": 2, "mapping table": 0, "version stripped": 0, "case folded": 0}
+    assert m.rule_counts == {"exact": 2, "model mapping": 0, "gene table": 0, "outdated symbol": 0, "version stripped": 0, "case folded": 0, "ortholog": 0}
     assert m.missed == {"version stripped": 2, "case folded": 2}
     assert "2 more with case_fold=True" in m.rules_summary()
 
@@ -122,29 +122,31 @@ def test_each_retry_on_its_own(vocab):
     assert stripped.missed == {"case folded": 3}
     both = resolve_genes(DATA, vocab)  # the defaults: both on
     assert both.token_ids.tolist() == [0, 1, 2, 3, 4, -1, 2]
-    assert both.rule_counts == {"exact": 2, "mapping table": 0, "version stripped": 2, "case folded": 2}
+    assert both.rule_counts == {"exact": 2, "model mapping": 0, "gene table": 0, "outdated symbol": 0, "version stripped": 2, "case folded": 2, "ortholog": 0}
     assert both.missed == {}
 
 
 def test_mapping_table_is_its_own_rule(vocab):
     m = resolve_genes(["CD3", "C1orf228", "X"], vocab, mapping={"CD3": "CD3E", "X": "Y"})
     assert m.token_ids.tolist() == [3, 1, -1]
-    assert m.rule_counts == {"exact": 1, "mapping table": 1, "version stripped": 0, "case folded": 0}
+    assert m.rule_counts == {"exact": 1, "model mapping": 1, "gene table": 0, "outdated symbol": 0, "version stripped": 0, "case folded": 0, "ortholog": 0}
 
 
 def test_rules_report_adds_sources(vocab):
     a = resolve_genes(DATA, vocab, case_fold=False, strip_versions=False)
     b = resolve_genes(DATA, vocab)
     assert rules_report([a, b]) == (
-        "genes matched by rule: 4 exact, 0 mapping table, 2 version stripped, 2 case folded "
+        "genes matched by rule: 4 exact, 0 model mapping, 0 gene table, 0 outdated symbol, 2 version stripped, "
+        "2 case folded, 0 ortholog "
         "(2 more with strip_versions=True; 2 more with case_fold=True)"
     )
 
 
 def test_matching_options_defaults_and_errors():
-    assert matching_options({}, compat=True) == {"case_fold": False, "strip_versions": False}
-    assert matching_options({}, compat=False) == {"case_fold": True, "strip_versions": True}
-    assert matching_options({"case_fold": True}, compat=True) == {"case_fold": True, "strip_versions": False}
+    off = dict.fromkeys(("case_fold", "strip_versions", "gene_tables", "orthologs"), False)
+    assert matching_options({}, compat=True) == off
+    assert matching_options({}, compat=False) == dict.fromkeys(off, True)
+    assert matching_options({"case_fold": True}, compat=True) == {**off, "case_fold": True}
     with pytest.raises(DataError, match="case_fold must be True, False or None"):
         matching_options({"case_fold": "yes"}, compat=True)
 
@@ -155,6 +157,7 @@ def small_adata(names) -> ad.AnnData:
     return ad.AnnData(X=x, var=pd.DataFrame(index=names))
 
 
+@pytest.mark.filterwarnings("ignore:.*genes the model will not see:UserWarning")
 def test_scgpt_deterministic_mode_keeps_the_retries_by_default(vocab):
     adata = small_adata(DATA)
     on = cellkit.tokenize(adata, vocab, scheme="scgpt", progress=False)
@@ -168,6 +171,7 @@ def test_scgpt_deterministic_mode_keeps_the_retries_by_default(vocab):
         cellkit.tokenize(adata, vocab, scheme="scgpt", strip_versions="no", progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:.*genes the model will not see:UserWarning")
 def test_teddy_and_perturbgene_accept_the_retry_options(vocab):
     from cellkit.data.schemes import get_scheme
 

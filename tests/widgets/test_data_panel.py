@@ -369,3 +369,26 @@ def test_a_bad_query_shows_its_message_beside_the_query_box(pbmc):
     assert panel.children.index(panel._cells_error) == panel.children.index(panel._query_box) + 2
     panel.set_cells(query="bulk_labels == 'CD14+ Monocyte'")
     assert panel.error_text("cells") == "" and "cellkit-error" not in panel.message.value
+
+
+# ---------------------------------------------------------------------------------- issue 19: gene identity
+def test_check_genes_shows_the_coverage_report(panel, state, pbmc):
+    report = panel.coverage_button.click() or panel.coverage_report
+    assert panel.last_error is None, panel.message_text
+    assert report.n_genes == report.n_seen == 765 and report.unseen_share == 0
+    assert "cellkit-unseen-share" in panel.coverage_html.value and "0.0%" in panel.coverage_html.value
+    # the PBMCs with two genes renamed to something no rule knows: their expression is named
+    renamed = pbmc.copy()
+    raw = renamed.raw.to_adata()
+    raw.var_names = ["NOT_A_GENE1", "NOT_A_GENE2", *raw.var_names[2:]]
+    renamed.raw = raw
+    state.set_adata(renamed, name="renamed")
+    assert panel.coverage_html.value == ""  # new data clears the old report
+    state.add_selection("first100", np.arange(100))
+    report = panel.check_genes()
+    x = raw.X[:100].toarray()
+    assert report.n_cells == 100 and report.n_dropped == 2
+    assert report.unseen_share == pytest.approx(x[:, :2].sum() / x.sum(), rel=1e-6)
+    assert {g for g, _ in report.top_missing} == {"NOT_A_GENE1", "NOT_A_GENE2"}
+    assert "NOT_A_GENE1" in panel.coverage_html.value
+    assert SCHEME_OPTIONS["scgpt"][-1].name == "duplicates" and "gene_tables" in panel.option_widgets

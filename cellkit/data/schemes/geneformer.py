@@ -9,8 +9,11 @@ in the matrix dtype, ``× 10,000``, then ``× (1/median)`` in float64.
 Gene handling as Geneformer's ``sum_ensembl_ids``: ids are upper-cased and mapped through the
 Ensembl mapping dictionary; when the mapping makes several columns one gene, their counts are
 summed and the summed genes move to the end of the column order (which decides the order of tied
-values). ``mode="deterministic"`` (default) additionally matches versioned ids (``ENSG….7``);
-``mode="compat"`` reproduces Geneformer's silent drops too.
+values). ``mode="deterministic"`` (default) additionally matches versioned ids (``ENSG….7``),
+then the columns still unmatched through the model's ``gene_name_id`` dictionary (symbols), the
+shipped GENCODE tables (symbols, outdated symbols; ``gene_tables``) and one-to-one human orthologs
+of mouse genes (``orthologs``); ``mode="compat"`` reproduces Geneformer's silent drops too.
+``duplicates="refuse"`` raises, naming the genes, instead of summing them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..._errors import DataError
-from ..genes import GeneMatch
+from ..genes import GeneMatch, Retry, detect_species, matching_options, refuse_collisions
 from ..input_spec import InputSpec
 from ..tokenized import TokenizedCells
 from ..vocab import Coverage, GeneVocab
@@ -42,6 +45,11 @@ OPTIONS: dict[str, Any] = {
     "n_counts_column": "n_counts",  # computed from the matrix when absent (and said so)
     "filter_pass_column": "filter_pass",  # cells with a value other than 1 are skipped, if present
     "keep_uncropped_length": False,
+    # gene matching beyond Geneformer's own (deterministic mode only; compat reproduces its drops):
+    "gene_tables": None,  # symbols / outdated symbols -> Ensembl ids via the shipped GENCODE tables; None = on
+    "orthologs": None,  # mouse data: one-to-one human orthologs; None = on (off in compat)
+    "species": "auto",  # of the data's genes: "auto", "human" or "mouse"
+    "duplicates": None,  # ids resolving to one token: None = "sum" (Geneformer), or "refuse" (an error naming them)
 }
 
 
@@ -63,29 +71,82 @@ def match_genes(
     ids = np.asarray(names.astype(str))
     upper = np.char.upper(ids.astype(str))
     mapped = np.array([mapping.get(g) for g in upper], dtype=object)
+    rules = np.where(pd.isna(mapped), "", np.where(upper == ids, "exact", "model mapping")).astype(object)
     n_version = 0
-    if options.get("mode", "deterministic") != "compat":
+    compat = options.get("mode", "deterministic") == "compat"
+    if not compat:
         for j in np.flatnonzero(pd.isna(mapped)):
             base = upper[j].split(".")[0]
             if base != upper[j] and base.startswith("ENS") and base in mapping:
                 mapped[j] = mapping[base]
+                rules[j] = "version stripped"
                 n_version += 1
             elif ids[j] in mapping:  # vocabularies keyed by non-upper-case ids (e.g. mouse symbols)
-                mapped[j] = mapping[ids[j]]
+                mapped[j], rules[j] = mapping[ids[j]], "exact"
     stoi = vocab.to_dict()
     special = set(vocab.specials.values())
     tok = np.array(
         [stoi[m] if isinstance(m, str) and m in stoi and m not in special else -1 for m in mapped],
         dtype=np.int64,
     )
+    species = None
+    if not compat:
+        species = _more_genes(ids, tok, mapped, rules, mapping, vocab, resources, options)
     if medians is not None:
         no_median = [j for j in np.flatnonzero(tok >= 0) if mapped[j] not in medians]
         tok[no_median] = -1
     hit = tok >= 0
     cov = Coverage(len(ids), int(hit.sum()), tuple(ids[hit][:10].tolist()), tuple(ids[~hit][:10].tolist()))
-    match = GeneMatch(ids, tok, cov, "sum", n_version_stripped=n_version)
+    rules[tok < 0] = ""
+    duplicates = options.get("duplicates") or "sum"
+    if duplicates not in ("sum", "refuse"):
+        raise DataError(f"duplicates must be 'sum' (Geneformer) or 'refuse' for geneformer, got {duplicates!r}.")
+    match = GeneMatch(ids, tok, cov, duplicates, n_version_stripped=n_version, rules=rules, species=species)
     match.mapped = mapped  # type: ignore[attr-defined]
+    if duplicates == "refuse":
+        refuse_collisions(match, vocab)
     return match
+
+
+def _more_genes(
+    ids: np.ndarray,
+    tok: np.ndarray,
+    mapped: np.ndarray,
+    rules: np.ndarray,
+    mapping: Mapping[str, str],
+    vocab: GeneVocab,
+    resources: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> str | None:
+    """Deterministic mode: match the columns Geneformer drops, in place (``tok``, ``mapped``, ``rules``).
+
+    First the model's own ``gene_name_id`` dictionary (symbol → Ensembl id, then the Ensembl
+    mapping), then the shipped tables and one-to-one orthologs
+    (:class:`~cellkit.data.genes.Retry`, against the identifiers the mapping knows). Returns the
+    species the genes were read as (``None`` when nothing was left to match).
+    """
+    todo = np.flatnonzero((tok < 0) & pd.isna(mapped))
+    if not len(todo):
+        return None
+    name_id = resources.get("gene_name_id") or {}
+    stoi, special = vocab.to_dict(), set(vocab.specials.values())
+    lookup = {k: stoi[v] for k, v in mapping.items() if v in stoi and v not in special}
+    retries = matching_options(options, compat=False)
+    retry = Retry(lookup, **retries)
+    species = options.get("species") or "auto"
+    species = detect_species(ids) if species == "auto" else species
+    retry.set_species(species, vocab)
+    for j in todo:
+        gid = name_id.get(ids[j], name_id.get(str(ids[j]).upper()))
+        if isinstance(gid, str) and gid.upper() in lookup:
+            tok[j], rules[j] = lookup[gid.upper()], "model mapping"
+        else:
+            rule, token, _ = retry(str(ids[j]))
+            if rule is None:
+                continue
+            tok[j], rules[j] = token, rule
+        mapped[j] = vocab.token(int(tok[j]))
+    return species
 
 
 def _column_plan(match: GeneMatch, collapse: bool, compat: bool) -> tuple[sp.csr_matrix, np.ndarray]:

@@ -14,9 +14,11 @@ caller: in ``compat`` mode one numpy ``RandomState`` stream in row order (scGPT 
 cell's bins do not depend on which other cells are tokenized with it.
 
 Genes (:func:`match_genes`): in ``compat`` mode a gene is kept only when its name is exactly a
-vocabulary token, as scGPT's ``gene in vocab``; ``case_fold=True`` / ``strip_versions=True`` turn
-cellkit's retries (upper-cased names, Ensembl ids without a version) back on, and are the default
-in ``deterministic`` mode. One extra matched gene changes scGPT's random stream for every later cell.
+vocabulary token, as scGPT's ``gene in vocab``; ``case_fold=True`` / ``strip_versions=True`` /
+``gene_tables=True`` / ``orthologs=True`` turn cellkit's retries (upper-cased names, Ensembl ids
+without a version, the shipped symbol <-> Ensembl id tables, mouse -> human orthologs) back on, and
+are the default in ``deterministic`` mode. Columns sharing a token: ``duplicates`` (``"keep"`` as
+scGPT by default; ``"sum"``, ``"first"``, ``"refuse"``). One extra matched gene changes scGPT's random stream for every later cell.
 """
 
 from __future__ import annotations
@@ -220,6 +222,10 @@ OPTIONS: dict[str, Any] = {
     # gene matching: scGPT keeps a gene only when its name is exactly a vocabulary token (`gene in vocab`)
     "case_fold": None,  # retry upper-cased names (ZHX1-C8ORF76 -> ZHX1-C8orf76); None = off in compat, else on
     "strip_versions": None,  # retry ENSG….7 as ENSG…; None = off in compat, else on
+    "gene_tables": None,  # retry through the shipped GENCODE symbol <-> Ensembl id tables; None = off in compat
+    "orthologs": None,  # mouse data: retry one-to-one human orthologs; None = off in compat, else on
+    "species": "auto",  # of the data's genes: "auto" (ENSMUSG ids / mouse symbols), "human" or "mouse"
+    "duplicates": None,  # columns sharing a token: None = "keep" (scGPT), or "sum", "first", "refuse"
 }
 
 
@@ -231,10 +237,13 @@ def match_genes(
 ) -> GeneMatch:
     """Map the data's genes to tokens as scGPT does, with cellkit's retries where asked.
 
-    In ``mode="compat"`` (and with ``case_fold=False, strip_versions=False``) a column is kept only
-    when its name is exactly a vocabulary token, scGPT's ``gene in vocab``; each column is its own
-    token occurrence, so a var name that appears twice gives two columns with one token, as in
-    scGPT. Otherwise upper-cased names and Ensembl ids without a version suffix are retried.
+    In ``mode="compat"`` (and with ``case_fold``, ``strip_versions``, ``gene_tables`` and
+    ``orthologs`` all ``False``) a column is kept only when its name is exactly a vocabulary token,
+    scGPT's ``gene in vocab``; each column is its own token occurrence, so a var name that appears
+    twice gives two columns with one token, as in scGPT (``duplicates="keep"``; ``"sum"`` adds
+    their values into one token, ``"first"`` keeps the first, ``"refuse"`` raises). Otherwise
+    upper-cased names, Ensembl ids without a version suffix, the shipped symbol <-> Ensembl id
+    tables and (mouse data) one-to-one human orthologs are retried.
 
     Parameters
     ----------
@@ -245,14 +254,21 @@ def match_genes(
     resources
         The model's resources (unused; part of the hook's signature).
     options
-        The caller's scheme options (``mode``, ``case_fold``, ``strip_versions``).
+        The caller's scheme options (``mode``, ``case_fold``, ``strip_versions``, ``gene_tables``,
+        ``orthologs``, ``species``, ``duplicates``).
 
     Returns
     -------
     :class:`~cellkit.data.genes.GeneMatch` (duplicates kept).
     """
     compat = options.get("mode", OPTIONS["mode"]) == "compat"
-    return resolve_genes(names, vocab, duplicates="keep", **matching_options(options, compat=compat))
+    return resolve_genes(
+        names,
+        vocab,
+        duplicates=options.get("duplicates") or "keep",
+        species=options.get("species") or "auto",
+        **matching_options(options, compat=compat),
+    )
 
 
 def _normalize(block: sp.csr_matrix, target_sum: float | None, log1p: bool) -> sp.csr_matrix:
@@ -333,6 +349,10 @@ def run(ctx: Any) -> Iterator[TokenizedCells]:
     all_parts: list[TokenizedCells] = []
 
     for src, match in ctx.sources:
+        if match.duplicates == "sum" and match.n_duplicated:
+            from ..tokenize import sum_duplicate_columns
+
+            src, match = sum_duplicate_columns(src, match)
         cols = match.columns
         if o["genes"] is not None:
             cols = cols[_gene_mask(src, o["genes"])[cols]]

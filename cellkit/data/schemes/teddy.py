@@ -176,6 +176,8 @@ def match_genes(
         notes,
         n_mapped=match.n_mapped,
         missed=match.missed,
+        rules=match.rules,
+        species=match.species,
     )
 
 
