@@ -26,6 +26,7 @@ DOCS = ROOT / "docs"
 # the subpackages the reference documents (each through the names in its __all__)
 SUBPACKAGES = [
     "cellkit.analysis",
+    "cellkit.genes",
     "cellkit.viz",
     "cellkit.perturbation",
     "cellkit.data",

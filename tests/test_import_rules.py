@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "train": {"core", "_utils"},
     "_inference": {"core", "data", "train", "model", "_utils"},
     "analysis": {"core", "data", "heads", "model", "_inference", "_utils", "_anndata"},
+    "genes": {"data", "_anndata"},  # cellkit.genes: the public face of gene identity (data.genes)
     "tasks": {"core", "data", "train", "model", "_inference", "_utils", "_anndata", "analysis"},
     "perturbation": {"core", "data", "train", "model", "presets", "_inference", "_utils", "_anndata"},
     "datasets": {"model", "data", "presets", "tasks", "_utils"},
@@ -86,6 +87,7 @@ BANNED: dict[str, set[str]] = {
     "perturbation": {"ipywidgets", "plotly", "matplotlib"},
     "_inference": {"anndata", "scanpy", "ipywidgets", "plotly", "matplotlib"},
     "analysis": {"ipywidgets", "plotly", "matplotlib"},
+    "genes": {"ipywidgets", "plotly", "matplotlib"},
     "data": {"ipywidgets", "plotly"},
     "checkpoints": {"ipywidgets", "plotly", "matplotlib"},
     "viz": {"torch", "ipywidgets"},
