@@ -326,6 +326,8 @@ def _hvg_pca(
         sc.pp.highly_variable_genes(a, n_top_genes=n_top_genes, flavor="seurat", batch_key=batch_key)
         hvg = a.var["highly_variable"].to_numpy()
     a = a[:, hvg].copy()
+    if hasattr(a.X, "toarray"):  # scaling centres the genes: the HVG matrix becomes dense (float32, said here)
+        a.X = a.X.toarray().astype(np.float32, copy=False)
     sc.pp.scale(a, max_value=10)
     k = min(n_comps, a.n_obs - 1, a.n_vars - 1)
     sc.pp.pca(a, n_comps=k, random_state=seed)
