@@ -250,3 +250,16 @@ def test_coverage_report_over_partitions_adds_them(tmp_path):
     assert report.n_cells == 3 and report.n_genes == 3  # one row per gene, summed over the partitions
     assert report.unseen_share == pytest.approx(9 / 18)
     assert report.top_missing == [("NOPE", pytest.approx(0.5))]
+
+
+def test_chunked_embedding_warns_once_not_per_chunk():
+    """embed_cells tokenizes in chunks; the unseen-expression check runs on the first chunk only."""
+    adata = cellkit.datasets.pbmc_demo().raw.to_adata()
+    adata.var_names = [f"NOT_A_GENE_{i}" if i % 3 == 0 else g for i, g in enumerate(adata.var_names)]
+    model = cellkit.datasets.demo_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cellkit.embed_cells(adata[:120].copy(), model, use_raw=False, progress=False, chunk_size=40)
+    unseen = [w for w in caught if "will not see" in str(w.message)]
+    assert len(unseen) == 1 and "NOT_A_GENE_" in str(unseen[0].message)
+    assert unseen[0].filename == __file__  # attributed to the user's call

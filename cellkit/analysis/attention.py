@@ -300,10 +300,16 @@ def _adata_loader(
     """A loader that tokenizes AnnData cells and gives each cell's group code."""
     code_series = pd.Series(codes, index=np.asarray(adata.obs_names[positions]).astype(str))
 
+    kwargs = dict(tokenize_kwargs)
+    unseen = {"warning": kwargs.pop("unseen_warning", 0.1)}  # checked on the first chunk only
+
     def load(chunk: np.ndarray) -> tuple[TokenizedCells, np.ndarray]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*no gene in the vocabulary.*")
-            toks = tokenize(adata, model, cells=chunk, progress=False, **tokenize_kwargs)
+            toks = tokenize(
+                adata, model, cells=chunk, progress=False, unseen_warning=unseen["warning"], **kwargs
+            )
+        unseen["warning"] = None
         if isinstance(toks, ShardedTokens):
             toks = toks.to_memory()
         names = np.asarray(toks.obs_names).astype(str)

@@ -304,6 +304,7 @@ def embed_cells(
     d = model.config.encoder.d_model
     out = np.full((adata.n_obs, d), np.nan, dtype=np.float32)
     opts = dict(tokenize_options or {})
+    unseen_warning = opts.pop("unseen_warning", 0.1)  # checked on the first chunk only: one warning per call
     empty: list[str] = []
     starts = list(range(0, len(positions), chunk_size))
     ran_at: dict[int, int] = {}  # batch_size="auto": chunk start -> the size it ran at
@@ -321,8 +322,10 @@ def embed_cells(
                     use_raw=use_raw,
                     gene_column=gene_column,
                     progress=False,
+                    unseen_warning=unseen_warning,
                     **opts,
                 )
+            unseen_warning = None
             bar.check()
             emb, bad = _embed_tokens(
                 model,
