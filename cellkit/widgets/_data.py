@@ -32,6 +32,10 @@ __all__ = ["SCHEME_OPTIONS", "DataPanel", "OptionSpec"]
 BACKED_THRESHOLD = 1 << 30
 #: columns with more distinct values than this are filtered with a query instead of a value list
 MAX_FILTER_VALUES = 1000
+#: Tokenize shows the coverage report of at most this many of the chosen cells (the first ones)
+COVERAGE_CELLS = 20_000
+#: above this share of unseen expression the Tokenize message is a warning (tokenize's own default)
+UNSEEN_WARNING = 0.1
 SCHEMES = ("scgpt", "geneformer", "teddy", "perturbgene")
 
 
@@ -1100,14 +1104,38 @@ class DataPanel(Panel):
         n = adata.n_obs if cells is None else len(cells)
         self.show_message(f"Tokenizing {n:,} cells …", "info")
 
+        # the coverage report comes first (on at most COVERAGE_CELLS of the chosen cells): what the model
+        # will not see is shown here, not as a warning lost in the kernel's log
+        names = adata.obs_names if cells is None else cells
+        sample = None if len(names) <= COVERAGE_CELLS else np.asarray(names[:COVERAGE_CELLS])
+        report_kwargs = {**kwargs, "scheme": self.scheme.value, **options}
+
+        reports: list[Any] = []
+
         def work(progress: Any) -> Any:
-            return cellkit.tokenize(adata, model, cells=cells, progress=progress, **kwargs, **options)
+            reports.append(
+                cellkit.genes.coverage_report(
+                    adata, model, cells=cells if sample is None else sample, **report_kwargs
+                )
+            )
+            return cellkit.tokenize(
+                adata, model, cells=cells, progress=progress, unseen_warning=None, **kwargs, **options
+            )
 
         def done(tokens: Any) -> None:
+            report = reports[-1]
             self.state.tokens = tokens
-            self.show_message(
-                f"Tokenized {len(tokens):,} cells ({tokens.n_tokens:,} tokens) → state.tokens.", "ok"
-            )
+            self.coverage_report = report
+            self.coverage_html.value = report._repr_html_()
+            text = f"Tokenized {len(tokens):,} cells ({tokens.n_tokens:,} tokens) → state.tokens."
+            if report.unseen_share > UNSEEN_WARNING:
+                self.show_message(
+                    f"{text} {report.unseen_share:.1%} of the expression is on genes the model will not "
+                    "see (below): check the gene column, species and matching options.",
+                    "warning",
+                )
+            else:
+                self.show_message(text, "ok")
 
         return self.progress.run(
             self, work, name="Tokenize", buttons=(self.tokenize_button,), on_done=done, background=background

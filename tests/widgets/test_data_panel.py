@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -392,3 +394,22 @@ def test_check_genes_shows_the_coverage_report(panel, state, pbmc):
     assert {g for g, _ in report.top_missing} == {"NOT_A_GENE1", "NOT_A_GENE2"}
     assert "NOT_A_GENE1" in panel.coverage_html.value
     assert SCHEME_OPTIONS["scgpt"][-1].name == "duplicates" and "gene_tables" in panel.option_widgets
+
+
+def test_tokenize_shows_the_coverage_report_and_warns_when_much_is_unseen(panel, state, pbmc):
+    """Tokenize shows what the model will not see in the tab (a warning in the kernel's log is lost)."""
+    renamed = pbmc.copy()
+    raw = renamed.raw.to_adata()
+    raw.var_names = [f"NOT_A_GENE{i}" if i % 4 == 0 else g for i, g in enumerate(raw.var_names)]
+    renamed.raw = raw
+    state.set_adata(renamed, name="renamed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tokenizer's own warning is not raised: the tab says it
+        tokens = panel.tokenize()
+    assert tokens is not None and state.tokens is tokens and panel.last_error is None
+    report = panel.coverage_report
+    x = raw.X.toarray()
+    assert report.n_cells == 700 and report.n_dropped == len(range(0, 765, 4))
+    assert report.unseen_share == pytest.approx(x[:, ::4].sum() / x.sum(), rel=1e-6) and report.unseen_share > 0.1
+    assert "cellkit-unseen-share" in panel.coverage_html.value
+    assert "cellkit-warning" in panel.message.value and f"{report.unseen_share:.1%}" in panel.message_text
