@@ -730,8 +730,20 @@ def _inference_cmd(args: argparse.Namespace, task: str) -> int:
                 f"on {run.world_size} process(es) in {seconds:.1f} s"
             )
             print(f"saved   {Path(args.output).resolve()} ({key})")
+        if run.batch_size is not None:
+            print(f"batch   {_auto_summary(run)}")
     _finish_distributed(info)
     return 0
+
+
+def _auto_summary(run: Any) -> str:
+    """``--batch-size auto``: the size that worked (every chunk's results were computed with it)."""
+    from ._inference import AUTO_BATCH_SIZE
+
+    if run.batch_size == AUTO_BATCH_SIZE:
+        return f"batch size auto: {AUTO_BATCH_SIZE} (no out-of-memory)"
+    again = f" ({run.redone} chunk{'s' * (run.redone != 1)} computed again)" if run.redone else ""
+    return f"batch size auto: {AUTO_BATCH_SIZE} → {run.batch_size} after out-of-memory{again}"
 
 
 def _embed_cmd(args: argparse.Namespace) -> int:
@@ -769,6 +781,19 @@ def _input_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _batch_size_arg(text: str) -> int | str:
+    """``--batch-size`` of ``embed`` / ``predict``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"--batch-size takes a positive integer or 'auto', got {text!r}")
+    return size
+
+
 def _inference_parser(p: argparse.ArgumentParser, *, task: str) -> None:
     p.add_argument("input", help=".h5ad file (read chunk by chunk, backed) or token shard directory")
     p.add_argument(
@@ -790,7 +815,14 @@ def _inference_parser(p: argparse.ArgumentParser, *, task: str) -> None:
         help=f"name of the result (default {default_key}): "
         + ("obsm key / .npy name" if task == "embed" else "obs column; also KEY_confidence, KEY_probabilities"),
     )
-    p.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=_batch_size_arg,
+        default=64,
+        help="cells per forward pass (default 64), or 'auto': 64, halved after each out-of-memory error (chunks "
+        "done at a larger size are computed again, so the results are exactly those of the size that worked, "
+        "which is printed and recorded in run.json)",
+    )
     p.add_argument(
         "--chunk-size",
         type=int,
