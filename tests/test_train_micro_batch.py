@@ -186,3 +186,20 @@ def test_weighting_masked_terms_by_cells_would_not_match(monkeypatch, gradients)
         monkeypatch.setattr(cls, "units", lambda self, batch: torch.tensor(float(len(batch["gene_ids"])), dtype=torch.float64))
     cellkit.pretrain(adata, make_model(), micro_batch=3, **opts)
     assert grad_rel(gradients[0], g_whole[0]) > 1e-2
+
+
+def test_a_resumed_auto_run_keeps_the_size_that_worked(tmp_path, monkeypatch):
+    adata = make_adata(n_per_class=20)
+    fixed = cellkit.finetune(adata, make_model(0.2), micro_batch=4, **FINETUNE)
+    monkeypatch.setenv(OOM_ABOVE_CELLS_ENV, "7")
+    ckpt = str(tmp_path / "ckpt")
+    first = cellkit.finetune(
+        adata, make_model(0.2), micro_batch="auto", checkpoint_dir=ckpt, **{**FINETUNE, "max_steps": 2}
+    )
+    assert first.history.step_records[-1]["micro_batch"] == 4
+    monkeypatch.delenv(OOM_ABOVE_CELLS_ENV)  # memory to spare now: the run still goes on at 4
+    again = cellkit.finetune(adata, make_model(0.2), micro_batch="auto", checkpoint_dir=ckpt, resume=True, **FINETUNE)
+    assert again.history.step_records[-1]["micro_batch"] == 4
+    a, b = weights(again.model), weights(fixed.model)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

@@ -329,6 +329,7 @@ class Trainer:
         self.state = TrainerState.fresh(
             [o.name for o in self.objectives], MetricSet(self.new_metrics(), prefix="train/")
         )
+        self._micro = None
         self._snapshot_rng()
 
     def _snapshot_rng(self) -> None:
@@ -402,6 +403,7 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
         self.history = History(state["history"]["steps"], state["history"]["epochs"])
         self.state = TrainerState.from_dict(state["trainer"], MetricSet(self.new_metrics(), prefix="train/"))
+        self._micro = self.state.micro_batch
         rank = self.dist.rank
         key = f"rng.cpu.{rank}" if f"rng.cpu.{rank}" in tensors else "rng.cpu.0"
         torch.set_rng_state(tensors[key])
@@ -616,7 +618,7 @@ class Trainer:
         from .._inference import free_memory, is_out_of_memory
 
         auto = self.config.micro_batch == "auto"
-        if self._micro is None and not auto:
+        if not auto:
             self._micro = int(self.config.micro_batch)  # type: ignore[arg-type]
         rng = rng_state(self.device)
         while True:
@@ -756,6 +758,7 @@ class Trainer:
         }
         if self.config.micro_batch is not None:
             rec["micro_batch"] = self._piece_cells
+            s.micro_batch = self._micro
         rec["loss"] = float(sums[1] / cells)
         for j, o in enumerate(self.objectives):
             rec[f"loss/{o.name}"] = float(sums[2 + j] / cells)
