@@ -20,7 +20,6 @@ Two layers:
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -39,6 +38,9 @@ from ._utils import Progress, atomic_path, atomic_write_text, get_logger, read_j
 from .core.precision import PRECISIONS
 from .data.collate import Collator
 from .data.tokenized import ShardedTokens, TokenizedCells
+from .train._oom import OOM_ABOVE_CELLS_ENV as OOM_ABOVE_CELLS_ENV  # the test hook (re-export)
+from .train._oom import free_memory, is_out_of_memory
+from .train._oom import injected_oom as _injected_oom
 from .train.distributed import all_gather_objects, barrier, init_distributed
 from .train.trainer import FORWARD_KEYS
 
@@ -70,47 +72,6 @@ DEFAULT_WINDOW = 16_384
 #: cells per batch that ``batch_size="auto"`` tries first (the fixed default): without an
 #: out-of-memory error, "auto" gives the results of ``batch_size=64``
 AUTO_BATCH_SIZE = 64
-#: test hook: any forward over more than this many cells raises ``torch.OutOfMemoryError`` (used
-#: by the out-of-memory tests, and to rehearse ``batch_size="auto"`` on a machine with memory to spare)
-OOM_ABOVE_CELLS_ENV = "CELLKIT_OOM_ABOVE_CELLS"
-
-_OOM_MESSAGES = (
-    "out of memory",  # CUDA ("CUDA out of memory", "CUDA error: out of memory"), MPS, XPU
-    "DefaultCPUAllocator: can't allocate memory",
-    "not enough memory",
-)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocation failure of a device or the CPU (and nothing else).
-
-    ``torch.OutOfMemoryError`` (CUDA's ``torch.cuda.OutOfMemoryError`` is the same class) and the
-    ``RuntimeError`` s allocators raise with "out of memory", "DefaultCPUAllocator: can't allocate
-    memory" or "not enough memory" in their message; other errors are not.
-    """
-    kinds = tuple(
-        t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
-    )
-    if kinds and isinstance(exc, kinds):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
-
-
-def _injected_oom(n_cells: int) -> None:
-    """The test hook: raise an out-of-memory error when ``n_cells`` exceeds :data:`OOM_ABOVE_CELLS_ENV`."""
-    limit = os.environ.get(OOM_ABOVE_CELLS_ENV)
-    if limit and n_cells > int(limit):
-        kind = getattr(torch, "OutOfMemoryError", RuntimeError)
-        raise kind(f"CUDA out of memory (injected: {n_cells} cells > {OOM_ABOVE_CELLS_ENV}={limit})")
-
-
-def free_memory(device: torch.device) -> None:
-    """Drop what an out-of-memory attempt left behind: garbage, and the CUDA cache on a GPU."""
-    gc.collect()
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 @dataclass
 class AutoBatchSize:
     """``batch_size="auto"``: start at ``start`` cells per batch, halve after out-of-memory, and

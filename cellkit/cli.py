@@ -738,7 +738,7 @@ def _inference_cmd(args: argparse.Namespace, task: str) -> int:
 
 def _auto_summary(run: Any) -> str:
     """``--batch-size auto``: the size that worked (every chunk's results were computed with it)."""
-    from ._inference import AUTO_BATCH_SIZE
+    from .analysis.atlas import AUTO_BATCH_SIZE
 
     if run.batch_size == AUTO_BATCH_SIZE:
         return f"batch size auto: {AUTO_BATCH_SIZE} (no out-of-memory)"

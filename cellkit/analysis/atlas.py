@@ -26,6 +26,15 @@ leaves an existing record as it is.
 Under ``torchrun`` every rank computes its share of chunks (see :func:`cellkit._inference.run_chunks`)
 and rank 0 assembles them in input order; the result is the same bits as one process gives. A job
 killed or pre-empted mid-way and run again with the same arguments skips the chunks already written.
+
+``batch_size="auto"`` (``--batch-size auto``): 64 cells per forward pass, halved after each
+out-of-memory error. Each chunk file records the size its results were computed with; once every
+rank is done, the ranks agree on the smallest size any of them reached and compute again the
+chunks written at a larger one (also chunks of a resumed run), so the outputs are exactly those
+of a fixed ``batch_size`` at that size. The run's fingerprint says ``"auto"`` (a resumed "auto"
+run keeps its chunks and goes on at their size); the size that worked is in ``manifest.json``
+(``batch_size_worked``), in the run record (``metrics["batch_size_worked"]``) and, for
+predictions in an ``.h5ad``, in ``uns[key_added]["batch_size"]`` as :func:`cellkit.predict` writes it.
 """
 
 from __future__ import annotations
@@ -70,7 +79,7 @@ from ._runs import RunRecorder, write_beside
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
-__all__ = ["check_output", "embed_to_output", "output_kind", "predict_to_output"]
+__all__ = ["AUTO_BATCH_SIZE", "check_output", "embed_to_output", "output_kind", "predict_to_output"]
 
 log = get_logger(__name__)
 

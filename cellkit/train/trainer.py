@@ -42,6 +42,7 @@ from .._utils._batch import FORWARD_KEYS  # the collator's contract (cellkit.dat
 from ._guard import SigintToStop, TrainingError, exclusive_training_run
 from ._micro import restore_rng, rng_state
 from ._micro import rows as micro_rows
+from ._oom import free_memory, injected_oom, is_out_of_memory
 from ._setup import (
     apply_freeze,
     batches_per_epoch,
@@ -615,8 +616,6 @@ class Trainer:
     ) -> tuple[Tensor, MetricSet]:
         """:meth:`_accumulate` with each batch run in pieces of ``micro_batch`` cells; with
         ``micro_batch="auto"``, an out-of-memory error starts the step over in pieces of half the size."""
-        from .._inference import free_memory, is_out_of_memory
-
         auto = self.config.micro_batch == "auto"
         if not auto:
             self._micro = int(self.config.micro_batch)  # type: ignore[arg-type]
@@ -695,9 +694,7 @@ class Trainer:
         epoch: int,
     ) -> tuple[Tensor, dict[str, Tensor], Any]:
         """:meth:`_backward` of a piece of a batch: each term weighted by the piece's share of its units."""
-        from .._inference import _injected_oom
-
-        _injected_oom(_batch_cells(piece))
+        injected_oom(_batch_cells(piece))
         no_sync = self.dist.enabled and not sync and hasattr(model, "no_sync")
         with model.no_sync() if no_sync else contextlib.nullcontext():
             _, raw_terms, out = self._losses(model, piece)
