@@ -309,6 +309,8 @@ def _train_common(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "amp": args.amp,
     }
+    if args.micro_batch is not None:
+        opts["micro_batch"] = args.micro_batch
     opts.update(_parse_kv(args.option, "--option"))
     return opts
 
@@ -782,7 +784,7 @@ def _input_options(p: argparse.ArgumentParser) -> None:
 
 
 def _batch_size_arg(text: str) -> int | str:
-    """``--batch-size`` of ``embed`` / ``predict``: a positive integer or ``auto``."""
+    """``--batch-size`` of ``embed`` / ``predict`` (and ``--micro-batch``): a positive integer or ``auto``."""
     if text == "auto":
         return text
     try:
@@ -790,7 +792,7 @@ def _batch_size_arg(text: str) -> int | str:
     except ValueError:
         size = 0
     if size < 1:
-        raise argparse.ArgumentTypeError(f"--batch-size takes a positive integer or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(f"takes a positive integer or 'auto', got {text!r}")
     return size
 
 
@@ -919,6 +921,14 @@ def _training_parser(p: argparse.ArgumentParser, *, needs_model: bool) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=32, help="cells per step over all processes")
+    p.add_argument(
+        "--micro-batch",
+        type=_batch_size_arg,
+        default=None,
+        help="run each batch in pieces of this many cells (the same update up to float rounding, the memory of "
+        "a piece), or 'auto': whole batches, halved after an out-of-memory error (the step starts over; the size "
+        "that worked is logged and in each step record)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", help="write resumable checkpoints here")
     p.add_argument(

@@ -201,7 +201,7 @@ def test_cli_batch_size_is_checked(files, tmp_path, capsys, bad):
     with pytest.raises(SystemExit) as err:
         main(["embed", str(data), "--model", str(model_dir), "--output", str(tmp_path / "o"), "--batch-size", bad])
     assert err.value.code == 2
-    assert "--batch-size takes a positive integer or 'auto'" in capsys.readouterr().err
+    assert "--batch-size: takes a positive integer or 'auto'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -203,3 +203,25 @@ def test_a_resumed_auto_run_keeps_the_size_that_worked(tmp_path, monkeypatch):
     a, b = weights(again.model), weights(fixed.model)
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_cli_micro_batch_auto(tmp_path, monkeypatch, capsys):
+    import csv
+
+    from cellkit.cli import main
+
+    from .test_finetune import make_model as base_model
+
+    data, model_dir, out = tmp_path / "cells.h5ad", tmp_path / "model", tmp_path / "run"
+    make_adata(n_per_class=10).write_h5ad(data)
+    base_model().save(model_dir)
+    monkeypatch.setenv(OOM_ABOVE_CELLS_ENV, "5")  # 16 -> 8 -> 4
+    args = ["finetune", "--model", str(model_dir), "--data", str(data), "--label-key", "cell_type", "--epochs", "1",
+            "--batch-size", "16", "--micro-batch", "auto", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().out
+    with open(out / "history_steps.csv") as fh:
+        steps = list(csv.DictReader(fh))
+    assert steps and {r["micro_batch"] for r in steps} == {"4"}
+    with pytest.raises(SystemExit):
+        main([*args[:-5], "--micro-batch", "0", "--quiet"])
+    assert "--micro-batch: takes a positive integer or 'auto'" in capsys.readouterr().err
