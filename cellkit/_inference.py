@@ -20,7 +20,6 @@ Two layers:
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -39,6 +38,9 @@ from ._utils import Progress, atomic_path, atomic_write_text, get_logger, read_j
 from .core.precision import PRECISIONS
 from .data.collate import Collator
 from .data.tokenized import ShardedTokens, TokenizedCells
+from .train._oom import OOM_ABOVE_CELLS_ENV as OOM_ABOVE_CELLS_ENV  # the test hook (re-export)
+from .train._oom import free_memory, is_out_of_memory
+from .train._oom import injected_oom as _injected_oom
 from .train.distributed import all_gather_objects, barrier, init_distributed
 from .train.trainer import FORWARD_KEYS
 
@@ -70,47 +72,6 @@ DEFAULT_WINDOW = 16_384
 #: cells per batch that ``batch_size="auto"`` tries first (the fixed default): without an
 #: out-of-memory error, "auto" gives the results of ``batch_size=64``
 AUTO_BATCH_SIZE = 64
-#: test hook: any forward over more than this many cells raises ``torch.OutOfMemoryError`` (used
-#: by the out-of-memory tests, and to rehearse ``batch_size="auto"`` on a machine with memory to spare)
-OOM_ABOVE_CELLS_ENV = "CELLKIT_OOM_ABOVE_CELLS"
-
-_OOM_MESSAGES = (
-    "out of memory",  # CUDA ("CUDA out of memory", "CUDA error: out of memory"), MPS, XPU
-    "DefaultCPUAllocator: can't allocate memory",
-    "not enough memory",
-)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocation failure of a device or the CPU (and nothing else).
-
-    ``torch.OutOfMemoryError`` (CUDA's ``torch.cuda.OutOfMemoryError`` is the same class) and the
-    ``RuntimeError`` s allocators raise with "out of memory", "DefaultCPUAllocator: can't allocate
-    memory" or "not enough memory" in their message; other errors are not.
-    """
-    kinds = tuple(
-        t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
-    )
-    if kinds and isinstance(exc, kinds):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
-
-
-def _injected_oom(n_cells: int) -> None:
-    """The test hook: raise an out-of-memory error when ``n_cells`` exceeds :data:`OOM_ABOVE_CELLS_ENV`."""
-    limit = os.environ.get(OOM_ABOVE_CELLS_ENV)
-    if limit and n_cells > int(limit):
-        kind = getattr(torch, "OutOfMemoryError", RuntimeError)
-        raise kind(f"CUDA out of memory (injected: {n_cells} cells > {OOM_ABOVE_CELLS_ENV}={limit})")
-
-
-def free_memory(device: torch.device) -> None:
-    """Drop what an out-of-memory attempt left behind: garbage, and the CUDA cache on a GPU."""
-    gc.collect()
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 @dataclass
 class AutoBatchSize:
     """``batch_size="auto"``: start at ``start`` cells per batch, halve after out-of-memory, and
@@ -138,7 +99,8 @@ class AutoBatchSize:
         Cells per batch now: ``start`` until an out-of-memory error halves it; after a call, the
         fixed batch size whose results it gave.
     reductions
-        ``(from, to)`` for each halving, in order.
+        ``(from, to)`` for each halving, in order (and each lowering to a size that worked
+        elsewhere: :meth:`lower_to`).
     """
 
     start: int = AUTO_BATCH_SIZE
@@ -174,9 +136,16 @@ class AutoBatchSize:
         )
         self.size = new
 
+    def lower_to(self, size: int) -> None:
+        """Take a smaller size that worked elsewhere (another ``torchrun`` rank, or an earlier run's
+        chunks being resumed); a larger ``size`` changes nothing."""
+        if size < self.size:
+            self.reductions.append((self.size, int(size)))
+            self.size = int(size)
+
     def describe(self) -> str:
         """E.g. ``"batch_size auto: 64 → 32 after out-of-memory"`` or ``"batch_size auto: 64"``."""
-        if not self.reductions:
+        if self.size == self.start:
             return f"batch_size auto: {self.start}"
         return f"batch_size auto: {self.start} → {self.size} after out-of-memory"
 
@@ -479,6 +448,9 @@ def _auto_passes(
 STORE_FORMAT = "cellkit-results"
 STORE_MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
+#: the entry of a chunk file that holds the batch size its results were computed with
+#: (``batch_size="auto"``; not a result)
+CHUNK_BATCH_SIZE = "__batch_size__"
 #: test hook: a process leaves at once (``os._exit``, like a kill: no clean-up) after writing
 #: this many chunks; used by the resume tests
 EXIT_AFTER_CHUNKS_ENV = "CELLKIT_EXIT_AFTER_CHUNKS"
@@ -534,6 +506,10 @@ class ChunkRun:
     skipped: int
     world_size: int
     already_complete: bool = False
+    #: ``batch_size="auto"``: the batch size every chunk's results were computed with (else ``None``)
+    batch_size: int | None = None
+    #: ``batch_size="auto"``: chunks computed again at a smaller size (all ranks)
+    redone: int = 0
 
 
 class ResultStore:
@@ -556,14 +532,26 @@ class ResultStore:
     def has_chunk(self, k: int) -> bool:
         return self.chunk_file(k).is_file()
 
-    def write_chunk(self, k: int, arrays: Mapping[str, np.ndarray]) -> None:
+    def write_chunk(self, k: int, arrays: Mapping[str, np.ndarray], *, batch_size: int | None = None) -> None:
+        """Write chunk ``k``'s arrays (and, for ``batch_size="auto"``, the size they were computed with)."""
+        entries = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+        if batch_size is not None:
+            entries[CHUNK_BATCH_SIZE] = np.asarray(batch_size, dtype=np.int64)
         with atomic_path(self.chunk_file(k)) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, **{name: np.ascontiguousarray(a) for name, a in arrays.items()})
+            np.savez(fh, **entries)
+
+    def chunk_batch_size(self, k: int) -> int | None:
+        """The batch size chunk ``k`` was computed with (``None``: not recorded)."""
+        try:
+            with np.load(self.chunk_file(k), allow_pickle=False) as z:
+                return int(z[CHUNK_BATCH_SIZE]) if CHUNK_BATCH_SIZE in z.files else None
+        except (OSError, ValueError):
+            return None  # unreadable: computed again
 
     def read_chunk(self, k: int) -> dict[str, np.ndarray]:
         try:
             with np.load(self.chunk_file(k), allow_pickle=False) as z:
-                return {name: z[name] for name in z.files}
+                return {name: z[name] for name in z.files if name != CHUNK_BATCH_SIZE}
         except (OSError, ValueError) as exc:
             raise DataError(
                 f"{self.chunk_file(k)} cannot be read ({exc}); delete it and run the same command again to "
@@ -626,6 +614,7 @@ def run_chunks(
     progress: bool | Progress = True,
     desc: str = "inference",
     extra: Mapping[str, Any] | None = None,
+    auto: AutoBatchSize | None = None,
 ) -> ChunkRun:
     """Compute chunk results on every rank, resumably, then assemble them on rank 0.
 
@@ -649,6 +638,15 @@ def run_chunks(
         A bar (rank 0 only) over this rank's cells, or a :class:`cellkit.Progress` to follow.
     extra
         More JSON-able fields for the manifest.
+    auto
+        ``batch_size="auto"``: the :class:`AutoBatchSize` that ``compute`` runs with (this rank's;
+        ``parameters`` should say ``"auto"``, not a size, so that a resumed run keeps its chunks).
+        Each chunk file records the size its results were computed with. A resumed run starts at
+        the smallest size recorded on disk; once every rank is done, the ranks agree on the
+        smallest size any of them reached (every halving is for a chunk that did not fit) and
+        compute again each chunk written at a larger size, until all chunks have one size: the
+        results are then exactly those of a fixed run at that size (:attr:`ChunkRun.batch_size`,
+        also recorded in the manifest as ``batch_size_worked``).
 
     Returns
     -------
@@ -671,7 +669,16 @@ def run_chunks(
         )
     if same and old.get("complete") and not overwrite:
         barrier()
-        return ChunkRun(plan.n_chunks, 0, plan.n_chunks, info.world_size, already_complete=True)
+        if auto is not None and old.get("batch_size_worked"):
+            auto.lower_to(int(old["batch_size_worked"]))
+        return ChunkRun(
+            plan.n_chunks,
+            0,
+            plan.n_chunks,
+            info.world_size,
+            already_complete=True,
+            batch_size=None if auto is None else auto.size,
+        )
     barrier()
     if info.is_main:
         if old is not None and (overwrite or not same):
@@ -694,6 +701,7 @@ def run_chunks(
     barrier()
     todo = [k for k in plan.for_rank(info.rank, info.world_size) if not store.has_chunk(k)]
     mine = len(plan.for_rank(info.rank, info.world_size))
+    sizes = _sizes_on_disk(store, plan, info.rank, info.world_size, auto)
     exit_after = int(os.environ.get(EXIT_AFTER_CHUNKS_ENV, "0") or 0)
     cells = sum(b - a for a, b in map(plan.bounds, todo))
     bar_arg = progress if info.is_main else False
@@ -701,9 +709,12 @@ def run_chunks(
     with track(bar_arg, total=cells, desc=label) as bar:
         for done, k in enumerate(todo, 1):
             a, b = plan.bounds(k)
-            store.write_chunk(k, compute(a, b, bar))
+            store.write_chunk(k, compute(a, b, bar), batch_size=None if auto is None else auto.size)
+            if auto is not None:
+                sizes[k] = auto.size
             if exit_after and done >= exit_after:
                 os._exit(75)  # the test hook: leave like a killed process, mid-run
+    redone = 0 if auto is None else _one_size(store, plan, compute, auto, sizes, bar_arg, label)
     computed = sum(all_gather_objects(len(todo)))
     skipped = sum(all_gather_objects(mine - len(todo)))
     if info.is_main:
@@ -715,9 +726,68 @@ def run_chunks(
             )
         finish(store, plan)
         manifest = store.read_manifest() or {}
-        store.write_manifest({**manifest, "complete": True})
+        worked = {} if auto is None else {"batch_size_worked": auto.size}
+        store.write_manifest({**manifest, **worked, "complete": True})
     barrier()
-    return ChunkRun(plan.n_chunks, computed, skipped, info.world_size)
+    worked_size = None if auto is None else auto.size
+    return ChunkRun(plan.n_chunks, computed, skipped, info.world_size, batch_size=worked_size, redone=redone)
+
+
+def _sizes_on_disk(
+    store: ResultStore, plan: ChunkPlan, rank: int, world_size: int, auto: AutoBatchSize | None
+) -> dict[int, int]:
+    """``batch_size="auto"``: chunk -> the batch size of this rank's chunks already on disk; every
+    rank's ``auto`` is lowered to the smallest size recorded on disk (a resumed run goes on there)."""
+    if auto is None:
+        return {}
+    sizes = {}
+    for k in plan.for_rank(rank, world_size):
+        if store.has_chunk(k):  # a chunk without a recorded size counts as too large: computed again
+            sizes[k] = store.chunk_batch_size(k) or auto.start + 1
+    smallest = min(all_gather_objects(min(sizes.values(), default=auto.size)))
+    if smallest < auto.size:
+        log.info("batch_size auto: resuming at %d cells per batch (the chunks on disk were computed so)", smallest)
+    auto.lower_to(smallest)
+    return sizes
+
+
+def _one_size(
+    store: ResultStore,
+    plan: ChunkPlan,
+    compute: Callable[[int, int, Progress], Mapping[str, np.ndarray]],
+    auto: AutoBatchSize,
+    sizes: dict[int, int],
+    progress: bool | Progress,
+    label: str,
+) -> int:
+    """Compute again, on each rank, its chunks written at a larger batch size than the smallest any
+    rank reached, until every chunk of every rank has that one size; the number redone (all ranks).
+
+    Every rank takes part in each round (collective calls), also a rank with nothing to redo.
+    """
+    redone = 0
+    while True:
+        auto.lower_to(min(all_gather_objects(auto.size)))
+        redo = sorted(k for k, z in sizes.items() if z != auto.size)
+        counts = all_gather_objects(len(redo))
+        if not any(counts):
+            return redone
+        redone += sum(counts)
+        if not redo:
+            continue  # another rank redoes its chunks; this one joins the next round
+        log.warning(
+            "%s: %d chunk(s) computed with larger batches are computed again with batches of %d cells, "
+            "so that every chunk has the results of one batch size",
+            auto.describe(),
+            len(redo),
+            auto.size,
+        )
+        total = sum(b - a for a, b in map(plan.bounds, redo))
+        with track(progress, total=total, desc=f"{label} (again, batch size {auto.size})") as bar:
+            for k in redo:
+                a, b = plan.bounds(k)
+                store.write_chunk(k, compute(a, b, bar), batch_size=auto.size)
+                sizes[k] = auto.size
 
 
 def class_probabilities(

@@ -309,6 +309,8 @@ def _train_common(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "amp": args.amp,
     }
+    if args.micro_batch is not None:
+        opts["micro_batch"] = args.micro_batch
     opts.update(_parse_kv(args.option, "--option"))
     return opts
 
@@ -730,8 +732,20 @@ def _inference_cmd(args: argparse.Namespace, task: str) -> int:
                 f"on {run.world_size} process(es) in {seconds:.1f} s"
             )
             print(f"saved   {Path(args.output).resolve()} ({key})")
+        if run.batch_size is not None:
+            print(f"batch   {_auto_summary(run)}")
     _finish_distributed(info)
     return 0
+
+
+def _auto_summary(run: Any) -> str:
+    """``--batch-size auto``: the size that worked (every chunk's results were computed with it)."""
+    from .analysis.atlas import AUTO_BATCH_SIZE
+
+    if run.batch_size == AUTO_BATCH_SIZE:
+        return f"batch size auto: {AUTO_BATCH_SIZE} (no out-of-memory)"
+    again = f" ({run.redone} chunk{'s' * (run.redone != 1)} computed again)" if run.redone else ""
+    return f"batch size auto: {AUTO_BATCH_SIZE} → {run.batch_size} after out-of-memory{again}"
 
 
 def _embed_cmd(args: argparse.Namespace) -> int:
@@ -769,6 +783,19 @@ def _input_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _batch_size_arg(text: str) -> int | str:
+    """``--batch-size`` of ``embed`` / ``predict`` (and ``--micro-batch``): a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"takes a positive integer or 'auto', got {text!r}")
+    return size
+
+
 def _inference_parser(p: argparse.ArgumentParser, *, task: str) -> None:
     p.add_argument("input", help=".h5ad file (read chunk by chunk, backed) or token shard directory")
     p.add_argument(
@@ -790,7 +817,14 @@ def _inference_parser(p: argparse.ArgumentParser, *, task: str) -> None:
         help=f"name of the result (default {default_key}): "
         + ("obsm key / .npy name" if task == "embed" else "obs column; also KEY_confidence, KEY_probabilities"),
     )
-    p.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=_batch_size_arg,
+        default=64,
+        help="cells per forward pass (default 64), or 'auto': 64, halved after each out-of-memory error (chunks "
+        "done at a larger size are computed again, so the results are exactly those of the size that worked, "
+        "which is printed and recorded in run.json)",
+    )
     p.add_argument(
         "--chunk-size",
         type=int,
@@ -887,6 +921,14 @@ def _training_parser(p: argparse.ArgumentParser, *, needs_model: bool) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=32, help="cells per step over all processes")
+    p.add_argument(
+        "--micro-batch",
+        type=_batch_size_arg,
+        default=None,
+        help="run each batch in pieces of this many cells (the same update up to float rounding, the memory of "
+        "a piece), or 'auto': whole batches, halved after an out-of-memory error (the step starts over; the size "
+        "that worked is logged and in each step record)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", help="write resumable checkpoints here")
     p.add_argument(

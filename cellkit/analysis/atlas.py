@@ -26,6 +26,15 @@ leaves an existing record as it is.
 Under ``torchrun`` every rank computes its share of chunks (see :func:`cellkit._inference.run_chunks`)
 and rank 0 assembles them in input order; the result is the same bits as one process gives. A job
 killed or pre-empted mid-way and run again with the same arguments skips the chunks already written.
+
+``batch_size="auto"`` (``--batch-size auto``): 64 cells per forward pass, halved after each
+out-of-memory error. Each chunk file records the size its results were computed with; once every
+rank is done, the ranks agree on the smallest size any of them reached and compute again the
+chunks written at a larger one (also chunks of a resumed run), so the outputs are exactly those
+of a fixed ``batch_size`` at that size. The run's fingerprint says ``"auto"`` (a resumed "auto"
+run keeps its chunks and goes on at their size); the size that worked is in ``manifest.json``
+(``batch_size_worked``), in the run record (``metrics["batch_size_worked"]``) and, for
+predictions in an ``.h5ad``, in ``uns[key_added]["batch_size"]`` as :func:`cellkit.predict` writes it.
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ import torch
 from .._anndata import check_adata, check_finite_rows, check_keys_free, record_written
 from .._errors import ConfigError, DataError
 from .._inference import (
+    AUTO_BATCH_SIZE,
+    AutoBatchSize,
     ChunkPlan,
     ChunkRun,
     ResultStore,
@@ -55,6 +66,7 @@ from .._inference import (
     read_cells,
     resolve_device,
     run_chunks,
+    to_batch_size,
 )
 from .._utils import Progress, atomic_path, ensure_writable_dir, get_logger
 from .._utils._run import run_file_for
@@ -67,7 +79,7 @@ from ._runs import RunRecorder, write_beside
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
-__all__ = ["check_output", "embed_to_output", "output_kind", "predict_to_output"]
+__all__ = ["AUTO_BATCH_SIZE", "check_output", "embed_to_output", "output_kind", "predict_to_output"]
 
 log = get_logger(__name__)
 
@@ -338,6 +350,25 @@ def _tidy(out: Path) -> None:
         shutil.rmtree(work / "parts", ignore_errors=True)
 
 
+def _batch_size(batch_size: int | str | AutoBatchSize) -> tuple[int | AutoBatchSize, AutoBatchSize | None]:
+    """``(batch_size checked, the AutoBatchSize of "auto" or None)``."""
+    bs = to_batch_size(batch_size)
+    return bs, bs if isinstance(bs, AutoBatchSize) else None
+
+
+def _batch_size_parameter(bs: int | AutoBatchSize) -> int | str:
+    """What a run's fingerprint records: the size, or ``"auto"`` (never the size "auto" reached, so
+    that a resumed "auto" run keeps its chunks; their sizes are in the chunk files)."""
+    if not isinstance(bs, AutoBatchSize):
+        return bs
+    return "auto" if bs.start == AUTO_BATCH_SIZE else f"auto from {bs.start}"
+
+
+def _worked(auto: AutoBatchSize | None) -> dict[str, Any]:
+    """``{"batch_size": {"auto": first size, "worked": size of every chunk}}`` for "auto", else ``{}``."""
+    return {} if auto is None else {"batch_size": {"auto": auto.start, "worked": auto.size}}
+
+
 def _is_main() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
@@ -355,7 +386,7 @@ def embed_to_output(
     pooling: str | None = None,
     hidden_layer: int | None = None,
     normalize: bool | None = None,
-    batch_size: int = 64,
+    batch_size: int | str | AutoBatchSize = 64,
     chunk_size: int = 20_000,
     device: str = "auto",
     precision: str = "fp32",
@@ -386,8 +417,9 @@ def embed_to_output(
 
     if on_empty not in ("raise", "nan"):
         raise ConfigError(f"on_empty must be 'raise' or 'nan', got {on_empty!r}.")
-    if chunk_size < 1 or batch_size < 1:
-        raise ConfigError("chunk_size and batch_size must be >= 1.")
+    bs, auto = _batch_size(batch_size)
+    if chunk_size < 1:
+        raise ConfigError("chunk_size must be >= 1.")
     resolve_hidden_layer(model, hidden_layer)
     check_precision(precision, amp)
     source = _Source(
@@ -414,7 +446,7 @@ def embed_to_output(
         "pooling": pooling,
         "hidden_layer": hidden_layer,
         "normalize": normalize,
-        "batch_size": batch_size,
+        "batch_size": _batch_size_parameter(bs),
         "device": resolve_device(device).type,
         "precision": precision,
         "amp": amp,
@@ -434,7 +466,7 @@ def embed_to_output(
             pooling=pooling,
             hidden_layer=hidden_layer,
             normalize=normalize,
-            batch_size=batch_size,
+            batch_size=bs,
             device=device,
             precision=precision,
             amp=amp,
@@ -471,6 +503,7 @@ def embed_to_output(
         progress=progress,
         desc="embed",
         extra={"task": "embed", "arrays": {key_added: f"{key_added}.npy"}, "rows": "obs_names.npy"},
+        auto=auto,
     )
     if _is_main() and not run.already_complete:
         _tidy(out)
@@ -486,7 +519,7 @@ def predict_to_output(
     output: str | os.PathLike[str],
     key_added: str = "cellkit_prediction",
     cells: Any = None,
-    batch_size: int = 64,
+    batch_size: int | str | AutoBatchSize = 64,
     chunk_size: int = 20_000,
     device: str = "auto",
     precision: str = "fp32",
@@ -513,8 +546,9 @@ def predict_to_output(
             "This model has no classifier head; fine-tune it first (cellkit finetune / cellkit.finetune) and "
             "predict with the fine-tuned model."
         )
-    if chunk_size < 1 or batch_size < 1:
-        raise ConfigError("chunk_size and batch_size must be >= 1.")
+    bs, auto = _batch_size(batch_size)
+    if chunk_size < 1:
+        raise ConfigError("chunk_size must be >= 1.")
     check_precision(precision)
     classes = [str(c) for c in (head.get("labels") or range(head["n_classes"]))]
     source = _Source(
@@ -545,7 +579,7 @@ def predict_to_output(
         "input": source.identity(),
         "model": fingerprint,
         "key_added": key_added,
-        "batch_size": batch_size,
+        "batch_size": _batch_size_parameter(bs),
         "device": resolve_device(device).type,
         "precision": precision,
         "tokenize_options": dict(tokenize_options or {}),
@@ -560,7 +594,7 @@ def predict_to_output(
         full = np.full((b - a, len(classes)), np.nan, dtype=np.float32)
         if len(tokens):
             p = class_probabilities(
-                model, tokens, batch_size=batch_size, progress=bar, device=device, precision=precision
+                model, tokens, batch_size=bs, progress=bar, device=device, precision=precision
             )
             check_finite_rows(p, what="class probabilities", names=tokens.obs_names)
             full[_rows_of(names, tokens)] = p
@@ -590,7 +624,7 @@ def predict_to_output(
                     key_added: pd.Categorical(full_labels, categories=classes),
                     f"{key_added}_confidence": full_conf,
                 },
-                uns={key_added: {"classes": list(classes)}},
+                uns={key_added: {"classes": list(classes), **_worked(auto)}},
             )
         else:
             _write_names(source, plan, out / "obs_names.npy")
@@ -619,6 +653,7 @@ def predict_to_output(
             },
             "rows": "obs_names.npy",
         },
+        auto=auto,
     )
     if _is_main() and not run.already_complete:
         _tidy(out)
@@ -641,6 +676,7 @@ def _write_record(
             "skipped": run.skipped,
             "world_size": run.world_size,
             "already_complete": run.already_complete,
+            **({} if run.batch_size is None else {"batch_size_worked": run.batch_size, "redone": run.redone}),
         },
         outputs={"output": str(out), "output_resolved": str(out.resolve()), "kind": output_kind(out), **outputs},
         device=resolve_device(device),

@@ -77,6 +77,17 @@ class TrainerConfig:
         Parameter-name prefixes to keep frozen during the run (e.g. ``"encoder.embeddings"``).
     progress
         Show a tqdm progress bar.
+    micro_batch
+        ``None`` (default): one forward and backward pass per batch. An ``int``: each batch (its
+        masks drawn, its cells padded together) runs as pieces of this many cells, each piece's
+        loss terms weighted by its share of what the term averages over (cells, labelled cells,
+        masked positions): the same update as the whole batch up to float rounding (~1e-7), with
+        the memory of a piece. ``"auto"``: the whole batch first; after an out-of-memory error the
+        step starts over from the same state (gradients zeroed, the RNG put back, so dropout draws
+        the same) in pieces of half the size, down to one cell. The size that worked is kept for
+        the next steps, logged, and in each step record (``micro_batch``); the results are exactly
+        those of ``micro_batch=`` that size. Objectives that compare the cells of a batch with
+        each other (``ecs``, ``cce``) cannot be split.
     """
 
     epochs: int = 10
@@ -111,8 +122,12 @@ class TrainerConfig:
     attn_backend: str = "sdpa"
     freeze: tuple[str, ...] = ()
     progress: bool = True
+    micro_batch: int | str | None = None
 
     def __post_init__(self) -> None:
+        from ._micro import check_micro_batch
+
+        check_micro_batch(self.micro_batch)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         self.freeze = tuple(self.freeze)
         if self.checkpoint_dir is not None:

@@ -163,6 +163,13 @@ class Objective(abc.ABC):
         term (in its step, epoch and validation records); none by default."""
         return []
 
+    def units(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """What the term's mean is over in ``batch`` (cells, labelled cells, masked positions, or
+        their class weights), as a float tensor; ``None`` when the term compares the cells of a
+        batch with each other (it cannot be split into micro-batches). A piece of a batch carries
+        ``units(piece) / units(batch)`` of the batch's term (``TrainerConfig(micro_batch=...)``)."""
+        return None
+
 
 @dataclass
 class Classification(Objective):
@@ -202,6 +209,15 @@ class Classification(Objective):
 
         return [Accuracy(), MacroF1()]
 
+    def units(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """Labelled cells (weighted by ``class_weights``: cross-entropy's mean divides by their sum)."""
+        labels = batch["labels"]
+        valid = labels != IGNORE_INDEX
+        if self.class_weights is None:
+            return valid.sum().double()
+        w = torch.as_tensor(self.class_weights, dtype=torch.float64, device=labels.device)
+        return w[labels[valid]].sum()
+
 
 @dataclass
 class MaskedValueMSE(Objective):
@@ -220,6 +236,10 @@ class MaskedValueMSE(Objective):
             _batch(batch, "target_values", "gep", hint),
             _batch(batch, "mlm_mask", "gep", hint),
         )
+
+    def units(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """Masked positions."""
+        return batch["mlm_mask"].sum().double()
 
 
 @dataclass
@@ -246,6 +266,10 @@ class ZeroProbNLL(Objective):
             _batch(batch, "mlm_mask", "zero_nll", hint),
         )
 
+    def units(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """Masked positions."""
+        return batch["mlm_mask"].sum().double()
+
 
 @dataclass
 class MVC(Objective):
@@ -264,6 +288,10 @@ class MVC(Objective):
             _batch(batch, "target_values", "mvc", hint),
             _batch(batch, "mlm_mask", "mvc", hint),
         )
+
+    def units(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """Masked positions."""
+        return batch["mlm_mask"].sum().double()
 
 
 @dataclass
@@ -286,6 +314,10 @@ class MVCZeroProbNLL(Objective):
             _batch(batch, "target_values", "mvc_zero_nll", hint),
             _batch(batch, "mlm_mask", "mvc_zero_nll", hint),
         )
+
+    def units(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """Masked positions."""
+        return batch["mlm_mask"].sum().double()
 
 
 @dataclass
@@ -382,6 +414,10 @@ class DAB(Objective):
             return logits.sum() * 0.0
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
+    def units(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """Labelled cells."""
+        return (batch["batch_labels"] != IGNORE_INDEX).sum().double()
+
 
 @dataclass
 class MaskedTokenLM(Objective):
@@ -411,6 +447,10 @@ class MaskedTokenLM(Objective):
             ignore_index=IGNORE_INDEX,
             label_smoothing=self.label_smoothing,
         )
+
+    def units(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """Labelled tokens."""
+        return (batch["mlm_labels"] != IGNORE_INDEX).sum().double()
 
 
 #: objective name -> class

@@ -51,6 +51,9 @@ class TrainerState:
         The metrics of the latest validation or epoch record (:attr:`TrainResult.metrics`).
     done
         The run finished (completed or early-stopped): there is nothing left to resume.
+    micro_batch
+        ``micro_batch="auto"``: cells per forward pass that worked so far (``None``: whole
+        batches); a resumed run goes on with it.
     rng_cpu, rng_cuda
         torch's random states at the last step boundary (an in-memory resume restores them; in a
         checkpoint they are tensors beside ``state.json``, not part of :meth:`to_dict`).
@@ -66,6 +69,7 @@ class TrainerState:
     train_metrics: MetricSet = field(default_factory=lambda: MetricSet([], prefix="train/"))
     last_metrics: dict[str, float] = field(default_factory=dict)
     done: bool = False
+    micro_batch: int | None = None
     rng_cpu: Tensor | None = field(default=None, repr=False, compare=False)
     rng_cuda: Tensor | None = field(default=None, repr=False, compare=False)
 
@@ -109,6 +113,7 @@ class TrainerState:
             "acc": {**self.train_losses, **self.train_metrics.state_dict()},
             "last_metrics": dict(self.last_metrics),
             "done": self.done,
+            **({} if self.micro_batch is None else {"micro_batch": self.micro_batch}),
         }
 
     @classmethod
@@ -149,6 +154,7 @@ class TrainerState:
             train_metrics=metrics,
             last_metrics=dict(data.get("last_metrics") or {}),
             done=bool(data.get("done", False)),
+            micro_batch=None if data.get("micro_batch") is None else int(data["micro_batch"]),
         )
 
 

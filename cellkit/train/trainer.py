@@ -40,6 +40,9 @@ from .._errors import ConfigError, DataError
 from .._utils import ensure_writable_dir, get_logger
 from .._utils._batch import FORWARD_KEYS  # the collator's contract (cellkit.data.collate)
 from ._guard import SigintToStop, TrainingError, exclusive_training_run
+from ._micro import restore_rng, rng_state
+from ._micro import rows as micro_rows
+from ._oom import free_memory, injected_oom, is_out_of_memory
 from ._setup import (
     apply_freeze,
     batches_per_epoch,
@@ -168,6 +171,9 @@ class Trainer:
         self._best_weights: dict[str, Tensor] | None = None
         self._total_steps: int | None = None
         self._t0 = time.time()
+        #: cells per forward pass with ``micro_batch`` (``None``: whole batches, until "auto" halves)
+        self._micro: int | None = None
+        self._piece_cells = 0  # the largest piece of the last step (its record's "micro_batch")
         self.ckpt = (
             CheckpointManager(config.checkpoint_dir, keep=config.keep_checkpoints)
             if config.checkpoint_dir
@@ -324,6 +330,7 @@ class Trainer:
         self.state = TrainerState.fresh(
             [o.name for o in self.objectives], MetricSet(self.new_metrics(), prefix="train/")
         )
+        self._micro = None
         self._snapshot_rng()
 
     def _snapshot_rng(self) -> None:
@@ -397,6 +404,7 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
         self.history = History(state["history"]["steps"], state["history"]["epochs"])
         self.state = TrainerState.from_dict(state["trainer"], MetricSet(self.new_metrics(), prefix="train/"))
+        self._micro = self.state.micro_batch
         rank = self.dist.rank
         key = f"rng.cpu.{rank}" if f"rng.cpu.{rank}" in tensors else "rng.cpu.0"
         torch.set_rng_state(tensors[key])
@@ -571,7 +579,19 @@ class Trainer:
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
         opt.zero_grad(set_to_none=True)
-        # cells, cell-weighted loss, cell-weighted loss of each objective
+        if self.config.micro_batch is None:
+            sums, metrics = self._accumulate(model, window, epoch)
+        else:
+            sums, metrics = self._accumulate_in_pieces(model, window, epoch)
+        self._apply_gradients()
+        s.step += 1
+        sums = all_reduce_sum(sums).cpu()
+        metrics.sync()
+        self._record_step(sums, metrics, epoch)
+
+    def _accumulate(self, model: nn.Module, window: list[Any], epoch: int) -> tuple[Tensor, MetricSet]:
+        """Forward and backward of each batch of ``window``; the step's sums (cells, cell-weighted
+        loss, cell-weighted loss of each objective) and metrics."""
         sums = torch.zeros(2 + len(self.objectives), dtype=torch.float64, device=self.device)
         metrics = MetricSet(self.new_metrics())
         for i, raw in enumerate(window):
@@ -579,17 +599,119 @@ class Trainer:
             loss, terms, out = self._backward(
                 model, batch, sync=i == len(window) - 1, n=len(window), epoch=epoch
             )
-            n = _batch_cells(batch)
-            sums[0] += n
-            sums[1] += loss.detach().double() * n
-            for j, o in enumerate(self.objectives):
-                sums[2 + j] += terms[o.name].detach().double() * n
+            self._add_sums(sums, batch, loss, terms)
             metrics.update(out, batch)
-        self._apply_gradients()
-        s.step += 1
-        sums = all_reduce_sum(sums).cpu()
-        metrics.sync()
-        self._record_step(sums, metrics, epoch)
+        return sums, metrics
+
+    def _add_sums(self, sums: Tensor, batch: Mapping[str, Any], loss: Tensor, terms: Mapping[str, Tensor]) -> None:
+        n = _batch_cells(batch)
+        sums[0] += n
+        sums[1] += loss.detach().double() * n
+        for j, o in enumerate(self.objectives):
+            sums[2 + j] += terms[o.name].detach().double() * n
+
+    # ------------------------------------------------------------------ micro-batches
+    def _accumulate_in_pieces(
+        self, model: nn.Module, window: list[Any], epoch: int
+    ) -> tuple[Tensor, MetricSet]:
+        """:meth:`_accumulate` with each batch run in pieces of ``micro_batch`` cells; with
+        ``micro_batch="auto"``, an out-of-memory error starts the step over in pieces of half the size."""
+        auto = self.config.micro_batch == "auto"
+        if not auto:
+            self._micro = int(self.config.micro_batch)  # type: ignore[arg-type]
+        rng = rng_state(self.device)
+        while True:
+            failed = None
+            try:
+                return self._pieces(model, window, epoch)
+            except Exception as exc:  # only out-of-memory with "auto" is handled
+                if not (auto and is_out_of_memory(exc)):
+                    raise
+                failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            # outside the except block: the failed try's tensors are released
+            self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            free_memory(self.device)
+            restore_rng(rng, self.device)
+            self._halve_micro(max(_batch_cells(b) for b in window), failed)
+
+    def _halve_micro(self, batch_cells: int, reason: str) -> None:
+        size = self._micro or batch_cells
+        if size <= 1:
+            raise ConfigError(
+                f"Out of memory with a single cell per forward pass ({reason}). Try a shorter max_length "
+                "(tokenize_options={'max_length': ...}), amp='bf16', or a device with more memory.",
+                param="micro_batch",
+            )
+        self._micro = max(1, size // 2)
+        log.warning(
+            "micro_batch auto: %d → %d cells per forward pass after out-of-memory at step %d (%s); the step "
+            "starts over from the same state",
+            size,
+            self._micro,
+            self._state.step,
+            reason,
+        )
+
+    def _pieces(self, model: nn.Module, window: list[Any], epoch: int) -> tuple[Tensor, MetricSet]:
+        """One try of :meth:`_accumulate_in_pieces` at the current micro-batch size."""
+        sums = torch.zeros(2 + len(self.objectives), dtype=torch.float64, device=self.device)
+        metrics = MetricSet(self.new_metrics())
+        for i, raw in enumerate(window):
+            batch = _to_device(raw, self.device)
+            n_cells = _batch_cells(batch)
+            size = min(self._micro or n_cells, n_cells)
+            self._piece_cells = max(self._piece_cells if i else 0, size)
+            units = {o.name: o.units(batch) for o in self.objectives}
+            whole = [o.name for o in self.objectives if units[o.name] is None]
+            if size < n_cells and whole:
+                raise ConfigError(
+                    f"Objective(s) {whole} compare the cells of a batch with each other; a batch cannot be split "
+                    "into micro-batches with them. Use micro_batch=None and a smaller batch_size.",
+                    param="micro_batch",
+                )
+            loss = torch.zeros((), dtype=torch.float32, device=self.device)
+            terms = {o.name: torch.zeros((), dtype=torch.float32, device=self.device) for o in self.objectives}
+            for a in range(0, n_cells, size):
+                piece = micro_rows(batch, a, min(n_cells, a + size), n_cells)
+                last = i == len(window) - 1 and a + size >= n_cells
+                p_loss, p_terms, out = self._backward_piece(model, piece, units, sync=last, n=len(window), epoch=epoch)
+                loss = loss + p_loss.detach()
+                for name, t in p_terms.items():
+                    terms[name] = terms[name] + t.detach()
+                metrics.update(out, piece)
+                del out
+            self._add_sums(sums, batch, loss, terms)
+        return sums, metrics
+
+    def _backward_piece(
+        self,
+        model: nn.Module,
+        piece: Mapping[str, Any],
+        units: Mapping[str, Tensor | None],
+        *,
+        sync: bool,
+        n: int,
+        epoch: int,
+    ) -> tuple[Tensor, dict[str, Tensor], Any]:
+        """:meth:`_backward` of a piece of a batch: each term weighted by the piece's share of its units."""
+        injected_oom(_batch_cells(piece))
+        no_sync = self.dist.enabled and not sync and hasattr(model, "no_sync")
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            _, raw_terms, out = self._losses(model, piece)
+            terms = {}
+            for o in self.objectives:
+                whole = units[o.name]
+                share = 1.0 if whole is None else (o.units(piece) / whole.clamp_min(1.0)).float()
+                terms[o.name] = raw_terms[o.name] * share
+            loss = sum(o.weight * terms[o.name] for o in self.objectives)
+            if self.scaler is None and not torch.isfinite(loss):
+                raise TrainingError(
+                    f"The loss became {loss.item()} at step {self._state.step} (epoch {epoch + 1}). Lower the "
+                    "learning rate, enable gradient clipping (max_grad_norm), or check the inputs for NaN/inf."
+                )
+            scaled = loss / n
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss, terms, out  # type: ignore[return-value]
 
     def _backward(
         self, model: nn.Module, batch: Mapping[str, Any], *, sync: bool, n: int, epoch: int
@@ -631,6 +753,9 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
             "cells": int(cells),
         }
+        if self.config.micro_batch is not None:
+            rec["micro_batch"] = self._piece_cells
+            s.micro_batch = self._micro
         rec["loss"] = float(sums[1] / cells)
         for j, o in enumerate(self.objectives):
             rec[f"loss/{o.name}"] = float(sums[2 + j] / cells)
