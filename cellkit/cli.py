@@ -160,6 +160,12 @@ def _demo_job(args: argparse.Namespace, out: Path) -> int:
             f"train   fine-tuned {args.epochs} epochs ({status}): held-out accuracy {r['accuracy']:.3f}, "
             f"macro-F1 {r['macro_f1']:.3f} on {int(result.confusion.to_numpy().sum())} test cells {took()}"
         )
+        if result.baseline_metrics:
+            b = result.baseline_metrics
+            print(
+                f"        logistic regression on the same cells: accuracy {b['accuracy']:.3f}, "
+                f"macro-F1 {b['macro_f1']:.3f} (the baseline to beat)"
+            )
         predict(adata, result.model, key_added="cellkit_prediction", progress=bars)
         result.model.save(out / "model")
         viz.save_html(viz.training_curves(result.history), out / "training.html")
@@ -421,6 +427,12 @@ def _finetune(args: argparse.Namespace) -> int:
             print(
                 f"test    accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} on {int(result.confusion.to_numpy().sum())} held-out cells"
             )
+            b = result.baseline_metrics
+            if b:
+                print(
+                    f"baseline logistic regression (same cells, the model's tokens): accuracy {b['accuracy']:.3f}, "
+                    f"macro-F1 {b['macro_f1']:.3f}"
+                )
             print(result.report.round(3).to_string())
         _save_outputs(
             args, result, {"classes": result.classes, "seconds": seconds, "world_size": info.world_size}
@@ -779,7 +791,7 @@ def _input_options(p: argparse.ArgumentParser) -> None:
         "--tokenize-option",
         action="append",
         metavar="KEY=VALUE",
-        help="tokenizer option, repeatable, e.g. max_len=1200 (see cellkit.data.scheme_options)",
+        help="tokenizer option, repeatable, e.g. max_len=1200 or species=mouse (see cellkit.data.scheme_options)",
     )
 
 

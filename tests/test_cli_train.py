@@ -47,6 +47,7 @@ def test_finetune_command(files, tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 0, text
     assert "test    accuracy" in text
+    assert "baseline logistic regression (same cells" in text
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "completed"
     assert metrics["classes"] == ["type0", "type1", "type2"]

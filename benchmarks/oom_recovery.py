@@ -1,7 +1,7 @@
 """Cost of out-of-memory recovery on the CPU: training in micro-batches, and ``batch_size="auto"``
 into a directory when a chunk has to be computed again.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_oom_recovery.py`` (prints a table).
+Run: ``OMP_NUM_THREADS=1 python benchmarks/oom_recovery.py`` (prints a table).
 """
 
 from __future__ import annotations
