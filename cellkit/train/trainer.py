@@ -704,13 +704,7 @@ class Trainer:
                 share = 1.0 if whole is None else (o.units(piece) / whole.clamp_min(1.0)).float()
                 terms[o.name] = raw_terms[o.name] * share
             loss = sum(o.weight * terms[o.name] for o in self.objectives)
-            if self.scaler is None and not torch.isfinite(loss):
-                raise TrainingError(
-                    f"The loss became {loss.item()} at step {self._state.step} (epoch {epoch + 1}). Lower the "
-                    "learning rate, enable gradient clipping (max_grad_norm), or check the inputs for NaN/inf."
-                )
-            scaled = loss / n
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            self._backprop(loss, n=n, epoch=epoch)  # type: ignore[arg-type]
         return loss, terms, out  # type: ignore[return-value]
 
     def _backward(
@@ -720,14 +714,18 @@ class Trainer:
         no_sync = self.dist.enabled and not sync and hasattr(model, "no_sync")
         with model.no_sync() if no_sync else contextlib.nullcontext():
             loss, terms, out = self._losses(model, batch)
-            if self.scaler is None and not torch.isfinite(loss):
-                raise TrainingError(
-                    f"The loss became {loss.item()} at step {self._state.step} (epoch {epoch + 1}). Lower the "
-                    "learning rate, enable gradient clipping (max_grad_norm), or check the inputs for NaN/inf."
-                )
-            scaled = loss / n
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            self._backprop(loss, n=n, epoch=epoch)
         return loss, terms, out
+
+    def _backprop(self, loss: Tensor, *, n: int, epoch: int) -> None:
+        """Backward of ``loss / n`` (``n`` micro-batches per step), refusing a non-finite loss."""
+        if self.scaler is None and not torch.isfinite(loss):
+            raise TrainingError(
+                f"The loss became {loss.item()} at step {self._state.step} (epoch {epoch + 1}). Lower the "
+                "learning rate, enable gradient clipping (max_grad_norm), or check the inputs for NaN/inf."
+            )
+        scaled = loss / n
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
 
     def _apply_gradients(self) -> None:
         opt, c = self.optimizer, self.config
