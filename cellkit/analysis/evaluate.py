@@ -212,7 +212,10 @@ def _check_options(
         raise ConfigError("Nothing to evaluate: give keys= (obsm embeddings) or baselines=.")
     todo = list(dict.fromkeys(baselines))
     if "harmony" in todo and batch_key is None:
-        log.info("Harmony corrects batches and batch_key is None: the Harmony baseline is skipped.")
+        log.warning(
+            "The Harmony baseline is skipped: Harmony corrects batches and batch_key is None "
+            "(pass batch_key='<obs column of batches>', or leave 'harmony' out of baselines=)."
+        )
         todo.remove("harmony")
     for name in todo:
         if name in _LIBRARIES:
