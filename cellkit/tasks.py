@@ -227,40 +227,10 @@ def stratified_split(
     DataError
         When a class is too small to appear in every part.
     """
-    from sklearn.model_selection import train_test_split
-
     labels = np.asarray(labels).astype(str)
-    n = len(labels)
-    _check_fractions(val_size, test_size)
-    _check_class_sizes(labels, val_size=val_size, test_size=test_size)
-    counts = pd.Series(labels).value_counts()
-    out = np.full(n, "train", dtype=object)
-    idx = np.arange(n)
-    part = "test_size"
-    try:
-        rest = idx
-        if test_size > 0:
-            rest, test = train_test_split(idx, test_size=test_size, stratify=labels, random_state=seed)
-            out[test] = "test"
-        part = "val_size"
-        if val_size > 0:
-            _, val = train_test_split(
-                rest, test_size=val_size / (1 - test_size), stratify=labels[rest], random_state=seed + 1
-            )
-            out[val] = "val"
-    except ValueError as e:
-        held_out = "test" if part == "test_size" else "validation"
-        problem = (
-            f"Cannot split {n:,} cells of {len(counts)} classes with stratification: the {held_out} part is too "
-            f"small to hold a cell of every class."
-        )
-        raise DataError(
-            f"Cannot split {n} cells of {len(counts)} classes into val_size={val_size}, test_size={test_size} "
-            f"with stratification: {e}. Use larger fractions, fewer classes, or split_key=... .",
-            param=part,
-            problem=problem,
-        ) from None
-    return out
+    classes, codes = np.unique(labels, return_inverse=True)  # sorted classes, as sklearn stratifies
+    parts = _stratified_codes(codes, list(classes), val_size=val_size, test_size=test_size, seed=seed)
+    return np.asarray(_PARTS, dtype=object)[parts]
 
 
 def _small_classes(labels: Any, parts: int) -> pd.Series:
