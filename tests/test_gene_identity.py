@@ -263,3 +263,15 @@ def test_chunked_embedding_warns_once_not_per_chunk():
     unseen = [w for w in caught if "will not see" in str(w.message)]
     assert len(unseen) == 1 and "NOT_A_GENE_" in str(unseen[0].message)
     assert unseen[0].filename == __file__  # attributed to the user's call
+
+
+def test_embedding_into_a_file_warns_once_not_per_chunk(tmp_path):
+    """The chunked writer (embed_cells(..., output=)) checks unseen expression on the job's first chunk only."""
+    adata = cellkit.datasets.pbmc_demo().raw.to_adata()[:120].copy()
+    adata.var_names = [f"NOT_A_GENE_{i}" if i % 3 == 0 else g for i, g in enumerate(adata.var_names)]
+    model = cellkit.datasets.demo_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cellkit.embed_cells(adata, model, use_raw=False, progress=False, chunk_size=40, output=tmp_path / "emb")
+    unseen = [w for w in caught if "will not see" in str(w.message)]
+    assert len(unseen) == 1 and "NOT_A_GENE_" in str(unseen[0].message)

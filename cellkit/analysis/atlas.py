@@ -159,6 +159,8 @@ class _Source:
 
         self.data, self.model = data, model
         self.opts = dict(tokenize_options or {})
+        #: the unseen-expression check runs on the job's first chunk only (one warning, not one per chunk)
+        self.unseen_warning = self.opts.pop("unseen_warning", 0.1)
         self.layer, self.use_raw, self.gene_column = layer, use_raw, gene_column
         self.is_adata = isinstance(data, AnnData)
         if self.is_adata:
@@ -241,6 +243,7 @@ class _Source:
                 use_raw=self.use_raw,
                 gene_column=self.gene_column,
                 progress=False,
+                unseen_warning=self.unseen_warning if a == 0 else None,
                 **self.opts,
             )
 
