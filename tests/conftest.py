@@ -18,6 +18,16 @@ def _seed_everything():
 
 
 @pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (tiny models: steadier, and a fixed reduction order for the
+    bit-identical resume / rerun comparisons); the thread count is put back afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_config() -> EncoderConfig:
     """Odd sizes catch shape bugs (HF ModelTester style)."""
     return EncoderConfig(

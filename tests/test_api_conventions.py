@@ -33,7 +33,6 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pytest
-import torch
 
 import cellkit
 from cellkit._anndata import REGISTRY_KEY
@@ -252,11 +251,8 @@ def clf_model() -> cellkit.CellModel:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (see ``one_thread`` in conftest.py)."""
 
 
 def _tiny() -> ad.AnnData:

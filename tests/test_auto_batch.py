@@ -37,11 +37,8 @@ N_GENES = 160
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (see ``one_thread`` in conftest.py)."""
 
 
 def make_adata(n: int = 72, seed: int = 0) -> ad.AnnData:

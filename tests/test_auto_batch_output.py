@@ -35,11 +35,8 @@ OPTS = {"chunk_size": 40, "progress": False}  # 72 cells: chunks of 40 and 32
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (see ``one_thread`` in conftest.py)."""
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 import cellkit
@@ -44,11 +43,8 @@ pytestmark = [
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (see ``one_thread`` in conftest.py)."""
 
 
 # ============================================================================ context

@@ -26,11 +26,8 @@ FAST = {"epochs": 2, "lr": 3e-3, "batch_size": 16, "progress": False, "seed": 5}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (see ``one_thread`` in conftest.py)."""
 
 
 def _weights(model):

@@ -39,11 +39,8 @@ pytestmark = [
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; bit-identical resume needs a fixed reduction order
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (see ``one_thread`` in conftest.py)."""
 
 
 # ----------------------------------------------------------------------------- kill points

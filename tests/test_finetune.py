@@ -23,11 +23,8 @@ FAST = {"epochs": 4, "lr": 3e-3, "batch_size": 16, "progress": False, "schedule"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (see ``one_thread`` in conftest.py)."""
 
 
 def make_adata(n_per_class: int = 40, n_classes: int = 3, seed: int = 0) -> ad.AnnData:

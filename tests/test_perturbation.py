@@ -33,11 +33,8 @@ ARCH = PerturbationArchitecture(**TINY)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (see ``one_thread`` in conftest.py)."""
 
 
 @pytest.fixture(scope="module")

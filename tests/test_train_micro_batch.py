@@ -26,11 +26,8 @@ from .test_finetune import N_GENES, make_adata
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (see ``one_thread`` in conftest.py)."""
 
 
 def make_model(dropout: float = 0.0) -> CellModel:

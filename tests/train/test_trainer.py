@@ -24,11 +24,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add jitter
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (see ``one_thread`` in conftest.py)."""
 
 
 TRAIN, VAL = TinyCells(40, seed=0), TinyCells(15, seed=1)

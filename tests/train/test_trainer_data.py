@@ -17,11 +17,8 @@ OPTS = {"batch_size": 8, "lr": 3e-3, "progress": False, "seed": 1}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (see ``one_thread`` in conftest.py)."""
 
 
 @pytest.fixture(scope="module")
