@@ -260,3 +260,40 @@ def lab_with_notebook(tmp_path_factory, notebook: str, cells: list[str], *, name
     finally:
         server.shutdown_kernels()
         server.stop()
+
+
+@contextlib.contextmanager
+def notebook_page(
+    lab,
+    notebook: str,
+    workspace: str,
+    *,
+    height: int,
+    timeout_ms: int,
+    ready,
+    failure_shot: str,
+    init_script: str | None = None,
+    idle_timeout: float = 180.0,
+):
+    """A Chromium page with ``notebook`` opened and run (Run All, kernel idle), then ``ready(page)``
+    passed (a screenshot ``failure_shot`` in the artifacts when it fails); closed after."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=lab.chromium, headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": height})
+        context.set_default_timeout(timeout_ms)
+        if init_script is not None:
+            context.add_init_script(init_script)
+        page = context.new_page()
+        open_and_run_all(page, lab, notebook, workspace)
+        wait_idle(lab, notebook, timeout=idle_timeout)
+        try:
+            ready(page)
+        except Exception:
+            page.screenshot(path=str(artifacts_dir() / failure_shot))
+            raise
+        yield page
+        context.close()
+        browser.close()
+

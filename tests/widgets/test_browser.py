@@ -20,8 +20,7 @@ from ._browser import (
     artifacts_dir,
     lab_with_notebook,
     need_browser,
-    open_and_run_all,
-    wait_idle,
+    notebook_page,
 )
 
 #: how long a kernel step (attention on all cells, a perturbation run, a fine-tune epoch) may take before a
@@ -45,23 +44,16 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(lab):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=lab.chromium, headless=True, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        context.set_default_timeout(60_000)
-        pg = context.new_page()
-        open_and_run_all(pg, lab, NOTEBOOK, "studio")
-        wait_idle(lab, NOTEBOOK)
-        try:
-            pg.wait_for_selector(f"{ACTIVE} .cellkit-studio", timeout=LONG_STEP_MS)
-        except Exception:
-            pg.screenshot(path=str(artifacts_dir() / "fail-studio-open.png"))
-            raise
+    with notebook_page(
+        lab,
+        NOTEBOOK,
+        "studio",
+        height=1000,
+        timeout_ms=60_000,
+        ready=lambda pg: pg.wait_for_selector(f"{ACTIVE} .cellkit-studio", timeout=LONG_STEP_MS),
+        failure_shot="fail-studio-open.png",
+    ) as pg:
         yield pg
-        context.close()
-        browser.close()
 
 
 @pytest.fixture(autouse=True)

@@ -17,12 +17,10 @@ import pytest
 
 from ._browser import (
     ACTIVE,
-    CHROMIUM_ARGS,
     ROOT,
     artifacts_dir,
     lab_with_notebook,
-    open_and_run_all,
-    wait_idle,
+    notebook_page,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -87,25 +85,22 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(lab):
-    from playwright.sync_api import sync_playwright
+    def drawn(pg):
+        pg.wait_for_function(GL_DRAWN, arg={"n": N, "since": 0, "entries": 8})
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=lab.chromium, headless=True, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1100})
-        context.set_default_timeout(120_000)
-        context.add_init_script(GL_SPY)
-        pg = context.new_page()
-        open_and_run_all(pg, lab, NOTEBOOK, "scatter")
-        wait_idle(lab, NOTEBOOK, timeout=240)
-        try:
-            pg.wait_for_function(GL_DRAWN, arg={"n": N, "since": 0, "entries": 8})
-        except Exception:
-            pg.screenshot(path=str(artifacts_dir() / "fail-scatter-open.png"))
-            raise
+    with notebook_page(
+        lab,
+        NOTEBOOK,
+        "scatter",
+        height=1100,
+        timeout_ms=120_000,
+        ready=drawn,
+        failure_shot="fail-scatter-open.png",
+        init_script=GL_SPY,
+        idle_timeout=240,
+    ) as pg:
         pg.locator(f"{ACTIVE} .cellkit-embedding-gl").scroll_into_view_if_needed()
         yield pg
-        context.close()
-        browser.close()
 
 
 @pytest.fixture(autouse=True)
@@ -140,14 +135,24 @@ def test_recolour_through_the_panel_controls(page):
     gene.fill("GENE_A")
     gene.press("Enter")
     page.wait_for_function(GL_DRAWN, arg={"n": N, "since": since, "legend": "GENE_A"})
+    _wait_text(page, ".cellkit-message", "Coloured by GENE_A")  # the message may follow the redraw
     assert "Coloured by GENE_A (a colour scale)" in _text(page, ".cellkit-message")
     _shot(page, "1-gene")
     since = page.evaluate("() => performance.now()")
     page.locator(f"{ACTIVE} .cellkit-color-by select").select_option(label="cluster")
     page.wait_for_function(GL_DRAWN, arg={"n": N, "since": since, "entries": 8})
+    _wait_text(page, ".cellkit-embedding-gl-title", "cluster")
     assert "X_umap — cluster" in _text(page, ".cellkit-embedding-gl-title")
     legend = _text(page, ".cellkit-embedding-gl .legend")
     assert "cluster" in legend and "GENE_A" not in legend  # no stale colour-scale label
+
+
+def _wait_text(page, selector: str, text: str) -> None:
+    """Wait until the active notebook's ``selector`` contains ``text`` (a kernel reply can trail the drawing)."""
+    page.wait_for_function(
+        "([sel, t]) => ((document.querySelector(sel) || {}).textContent || '').includes(t)",
+        arg=[f"{ACTIVE} {selector}", text],
+    )
 
 
 def _lasso(page, points: list[tuple[float, float]], steps: int = 4) -> None:
